@@ -1,0 +1,88 @@
+"""Shared pieces of the GPU benchmarks: model builder, timing, and the RESULT line protocol.
+
+Each case runs in its own process (fresh CUDA allocator) and prints one line ``RESULT {json}``, the same protocol as
+``../shared/tools/anchors_gpu.py``, so our figures and the peers' sit in one table. ``DEV=cpu`` runs the smoke mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+DEV = os.environ.get("DEV", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def build(size: str, dtype: torch.dtype = torch.bfloat16, **overrides: Any) -> torch.nn.Module:
+    """A random-init Llama of the anchors' shapes, on DEV, in ``dtype`` (weights' values do not matter here)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lightning_memopt.models.configs import llama_config
+
+    cfg = llama_config(size, vocab_size=32000 if size not in ("tiny", "small") else 512, **overrides)
+    cfg.pop("model_type")
+    config = LlamaConfig(**cfg)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(DEV):
+        old = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(old)
+    return model
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(step: Callable[[], Any], warm: int = 2, reps: int = 5) -> tuple[float, float]:
+    """Median seconds per call after ``warm`` calls (CUDA events on GPU), and peak GiB over the timed calls."""
+    for _ in range(warm):
+        step()
+    sync()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        if DEV == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step()
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        else:
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
+    return statistics.median(times), peak
+
+
+def report(res: dict[str, Any]) -> None:
+    print("RESULT " + json.dumps(res), flush=True)
+
+
+def run_case(method: str, size: str, batch: int, seq: int, make_step: Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]],
+             warm: int = 2, reps: int = 5, model_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Build the model, make the step closure, time it, print and return the RESULT record (OOM is a result)."""
+    res: dict[str, Any] = dict(method=method, size=size, batch=batch, seq=seq, impl="lightning_memopt")
+    try:
+        model = build(size, **(model_kwargs or {}))
+        res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+        x = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEV)
+        step = make_step(model, x)
+        t, mem = timed(step, warm, reps)
+        res.update(step_s=round(t, 4), peak_gib=round(mem, 2), tok_per_s=round(batch * seq / t, 1))
+    except torch.OutOfMemoryError:
+        res.update(step_s=None, peak_gib="OOM")
+    report(res)
+    return res

@@ -1,0 +1,27 @@
+"""Every private Lightning API this library touches, in one place (pinned by tests/test_shim.py).
+
+A Lightning upgrade that moves one of these breaks one test here instead of four methods.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def set_skip_backward(trainer: Any, value: bool) -> None:
+    """Skip ``loss.backward()`` in automatic optimization (what Lightning's own SWA callback does)."""
+    trainer.fit_loop._skip_backward = value
+
+
+def get_skip_backward(trainer: Any) -> bool:
+    return bool(trainer.fit_loop._skip_backward)
+
+
+def grad_scaler(trainer: Any) -> Any:
+    """The precision plugin's GradScaler, or None (``16-mixed`` on CUDA has one)."""
+    return getattr(trainer.precision_plugin, "scaler", None)
+
+
+def is_accumulating(trainer: Any) -> bool:
+    """True while the current batch only accumulates (no optimizer step follows it)."""
+    return bool(trainer.fit_loop._should_accumulate())

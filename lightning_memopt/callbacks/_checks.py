@@ -1,0 +1,81 @@
+"""Early validation shared by the method callbacks: every refusal names the fix."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_memopt import _shim
+
+SINGLE, DDP, FSDP2, FSDP1, DEEPSPEED, OTHER = "single", "ddp", "fsdp2", "fsdp1", "deepspeed", "other"
+
+
+def strategy_kind(trainer: Any) -> str:
+    from lightning.pytorch import strategies as S
+
+    s = trainer.strategy
+    if isinstance(s, S.ModelParallelStrategy):
+        return FSDP2
+    if isinstance(s, S.FSDPStrategy):
+        return FSDP1
+    if isinstance(s, S.DeepSpeedStrategy):
+        return DEEPSPEED
+    if isinstance(s, S.DDPStrategy):
+        return DDP
+    if isinstance(s, S.SingleDeviceStrategy):
+        return SINGLE
+    return OTHER
+
+
+def check_strategy(trainer: Any, method: str, allowed: Iterable[str], allow_untested: bool = False) -> str:
+    """Raise unless the strategy is on the tested allow-list (or warn with ``allow_untested=True``)."""
+    kind = strategy_kind(trainer)
+    allowed = set(allowed)
+    if kind in allowed:
+        return kind
+    if kind == FSDP1:
+        msg = (f"{method} does not support FSDPStrategy (FSDP1: flat-parameter shards, post-accumulate-grad hooks do "
+               f"not fire on the original parameters). Use FSDP2 instead: strategy='fsdp2' (lightning_memopt's "
+               f"FSDP2Strategy) or ModelParallelStrategy with fully_shard.")
+    elif kind == DDP:
+        msg = (f"{method} does not support DDP. Use FSDP2 instead: strategy='fsdp2' (lightning_memopt's "
+               f"FSDP2Strategy), which shards the model and averages gradients before any update.")
+    else:
+        msg = (f"{method} has not been tested with {type(trainer.strategy).__name__}. Supported: "
+               f"{sorted(allowed)}. Use a single device or strategy='fsdp2', or pass allow_untested=True to try it.")
+    if allow_untested and kind not in (FSDP1,):
+        rank_zero_warn(msg + " (allow_untested=True: continuing.)")
+        return kind
+    raise MisconfigurationException(msg)
+
+
+def check_no_grad_scaler(trainer: Any, method: str, fix: str = "use precision='bf16-mixed', 'bf16-true' or '32'") -> None:
+    if _shim.grad_scaler(trainer) is not None or str(trainer.precision) == "16-mixed":
+        raise MisconfigurationException(
+            f"{method} cannot run with precision='16-mixed': its GradScaler unscales and steps an optimizer that "
+            f"{method} replaces. Instead, {fix}."
+        )
+
+
+def check_no_clipping(trainer: Any, method: str, fix: str) -> None:
+    if trainer.gradient_clip_val is not None and trainer.gradient_clip_val > 0:
+        raise MisconfigurationException(
+            f"{method} cannot use Trainer(gradient_clip_val={trainer.gradient_clip_val}). {fix}"
+        )
+
+
+def check_no_accumulation(trainer: Any, method: str, fix: str) -> None:
+    if trainer.accumulate_grad_batches != 1:
+        raise MisconfigurationException(
+            f"{method} cannot use Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}). {fix}"
+        )
+
+
+def check_automatic_optimization(pl_module: Any, method: str) -> None:
+    if not pl_module.automatic_optimization:
+        raise MisconfigurationException(
+            f"{method} adapts automatic-optimization LightningModules; this one sets automatic_optimization=False. "
+            f"Remove that (let Lightning call the optimizer), or drive the method's core functions yourself."
+        )

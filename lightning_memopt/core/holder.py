@@ -1,0 +1,93 @@
+"""A stand-in optimizer for methods that update weights themselves.
+
+The holder shares ``param_groups`` with the module's own optimizer, so LR schedulers (bound to that optimizer) and
+``LearningRateMonitor`` keep driving ``lr``. Its ``state`` holds the method's own state, so checkpoints carry it.
+``step(closure)`` hands the closure to the method's step function.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Callable, Optional
+
+import torch
+from torch.optim import Optimizer
+
+StepFn = Callable[[Optional[Callable[[], Any]]], Any]
+
+
+class HolderOptimizer(Optimizer):
+    """Keeps ``param_groups`` (shared with ``wrapped``) and method state; ``step`` calls ``step_fn``.
+
+    Args:
+        wrapped: the module's optimizer from ``configure_optimizers``; it never steps and allocates no state.
+        step_fn: called as ``step_fn(closure)``; defaults to just running the closure.
+    """
+
+    def __init__(self, wrapped: Optimizer, step_fn: Optional[StepFn] = None) -> None:
+        # Not calling Optimizer.__init__: it would copy the groups, and schedulers hold the wrapped ones.
+        self.wrapped = wrapped
+        self.param_groups = wrapped.param_groups
+        self.defaults = dict(wrapped.defaults)
+        self.state: defaultdict = defaultdict(dict)
+        self.step_fn = step_fn
+        self._optimizer_step_pre_hooks = {}
+        self._optimizer_step_post_hooks = {}
+        self._optimizer_state_dict_pre_hooks = {}
+        self._optimizer_state_dict_post_hooks = {}
+        self._optimizer_load_state_dict_pre_hooks = {}
+        self._optimizer_load_state_dict_post_hooks = {}
+        self._zero_grad_profile_name = "Optimizer.zero_grad#HolderOptimizer.zero_grad"
+
+    def __repr__(self) -> str:
+        return f"HolderOptimizer(wrapping {type(self.wrapped).__name__}, {len(self.param_groups)} groups)"
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
+        # Tell LR schedulers bound to the wrapped optimizer that a step happened (silences their order warning).
+        self.wrapped._opt_called = True  # type: ignore[attr-defined]
+        if self.step_fn is None:
+            if closure is None:
+                return None
+            with torch.enable_grad():
+                return closure()
+        return self.step_fn(closure)
+
+
+def swap_in_holder(trainer: Any, step_fn: Optional[StepFn] = None) -> HolderOptimizer:
+    """Replace the trainer's single optimizer with a holder (call from ``on_fit_start``)."""
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    optimizers = trainer.strategy.optimizers
+    if len(optimizers) != 1:
+        raise MisconfigurationException(
+            f"This method supports a LightningModule with exactly one optimizer; configure_optimizers returned "
+            f"{len(optimizers)}."
+        )
+    opt = optimizers[0]
+    if isinstance(opt, HolderOptimizer):
+        opt.step_fn = step_fn
+        return opt
+    holder = HolderOptimizer(opt, step_fn)
+    trainer.strategy.optimizers = [holder]
+    return holder
+
+
+def set_base_lr(trainer: Any, optimizer: Optimizer, lr: float) -> None:
+    """Override the module's lr with a method-specific one, keeping any scheduler's shape."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+        if "initial_lr" in g:
+            g["initial_lr"] = lr
+    for cfg in trainer.lr_scheduler_configs:
+        sched = cfg.scheduler
+        if hasattr(sched, "base_lrs"):
+            sched.base_lrs = [lr for _ in sched.base_lrs]
+            if hasattr(sched, "lr_lambdas"):
+                step = getattr(sched, "last_epoch", 0)
+                for g, f in zip(optimizer.param_groups, sched.lr_lambdas):
+                    g["lr"] = lr * f(max(step, 0))
+
+
+def param_names(module: torch.nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in module.named_parameters()}

@@ -1,0 +1,41 @@
+"""Random-init Llama configurations used by tests and benchmarks.
+
+The shapes match ``../shared/tools/anchors_gpu.py`` so that our figures and the peers' are comparable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+LLAMA_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "small": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
+    "7b": dict(
+        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32
+    ),
+    "13b": dict(
+        hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40
+    ),
+    "30b": dict(
+        hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52, num_key_value_heads=52
+    ),
+    "34b": dict(
+        hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64, num_key_value_heads=8
+    ),
+}
+
+
+def llama_config(size: str = "tiny", vocab_size: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """A config dict for :class:`~lightning_memopt.models.HFCausalLM` (``model_type: llama``)."""
+    if size not in LLAMA_SIZES:
+        raise ValueError(f"Unknown Llama size {size!r}; choose one of {sorted(LLAMA_SIZES)}.")
+    if vocab_size is None:
+        vocab_size = 32000 if size not in ("tiny", "small") else 512
+    cfg = dict(model_type="llama", vocab_size=vocab_size, max_position_embeddings=4096, **LLAMA_SIZES[size])
+    cfg.update(overrides)
+    return cfg

@@ -1,0 +1,319 @@
+"""An ordinary automatic-optimization LightningModule around any Hugging Face causal LM.
+
+This is deliberately plain: AdamW in ``configure_optimizers``, loss from ``training_step``. Every callback in this
+library must adapt to a module like this one without changing it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import types
+from contextlib import contextmanager
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+Objective = Literal["classification", "lm"]
+Schedule = Literal["constant", "linear", "cosine"]
+
+_NO_DECAY = ("bias", "norm", "ln_", "layernorm", "rmsnorm")
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that start at 0 on the first real token, so left padding does not shift positions."""
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp_(min=0)
+
+
+def no_decay(name: str) -> bool:
+    """Bias and normalisation weights get no weight decay (the MeZO/HF convention)."""
+    low = name.lower()
+    return any(k in low for k in _NO_DECAY)
+
+
+def load_hf_model(
+    model_name_or_path: Optional[str] = None,
+    model_config: Optional[dict[str, Any]] = None,
+    gguf_file: Optional[str] = None,
+    torch_dtype: Optional[str] = None,
+    attn_implementation: Optional[str] = "sdpa",
+    seed: int = 0,
+    trust_remote_code: bool = False,
+) -> torch.nn.Module:
+    """Load a causal LM by hub name, local path or GGUF file, or build one from a config dict (random init)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    if model_config is not None:
+        cfg = dict(model_config)
+        model_type = cfg.pop("model_type", None)
+        if model_type is None:
+            raise ValueError("model_config needs a 'model_type' key, e.g. {'model_type': 'llama', ...}.")
+        try:
+            config = AutoConfig.for_model(model_type, **cfg)
+        except ValueError as err:
+            raise ValueError(f"Unknown model_type {model_type!r} in model_config: {err}") from None
+        if attn_implementation:
+            config._attn_implementation = attn_implementation
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype) if dtype else AutoModelForCausalLM.from_config(
+            config
+        )
+    if not model_name_or_path:
+        raise ValueError("Give either model_name_or_path (hub name, local folder or .gguf file) or model_config.")
+    path = model_name_or_path
+    if gguf_file is None and path.endswith(".gguf"):
+        path, gguf_file = os.path.dirname(path) or ".", os.path.basename(path)
+    kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code)
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+        if not os.path.exists(os.path.join(path, gguf_file)):
+            raise FileNotFoundError(f"GGUF file {os.path.join(path, gguf_file)!r} does not exist; check the path.")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise ImportError("Loading a GGUF checkpoint needs the gguf package: pip install 'lightning_memopt[gguf]'.")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ValueError(
+            f"Could not load model {model_name_or_path!r}: it is neither a local folder/GGUF file nor a reachable hub "
+            f"model ({str(err).splitlines()[0]}). Check the name, or pass model_config for a random-init model."
+        ) from None
+
+
+def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None, trust_remote_code: bool = False):
+    """A tokenizer by hub name, local path or GGUF file; ``"builtin"`` gives the offline synthetic-task tokenizer."""
+    if name_or_path == "builtin":
+        from lightning_memopt.data.synthetic import builtin_tokenizer
+
+        return builtin_tokenizer()
+    from transformers import AutoTokenizer
+
+    path = name_or_path
+    if gguf_file is None and path.endswith(".gguf"):
+        path, gguf_file = os.path.dirname(path) or ".", os.path.basename(path)
+    kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code)
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise ValueError(
+            f"Could not load a tokenizer for {name_or_path!r} ({str(err).splitlines()[0]}). Check the name or path."
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _label_head_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
+    """lm_head forward that projects only onto the label words while ``_memopt_label_ids`` is set."""
+    ids = getattr(self, "_memopt_label_ids", None)
+    if ids is None:
+        return F.linear(x, self.weight, self.bias)
+    w = self.weight.index_select(0, ids.to(self.weight.device))
+    b = None if self.bias is None else self.bias.index_select(0, ids.to(self.weight.device))
+    return F.linear(x, w, b)
+
+
+class HFCausalLM(LightningModule):
+    """A Hugging Face causal LM as a LightningModule, for prompt classification or causal-LM loss.
+
+    Args:
+        model_name_or_path: hub name, local folder, or a ``.gguf`` file path.
+        model_config: a config dict with ``model_type`` for a random-init model (tests, benchmarks, quickstart).
+        gguf_file: GGUF file name inside ``model_name_or_path`` (alternative to giving the file path).
+        tokenizer: tokenizer name/path; defaults to ``model_name_or_path``, or ``"builtin"`` for ``model_config``.
+        objective: ``"classification"`` (cross-entropy over label-word logits at the last position, without
+            projecting onto the whole vocabulary) or ``"lm"`` (causal-LM loss on the text).
+        lr, weight_decay, betas: AdamW settings (the module's own optimizer; callbacks adapt it).
+        lr_schedule, warmup_steps: a per-step LambdaLR schedule.
+        torch_dtype: e.g. ``"bfloat16"`` to load weights in that dtype.
+        gradient_checkpointing: enable HF activation checkpointing.
+
+    Example::
+
+        model = HFCausalLM(model_config=llama_config("tiny"), lr=1e-3)
+        trainer = Trainer(max_steps=50, callbacks=[MeZO(lr=1e-3)])
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: Optional[str] = None,
+        model_config: Optional[dict[str, Any]] = None,
+        gguf_file: Optional[str] = None,
+        tokenizer: Optional[str] = None,
+        objective: Objective = "classification",
+        lr: float = 1e-5,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        lr_schedule: Schedule = "constant",
+        warmup_steps: int = 0,
+        torch_dtype: Optional[str] = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: Optional[str] = "sdpa",
+        init_seed: int = 0,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__()
+        if objective not in ("classification", "lm"):
+            raise ValueError(f"objective must be 'classification' or 'lm', got {objective!r}.")
+        self.save_hyperparameters()
+        self.model = load_hf_model(
+            model_name_or_path, model_config, gguf_file, torch_dtype, attn_implementation, init_seed,
+            trust_remote_code,
+        )
+        tok_name = tokenizer or model_name_or_path or "builtin"
+        self.tokenizer = load_tokenizer(tok_name, gguf_file if tokenizer is None else None, trust_remote_code)
+        vocab = self.model.get_input_embeddings().weight.shape[0]
+        if len(self.tokenizer) > vocab:
+            raise ValueError(
+                f"The tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {vocab}; "
+                f"raise vocab_size in model_config to at least {len(self.tokenizer)}."
+            )
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.label_token_ids: Optional[list[int]] = None
+        self._metrics_ready = False
+
+    # ---- label words and metrics -------------------------------------------------------------------------------
+    def set_label_token_ids(self, ids: list[int]) -> None:
+        """Set the label-word token ids (the DataModule calls this) and build accuracy/F1 metrics."""
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        self.label_token_ids = [int(i) for i in ids]
+        n = len(self.label_token_ids)
+        self.val_acc = MulticlassAccuracy(num_classes=n)
+        self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.test_acc = MulticlassAccuracy(num_classes=n)
+        self.test_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Linear):
+            raise TypeError(f"Prompt classification needs a Linear output embedding, got {type(head).__name__}.")
+        head.forward = types.MethodType(_label_head_forward, head)
+        head._memopt_label_ids = None
+        self._metrics_ready = True
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        ids = getattr(dm, "label_token_ids", None)
+        if ids is not None and self.label_token_ids != list(ids):
+            self.set_label_token_ids(list(ids))
+        if self.hparams.objective == "classification" and self.label_token_ids is None:
+            raise ValueError(
+                "objective='classification' needs label words: use PromptClassificationDataModule (it sets them) or "
+                "call model.set_label_token_ids([...]) before fit."
+            )
+
+    @contextmanager
+    def _label_only(self):
+        head = self.model.get_output_embeddings()
+        ids = torch.tensor(self.label_token_ids, dtype=torch.long)
+        head._memopt_label_ids = ids
+        try:
+            yield
+        finally:
+            head._memopt_label_ids = None
+
+    # ---- forward -----------------------------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """Label-word logits ``[B, n_labels]`` at the last position (classification) or LM logits."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        position_ids = position_ids_from_mask(attention_mask)
+        if self.hparams.objective == "classification":
+            with self._label_only():
+                out = self.model(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    use_cache=False, logits_to_keep=1,
+                )
+            return out.logits[:, -1, :].float()
+        return self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).logits
+
+    def lm_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        labels = batch.get("lm_labels")
+        if labels is None:
+            labels = input_ids.masked_fill(mask == 0, -100)
+        out = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), labels=labels,
+            use_cache=False,
+        )
+        return out.loss
+
+    def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.hparams.objective == "lm":
+            return {"loss": self.lm_loss(batch)}
+        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        loss = F.cross_entropy(logits, batch["labels"])
+        return {"loss": loss, "logits": logits.detach(), "labels": batch["labels"]}
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        out = self._step(batch)
+        self.log("train_loss", out["loss"].detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return out
+
+    def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        out = self._step(batch)
+        bs = batch["input_ids"].shape[0]
+        self.log(f"{prefix}_loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
+        if "logits" in out and self._metrics_ready:
+            acc, f1 = getattr(self, f"{prefix}_acc"), getattr(self, f"{prefix}_f1")
+            acc(out["logits"], out["labels"])
+            f1(out["logits"], out["labels"])
+            self.log(f"{prefix}_acc", acc, prog_bar=True, batch_size=bs)
+            self.log(f"{prefix}_f1", f1, batch_size=bs)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._eval_step(batch, "test")
+
+    # ---- optimizer ---------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        decay, plain = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (plain if no_decay(name) or p.ndim < 2 else decay).append(p)
+        groups = [
+            {"params": decay, "weight_decay": self.hparams.weight_decay},
+            {"params": plain, "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        opt = torch.optim.AdamW(groups, lr=self.hparams.lr, betas=tuple(self.hparams.betas))
+        warm, kind = int(self.hparams.warmup_steps), self.hparams.lr_schedule
+        if kind == "constant" and warm == 0:
+            return opt
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / max(1, warm)
+            if kind == "constant":
+                return 1.0
+            frac = min(1.0, (step - warm) / max(1, total - warm))
+            return 1.0 - frac if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * frac))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_fit_start(self) -> None:
+        n = sum(p.numel() for p in self.parameters())
+        t = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        rank_zero_info(f"HFCausalLM: {n / 1e6:.2f}M parameters, {t / 1e6:.2f}M trainable.")

@@ -1,0 +1,134 @@
+"""FSDP2 for existing LightningModules: shard every Hugging Face transformer block, then the root, no
+``configure_model`` needed. Registered as ``strategy="fsdp2"``.
+"""
+
+from __future__ import annotations
+
+import types
+from contextlib import contextmanager
+from typing import Any, Literal, Optional, Union
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+
+def _hf_roots(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """Top-most ``transformers.PreTrainedModel`` submodules."""
+    from transformers import PreTrainedModel
+
+    roots: list[torch.nn.Module] = []
+    seen: set[int] = set()
+    for m in module.modules():
+        if id(m) in seen:
+            continue
+        if isinstance(m, PreTrainedModel):
+            roots.append(m)
+            seen.update(id(x) for x in m.modules())
+    return roots
+
+
+def transformer_blocks(root: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of an HF model, by its ``_no_split_modules`` class names."""
+    names = set(getattr(root, "_no_split_modules", None) or [])
+    blocks = [m for m in root.modules() if type(m).__name__ in names and m is not root]
+    if not blocks:
+        raise MisconfigurationException(
+            f"Could not find the transformer blocks of {type(root).__name__} (no _no_split_modules). Write a "
+            f"configure_model() that calls fully_shard yourself and use ModelParallelStrategy."
+        )
+    return blocks
+
+
+def shard_hf_module(
+    pl_module: torch.nn.Module, mesh: Any, reshard_after_forward: bool = True, mp_policy: Any = None
+) -> list[torch.nn.Module]:
+    """``fully_shard`` each transformer block, then each HF model root. Returns the roots."""
+    from torch.distributed.fsdp import fully_shard
+
+    roots = _hf_roots(pl_module)
+    if not roots:
+        raise MisconfigurationException(
+            f"FSDP2Strategy found no Hugging Face model inside {type(pl_module).__name__}. Write a configure_model() "
+            f"that applies fully_shard and use ModelParallelStrategy."
+        )
+    covered = {id(p) for r in roots for p in r.parameters()}
+    stray = [n for n, p in pl_module.named_parameters() if id(p) not in covered]
+    if stray:
+        raise MisconfigurationException(
+            f"FSDP2Strategy shards the Hugging Face model only, but {type(pl_module).__name__} has other parameters "
+            f"{stray[:4]}. Write a configure_model() that shards them too and use ModelParallelStrategy."
+        )
+    kw: dict[str, Any] = dict(mesh=mesh)
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    for root in roots:
+        for block in transformer_blocks(root):
+            fully_shard(block, reshard_after_forward=reshard_after_forward, **kw)
+        fully_shard(root, **kw)
+    return roots
+
+
+@contextmanager
+def _configure_model_marked(pl_module: Any):
+    """ModelParallelStrategy.setup insists on an overridden configure_model; we sharded already."""
+    if is_overridden("configure_model", pl_module):
+        yield
+        return
+    pl_module.configure_model = types.MethodType(lambda self: None, pl_module)
+    try:
+        yield
+    finally:
+        del pl_module.configure_model
+
+
+class FSDP2Strategy(ModelParallelStrategy):
+    """Data-parallel FSDP2 (``fully_shard``) for an unchanged LightningModule that wraps an HF model.
+
+    If the module defines ``configure_model``, that is used as with ``ModelParallelStrategy``. Otherwise each
+    transformer block (``_no_split_modules``) is sharded, then the model root.
+
+    Args:
+        data_parallel_size: defaults to every process (pure data parallel, no tensor parallel).
+        reshard_after_forward: free all-gathered block weights after forward (less memory, one more all-gather
+            in backward).
+        save_distributed_checkpoint: one shard file per rank (True) or a full checkpoint on rank 0 (False).
+
+    Example::
+
+        Trainer(accelerator="cuda", devices=2, strategy="fsdp2", callbacks=[LOMO(lr=1e-3)])
+    """
+
+    strategy_name = "fsdp2"
+
+    def __init__(
+        self,
+        data_parallel_size: Union[Literal["auto"], int] = "auto",
+        reshard_after_forward: bool = True,
+        save_distributed_checkpoint: bool = True,
+        process_group_backend: Optional[str] = None,
+    ) -> None:
+        super().__init__(
+            data_parallel_size=data_parallel_size, tensor_parallel_size=1,
+            save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=process_group_backend,
+        )
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_processes * self.num_nodes
+        super().setup_environment()
+
+    def setup(self, trainer: Any) -> None:
+        module = self.lightning_module
+        if not is_overridden("configure_model", module):
+            shard_hf_module(module, self.device_mesh["data_parallel"], self.reshard_after_forward)
+        with _configure_model_marked(module):
+            super().setup(trainer)
+
+
+def register_strategies(registry: Any = StrategyRegistry) -> None:
+    """Register ``"fsdp2"``; safe to call any number of times."""
+    if "fsdp2" not in registry:
+        registry.register("fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) for unchanged HF LightningModules")

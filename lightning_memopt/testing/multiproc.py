@@ -1,0 +1,71 @@
+"""Run a function in N CPU processes (gloo) as a Lightning multi-process job, e.g. a 2-process FSDP2 fit.
+
+Lightning would relaunch ``sys.argv`` (pytest itself) to make processes; instead we start one fresh interpreter per
+rank with the torchelastic-style environment Lightning detects (``LOCAL_RANK`` set: processes made externally).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import torch
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_distributed(target: str, world_size: int = 2, timeout: float = 600, **kwargs: Any) -> list[Any]:
+    """Run ``target`` ("package.module:function") on ``world_size`` ranks; return each rank's return value.
+
+    The function receives ``world_size`` and the JSON-able ``kwargs``; it builds its own Trainer with
+    ``devices=world_size`` and returns something ``torch.save`` can store.
+    """
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for rank in range(world_size):
+            env = dict(os.environ)
+            env.update(
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
+                LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+                PYTHONWARNINGS="ignore",
+            )
+            cmd = [sys.executable, "-m", "lightning_memopt.testing.multiproc", target, json.dumps(kwargs), tmp,
+                   str(world_size)]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+        outs = []
+        failed = False
+        for p in procs:
+            try:
+                out, _ = p.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                raise
+            outs.append(out.decode(errors="replace"))
+            failed |= p.returncode != 0
+        if failed:
+            raise RuntimeError("distributed run failed:\n" + "\n----\n".join(o[-6000:] for o in outs))
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def _main() -> None:
+    target, kwargs, out_dir, world_size = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+    mod, fn = target.split(":")
+    torch.set_num_threads(1)
+    result = getattr(importlib.import_module(mod), fn)(world_size=world_size, **kwargs)
+    torch.save(result, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+
+
+if __name__ == "__main__":
+    _main()
