@@ -1,0 +1,191 @@
+"""Fine-tune SmolLM2-135M-Instruct on SST-2 with every method and record what a user needs to choose one.
+
+Each (method, seed) runs in its own process from ``configs/sst2_smollm2_<method>.yaml`` (the same configs a user
+runs with ``memopt fit``), with the model path and data folder given here. For each run it records dev accuracy,
+optimizer steps, training forward passes, wall time, peak memory, and the validation curve (accuracy against step
+and wall time). ``zero_shot`` evaluates the untouched model.
+
+    python -m benchmarks.sst2_results --model ~/smol/SmolLM2-135M-Instruct.Q4_1.gguf --data_dir ../shared/data/sst2 \
+        --methods zero_shot,adamw,mezo --seeds 0 --out benchmarks/results/sst2_smollm2
+
+Writes ``<out>.json`` (one record per run) and ``<out>.md``; ``--plot`` makes PNGs from an existing JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["zero_shot", "adamw", "mezo", "lomo", "adalomo", "galore", "clora", "flora"]
+
+
+def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_memopt.cli import MemoptCLI
+
+    cfg = ROOT / "configs" / f"sst2_smollm2_{'adamw' if method == 'zero_shot' else method}.yaml"
+    args = [
+        "--config", str(cfg), "--seed_everything", str(seed), "--model.model_name_or_path", model,
+        "--data.data_dir", data_dir, "--data.seed", str(seed), "--trainer.logger", "false",
+        "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false", *extra,
+    ]
+    cli = MemoptCLI(args=args, run=False)
+    trainer, module = cli.trainer, cli.model
+
+    class Curve(pl.Callback):
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+            self.points: list[dict[str, float]] = []
+            self.forwards = 0
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            def count(*_: Any) -> None:
+                if trainer.training:
+                    self.forwards += 1
+
+            pl_module.model.register_forward_pre_hook(count)
+            self.t0 = time.perf_counter()
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            acc = trainer.callback_metrics.get("val_acc")
+            if acc is not None and not trainer.sanity_checking:
+                self.points.append(dict(step=trainer.global_step, wall_s=time.perf_counter() - self.t0,
+                                        val_acc=float(acc), forwards=self.forwards))
+
+    curve = Curve()
+    trainer.callbacks.append(curve)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    if method != "zero_shot":
+        trainer.fit(module, datamodule=cli.datamodule)
+    fit_s = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    test = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
+    return dict(method=method, seed=seed, dev_acc=round(100 * test["test_acc"], 2),
+                dev_f1=round(100 * test.get("test_f1", float("nan")), 2), steps=trainer.global_step,
+                forwards=curve.forwards, wall_s=round(fit_s, 1), peak_gib=None if peak is None else round(peak, 3),
+                curve=curve.points)
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    records = []
+    for method in args.methods.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            cmd = [sys.executable, "-u", "-m", "benchmarks.sst2_results", "--one", method, "--seed", str(seed),
+                   "--model", args.model, "--data_dir", args.data_dir, "--", *args.extra]
+            t = time.perf_counter()
+            try:
+                p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
+                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("SST2RESULT ")]
+                rec = json.loads(lines[-1][11:]) if lines else dict(
+                    method=method, seed=seed, error=(p.stderr or p.stdout)[-1500:])
+            except subprocess.TimeoutExpired:
+                rec = dict(method=method, seed=seed, error=f"timeout after {args.timeout}s")
+            rec["process_s"] = round(time.perf_counter() - t, 1)
+            records.append(rec)
+            short = {k: v for k, v in rec.items() if k != "curve"}
+            print("RUN " + json.dumps(short), flush=True)
+            write(records, args.out)
+    return records
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    rows = ["| method | seed | dev acc | dev F1 | steps | train forwards | wall s | peak GiB |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if "error" in r:
+            rows.append(f"| {r['method']} | {r['seed']} | error: {r['error'].splitlines()[-1][:80]} | | | | | |")
+            continue
+        rows.append(f"| {r['method']} | {r['seed']} | {r['dev_acc']:.1f} | {r['dev_f1']:.1f} | {r['steps']} | "
+                    f"{r['forwards']} | {r['wall_s']} | {r['peak_gib']} |")
+    return "\n".join(rows) + "\n"
+
+
+def write(records: list[dict[str, Any]], out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps(records, indent=1))
+    Path(out + ".md").write_text(table(records))
+
+
+def plot(json_path: str, out_dir: str) -> list[str]:
+    """Accuracy against steps and against wall time, and peak-memory bars, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in json.loads(Path(json_path).read_text()) if "error" not in r]
+    os.makedirs(out_dir, exist_ok=True)
+    files = []
+    for x, label in (("step", "optimizer steps"), ("wall_s", "wall time (s)")):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in records:
+            if r["curve"]:
+                ax.plot([p[x] for p in r["curve"]], [100 * p["val_acc"] for p in r["curve"]], marker=".",
+                        label=f"{r['method']} (seed {r['seed']})")
+        zs = [r["dev_acc"] for r in records if r["method"] == "zero_shot"]
+        if zs:
+            ax.axhline(zs[0], color="gray", ls="--", label="zero-shot (dev)")
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(f"SmolLM2-135M on SST-2 (k=512): accuracy vs {label}")
+        if x == "step":
+            ax.set_xscale("symlog", linthresh=100)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        f = os.path.join(out_dir, f"sst2_acc_vs_{x}.png")
+        fig.savefig(f, dpi=110)
+        plt.close(fig)
+        files.append(f)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    mem = {}
+    for r in records:
+        if r.get("peak_gib") is not None:
+            mem.setdefault(r["method"], r["peak_gib"])
+    ax.bar(list(mem), list(mem.values()), color="tab:blue")
+    ax.set_ylabel("peak GPU memory (GiB)")
+    ax.set_title("SmolLM2-135M on SST-2: peak memory during fit")
+    fig.tight_layout()
+    f = os.path.join(out_dir, "sst2_peak_memory.png")
+    fig.savefig(f, dpi=110)
+    plt.close(fig)
+    files.append(f)
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--model", default=os.path.expanduser("~/smol/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2_smollm2"))
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--plot", metavar="JSON", help="make PNG plots from a results JSON into --plot_dir")
+    ap.add_argument("--plot_dir", default=str(ROOT / "docs" / "img"))
+    ap.add_argument("extra", nargs="*", help="extra CLI overrides after --, e.g. --trainer.max_steps=100")
+    args = ap.parse_args()
+    if args.plot:
+        print("\n".join(plot(args.plot, args.plot_dir)))
+    elif args.one:
+        rec = _one(args.one, args.seed, args.model, args.data_dir, args.extra)
+        print("SST2RESULT " + json.dumps(rec), flush=True)
+    else:
+        records = run_all(args)
+        print(table(records))
+
+
+if __name__ == "__main__":
+    main()
