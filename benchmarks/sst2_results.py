@@ -30,7 +30,7 @@ def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) ->
     import lightning.pytorch as pl
     import torch
 
-    from lightning_memopt.cli import MemoptCLI
+    from lightning_memopt.cli import run_cli
 
     cfg = ROOT / "configs" / f"sst2_smollm2_{'adamw' if method == 'zero_shot' else method}.yaml"
     args = [
@@ -38,7 +38,7 @@ def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) ->
         "--data.data_dir", data_dir, "--data.seed", str(seed), "--trainer.logger", "false",
         "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false", *extra,
     ]
-    cli = MemoptCLI(args=args, run=False)
+    cli = run_cli(args, run=False)
     trainer, module = cli.trainer, cli.model
 
     class Curve(pl.Callback):
