@@ -1,0 +1,176 @@
+"""Named benchmark suites, as data: which cases run, at which sizes, and which ratio columns the table shows.
+
+A case is either a peer case of ``anchors_gpu.py`` (``python anchors_gpu.py METHOD SIZE BATCH SEQ``) or one of ours
+(``python -m benchmarks.cases.MODULE CASE SIZE BATCH SEQ``). Edit the lists below to add or drop cases; the harness
+runs sizes in ascending order and stops a case at its first OOM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SIZE_ORDER = ("tiny", "small", "1b", "7b", "13b", "30b", "34b")
+
+# What each peer case of anchors_gpu.py runs, for the table's impl column.
+PEER_SOURCE = {
+    "forward": "HF forward",
+    "adamw": "torch AdamW",
+    "adamw_ckpt": "torch AdamW",
+    "mezo_official": "MeZO official",
+    "perturb_only": "MeZO official",
+    "lomo": "lomo-optim",
+    "lomo_ckpt": "lomo-optim",
+    "adalomo_ckpt": "lomo-optim",
+    "galore": "galore-torch",
+    "galore_layerwise": "galore-torch",
+    "galore_layerwise_ckpt": "galore-torch",
+    "galore_refresh": "galore-torch",
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark case; it runs once per size, each time in a fresh process."""
+
+    impl: str  # "peer" (anchors_gpu.py) or "ours" (benchmarks.cases.<module>)
+    name: str  # the method/case name given on the command line
+    sizes: tuple[str, ...] = ("1b",)
+    module: str = ""  # ours only: the module under benchmarks/cases/
+    batch: int = 8
+    seq: int = 512
+    smoke: bool = False  # also runs in --smoke mode (DEV=cpu, size tiny)
+
+    @property
+    def key(self) -> str:
+        return f"{self.impl}:{self.name}"
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """A ratio column: ``metric`` of the row divided by ``metric`` of the reference row at the same size/batch/seq."""
+
+    title: str  # column header, e.g. "step / forward"
+    metric: str  # "step_s" or "peak_gib"
+    ref: str | None = None  # reference case key, e.g. "peer:forward"; None: the peer case of the row's own name
+    invert: bool = False  # reference / row instead (a speed-up)
+    rows: tuple[str, ...] = ()  # case keys that get a value; empty: every row
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    description: str
+    cases: tuple[Case, ...]
+    ratios: tuple[Ratio, ...] = field(default=())
+
+
+def peer(name: str, sizes: tuple[str, ...] = ("1b",), **kw: object) -> Case:
+    return Case("peer", name, tuple(sizes), **kw)  # type: ignore[arg-type]
+
+
+def ours(module: str, name: str, sizes: tuple[str, ...] = ("1b",), **kw: object) -> Case:
+    return Case("ours", name, tuple(sizes), module=module, **kw)  # type: ignore[arg-type]
+
+
+BOTH = ("1b", "7b")
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in [
+        Suite(
+            "foundation",
+            "AdamW and the peers at 1.1B side by side (issue 2 acceptance); our AdamW/forward check the timing code.",
+            (
+                peer("forward", smoke=True),
+                peer("adamw", smoke=True),
+                peer("adamw_ckpt"),
+                peer("mezo_official", smoke=True),
+                peer("lomo"),
+                peer("galore"),
+                ours("adamw", "forward", smoke=True),
+                ours("adamw", "adamw", smoke=True),
+                ours("adamw", "adamw_ckpt"),
+            ),
+            (
+                Ratio("step / AdamW", "step_s", "peer:adamw"),
+                Ratio("peak / AdamW", "peak_gib", "peer:adamw"),
+                Ratio("step / peer", "step_s", rows=("ours:forward", "ours:adamw", "ours:adamw_ckpt")),
+                Ratio("peak / peer", "peak_gib", rows=("ours:forward", "ours:adamw", "ours:adamw_ckpt")),
+            ),
+        ),
+        Suite(
+            "mezo",
+            "MeZO: a zeroth-order step against the inference forward it is built from.",
+            (
+                peer("forward", BOTH, smoke=True),
+                peer("mezo_official", BOTH, smoke=True),
+                peer("perturb_only", BOTH),
+                ours("mezo", "mezo", BOTH, smoke=True),
+            ),
+            (
+                Ratio("step / forward", "step_s", "peer:forward"),
+                Ratio("peak / forward", "peak_gib", "peer:forward"),
+                Ratio("step / MeZO official", "step_s", "peer:mezo_official", rows=("ours:mezo",)),
+            ),
+        ),
+        Suite(
+            "lomo",
+            "LOMO/AdaLomo fused backward against lomo-optim and AdamW.",
+            (
+                peer("lomo"),
+                peer("lomo_ckpt", BOTH),
+                peer("adalomo_ckpt", BOTH),
+                peer("adamw", smoke=True),
+                ours("lomo", "lomo", smoke=True),
+                ours("lomo", "lomo_ckpt", BOTH),
+                ours("lomo", "adalomo_ckpt", BOTH, smoke=True),
+            ),
+            (
+                Ratio("step / lomo-optim", "step_s"),
+                Ratio("peak / lomo-optim", "peak_gib"),
+                Ratio("step / AdamW", "step_s", "peer:adamw"),
+            ),
+        ),
+        Suite(
+            "galore",
+            "GaLore against galore-torch (one optimizer, layer-wise, SVD refresh every step) and AdamW.",
+            (
+                peer("galore"),
+                peer("galore_layerwise", BOTH),
+                peer("galore_refresh"),
+                peer("galore_layerwise_ckpt", BOTH),
+                peer("adamw", smoke=True),
+                ours("galore", "galore", smoke=True),
+                ours("galore", "galore_layerwise", BOTH),
+                ours("galore", "galore_layerwise_ckpt", BOTH),
+                ours("galore", "galore_refresh"),
+            ),
+            (
+                Ratio("speed-up vs galore-torch", "step_s", invert=True),
+                Ratio("peak / galore-torch", "peak_gib"),
+                Ratio("step / AdamW", "step_s", "peer:adamw"),
+            ),
+        ),
+        Suite(
+            "dfo",
+            "Derivative-free LoRA: the whole CMA-ES population in one batched forward against one candidate at a time.",
+            (
+                ours("dfo", "inference", smoke=True),
+                ours("dfo", "dfo_batched", smoke=True),
+                ours("dfo", "dfo_sequential", smoke=True),
+            ),
+            (
+                Ratio("sequential / batched step", "step_s", "ours:dfo_batched", rows=("ours:dfo_sequential",)),
+                Ratio("peak / inference", "peak_gib", "ours:inference"),
+            ),
+        ),
+        Suite(
+            "largest",
+            "The largest model that fits: ours at increasing sizes, each method stopped at its first OOM.",
+            (
+                ours("mezo", "mezo", ("13b", "30b", "34b")),
+                ours("lomo", "lomo_ckpt", ("13b", "30b", "34b")),
+            ),
+        ),
+    ]
+}

@@ -1,0 +1,144 @@
+"""Benchmark harness: ratio and table code on fake records, error rows, and the CPU smoke run of the foundation suite."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # benchmarks/ is not part of the installed package
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import harness
+from benchmarks.suites import SUITES, Case, Ratio, Suite
+
+ANCHORS = Path(__file__).parents[1].parent / "shared/tools/anchors_gpu.py"
+
+
+def rec(key: str, size: str = "1b", step: float | None = 1.0, peak: float | str | None = 10.0, **kw) -> dict:
+    impl, case = key.split(":")
+    fields = {"step_s": step, "peak_gib": peak, "tok_per_s": None if step is None else 4096 / step, **kw}
+    return {"key": key, "impl": impl, "case": case, "size": size, "batch": 8, "seq": 512, "error": None, **fields}
+
+
+SUITE = Suite(
+    "fake", "fake suite",
+    (Case("peer", "forward"), Case("peer", "lomo"), Case("ours", "lomo", module="lomo"),
+     Case("ours", "galore", module="galore")),
+    (Ratio("step / forward", "step_s", "peer:forward"),
+     Ratio("peak / peer", "peak_gib"),
+     Ratio("speed-up", "step_s", invert=True, rows=("ours:lomo",))),
+)
+
+
+def test_ratios_pair_by_reference_and_size():
+    records = [rec("peer:forward", step=0.5, peak=4.0), rec("peer:lomo", step=2.0, peak=16.0),
+               rec("ours:lomo", step=1.0, peak=8.0), rec("ours:lomo", size="7b", step=3.0, peak=20.0),
+               rec("peer:forward", size="7b", step=1.5, peak=14.0), rec("ours:galore", step=4.0, peak=12.0)]
+    harness.add_ratios(records, SUITE)
+    r = {(x["key"], x["size"]): x["ratios"] for x in records}
+    assert r["ours:lomo", "1b"] == {"step / forward": 2.0, "peak / peer": 0.5, "speed-up": 2.0}
+    assert r["peer:forward", "1b"]["step / forward"] == 1.0
+    assert r["ours:lomo", "7b"]["step / forward"] == 2.0  # the 7b forward, not the 1b one
+    assert r["ours:lomo", "7b"]["peak / peer"] is None  # no 7b peer lomo row
+    assert r["ours:galore", "1b"]["peak / peer"] is None and r["ours:galore", "1b"]["speed-up"] is None
+    assert r["peer:lomo", "1b"]["peak / peer"] is None  # a peer row has no same-name peer
+
+
+def test_ratios_skip_oom_errors_and_zero():
+    records = [rec("peer:forward", step=None, peak="OOM"), rec("ours:lomo", step=1.0, peak=0.0),
+               rec("peer:lomo", step=None, peak=None, error="boom")]
+    harness.add_ratios(records, SUITE)
+    assert all(v is None for x in records for v in x["ratios"].values())
+
+
+def test_markdown_table():
+    records = [rec("ours:lomo", step=1.0, peak=8.0), rec("peer:lomo", step=2.0, peak=16.0),
+               rec("peer:forward", size="7b", step=None, peak="OOM"), rec("ours:galore", step=None, peak=None,
+                                                                           error="No module named x | y")]
+    records.sort(key=lambda x: harness.sort_key(SUITE, x))
+    assert [(x["key"], x["size"]) for x in records] == [("peer:lomo", "1b"), ("ours:lomo", "1b"),
+                                                       ("ours:galore", "1b"), ("peer:forward", "7b")]
+    md = harness.markdown(SUITE, records, {"gpu": "H100", "torch": "2.x", "date": "today"})
+    lines = md.splitlines()
+    header = next(ln for ln in lines if ln.startswith("| case"))
+    assert header == ("| case | impl | size | batch×seq | step ms | peak GiB | tok/s | step / forward | peak / peer "
+                      "| speed-up | note |")
+    rows = [ln for ln in lines if ln.startswith("| ") and ln is not header]
+    assert len(rows) == 4 and all(ln.count("|") == header.count("|") for ln in rows)
+    assert rows[0] == "| lomo | peer (lomo-optim) | 1b | 8×512 | 2000.0 | 16.00 | 2,048 | — | — | — |  |"
+    assert rows[1] == "| lomo | ours | 1b | 8×512 | 1000.0 | 8.00 | 4,096 | — | 0.50 | 2.00 |  |"
+    assert "No module named x / y" in rows[2] and "| OOM |" in rows[3]
+    assert "- **speed-up**: `step_s` of the peer case of the same name ÷ row (rows ours:lomo)." in lines
+
+
+def test_parse_result_oom_and_error():
+    out = 'noise\nRESULT {"method": "lomo", "step_s": 0.5, "peak_gib": 3.2, "tok_per_s": 8192.0}\n'
+    assert harness.parse(out, "", 0) == {"method": "lomo", "step_s": 0.5, "peak_gib": 3.2, "tok_per_s": 8192.0}
+    assert harness.parse(out, "", 1)["error"] == "exit code 1 after its RESULT"
+    oom = "Traceback...\ntorch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert harness.parse("", oom, 1) == {"step_s": None, "peak_gib": "OOM"}
+    err = harness.parse("", "Traceback (most recent call last):\n  ...\nValueError: bad size\n\n", 1)
+    assert err["error"] == "ValueError: bad size" and err["step_s"] is None
+
+
+def test_plan_orders_sizes_filters_and_smoke():
+    suite = SUITES["lomo"]
+    todo = harness.plan(suite, None, None, smoke=False)
+    sizes = [s for _, s in todo]
+    assert sizes == sorted(sizes, key=["1b", "7b"].index) and ("7b" in sizes)
+    assert {c.key for c, s in todo if s == "7b"} == {"peer:lomo_ckpt", "peer:adalomo_ckpt", "ours:lomo_ckpt",
+                                                     "ours:adalomo_ckpt"}
+    assert [(c.key, s) for c, s in harness.plan(suite, ["7b"], ["lomo_ckpt"], False)] == [
+        ("peer:lomo_ckpt", "7b"), ("ours:lomo_ckpt", "7b")]
+    smoke = harness.plan(SUITES["foundation"], None, None, smoke=True)
+    assert {c.key for c, _ in smoke} == {"peer:forward", "peer:adamw", "peer:mezo_official", "ours:forward",
+                                         "ours:adamw"} and {s for _, s in smoke} == {"tiny"}
+
+
+def test_missing_module_and_oom_stop_become_rows(tmp_path, monkeypatch):
+    """A case whose module does not exist is an error row; a case that OOMs is not run at larger sizes."""
+    suite = Suite("t", "t", (Case("ours", "nothing", ("1b",), module="no_such_module"),
+                             Case("ours", "big", ("1b", "7b", "13b"), module="no_such_module")))
+    monkeypatch.setitem(SUITES, "t", suite)
+    calls = []
+    real = harness.run_one
+
+    def fake_run_one(case, size, *a):
+        calls.append((case.name, size))
+        if case.name == "big":
+            return harness.record(case, size, 8, 512, peak_gib="OOM" if size == "7b" else 1.0)
+        return real(case, size, *a)
+
+    monkeypatch.setattr(harness, "run_one", fake_run_one)
+    assert harness.main(["--suite", "t", "--out", str(tmp_path / "t"), "--batch", "8"]) == 0
+    data = json.loads((tmp_path / "t.json").read_text())
+    by = {(r["case"], r["size"]): r for r in data["records"]}
+    assert "No module named benchmarks.cases.no_such_module" in by["nothing", "1b"]["error"]
+    assert by["big", "7b"]["peak_gib"] == "OOM" and by["big", "13b"]["error"] == "skipped: OOM at a smaller size"
+    assert ("big", "13b") not in calls
+    assert "| big | ours | 13b |" in (tmp_path / "t.md").read_text()
+
+
+@pytest.mark.skipif(not ANCHORS.exists(), reason=f"peers' script not found at {ANCHORS}")
+def test_smoke_foundation_suite(tmp_path):
+    """The CI smoke mode: ours and the peers' CPU cases run, and the tables carry their ratios."""
+    out = tmp_path / "foundation"
+    assert harness.main(["--suite", "foundation", "--smoke", "--anchors", str(ANCHORS), "--out", str(out)]) == 0
+    data = json.loads(out.with_name("foundation.json").read_text())
+    assert data["environment"]["torch"] and data["environment"]["smoke"] is True
+    recs = {r["key"]: r for r in data["records"]}
+    assert set(recs) == {"peer:forward", "peer:adamw", "peer:mezo_official", "ours:forward", "ours:adamw"}
+    for r in recs.values():
+        assert r["error"] is None and r["size"] == "tiny" and (r["batch"], r["seq"]) == (2, 16)
+        assert r["step_s"] > 0 and r["tok_per_s"] > 0
+        assert r["ratios"]["step / AdamW"] == pytest.approx(r["step_s"] / recs["peer:adamw"]["step_s"])
+    assert recs["ours:adamw"]["ratios"]["step / peer"] == pytest.approx(
+        recs["ours:adamw"]["step_s"] / recs["peer:adamw"]["step_s"])
+    assert recs["peer:adamw"]["ratios"]["step / peer"] is None
+    md = out.with_name("foundation.md").read_text()
+    assert "| step / AdamW | peak / AdamW | step / peer | peak / peer |" in md
+    assert "| adamw | peer (torch AdamW) | tiny | 2×16 |" in md and "| adamw | ours | tiny | 2×16 |" in md
