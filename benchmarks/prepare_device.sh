@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Stage, HERE (not on the GPU machine), what a device call must carry, into git-ignored folders:
+#   .gpu/anchors_gpu.py   the peers' script (../shared does not travel)
+#   .gpu/data/sst2        the SST-2 TSV folder
+#   .whl/                 galore-torch, lomo-optim, bitsandbytes, gguf, jsonargparse[signatures]: benchmarks
+#   .whl2/                gguf, jsonargparse[signatures]: SST-2 runs (small, leaves room for the SmolLM2 halves)
+# Wheels are for the device image (Python 3.12, manylinux x86_64); packages the image already has are not fetched.
+# A call carries at most 64 MiB in all, so carry single paths (".gpu/anchors_gpu.py", ".gpu/data"), never all of .gpu.
+set -euo pipefail
+root=$(git rev-parse --show-toplevel)
+cd "$root"
+shared=${SHARED:-"$root/../shared"}
+
+mkdir -p .gpu/data
+install -m 644 "$shared/tools/anchors_gpu.py" .gpu/anchors_gpu.py
+rm -rf .gpu/data/sst2 && cp -r "$shared/data/sst2" .gpu/data/sst2 && chmod -R u+w .gpu/data/sst2
+grep -qx '/.whl2/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo '/.whl2/' >> .git/info/exclude; }
+
+JSONARGPARSE=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.14.0)  # typing-extensions: on the image
+GGUF=(gguf==0.19.0)
+BENCH=(galore-torch==1.0 lomo-optim==0.1.1 bitsandbytes==0.50.2)
+fetch() {  # fetch DIR PKG...: one version of each, nothing else in DIR
+  local dir=$1; shift
+  mkdir -p "$dir" && rm -f "$dir"/*.whl
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+    -d "$dir" "$@"
+}
+fetch .whl "${BENCH[@]}" "${GGUF[@]}" "${JSONARGPARSE[@]}"
+fetch .whl2 "${GGUF[@]}" "${JSONARGPARSE[@]}"
+
+ls -la .gpu .gpu/data/sst2 .whl .whl2
+du -sh .gpu/anchors_gpu.py .gpu/data .whl .whl2
+cat <<'EOF'
+
+Carry [".whl", ".gpu/anchors_gpu.py"] (benchmarks) or [".whl2", ".gpu/data", ...] (SST-2), and begin the command with:
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+(with .whl2/*.whl in the first line when carrying .whl2)
+EOF
