@@ -1,0 +1,253 @@
+"""GaLore core (no Lightning): parity with galore-torch, refresh methods, moments policy, NaN, bf16, lazy refresh."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_memopt.core.holder import HolderOptimizer
+from lightning_memopt.galore.callback import select_targets
+from lightning_memopt.galore.optim import GaLoreAdamW, GaLoreSettings
+from lightning_memopt.galore.projector import LEFT, RIGHT, compute_bases, randomized_right_basis, side_for, sketch
+from lightning_memopt.testing import tiny_model
+
+
+def _tiny():
+    torch.manual_seed(0)
+    m = tiny_model().model
+    targets = select_targets(m)
+    ids = {id(p) for p in targets}
+    return m, targets, [p for p in m.parameters() if id(p) not in ids]
+
+
+def _train(m, step, zero, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randint(0, 256, (4, 16), generator=gen)
+        m(input_ids=x, labels=x).loss.backward()
+        step()
+        zero()
+
+
+def test_select_targets_all_linear_excludes_lm_head():
+    m, targets, _ = _tiny()
+    names = {id(p): n for n, p in m.named_parameters()}
+    got = [names[id(p)] for p in targets]
+    assert len(got) == 14 and all(n.endswith("proj.weight") for n in got)
+    only_q = select_targets(m, r"q_proj$")
+    assert [names[id(p)] for p in only_q] == [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.self_attn.q_proj.weight",
+    ]
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_exact_svd_matches_galore_torch(wd):
+    """refresh='svd', moments='keep', hf_adamw=True: galore-torch's GaLoreAdamW trajectory (12 steps, 3 refreshes)."""
+    from galore_torch import GaLoreAdamW as Reference
+
+    torch.set_num_threads(1)
+    kw = {"rank": 8, "update_proj_gap": 4, "scale": 0.25, "proj_type": "std"}
+    m, targets, rest = _tiny()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = Reference(
+            [{"params": rest}, dict(params=targets, **kw)],
+            lr=1e-3,
+            eps=1e-8,
+            weight_decay=wd,
+            no_deprecation_warning=True,
+        )
+    _train(m, ref.step, ref.zero_grad, 12)
+    expected = {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    m, targets, rest = _tiny()
+    holder = HolderOptimizer(torch.optim.AdamW([{"params": rest}, {"params": targets}], lr=1e-3, weight_decay=wd))
+    galore = GaLoreAdamW(holder, targets, GaLoreSettings(refresh="svd", moments="keep", hf_adamw=True, **kw))
+    _train(m, galore.step, holder.zero_grad, 12)
+    assert galore.refreshes == 14 * 3
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p, expected[n], atol=1e-5, rtol=0, msg=n)
+    # and the galore params actually moved in a low-rank way: the update of a 64x64 weight has rank <= 3 refreshes*8
+    assert not torch.equal(
+        expected["model.layers.0.self_attn.q_proj.weight"], _tiny()[0].model.layers[0].self_attn.q_proj.weight
+    )
+
+
+def test_side_for_matches_galore_torch_conventions():
+    assert side_for((128, 64), "std") == RIGHT and side_for((64, 128), "std") == LEFT
+    assert side_for((128, 64), "reverse_std") == LEFT and side_for((64, 128), "reverse_std") == RIGHT
+    assert side_for((64, 128), "right") == RIGHT and side_for((128, 64), "left") == LEFT
+    with pytest.raises(ValueError, match="proj_type"):
+        side_for((4, 4), "full")
+
+
+def test_randomized_basis_finds_the_dominant_subspace():
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(96, 96))
+    v, _ = torch.linalg.qr(torch.randn(48, 48))
+    s = torch.cat([torch.full((6,), 10.0), torch.linspace(0.1, 0.01, 42)])
+    g = (u[:, :48] * s) @ v.T  # 96x48 with a clear rank-6 head
+    for side, want in ((RIGHT, v[:, :6]), (LEFT, u[:, :6])):
+        basis, ok = compute_bases([g, 2 * g], 6, side, "randomized", seeds=[1, 2], oversample=4)
+        assert ok == [True, True]
+        for b in basis:
+            torch.testing.assert_close(b.T @ b, torch.eye(6), atol=1e-5, rtol=0)
+            assert (want.T @ b).square().sum() / 6 > 0.999  # same subspace
+        exact, _ = compute_bases([g], 6, side, "svd")
+        assert (exact[0].T @ basis[0]).square().sum() / 6 > 0.999
+        low, _ = compute_bases([g], 6, side, "svd_lowrank")
+        assert (exact[0].T @ low[0]).square().sum() / 6 > 0.999
+
+
+def test_row_sharded_sketch_equals_whole_matrix():
+    """Summing the sketches over row blocks (what FSDP2's all-reduce does) gives the whole matrix's basis, and every
+    block gets the identical basis."""
+    torch.manual_seed(0)
+    g = torch.randn(1, 40, 24)
+    omega = sketch(24, 10, 3, torch.device("cpu"))[None]
+    whole = randomized_right_basis(g, 6, omega)
+    torch.testing.assert_close(_sharded_basis([g[:, :17], g[:, 17:]], omega, 6), whole, atol=1e-5, rtol=0)
+
+
+def _sharded_basis(blocks, omega, rank):
+    """randomized_right_basis on row blocks in lock-step, the reduce summing over blocks (a 2-rank all-reduce)."""
+    import threading
+
+    n = len(blocks)
+    barrier = threading.Barrier(n)
+    slots: list = [None] * n
+    out: list = [None] * n
+
+    def worker(i):
+        def reduce(t):
+            slots[i] = t
+            barrier.wait()
+            total = sum(slots)
+            barrier.wait()
+            return total
+
+        out[i] = randomized_right_basis(blocks[i], rank, omega, reduce=reduce)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    torch.testing.assert_close(out[0], out[1], atol=0, rtol=0)
+    return out[0]
+
+
+def _one_param_setup(moments, shape=(12, 8), rank=3, **kw):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(*shape))
+    holder = HolderOptimizer(torch.optim.AdamW([w], lr=1e-2, weight_decay=0.0))
+    galore = GaLoreAdamW(holder, [w], GaLoreSettings(rank=rank, update_proj_gap=2, moments=moments, **kw))
+    return w, holder, galore
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_reproject_is_invariant_to_a_rotated_basis_keep_is_not(side, monkeypatch):
+    """If a refresh returns the same subspace in other coordinates (columns permuted, signs flipped), re-projected
+    moments give exactly the update an unchanged basis gives; galore-torch's 'keep' does not."""
+    import lightning_memopt.galore.optim as optim_mod
+
+    torch.manual_seed(1)
+    g = torch.randn(12, 8)
+    real = optim_mod.compute_bases
+    results = {}
+    for moments in ("reproject", "keep", "unchanged"):
+        w, holder, galore = _one_param_setup("keep" if moments == "unchanged" else moments, proj_type=side)
+        if moments == "unchanged":
+            galore.s.update_proj_gap = 100
+        for step in range(4):
+            w.grad = g + 0.3 * step * torch.randn_like(g)
+            if step == 2 and moments != "unchanged":
+                old = holder.state[w]["proj"].clone()
+                rotated = old[:, [2, 0, 1]] * torch.tensor([-1.0, 1.0, -1.0])
+                monkeypatch.setattr(optim_mod, "compute_bases", lambda *a, r=rotated, **k: (r[None], [True]))
+            galore.step()
+            monkeypatch.setattr(optim_mod, "compute_bases", real)
+            w.grad = None
+        results[moments] = w.detach().clone()
+    assert galore.refreshes == 1
+    torch.testing.assert_close(results["reproject"], results["unchanged"], atol=1e-6, rtol=0)
+    assert (results["keep"] - results["unchanged"]).abs().max() > 1e-4
+
+
+def test_reset_zeroes_moments_and_bias_correction():
+    w, holder, galore = _one_param_setup("reset")
+    for _ in range(3):
+        w.grad = torch.randn(12, 8)
+        galore.step()
+    st = holder.state[w]  # refreshed at n=2, then one more update
+    assert float(st["step"]) == 1.0
+
+
+def test_nan_gradient_skips_the_refresh_and_retries():
+    w, holder, galore = _one_param_setup("reproject", rank=3)
+    w.grad = torch.randn(12, 8)
+    galore.step()
+    proj = holder.state[w]["proj"].clone()
+    w.grad = None
+    galore.step()  # no grad: nothing happens
+    w.grad = torch.randn(12, 8)
+    galore.step()  # n=1 -> no refresh yet
+    bad = torch.randn(12, 8)
+    bad[3, 2] = float("nan")
+    bad[0, 0] = float("inf")
+    w.grad = bad
+    galore.step()  # n=2: due, non-finite -> skipped, old basis kept
+    st = holder.state[w]
+    assert galore.skipped_refreshes == 1 and torch.equal(st["proj"], proj)
+    assert st["next_refresh"] == st["n"]  # due again on the next step
+    w.grad = torch.randn(12, 8)
+    galore.step()  # retried and done
+    assert galore.refreshes == 2 and not torch.equal(holder.state[w]["proj"], proj)
+    assert holder.state[w]["next_refresh"] == holder.state[w]["n"] + 1  # refreshed one step ago, gap 2
+
+
+def test_first_refresh_with_nan_still_gives_a_basis():
+    w, holder, galore = _one_param_setup("reproject")
+    w.grad = torch.full((12, 8), float("nan"))
+    galore.step()
+    st = holder.state[w]
+    assert torch.isfinite(st["proj"]).all() and st["next_refresh"] == 1 and galore.skipped_refreshes == 1
+
+
+@pytest.mark.parametrize("refresh", ["randomized", "svd"])
+def test_bf16_gradients_factorised_in_fp32(refresh):
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, 24, dtype=torch.bfloat16))
+    holder = HolderOptimizer(torch.optim.AdamW([w], lr=1e-2))
+    galore = GaLoreAdamW(holder, [w], GaLoreSettings(rank=4, update_proj_gap=1, refresh=refresh))
+    before = w.detach().clone()
+    for _ in range(3):
+        w.grad = torch.randn(16, 24, dtype=torch.bfloat16)
+        galore.step()
+    st = holder.state[w]
+    assert st["proj"].dtype == torch.bfloat16 and st["exp_avg"].dtype == torch.bfloat16
+    p = st["proj"].float()
+    torch.testing.assert_close(p.T @ p, torch.eye(4), atol=2e-2, rtol=0)
+    assert torch.isfinite(w).all() and not torch.equal(w, before)
+
+
+def test_lazy_refresh_doubles_the_gap_while_stable():
+    w, holder, galore = _one_param_setup("reproject", rank=2, lazy_refresh=True, lazy_threshold=0.9, lazy_max_gap=8)
+    g = torch.randn(12, 8)
+    refresh_steps = []
+    for step in range(24):
+        before = galore.refreshes
+        w.grad = g.clone()  # a constant gradient: its subspace never changes
+        galore.step()
+        if galore.refreshes > before:
+            refresh_steps.append(step)
+    assert refresh_steps == [0, 2, 6, 14, 22]  # gaps 2, 4, 8, 8 (capped at lazy_max_gap)
+
+    w, holder, galore = _one_param_setup("reproject", rank=2, lazy_refresh=True, lazy_threshold=0.9)
+    for step in range(7):
+        w.grad = torch.randn(12, 8)  # unrelated directions: the gap stays at update_proj_gap
+        galore.step()
+    assert galore.refreshes == 4 and holder.state[w]["gap"] == 2
