@@ -126,7 +126,10 @@ class PromptClassificationDataModule(LightningDataModule):
             )
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
-        self.save_hyperparameters()
+        # The tokenizer name stays out of hparams: Lightning refuses to log a module and a datamodule whose shared
+        # hparam keys differ (HFCausalLM has tokenizer="builtin", this one usually None).
+        self.save_hyperparameters(ignore=["tokenizer"])
+        self.tokenizer_name = tokenizer
         self.tokenizer = None
         self.label_token_ids: Optional[list[int]] = None
         self._splits: dict[str, _Encoded] = {}
@@ -153,10 +156,10 @@ class PromptClassificationDataModule(LightningDataModule):
     def _resolve_tokenizer(self):
         if self.tokenizer is not None:
             return self.tokenizer
-        if self.hparams.tokenizer is not None:
+        if self.tokenizer_name is not None:
             from lightning_memopt.models.hf import load_tokenizer
 
-            self.tokenizer = load_tokenizer(self.hparams.tokenizer)
+            self.tokenizer = load_tokenizer(self.tokenizer_name)
         else:
             module = self.trainer.lightning_module if self.trainer is not None else None
             self.tokenizer = getattr(module, "tokenizer", None)
