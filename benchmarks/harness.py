@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.sources:
         data = [json.loads(p.read_text()) for p in args.sources]
-        records = [r for d in data for r in d["records"]]
+        latest = {(r["key"], r["size"], r["batch"], r["seq"]): r for d in data for r in d["records"]}  # later wins
+        records = list(latest.values())
         print(write(out, suite, records, data[-1]["environment"]), end="")
         print("wrote {} and {}".format(*paths(out)))
         return 0
@@ -223,7 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         env["DEV"] = "cpu"
     batch_over, seq_over = (args.batch or 2, args.seq or 16) if args.smoke else (args.batch, args.seq)
     timeout = args.timeout or (120.0 if args.smoke else 480.0)
-    todo = plan(suite, args.sizes and args.sizes.split(","), args.cases and args.cases.split(","), args.smoke)
+    sizes, cases = args.sizes and args.sizes.split(","), args.cases and args.cases.split(",")
+    unknown = set(cases or ()) - {n for c in suite.cases for n in (c.key, c.name)}
+    if unknown:
+        ap.error(f"suite {suite.name} has no case {sorted(unknown)}; it has {[c.key for c in suite.cases]}")
+    todo = plan(suite, sizes, cases, args.smoke)
+    if not todo:
+        ap.error(f"nothing to run: suite {suite.name} has no case at sizes {sizes}")
     info = environment(env.get("DEV", "cuda"))
     info.update(anchors=str(anchors), smoke=args.smoke)
     print(f"suite {suite.name}: {len(todo)} runs, anchors {anchors}, out {out}.{{json,md}}", flush=True)

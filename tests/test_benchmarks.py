@@ -142,3 +142,18 @@ def test_smoke_foundation_suite(tmp_path):
     md = out.with_name("foundation.md").read_text()
     assert "| step / AdamW | peak / AdamW | step / peer | peak / peer |" in md
     assert "| adamw | peer (torch AdamW) | tiny | 2×16 |" in md and "| adamw | ours | tiny | 2×16 |" in md
+
+
+def test_merge_runs_and_reject_bad_filters(tmp_path, monkeypatch):
+    monkeypatch.setitem(SUITES, "fake", SUITE)
+    env = {"gpu": "H100"}
+    harness.write(tmp_path / "a", SUITE, [rec("peer:lomo", step=2.0), rec("ours:lomo", step=9.0)], env)
+    harness.write(tmp_path / "b", SUITE, [rec("ours:lomo", step=1.0)], env)  # a rerun replaces the earlier row
+    assert harness.main(["--suite", "fake", "--from", str(tmp_path / "a.json"), str(tmp_path / "b.json"),
+                         "--out", str(tmp_path / "ab")]) == 0
+    data = json.loads((tmp_path / "ab.json").read_text())
+    assert [(r["key"], r["step_s"], r["ratios"]["speed-up"]) for r in data["records"]] == [
+        ("peer:lomo", 2.0, None), ("ours:lomo", 1.0, 2.0)]
+    for bad in (["--cases", "nope"], ["--sizes", "1B"]):
+        with pytest.raises(SystemExit):
+            harness.main(["--suite", "lomo", "--dry-run", *bad])
