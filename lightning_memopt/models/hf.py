@@ -193,9 +193,9 @@ class HFCausalLM(LightningModule):
 
         self.label_token_ids = [int(i) for i in ids]
         n = len(self.label_token_ids)
-        self.val_acc = MulticlassAccuracy(num_classes=n)
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
-        self.test_acc = MulticlassAccuracy(num_classes=n)
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
         self.test_f1 = MulticlassF1Score(num_classes=n, average="macro")
         head = self.model.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear):
