@@ -116,7 +116,7 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown(suite: Suite, records: list[Record], env: dict[str, Any]) -> str:
     add_ratios(records, suite)
-    head = ["case", "impl", "size", "batch×seq", "step ms", "peak GiB", "tok/s", *[r.title for r in suite.ratios],
+    head = ["case", "impl", "size", "params B", "batch×seq", "step ms", "peak GiB", "tok/s", *[r.title for r in suite.ratios],
             "note"]
     lines = [
         f"# Benchmark suite `{suite.name}`",
@@ -133,7 +133,8 @@ def markdown(suite: Suite, records: list[Record], env: dict[str, Any]) -> str:
     for rec in records:
         impl = "ours" if rec["impl"] == "ours" else f"peer ({PEER_SOURCE.get(rec['case'], 'anchors')})"
         step = rec["step_s"] * 1e3 if isinstance(rec.get("step_s"), (int, float)) else None
-        cells = [rec["case"], impl, rec["size"], f"{rec['batch']}×{rec['seq']}", _fmt(step, ".1f"),
+        cells = [rec["case"], impl, rec["size"], _fmt(rec.get("params_b"), ".2f"), f"{rec['batch']}×{rec['seq']}",
+                 _fmt(step, ".1f"),
                  _fmt(rec.get("peak_gib"), ".2f"), _fmt(rec.get("tok_per_s"), ",.0f"),
                  *[_fmt(rec["ratios"][r.title], ".2f") for r in suite.ratios],
                  (rec.get("error") or "").replace("|", "/")]

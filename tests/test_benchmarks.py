@@ -56,7 +56,7 @@ def test_ratios_skip_oom_errors_and_zero():
 
 
 def test_markdown_table():
-    records = [rec("ours:lomo", step=1.0, peak=8.0), rec("peer:lomo", step=2.0, peak=16.0),
+    records = [rec("ours:lomo", step=1.0, peak=8.0), rec("peer:lomo", step=2.0, peak=16.0, params_b=1.1),
                rec("peer:forward", size="7b", step=None, peak="OOM"), rec("ours:galore", step=None, peak=None,
                                                                            error="No module named x | y")]
     records.sort(key=lambda x: harness.sort_key(SUITE, x))
@@ -65,12 +65,12 @@ def test_markdown_table():
     md = harness.markdown(SUITE, records, {"gpu": "H100", "torch": "2.x", "date": "today"})
     lines = md.splitlines()
     header = next(ln for ln in lines if ln.startswith("| case"))
-    assert header == ("| case | impl | size | batch×seq | step ms | peak GiB | tok/s | step / forward | peak / peer "
+    assert header == ("| case | impl | size | params B | batch×seq | step ms | peak GiB | tok/s | step / forward | peak / peer "
                       "| speed-up | note |")
     rows = [ln for ln in lines if ln.startswith("| ") and ln is not header]
     assert len(rows) == 4 and all(ln.count("|") == header.count("|") for ln in rows)
-    assert rows[0] == "| lomo | peer (lomo-optim) | 1b | 8×512 | 2000.0 | 16.00 | 2,048 | — | — | — |  |"
-    assert rows[1] == "| lomo | ours | 1b | 8×512 | 1000.0 | 8.00 | 4,096 | — | 0.50 | 2.00 |  |"
+    assert rows[0] == "| lomo | peer (lomo-optim) | 1b | 1.10 | 8×512 | 2000.0 | 16.00 | 2,048 | — | — | — |  |"
+    assert rows[1] == "| lomo | ours | 1b | — | 8×512 | 1000.0 | 8.00 | 4,096 | — | 0.50 | 2.00 |  |"
     assert "No module named x / y" in rows[2] and "| OOM |" in rows[3]
     assert "- **speed-up**: `step_s` of the peer case of the same name ÷ row (rows ours:lomo)." in lines
 
@@ -141,7 +141,8 @@ def test_smoke_foundation_suite(tmp_path):
     assert recs["peer:adamw"]["ratios"]["step / peer"] is None
     md = out.with_name("foundation.md").read_text()
     assert "| step / AdamW | peak / AdamW | step / peer | peak / peer |" in md
-    assert "| adamw | peer (torch AdamW) | tiny | 2×16 |" in md and "| adamw | ours | tiny | 2×16 |" in md
+    assert "| adamw | peer (torch AdamW) | tiny | 0.00 | 2×16 |" in md
+    assert "| adamw | ours | tiny | 0.00 | 2×16 |" in md
 
 
 def test_merge_runs_and_reject_bad_filters(tmp_path, monkeypatch):
