@@ -55,9 +55,13 @@ class MemoptCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except ValueError as err:  # unwrap jsonargparse's "Does not validate against any of the Union subtypes"
-            root = user_error(err)
-            if root is None or root is err:
+        except ValueError as err:
+            # jsonargparse wraps what __init__ raised in "Does not validate against any of the Union subtypes";
+            # the original exception (its cause) says what is wrong.
+            root = err
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if root is err:
                 raise
             raise root from None
 

@@ -1,0 +1,121 @@
+"""The memopt CLI: every shipped config runs, --print_config is complete, SST-2 runs end to end."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, needs_sst2
+from lightning.pytorch import Trainer
+
+from lightning_memopt.callbacks.memory_report import MemoryReport
+from lightning_memopt.cli import main, run_cli
+from lightning_memopt.data.prompt import PromptClassificationDataModule
+from lightning_memopt.models.hf import HFCausalLM
+from lightning_memopt.strategies import FSDP2Strategy
+
+CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+# Real-model configs run on the GPU; sst2_tiny has its own full-length test below.
+QUICK = [c for c in CONFIGS if not c.startswith("sst2_smollm2_") and c != "sst2_tiny.yaml"]
+
+
+def short(tmp_path, steps: int = 2) -> list[str]:
+    return [
+        f"--trainer.max_steps={steps}", "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1",
+        "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        "--trainer.accelerator=cpu", "--trainer.devices=1", f"--trainer.default_root_dir={tmp_path}",
+    ]
+
+
+def test_configs_found():
+    assert {"full_ft_adamw.yaml", "quickstart.yaml", "sst2_tiny.yaml", "sst2_smollm2_adamw.yaml"} <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("config", QUICK)
+def test_config_fits_two_steps(config, tmp_path, in_repo, capsys, no_unexpected_warnings):
+    cli = run_cli(["fit", "--config", f"configs/{config}", *short(tmp_path), "--data.init_args.k=8"])
+    assert cli.trainer.global_step == 2
+    assert isinstance(cli.model, HFCausalLM)
+    # every callback named in the YAML was built from its class_path
+    with open(REPO / "configs" / config) as f:
+        wanted = [c["class_path"].rsplit(".", 1)[-1] for c in (yaml.safe_load(f)["trainer"].get("callbacks") or [])]
+    have = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert set(wanted) <= have
+    loss = cli.trainer.callback_metrics.get("train_loss")
+    assert loss is None or torch.isfinite(loss)
+
+
+def test_quickstart_shows_memory_table_and_test_accuracy(tmp_path, in_repo, capsys):
+    cli = run_cli(["fit", "--config", "configs/quickstart.yaml", *short(tmp_path, steps=3), "--data.init_args.k=8"])
+    out = capsys.readouterr().out
+    assert "Peak memory during fit" in out and "Optimizer state" in out
+    assert "test_acc" in cli.trainer.callback_metrics  # test_after_fit ran trainer.test
+    report = next(c for c in cli.trainer.callbacks if isinstance(c, MemoryReport))
+    assert report.breakdown is not None and report.breakdown.params > 0
+
+
+def _printed_config(args: list[str], capsys) -> dict:
+    with pytest.raises(SystemExit) as exc:
+        run_cli(args)
+    assert exc.value.code in (0, None)
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def _params(cls) -> set[str]:
+    return {n for n in inspect.signature(cls.__init__).parameters if n != "self"}
+
+
+def test_print_config_is_complete_and_round_trips(tmp_path, in_repo, capsys):
+    cfg = _printed_config(["fit", "--config", "configs/full_ft_adamw.yaml", "--print_config"], capsys)
+    assert cfg["model"]["class_path"].endswith("HFCausalLM")
+    assert set(cfg["model"]["init_args"]) == _params(HFCausalLM)
+    assert set(cfg["data"]["init_args"]) == _params(PromptClassificationDataModule)
+    assert _params(Trainer) <= set(cfg["trainer"])
+    (cb,) = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("MemoryReport")]
+    assert set(cb["init_args"]) == _params(MemoryReport)  # flat typed args are all shown
+    assert cfg["trainer"]["max_steps"] == 100 and cfg["model"]["init_args"]["lr"] == 1e-3
+    assert cfg["test_after_fit"] is True
+    # the printed config is itself a valid config that prints the same
+    path = tmp_path / "printed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert _printed_config(["fit", "--config", str(path), "--print_config"], capsys) == cfg
+
+
+def test_fsdp2_strategy_by_name_and_class_path(tmp_path, in_repo):
+    base = ["--config", "configs/full_ft_adamw.yaml", "--trainer.accelerator=cpu", "--trainer.devices=1"]
+    cli = run_cli([*base, "--trainer.strategy=fsdp2"], run=False)
+    assert isinstance(cli.trainer.strategy, FSDP2Strategy)
+    cli = run_cli(
+        [*base, "--trainer.strategy.class_path=lightning_memopt.FSDP2Strategy",
+         "--trainer.strategy.init_args.reshard_after_forward=false"],
+        run=False,
+    )
+    assert isinstance(cli.trainer.strategy, FSDP2Strategy) and cli.trainer.strategy.reshard_after_forward is False
+
+
+def test_short_class_paths_resolve(tmp_path, in_repo):
+    cli = run_cli(
+        ["--config", "configs/full_ft_adamw.yaml", "--trainer.callbacks+=lightning_memopt.MemoryReport",
+         "--trainer.callbacks.print_table=false"],
+        run=False,
+    )
+    reports = [c for c in cli.trainer.callbacks if isinstance(c, MemoryReport)]
+    assert len(reports) == 2 and reports[-1].print_table is False
+
+
+@needs_sst2
+def test_sst2_tiny_end_to_end(tmp_path, in_repo, capsys):
+    cli = run_cli(["fit", "--config", "configs/sst2_tiny.yaml", f"--trainer.default_root_dir={tmp_path}"])
+    dm = cli.datamodule
+    assert cli.trainer.global_step == 8
+    assert len(dm._splits["train"]) == 2 * 16 and len(dm._splits["test"]) == 128
+    assert 0.0 <= float(cli.trainer.callback_metrics["test_acc"]) <= 1.0
+    assert "Peak memory during fit" in capsys.readouterr().out
+
+
+def test_main_returns_none_for_the_console_script(tmp_path, in_repo, capsys):
+    # sys.exit(main()) must exit 0: main returns None, not the CLI object
+    assert main(["fit", "--config", "configs/full_ft_adamw.yaml", *short(tmp_path, steps=1),
+                 "--data.init_args.k=4", "--trainer.callbacks=[]"]) is None

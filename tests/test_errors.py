@@ -1,0 +1,85 @@
+"""Bad input (issue 2): each gets an error that names the problem and the fix, not a deep traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from lightning_memopt.cli import main, run_cli
+
+BASE = ["fit", "--config", "configs/full_ft_adamw.yaml", "--trainer.max_steps=1", "--trainer.logger=false",
+        "--trainer.enable_checkpointing=false", "--trainer.accelerator=cpu", "--trainer.callbacks=[]",
+        "--test_after_fit=false"]
+
+
+def run(tmp_path, *extra: str):
+    return run_cli([*BASE, f"--trainer.default_root_dir={tmp_path}", *extra])
+
+
+def test_missing_data_folder(tmp_path, in_repo):
+    with pytest.raises(FileNotFoundError, match=r"Data folder .*no_such_dir.* does not exist\. Point data_dir at"):
+        run(tmp_path, f"--data.init_args.data_dir={tmp_path / 'no_such_dir'}")
+
+
+def test_unknown_model(tmp_path, in_repo):
+    with pytest.raises(ValueError, match=r"Could not load model .*no_such_model.*Check the name, or pass model_config"):
+        run(tmp_path, "--model.init_args.model_config=null",
+            f"--model.init_args.model_name_or_path={tmp_path}/no_such_model")
+
+
+def test_template_without_placeholder(tmp_path, in_repo):
+    with pytest.raises(ValueError, match=r"has no '\{sentence\}' placeholder; add one"):
+        run(tmp_path, "--data.init_args.template=Review: Sentiment:")
+
+
+def test_multi_token_label_word(tmp_path, in_repo):
+    with pytest.raises(ValueError, match=r"Label word 'very good' tokenizes to 2 tokens .* must be one token"):
+        run(tmp_path, "--data.init_args.label_words=[very good, bad]")
+
+
+def test_k_larger_than_a_class(tmp_path, in_repo):
+    # the embedded task has 2000 rows per class (synthetic_size 4000)
+    with pytest.raises(ValueError, match=r"k=3000 .* class 0 has only 2000 available; lower k"):
+        run(tmp_path, "--data.init_args.k=3000")
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("--trainer.max_stepz=3", "trainer.max_stepz"), ("--model.init_args.lrr=0.1", "'lrr' is not accepted")],
+)
+def test_unknown_config_key_on_the_command_line(tmp_path, in_repo, capsys, override, named):
+    with pytest.raises(SystemExit) as exc:
+        run(tmp_path, override)
+    assert exc.value.code == 2
+    assert named in capsys.readouterr().err
+
+
+def test_unknown_config_key_in_yaml(tmp_path, in_repo, capsys):
+    text = (in_repo / "configs" / "full_ft_adamw.yaml").read_text().replace("  max_steps: 100", "  max_stepz: 100")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["fit", "--config", str(bad)])
+    assert exc.value.code == 2
+    assert "does not accept option 'trainer.max_stepz'" in capsys.readouterr().err
+
+
+def test_console_script_prints_one_message_not_a_traceback(tmp_path, in_repo, capsys, monkeypatch):
+    monkeypatch.delenv("MEMOPT_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main([*BASE, f"--trainer.default_root_dir={tmp_path}", "--data.init_args.template=no placeholder"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "memopt: error: The template 'no placeholder' has no '{sentence}' placeholder" in err
+    assert "Traceback" not in err and "Union subtypes" not in err
+
+
+def test_console_script_keeps_tracebacks_of_bugs(tmp_path, in_repo, monkeypatch):
+    # an error raised outside this package's own checks is not disguised as a configuration error
+    from lightning_memopt.models import hf
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(hf, "load_hf_model", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main([*BASE, f"--trainer.default_root_dir={tmp_path}"])
