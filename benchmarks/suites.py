@@ -106,11 +106,13 @@ SUITES: dict[str, Suite] = {
                 peer("mezo_official", BOTH, smoke=True),
                 peer("perturb_only", BOTH),
                 ours("mezo", "mezo", BOTH, smoke=True),
+                ours("mezo", "mezo_perturb", BOTH),
             ),
             (
                 Ratio("step / forward", "step_s", "peer:forward"),
                 Ratio("peak / forward", "peak_gib", "peer:forward"),
                 Ratio("step / MeZO official", "step_s", "peer:mezo_official", rows=("ours:mezo",)),
+                Ratio("step / official perturb", "step_s", "peer:perturb_only", rows=("ours:mezo_perturb",)),
             ),
         ),
         Suite(
