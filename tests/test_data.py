@@ -1,0 +1,93 @@
+"""Prompt-classification data: TSV reading, k-shot sampling, templates, left padding, the embedded task."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SST2, needs_sst2
+from lightning.pytorch.loggers import CSVLogger
+
+from lightning_memopt.data.prompt import PromptClassificationDataModule, k_shot, left_pad_collate, read_glue_tsv
+from lightning_memopt.data.synthetic import builtin_tokenizer, synthetic_sentiment
+from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+
+ROWS = [(i % 2, f"row {i}") for i in range(40)]
+
+
+def test_k_shot_is_per_class_seeded_and_excludes():
+    train, used = k_shot(ROWS, 5, seed=0)
+    assert sorted(y for y, _ in train) == [0] * 5 + [1] * 5
+    assert k_shot(ROWS, 5, seed=0)[0] == train and k_shot(ROWS, 5, seed=1)[0] != train
+    val, used_val = k_shot(ROWS, 5, seed=1, exclude=used)
+    assert not used & used_val
+    with pytest.raises(ValueError, match="class 0 has only 15 available; lower k"):
+        k_shot(ROWS, 16, seed=2, exclude=used)
+
+
+def test_read_glue_tsv(tmp_path):
+    path = tmp_path / "train.tsv"
+    path.write_text("sentence\tlabel\na fine film\t1\na dull one\t0\n")
+    assert read_glue_tsv(str(path)) == [(1, "a fine film"), (0, "a dull one")]
+    (tmp_path / "bad.tsv").write_text("sentence\tscore\nx\t1\n")
+    with pytest.raises(ValueError, match="no 'label' column"):
+        read_glue_tsv(str(tmp_path / "bad.tsv"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_glue_tsv(str(tmp_path / "none.tsv"))
+
+
+@needs_sst2
+def test_read_sst2():
+    rows = read_glue_tsv(str(SST2 / "dev.tsv"))
+    assert len(rows) == 872 and {y for y, _ in rows} == {0, 1}
+
+
+def test_left_pad_collate():
+    batch = left_pad_collate(0)([{"input_ids": [5, 6, 7], "label": 1}, {"input_ids": [8], "label": 0}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["labels"].tolist() == [1, 0]
+
+
+def test_builtin_tokenizer_covers_the_synthetic_task():
+    tok = builtin_tokenizer()
+    for _, text in synthetic_sentiment(200, seed=0):
+        assert tok.unk_token_id not in tok(text)["input_ids"]
+    assert len(tok("negative")["input_ids"]) == 1 and len(tok("positive")["input_ids"]) == 1
+
+
+def test_synthetic_label_is_the_majority_sentiment():
+    from lightning_memopt.data.synthetic import NEGATIVE, POSITIVE
+
+    for y, text in synthetic_sentiment(300, seed=3):
+        words = text.split()
+        pos, neg = sum(w in POSITIVE for w in words), sum(w in NEGATIVE for w in words)
+        assert (pos > neg) == bool(y)
+
+
+def test_datamodule_splits_template_and_label_ids():
+    dm = PromptClassificationDataModule(k=8, val_k=4, tokenizer="builtin", test_limit=50, max_length=12,
+                                        template="Review: {sentence} Sentiment:", label_words=["negative", "positive"])
+    dm.setup("fit")
+    tok = dm.tokenizer
+    assert len(dm._splits["train"]) == 16 and len(dm._splits["val"]) == 8 and len(dm._splits["test"]) == 50
+    assert dm.label_token_ids == [tok.convert_tokens_to_ids("negative"), tok.convert_tokens_to_ids("positive")]
+    item = dm._splits["train"][0]
+    assert len(item["input_ids"]) <= 12
+    assert tok.convert_ids_to_tokens(item["input_ids"][-2:]) == ["sentiment", ":"]  # truncation keeps the tail
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape[0] == 16 and batch["attention_mask"][:, -1].all()
+
+
+def test_deterministic_order_without_shuffle():
+    a, b = tiny_datamodule(k=8, tokenizer="builtin"), tiny_datamodule(k=8, tokenizer="builtin")
+    a.setup("fit"), b.setup("fit")
+    assert torch.equal(next(iter(a.train_dataloader()))["input_ids"], next(iter(b.train_dataloader()))["input_ids"])
+
+
+def test_fit_with_a_logger_merges_module_and_datamodule_hparams(tmp_path):
+    # HFCausalLM(tokenizer="builtin") and the datamodule's default tokenizer=None must not clash when logged
+    dm = tiny_datamodule(k=8)
+    assert "tokenizer" not in dm.hparams
+    trainer = tiny_trainer(max_steps=1, logger=CSVLogger(str(tmp_path)))
+    trainer.fit(tiny_model(), dm)
+    assert trainer.global_step == 1

@@ -1,0 +1,92 @@
+"""HFCausalLM: left padding, label-word-only classification head, GGUF path errors, LM objective, peft LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_memopt.models.hf import HFCausalLM, position_ids_from_mask
+from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.testing.tiny import full_state
+
+LABELS = [7, 11]
+
+
+def classifier(**kw) -> HFCausalLM:
+    m = tiny_model(**kw)
+    m.set_label_token_ids(LABELS)
+    return m.eval()
+
+
+def test_position_ids_start_at_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
+def test_left_padding_gives_the_same_logits_as_unpadded():
+    m = classifier()
+    a = torch.tensor([[5, 20, 31, 42, 9, 17]])
+    b = torch.tensor([[8, 25, 40]])
+    with torch.no_grad():
+        la = m(a, torch.ones_like(a))
+        lb = m(b, torch.ones_like(b))
+        batch = torch.tensor([[5, 20, 31, 42, 9, 17], [0, 0, 0, 8, 25, 40]])
+        mask = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1]])
+        lab = m(batch, mask)
+    torch.testing.assert_close(lab[0], la[0], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(lab[1], lb[0], atol=1e-5, rtol=1e-4)
+
+
+def test_classification_uses_only_label_word_logits_at_the_last_position():
+    m = classifier()
+    ids = torch.tensor([[5, 20, 31, 42], [0, 8, 25, 40]])
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1]])
+    head_out = []
+    hook = m.model.get_output_embeddings().register_forward_hook(lambda mod, i, o: head_out.append(o.shape))
+    with torch.no_grad():
+        logits = m(ids, mask)
+    hook.remove()
+    assert logits.shape == (2, 2)
+    assert head_out == [torch.Size([2, 1, 2])]  # the head never projects onto the whole vocabulary
+    with torch.no_grad():  # reference: full-vocabulary logits, then pick the label words
+        full = m.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
+    torch.testing.assert_close(logits, full[:, -1, LABELS].float(), atol=1e-5, rtol=1e-4)
+    labels = torch.tensor([1, 0])
+    out = m._step({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    torch.testing.assert_close(out["loss"], F.cross_entropy(full[:, -1, LABELS], labels), atol=1e-5, rtol=1e-4)
+
+
+def test_missing_gguf_file_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"GGUF file .*missing\.gguf.* does not exist; check the path"):
+        HFCausalLM(model_name_or_path=str(tmp_path / "missing.gguf"))
+
+
+def test_model_config_needs_model_type():
+    with pytest.raises(ValueError, match="model_type"):
+        HFCausalLM(model_config={"hidden_size": 8}, tokenizer="builtin")
+
+
+def test_lm_objective_fits():
+    m = tiny_model(objective="lm")
+    trainer = tiny_trainer(max_steps=3)
+    before = full_state(m)
+    trainer.fit(m, tiny_datamodule(k=16))
+    loss = float(trainer.callback_metrics["train_loss"])
+    assert trainer.global_step == 3 and 0 < loss < 2 * torch.log(torch.tensor(256.0))
+    after = full_state(m)
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_peft_lora_wrapped_model_trains_only_the_adapters():
+    peft = pytest.importorskip("peft")
+    m = tiny_model()
+    m.model = peft.get_peft_model(m.model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    before = full_state(m)
+    trainer = tiny_trainer(max_steps=2)
+    trainer.fit(m, tiny_datamodule())
+    after = full_state(m)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert trainer.global_step == 2
+    assert changed and all("lora_" in n for n in changed)
+    assert changed == {n for n, p in m.named_parameters() if p.requires_grad}

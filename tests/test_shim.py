@@ -1,0 +1,101 @@
+"""Pins the behaviour of every private Lightning API used through lightning_memopt._shim.
+
+If a Lightning upgrade moves one of these, this file fails first (and alone).
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
+
+from lightning_memopt import _shim
+from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.testing.tiny import full_state
+
+
+class Recorder(pl.Callback):
+    def __init__(self, skip: bool | None = None) -> None:
+        self.skip = skip
+        self.backward_calls = 0
+        self.training_steps = 0
+        self.accumulating: list[bool] = []
+        self.grads_seen: list[bool] = []
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self.skip is not None:
+            _shim.set_skip_backward(trainer, self.skip)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.training_steps += 1
+        self.accumulating.append(_shim.is_accumulating(trainer))
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        self.backward_calls += 1
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.grads_seen.append(any(p.grad is not None for p in pl_module.parameters()))
+
+
+def test_skip_backward_really_skips_backward():
+    model, rec = tiny_model(), Recorder(skip=True)
+    before = full_state(model)
+    trainer = tiny_trainer(max_steps=3, callbacks=[rec])
+    trainer.fit(model, tiny_datamodule(k=16))
+    assert _shim.get_skip_backward(trainer) is True
+    assert rec.training_steps == 3 and trainer.global_step == 3  # the step still counts
+    assert rec.backward_calls == 0 and rec.grads_seen == [False, False, False]
+    after = full_state(model)
+    assert all(torch.equal(before[n], after[n]) for n in before)
+
+
+def test_skip_backward_false_runs_backward():
+    model, rec = tiny_model(), Recorder(skip=False)
+    trainer = tiny_trainer(max_steps=2, callbacks=[rec])
+    trainer.fit(model, tiny_datamodule(k=16))
+    assert _shim.get_skip_backward(trainer) is False
+    assert rec.backward_calls == 2 and rec.grads_seen == [True, True]
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "bf16-true"])
+def test_grad_scaler_is_none_without_fp16(precision):
+    assert _shim.grad_scaler(pl.Trainer(accelerator="cpu", precision=precision, logger=False)) is None
+
+
+def test_grad_scaler_is_the_plugins_scaler():
+    scaler = torch.amp.GradScaler("cpu")
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=scaler)
+    trainer = pl.Trainer(accelerator="cpu", plugins=[plugin], logger=False)
+    assert _shim.grad_scaler(trainer) is scaler
+
+
+def test_is_accumulating_marks_the_non_final_micro_batches():
+    model, rec = tiny_model(), Recorder()
+    trainer = tiny_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[rec])
+    trainer.fit(model, tiny_datamodule(k=16))
+    assert rec.accumulating == [True, False, True, False]
+    assert rec.backward_calls == 4 and trainer.global_step == 2
+
+
+@pytest.mark.skipif(not hasattr(_shim, "closure_loss"), reason="closure_loss not in this _shim")
+def test_closure_loss_is_the_graph_attached_loss():
+    seen = []
+
+    class Probe(pl.Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            opt = trainer.optimizers[0]
+            step = opt.step
+
+            def wrapped(closure=None, **kw):
+                out = step(closure, **kw)
+                seen.append(_shim.closure_loss(closure))
+                return out
+
+            opt.step = wrapped
+
+    trainer = tiny_trainer(max_steps=1, callbacks=[Probe()])
+    trainer.fit(tiny_model(), tiny_datamodule(k=16))
+    (loss,) = seen
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert float(loss.detach()) == pytest.approx(float(trainer.callback_metrics["train_loss"]), rel=1e-5)
