@@ -116,16 +116,19 @@ def _fmt(v: Any, spec: str) -> str:
 
 def markdown(suite: Suite, records: list[Record], env: dict[str, Any]) -> str:
     add_ratios(records, suite)
-    head = ["case", "impl", "size", "params B", "batch×seq", "step ms", "peak GiB", "tok/s", *[r.title for r in suite.ratios],
-            "note"]
+    head = ["case", "impl", "size", "params B", "batch×seq", "step ms", "peak GiB", "tok/s",
+            *[r.title for r in suite.ratios], "note"]
+    smoke = " CPU smoke run: the figures only show that the cases run." if env.get("smoke") else ""
+    about = (f"GPU: {env.get('gpu')}; torch {env.get('torch')}, transformers {env.get('transformers')}; "
+             f"{env.get('date')}; commit {env.get('commit')}. Step: median after warm-up (ours: CUDA events; anchors: "
+             "synchronized wall clock). Peak: `torch.cuda.max_memory_allocated` over the timed steps. Random-init "
+             f"Llama in bf16, one process per case.{smoke}")
     lines = [
         f"# Benchmark suite `{suite.name}`",
         "",
         suite.description,
         "",
-        (f"GPU: {env.get('gpu')}; torch {env.get('torch')}, transformers {env.get('transformers')}; "
-        f"{env.get('date')}; commit {env.get('commit')}. Step: median after warm-up (CUDA events); peak: "
-        "`torch.cuda.max_memory_allocated` over the timed steps; random-init Llama in bf16, one process per case."),
+        about,
         "",
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 4) + ["---"]) + "|",
@@ -134,8 +137,7 @@ def markdown(suite: Suite, records: list[Record], env: dict[str, Any]) -> str:
         impl = "ours" if rec["impl"] == "ours" else f"peer ({PEER_SOURCE.get(rec['case'], 'anchors')})"
         step = rec["step_s"] * 1e3 if isinstance(rec.get("step_s"), (int, float)) else None
         cells = [rec["case"], impl, rec["size"], _fmt(rec.get("params_b"), ".2f"), f"{rec['batch']}×{rec['seq']}",
-                 _fmt(step, ".1f"),
-                 _fmt(rec.get("peak_gib"), ".2f"), _fmt(rec.get("tok_per_s"), ",.0f"),
+                 _fmt(step, ".1f"), _fmt(rec.get("peak_gib"), ".2f"), _fmt(rec.get("tok_per_s"), ",.0f"),
                  *[_fmt(rec["ratios"][r.title], ".2f") for r in suite.ratios],
                  (rec.get("error") or "").replace("|", "/")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -150,8 +152,8 @@ def markdown(suite: Suite, records: list[Record], env: dict[str, Any]) -> str:
 
 
 def environment(dev: str) -> dict[str, Any]:
-    env: dict[str, Any] = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                               "python": platform.python_version(), "dev": dev, "gpu": "none", "commit": None}
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    env: dict[str, Any] = {"date": now, "python": platform.python_version(), "dev": dev, "gpu": "none", "commit": None}
     for pkg in ("torch", "transformers", "lightning", "lomo-optim", "galore-torch", "bitsandbytes"):
         try:
             env[pkg] = importlib.metadata.version(pkg)
@@ -187,8 +189,8 @@ def plan(suite: Suite, sizes: list[str] | None, cases: list[str] | None, smoke: 
     """(case, size) pairs in run order: smallest size first, then the suite's case order."""
     chosen = [c for c in suite.cases if not cases or c.key in cases or c.name in cases]
     if smoke:  # CPU-capable cases only; ours only where the module exists yet
-        chosen = [c for c in chosen if c.smoke and (c.impl == "peer" or (ROOT / "benchmarks/cases" / f"{c.module}.py")
-                                                    .exists())]
+        exists = {c.module for c in chosen if (ROOT / "benchmarks" / "cases" / f"{c.module}.py").exists()}
+        chosen = [c for c in chosen if c.smoke and (c.impl == "peer" or c.module in exists)]
         return [(c, "tiny") for c in chosen]
     pairs = [(c, s) for c in chosen for s in c.sizes if not sizes or s in sizes]
     return sorted(pairs, key=lambda p: SIZE_ORDER.index(p[1]) if p[1] in SIZE_ORDER else len(SIZE_ORDER))
