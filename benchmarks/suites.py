@@ -126,6 +126,7 @@ SUITES: dict[str, Suite] = {
                 ours("lomo", "lomo", smoke=True),
                 ours("lomo", "lomo_ckpt", BOTH),
                 ours("lomo", "adalomo_ckpt", BOTH, smoke=True),
+                ours("lomo", "lomo_clip_ckpt"),  # global-norm clipping; lomo-optim has no such case
             ),
             (
                 Ratio("step / lomo-optim", "step_s"),
