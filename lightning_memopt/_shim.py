@@ -25,3 +25,18 @@ def grad_scaler(trainer: Any) -> Any:
 def is_accumulating(trainer: Any) -> bool:
     """True while the current batch only accumulates (no optimizer step follows it)."""
     return bool(trainer.fit_loop._should_accumulate())
+
+
+def closure_loss(closure: Any) -> Any:
+    """The graph-attached loss from the last call of Lightning's automatic-optimization closure (or None).
+
+    ``optimizer.step`` receives the precision plugin's ``partial(_wrap_closure, model, optimizer, closure)``; calling
+    it returns only a detached copy, the loss with its graph stays in ``Closure._result.closure_loss``.
+    """
+    import functools
+
+    obj = closure
+    while isinstance(obj, functools.partial):
+        obj = obj.keywords.get("closure", obj.args[-1] if obj.args else None)
+    result = getattr(obj, "_result", None)
+    return getattr(result, "closure_loss", None)

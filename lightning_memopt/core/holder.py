@@ -42,6 +42,30 @@ class HolderOptimizer(Optimizer):
     def __repr__(self) -> str:
         return f"HolderOptimizer(wrapping {type(self.wrapped).__name__}, {len(self.param_groups)} groups)"
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``Optimizer``, but keep sharing the wrapped groups and keep the method state's own dtypes.
+
+        ``Optimizer.load_state_dict`` installs new group dicts (LR schedulers bound to the wrapped optimizer would no
+        longer reach them) and casts floating state to the parameter's dtype (fp32 moments of bf16 weights would be
+        rounded), so both are undone here.
+        """
+        super().load_state_dict(state_dict)
+        for wg, ng in zip(self.wrapped.param_groups, self.param_groups):
+            for k, v in ng.items():
+                if k != "params":
+                    wg[k] = v
+        self.param_groups = self.wrapped.param_groups
+        params = [p for g in self.param_groups for p in g["params"]]
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        index = dict(zip(saved_ids, params))
+        for key, saved in state_dict["state"].items():
+            p = index.get(key)
+            if p is None or p not in self.state:
+                continue
+            for k, v in saved.items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    self.state[p][k] = v.to(device=self.state[p][k].device, copy=True)
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
         # Tell LR schedulers bound to the wrapped optimizer that a step happened (silences their order warning).

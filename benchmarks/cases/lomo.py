@@ -1,0 +1,56 @@
+"""LOMO/AdaLomo cases: our fused step (``FusedStep``) where the peers' anchors_gpu.py runs lomo-optim.
+
+``lomo`` (SGD, no activation checkpointing), ``lomo_ckpt`` and ``adalomo_ckpt`` (HF activation checkpointing), all with
+``model(input_ids=x, labels=x).loss``, lr 1e-3, no clipping, bf16 weights: the anchors' cases of the same names. Also
+``lomo_clip_ckpt`` (exact two-pass global-norm clipping) to price the second backward.
+Usage: ``python -m benchmarks.cases.lomo CASE SIZE [BATCH] [SEQ]`` with any size of
+``lightning_memopt.models.configs.LLAMA_SIZES``; ``DEV=cpu`` smoke-tests it on the tiny model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import run_case
+from lightning_memopt.lomo.core import FusedStep
+
+
+def fused(
+    model: torch.nn.Module, x: torch.Tensor, rule: str, checkpointing: bool, clip: float | None = None
+) -> Callable[[], Any]:
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    fs = FusedStep([{"params": params, "lr": 1e-3, "weight_decay": 0.0}], {}, rule=rule, clip_grad_norm=clip)
+
+    def step() -> None:
+        fs.step(model(input_ids=x, labels=x).loss)
+
+    return step
+
+
+CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] = {
+    "lomo": lambda m, x: fused(m, x, "sgd", False),
+    "lomo_ckpt": lambda m, x: fused(m, x, "sgd", True),
+    "adalomo_ckpt": lambda m, x: fused(m, x, "adalomo", True),
+    "adalomo": lambda m, x: fused(m, x, "adalomo", False),
+    "lomo_clip_ckpt": lambda m, x: fused(m, x, "sgd", True, clip=1.0),
+}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[0] not in CASES:
+        raise SystemExit(f"usage: python -m benchmarks.cases.lomo {{{','.join(CASES)}}} SIZE [BATCH] [SEQ]")
+    case, size = argv[0], argv[1]
+    batch = int(argv[2]) if len(argv) > 2 else 8
+    seq = int(argv[3]) if len(argv) > 3 else 512
+    run_case(case, size, batch, seq, CASES[case])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,249 @@
+"""LOMO/AdaLomo core (no Lightning): update rules against references, clipping, hooks, fp16 loss scaling."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from lightning_memopt.lomo.core import DynamicLossScaler, FusedStep
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, **kw) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **kw,
+    )
+    cfg._attn_implementation = "eager"
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 64, (4, 12), generator=g) for _ in range(n)]
+
+
+def loss_of(model, x):
+    return model(input_ids=x, labels=x).loss
+
+
+def groups_of(model, lr: float, wd: float) -> list[dict]:
+    mats = [p for p in model.parameters() if p.ndim >= 2]
+    vecs = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": mats, "lr": lr, "weight_decay": wd}, {"params": vecs, "lr": lr, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def rel(a, b) -> float:
+    pa, pb = list(a.parameters()), list(b.parameters())
+    num = sum((p - q).double().pow(2).sum() for p, q in zip(pa, pb)).sqrt()
+    return float(num / sum(q.double().pow(2).sum() for q in pb).sqrt())
+
+
+def moved(a, init) -> float:
+    return rel(a, init)
+
+
+def test_lomo_follows_torch_sgd_with_weight_decay():
+    model = tiny_llama()
+    ref, init = copy.deepcopy(model), copy.deepcopy(model)
+    fs = FusedStep(groups_of(model, 0.1, 0.05), {}, rule="sgd")
+    opt = torch.optim.SGD([{k: v for k, v in g.items()} for g in groups_of(ref, 0.1, 0.05)], lr=0.1)
+    for x in batches(6):
+        fs.step(loss_of(model, x))
+        loss_of(ref, x).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert moved(model, init) > 1e-3
+    assert rel(model, ref) <= 1e-6
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 100.0])
+def test_two_pass_clipping_equals_sgd_with_clip_grad_norm(max_norm):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", clip_grad_norm=max_norm)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for x in batches(4):
+        info = fs.step(loss_of(model, x))
+        loss_of(ref, x).backward()
+        total = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.testing.assert_close(info.grad_norm, total, rtol=1e-5, atol=0)
+        assert (float(total) > max_norm) == (max_norm < 1)  # the small bound really clips, the large one never
+    assert rel(model, ref) <= 1e-6
+
+
+def test_clip_by_value_equals_sgd_with_clip_grad_value():
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", clip_grad_value=1e-3)
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for x in batches(3):
+        fs.step(loss_of(model, x))
+        loss_of(ref, x).backward()
+        assert max(float(p.grad.abs().max()) for p in ref.parameters()) > 1e-3
+        torch.nn.utils.clip_grad_value_(ref.parameters(), 1e-3)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert rel(model, ref) <= 1e-6
+
+
+@pytest.fixture
+def lomo_optim_on_cpu(monkeypatch):
+    """lomo-optim's AdaLomo allocates its moments with ``.cuda()``; on CPU make that a no-op."""
+    pytest.importorskip("lomo_optim")
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    from lomo_optim import AdaLomo
+
+    return AdaLomo
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_adalomo_matches_lomo_optim(lomo_optim_on_cpu, clip):
+    model = tiny_llama()
+    ref, init = copy.deepcopy(model), copy.deepcopy(model)
+    state: dict = {}
+    fs = FusedStep(
+        [{"params": list(model.parameters()), "lr": 0.02, "weight_decay": 0.1}],
+        state,
+        rule="adalomo",
+        clip_grad_norm=clip,
+    )
+    opt = lomo_optim_on_cpu(ref, lr=0.02, loss_scale=None, weight_decay=0.1, clip_grad_norm=clip)
+    for x in batches(6):
+        fs.step(loss_of(model, x))
+        if clip is not None:
+            opt.grad_norm(loss_of(ref, x))
+        opt.fused_backward(loss_of(ref, x), 0.02)
+    assert moved(model, init) > 1e-3
+    assert rel(model, ref) <= 1e-5
+    names = {id(p): n for n, p in model.named_parameters()}
+    for p, st in state.items():
+        n = names[id(p)]
+        assert st["step"] == 6
+        if p.ndim == 2:
+            torch.testing.assert_close(st["row"], opt.exp_avg_sq_row[n], rtol=1e-4, atol=1e-12)
+            torch.testing.assert_close(st["col"], opt.exp_avg_sq_col[n], rtol=1e-4, atol=1e-12)
+        else:
+            torch.testing.assert_close(st["sq"], opt.exp_avg_sq[n], rtol=1e-4, atol=1e-12)
+
+
+@pytest.mark.parametrize("rule,clip", [("sgd", None), ("sgd", 0.1), ("adalomo", None)])
+def test_no_gradient_survives_its_hook(rule, clip):
+    model = tiny_llama()
+    params = list(model.parameters())
+    fs = FusedStep(groups_of(model, 0.01, 0.0), {}, rule=rule, clip_grad_norm=clip)
+    live: list[int] = []
+    calls: list[int] = []
+    for attr in ("update", "measure"):
+        inner = getattr(fs.fused, attr)
+
+        def wrapped(p, inner=inner):
+            live.append(sum(q.grad is not None for q in params))
+            calls.append(id(p))
+            inner(p)
+
+        setattr(fs.fused, attr, wrapped)
+    for x in batches(2):
+        calls.clear()
+        fs.step(loss_of(model, x))
+        assert all(p.grad is None for p in params)
+        passes = 2 if clip else 1
+        assert sorted(calls) == sorted([id(p) for p in params] * passes)  # each hook fires once per pass
+    assert max(live) == 1  # only the gradient being applied is ever alive
+
+
+@pytest.mark.parametrize("clip", [None, 0.1])
+def test_hf_activation_checkpointing_gives_the_same_step(clip):
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ref.train()
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", clip_grad_norm=clip)
+    fr = FusedStep(groups_of(ref, 0.1, 0.0), {}, rule="sgd", clip_grad_norm=clip)
+    for x in batches(3):
+        fs.step(loss_of(model, x))
+        fr.step(loss_of(ref, x))
+    assert all(p.grad is None for p in model.parameters())
+    assert rel(model, ref) <= 1e-6
+
+
+def test_fp16_overflow_skips_step_and_lowers_scale():
+    model = tiny_llama(torch.float16)
+    before = copy.deepcopy(model)
+    scaler = DynamicLossScaler(init_scale=2.0**40)  # fp16 gradients overflow at this scale
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", scaler=scaler)
+    x = batches(1)[0]
+    info = fs.step(loss_of(model, x))
+    assert info.skipped and info.loss_scale == 2.0**40
+    assert scaler.scale == 2.0**39
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+    assert all(p.grad is None for p in model.parameters())
+    for _ in range(40):  # the scale keeps dropping until a step fits, then the weights move
+        info = fs.step(loss_of(model, x))
+        if not info.skipped:
+            break
+    assert not info.skipped and scaler.scale < 2.0**39
+    assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fp16_scaled_step_equals_unscaled_update():
+    """A finite scaled step applies the same update as fp32 maths on the unscaled gradient."""
+    model = tiny_llama(torch.float16)
+    ref = copy.deepcopy(model)
+    x = batches(1)[0]
+    FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", scaler=DynamicLossScaler(init_scale=2.0**8)).step(
+        loss_of(model, x)
+    )
+    loss_of(ref, x).backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(p.grad, alpha=-0.1)
+    assert rel(model, ref) <= 2e-3  # fp16 rounding of the grads at a different scale
+
+
+def test_loss_scaler_growth_and_floor():
+    s = DynamicLossScaler(init_scale=4.0, growth_interval=2, min_scale=1.0)
+    s.update(False)
+    assert s.scale == 4.0
+    s.update(False)
+    assert s.scale == 8.0
+    for _ in range(5):
+        s.update(True)
+    assert s.scale == 1.0
+    s2 = DynamicLossScaler()
+    s2.load_state_dict(s.state_dict())
+    assert (s2.scale, s2.good_steps) == (s.scale, s.good_steps)
+
+
+def test_adalomo_bf16_keeps_fp32_moments_and_remove_restores_plain_backward():
+    model = tiny_llama(torch.bfloat16)
+    state: dict = {}
+    fs = FusedStep(groups_of(model, 0.01, 0.0), state, rule="adalomo")
+    fs.step(loss_of(model, batches(1)[0]))
+    assert state and all(v.dtype == torch.float32 for st in state.values() for k, v in st.items() if k != "step")
+    fs.remove()
+    loss_of(model, batches(1)[0]).backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_invalid_arguments():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="rule"):
+        FusedStep(groups_of(model, 0.1, 0.0), {}, rule="adam")
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        FusedStep(groups_of(model, 0.1, 0.0), {}, clip_grad_norm=0.0)
+    with pytest.raises(ValueError, match="clip_grad_value"):
+        FusedStep(groups_of(model, 0.1, 0.0), {}, clip_grad_value=-1.0)
