@@ -1,0 +1,216 @@
+"""Seeded Gaussian directions keyed by (seed, parameter index, element offset), never stored.
+
+Element ``e`` of parameter ``i`` under step seed ``s`` gets ``randn4x(key, e // 4)[e % 4]`` where ``randn4x`` is
+Triton's ``tl.randn4x`` (Philox4x32-10 on counter ``(e // 4, 0, 0, 0)``, then Box–Muller on pairs) and the 64-bit
+key is ``s + (i << 32)``: the low word is the step seed, the high word the parameter's index in a fixed by-name
+order. Because z depends only on the element's position in the *full* tensor, any sharding (FSDP2 dim-0 shards, one
+module at a time) sees the same numbers, and a 2-process run perturbs exactly like a 1-process run.
+
+Two backends give the same numbers (up to float rounding of ``log``/``cos``):
+
+* a Triton kernel (CUDA tensors, Triton importable): z is generated in registers, one launch per tensor, no buffer;
+* a pure-torch emulation (any device) that reproduces Philox4x32 with int64 arithmetic on uint32 values, and
+  Triton's uint→float and Box–Muller exactly as ``triton/language/random.py`` writes them.
+
+Public functions: :func:`normal` (z for a range of one parameter), :func:`perturbed` (``w + scale·z`` out of place)
+and :func:`update_` (the in-place ZO update with a window of directions, used by MeZO and its momentum/Adam forms).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+_M32 = 0xFFFFFFFF
+_KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
+_ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
+_U2F_SCALE = 4.6566127342e-10  # Triton's uint_to_uniform_float scale for 32-bit values
+_CHUNK = 1 << 20  # counters per torch-fallback chunk (bounds the int64 temporaries)
+MAX_NUMEL = (1 << 31) - 8  # counters and element offsets stay int32 in the kernel (uint32 Philox path)
+
+
+def key(step_seed: int, index: int) -> int:
+    """The 64-bit Philox key of parameter ``index`` under a 32-bit ``step_seed``."""
+    return (int(step_seed) & _M32) | (int(index) << 32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch emulation of tl.randn4x
+# ---------------------------------------------------------------------------------------------------------------
+def _mulhilo(a: int, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(hi, lo) 32-bit words of the 64-bit product of the constant ``a`` and uint32 values ``x`` (int64 storage)."""
+    p_lo = (x & 0xFFFF) * a  # < 2**48
+    p_hi = (x >> 16) * a  # < 2**48
+    mid = p_lo + ((p_hi & 0xFFFF) << 16)  # < 2**49
+    return ((p_hi >> 16) + (mid >> 32)) & _M32, mid & _M32
+
+
+def philox4x32(
+    counter: Tensor, k0: int | Tensor, k1: int | Tensor, rounds: int = 10, words: Optional[Sequence[Tensor]] = None
+) -> tuple[Tensor, ...]:
+    """Philox4x32 on ``(counter, 0, 0, 0)`` with key ``(k0, k1)``, as in ``triton.language.random.philox_impl``.
+
+    Keys may be int64 tensors (one key per counter) to generate many parameters' z in one vectorised call.
+    ``words`` optionally gives the other three counter words (for the Random123 known-answer tests).
+    """
+    c0 = counter.to(torch.int64) & _M32
+    if words is None:
+        c1, c2, c3 = torch.zeros_like(c0), torch.zeros_like(c0), torch.zeros_like(c0)
+    else:
+        c1, c2, c3 = (w.to(torch.int64) & _M32 for w in words)
+    for _ in range(rounds):
+        hi_b, lo_b = _mulhilo(_ROUND_B, c2)
+        hi_a, lo_a = _mulhilo(_ROUND_A, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = (k0 + _KEY_A) & _M32
+        k1 = (k1 + _KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def _uniform(x: Tensor) -> Tensor:
+    # Triton: bitcast to int32, x<0 -> ~x, then int32 * fp32 scale.
+    x = torch.where(x >= 1 << 31, _M32 - x, x)
+    return x.to(torch.float32) * torch.tensor(_U2F_SCALE, dtype=torch.float32, device=x.device)
+
+
+def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
+    u1 = u1.clamp_min(torch.tensor(1.0e-7, dtype=torch.float32).item())
+    th = u2 * torch.tensor(6.283185307179586, dtype=torch.float32, device=u2.device)
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    return r * torch.cos(th), r * torch.sin(th)
+
+
+def randn4x(k: int | Tensor, counter: Tensor) -> Tensor:
+    """``tl.randn4x(k, counter)`` stacked as ``[..., 4]`` (float32); ``k`` an int or a per-counter int64 tensor."""
+    i1, i2, i3, i4 = philox4x32(counter, k & _M32, (k >> 32) & _M32)
+    n1, n2 = _box_muller(_uniform(i1), _uniform(i2))
+    n3, n4 = _box_muller(_uniform(i3), _uniform(i4))
+    return torch.stack((n1, n2, n3, n4), dim=-1)
+
+
+def normal(k: int, start: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+    """z for elements ``[start, start + numel)`` of the parameter keyed ``k`` (float32, torch backend)."""
+    if start + numel > MAX_NUMEL:
+        raise ValueError(f"Tensors above {MAX_NUMEL} elements are not supported by the perturbation keying.")
+    out = torch.empty(numel, dtype=torch.float32, device=device)
+    c_first, c_last = start >> 2, (start + numel - 1) >> 2 if numel else (start >> 2) - 1
+    pos = 0
+    for c in range(c_first, c_last + 1, _CHUNK):
+        cnt = torch.arange(c, min(c + _CHUNK, c_last + 1), device=device, dtype=torch.int64)
+        z = randn4x(k, cnt).reshape(-1)
+        lo = max(start - 4 * c, 0)
+        take = min(z.numel() - lo, numel - pos)
+        out[pos:pos + take] = z[lo:lo + take]
+        pos += take
+    return out
+
+
+def normal_many(keys: Sequence[int], numels: Sequence[int], device: torch.device | str = "cpu") -> list[Tensor]:
+    """Full-tensor z of several parameters in one vectorised pass (the torch backend's fast path for small models)."""
+    counts = [(n + 3) >> 2 for n in numels]
+    total = sum(counts)
+    if total == 0:
+        return [torch.empty(0, device=device) for _ in numels]
+    cnt = torch.cat([torch.arange(c, device=device, dtype=torch.int64) for c in counts])
+    kk = torch.repeat_interleave(torch.tensor([int(k) for k in keys], dtype=torch.int64, device=device),
+                                 torch.tensor(counts, device=device))
+    z = randn4x(kk, cnt)
+    out, pos = [], 0
+    for c, n in zip(counts, numels):
+        out.append(z[pos:pos + c].reshape(-1)[:n])
+        pos += c
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# backend choice
+# ---------------------------------------------------------------------------------------------------------------
+_TRITON: Optional[object] = None
+_TRITON_TRIED = False
+
+
+def _triton_kernels():
+    global _TRITON, _TRITON_TRIED
+    if not _TRITON_TRIED:
+        _TRITON_TRIED = True
+        try:
+            from lightning_memopt.core import _perturb_triton
+
+            _TRITON = _perturb_triton
+        except Exception:  # no Triton (CPU wheels): the torch backend gives the same numbers
+            _TRITON = None
+    return _TRITON
+
+
+def use_triton(t: Tensor) -> bool:
+    """The Triton kernel runs for CUDA tensors when Triton imports (``MEMOPT_PERTURB=torch`` forces torch)."""
+    if os.environ.get("MEMOPT_PERTURB", "auto") == "torch":
+        return False
+    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return _triton_kernels() is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# operations
+# ---------------------------------------------------------------------------------------------------------------
+def perturbed(w: Tensor, k: int, scale: float, start: int = 0, z: Optional[Tensor] = None) -> Tensor:
+    """A new tensor ``round(w + scale·z)`` in ``w``'s dtype; ``w`` holds elements ``[start, start + w.numel())``.
+
+    ``z`` may be given (a cached float32 copy of this range) to skip regeneration; it must equal ``normal(...)``.
+    """
+    if w.numel() > MAX_NUMEL:
+        raise ValueError(f"Tensors above {MAX_NUMEL} elements are not supported by the perturbation keying.")
+    if z is None and use_triton(w):
+        return _triton_kernels().perturbed(w, k, scale, start)  # type: ignore[union-attr]
+    if z is None:
+        z = normal(k, start, w.numel(), w.device)
+    out = w.detach().reshape(-1).to(torch.float32) + scale * z
+    return out.to(w.dtype).view(w.shape)
+
+
+def update_(
+    t: Tensor,
+    index: int,
+    seeds: Tensor,
+    a: Tensor,
+    b: Optional[Tensor],
+    lr: float,
+    decay: float,
+    start: int = 0,
+    adam_eps: Optional[float] = None,
+    zs: Optional[Sequence[Tensor]] = None,
+) -> None:
+    """In place: ``t ← round(decay·t − lr·Δ)`` over a window of J directions ``z_j`` (keys ``key(seeds[j], index)``).
+
+    ``Δ = m = Σ_j a_j z_j`` (SGD and momentum), or ``Δ = m / (sqrt(v) + adam_eps)`` with ``v = Σ_j b_j z_j²``
+    (Adam, when ``adam_eps`` is given). ``seeds`` (int64), ``a`` and ``b`` (float32) are device tensors, so a
+    coefficient computed on the GPU needs no host sync. ``t`` is a contiguous tensor (a local FSDP2 shard) holding
+    elements ``[start, start + t.numel())`` of the full parameter. ``zs`` optionally gives cached directions.
+    """
+    if t.numel() == 0:
+        return
+    if not t.is_contiguous():
+        raise ValueError("update_ needs a contiguous tensor (FSDP2 local shards are).")
+    if zs is None and use_triton(t):
+        _triton_kernels().update_(t, index, seeds, a, b, lr, decay, start, adam_eps)  # type: ignore[union-attr]
+        return
+    flat = t.view(-1)
+    a32 = a.to(device=t.device, dtype=torch.float32)
+    b32 = None if b is None else b.to(device=t.device, dtype=torch.float32)
+    seed_list = [int(s) for s in seeds.tolist()]
+    for lo in range(0, flat.numel(), 4 * _CHUNK):
+        n = min(4 * _CHUNK, flat.numel() - lo)
+        m = torch.zeros(n, dtype=torch.float32, device=t.device)
+        v = torch.zeros(n, dtype=torch.float32, device=t.device) if adam_eps is not None else None
+        for j, s in enumerate(seed_list):
+            z = zs[j][lo:lo + n] if zs is not None else normal(key(s, index), start + lo, n, t.device)
+            m = m + a32[j] * z
+            if v is not None:
+                v = v + b32[j] * (z * z)  # type: ignore[index]
+        delta = m if v is None else m / (torch.sqrt(v) + adam_eps)
+        new = flat[lo:lo + n].to(torch.float32) * decay - lr * delta
+        flat[lo:lo + n] = new.to(t.dtype)
