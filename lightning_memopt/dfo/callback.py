@@ -1,0 +1,367 @@
+"""DFOLoRA: derivative-free LoRA (C-LoRA with CMA-ES, F-LoRA with fireworks) as a Lightning callback.
+
+The whole step, in :meth:`DFOLoRA._generation`: one optimizer step is one generation for one layer (layers take
+turns, bottom-up) on the current batch: ask the layer's optimizer for ``population`` z's, evaluate them (one forward
+of the batch expanded by the population, the layers below computed once; or one forward per candidate), all-reduce
+the fitness over data-parallel ranks, tell, and set the layer's z to the optimizer's mean (CMA-ES) or core firework.
+Then the module's own ``training_step`` runs once under the new z, so ``train_loss`` and the progress bar work.
+No backward pass: base weights are frozen, forwards run under ``no_grad``, no ``.grad`` is ever made.
+
+Budget: counted in candidate evaluations on one batch, as the paper counts forward passes: a generation counts
+``population`` whether it runs batched or sequentially. The statistics forwards, the batched-vs-split check and the
+logging ``training_step`` are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_memopt import _shim
+from lightning_memopt.callbacks import _checks
+from lightning_memopt.core.fsdp import all_reduce_mean, all_reduce_sum
+from lightning_memopt.core.holder import swap_in_holder
+from lightning_memopt.dfo.cmaes import CMAES
+from lightning_memopt.dfo.fireworks import Fireworks
+from lightning_memopt.dfo.lora import DEFAULT_PATTERN, ZLoRA
+
+Optim = CMAES | Fireworks
+
+
+def population_fitness(logits: Tensor, labels: Tensor, loss: str = "ce", margin: float = 1.0) -> Tensor:
+    """Mean loss per candidate from label-word logits ``[P, B, n]`` and labels ``[B]``: cross-entropy or hinge."""
+    p, b, n = logits.shape
+    logits = logits.float()
+    y = labels.to(logits.device).long()
+    if loss == "ce":
+        return F.cross_entropy(logits.reshape(p * b, n), y.repeat(p), reduction="none").view(p, b).mean(1)
+    correct = logits.gather(2, y.view(1, b, 1).expand(p, b, 1)).squeeze(2)
+    other = logits.masked_fill(F.one_hot(y, n).bool().expand(p, b, n), -math.inf).amax(2)
+    return (margin - (correct - other)).clamp(min=0).mean(1)
+
+
+class DFOLoRA(Callback):
+    """Forward-only LoRA tuning with CMA-ES (C-LoRA) or fireworks (F-LoRA) for an unchanged LightningModule.
+
+    The module must be a prompt classifier like :class:`~lightning_memopt.HFCausalLM`: ``module(input_ids,
+    attention_mask)`` returns label-word logits ``[B, n_labels]`` and batches carry ``labels``.
+
+    Args:
+        optimizer: ``"cmaes"`` (C-LoRA) or ``"fireworks"`` (F-LoRA: EFWA with dynFWA's core amplitude).
+        rank: LoRA rank r.
+        d: dimension of each layer's z (split evenly over the A and B factors of each target).
+        population: candidates per generation.
+        sigma: initial step size (CMA-ES) / core explosion amplitude (fireworks).
+        budget: total candidate evaluations (forward passes of one batch); training stops when it is spent.
+            None: only ``max_steps`` bounds the run.
+        loss: ``"ce"`` (cross-entropy over label words: the module's own loss) or ``"hinge"`` (multiclass hinge on
+            the label-word logits with ``margin``).
+        margin: hinge margin.
+        batched: evaluate the population in one forward (expanded batch); False: one forward per candidate.
+        split: with ``batched``, compute the layers below the current one once and expand only from its input;
+            False expands the input ids (every layer runs on the expanded batch).
+        verify_split: on the first statistics batch, check the split forward against the fully expanded one and
+            fall back to ``split=False`` (with a warning) if they differ.
+        target_pattern: regex over module names selecting the LoRA targets (default: query and key projections).
+        init_scale: scale of the random map relative to the targets' output std (BBTv2's alpha).
+        stat_batches: training batches whose hidden-state statistics set the random map's std.
+        n_fireworks, n_gaussian, bound: fireworks settings (fireworks kept, Gaussian sparks, search box).
+        optimizer_device: where the optimizers' state lives (default: the module's device).
+        seed: seed of the random maps and of the optimizers' sampling.
+        allow_untested: warn instead of raising on strategies other than single device and FSDP2.
+
+    Example::
+
+        model = HFCausalLM(model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+        trainer = Trainer(max_steps=400, callbacks=[DFOLoRA(optimizer="cmaes", budget=8000)])
+        trainer.fit(model, PromptClassificationDataModule(data_dir="data/sst2", k=16))
+    """
+
+    def __init__(
+        self,
+        optimizer: Literal["cmaes", "fireworks"] = "cmaes",
+        rank: int = 4,
+        d: int = 500,
+        population: int = 20,
+        sigma: float = 1.0,
+        budget: int | None = 8000,
+        loss: Literal["ce", "hinge"] = "ce",
+        margin: float = 1.0,
+        batched: bool = True,
+        split: bool = True,
+        verify_split: bool = True,
+        target_pattern: str = DEFAULT_PATTERN,
+        init_scale: float = 1.0,
+        stat_batches: int = 4,
+        n_fireworks: int = 5,
+        n_gaussian: int = 1,
+        bound: float | None = None,
+        optimizer_device: str | None = None,
+        seed: int = 0,
+        allow_untested: bool = False,
+    ) -> None:
+        super().__init__()
+        if optimizer not in ("cmaes", "fireworks"):
+            raise ValueError(f"optimizer must be 'cmaes' or 'fireworks', got {optimizer!r}.")
+        if loss not in ("ce", "hinge"):
+            raise ValueError(f"loss must be 'ce' or 'hinge', got {loss!r}.")
+        if population < 2 or rank < 1 or d < 2 or sigma <= 0:
+            raise ValueError(f"Need population >= 2, rank >= 1, d >= 2, sigma > 0 (got {population}, {rank}, {d}, "
+                             f"{sigma}).")
+        if budget is not None and budget < population:
+            raise ValueError(f"budget={budget} is below one generation (population={population}).")
+        self.optimizer, self.rank, self.d, self.population, self.sigma = optimizer, rank, d, population, sigma
+        self.budget, self.loss, self.margin = budget, loss, margin
+        self.batched, self.split, self.verify_split = batched, split, verify_split
+        self.target_pattern, self.init_scale, self.stat_batches = target_pattern, init_scale, stat_batches
+        self.n_fireworks, self.n_gaussian, self.bound = n_fireworks, n_gaussian, bound
+        self.optimizer_device, self.seed, self.allow_untested = optimizer_device, seed, allow_untested
+        self.lora: ZLoRA | None = None
+        self.opts: list[Optim] = []
+        self.layer = 0
+        self.evaluations = 0
+        self.generation = 0
+        self.last_fitness: Tensor | None = None
+        self._batch: dict[str, Tensor] | None = None
+        self._loaded: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        return f"DFOLoRA[{self.optimizer}]"
+
+    @property
+    def exhausted(self) -> bool:
+        return self.budget is not None and self.evaluations + self.population > self.budget
+
+    # ---- setup ---------------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        name = "DFOLoRA"
+        _checks.check_strategy(trainer, name, [_checks.SINGLE, _checks.FSDP2], self.allow_untested)
+        _checks.check_automatic_optimization(pl_module, name)
+        _checks.check_no_grad_scaler(trainer, name, fix="use precision='bf16-true', 'bf16-mixed' or '32'")
+        _checks.check_no_accumulation(
+            trainer, name, "Each generation is evaluated on one batch; raise the batch size instead."
+        )
+        _checks.check_no_clipping(trainer, name, "DFOLoRA computes no gradients; remove gradient_clip_val.")
+        objective = getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)("objective")
+        if objective not in (None, "classification"):
+            raise MisconfigurationException(
+                f"DFOLoRA optimizes a classification loss over label-word logits; the module has objective="
+                f"{objective!r}. Use objective='classification' with PromptClassificationDataModule."
+            )
+
+    def _make_opt(self, k: int, device: torch.device) -> Optim:
+        x0 = torch.zeros(self.d, dtype=torch.float64, device=device)
+        seed = self.seed * 7919 + k
+        if self.optimizer == "cmaes":
+            return CMAES(x0, self.sigma, self.population, seed=seed)
+        return Fireworks(x0, self.sigma, self.population, self.n_fireworks, self.n_gaussian, self.bound, seed=seed)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for p in pl_module.parameters():
+            p.requires_grad_(False)  # forward-only: the base model is frozen, autograd records nothing
+        if self.lora is None:
+            try:
+                self.lora = ZLoRA(pl_module, self.rank, self.d, self.target_pattern, self.seed, self.sigma,
+                                  self.init_scale)
+            except ValueError as err:
+                raise MisconfigurationException(str(err)) from None
+        self.lora.install()
+        dev = torch.device(self.optimizer_device) if self.optimizer_device else self.lora.device
+        self.opts = [self._make_opt(k, dev) for k in range(self.lora.n_blocks)]
+        swap_in_holder(trainer, self._step)
+        _shim.set_skip_backward(trainer, True)
+        t = sum(len(b.targets) for b in self.lora.blocks)
+        rank_zero_info(
+            f"DFOLoRA[{self.optimizer}]: rank-{self.rank} LoRA on {t} modules in {self.lora.n_blocks} layers, "
+            f"z of {self.d} per layer, population {self.population}, budget {self.budget} forwards, "
+            f"{'batched' if self.batched else 'sequential'} evaluation."
+        )
+
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        assert self.lora is not None
+        if self._loaded is not None:  # state-dependent setup here: FSDP restores callback state after on_fit_start
+            self._apply_state(self._loaded)
+            self._loaded = None
+            return
+        if self.lora.stats_ready:
+            return
+        batches = self._stat_batches(trainer)
+        was = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                self.lora.collect_stats(
+                    lambda b: pl_module(b["input_ids"], b.get("attention_mask")), batches, all_reduce_sum
+                )
+                if self.batched and self.split and self.verify_split:
+                    self._check_split(pl_module, batches[0])
+        finally:
+            pl_module.train(was)
+
+    def _stat_batches(self, trainer: Trainer) -> list[dict[str, Tensor]]:
+        loader = trainer.train_dataloader
+        out = []
+        with torch.random.fork_rng(devices=[]):  # a separate pass over the loader must not shift the data order
+            for b in loader:
+                out.append(trainer.strategy.batch_to_device(b))
+                if len(out) >= self.stat_batches:
+                    break
+        if not out:
+            raise MisconfigurationException("DFOLoRA needs at least one training batch for its statistics.")
+        return out
+
+    def _check_split(self, pl_module: LightningModule, batch: dict[str, Tensor]) -> None:
+        """Split forward (layers below run once) vs fully expanded forward, on random candidates."""
+        assert self.lora is not None
+        gen = torch.Generator().manual_seed(self.seed)
+        z = torch.randn(min(3, self.population), self.d, generator=gen, dtype=torch.float64) * self.sigma
+        k = self.lora.n_blocks // 2
+        a = self._eval_batched(pl_module, batch, k, z, split=True, raw=True)
+        b = self._eval_batched(pl_module, batch, k, z, split=False, raw=True)
+        dt = next(pl_module.parameters()).dtype
+        tol = 1e-3 if dt == torch.float32 or dt == torch.float64 else 5e-2
+        bad = torch.tensor(float((a - b).abs().max() > tol * (1 + float(b.abs().max()))), device=a.device)
+        if float(all_reduce_sum(bad)) > 0:
+            rank_zero_warn(
+                "DFOLoRA: computing the layers below the current one once (split=True) does not reproduce the "
+                "full forward for this model; falling back to expanding the whole batch (split=False)."
+            )
+            self.split = False
+
+    # ---- the step ------------------------------------------------------------------------------------------------
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch = batch
+        self._module = pl_module
+
+    def _step(self, closure: Any) -> Any:
+        if not self.exhausted and self._batch is not None:
+            self._generation(self._module, self._batch)
+        if closure is None:
+            return None
+        with torch.enable_grad():  # the closure expects it; nothing requires grad, so no graph is built
+            return closure()
+
+    def _generation(self, pl_module: LightningModule, batch: dict[str, Tensor]) -> None:
+        """One generation of the current layer's optimizer on this batch."""
+        assert self.lora is not None
+        k = self.layer
+        opt = self.opts[k]
+        z = opt.ask()
+        was = pl_module.training
+        pl_module.eval()  # deterministic fitness (no dropout), as MeZO evaluates
+        try:
+            with torch.no_grad():
+                if self.batched:
+                    fit = self._eval_batched(pl_module, batch, k, z, self.split)
+                else:
+                    fit = self._eval_sequential(pl_module, batch, k, z)
+        finally:
+            pl_module.train(was)
+        fit = all_reduce_mean(fit)  # each rank saw its shard of the batch; every rank tells the same fitness
+        opt.tell(fit.to(opt.device))
+        self.lora.set_z(k, opt.mean)
+        self.last_fitness = fit.detach()
+        self.evaluations += z.shape[0]
+        self.generation += 1
+        self.layer = (k + 1) % self.lora.n_blocks
+
+    def _eval_batched(
+        self, pl_module: LightningModule, batch: dict[str, Tensor], k: int, z: Tensor, split: bool, raw: bool = False
+    ) -> Tensor:
+        assert self.lora is not None
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        b, p = ids.shape[0], z.shape[0]
+        self.lora.begin_population(k, z, b, expand=split)
+        try:
+            if split:
+                logits = pl_module(ids, mask)
+            else:
+                logits = pl_module(ids.repeat(p, 1), mask.repeat(p, 1))
+        finally:
+            self.lora.end_population()
+        logits = logits.reshape(p, b, -1)
+        return logits if raw else population_fitness(logits, batch["labels"], self.loss, self.margin)
+
+    def _eval_sequential(self, pl_module: LightningModule, batch: dict[str, Tensor], k: int, z: Tensor) -> Tensor:
+        assert self.lora is not None
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        out = []
+        for i in range(z.shape[0]):
+            self.lora.begin_population(k, z[i : i + 1], ids.shape[0], expand=False)
+            try:
+                logits = pl_module(ids, mask)
+            finally:
+                self.lora.end_population()
+            out.append(population_fitness(logits[None], batch["labels"], self.loss, self.margin))
+        return torch.cat(out)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.last_fitness is not None:
+            bs = batch["input_ids"].shape[0]
+            pl_module.log("dfo_best_fitness", self.last_fitness.min().float(), prog_bar=True, batch_size=bs)
+            pl_module.log("dfo_evaluations", float(self.evaluations), batch_size=bs)
+        if self.exhausted and not trainer.should_stop:
+            rank_zero_info(f"DFOLoRA: budget of {self.budget} forwards spent after {self.generation} generations.")
+            trainer.should_stop = True
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self.lora is None:
+            return {}
+        return {
+            "layer": self.layer, "evaluations": self.evaluations, "generation": self.generation, "split": self.split,
+            "z": [z.detach().cpu() for z in self.lora.z], "stats": self.lora.stats(),
+            "stats_ready": self.lora.stats_ready, "opts": [o.state_dict() for o in self.opts],
+            "optimizer": self.optimizer, "d": self.d, "population": self.population,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        for key in ("optimizer", "d", "population"):
+            if state_dict[key] != getattr(self, key):
+                raise MisconfigurationException(
+                    f"The checkpoint's DFOLoRA has {key}={state_dict[key]!r}, this one {getattr(self, key)!r}; "
+                    f"resume with the same settings."
+                )
+        self._loaded = state_dict
+        if self.opts:  # already set up (restore after on_train_start is not a Lightning path, but be safe)
+            self._apply_state(state_dict)
+            self._loaded = None
+
+    def _apply_state(self, s: dict[str, Any]) -> None:
+        assert self.lora is not None
+        if len(s["opts"]) != len(self.opts):
+            raise MisconfigurationException(
+                f"The checkpoint's DFOLoRA has {len(s['opts'])} layers, this model {len(self.opts)}."
+            )
+        self.layer, self.evaluations, self.generation, self.split = s["layer"], s["evaluations"], s["generation"], \
+            s["split"]
+        for o, st in zip(self.opts, s["opts"]):
+            o.load_state_dict(st)
+        if s["stats_ready"]:
+            self.lora.load_stats(s["stats"])
+        for k, z in enumerate(s["z"]):
+            self.lora.set_z(k, z)
