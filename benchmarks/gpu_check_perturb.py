@@ -8,9 +8,7 @@ Usage: ``python -m benchmarks.gpu_check_perturb [--time SIZE]``. Prints one ``CH
 from __future__ import annotations
 
 import json
-import os
 import sys
-import time
 
 import torch
 
@@ -39,8 +37,19 @@ def check() -> bool:
             # tolerance: 1 ulp of the result dtype (log/cos rounding may flip a rounding boundary) + float32 z rounding
             ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1.0)
             bad = int(((out.float() - ref.float()).abs() > ulp * 1.01 + 0.25e-6 * (z.abs() + 1)).sum())
-            zdiff = float(((out.float() - w.reshape(-1).float()) / 0.25 - z).abs().max()) if dtype == torch.float32 else None
-            rec = dict(op="perturbed", dtype=str(dtype), shape=shape, start=start, bad=bad, z_maxdiff=zdiff)
+            zdiff = (
+                float(((out.float() - w.reshape(-1).float()) / 0.25 - z).abs().max())
+                if dtype == torch.float32
+                else None
+            )
+            rec = {
+                "op": "perturbed",
+                "dtype": str(dtype),
+                "shape": shape,
+                "start": start,
+                "bad": bad,
+                "z_maxdiff": zdiff,
+            }
             ok &= bad == 0
             print("CHECK " + json.dumps(rec), flush=True)
             for adam in (None, 1e-6):
@@ -53,8 +62,8 @@ def check() -> bool:
                 ulp = torch.finfo(dtype).eps * t2.float().abs().clamp_min(1.0)
                 bad = int(((t1.float() - t2.float()).abs() > ulp * 1.01 + 1e-6).sum())
                 ok &= bad == 0
-                print("CHECK " + json.dumps(dict(op="update", adam=adam, dtype=str(dtype), shape=shape, start=start,
-                                                 bad=bad)), flush=True)
+                rec = {"op": "update", "adam": adam, "dtype": str(dtype), "shape": shape, "start": start, "bad": bad}
+                print("CHECK " + json.dumps(rec), flush=True)
     return ok
 
 
@@ -78,9 +87,12 @@ def timing(size: str) -> None:
                 T.update_(p.data, i, seeds, a, None, 1e-9, 1.0, 0, None)
 
     for name, fn in (("perturb_pass", perturb_pass), ("update_pass", update_pass)):
-        t, mem = timed(fn)
+        t, _ = timed(fn)
         gbps = 2 * 2 * n / t / 1e9
-        print("TIME " + json.dumps(dict(op=name, size=size, numel=n, s=round(t, 5), GBps=round(gbps, 1))), flush=True)
+        print(
+            "TIME " + json.dumps({"op": name, "size": size, "numel": n, "s": round(t, 5), "GBps": round(gbps, 1)}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ from lightning_memopt.core import perturb as P
     [  # Random123 kat_vectors, philox4x32_10
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
         ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-        ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-         (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+        (
+            (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+            (0xA4093822, 0x299F31D0),
+            (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+        ),
     ],
 )
 def test_philox_known_answers(ctr, key, expected):
@@ -35,7 +38,7 @@ def test_normal_statistics_and_offsets():
     assert float(z.abs().max()) < 6.0
     # any shard [start, start+n) sees exactly the full tensor's numbers
     for start, n in [(1, 10), (3, 4097), (4, 8), (199_999, 4)]:
-        assert torch.equal(P.normal(k, start, n), z[start:start + n])
+        assert torch.equal(P.normal(k, start, n), z[start : start + n])
     # different keys (seed or parameter index) give unrelated streams
     other = P.normal(P.key(124, 4), 0, 1000)
     assert abs(float((other * z[:1000]).mean())) < 0.15
@@ -86,6 +89,12 @@ def test_triton_kernel_matches_torch_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1")
     if torch.cuda.is_available():
         env.pop("TRITON_INTERPRET")
-    r = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check_perturb"], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check_perturb"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert "ALL_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -7,8 +7,6 @@ generates their z in registers with ``tl.randn4x`` (all four outputs used). Elem
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -19,8 +17,9 @@ BLOCK4 = 256
 
 @triton.jit
 def _pick(n1, n2, n3, n4, lane):
-    return tl.where(lane == 0, n1[:, None], tl.where(lane == 1, n2[:, None], tl.where(lane == 2, n3[:, None],
-                                                                                       n4[:, None])))
+    return tl.where(
+        lane == 0, n1[:, None], tl.where(lane == 1, n2[:, None], tl.where(lane == 2, n3[:, None], n4[:, None]))
+    )
 
 
 @triton.jit(do_not_specialize=["seed", "scale"])
@@ -37,8 +36,9 @@ def _perturb_kernel(w_ptr, out_ptr, n, start, seed, scale, BLOCK4: tl.constexpr)
 
 
 @triton.jit(do_not_specialize=["idx_hi", "J", "lr", "decay", "adam_eps"])
-def _update_kernel(t_ptr, n, start, idx_hi, seeds_ptr, a_ptr, b_ptr, J, lr, decay, adam_eps, ADAM: tl.constexpr,
-                   BLOCK4: tl.constexpr):
+def _update_kernel(
+    t_ptr, n, start, idx_hi, seeds_ptr, a_ptr, b_ptr, J, lr, decay, adam_eps, ADAM: tl.constexpr, BLOCK4: tl.constexpr
+):
     pid = tl.program_id(0)
     c = start // 4 + pid * BLOCK4 + tl.arange(0, BLOCK4)
     lane = tl.arange(0, 4)[None, :]
@@ -76,13 +76,33 @@ def perturbed(w: Tensor, k: int, scale: float, start: int = 0) -> Tensor:
     return out
 
 
-def update_(t: Tensor, index: int, seeds: Tensor, a: Tensor, b: Optional[Tensor], lr: float, decay: float,
-            start: int = 0, adam_eps: Optional[float] = None) -> None:
+def update_(
+    t: Tensor,
+    index: int,
+    seeds: Tensor,
+    a: Tensor,
+    b: Tensor | None,
+    lr: float,
+    decay: float,
+    start: int = 0,
+    adam_eps: float | None = None,
+) -> None:
     seeds = seeds.to(device=t.device, dtype=torch.int64)
     a = a.to(device=t.device, dtype=torch.float32)
     b = a if b is None else b.to(device=t.device, dtype=torch.float32)
     adam = adam_eps is not None
     _update_kernel[_grid(start, t.numel())](
-        t, t.numel(), start, int(index) << 32, seeds, a, b, int(seeds.numel()), float(lr), float(decay),
-        float(adam_eps or 0.0), ADAM=adam, BLOCK4=BLOCK4,
+        t,
+        t.numel(),
+        start,
+        int(index) << 32,
+        seeds,
+        a,
+        b,
+        int(seeds.numel()),
+        float(lr),
+        float(decay),
+        float(adam_eps or 0.0),
+        ADAM=adam,
+        BLOCK4=BLOCK4,
     )

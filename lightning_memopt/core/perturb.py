@@ -19,7 +19,7 @@ and :func:`update_` (the in-place ZO update with a window of directions, used by
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -49,7 +49,7 @@ def _mulhilo(a: int, x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def philox4x32(
-    counter: Tensor, k0: int | Tensor, k1: int | Tensor, rounds: int = 10, words: Optional[Sequence[Tensor]] = None
+    counter: Tensor, k0: int | Tensor, k1: int | Tensor, rounds: int = 10, words: Sequence[Tensor] | None = None
 ) -> tuple[Tensor, ...]:
     """Philox4x32 on ``(counter, 0, 0, 0)`` with key ``(k0, k1)``, as in ``triton.language.random.philox_impl``.
 
@@ -103,7 +103,7 @@ def normal(k: int, start: int, numel: int, device: torch.device | str = "cpu") -
         z = randn4x(k, cnt).reshape(-1)
         lo = max(start - 4 * c, 0)
         take = min(z.numel() - lo, numel - pos)
-        out[pos:pos + take] = z[lo:lo + take]
+        out[pos : pos + take] = z[lo : lo + take]
         pos += take
     return out
 
@@ -115,12 +115,13 @@ def normal_many(keys: Sequence[int], numels: Sequence[int], device: torch.device
     if total == 0:
         return [torch.empty(0, device=device) for _ in numels]
     cnt = torch.cat([torch.arange(c, device=device, dtype=torch.int64) for c in counts])
-    kk = torch.repeat_interleave(torch.tensor([int(k) for k in keys], dtype=torch.int64, device=device),
-                                 torch.tensor(counts, device=device))
+    kk = torch.repeat_interleave(
+        torch.tensor([int(k) for k in keys], dtype=torch.int64, device=device), torch.tensor(counts, device=device)
+    )
     z = randn4x(kk, cnt)
     out, pos = [], 0
     for c, n in zip(counts, numels):
-        out.append(z[pos:pos + c].reshape(-1)[:n])
+        out.append(z[pos : pos + c].reshape(-1)[:n])
         pos += c
     return out
 
@@ -128,7 +129,7 @@ def normal_many(keys: Sequence[int], numels: Sequence[int], device: torch.device
 # ---------------------------------------------------------------------------------------------------------------
 # backend choice
 # ---------------------------------------------------------------------------------------------------------------
-_TRITON: Optional[object] = None
+_TRITON: object | None = None
 _TRITON_TRIED = False
 
 
@@ -140,7 +141,7 @@ def _triton_kernels():
             from lightning_memopt.core import _perturb_triton
 
             _TRITON = _perturb_triton
-        except Exception:  # no Triton (CPU wheels): the torch backend gives the same numbers
+        except Exception:  # noqa: BLE001 - no usable Triton (CPU wheels): the torch backend gives the same numbers
             _TRITON = None
     return _TRITON
 
@@ -157,7 +158,7 @@ def use_triton(t: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 # operations
 # ---------------------------------------------------------------------------------------------------------------
-def perturbed(w: Tensor, k: int, scale: float, start: int = 0, z: Optional[Tensor] = None) -> Tensor:
+def perturbed(w: Tensor, k: int, scale: float, start: int = 0, z: Tensor | None = None) -> Tensor:
     """A new tensor ``round(w + scale·z)`` in ``w``'s dtype; ``w`` holds elements ``[start, start + w.numel())``.
 
     ``z`` may be given (a cached float32 copy of this range) to skip regeneration; it must equal ``normal(...)``.
@@ -177,12 +178,12 @@ def update_(
     index: int,
     seeds: Tensor,
     a: Tensor,
-    b: Optional[Tensor],
+    b: Tensor | None,
     lr: float,
     decay: float,
     start: int = 0,
-    adam_eps: Optional[float] = None,
-    zs: Optional[Sequence[Tensor]] = None,
+    adam_eps: float | None = None,
+    zs: Sequence[Tensor] | None = None,
 ) -> None:
     """In place: ``t ← round(decay·t − lr·Δ)`` over a window of J directions ``z_j`` (keys ``key(seeds[j], index)``).
 
@@ -207,10 +208,10 @@ def update_(
         m = torch.zeros(n, dtype=torch.float32, device=t.device)
         v = torch.zeros(n, dtype=torch.float32, device=t.device) if adam_eps is not None else None
         for j, s in enumerate(seed_list):
-            z = zs[j][lo:lo + n] if zs is not None else normal(key(s, index), start + lo, n, t.device)
+            z = zs[j][lo : lo + n] if zs is not None else normal(key(s, index), start + lo, n, t.device)
             m = m + a32[j] * z
             if v is not None:
                 v = v + b32[j] * (z * z)  # type: ignore[index]
         delta = m if v is None else m / (torch.sqrt(v) + adam_eps)
-        new = flat[lo:lo + n].to(torch.float32) * decay - lr * delta
-        flat[lo:lo + n] = new.to(t.dtype)
+        new = flat[lo : lo + n].to(torch.float32) * decay - lr * delta
+        flat[lo : lo + n] = new.to(t.dtype)
