@@ -1,0 +1,111 @@
+"""GaLore cases: our GaLore-AdamW where the peers' anchors_gpu.py runs galore-torch.
+
+All cases: bf16 weights, ``model(input_ids=x, labels=x).loss``, lr 1e-3, rank 128, scale 0.25, proj_type std, targets
+the 2-D weights of attention and MLP (the anchors' selection: every nn.Linear but lm_head), randomized refresh.
+
+* ``galore``: one step at the optimizer boundary, gap 200 (the timed steps are steady state, no refresh).
+* ``galore_layerwise`` / ``galore_layerwise_ckpt``: updates inside backward (post-accumulate-grad hooks), without /
+  with HF activation checkpointing.
+* ``galore_refresh``: gap 1, a full step with a refresh of every matrix (the anchor's case: 1 warm-up, 2 timed).
+* ``refresh_only``: only the full-model randomized refresh (gradients computed once, outside the timing).
+* ``svd4``: exact fp32 ``torch.linalg.svd`` of the first 4 target gradients (galore-torch's refresh of 4 matrices).
+* ``adamw_fused``: the reference: plain fused AdamW through the same code path (``GaLoreAdamW`` with no targets).
+
+Usage: ``python -m benchmarks.cases.galore CASE SIZE [BATCH] [SEQ]``; ``DEV=cpu`` smoke-tests it on the tiny model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import run_case
+from lightning_memopt.core.fused_backward import FusedBackward
+from lightning_memopt.core.holder import HolderOptimizer
+from lightning_memopt.galore.callback import select_targets
+from lightning_memopt.galore.optim import GaLoreAdamW, GaLoreSettings
+
+
+def _setup(model: torch.nn.Module, gap: int, with_targets: bool = True, checkpointing: bool = False):
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    rank = 128 if model.config.hidden_size >= 512 else 8
+    holder = HolderOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
+    targets = select_targets(model) if with_targets else []
+    galore = GaLoreAdamW(holder, targets, GaLoreSettings(rank=rank, update_proj_gap=gap, scale=0.25))
+    return holder, galore, targets
+
+
+def normal(model: torch.nn.Module, x: torch.Tensor, gap: int = 200, with_targets: bool = True) -> Callable[[], Any]:
+    holder, galore, _ = _setup(model, gap, with_targets)
+
+    def step() -> None:
+        model(input_ids=x, labels=x).loss.backward()
+        galore.step()
+        holder.zero_grad(set_to_none=True)
+
+    return step
+
+
+def layerwise(model: torch.nn.Module, x: torch.Tensor, checkpointing: bool) -> Callable[[], Any]:
+    holder, galore, _ = _setup(model, 200, checkpointing=checkpointing)
+    group = holder.param_groups[0]
+    FusedBackward(group["params"], update=lambda p: galore.step_param(p, group))
+
+    def step() -> None:
+        model(input_ids=x, labels=x).loss.backward()
+
+    return step
+
+
+def refresh_only(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    _, galore, targets = _setup(model, 1)
+    model(input_ids=x, labels=x).loss.backward()
+
+    def step() -> None:
+        for p in targets:  # make every matrix due
+            galore.opt.state[p].pop("proj", None)
+        galore._refresh(targets)
+
+    return step
+
+
+def svd4(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    targets = select_targets(model)
+    model(input_ids=x, labels=x).loss.backward()
+    grads = [p.grad for p in targets[-4:]]  # the last layer's MLP and attention output: the largest shapes
+
+    def step() -> None:
+        for g in grads:
+            torch.linalg.svd(g.float(), full_matrices=False)
+
+    return step
+
+
+CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] = {
+    "galore": lambda m, x: normal(m, x),
+    "galore_layerwise": lambda m, x: layerwise(m, x, False),
+    "galore_layerwise_ckpt": lambda m, x: layerwise(m, x, True),
+    "galore_refresh": lambda m, x: normal(m, x, gap=1),
+    "refresh_only": refresh_only,
+    "svd4": svd4,
+    "adamw_fused": lambda m, x: normal(m, x, with_targets=False),
+}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[0] not in CASES:
+        raise SystemExit(f"usage: python -m benchmarks.cases.galore {{{','.join(CASES)}}} SIZE [BATCH] [SEQ]")
+    case, size = argv[0], argv[1]
+    batch = int(argv[2]) if len(argv) > 2 else 8
+    seq = int(argv[3]) if len(argv) > 3 else 512
+    warm, reps = (1, 2) if case in ("galore_refresh", "svd4") else (2, 5)
+    run_case(case, size, batch, seq, CASES[case], warm=warm, reps=reps)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
