@@ -83,3 +83,22 @@ def test_console_script_keeps_tracebacks_of_bugs(tmp_path, in_repo, monkeypatch)
     monkeypatch.setattr(hf, "load_hf_model", broken)
     with pytest.raises(RuntimeError, match="a bug"):
         main([*BASE, f"--trainer.default_root_dir={tmp_path}"])
+
+
+def test_installed_console_script_exit_status(tmp_path, in_repo):
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = shutil.which("memopt") or str(Path(sys.executable).parent / "memopt")
+    if not Path(exe).exists():
+        pytest.skip("the memopt console script is not installed (pip install -e .)")
+    proc = subprocess.run(
+        [exe, "fit", "--config", "configs/quickstart.yaml", f"--trainer.default_root_dir={tmp_path}",
+         "--data.template=no placeholder"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "memopt: error: The template 'no placeholder' has no '{sentence}' placeholder" in proc.stderr
+    assert "Traceback" not in proc.stderr

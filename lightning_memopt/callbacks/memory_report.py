@@ -77,10 +77,21 @@ class MemoryReport(Callback):
         self._last_logged_step = -1
 
     # ---- measurement ----------------------------------------------------------------------------------------------
-    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._params = max(self._params, param_bytes(pl_module))
+    def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: bool = False) -> None:
+        if params:  # parameters change only when a callback adds some (e.g. LoRA) before training starts
+            self._params = max(self._params, param_bytes(pl_module))
         self._max_grads = max(self._max_grads, grad_bytes(pl_module))
         self._max_opt = max(self._max_opt, optimizer_state_bytes(trainer.optimizers))
+
+    def _reset_live(self, pl_module: pl.LightningModule) -> None:
+        """Start following gradients from those alive now (earlier micro-batches' under accumulation)."""
+        self._live = {}
+        for p in pl_module.parameters():
+            if p.grad is not None:
+                lg = local(p.grad)
+                self._live[id(p)] = lg.numel() * lg.element_size()
+        self._live_bytes = sum(self._live.values())
+        self._last = None
 
     def _grad_hook(self, p: torch.Tensor) -> None:
         prev = self._last
@@ -100,7 +111,7 @@ class MemoryReport(Callback):
         self._last = p
 
     def _current(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> MemoryBreakdown:
-        self._sample(trainer, pl_module)
+        self._sample(trainer, pl_module, params=True)
         if self._device.type == "cuda":
             peak, source = peak_bytes(self._device), "CUDA allocator (max_memory_allocated)"
         else:
@@ -138,29 +149,32 @@ class MemoryReport(Callback):
             self._handles = [
                 p.register_post_accumulate_grad_hook(self._grad_hook) for p in pl_module.parameters() if p.requires_grad
             ]
-        self._sample(trainer, pl_module)
+        self._sample(trainer, pl_module, params=True)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # Also covers methods that run backward themselves (no on_before_backward): stale entries are dropped here.
+        if self._handles:
+            self._reset_live(pl_module)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        # Gradients accumulated by earlier micro-batches are still alive.
-        self._live = {}
-        for p in pl_module.parameters():
-            if p.grad is not None:
-                lg = local(p.grad)
-                self._live[id(p)] = lg.numel() * lg.element_size()
-        self._live_bytes = sum(self._live.values())
-        self._last = None
+        if self._handles:
+            self._reset_live(pl_module)
 
     @override
     def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last = None
         self._max_grads = max(self._max_grads, grad_bytes(pl_module))
+        if self._handles:
+            self._reset_live(pl_module)
 
     @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        self._sample(trainer, pl_module)
+        self._max_grads = max(self._max_grads, grad_bytes(pl_module))
 
     @override
     def on_train_batch_end(
