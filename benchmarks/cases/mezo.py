@@ -1,0 +1,74 @@
+"""MeZO cases: ``mezo`` (our full step: 2 perturbed forwards + the update) and ``mezo_perturb`` (one perturbation
+pass alone, as a read of the kernel's cost).
+
+The loss is the anchors' ``forward`` case exactly (``model(input_ids=x, labels=x).loss``, eval mode, no autograd),
+so ``step / forward`` is the MeZO overhead. Usage: ``python -m benchmarks.cases.mezo CASE SIZE [BATCH] [SEQ]``
+with any size of ``lightning_memopt.models.configs.LLAMA_SIZES``; ``DEV=cpu`` smoke-tests it on the tiny model.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from benchmarks.common import run_case
+from lightning_memopt.core import perturb
+from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
+
+
+def mezo(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    zo = ZeroOrder(model, ZOConfig(eps=1e-3), seed=0)
+    state = {"t": 0}
+
+    def loss() -> torch.Tensor:
+        return model(input_ids=x, labels=x).loss
+
+    def step() -> None:
+        with torch.no_grad():
+            g, _ = zo.step(loss, state["t"], lr=1e-6)
+        g.item()  # one host sync per step, as the official loop's .item() on the losses
+        state["t"] += 1
+
+    return step
+
+
+def mezo_perturb(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def step() -> None:
+        with torch.no_grad():
+            for i, p in enumerate(params):
+                perturb.perturbed(p, perturb.key(7, i), 1e-3)
+
+    return step
+
+
+CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] = {
+    "mezo": mezo,
+    "mezo_perturb": mezo_perturb,
+}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[0] not in CASES:
+        raise SystemExit(f"usage: python -m benchmarks.cases.mezo {{{','.join(CASES)}}} SIZE [BATCH] [SEQ]")
+    case, size = argv[0], argv[1]
+    batch = int(argv[2]) if len(argv) > 2 else 8
+    seq = int(argv[3]) if len(argv) > 3 else 512
+    res_extra = {
+        "backend": "triton"
+        if torch.cuda.is_available() and perturb.use_triton(torch.empty(1, device="cuda"))
+        else "torch"
+    }
+    print("MEZO backend " + res_extra["backend"], flush=True)
+    run_case(case, size, batch, seq, CASES[case])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,373 @@
+"""The whole MeZO step in plain PyTorch: seeded functional perturbation, projected gradient, windowed update.
+
+One step with seed ``s`` (two-sided, ``n_spsa = 1``)::
+
+    L+ = loss(θ + εz)      # forward with a pre-hook that swaps each weight W for a temporary W + εz
+    L- = loss(θ − εz)      # same, −εz; θ itself is never written, so nothing needs restoring
+    g  = (L+ − L−) / 2ε    # all-reduced (mean) over data-parallel ranks
+    θ ← round((1 − lr·wd)·θ − lr·g·z)   # the only write to θ: one rounding per step
+
+z is regenerated from ``(seed, parameter index, element offset)`` (:mod:`lightning_memopt.core.perturb`) at each
+use and never stored. Perturbing functionally makes "restore" exact in any dtype (the official code's in-place
+``θ += εz; θ −= 2εz; θ += εz`` drifts in fp16/bf16), and costs 3 z-generations per step instead of 4.
+
+Momentum and Adam keep no parameter-sized buffer: the update replays the last ``window`` steps' (seed, g) pairs.
+With weights ``w_k = β^age`` normalised over the window, ``m = Σ_k w_k g_k z_k`` (an EMA with exact bias correction,
+truncated to the window) and, for Adam, ``v = Σ_k w'_k g_k² z_k²`` (per-direction squares, so cross terms of the n
+directions of one n-SPSA step are dropped), then ``θ ← (1 − lr·wd)·θ − lr·m / (sqrt(v) + eps_adam)``. Cost: ``window``
+z-generations per element per update, all in registers on the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_memopt.core import perturb
+from lightning_memopt.core.fsdp import all_reduce_mean, global_offset, is_dtensor, local, reshard_all
+
+Variant = Literal["sgd", "momentum", "adam"]
+_M64 = (1 << 64) - 1
+
+
+@dataclass
+class ZOConfig:
+    """Hyperparameters of the ZO estimate and update (lr and weight decay come per step, per group)."""
+
+    eps: float = 1e-3
+    n_spsa: int = 1
+    one_sided: bool = False
+    variant: Variant = "sgd"
+    beta1: float = 0.9
+    beta2: float = 0.99
+    window: int = 10
+    adam_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.eps <= 0:
+            raise ValueError(f"eps must be > 0, got {self.eps}.")
+        if self.n_spsa < 1:
+            raise ValueError(f"n_spsa must be >= 1, got {self.n_spsa}.")
+        if self.variant not in ("sgd", "momentum", "adam"):
+            raise ValueError(f"variant must be 'sgd', 'momentum' or 'adam', got {self.variant!r}.")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}.")
+
+
+@dataclass
+class ZOParam:
+    """A trained parameter: its index in the by-name order keys its z; group/decay select lr and weight decay."""
+
+    name: str
+    param: Tensor
+    index: int
+    group: int = 0
+    decay: bool = True
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def step_seeds(base_seed: int, step: int, n: int) -> list[int]:
+    """The n 32-bit direction seeds of optimizer step ``step``: a pure function, so resume needs no RNG state."""
+    return [_splitmix64(_splitmix64(_splitmix64(int(base_seed)) ^ int(step)) ^ j) & 0xFFFFFFFF for j in range(n)]
+
+
+def make_params(
+    module: torch.nn.Module,
+    groups: Sequence[Sequence[Tensor]] | None = None,
+    decay_fn: Callable[[str, Tensor], bool] | None = None,
+) -> list[ZOParam]:
+    """The trainable parameters of ``module`` in by-name order (tied weights once), with group and decay flags.
+
+    ``groups`` (an optimizer's param lists) restricts training to their params and sets each one's group; by default
+    every ``requires_grad`` parameter is in group 0. ``decay_fn(name, p)`` says whether weight decay applies.
+    """
+    named = {id(p): (n, p) for n, p in module.named_parameters() if p.requires_grad}
+    group_of: dict[int, int] = {}
+    if groups is None:
+        group_of = {i: 0 for i in named}
+    else:
+        for gi, ps in enumerate(groups):
+            for p in ps:
+                if id(p) in named:
+                    group_of[id(p)] = gi
+    chosen = sorted((named[i][0], named[i][1], g) for i, g in group_of.items())
+    out = []
+    for idx, (name, p, g) in enumerate(chosen):
+        out.append(ZOParam(name, p, idx, g, True if decay_fn is None else bool(decay_fn(name, p))))
+    return out
+
+
+class Perturber:
+    """Forward hooks that make each module see ``W + scale·z`` instead of ``W`` while :meth:`active`.
+
+    The pre-hook of each module that owns trained parameters swaps in a temporary perturbed copy (one module's
+    weights at a time); the forward hook puts the original Parameter back. Under FSDP2 the module holds the
+    all-gathered full parameter during its forward, so the temporary is built from that (offset 0) and FSDP2's own
+    bookkeeping is untouched. z is keyed by the parameter's index, so tied weights get the same z at every use.
+
+    A parameter that a module reads outside its own ``forward`` (e.g. ``F.linear(x, other.weight)``) would be seen
+    unperturbed; Hugging Face models do not do that.
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, params: Sequence[ZOParam], z_for: Callable[[int, int], Any] | None = None
+    ) -> None:
+        by_id = {id(zp.param): zp.index for zp in params}
+        self.z_for = z_for  # optional cache: (seed, index) -> full-tensor z, or None to generate
+        self.seed: int | None = None
+        self.scale = 0.0
+        self._stack: list[tuple[torch.nn.Module, list[tuple[str, Any]]]] = []
+        self._handles: list[Any] = []
+        covered: set[int] = set()
+        for mod in module.modules():
+            entries = [(n, by_id[id(p)]) for n, p in mod._parameters.items() if p is not None and id(p) in by_id]
+            if not entries:
+                continue
+            covered.update(i for _, i in entries)
+            self._handles.append(mod.register_forward_pre_hook(self._make_pre(entries)))
+            self._handles.append(mod.register_forward_hook(self._post, always_call=True))
+        if len(covered) != len(by_id):
+            raise ValueError("Some trained parameters belong to no submodule of the given module.")
+
+    def _make_pre(self, entries: list[tuple[str, int]]) -> Callable:
+        def pre(mod: torch.nn.Module, args: Any) -> None:
+            if self.seed is None:
+                return
+            saved = []
+            for name, idx in entries:
+                p = mod._parameters[name]
+                if is_dtensor(p):
+                    raise RuntimeError(
+                        f"MeZO: parameter {name!r} of {type(mod).__name__} is still sharded during its forward; "
+                        f"every sharded module must be under fully_shard (FSDP2 all-gathers it)."
+                    )
+                saved.append((name, p))
+                z = self.z_for(self.seed, idx) if self.z_for is not None else None
+                mod._parameters[name] = perturb.perturbed(p, perturb.key(self.seed, idx), self.scale, z=z)
+            self._stack.append((mod, saved))
+
+        return pre
+
+    def _post(self, mod: torch.nn.Module, args: Any, out: Any) -> None:
+        if self.seed is None:
+            return
+        for i in range(len(self._stack) - 1, -1, -1):
+            if self._stack[i][0] is mod:
+                _, saved = self._stack.pop(i)
+                for name, p in saved:
+                    mod._parameters[name] = p
+                return
+
+    @contextmanager
+    def active(self, seed: int, scale: float) -> Iterator[None]:
+        """Forwards inside see every trained weight perturbed by ``scale·z(seed)``."""
+        self.seed, self.scale = int(seed), float(scale)
+        try:
+            yield
+        finally:
+            while self._stack:  # a forward that raised midway: put every original back
+                mod, saved = self._stack.pop()
+                for name, p in saved:
+                    mod._parameters[name] = p
+            self.seed = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def projected_grads(
+    loss_fn: Callable[[], Tensor], perturber: Perturber, seeds: Sequence[int], eps: float, one_sided: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The projected gradients ``g_j`` (float32 ``[n]``) along ``z(seeds[j])`` and the mean of the losses seen.
+
+    Two-sided: ``(L(θ+εz) − L(θ−εz)) / 2ε``, 2n forwards. One-sided: ``(L(θ+εz) − L(θ)) / ε``, n + 1 forwards.
+    Runs under ``no_grad``: no graph, no ``.grad``.
+    """
+    with torch.no_grad():
+        losses, gs = [], []
+        base = loss_fn().float() if one_sided else None
+        if base is not None:
+            losses.append(base)
+        for s in seeds:
+            with perturber.active(s, eps):
+                lp = loss_fn().float()
+            if one_sided:
+                gs.append((lp - base) / eps)
+                losses.append(lp)
+            else:
+                with perturber.active(s, -eps):
+                    lm = loss_fn().float()
+                gs.append((lp - lm) / (2 * eps))
+                losses += [lp, lm]
+        return torch.stack(gs).reshape(-1), torch.stack(losses).mean()
+
+
+def window_terms(
+    history: Sequence[tuple[Sequence[int], Tensor]], cfg: ZOConfig
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(seeds int64, a, b) of the directions the update sums: the last step for SGD, the window otherwise."""
+    recent = list(history[-1:] if cfg.variant == "sgd" else history[-cfg.window :])
+    n = len(recent)
+    seeds, a, b = [], [], []
+    w1 = [cfg.beta1 ** (n - 1 - i) for i in range(n)] if cfg.variant != "sgd" else [1.0]
+    w2 = [cfg.beta2 ** (n - 1 - i) for i in range(n)]
+    s1, s2 = sum(w1), sum(w2)
+    for i, (sd, g) in enumerate(recent):
+        k = len(sd)
+        seeds += list(sd)
+        g = g.float()
+        a.append(g * (w1[i] / s1 / k))
+        b.append(g * g * (w2[i] / s2 / (k * k)))
+    dev = recent[-1][1].device
+    seeds_t = torch.tensor(seeds, dtype=torch.int64, device=dev)
+    return seeds_t, torch.cat(a), torch.cat(b) if cfg.variant == "adam" else None
+
+
+@torch.no_grad()
+def apply_update(
+    module: torch.nn.Module | None,
+    params: Sequence[ZOParam],
+    seeds: Tensor,
+    a: Tensor,
+    b: Tensor | None,
+    lrs: Sequence[float],
+    wds: Sequence[float],
+    adam_eps: float | None = None,
+    z_for: Callable[[int, int], Any] | None = None,
+) -> None:
+    """``θ ← (1 − lr·wd)·θ − lr·Δ`` for every parameter (local shards under FSDP2, after resharding)."""
+    if module is not None:
+        reshard_all(module)  # FSDP2 keeps the root unsharded after forward; shard writes must be seen next time
+    for zp in params:
+        lr = float(lrs[zp.group])
+        wd = float(wds[zp.group]) if zp.decay else 0.0
+        start, _ = global_offset(zp.param)
+        t = local(zp.param).detach()
+        zs = None
+        if z_for is not None:
+            zs = [z_for(int(s), zp.index)[start : start + t.numel()] for s in seeds.tolist()]
+        perturb.update_(t, zp.index, seeds, a, b, lr, 1.0 - lr * wd, start, adam_eps, zs=zs)
+
+
+class ZeroOrder:
+    """MeZO on any ``nn.Module``: ``estimate`` (forwards) and ``update`` (the one write to θ), or both in ``step``.
+
+    Args:
+        module: the model; its trained parameters are ``params`` (default: every ``requires_grad`` one).
+        config: :class:`ZOConfig`.
+        seed: base seed; step ``t``'s directions are :func:`step_seeds` ``(seed, t, n_spsa)``.
+        params: from :func:`make_params` (fixes groups and weight-decay flags).
+        cache_z: keep each seed's z (float32, full size) while it is in use instead of regenerating it: the torch
+            backend's speed-up for small CPU models. Default: on for CPU parameters up to 2**24 elements.
+
+    Example::
+
+        zo = ZeroOrder(model, ZOConfig(eps=1e-3))
+        for t, batch in enumerate(loader):
+            g, loss = zo.step(lambda: model(**batch).loss, t, lr=1e-6)
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        config: ZOConfig | None = None,
+        seed: int = 0,
+        params: list[ZOParam] | None = None,
+        cache_z: bool | None = None,
+    ) -> None:
+        self.module = module
+        self.config = config or ZOConfig()
+        self.seed = int(seed)
+        self.params = params if params is not None else make_params(module)
+        if not self.params:
+            raise ValueError("No trainable parameters (none has requires_grad=True).")
+        self._full_numel = {zp.index: _prod(global_offset(zp.param)[1]) for zp in self.params}
+        if cache_z is None:
+            p0 = local(self.params[0].param)
+            cache_z = (
+                p0.device.type == "cpu" and not perturb.use_triton(p0) and sum(self._full_numel.values()) <= 1 << 24
+            )
+        self.cache_z = bool(cache_z)
+        self._cache: dict[int, dict[int, Tensor]] = {}
+        self.perturber = Perturber(module, self.params, self._z if self.cache_z else None)
+        self.history: list[tuple[list[int], Tensor]] = []
+
+    def _z(self, seed: int, index: int) -> Tensor:
+        d = self._cache.get(seed)
+        if d is None:
+            idx = sorted(self._full_numel)
+            dev = local(self.params[0].param).device
+            zs = perturb.normal_many([perturb.key(seed, i) for i in idx], [self._full_numel[i] for i in idx], dev)
+            d = self._cache[seed] = dict(zip(idx, zs))
+            keep = self.config.n_spsa * (self.config.window + 1)
+            for old in list(self._cache)[:-keep]:
+                del self._cache[old]
+        return d[index]
+
+    def seeds(self, step: int) -> list[int]:
+        return step_seeds(self.seed, step, self.config.n_spsa)
+
+    def estimate(self, loss_fn: Callable[[], Tensor], seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
+        """Local (this rank's) projected gradients and mean loss."""
+        return projected_grads(loss_fn, self.perturber, seeds, self.config.eps, self.config.one_sided)
+
+    def update(self, seeds: Sequence[int], g: Tensor, lrs: Sequence[float], wds: Sequence[float]) -> None:
+        """Apply one update with the (already all-reduced) ``g``; keeps the window for momentum/Adam."""
+        cfg = self.config
+        self.history.append((list(seeds), g.detach().float().reshape(-1)))
+        del self.history[: -cfg.window]
+        s, a, b = window_terms(self.history, cfg)
+        apply_update(
+            self.module,
+            self.params,
+            s,
+            a,
+            b,
+            lrs,
+            wds,
+            cfg.adam_eps if cfg.variant == "adam" else None,
+            self._z if self.cache_z else None,
+        )
+
+    def step(
+        self, loss_fn: Callable[[], Tensor], step: int, lr: float, weight_decay: float = 0.0
+    ) -> tuple[Tensor, Tensor]:
+        """Estimate, all-reduce over ranks, update. Returns (g, mean loss) as tensors (no host sync)."""
+        seeds = self.seeds(step)
+        g, loss = self.estimate(loss_fn, seeds)
+        g = all_reduce_mean(g)
+        groups = 1 + max(zp.group for zp in self.params)
+        self.update(seeds, g, [lr] * groups, [weight_decay] * groups)
+        return g, loss
+
+    def history_state(self) -> list[dict[str, Any]]:
+        return [{"seeds": list(s), "g": [float(x) for x in g.tolist()]} for s, g in self.history]
+
+    def load_history_state(self, state: Sequence[dict[str, Any]], device: torch.device | str = "cpu") -> None:
+        self.history = [(list(h["seeds"]), torch.tensor(h["g"], dtype=torch.float32, device=device)) for h in state]
+
+    def config_dict(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def close(self) -> None:
+        self.perturber.remove()

@@ -1,0 +1,174 @@
+"""MeZO through Lightning on the tiny Llama: training, no autograd, exactness, accumulation, clear errors."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_memopt.mezo.callback import MeZO
+from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
+from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.testing.tiny import full_state
+
+
+def mean_loss(model, dm) -> float:
+    """Unperturbed mean loss over the whole training set (eval mode, no grad)."""
+    was = model.training
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model._step(b)["loss"]) for b in dm.train_dataloader()]
+    model.train(was)
+    return sum(losses) / len(losses)
+
+
+class Watch(pl.Callback):
+    """Asserts after every batch that no parameter holds .grad; records grad-mode/train-mode seen by forwards."""
+
+    def __init__(self) -> None:
+        self.grad_enabled: set[bool] = set()
+        self.training: set[bool] = set()
+        self.batches = 0
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        def hook(mod, args):
+            self.grad_enabled.add(torch.is_grad_enabled())
+            self.training.add(mod.training)
+
+        pl_module.model.register_forward_pre_hook(hook)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches += 1
+        assert all(p.grad is None for p in pl_module.parameters()), "a parameter holds .grad"
+
+
+def test_200_steps_lower_loss_without_grad():
+    pl.seed_everything(0)
+    model, dm = tiny_model(objective="lm"), tiny_datamodule(batch_size=16)
+    watch = Watch()
+    trainer = tiny_trainer(max_steps=200, callbacks=[MeZO(eps=1e-3, lr=2e-3), watch])
+    trainer.fit(model, dm)
+    before_model = tiny_model(objective="lm")  # same init seed: the starting weights
+    before, after = mean_loss(before_model, dm), mean_loss(model, dm)
+    assert trainer.global_step == 200 and watch.batches == 200
+    assert after < before - 0.2, (before, after)
+    assert watch.grad_enabled == {False}  # no autograd graph in any forward
+    assert watch.training == {False}  # eval mode by default (dropout off)
+    assert "mezo/projected_grad" in trainer.callback_metrics and "mezo/loss" in trainer.callback_metrics
+    assert model.training_step.__func__ is type(model).training_step  # the instance wrapper is gone after fit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_perturb_restore_is_bit_exact(dtype):
+    model = tiny_model(objective="lm").model.to(dtype).eval()
+    x = torch.randint(0, 256, (4, 16))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    zo = ZeroOrder(model, ZOConfig(eps=1e-2, n_spsa=3))
+    with torch.no_grad():
+        base = float(model(input_ids=x, labels=x).loss)
+        g, loss = zo.estimate(lambda: model(input_ids=x, labels=x).loss, zo.seeds(0))
+    assert torch.all(g != 0) and float(loss) != base  # the forwards did see perturbed weights
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # bit-identical: θ is never written by the ± forwards
+        assert isinstance(p, torch.nn.Parameter)
+    # the official in-place scheme (θ+εz, θ−2εz, θ+εz) does not restore half precision exactly
+    if dtype != torch.float32:
+        w = before["model.layers.0.mlp.up_proj.weight"].clone()
+        z = torch.randn(w.shape).to(dtype)
+        drift = ((w + 1e-2 * z) - 2e-2 * z) + 1e-2 * z
+        assert not torch.equal(drift, w)
+
+
+@pytest.mark.parametrize("torch_dtype", [None, "bfloat16"])
+def test_lr_zero_keeps_weights_bit_identical(torch_dtype):
+    pl.seed_everything(0)
+    model, dm = tiny_model(objective="lm", torch_dtype=torch_dtype), tiny_datamodule(batch_size=8)
+    before = full_state(model)
+    tiny_trainer(max_steps=5, callbacks=[MeZO(lr=0.0)]).fit(model, dm)
+    after = full_state(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_accumulation_matches_big_batch():
+    def run(batch, accum):  # classification: the loss is a per-example mean, so two halves average to the whole
+        pl.seed_everything(0)
+        model, dm = tiny_model(), tiny_datamodule(batch_size=batch)
+        trainer = tiny_trainer(max_steps=6, accumulate_grad_batches=accum, callbacks=[MeZO(lr=2e-3)])
+        trainer.fit(model, dm)
+        return full_state(model), trainer.global_step
+
+    (a, sa), (b, sb) = run(16, 1), run(8, 2)
+    assert sa == sb == 6
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    init = full_state(tiny_model())
+    assert any(not torch.equal(a[k], init[k]) for k in a)
+
+
+def test_lr_scheduler_drives_lr_and_lr_override():
+    pl.seed_everything(0)
+    model, dm = tiny_model(objective="lm", lr_schedule="linear", lr=5.0), tiny_datamodule(batch_size=8)
+    seen = []
+
+    class LR(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    tiny_trainer(max_steps=4, callbacks=[MeZO(lr=1e-3), LR()]).fit(model, dm)
+    assert seen[0] == pytest.approx(1e-3) and seen[-1] < seen[0]  # override sets the base, schedule keeps its shape
+
+
+class ManualModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.layer = torch.nn.Linear(2, 2)
+
+    def training_step(self, batch, batch_idx):
+        return None
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.randn(8, 2), batch_size=4)
+
+
+def test_clear_errors():
+    dm = tiny_datamodule(batch_size=8)
+    with pytest.raises(MisconfigurationException, match="gradient_clip_val"):
+        tiny_trainer(max_steps=1, gradient_clip_val=1.0, callbacks=[MeZO()]).fit(tiny_model(objective="lm"), dm)
+    with pytest.raises(MisconfigurationException, match="automatic_optimization"):
+        tiny_trainer(max_steps=1, callbacks=[MeZO()]).fit(ManualModule())
+    with pytest.raises(MisconfigurationException, match="'logits' and 'labels'"):
+        cb = MeZO(metric="torchmetrics.classification.MulticlassAccuracy", metric_kwargs={"num_classes": 2})
+        tiny_trainer(max_steps=1, callbacks=[cb]).fit(tiny_model(objective="lm"), dm)
+    with pytest.raises(MisconfigurationException, match="cannot import"):
+        tiny_trainer(max_steps=1, callbacks=[MeZO(metric="torchmetrics.NoSuchMetric")]).fit(tiny_model(), dm)
+    with pytest.raises(ValueError, match="n_spsa"):
+        MeZO(n_spsa=0)
+
+
+def test_refuses_grad_scaler_ddp_and_fsdp1():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lightning_memopt.callbacks import _checks
+
+    cb = MeZO()
+
+    class FakeTrainer:
+        def __init__(self, strategy, precision="32-true"):
+            self.strategy, self.precision = strategy, precision
+            self.precision_plugin = object()
+            self.gradient_clip_val = None
+
+    model = tiny_model(objective="lm")
+    with pytest.raises(MisconfigurationException, match="bf16-mixed"):
+        cb.setup(FakeTrainer(pl.strategies.SingleDeviceStrategy("cpu"), "16-mixed"), model, "fit")
+    with pytest.raises(MisconfigurationException, match="fsdp2"):
+        cb.setup(FakeTrainer(DDPStrategy()), model, "fit")
+    fsdp1 = FSDPStrategy.__new__(FSDPStrategy)  # Lightning refuses FSDP1 on CPU before any callback runs
+    assert _checks.strategy_kind(FakeTrainer(fsdp1)) == _checks.FSDP1
+    with pytest.raises(MisconfigurationException, match="FSDP2"):
+        cb.setup(FakeTrainer(fsdp1), model, "fit")
