@@ -116,6 +116,11 @@ class DFOLoRA(Callback):
         if population < 2 or rank < 1 or d < 2 or sigma <= 0:
             raise ValueError(f"Need population >= 2, rank >= 1, d >= 2, sigma > 0 (got {population}, {rank}, {d}, "
                              f"{sigma}).")
+        if optimizer == "fireworks" and population < n_fireworks + n_gaussian + 1:
+            raise ValueError(
+                f"population={population} leaves no explosion spark besides {n_fireworks} fireworks and {n_gaussian} "
+                f"Gaussian sparks; raise population or lower n_fireworks/n_gaussian."
+            )
         if budget is not None and budget < population:
             raise ValueError(f"budget={budget} is below one generation (population={population}).")
         self.optimizer, self.rank, self.d, self.population, self.sigma = optimizer, rank, d, population, sigma

@@ -1,0 +1,122 @@
+"""DFOLoRA on the tiny model: batched = sequential fitness, forward-only learning, exact resume, refusals."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_memopt.dfo.callback import DFOLoRA, population_fitness
+from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.testing.tiny import full_state
+
+
+def _fit(cb, steps, k=64, batch_size=16, **trainer_kw):
+    torch.manual_seed(0)
+    model, dm = tiny_model(), tiny_datamodule(k=k, batch_size=batch_size)
+    trainer = tiny_trainer(max_steps=steps, callbacks=[cb], **trainer_kw)
+    trainer.fit(model, dm)
+    return model, dm, trainer
+
+
+def _mean_loss(model, dm):
+    model.eval()
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for b in dm.train_dataloader():
+            tot += float(F.cross_entropy(model(b["input_ids"], b["attention_mask"]), b["labels"], reduction="sum"))
+            n += len(b["labels"])
+    model.train()
+    return tot / n
+
+
+def test_batched_split_full_and_sequential_give_the_same_fitness():
+    cb = DFOLoRA(d=40, population=6, budget=None, stat_batches=2)
+    model, dm, _ = _fit(cb, steps=3)  # layers 0 and 1 now hold non-zero z's
+    assert all(bool(z.any()) for z in cb.lora.z)
+    batch = next(iter(dm.train_dataloader()))
+    assert (batch["attention_mask"] == 0).any()  # left padding is exercised
+    model.eval()
+    gen = torch.Generator().manual_seed(0)
+    for k in range(cb.lora.n_blocks):
+        z = torch.randn(6, 40, generator=gen, dtype=torch.float64)
+        z[0] = cb.lora.z[k]  # candidate 0 is the current point: its fitness is the module's own loss
+        with torch.no_grad():
+            split = cb._eval_batched(model, batch, k, z, split=True)
+            full = cb._eval_batched(model, batch, k, z, split=False)
+            seq = cb._eval_sequential(model, batch, k, z)
+            own = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        torch.testing.assert_close(split, seq, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(full, seq, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(seq[0], own, atol=1e-5, rtol=1e-5)
+        assert float(seq.std()) > 1e-4  # the candidates really differ
+        for a, b in cb.lora.factors(k, torch.zeros(2, 40)):  # LoRA starts at zero
+            assert not a.any() and not b.any()
+
+
+@pytest.mark.parametrize("optimizer", ["cmaes", "fireworks"])
+def test_tiny_run_lowers_the_loss_forward_only(optimizer):
+    cb = DFOLoRA(optimizer=optimizer, d=100, population=10, budget=600, stat_batches=2)
+    torch.manual_seed(0)
+    model, dm = tiny_model(), tiny_datamodule(k=32, batch_size=32)
+    dm.tokenizer = model.tokenizer
+    dm.setup("fit")
+    model.set_label_token_ids(dm.label_token_ids)
+    before, weights = _mean_loss(model, dm), full_state(model)
+    trainer = tiny_trainer(max_steps=100, callbacks=[cb])
+    trainer.fit(model, dm)
+    assert trainer.global_step == 60 and cb.evaluations == 600  # the budget (forwards) ended the run
+    after = _mean_loss(model, dm)
+    assert after < before - 0.015, (before, after)
+    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    for n, w in full_state(model).items():
+        assert torch.equal(w, weights[n])  # the base model is untouched: everything is in the hooks
+    assert "train_loss" in trainer.callback_metrics and "dfo_best_fitness" in trainer.callback_metrics
+
+
+@pytest.mark.parametrize("optimizer", ["cmaes", "fireworks"])
+def test_resume_is_exact(tmp_path, optimizer):
+    kw = {"optimizer": optimizer, "d": 20, "population": 8, "budget": None, "stat_batches": 2}
+    # k=8: one batch per epoch, so the data order after resume is trivially the same (Lightning replays a
+    # non-resumable loader from its start)
+    straight = DFOLoRA(**kw)
+    _fit(straight, steps=7, k=8)
+    first = DFOLoRA(**kw)
+    _, _, trainer = _fit(first, steps=4, k=8)
+    ckpt = str(tmp_path / "dfo.ckpt")
+    trainer.save_checkpoint(ckpt)
+    resumed = DFOLoRA(**kw)
+    torch.manual_seed(0)
+    model, dm = tiny_model(), tiny_datamodule(k=8, batch_size=16)
+    trainer = tiny_trainer(max_steps=7, callbacks=[resumed])
+    trainer.fit(model, dm, ckpt_path=ckpt)
+    assert trainer.global_step == 7 and resumed.generation == straight.generation == 7
+    assert resumed.layer == straight.layer
+    for a, b in zip(straight.lora.z, resumed.lora.z):
+        assert torch.equal(a, b)
+    for a, b in zip(straight.opts, resumed.opts):
+        assert torch.equal(a.mean, b.mean) and a.best_f == b.best_f
+    assert straight.lora.stats() == resumed.lora.stats()
+
+
+def test_hinge_and_ce_fitness():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.5]], [[0.0, 0.0], [3.0, 0.0]]])  # [P=2, B=2, n=2]
+    labels = torch.tensor([0, 1])
+    hinge = population_fitness(logits, labels, "hinge", margin=1.0)
+    torch.testing.assert_close(hinge, torch.tensor([(0.0 + 0.5) / 2, (1.0 + 4.0) / 2]))
+    ce = population_fitness(logits, labels, "ce")
+    torch.testing.assert_close(ce[1], F.cross_entropy(logits[1], labels))
+
+
+def test_refusals_name_the_fix():
+    with pytest.raises(MisconfigurationException, match=r"target_pattern='nothing_here\$'.*q_proj"):
+        _fit(DFOLoRA(d=20, population=4, target_pattern="nothing_here$"), steps=1)
+    with pytest.raises(MisconfigurationException, match="accumulate_grad_batches"):
+        _fit(DFOLoRA(d=20, population=4), steps=1, accumulate_grad_batches=2)
+    with pytest.raises(MisconfigurationException, match="gradient_clip_val"):
+        _fit(DFOLoRA(d=20, population=4), steps=1, gradient_clip_val=1.0)
+    with pytest.raises(ValueError, match="budget"):
+        DFOLoRA(population=20, budget=10)
+    with pytest.raises(ValueError, match="explosion spark"):
+        DFOLoRA(optimizer="fireworks", population=6)
+    with pytest.raises(ValueError, match="optimizer"):
+        DFOLoRA(optimizer="adam")

@@ -1,0 +1,22 @@
+"""DFOLoRA under FSDP2 data parallel (2 CPU processes, gloo) against one process at the same global batch."""
+
+import torch
+
+from lightning_memopt.dfo.testing import fit_dfo
+from lightning_memopt.testing import run_distributed
+
+
+def test_fsdp2_two_processes_match_one():
+    kw = {"steps": 2, "global_batch": 16, "dfo": {"d": 40, "population": 6, "budget": None, "stat_batches": 2}}
+    one = fit_dfo(world_size=1, **kw)
+    two = run_distributed("lightning_memopt.dfo.testing:fit_dfo", world_size=2, **kw)
+    for rank in two:  # every rank holds the same (replicated) LoRA state
+        assert rank["global_step"] == 2 and rank["grads"] == 0
+        assert len(rank["fitness"]) == len(one["fitness"]) == 2
+        for a, b in zip(one["fitness"], rank["fitness"]):  # all-reduced mean over shards = the global batch
+            torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+        for a, b in zip(one["z"], rank["z"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for a, b in zip(one["stats"], rank["stats"]):
+            assert a == tuple(b) or torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-6)
+    assert all(bool(z.any()) for z in one["z"])
