@@ -16,11 +16,16 @@ class RecordingMemoryReport(MemoryReport):
 
     def on_fit_start(self, trainer, pl_module) -> None:
         _REPORTS.append(self)
+        self.trainer, self.module = trainer, pl_module
         super().on_fit_start(trainer, pl_module)
 
 
 def fit_with_memory_report(world_size: int = 1, **kwargs: Any) -> dict[str, Any]:
     spec = {"class_path": f"{__name__}.RecordingMemoryReport", "init_args": {"print_table": False}}
     out = fit_tiny(world_size=world_size, callback=spec, **kwargs)
-    out["memory"] = asdict(_REPORTS[-1].breakdown)
+    report = _REPORTS[-1]
+    out["memory"] = asdict(report.breakdown)
+    # a second trainer call on the same (already sharded) module, as `memopt fit --test_after_fit` does
+    (metrics,) = report.trainer.test(report.module, datamodule=report.trainer.datamodule, verbose=False)
+    out["test_acc"] = float(metrics["test_acc"])
     return out

@@ -1,4 +1,4 @@
-"""FSDP2Strategy: 2-process CPU (gloo) AdamW equals 1 process; MemoryReport counts local shards."""
+"""FSDP2Strategy: 2-process CPU (gloo) AdamW equals 1 process; test after fit; MemoryReport counts local shards."""
 
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def test_adamw_two_processes_match_one(monkeypatch):
     torch.testing.assert_close(torch.tensor(mean_loss), torch.tensor(one["losses"]), atol=1e-4, rtol=1e-4)
     # weights moved at all (the comparison is not trivially equal)
     assert one["losses"][0] != one["losses"][-1]
+    # trainer.test after fit reuses the sharded module (no second fully_shard) and agrees with one process
+    for rank in two:
+        assert abs(rank["test_acc"] - one["test_acc"]) <= 1 / 64
 
     # MemoryReport counts local shards: the ranks' parameters, gradients and AdamW state add up to one process's
     mem1, mems = one["memory"], [r["memory"] for r in two]

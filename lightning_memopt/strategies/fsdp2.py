@@ -13,6 +13,8 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_memopt.core.fsdp import fsdp_modules
+
 
 def _hf_roots(module: torch.nn.Module) -> list[torch.nn.Module]:
     """Top-most ``transformers.PreTrainedModel`` submodules."""
@@ -122,7 +124,8 @@ class FSDP2Strategy(ModelParallelStrategy):
 
     def setup(self, trainer: Any) -> None:
         module = self.lightning_module
-        if not is_overridden("configure_model", module):
+        # A second trainer call (test after fit) gets the module already sharded: fully_shard it only once.
+        if not is_overridden("configure_model", module) and not fsdp_modules(module):
             shard_hf_module(module, self.device_mesh["data_parallel"], self.reshard_after_forward)
         with _configure_model_marked(module):
             super().setup(trainer)
