@@ -20,7 +20,7 @@ from typing_extensions import override
 from lightning_memopt import _shim
 from lightning_memopt.callbacks import _checks
 from lightning_memopt.core.holder import HolderOptimizer, set_base_lr, swap_in_holder
-from lightning_memopt.lomo.core import DynamicLossScaler, FusedStep, StepInfo
+from lightning_memopt.lomo.core import DynamicLossScaler, FusedStep, StepInfo, init_adalomo_state
 
 
 class _FusedBackwardCallback(Callback):
@@ -57,6 +57,9 @@ class _FusedBackwardCallback(Callback):
 
     def _rule_kwargs(self) -> dict[str, Any]:
         return {}
+
+    def _init_state(self) -> None:
+        """Create the method's optimizer state eagerly (FSDP2 checkpoint loading needs a template)."""
 
     # ---- validation --------------------------------------------------------------------------------------------
     @override
@@ -116,6 +119,7 @@ class _FusedBackwardCallback(Callback):
                 # Matrices only: biases and norm weights keep no decay (HFCausalLM's convention).
                 if all(p.ndim >= 2 for p in g["params"]):
                     g["weight_decay"] = self.weight_decay
+        self._init_state()
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -123,6 +127,7 @@ class _FusedBackwardCallback(Callback):
         assert self.holder is not None
         if trainer.strategy.optimizers[0] is not self.holder:  # a strategy rebuilt its optimizers
             self.holder = swap_in_holder(trainer, self._step_fn)
+        self._init_state()  # the state object may have been replaced by a checkpoint load
         fp16 = any(p.dtype == torch.float16 for g in self.holder.param_groups for p in g["params"])
         self.scaler = None
         if fp16:
@@ -273,6 +278,10 @@ class AdaLomo(_FusedBackwardCallback):
         self.eps_sq = eps_sq
         self.eps_scale = eps_scale
         self.decay_rate = decay_rate
+
+    def _init_state(self) -> None:
+        assert self.holder is not None
+        init_adalomo_state((p for g in self.holder.param_groups for p in g["params"]), self.holder.state)
 
     def _rule_kwargs(self) -> dict[str, Any]:
         return {

@@ -257,36 +257,30 @@ class FusedStep:
         if self._clip_coef is not None:
             g.mul_(self._clip_coef)
         st = self.state.get(p)
-        if st is None:
-            st = self.state[p] = {}
-        t = st.get("step", 0) + 1
+        if not st:
+            st = self.state[p] = new_adalomo_state(p)
+        t = st["step"] + 1
         st["step"] = t
         beta = 1.0 - math.pow(t, self.decay_rate)
         eps0 = self.eps[0]
         if p.ndim >= 2:
             rows_total, cols = p.shape[-2], p.shape[-1]
-            if "row" not in st:
-                st["row"] = torch.zeros(d.shape[:-1], dtype=torch.float32, device=d.device)
-                st["col"] = torch.zeros(d.shape[:-2] + d.shape[-1:], dtype=torch.float32, device=d.device)
-            row, col = st["row"], st["col"]
+            row, col = local(st["row"]), st["col"]
             # Means of g^2 + eps0 without materialising g^2: ||g||^2 / n + eps0.
             row_mean = torch.linalg.vector_norm(g, 2, dim=-1).square_().div_(cols).add_(eps0)
             col_sum = torch.linalg.vector_norm(g, 2, dim=-2).square_()
+            row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
             if pg is not None:  # rows are sharded: column sums and the row-state mean need every shard
-                row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
                 packed = torch.cat([col_sum.reshape(-1), row.sum(-1).reshape(-1)])
                 _all_reduce(packed, pg)
                 col_sum = packed[: col_sum.numel()].view_as(col_sum)
                 row_avg = (packed[col_sum.numel() :] / rows_total).view(row.shape[:-1] + (1,))
             else:
-                row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
                 row_avg = row.mean(dim=-1, keepdim=True)
             col.mul_(beta).add_(col_sum.div_(rows_total).add_(eps0), alpha=1.0 - beta)
             u = g.mul_((row / row_avg).rsqrt_().unsqueeze(-1)).mul_(col.unsqueeze(-2).rsqrt())
         else:
-            if "sq" not in st:
-                st["sq"] = torch.zeros(d.shape, dtype=torch.float32, device=d.device)
-            sq = st["sq"]
+            sq = local(st["sq"])
             sq.mul_(beta).addcmul_(g, g, value=1.0 - beta).add_(eps0 * (1.0 - beta))
             u = g.mul_(sq.rsqrt())
         norms = torch.stack(
@@ -303,6 +297,39 @@ class FusedStep:
         if wd:
             d.mul_(1.0 - lr_t * wd)
         d.addcmul_(u, lr_t, value=-1.0)
+
+
+def new_adalomo_state(p: Tensor) -> dict[str, Any]:
+    """Zero AdaLomo state for ``p``: row/column moments for matrices, a full moment for vectors, all fp32.
+
+    Under FSDP2 the row and full moments are DTensors sharded like ``p`` (the column moment is the same on every rank),
+    so distributed checkpoints gather and re-shard them like the weights.
+    """
+    if p.ndim >= 2:
+        row_shape, col_shape = tuple(p.shape[:-1]), tuple(p.shape[:-2]) + tuple(p.shape[-1:])
+        col = torch.zeros(col_shape, dtype=torch.float32, device=local(p).device)
+        if is_dtensor(p):
+            from torch.distributed.tensor import DTensor
+
+            lp = local(p)
+            row_local = torch.zeros(lp.shape[:-1], dtype=torch.float32, device=lp.device)
+            stride = torch.empty(row_shape, device="meta").stride()
+            row = DTensor.from_local(
+                row_local, p.device_mesh, p.placements, run_check=False, shape=row_shape, stride=stride
+            )
+        else:
+            row = torch.zeros(row_shape, dtype=torch.float32, device=p.device)
+        return {"step": 0, "row": row, "col": col}
+    with torch.no_grad():
+        sq = torch.zeros_like(p, dtype=torch.float32)
+    return {"step": 0, "sq": sq}
+
+
+def init_adalomo_state(params: Iterable[Tensor], state: MutableMapping[Tensor, dict[str, Any]]) -> None:
+    """Create missing AdaLomo state eagerly (checkpoint loaders under FSDP2 need it as a template)."""
+    for p in params:
+        if p.requires_grad and not state.get(p):
+            state[p] = new_adalomo_state(p)
 
 
 def sgd_reference_groups(params: Iterable[Tensor], lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
