@@ -251,3 +251,47 @@ def test_lazy_refresh_doubles_the_gap_while_stable():
         w.grad = torch.randn(12, 8)  # unrelated directions: the gap stays at update_proj_gap
         galore.step()
     assert galore.refreshes == 4 and holder.state[w]["gap"] == 2
+
+
+@pytest.mark.parametrize(("name", "gap"), [("adafactor", 4), ("adamw8bit", 100)])
+def test_adafactor_and_8bit_match_galore_torch(name, gap, monkeypatch):
+    """optimizer='adafactor' / 'adamw8bit' (moments 'keep', exact SVD) follow galore-torch's GaLoreAdafactor
+    (relative_step=False, scale_parameter=False) and GaLoreAdamW8bit (bitsandbytes' blockwise kernel). The 8-bit
+    case stays within one subspace: a 1e-8 difference can flip an SVD vector's sign, which 'keep' does not absorb."""
+    import galore_torch
+
+    if name == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)  # galore-torch calls it on CPU too
+    torch.set_num_threads(1)
+    kw = {"rank": 8, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
+    m, targets, rest = _tiny()
+    groups = [{"params": rest}, {"params": targets, **kw}]
+    if name == "adafactor":
+        ref = galore_torch.GaLoreAdafactor(
+            groups, lr=1e-3, relative_step=False, scale_parameter=False, warmup_init=False, weight_decay=0.01
+        )
+    else:
+        ref = galore_torch.GaLoreAdamW8bit(groups, lr=1e-3, eps=1e-8, weight_decay=0.01, min_8bit_size=0)
+    _train(m, ref.step, ref.zero_grad, 8)
+    expected = {n: p.detach().clone() for n, p in m.named_parameters()}
+
+    m, targets, rest = _tiny()
+    base = torch.optim.AdamW([{"params": rest}, {"params": targets}], lr=1e-3, eps=1e-8, weight_decay=0.01)
+    holder = HolderOptimizer(base)
+    galore = GaLoreAdamW(holder, targets, GaLoreSettings(refresh="svd", moments="keep", optimizer=name, **kw))
+    _train(m, galore.step, holder.zero_grad, 8)
+    start = dict(_tiny()[0].named_parameters())
+    moved = max((p - start[n]).abs().max().item() for n, p in m.named_parameters())
+    assert moved > 5e-3
+    for n, p in m.named_parameters():
+        torch.testing.assert_close(p, expected[n], atol=1e-5, rtol=0, msg=n)
+
+
+def test_rotating_moments_needs_adamw():
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    holder = HolderOptimizer(torch.optim.AdamW([w]))
+    with pytest.raises(ValueError, match="moments='keep'"):
+        GaLoreAdamW(holder, [w], GaLoreSettings(optimizer="adafactor", moments="reproject"))
+    with pytest.raises(ValueError, match="optimizer must be"):
+        GaLoreAdamW(holder, [w], GaLoreSettings(optimizer="sgd"))

@@ -100,6 +100,18 @@ def test_layerwise_equals_normal_mode_under_a_schedule():
     assert normal["losses"] == pytest.approx(layerwise["losses"], abs=1e-6)
 
 
+@pytest.mark.parametrize("optimizer", ["adafactor", "adamw8bit"])
+def test_other_base_optimizers_train_in_both_modes(optimizer):
+    if optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    normal = fit_tiny(steps=4, callback=_spec(optimizer=optimizer, moments="reset", update_proj_gap=2))
+    layerwise = fit_tiny(
+        steps=4, callback=_spec(optimizer=optimizer, moments="reset", update_proj_gap=2, layerwise=True)
+    )
+    assert _max_diff(normal["state"], layerwise["state"]) < 1e-6
+    assert _max_diff(normal["state"], fit_tiny(steps=0)["state"]) > 1e-4
+
+
 def test_layerwise_frees_gradients_and_steps_the_schedule():
     pl.seed_everything(0, verbose=False)
     model = tiny_model(lr_schedule="linear", warmup_steps=4)
@@ -127,13 +139,18 @@ def test_gradient_clipping_in_normal_mode_is_applied():
     assert _max_diff(clipped["state"], free["state"]) > 1e-5
 
 
-def test_resume_is_exact(tmp_path):
-    """N steps == N/2 steps + checkpoint + resume: projectors, moments and refresh counters come back."""
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw8bit"])
+def test_resume_is_exact(tmp_path, optimizer):
+    """N steps == N/2 steps + checkpoint + resume: projectors, moments and refresh counters come back (8-bit state
+    keeps its uint8 dtype)."""
+    if optimizer == "adamw8bit":
+        pytest.importorskip("bitsandbytes")
+    moments = "reproject" if optimizer == "adamw" else "keep"
 
     def fit(steps, ckpt=None, save=None):
         pl.seed_everything(0, verbose=False)
         model = tiny_model(lr_schedule="constant", warmup_steps=2)
-        cb = GaLore(rank=8, update_proj_gap=3)
+        cb = GaLore(rank=8, update_proj_gap=3, optimizer=optimizer, moments=moments)
         trainer = tiny_trainer(max_steps=steps, callbacks=[cb])
         # one batch per epoch: Lightning restarts a non-stateful loader on resume, so the batches then still match
         trainer.fit(model, tiny_datamodule(k=4, batch_size=8), ckpt_path=ckpt)
@@ -169,3 +186,5 @@ def test_refusals_name_the_fix():
         GaLore(refresh="qr")
     with pytest.raises(ValueError, match="moments"):
         GaLore(moments="drop")
+    with pytest.raises(ValueError, match="moments='keep'"):
+        GaLore(optimizer="adafactor")

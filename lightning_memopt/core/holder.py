@@ -46,8 +46,8 @@ class HolderOptimizer(Optimizer):
         """Load like ``Optimizer``, but keep sharing the wrapped groups and keep the method state's own dtypes.
 
         ``Optimizer.load_state_dict`` installs new group dicts (LR schedulers bound to the wrapped optimizer would no
-        longer reach them) and casts floating state to the parameter's dtype (fp32 moments of bf16 weights would be
-        rounded), so both are undone here.
+        longer reach them) and casts all tensor state to the parameter's dtype (fp32 moments of bf16 weights would be
+        rounded, uint8 8-bit state would turn float), so both are undone here.
         """
         super().load_state_dict(state_dict)
         for wg, ng in zip(self.wrapped.param_groups, self.param_groups):
@@ -63,7 +63,7 @@ class HolderOptimizer(Optimizer):
             if p is None or p not in self.state:
                 continue
             for k, v in saved.items():
-                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                if isinstance(v, torch.Tensor):
                     self.state[p][k] = v.to(device=self.state[p][k].device, copy=True)
 
     @torch.no_grad()

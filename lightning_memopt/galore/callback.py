@@ -71,7 +71,10 @@ class GaLore(Callback):
             ``"reset"``.
         lazy_refresh: double the gap while the subspace is stable (overlap ≥ ``lazy_threshold``), up to
             ``lazy_max_gap``.
-        optimizer: the base optimizer in the subspace; ``"adamw"``.
+        optimizer: the update rule in the subspace (and for the other parameters): ``"adamw"`` (fused, moments in the
+            parameters' dtype), ``"adamw8bit"`` (bitsandbytes' blockwise 8-bit AdamW; needs ``bitsandbytes``) or
+            ``"adafactor"`` (factored second moment, no momentum). The last two need ``moments="keep"`` or
+            ``"reset"``; lr, betas, eps and weight_decay still come from the module's param groups.
         layerwise: update each parameter inside backward (post-accumulate-grad hooks) and free its gradient at once.
         seed: seeds the refresh sketches.
         hf_adamw: galore-torch's own AdamW arithmetic (epsilon before bias correction, decay after the update), op
@@ -100,7 +103,7 @@ class GaLore(Callback):
         lazy_refresh: bool = False,
         lazy_threshold: float = 0.9,
         lazy_max_gap: int = 1600,
-        optimizer: Literal["adamw"] = "adamw",
+        optimizer: Literal["adamw", "adamw8bit", "adafactor"] = "adamw",
         layerwise: bool = False,
         seed: int = 0,
         hf_adamw: bool = False,
@@ -116,8 +119,18 @@ class GaLore(Callback):
             raise ValueError(f"refresh must be 'randomized', 'svd_lowrank' or 'svd'; got {refresh!r}.")
         if moments not in ("reproject", "keep", "reset"):
             raise ValueError(f"moments must be 'reproject', 'keep' or 'reset'; got {moments!r}.")
-        if optimizer != "adamw":
-            raise ValueError(f"optimizer must be 'adamw' (the only base optimizer implemented); got {optimizer!r}.")
+        if optimizer not in ("adamw", "adamw8bit", "adafactor"):
+            raise ValueError(f"optimizer must be 'adamw', 'adamw8bit' or 'adafactor'; got {optimizer!r}.")
+        if optimizer != "adamw" and moments == "reproject":
+            raise ValueError(
+                f"moments='reproject' rotates AdamW's moments; optimizer={optimizer!r} keeps quantized or factored "
+                f"state that cannot be rotated. Set moments='keep' (galore-torch's behaviour) or 'reset'."
+            )
+        if optimizer == "adamw8bit":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
         self.settings = GaLoreSettings(
             rank=rank,
             update_proj_gap=update_proj_gap,
@@ -131,6 +144,7 @@ class GaLore(Callback):
             lazy_threshold=lazy_threshold,
             lazy_max_gap=lazy_max_gap,
             seed=seed,
+            optimizer=optimizer,
             hf_adamw=hf_adamw,
         )
         self.target_modules = target_modules

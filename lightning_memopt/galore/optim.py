@@ -40,7 +40,9 @@ from lightning_memopt.core.fsdp import all_reduce_sum, is_dtensor, local
 from lightning_memopt.galore.projector import LEFT, RIGHT, Method, compute_bases, side_for, subspace_overlap
 
 Moments = Literal["reproject", "keep", "reset"]
+BaseOptimizer = Literal["adamw", "adamw8bit", "adafactor"]
 
+_GALORE_KEYS = ("proj", "side", "n", "gap", "next_refresh")
 _STACK_BUDGET = 1 << 27  # fp32 elements per batched refresh (512 MiB), bounds the refresh's extra memory
 
 
@@ -60,6 +62,7 @@ class GaLoreSettings:
     lazy_threshold: float = 0.9
     lazy_max_gap: int = 1600
     seed: int = 0
+    optimizer: BaseOptimizer = "adamw"
     hf_adamw: bool = False  # galore-torch's arithmetic: eps added before bias correction, decay after the update
 
 
@@ -136,6 +139,99 @@ def _adam(
     )
 
 
+def _adamw8bit(
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """bitsandbytes' blockwise 8-bit AdamW kernel (the optional ``bitsandbytes`` extra), state in ``states``."""
+    try:
+        import bitsandbytes.functional as bnbf
+    except ImportError:  # pragma: no cover - checked at setup
+        raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
+    beta1, beta2 = group["betas"]
+    for p, g, s in zip(params, grads, states):
+        if "state1" not in s:
+            blocks = (p.numel() + 255) // 256
+            s.update(
+                step=0,
+                state1=torch.zeros_like(p, dtype=torch.uint8),
+                state2=torch.zeros_like(p, dtype=torch.uint8),
+                qmap1=bnbf.create_dynamic_map(signed=True).to(p.device),
+                qmap2=bnbf.create_dynamic_map(signed=False).to(p.device),
+                absmax1=torch.zeros(blocks, dtype=torch.float32, device=p.device),
+                absmax2=torch.zeros(blocks, dtype=torch.float32, device=p.device),
+            )
+        s["step"] += 1
+        bnbf.optimizer_update_8bit_blockwise(
+            "adam",
+            g.contiguous(),
+            p,
+            s["state1"],
+            s["state2"],
+            beta1,
+            beta2,
+            0.0,
+            0.0,
+            group["eps"],
+            s["step"],
+            lr,
+            s["qmap1"],
+            s["qmap2"],
+            s["absmax1"],
+            s["absmax2"],
+            weight_decay,
+        )
+
+
+def _adafactor(
+    group: dict[str, Any],
+    params: list[Tensor],
+    grads: list[Tensor],
+    states: list[dict[str, Any]],
+    lr: float,
+    weight_decay: float,
+) -> None:
+    """Adafactor (Shazeer & Stern 2018) without momentum, as galore-torch's GaLoreAdafactor runs it for fine-tuning
+    (``relative_step=False, scale_parameter=False``): factored fp32 second moment for matrices, β2_t = 1 − t^-0.8,
+    update RMS clipped to 1, decoupled weight decay."""
+    for p, g, s in zip(params, grads, states):
+        factored = g.ndim == 2
+        if "step" not in s:
+            if factored:
+                s.update(
+                    step=0,
+                    exp_avg_sq_row=torch.zeros(g.shape[0], dtype=torch.float32, device=g.device),
+                    exp_avg_sq_col=torch.zeros(g.shape[1], dtype=torch.float32, device=g.device),
+                )
+            else:
+                s.update(step=0, exp_avg_sq=torch.zeros_like(g, dtype=torch.float32))
+        s["step"] += 1
+        beta2t = 1.0 - s["step"] ** -0.8
+        g32 = g.to(torch.float32, copy=True)
+        g2 = g32.square().add_(1e-30)
+        if factored:
+            row, col = s["exp_avg_sq_row"], s["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(g2.mean(dim=-1), alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(g2.mean(dim=-2), alpha=1.0 - beta2t)
+            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
+            u = g32.mul_(r).mul_(col.rsqrt().unsqueeze(-2))
+        else:
+            v = s["exp_avg_sq"]
+            v.mul_(beta2t).add_(g2, alpha=1.0 - beta2t)
+            u = g32.mul_(v.rsqrt())
+        u.div_((u.square().mean().sqrt() / 1.0).clamp_(min=1.0))
+        if weight_decay > 0.0:
+            p.mul_(1.0 - lr * weight_decay)
+        p.add_(u.to(p.dtype), alpha=-lr)
+
+
+_UPDATES = {"adamw": _adam, "adamw8bit": _adamw8bit, "adafactor": _adafactor}
+
+
 class GaLoreAdamW:
     """Applies GaLore-AdamW to an optimizer's ``param_groups`` and ``state`` (a ``HolderOptimizer``'s, usually).
 
@@ -159,6 +255,16 @@ class GaLoreAdamW:
         self.index = {id(p): i for i, p in enumerate(targets)}
         self.refreshes = 0
         self.skipped_refreshes = 0
+        if settings.optimizer not in _UPDATES:
+            raise ValueError(f"optimizer must be one of {sorted(_UPDATES)}; got {settings.optimizer!r}.")
+        if settings.optimizer != "adamw" and settings.moments == "reproject":
+            raise ValueError(
+                f"moments='reproject' rotates AdamW's moments; {settings.optimizer}'s state (quantized or factored) "
+                f"cannot be rotated. Use moments='keep' (galore-torch's behaviour) or 'reset'."
+            )
+        if settings.hf_adamw and settings.optimizer != "adamw":
+            raise ValueError("hf_adamw=True reproduces galore-torch's GaLoreAdamW; it needs optimizer='adamw'.")
+        self._update = _UPDATES[settings.optimizer]
 
     # ---- public entry points -----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -183,7 +289,7 @@ class GaLoreAdamW:
         states = []
         for p in ps:
             s = self.opt.state[p]
-            if "exp_avg" not in s:
+            if "exp_avg" not in s and self.s.optimizer == "adamw":
                 w = local(p)
                 s.update(
                     step=torch.zeros((), dtype=torch.float32, device=w.device),
@@ -196,7 +302,7 @@ class GaLoreAdamW:
             for p, s in zip(ps, states):
                 _hf_adamw(group, local(p), local(p.grad), s, lr, wd)
             return
-        _adam(group, [local(p) for p in ps], [local(p.grad) for p in ps], states, lr, wd)
+        self._update(group, [local(p) for p in ps], [local(p.grad) for p in ps], states, lr, wd)
 
     # ---- GaLore ------------------------------------------------------------------------------------------------
     def _galore(self, group: dict[str, Any], ps: list[Tensor]) -> None:
@@ -215,8 +321,8 @@ class GaLoreAdamW:
             return
         grads = [local(p.grad) for p in ps]
         low = [s["proj"].mT @ g if s["side"] == LEFT else g @ s["proj"] for s, g in zip(states, grads)]
-        out = [torch.zeros_like(s["exp_avg"]) for s in states]
-        _adam(group, out, low, states, 1.0, 0.0)  # out = -(Adam direction) in the subspace
+        out = [torch.zeros_like(g) for g in low]
+        self._update(group, out, low, states, 1.0, 0.0)  # out = -(Adam direction) in the subspace
         beta, alpha = 1.0 - lr * wd, lr * self.s.scale
         for p, s, o in zip(ps, states, out):
             w = local(p)
@@ -269,10 +375,13 @@ class GaLoreAdamW:
         if "proj" not in s:
             r = basis.shape[-1]
             shape = (r, w.shape[1]) if side == LEFT else (w.shape[0], r)
+            if self.s.optimizer == "adamw":  # the others create their state on first update
+                s.update(
+                    step=torch.zeros((), dtype=torch.float32, device=w.device),
+                    exp_avg=torch.zeros(shape, dtype=w.dtype, device=w.device),
+                    exp_avg_sq=torch.zeros(shape, dtype=w.dtype, device=w.device),
+                )
             s.update(
-                step=torch.zeros((), dtype=torch.float32, device=w.device),
-                exp_avg=torch.zeros(shape, dtype=w.dtype, device=w.device),
-                exp_avg_sq=torch.zeros(shape, dtype=w.dtype, device=w.device),
                 proj=_store(basis, w.dtype, side),
                 side=side,
                 n=0,
@@ -301,9 +410,13 @@ class GaLoreAdamW:
                 m.copy_(rot.mT @ m.float())
                 v.copy_(rot2.mT @ v.float())
         elif self.s.moments == "reset":
-            s["exp_avg"].zero_()
-            s["exp_avg_sq"].zero_()
-            s["step"].zero_()
+            if self.s.optimizer == "adamw":
+                s["exp_avg"].zero_()
+                s["exp_avg_sq"].zero_()
+                s["step"].zero_()
+            else:  # recreated from zero on the next update
+                for k in [k for k in s if k not in _GALORE_KEYS]:
+                    del s[k]
         s["proj"] = _store(basis, w.dtype, side)
         s["next_refresh"] = s["n"] + s["gap"]
         self.refreshes += 1
