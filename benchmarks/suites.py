@@ -148,6 +148,9 @@ SUITES: dict[str, Suite] = {
                 ours("galore", "galore_layerwise"),
                 ours("galore", "galore_layerwise_ckpt", BOTH),
                 ours("galore", "galore_refresh"),
+                ours("galore", "refresh_only"),  # our randomized refresh of every matrix, alone
+                ours("galore", "svd4"),  # galore-torch's exact SVD of 4 matrices, alone
+                ours("galore", "adamw_fused"),  # plain AdamW through our GaLore optimizer's code path
             ),
             (
                 Ratio("speed-up vs galore-torch", "step_s", invert=True),
