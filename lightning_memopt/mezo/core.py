@@ -335,7 +335,7 @@ class ZeroOrder:
         """Apply one update with the (already all-reduced) ``g``; keeps the window for momentum/Adam."""
         cfg = self.config
         self.history.append((list(seeds), g.detach().float().reshape(-1)))
-        del self.history[: -cfg.window]
+        del self.history[: -(1 if cfg.variant == "sgd" else cfg.window)]
         s, a, b = window_terms(self.history, cfg)
         apply_update(
             self.module,
