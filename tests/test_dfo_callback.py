@@ -44,9 +44,13 @@ def test_batched_split_full_and_sequential_give_the_same_fitness():
             split = cb._eval_batched(model, batch, k, z, split=True)
             full = cb._eval_batched(model, batch, k, z, split=False)
             seq = cb._eval_sequential(model, batch, k, z)
+            cb.population_chunk = 4  # 4 + 2 candidates: the layers below run once per chunk
+            chunked = cb._eval_batched(model, batch, k, z, split=True)
+            cb.population_chunk = None
             own = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         torch.testing.assert_close(split, seq, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(full, seq, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(chunked, seq, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(seq[0], own, atol=1e-5, rtol=1e-5)
         assert float(seq.std()) > 1e-4  # the candidates really differ
         for a, b in cb.lora.factors(k, torch.zeros(2, 40)):  # LoRA starts at zero

@@ -1,6 +1,6 @@
 """DFOLoRA: derivative-free LoRA (C-LoRA with CMA-ES, F-LoRA with fireworks) as a Lightning callback.
 
-The whole step, in :meth:`DFOLoRA._generation`: one optimizer step is one generation for one layer (layers take
+The whole step, in :meth:`DFOLoRA.generation_step`: one optimizer step is one generation for one layer (layers take
 turns, bottom-up) on the current batch: ask the layer's optimizer for ``population`` z's, evaluate them (one forward
 of the batch expanded by the population, the layers below computed once; or one forward per candidate), all-reduce
 the fitness over data-parallel ranks, tell, and set the layer's z to the optimizer's mean (CMA-ES) or core firework.
@@ -74,6 +74,8 @@ class DFOLoRA(Callback):
         init_scale: scale of the random map relative to the targets' output std (BBTv2's alpha).
         stat_batches: training batches whose hidden-state statistics set the random map's std.
         n_fireworks, n_gaussian, bound: fireworks settings (fireworks kept, Gaussian sparks, search box).
+        population_chunk: evaluate at most this many candidates per forward (bounds the expanded batch's memory;
+            the layers below the current one then run once per chunk). None: the whole population at once.
         optimizer_device: where the optimizers' state lives (default: the module's device).
         seed: seed of the random maps and of the optimizers' sampling.
         allow_untested: warn instead of raising on strategies other than single device and FSDP2.
@@ -104,6 +106,7 @@ class DFOLoRA(Callback):
         n_fireworks: int = 5,
         n_gaussian: int = 1,
         bound: float | None = None,
+        population_chunk: int | None = None,
         optimizer_device: str | None = None,
         seed: int = 0,
         allow_untested: bool = False,
@@ -129,6 +132,7 @@ class DFOLoRA(Callback):
         self.target_pattern, self.init_scale, self.stat_batches = target_pattern, init_scale, stat_batches
         self.n_fireworks, self.n_gaussian, self.bound = n_fireworks, n_gaussian, bound
         self.optimizer_device, self.seed, self.allow_untested = optimizer_device, seed, allow_untested
+        self.population_chunk = population_chunk
         self.lora: ZLoRA | None = None
         self.opts: list[Optim] = []
         self.layer = 0
@@ -173,19 +177,24 @@ class DFOLoRA(Callback):
             return CMAES(x0, self.sigma, self.population, seed=seed)
         return Fireworks(x0, self.sigma, self.population, self.n_fireworks, self.n_gaussian, self.bound, seed=seed)
 
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        for p in pl_module.parameters():
-            p.requires_grad_(False)  # forward-only: the base model is frozen, autograd records nothing
+    def build(self, module: torch.nn.Module) -> None:
+        """Install the z-driven LoRA hooks on ``module`` and make one optimizer per layer (also usable without a
+        Trainer: then call :meth:`collect_stats` and :meth:`generation` yourself)."""
         if self.lora is None:
             try:
-                self.lora = ZLoRA(pl_module, self.rank, self.d, self.target_pattern, self.seed, self.sigma,
+                self.lora = ZLoRA(module, self.rank, self.d, self.target_pattern, self.seed, self.sigma,
                                   self.init_scale)
             except ValueError as err:
                 raise MisconfigurationException(str(err)) from None
         self.lora.install()
         dev = torch.device(self.optimizer_device) if self.optimizer_device else self.lora.device
         self.opts = [self._make_opt(k, dev) for k in range(self.lora.n_blocks)]
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for p in pl_module.parameters():
+            p.requires_grad_(False)  # forward-only: the base model is frozen, autograd records nothing
+        self.build(pl_module)
         swap_in_holder(trainer, self._step)
         _shim.set_skip_backward(trainer, True)
         t = sum(len(b.targets) for b in self.lora.blocks)
@@ -204,18 +213,22 @@ class DFOLoRA(Callback):
             return
         if self.lora.stats_ready:
             return
-        batches = self._stat_batches(trainer)
-        was = pl_module.training
-        pl_module.eval()
+        self.collect_stats(pl_module, self._stat_batches(trainer))
+
+    def collect_stats(self, module: torch.nn.Module, batches: list[dict[str, Tensor]]) -> None:
+        """Hidden-state statistics for the random maps (and the split check) on a few batches."""
+        assert self.lora is not None
+        was = module.training
+        module.eval()
         try:
             with torch.no_grad():
                 self.lora.collect_stats(
-                    lambda b: pl_module(b["input_ids"], b.get("attention_mask")), batches, all_reduce_sum
+                    lambda b: module(b["input_ids"], b.get("attention_mask")), batches, all_reduce_sum
                 )
                 if self.batched and self.split and self.verify_split:
-                    self._check_split(pl_module, batches[0])
+                    self._check_split(module, batches[0])
         finally:
-            pl_module.train(was)
+            module.train(was)
 
     def _stat_batches(self, trainer: Trainer) -> list[dict[str, Tensor]]:
         loader = trainer.train_dataloader
@@ -255,14 +268,14 @@ class DFOLoRA(Callback):
 
     def _step(self, closure: Any) -> Any:
         if not self.exhausted and self._batch is not None:
-            self._generation(self._module, self._batch)
+            self.generation_step(self._module, self._batch)
         if closure is None:
             return None
         with torch.enable_grad():  # the closure expects it; nothing requires grad, so no graph is built
             return closure()
 
-    def _generation(self, pl_module: LightningModule, batch: dict[str, Tensor]) -> None:
-        """One generation of the current layer's optimizer on this batch."""
+    def generation_step(self, pl_module: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        """One generation of the current layer's optimizer on this batch; returns the population's fitness."""
         assert self.lora is not None
         k = self.layer
         opt = self.opts[k]
@@ -284,6 +297,7 @@ class DFOLoRA(Callback):
         self.evaluations += z.shape[0]
         self.generation += 1
         self.layer = (k + 1) % self.lora.n_blocks
+        return fit
 
     def _eval_batched(
         self, pl_module: LightningModule, batch: dict[str, Tensor], k: int, z: Tensor, split: bool, raw: bool = False
@@ -293,14 +307,19 @@ class DFOLoRA(Callback):
         if mask is None:
             mask = torch.ones_like(ids)
         b, p = ids.shape[0], z.shape[0]
-        self.lora.begin_population(k, z, b, expand=split)
-        try:
-            if split:
-                logits = pl_module(ids, mask)
-            else:
-                logits = pl_module(ids.repeat(p, 1), mask.repeat(p, 1))
-        finally:
-            self.lora.end_population()
+        step = self.population_chunk or p
+        parts = []
+        for i in range(0, p, step):
+            zc = z[i : i + step]
+            self.lora.begin_population(k, zc, b, expand=split)
+            try:
+                if split:
+                    parts.append(pl_module(ids, mask))
+                else:
+                    parts.append(pl_module(ids.repeat(zc.shape[0], 1), mask.repeat(zc.shape[0], 1)))
+            finally:
+                self.lora.end_population()
+        logits = torch.cat(parts)
         logits = logits.reshape(p, b, -1)
         return logits if raw else population_fitness(logits, batch["labels"], self.loss, self.margin)
 

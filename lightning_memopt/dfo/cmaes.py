@@ -83,7 +83,6 @@ class CMAES:
         self.C = torch.eye(n, dtype=dtype, device=dev)
         self.B = torch.eye(n, dtype=dtype, device=dev)
         self.D = torch.ones(n, dtype=dtype, device=dev)
-        self.invsqrtC = torch.eye(n, dtype=dtype, device=dev)
         self.ps = torch.zeros(n, dtype=dtype, device=dev)
         self.pc = torch.zeros(n, dtype=dtype, device=dev)
         self.generation = 0
@@ -126,14 +125,14 @@ class CMAES:
         y = y_all[: self.mu]
         yw = w @ y
         self.mean = self.mean + self.sigma * yw
-        self.ps = (1 - cs) * self.ps + math.sqrt(cs * (2 - cs) * self.mueff) * (self.invsqrtC @ yw)
+        self.ps = (1 - cs) * self.ps + math.sqrt(cs * (2 - cs) * self.mueff) * self._invsqrt(yw[None])[0]
         self.generation += 1
         ps_norm = float(self.ps.norm())
         hsig = ps_norm / math.sqrt(1 - (1 - cs) ** (2 * self.generation)) / self.chin < 1.4 + 2 / (n + 1)
         self.pc = (1 - cc) * self.pc + float(hsig) * math.sqrt(cc * (2 - cc) * self.mueff) * yw
         wa = self.weights_all
         # Negative weights act on Mahalanobis-normalised steps so that C stays positive definite.
-        mahal = ((y_all @ self.invsqrtC.T) ** 2).sum(1).clamp(min=1e-30)
+        mahal = (self._invsqrt(y_all) ** 2).sum(1).clamp(min=1e-30)
         wo = torch.where(wa >= 0, wa, wa * n / mahal)
         delta_h = (1 - float(hsig)) * cc * (2 - cc)
         self.C.mul_(1 + c1 * delta_h - c1 - cmu * float(wa.sum()))
@@ -144,6 +143,10 @@ class CMAES:
             self._eigen()
         self._asked = None
 
+    def _invsqrt(self, y: Tensor) -> Tensor:
+        """Rows of ``y`` times C^(-1/2) = B D^-1 B^T (of the last decomposition), without storing that matrix."""
+        return ((y @ self.B) / self.D) @ self.B.T
+
     def _eigen(self) -> None:
         self.eigen_generation = self.generation
         self.C = (self.C + self.C.T) / 2  # symmetric up to rounding
@@ -151,10 +154,9 @@ class CMAES:
         evals = evals.clamp(min=1e-20)
         self.D = evals.sqrt()
         self.B = evecs
-        self.invsqrtC = (evecs / self.D) @ evecs.T
 
     # ---- checkpointing ------------------------------------------------------------------------------------------
-    _TENSORS = ("mean", "C", "B", "D", "invsqrtC", "ps", "pc", "best_x")
+    _TENSORS = ("mean", "C", "B", "D", "ps", "pc", "best_x")
     _SCALARS = ("sigma", "generation", "eigen_generation", "evaluations", "best_f", "lam", "n")
 
     def state_dict(self) -> dict[str, Any]:
