@@ -78,6 +78,8 @@ def run_cli(args: ArgsType = None, run: bool = True) -> MemoptCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # Logs, checkpoints and the saved config.yaml go under runs/ rather than into the working directory.
+        trainer_defaults={"default_root_dir": "runs"},
         parser_kwargs={"description": "lightning_memopt: memory-efficient LLM fine-tuning with Lightning callbacks."},
         args=args,
         run=run,
