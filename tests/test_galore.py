@@ -295,3 +295,20 @@ def test_rotating_moments_needs_adamw():
         GaLoreAdamW(holder, [w], GaLoreSettings(optimizer="adafactor", moments="reproject"))
     with pytest.raises(ValueError, match="optimizer must be"):
         GaLoreAdamW(holder, [w], GaLoreSettings(optimizer="sgd"))
+
+
+def test_eager_state_equals_lazy_state():
+    """init_state() (FSDP2's checkpoint template: zero moments, a zero basis due at once) trains exactly like lazy
+    creation."""
+    results = []
+    for eager in (False, True):
+        m, targets, rest = _tiny()
+        holder = HolderOptimizer(torch.optim.AdamW([{"params": rest}, {"params": targets}], lr=1e-3))
+        galore = GaLoreAdamW(holder, targets, GaLoreSettings(rank=8, update_proj_gap=3))
+        if eager:
+            galore.init_state()
+            assert all(holder.state[p]["next_refresh"] == 0 for p in targets)
+        _train(m, galore.step, holder.zero_grad, 5)
+        results.append({n: p.detach().clone() for n, p in m.named_parameters()})
+    for n in results[0]:
+        torch.testing.assert_close(results[0][n], results[1][n], atol=1e-7, rtol=0, msg=n)

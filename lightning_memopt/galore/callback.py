@@ -159,6 +159,12 @@ class GaLore(Callback):
 
     # ---- validation --------------------------------------------------------------------------------------------
     def _validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.layerwise and _checks.strategy_kind(trainer) == _checks.FSDP2:
+            raise MisconfigurationException(
+                "GaLore layer-wise mode runs on one device (as galore-torch's). Under FSDP2 use "
+                "GaLore(layerwise=False, proj_type='right'): gradients are already sharded, so the step-boundary "
+                "update holds only 1/world_size of them."
+            )
         allowed = [_checks.SINGLE] if self.layerwise else [_checks.SINGLE, _checks.FSDP2]
         kind = _checks.check_strategy(
             trainer, _METHOD + (" layer-wise" if self.layerwise else ""), allowed, self.allow_untested
@@ -184,6 +190,11 @@ class GaLore(Callback):
                     f"GaLore under FSDP2 projects local row shards and needs proj_type='right' (a column basis all "
                     f"ranks share); got proj_type={self.settings.proj_type!r}. Set GaLore(proj_type='right') (and "
                     f"use it on one device too when comparing runs)."
+                )
+            if self.settings.optimizer != "adamw":
+                raise MisconfigurationException(
+                    f"GaLore under FSDP2 supports optimizer='adamw' (sharded moments that checkpoints gather); got "
+                    f"optimizer={self.settings.optimizer!r}. Set GaLore(optimizer='adamw') or use one device."
                 )
             if self.settings.refresh != "randomized":
                 raise MisconfigurationException(
@@ -217,6 +228,8 @@ class GaLore(Callback):
         self._module = pl_module
         self.holder = swap_in_holder(trainer, self._step_layerwise if self.layerwise else self._step)
         self.galore = GaLoreAdamW(self.holder, targets, self.settings)
+        if _checks.strategy_kind(trainer) == _checks.FSDP2:
+            self.galore.init_state()  # the checkpoint loader needs the state as a template
         if self.layerwise:
             params = [p for g in self.holder.param_groups for p in g["params"]]
             self._fused = FusedBackward(params, update=self._update_one)

@@ -74,6 +74,29 @@ def _store(basis: Tensor, dtype: torch.dtype, side: int) -> Tensor:
     return basis.to(dtype, copy=True).contiguous()
 
 
+def _zero_adam_state(p: Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Zero Adam moments of the GLOBAL ``shape`` in ``p``'s dtype. Under FSDP2 (only right projections, so the
+    moments keep the weight's rows) they are DTensors sharded like ``p``: checkpoints gather and re-shard them."""
+    w = local(p)
+    step = torch.zeros((), dtype=torch.float32, device=w.device)
+    if not is_dtensor(p):
+        return {
+            "step": step,
+            "exp_avg": torch.zeros(shape, dtype=w.dtype, device=w.device),
+            "exp_avg_sq": torch.zeros(shape, dtype=w.dtype, device=w.device),
+        }
+    from torch.distributed.tensor import DTensor
+
+    local_shape = (w.shape[0], *shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+
+    def zeros() -> Tensor:
+        t = torch.zeros(local_shape, dtype=w.dtype, device=w.device)
+        return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
+
+    return {"step": step, "exp_avg": zeros(), "exp_avg_sq": zeros()}
+
+
 def _fused_ok(tensors: Iterable[Tensor]) -> bool:
     return all(
         t.device.type in ("cuda", "cpu") and t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors
@@ -123,8 +146,8 @@ def _adam(
     adam(
         params,
         grads,
-        [s["exp_avg"] for s in states],
-        [s["exp_avg_sq"] for s in states],
+        [local(s["exp_avg"]) for s in states],
+        [local(s["exp_avg_sq"]) for s in states],
         [],
         steps,
         fused=_fused_ok(params + grads) or None,
@@ -282,6 +305,28 @@ class GaLoreAdamW:
             return
         (self._galore if id(p) in self.index else self._plain)(group, [p])
 
+    def init_state(self) -> None:
+        """Create every parameter's state now, zero, with a placeholder basis due for refresh on the first step.
+
+        FSDP2 checkpoint loading needs the state as a template before the first step; the result equals lazy
+        creation (the first refresh rotates zero moments).
+        """
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                s = self.opt.state[p]
+                if s or not p.requires_grad:
+                    continue
+                if id(p) not in self.index:
+                    s.update(_zero_adam_state(p, tuple(p.shape)))
+                    continue
+                m, n = p.shape
+                side = side_for(p.shape, self.s.proj_type)
+                r = min(self.s.rank, m, n)
+                shape = (r, n) if side == LEFT else (m, r)
+                s.update(_zero_adam_state(p, shape))
+                basis = torch.zeros((m if side == LEFT else n, r), dtype=torch.float32, device=local(p).device)
+                s.update(proj=_store(basis, p.dtype, side), side=side, n=0, gap=self.s.update_proj_gap, next_refresh=0)
+
     # ---- plain AdamW for non-target parameters -----------------------------------------------------------------
     def _plain(self, group: dict[str, Any], ps: list[Tensor]) -> None:
         if not ps:
@@ -290,12 +335,7 @@ class GaLoreAdamW:
         for p in ps:
             s = self.opt.state[p]
             if "exp_avg" not in s and self.s.optimizer == "adamw":
-                w = local(p)
-                s.update(
-                    step=torch.zeros((), dtype=torch.float32, device=w.device),
-                    exp_avg=torch.zeros_like(w, memory_format=torch.preserve_format),
-                    exp_avg_sq=torch.zeros_like(w, memory_format=torch.preserve_format),
-                )
+                s.update(_zero_adam_state(p, tuple(p.shape)))
             states.append(s)
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         if self.s.hf_adamw:
@@ -374,13 +414,9 @@ class GaLoreAdamW:
         gap = self.s.update_proj_gap
         if "proj" not in s:
             r = basis.shape[-1]
-            shape = (r, w.shape[1]) if side == LEFT else (w.shape[0], r)
+            shape = (r, p.shape[1]) if side == LEFT else (p.shape[0], r)  # global shape
             if self.s.optimizer == "adamw":  # the others create their state on first update
-                s.update(
-                    step=torch.zeros((), dtype=torch.float32, device=w.device),
-                    exp_avg=torch.zeros(shape, dtype=w.dtype, device=w.device),
-                    exp_avg_sq=torch.zeros(shape, dtype=w.dtype, device=w.device),
-                )
+                s.update(_zero_adam_state(p, shape))
             s.update(
                 proj=_store(basis, w.dtype, side),
                 side=side,
@@ -401,7 +437,7 @@ class GaLoreAdamW:
             overlap = float(subspace_overlap(old, basis))
             s["gap"] = min(2 * s["gap"], self.s.lazy_max_gap) if overlap >= self.s.lazy_threshold else gap
         if self.s.moments == "reproject":
-            m, v = s["exp_avg"], s["exp_avg_sq"]
+            m, v = local(s["exp_avg"]), local(s["exp_avg_sq"])
             rot2 = rot.square()
             if side == RIGHT:
                 m.copy_(m.float() @ rot)
@@ -411,8 +447,8 @@ class GaLoreAdamW:
                 v.copy_(rot2.mT @ v.float())
         elif self.s.moments == "reset":
             if self.s.optimizer == "adamw":
-                s["exp_avg"].zero_()
-                s["exp_avg_sq"].zero_()
+                local(s["exp_avg"]).zero_()
+                local(s["exp_avg_sq"]).zero_()
                 s["step"].zero_()
             else:  # recreated from zero on the next update
                 for k in [k for k in s if k not in _GALORE_KEYS]:
