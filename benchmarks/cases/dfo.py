@@ -1,0 +1,110 @@
+"""Derivative-free LoRA cases: one generation (ask, evaluate the population, tell) per timed step.
+
+- ``dfo_batched``: the population in one forward (batch expanded by the population from the current layer's input;
+  the layers below run once).
+- ``dfo_sequential``: one forward per candidate (the public C-LoRA code's way).
+- ``inference``: one no-grad forward of the per-candidate batch (the memory reference: the target is
+  peak(dfo_batched) <= 1.3 x peak(inference)).
+- ``inference_pop``: one no-grad forward of the population-sized batch (population x batch), for context.
+
+The model is a random-init Llama of ``benchmarks.common.build`` (``1b`` etc.), or SmolLM2 from a GGUF file with
+size ``smollm2`` and ``SMOL_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf``. The fitness is cross-entropy over two
+"label words" at the last position, as in prompt classification. A timed step cycles through the layers (one
+generation per layer), so ``reps`` defaults to the number of layers (at most 16).
+
+Usage: ``python -m benchmarks.cases.dfo CASE SIZE [BATCH] [SEQ]`` (BATCH is the per-candidate batch; POP=20 sets the
+population, CHUNK=5 evaluates it 5 candidates per forward); ``DEV=cpu python -m benchmarks.cases.dfo dfo_batched tiny 2 16`` is the CPU smoke run.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import torch
+
+from benchmarks.common import DEV, build, report, timed
+from lightning_memopt.dfo.callback import DFOLoRA
+
+CASES = ("dfo_batched", "dfo_sequential", "inference", "inference_pop")
+
+
+class LabelLM(torch.nn.Module):
+    """``module(input_ids, attention_mask)`` -> label-word logits at the last position (HFCausalLM's contract)."""
+
+    def __init__(self, model: torch.nn.Module, label_ids: tuple[int, int] = (3, 5)) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("label_ids", torch.tensor(label_ids), persistent=False)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1, self.label_ids].float()
+
+
+def load(size: str) -> torch.nn.Module:
+    if size == "smollm2":
+        path = os.environ.get("SMOL_GGUF")
+        if not path:
+            raise SystemExit("size smollm2 needs SMOL_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf")
+        from lightning_memopt.models.hf import load_hf_model
+
+        return load_hf_model(path, torch_dtype="bfloat16").to(DEV)
+    return build(size)
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[0] not in CASES:
+        raise SystemExit(f"usage: python -m benchmarks.cases.dfo {{{','.join(CASES)}}} SIZE [BATCH] [SEQ]")
+    case, size = argv[0], argv[1]
+    batch = int(argv[2]) if len(argv) > 2 else 4
+    seq = int(argv[3]) if len(argv) > 3 else 128
+    pop = int(os.environ.get("POP", "20"))
+    chunk = int(os.environ["CHUNK"]) if os.environ.get("CHUNK") else None
+    if DEV == "cpu":
+        torch.set_num_threads(1)  # smoke mode on a shared CPU: threads only oversubscribe
+    res: dict[str, Any] = {"method": case, "size": size, "batch": batch, "seq": seq, "population": pop, "chunk": chunk,
+                               "impl": "lightning_memopt"}
+    try:
+        model = load(size)
+        model.eval()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+        vocab = model.config.vocab_size
+        module = LabelLM(model).to(DEV)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(DEV)
+        mask = torch.ones_like(ids)
+        labels = torch.randint(0, 2, (batch,), generator=gen).to(DEV)
+        data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        n_layers = model.config.num_hidden_layers
+        reps = min(n_layers, 16)
+        if case in ("inference", "inference_pop"):
+            rep = pop if case == "inference_pop" else 1
+            x, m = ids.repeat(rep, 1), mask.repeat(rep, 1)
+
+            def step() -> None:
+                with torch.no_grad():
+                    module(x, m).sum().item()
+        else:
+            cb = DFOLoRA(optimizer="cmaes", population=pop, budget=None, batched=case == "dfo_batched",
+                         population_chunk=chunk)
+            cb.build(module)
+            cb.collect_stats(module, [data])
+            res["split"] = cb.split
+
+            def step() -> None:
+                cb.generation_step(module, data)  # tell() reads the fitness on the host: one sync per generation
+
+        t, mem = timed(step, warm=2, reps=reps)
+        res.update(step_s=round(t, 4), peak_gib=round(mem, 3), candidates_per_s=round(pop / t, 1)
+                   if case.startswith("dfo") else None, tok_per_s=round(batch * seq / t, 1))
+    except torch.OutOfMemoryError:
+        res.update(step_s=None, peak_gib="OOM")
+    report(res)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
