@@ -124,3 +124,40 @@ def test_refusals_name_the_fix():
         DFOLoRA(optimizer="fireworks", population=6)
     with pytest.raises(ValueError, match="optimizer"):
         DFOLoRA(optimizer="adam")
+
+
+def test_encoder_split_and_full_match_sequential():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lightning_memopt.dfo.lora import ZLoRA
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                     intermediate_size=64, num_labels=2)
+    model = BertForSequenceClassification(cfg).eval()
+    ids = torch.randint(0, 100, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+
+    def f(i, a):
+        return model(input_ids=i, attention_mask=a).logits
+
+    lora = ZLoRA(model, rank=2, d=24)
+    assert [t.name.rsplit(".", 1)[-1] for t in lora.blocks[0].targets] == ["query", "key"]
+    lora.install()
+    lora.collect_stats(lambda b: f(b["input_ids"], b["attention_mask"]), [{"input_ids": ids, "attention_mask": mask}])
+    lora.set_z(0, torch.randn(24))
+    z = torch.randn(4, 24, dtype=torch.float64)
+    with torch.no_grad():
+        for k in range(3):
+            lora.begin_population(k, z, 3, expand=True)
+            split = f(ids, mask)
+            lora.begin_population(k, z, 3, expand=False)
+            full = f(ids.repeat(4, 1), mask.repeat(4, 1))
+            seq = []
+            for p in range(4):
+                lora.begin_population(k, z[p : p + 1], 3, expand=False)
+                seq.append(f(ids, mask))
+            lora.end_population()
+            torch.testing.assert_close(split, torch.cat(seq), atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(full, torch.cat(seq), atol=1e-6, rtol=1e-5)

@@ -64,8 +64,8 @@ def main(argv: list[str]) -> None:
     chunk = int(os.environ["CHUNK"]) if os.environ.get("CHUNK") else None
     if DEV == "cpu":
         torch.set_num_threads(1)  # smoke mode on a shared CPU: threads only oversubscribe
-    res: dict[str, Any] = {"method": case, "size": size, "batch": batch, "seq": seq, "population": pop, "chunk": chunk,
-                               "impl": "lightning_memopt"}
+    res: dict[str, Any] = {"method": case, "size": size, "batch": batch, "seq": seq, "population": pop,
+                           "chunk": chunk, "impl": "lightning_memopt"}
     try:
         model = load(size)
         model.eval()
