@@ -181,6 +181,7 @@ class HFCausalLM(LightningModule):
                 f"The tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {vocab}; "
                 f"raise vocab_size in model_config to at least {len(self.tokenizer)}."
             )
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.label_token_ids: Optional[list[int]] = None
