@@ -238,9 +238,14 @@ def window_terms(
         g = g.float()
         a.append(g * (w1[i] / s1 / k))
         b.append(g * g * (w2[i] / s2 / (k * k)))
-    dev = recent[-1][1].device
-    seeds_t = torch.tensor(seeds, dtype=torch.int64, device=dev)
-    return seeds_t, torch.cat(a), torch.cat(b) if cfg.variant == "adam" else None
+    return _device_ints(seeds, recent[-1][1].device), torch.cat(a), torch.cat(b) if cfg.variant == "adam" else None
+
+
+def _device_ints(values: Sequence[int], device: torch.device) -> Tensor:
+    """An int64 tensor on ``device`` without a host-to-device copy (a pageable copy would sync the stream)."""
+    if device.type == "cpu":
+        return torch.tensor(list(values), dtype=torch.int64)
+    return torch.stack([torch.full((), int(v), dtype=torch.int64, device=device) for v in values])
 
 
 @torch.no_grad()
