@@ -73,6 +73,7 @@ def ours(module: str, name: str, sizes: tuple[str, ...] = ("1b",), **kw: object)
 
 
 BOTH = ("1b", "7b")
+DFO = {"batch": 4, "seq": 128, "smoke": True}  # few-shot classification prompts
 
 SUITES: dict[str, Suite] = {
     s.name: s
@@ -160,11 +161,13 @@ SUITES: dict[str, Suite] = {
         ),
         Suite(
             "dfo",
-            "Derivative-free LoRA: the whole CMA-ES population in one batched forward against one candidate at a time.",
+            "Derivative-free LoRA: one CMA-ES generation (population 20) in one batched forward against one"
+            " candidate at a time; batch is per candidate. Target: peak(dfo_batched) <= 1.3 x peak(inference).",
             (
-                ours("dfo", "inference", smoke=True),
-                ours("dfo", "dfo_batched", smoke=True),
-                ours("dfo", "dfo_sequential", smoke=True),
+                ours("dfo", "inference", **DFO),
+                ours("dfo", "inference_pop", **DFO),  # one forward of population x batch sequences
+                ours("dfo", "dfo_batched", **DFO),
+                ours("dfo", "dfo_sequential", **DFO),
             ),
             (
                 Ratio("sequential / batched step", "step_s", "ours:dfo_batched", rows=("ours:dfo_sequential",)),
