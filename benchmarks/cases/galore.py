@@ -8,6 +8,7 @@ the 2-D weights of attention and MLP (the anchors' selection: every nn.Linear bu
   with HF activation checkpointing.
 * ``galore_refresh``: gap 1, a full step with a refresh of every matrix (the anchor's case: 1 warm-up, 2 timed).
 * ``refresh_only``: only the full-model randomized refresh (gradients computed once, outside the timing).
+* ``galore_refresh_p0`` / ``refresh_only_p0``: the same with ``power_iters=0`` (one QR per matrix instead of two).
 * ``svd4``: exact fp32 ``torch.linalg.svd`` of the first 4 target gradients (galore-torch's refresh of 4 matrices).
 * ``adamw_fused``: the reference: plain fused AdamW through the same code path (``GaLoreAdamW`` with no targets).
 
@@ -29,19 +30,25 @@ from lightning_memopt.galore.callback import select_targets
 from lightning_memopt.galore.optim import GaLoreAdamW, GaLoreSettings
 
 
-def _setup(model: torch.nn.Module, gap: int, with_targets: bool = True, checkpointing: bool = False):
+def _setup(
+    model: torch.nn.Module, gap: int, with_targets: bool = True, checkpointing: bool = False, power_iters: int = 1
+):
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rank = 128 if model.config.hidden_size >= 512 else 8
     holder = HolderOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
     targets = select_targets(model) if with_targets else []
-    galore = GaLoreAdamW(holder, targets, GaLoreSettings(rank=rank, update_proj_gap=gap, scale=0.25))
+    galore = GaLoreAdamW(
+        holder, targets, GaLoreSettings(rank=rank, update_proj_gap=gap, scale=0.25, power_iters=power_iters)
+    )
     return holder, galore, targets
 
 
-def normal(model: torch.nn.Module, x: torch.Tensor, gap: int = 200, with_targets: bool = True) -> Callable[[], Any]:
-    holder, galore, _ = _setup(model, gap, with_targets)
+def normal(
+    model: torch.nn.Module, x: torch.Tensor, gap: int = 200, with_targets: bool = True, power_iters: int = 1
+) -> Callable[[], Any]:
+    holder, galore, _ = _setup(model, gap, with_targets, power_iters=power_iters)
 
     def step() -> None:
         model(input_ids=x, labels=x).loss.backward()
@@ -62,8 +69,8 @@ def layerwise(model: torch.nn.Module, x: torch.Tensor, checkpointing: bool) -> C
     return step
 
 
-def refresh_only(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
-    _, galore, targets = _setup(model, 1)
+def refresh_only(model: torch.nn.Module, x: torch.Tensor, power_iters: int = 1) -> Callable[[], Any]:
+    _, galore, targets = _setup(model, 1, power_iters=power_iters)
     model(input_ids=x, labels=x).loss.backward()
 
     def step() -> None:
@@ -91,7 +98,9 @@ CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] =
     "galore_layerwise": lambda m, x: layerwise(m, x, False),
     "galore_layerwise_ckpt": lambda m, x: layerwise(m, x, True),
     "galore_refresh": lambda m, x: normal(m, x, gap=1),
+    "galore_refresh_p0": lambda m, x: normal(m, x, gap=1, power_iters=0),
     "refresh_only": refresh_only,
+    "refresh_only_p0": lambda m, x: refresh_only(m, x, power_iters=0),
     "svd4": svd4,
     "adamw_fused": lambda m, x: normal(m, x, with_targets=False),
 }
@@ -103,7 +112,7 @@ def main(argv: list[str]) -> None:
     case, size = argv[0], argv[1]
     batch = int(argv[2]) if len(argv) > 2 else 8
     seq = int(argv[3]) if len(argv) > 3 else 512
-    warm, reps = (1, 2) if case in ("galore_refresh", "svd4") else (2, 5)
+    warm, reps = (1, 2) if case in ("galore_refresh", "galore_refresh_p0", "svd4") else (2, 5)
     run_case(case, size, batch, seq, CASES[case], warm=warm, reps=reps)
 
 
