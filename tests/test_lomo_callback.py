@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import types
 
 import lightning.pytorch as pl
@@ -202,3 +203,40 @@ def test_shim_closure_loss_pins_lightning_closure():
 
     fit([Probe()], steps=1)
     assert seen["loss"].requires_grad and torch.equal(seen["loss"].detach(), seen["detached"])
+
+
+def test_backward_hooks_and_learning_rate_monitor(tmp_path):
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Count(pl.Callback):
+        def __init__(self):
+            self.before = self.after = 0
+            self.lrs = []
+
+        def on_before_backward(self, trainer, pl_module, loss):
+            self.before += 1
+
+        def on_after_backward(self, trainer, pl_module):
+            self.after += 1
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.lrs.append(trainer.strategy.optimizers[0].param_groups[0]["lr"])
+
+    count = Count()
+    logger = CSVLogger(tmp_path, name="lomo")
+    fit(
+        [LOMO(lr=0.1, clip_grad_norm=0.5), count, LearningRateMonitor("step")],
+        steps=4,
+        model_kw=SCHED,
+        logger=logger,
+        log_every_n_steps=1,
+    )
+    assert count.before == count.after == 4  # the updating pass only (the measure pass is not a backward to hooks)
+    assert count.lrs[0] == pytest.approx(0.05) and count.lrs[1] == pytest.approx(0.1)  # warmup 2 steps, then decay
+    logger.save()
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    logged = [float(r["lr-HolderOptimizer/pg1"]) for r in rows if r.get("lr-HolderOptimizer/pg1")]
+    assert logged[:2] == pytest.approx(count.lrs[:2])
+    assert any(r.get("lomo/grad_norm") for r in rows)
