@@ -161,3 +161,16 @@ def test_encoder_split_and_full_match_sequential():
             lora.end_population()
             torch.testing.assert_close(split, torch.cat(seq), atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(full, torch.cat(seq), atol=1e-6, rtol=1e-5)
+
+
+def test_merge_folds_the_lora_into_the_weights():
+    cb = DFOLoRA(d=20, population=4, budget=None, stat_batches=1)
+    model, dm, _ = _fit(cb, steps=2)
+    batch = next(iter(dm.train_dataloader()))
+    model.eval()
+    with torch.no_grad():
+        hooked = model(batch["input_ids"], batch["attention_mask"])
+        cb.merge()
+        merged = model(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-5)
+    assert not cb.lora._handles  # the hooks are gone: the module alone carries the adaptation

@@ -348,6 +348,13 @@ class DFOLoRA(Callback):
             rank_zero_info(f"DFOLoRA: budget of {self.budget} forwards spent after {self.generation} generations.")
             trainer.should_stop = True
 
+    def merge(self) -> None:
+        """Fold the learned LoRA into the module's q/k weights and remove the hooks (e.g. before saving the module
+        for plain inference). Training cannot continue with this callback afterwards."""
+        if self.lora is None:
+            raise RuntimeError("DFOLoRA.merge(): nothing to merge before fit (or build) has run.")
+        self.lora.merge()
+
     # ---- state -----------------------------------------------------------------------------------------------
     @override
     def state_dict(self) -> dict[str, Any]:

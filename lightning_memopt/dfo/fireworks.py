@@ -140,7 +140,8 @@ class Fireworks:
                 continue
             base = self.X[i].expand(c, self.n)
             mask = self._rand(c, self.n) < 0.5  # each dimension takes part with probability 1/2
-            mask[torch.arange(c), torch.randint(self.n, (c,), generator=self.gen, device=self.device)] = True
+            hit = torch.randint(self.n, (c,), generator=self.gen, device=self.device)
+            mask[torch.arange(c, device=self.device), hit] = True
             step = (self._rand(c, self.n) * 2 - 1) * amps[i]  # EFWA: a separate offset per dimension
             parts.append(self._map(base + mask * step))
         if self.ng:

@@ -303,6 +303,22 @@ class ZLoRA:
             return
         self._fixed[idx] = [(a[0], b[0]) for a, b in self.factors(idx, self.z[idx][None])]
 
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold every block's current LoRA delta into the target weights (``W += B A``) and remove the hooks, so the
+        module works (and saves) without this object. Not for FSDP2-sharded (DTensor) weights."""
+        for b in self.blocks:
+            fixed = self._fixed[b.targets[0].block]
+            for j, t in enumerate(b.targets):
+                w = t.module.weight
+                if type(w).__name__ == "DTensor":
+                    raise NotImplementedError("merge() needs unsharded weights; gather the model first.")
+                if fixed is not None:
+                    a, bb = fixed[j]
+                    w.add_((bb @ a).to(w.dtype))
+        self.remove()
+        self._fixed = [None] * self.n_blocks
+
     # ---- population mode -----------------------------------------------------------------------------------------
     def begin_population(self, idx: int, z: Tensor, batch: int, expand: bool) -> None:
         """Candidates ``z [P, d]`` for block ``idx``; with ``expand`` the batch of ``batch`` rows is repeated P
