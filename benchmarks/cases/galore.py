@@ -6,6 +6,8 @@ the 2-D weights of attention and MLP (the anchors' selection: every nn.Linear bu
 * ``galore``: one step at the optimizer boundary, gap 200 (the timed steps are steady state, no refresh).
 * ``galore_layerwise`` / ``galore_layerwise_ckpt``: updates inside backward (post-accumulate-grad hooks), without /
   with HF activation checkpointing.
+* ``galore_layerwise_ckpt_all2d`` / ``galore_layerwise_ckpt_8bit_all2d``: not the anchors' setting: the embeddings
+  and lm_head are projected too (their full AdamW moments are ~1 GiB at 7b), optionally with 8-bit moments.
 * ``galore_refresh``: gap 1, a full step with a refresh of every matrix (the anchor's case: 1 warm-up, 2 timed).
 * ``refresh_only``: only the full-model randomized refresh (gradients computed once, outside the timing).
 * ``galore_refresh_p0`` / ``refresh_only_p0``: the same with ``power_iters=0`` (one QR per matrix instead of two).
@@ -31,17 +33,30 @@ from lightning_memopt.galore.optim import GaLoreAdamW, GaLoreSettings
 
 
 def _setup(
-    model: torch.nn.Module, gap: int, with_targets: bool = True, checkpointing: bool = False, power_iters: int = 1
+    model: torch.nn.Module,
+    gap: int,
+    with_targets: bool = True,
+    checkpointing: bool = False,
+    power_iters: int = 1,
+    optimizer: str = "adamw",
+    all_2d: bool = False,
 ):
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rank = 128 if model.config.hidden_size >= 512 else 8
     holder = HolderOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
-    targets = select_targets(model) if with_targets else []
-    galore = GaLoreAdamW(
-        holder, targets, GaLoreSettings(rank=rank, update_proj_gap=gap, scale=0.25, power_iters=power_iters)
+    if not with_targets:
+        targets = []
+    elif all_2d:  # embeddings and lm_head too
+        targets = select_targets(model, target_modules=".", exclude_modules=None)
+    else:
+        targets = select_targets(model)
+    moments = "reproject" if optimizer == "adamw" else "keep"
+    settings = GaLoreSettings(
+        rank=rank, update_proj_gap=gap, scale=0.25, power_iters=power_iters, optimizer=optimizer, moments=moments
     )
+    galore = GaLoreAdamW(holder, targets, settings)
     return holder, galore, targets
 
 
@@ -58,8 +73,10 @@ def normal(
     return step
 
 
-def layerwise(model: torch.nn.Module, x: torch.Tensor, checkpointing: bool) -> Callable[[], Any]:
-    holder, galore, _ = _setup(model, 200, checkpointing=checkpointing)
+def layerwise(
+    model: torch.nn.Module, x: torch.Tensor, checkpointing: bool, optimizer: str = "adamw", all_2d: bool = False
+) -> Callable[[], Any]:
+    holder, galore, _ = _setup(model, 200, checkpointing=checkpointing, optimizer=optimizer, all_2d=all_2d)
     group = holder.param_groups[0]
     FusedBackward(group["params"], update=lambda p: galore.step_param(p, group))
 
@@ -97,6 +114,8 @@ CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] =
     "galore": lambda m, x: normal(m, x),
     "galore_layerwise": lambda m, x: layerwise(m, x, False),
     "galore_layerwise_ckpt": lambda m, x: layerwise(m, x, True),
+    "galore_layerwise_ckpt_all2d": lambda m, x: layerwise(m, x, True, all_2d=True),
+    "galore_layerwise_ckpt_8bit_all2d": lambda m, x: layerwise(m, x, True, optimizer="adamw8bit", all_2d=True),
     "galore_refresh": lambda m, x: normal(m, x, gap=1),
     "galore_refresh_p0": lambda m, x: normal(m, x, gap=1, power_iters=0),
     "refresh_only": refresh_only,
