@@ -174,7 +174,7 @@ def _adamw8bit(
     try:
         import bitsandbytes.functional as bnbf
     except ImportError:  # pragma: no cover - checked at setup
-        raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install bitsandbytes") from None
+        raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install 'lightning_memopt[bnb]'") from None
     beta1, beta2 = group["betas"]
     for p, g, s in zip(params, grads, states):
         if "state1" not in s:
