@@ -158,12 +158,15 @@ class FusedStep:
         # Per-parameter lookups done once, so each hook is O(1).
         self._group: dict[Tensor, dict[str, Any]] = {}
         self._pg: dict[Tensor, dist.ProcessGroup | None] = {}
+        self._dtensors: set[Tensor] = set()  # FSDP2 params: hooks work on their local shards
         params: list[Tensor] = []
         for g in param_groups:
             for p in g["params"]:
                 if p.requires_grad and p not in self._group:
                     self._group[p] = g
                     self._pg[p] = _shard_group(p)
+                    if is_dtensor(p):
+                        self._dtensors.add(p)
                     if rule == "adalomo" and self._pg[p] is not None and p.ndim > 2:
                         raise NotImplementedError("AdaLomo under FSDP2 supports parameters of at most 2 dims.")
                     params.append(p)
@@ -227,14 +230,20 @@ class FusedStep:
         return self._sumsq.sqrt()
 
     # ---- hooks -------------------------------------------------------------------------------------------------
+    def _local(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """(weight, gradient) as plain tensors: the local shards under FSDP2."""
+        if p in self._dtensors:
+            return p.to_local(), p.grad.to_local()
+        return p, p.grad
+
     def _measure(self, p: Tensor) -> None:
-        g = local(p.grad)
+        g = self._local(p)[1]
         self._sumsq.add_(torch.linalg.vector_norm(g, 2, dtype=torch.float32).square())
 
     def _sgd(self, p: Tensor) -> None:
         group = self._group[p]
         lr, wd = group["lr"], group["weight_decay"]
-        d, g = local(p), local(p.grad)
+        d, g = self._local(p)
         if self._value_bound is not None:
             g.clamp_(-self._value_bound, self._value_bound)  # bound is in scaled units
         if wd:
@@ -248,8 +257,8 @@ class FusedStep:
         group = self._group[p]
         lr, wd = group["lr"], group["weight_decay"]
         pg = self._pg[p]
-        d = local(p)
-        g = local(p.grad).float()  # fp32 params: the grad itself, modified in place (it is freed after the hook)
+        d, g = self._local(p)
+        g = g.float()  # fp32 params: the grad itself, modified in place (it is freed after the hook)
         if self._inv_scale != 1.0:
             g.mul_(self._inv_scale)
         if self.clip_grad_value is not None:
