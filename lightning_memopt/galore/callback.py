@@ -130,7 +130,9 @@ class GaLore(Callback):
             try:
                 import bitsandbytes  # noqa: F401
             except ImportError:
-                raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install 'lightning_memopt[bnb]'") from None
+                raise ImportError(
+                    "optimizer='adamw8bit' needs bitsandbytes: pip install 'lightning_memopt[bnb]'"
+                ) from None
         self.settings = GaLoreSettings(
             rank=rank,
             update_proj_gap=update_proj_gap,
