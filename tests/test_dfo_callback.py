@@ -174,3 +174,20 @@ def test_merge_folds_the_lora_into_the_weights():
         merged = model(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-5)
     assert not cb.lora._handles  # the hooks are gone: the module alone carries the adaptation
+
+
+def test_split_falls_back_to_full_expansion_when_it_cannot_match(monkeypatch):
+    from lightning_memopt.dfo.lora import ZLoRA
+
+    original = ZLoRA._expand
+
+    def no_mask(self, x, p):  # pretend the expansion misses the 4-D attention mask
+        if isinstance(x, torch.Tensor) and x.ndim == 4:
+            return x
+        return original(self, x, p)
+
+    monkeypatch.setattr(ZLoRA, "_expand", no_mask)
+    cb = DFOLoRA(d=20, population=4, budget=None, stat_batches=1)
+    with pytest.warns(UserWarning, match="falling back"):
+        _fit(cb, steps=2)
+    assert cb.split is False and cb.generation == 2
