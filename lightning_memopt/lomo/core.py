@@ -14,7 +14,8 @@ LOMO) no optimizer state ever exist. One step is :meth:`FusedStep.step`:
 Update rules (``rule``):
 
 * ``"sgd"`` (LOMO, arXiv 2306.09782): ``p <- p * (1 - lr * wd) - lr * g``. Without momentum, decoupled weight decay
-  equals torch SGD's coupled ``weight_decay``.
+  equals torch SGD's coupled ``weight_decay``; it is computed as ``p - lr * (g + wd * p)`` so the weight is rounded
+  once (bf16).
 * ``"adalomo"`` (arXiv 2310.10195, after lomo-optim's ``AdaLomo``): Adafactor-style factored second moment (row and
   column means of ``g^2 + eps[0]``), ``beta2_t = 1 - t^decay_rate``, update ``g / sqrt(v)`` scaled down to RMS
   ``<= clip_threshold`` (per-tensor update clipping), relative step ``lr_t = lr * max(eps[1], RMS(p))``, decoupled
@@ -246,10 +247,12 @@ class FusedStep:
         d, g = self._local(p)
         if self._value_bound is not None:
             g.clamp_(-self._value_bound, self._value_bound)  # bound is in scaled units
-        if wd:
-            d.mul_(1.0 - lr * wd)
-        if self._coef is None:
-            d.add_(g, alpha=-lr)
+        if wd:  # p - lr * (g + wd * p), built in the (discarded) grad so that the weight is rounded once
+            if self._coef is not None:
+                g.mul_(self._coef)
+            d.add_(g.add_(d, alpha=wd), alpha=-lr)
+        elif self._coef is None:
+            d.add_(g, alpha=-lr)  # the plain path: one kernel per parameter
         else:
             d.addcmul_(g, self._coef, value=-lr)  # one kernel: the 0-d coefficient never leaves the device
 
