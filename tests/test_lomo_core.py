@@ -66,9 +66,11 @@ def test_lomo_follows_torch_sgd_with_weight_decay():
     assert rel(model, ref) <= 1e-6
 
 
-@pytest.mark.parametrize("max_norm", [0.05, 100.0])
-def test_two_pass_clipping_equals_sgd_with_clip_grad_norm(max_norm):
-    model = tiny_llama()
+@pytest.mark.parametrize("max_norm,tied", [(0.05, False), (100.0, False), (0.05, True)])
+def test_two_pass_clipping_equals_sgd_with_clip_grad_norm(max_norm, tied):
+    # tied: the embedding's hook fires once, after both contributions are accumulated, so the norm is exact
+    model = tiny_llama(tie_word_embeddings=tied)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     ref = copy.deepcopy(model)
     fs = FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", clip_grad_norm=max_norm)
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
@@ -138,9 +140,9 @@ def test_adalomo_matches_lomo_optim(lomo_optim_on_cpu, clip):
             torch.testing.assert_close(st["sq"], opt.exp_avg_sq[n], rtol=1e-4, atol=1e-12)
 
 
-@pytest.mark.parametrize("rule,clip", [("sgd", None), ("sgd", 0.1), ("adalomo", None)])
-def test_no_gradient_survives_its_hook(rule, clip):
-    model = tiny_llama()
+@pytest.mark.parametrize("rule,clip,tied", [("sgd", None, False), ("sgd", 0.1, False), ("adalomo", None, True)])
+def test_no_gradient_survives_its_hook(rule, clip, tied):
+    model = tiny_llama(tie_word_embeddings=tied)
     params = list(model.parameters())
     fs = FusedStep(groups_of(model, 0.01, 0.0), {}, rule=rule, clip_grad_norm=clip)
     live: list[int] = []
