@@ -1,0 +1,1 @@
+"""LOMO and AdaLomo: updates fused into backward. ``core.FusedStep`` is the whole step; ``callback`` the Lightning glue."""
