@@ -1,14 +1,19 @@
 """Check the Triton perturbation kernels against the torch emulation, and time them (GPU; or CPU with
 ``TRITON_INTERPRET=1`` for a slow logic check).
 
-Usage: ``python -m benchmarks.gpu_check_perturb [--time SIZE]``. Prints one ``CHECK {json}`` line per comparison and
-``TIME {json}`` lines; exits non-zero if any comparison is outside tolerance.
+Usage: ``python -m benchmarks.gpu_check_perturb [--quick] [--profile SIZE]``. Prints one ``CHECK {json}`` line per
+comparison (kernel DIST 0 = precise normals, 1 = fast-math normals, 2 = Rademacher; the update's loop kernel and its
+one-direction kernel), ``PROF {json}`` lines with a MeZO step's parts timed (GPU time by CUDA events, and the host's
+enqueue time: when they are close the step is launch-bound), and exits non-zero if any comparison is off.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import sys
+import time
 
 import torch
 
@@ -16,88 +21,155 @@ from lightning_memopt.core import _perturb_triton as T
 from lightning_memopt.core import perturb as P
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = {0: "normal", 1: "normal", 2: "rademacher"}  # kernel DIST -> emulated distribution
 
 
-def _torch_update(t, idx, seeds, a, b, lr, decay, start, adam_eps):
-    zs = [P.normal(P.key(int(s), idx), start, t.numel(), t.device) for s in seeds.tolist()]
-    P.update_(t, idx, seeds, a, b, lr, decay, start, adam_eps, zs=zs)
+def _bad(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, slack: torch.Tensor | float) -> int:
+    # 1 ulp of the result dtype (log/cos rounding may flip a rounding boundary) + float32 rounding of z
+    ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1.0)
+    return int(((out.float() - ref.float()).abs() > ulp * 1.01 + slack).sum())
 
 
-def check() -> bool:
+def check(quick: bool = False) -> bool:
     ok = True
     torch.manual_seed(0)
     cases = [((4099,), 0), ((257, 33), 0), ((1000, 64), 12345), ((5,), 3), ((3, 4096), 2**28 + 1)]
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16)
+    for dist in (0, 1, 2):
+        try:
+            ok &= _check_dist(dist, dtypes, cases[:3] if quick else cases)
+        except Exception as err:  # noqa: BLE001 - report and go on (fast math is optional; the interpreter lacks it)
+            print("CHECK " + json.dumps({"dist": dist, "error": repr(err)[:300]}), flush=True)
+            ok &= dist == 1
+    return ok
+
+
+def _check_dist(dist: int, dtypes, cases) -> bool:
+    ok = True
+    for dtype in dtypes:
         for shape, start in cases:
             w = torch.randn(shape, device=DEV).to(dtype)
             k = P.key(2**32 - 3, 17)
-            z = P.normal(k, start, w.numel(), DEV)
+            z = P.normal(k, start, w.numel(), DEV, NAMES[dist])
             ref = (w.reshape(-1).float() + 0.25 * z).to(dtype)
-            out = T.perturbed(w, k, 0.25, start).reshape(-1)
-            # tolerance: 1 ulp of the result dtype (log/cos rounding may flip a rounding boundary) + float32 z rounding
-            ulp = torch.finfo(dtype).eps * ref.float().abs().clamp_min(1.0)
-            bad = int(((out.float() - ref.float()).abs() > ulp * 1.01 + 0.25e-6 * (z.abs() + 1)).sum())
-            zdiff = (
-                float(((out.float() - w.reshape(-1).float()) / 0.25 - z).abs().max())
-                if dtype == torch.float32
-                else None
-            )
-            rec = {
-                "op": "perturbed",
-                "dtype": str(dtype),
-                "shape": shape,
-                "start": start,
-                "bad": bad,
-                "z_maxdiff": zdiff,
-            }
+            out = T.perturbed(w, k, 0.25, start, dist).reshape(-1)
+            slack = (2e-6 if dist == 1 else 0.25e-6) * (z.abs() + 1)
+            bad = _bad(out, ref, dtype, slack)
             ok &= bad == 0
+            rec = {"op": "perturbed", "dist": dist, "dtype": str(dtype), "shape": shape, "start": start, "bad": bad}
             print("CHECK " + json.dumps(rec), flush=True)
-            for adam in (None, 1e-6):
-                seeds = torch.tensor([1, 2**32 - 1, 99], device=DEV)
-                a = torch.tensor([0.5, -0.25, 0.125], device=DEV)
-                b = torch.tensor([0.3, 0.2, 0.1], device=DEV)
+            for adam, nseed in ((None, 3), (1e-6, 3), (None, 1)):
+                seeds = torch.tensor([1, 2**32 - 1, 99][:nseed], device=DEV)
+                a = torch.tensor([0.5, -0.25, 0.125][:nseed], device=DEV)
+                b = torch.tensor([0.3, 0.2, 0.1][:nseed], device=DEV)
                 t1, t2 = w.clone().reshape(-1), w.clone().reshape(-1)
-                T.update_(t1, 5, seeds, a, b, 0.01, 0.999, start, adam)
-                _torch_update(t2, 5, seeds, a, b, 0.01, 0.999, start, adam)
-                ulp = torch.finfo(dtype).eps * t2.float().abs().clamp_min(1.0)
-                bad = int(((t1.float() - t2.float()).abs() > ulp * 1.01 + 1e-6).sum())
+                ints = seeds.tolist() if nseed == 1 else None  # one direction: the J=1 kernel
+                T.update_(t1, 5, seeds, a, b, 0.01, 0.999, start, adam, dist, ints)
+                zs = [P.normal(P.key(int(s), 5), start, t2.numel(), DEV, NAMES[dist]) for s in seeds.tolist()]
+                P.update_(t2, 5, seeds, a, b, 0.01, 0.999, start, adam, zs=zs)
+                bad = _bad(t1, t2, dtype, 1e-5 if dist == 1 else 1e-6)
                 ok &= bad == 0
-                rec = {"op": "update", "adam": adam, "dtype": str(dtype), "shape": shape, "start": start, "bad": bad}
+                rec = {
+                    "op": "update",
+                    "dist": dist,
+                    "adam": adam,
+                    "J": nseed,
+                    "dtype": str(dtype),
+                    "shape": shape,
+                    "start": start,
+                    "bad": bad,
+                }
                 print("CHECK " + json.dumps(rec), flush=True)
     return ok
 
 
-def timing(size: str) -> None:
-    from benchmarks.common import build, timed
+def _time(fn, reps: int = 5) -> tuple[float, float]:
+    """(median GPU seconds by CUDA events, median host seconds to enqueue) after 2 warm-up calls."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    gpu, host = [], []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        t0 = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - t0)
+        b.record()
+        b.synchronize()
+        gpu.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(gpu), statistics.median(host)
 
-    model = build(size)
-    params = [p for p in model.parameters()]
-    n = sum(p.numel() for p in params)
-    seeds = torch.tensor([7], device=DEV)
-    a = torch.tensor([1e-3], device=DEV)
 
-    def perturb_pass():
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                T.perturbed(p, P.key(7, i), 1e-3)
+def profile(size: str) -> None:
+    from benchmarks.common import build
+    from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
 
-    def update_pass():
-        with torch.no_grad():
-            for i, p in enumerate(params):
-                T.update_(p.data, i, seeds, a, None, 1e-9, 1.0, 0, None)
+    model = build(size).eval()
+    x = torch.randint(0, model.config.vocab_size, (8, 512), device=DEV)
 
-    for name, fn in (("perturb_pass", perturb_pass), ("update_pass", update_pass)):
-        t, _ = timed(fn)
-        gbps = 2 * 2 * n / t / 1e9
+    def loss():
+        return model(input_ids=x, labels=x).loss
+
+    def emit(part, fn, **kw):
+        g, h = _time(fn)
         print(
-            "TIME " + json.dumps({"op": name, "size": size, "numel": n, "s": round(t, 5), "GBps": round(gbps, 1)}),
+            "PROF "
+            + json.dumps({"size": size, "part": part, "gpu_ms": round(g * 1e3, 2), "host_ms": round(h * 1e3, 2), **kw}),
             flush=True,
         )
 
+    with torch.no_grad():
+        emit("forward", loss)
+        for fast in ("0", "1"):
+            os.environ["MEMOPT_FAST_MATH"] = fast
+            for distname in ("normal", "rademacher"):
+                if distname == "rademacher" and fast == "1":
+                    continue
+                tag = {"dist": distname, "fast_math": fast}
+                try:
+                    _profile_variant(model, loss, emit, distname, tag)
+                except Exception as err:  # noqa: BLE001 - report and go on
+                    print("PROF " + json.dumps({"size": size, "error": repr(err)[:300], **tag}), flush=True)
+        os.environ["MEMOPT_FAST_MATH"] = "0"
+        zo = ZeroOrder(model, ZOConfig())
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            g, _ = zo.step(loss, 99, 1e-9)
+            g.item()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60)
+        print(table, flush=True)
+
+
+def _profile_variant(model, loss, emit, distname: str, tag: dict) -> None:
+    from lightning_memopt.mezo.core import ZeroOrder, ZOConfig, apply_update
+
+    zo = ZeroOrder(model, ZOConfig(distribution=distname))
+    with zo.perturber.active(7, 1e-3):
+        emit("forward_perturbed", loss, **tag)
+    g = torch.ones(1, device=DEV)
+    seeds = torch.tensor([7], device=DEV)
+    for ints in (None, [7]):
+
+        def upd(ints=ints):
+            apply_update(model, zo.params, seeds, g * 1e-3, None, [0.0], [0.0], None, None, distname, ints)
+
+        emit("update_loop" if ints is None else "update_J1", upd, **tag)
+    state = {"t": 0}
+
+    def step():
+        gg, _ = zo.step(loss, state["t"], 1e-9)
+        state["t"] += 1
+        gg.item()
+
+    emit("mezo_step", step, **tag)
+    zo.close()
+
 
 if __name__ == "__main__":
-    good = check()
-    if "--time" in sys.argv and DEV == "cuda":
-        timing(sys.argv[sys.argv.index("--time") + 1])
+    good = check(quick="--quick" in sys.argv)
     print("ALL_OK" if good else "MISMATCH", flush=True)
+    if "--profile" in sys.argv and DEV == "cuda":
+        profile(sys.argv[sys.argv.index("--profile") + 1])
     sys.exit(0 if good else 1)

@@ -8,6 +8,7 @@ with any size of ``lightning_memopt.models.configs.LLAMA_SIZES``; ``DEV=cpu`` sm
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,7 @@ def mezo(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    zo = ZeroOrder(model, ZOConfig(eps=1e-3), seed=0)
+    zo = ZeroOrder(model, ZOConfig(eps=1e-3, distribution=os.environ.get("MEZO_DIST", "normal")), seed=0)
     state = {"t": 0}
 
     def loss() -> torch.Tensor:
@@ -66,7 +67,8 @@ def main(argv: list[str]) -> None:
         if torch.cuda.is_available() and perturb.use_triton(torch.empty(1, device="cuda"))
         else "torch"
     }
-    print("MEZO backend " + res_extra["backend"], flush=True)
+    dist, fast = os.environ.get("MEZO_DIST", "normal"), os.environ.get("MEMOPT_FAST_MATH", "0")
+    print(f"MEZO backend {res_extra['backend']} dist {dist} fast_math {fast}", flush=True)
     run_case(case, size, batch, seq, CASES[case])
 
 

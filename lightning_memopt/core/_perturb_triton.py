@@ -12,7 +12,37 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+try:
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # pragma: no cover - older Triton
+    libdevice = None
+
 BLOCK4 = 256
+# DIST: 0 = tl.randn4x (precise log/cos/sin), 1 = the same normals with fast approximate log/cos/sin (equal to
+# float rounding), 2 = Rademacher signs from the top bit of each Philox word.
+
+
+@triton.jit
+def _z4(seed, c, DIST: tl.constexpr):
+    if DIST == 0:
+        n1, n2, n3, n4 = tl.randn4x(seed, c)
+    elif DIST == 1:
+        i1, i2, i3, i4 = tl.randint4x(seed, c)
+        u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+        u3 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i3))
+        t2 = 6.283185307179586 * tl.uint_to_uniform_float(i2)
+        t4 = 6.283185307179586 * tl.uint_to_uniform_float(i4)
+        r1 = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
+        r3 = tl.sqrt(-2.0 * libdevice.fast_logf(u3))
+        n1, n2 = r1 * libdevice.fast_cosf(t2), r1 * libdevice.fast_sinf(t2)
+        n3, n4 = r3 * libdevice.fast_cosf(t4), r3 * libdevice.fast_sinf(t4)
+    else:
+        i1, i2, i3, i4 = tl.randint4x(seed, c)
+        n1 = 1.0 - 2.0 * (i1 >> 31).to(tl.float32)
+        n2 = 1.0 - 2.0 * (i2 >> 31).to(tl.float32)
+        n3 = 1.0 - 2.0 * (i3 >> 31).to(tl.float32)
+        n4 = 1.0 - 2.0 * (i4 >> 31).to(tl.float32)
+    return n1, n2, n3, n4
 
 
 @triton.jit
@@ -23,13 +53,13 @@ def _pick(n1, n2, n3, n4, lane):
 
 
 @triton.jit(do_not_specialize=["seed", "scale"])
-def _perturb_kernel(w_ptr, out_ptr, n, start, seed, scale, BLOCK4: tl.constexpr):
+def _perturb_kernel(w_ptr, out_ptr, n, start, seed, scale, BLOCK4: tl.constexpr, DIST: tl.constexpr = 0):
     pid = tl.program_id(0)
     c = start // 4 + pid * BLOCK4 + tl.arange(0, BLOCK4)
     lane = tl.arange(0, 4)[None, :]
     loc = c[:, None] * 4 + lane - start
     mask = (loc >= 0) & (loc < n)
-    n1, n2, n3, n4 = tl.randn4x(seed, c)
+    n1, n2, n3, n4 = _z4(seed, c, DIST)
     z = _pick(n1, n2, n3, n4, lane)
     w = tl.load(w_ptr + loc, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + loc, (w + scale * z).to(out_ptr.dtype.element_ty), mask=mask)
@@ -37,7 +67,20 @@ def _perturb_kernel(w_ptr, out_ptr, n, start, seed, scale, BLOCK4: tl.constexpr)
 
 @triton.jit(do_not_specialize=["idx_hi", "J", "lr", "decay", "adam_eps"])
 def _update_kernel(
-    t_ptr, n, start, idx_hi, seeds_ptr, a_ptr, b_ptr, J, lr, decay, adam_eps, ADAM: tl.constexpr, BLOCK4: tl.constexpr
+    t_ptr,
+    n,
+    start,
+    idx_hi,
+    seeds_ptr,
+    a_ptr,
+    b_ptr,
+    J,
+    lr,
+    decay,
+    adam_eps,
+    ADAM: tl.constexpr,
+    BLOCK4: tl.constexpr,
+    DIST: tl.constexpr = 0,
 ):
     pid = tl.program_id(0)
     c = start // 4 + pid * BLOCK4 + tl.arange(0, BLOCK4)
@@ -48,7 +91,7 @@ def _update_kernel(
     v = tl.zeros([BLOCK4, 4], dtype=tl.float32)
     for j in range(J):
         s = tl.load(seeds_ptr + j) + idx_hi
-        n1, n2, n3, n4 = tl.randn4x(s, c)
+        n1, n2, n3, n4 = _z4(s, c, DIST)
         z = _pick(n1, n2, n3, n4, lane)
         m += tl.load(a_ptr + j) * z
         if ADAM:
@@ -61,18 +104,32 @@ def _update_kernel(
     tl.store(t_ptr + loc, (t * decay - lr * delta).to(t_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit(do_not_specialize=["seed", "lr", "decay"])
+def _update1_kernel(t_ptr, n, start, seed, a_ptr, lr, decay, BLOCK4: tl.constexpr, DIST: tl.constexpr = 0):
+    pid = tl.program_id(0)
+    c = start // 4 + pid * BLOCK4 + tl.arange(0, BLOCK4)
+    lane = tl.arange(0, 4)[None, :]
+    loc = c[:, None] * 4 + lane - start
+    mask = (loc >= 0) & (loc < n)
+    n1, n2, n3, n4 = _z4(seed, c, DIST)
+    z = _pick(n1, n2, n3, n4, lane)
+    a = tl.load(a_ptr)
+    t = tl.load(t_ptr + loc, mask=mask, other=0.0).to(tl.float32)
+    tl.store(t_ptr + loc, (t * decay - lr * (a * z)).to(t_ptr.dtype.element_ty), mask=mask)
+
+
 def _grid(start: int, n: int) -> tuple[int]:
     counters = ((start + n - 1) >> 2) - (start >> 2) + 1
     return (triton.cdiv(counters, BLOCK4),)
 
 
-def perturbed(w: Tensor, k: int, scale: float, start: int = 0) -> Tensor:
+def perturbed(w: Tensor, k: int, scale: float, start: int = 0, dist: int = 0) -> Tensor:
     w = w.detach()
     if not w.is_contiguous():
         w = w.contiguous()
     out = torch.empty_like(w)
     if w.numel():
-        _perturb_kernel[_grid(start, w.numel())](w, out, w.numel(), start, k, float(scale), BLOCK4=BLOCK4)
+        _perturb_kernel[_grid(start, w.numel())](w, out, w.numel(), start, k, float(scale), BLOCK4=BLOCK4, DIST=dist)
     return out
 
 
@@ -86,9 +143,18 @@ def update_(
     decay: float,
     start: int = 0,
     adam_eps: float | None = None,
+    dist: int = 0,
+    seed_ints: list[int] | None = None,
 ) -> None:
-    seeds = seeds.to(device=t.device, dtype=torch.int64)
+    """``seed_ints`` (the seeds as Python ints, when known on the host) enables the one-direction SGD kernel."""
     a = a.to(device=t.device, dtype=torch.float32)
+    if seed_ints is not None and len(seed_ints) == 1 and adam_eps is None:
+        key = (int(seed_ints[0]) & 0xFFFFFFFF) | (int(index) << 32)
+        _update1_kernel[_grid(start, t.numel())](
+            t, t.numel(), start, key, a, float(lr), float(decay), BLOCK4=BLOCK4, DIST=dist
+        )
+        return
+    seeds = seeds.to(device=t.device, dtype=torch.int64)
     b = a if b is None else b.to(device=t.device, dtype=torch.float32)
     adam = adam_eps is not None
     _update_kernel[_grid(start, t.numel())](
@@ -105,4 +171,5 @@ def update_(
         float(adam_eps or 0.0),
         ADAM=adam,
         BLOCK4=BLOCK4,
+        DIST=dist,
     )

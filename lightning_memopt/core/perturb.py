@@ -83,15 +83,22 @@ def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
     return r * torch.cos(th), r * torch.sin(th)
 
 
-def randn4x(k: int | Tensor, counter: Tensor) -> Tensor:
-    """``tl.randn4x(k, counter)`` stacked as ``[..., 4]`` (float32); ``k`` an int or a per-counter int64 tensor."""
+def randn4x(k: int | Tensor, counter: Tensor, dist: str = "normal") -> Tensor:
+    """``tl.randn4x(k, counter)`` stacked as ``[..., 4]`` (float32); ``k`` an int or a per-counter int64 tensor.
+
+    ``dist="rademacher"`` gives ±1 from the top bit of each Philox word instead (SPSA's classic directions).
+    """
     i1, i2, i3, i4 = philox4x32(counter, k & _M32, (k >> 32) & _M32)
+    if dist == "rademacher":
+        return torch.stack([1.0 - 2.0 * (i >> 31).to(torch.float32) for i in (i1, i2, i3, i4)], dim=-1)
+    if dist != "normal":
+        raise ValueError(f"distribution must be 'normal' or 'rademacher', got {dist!r}.")
     n1, n2 = _box_muller(_uniform(i1), _uniform(i2))
     n3, n4 = _box_muller(_uniform(i3), _uniform(i4))
     return torch.stack((n1, n2, n3, n4), dim=-1)
 
 
-def normal(k: int, start: int, numel: int, device: torch.device | str = "cpu") -> Tensor:
+def normal(k: int, start: int, numel: int, device: torch.device | str = "cpu", dist: str = "normal") -> Tensor:
     """z for elements ``[start, start + numel)`` of the parameter keyed ``k`` (float32, torch backend)."""
     if start + numel > MAX_NUMEL:
         raise ValueError(f"Tensors above {MAX_NUMEL} elements are not supported by the perturbation keying.")
@@ -100,7 +107,7 @@ def normal(k: int, start: int, numel: int, device: torch.device | str = "cpu") -
     pos = 0
     for c in range(c_first, c_last + 1, _CHUNK):
         cnt = torch.arange(c, min(c + _CHUNK, c_last + 1), device=device, dtype=torch.int64)
-        z = randn4x(k, cnt).reshape(-1)
+        z = randn4x(k, cnt, dist).reshape(-1)
         lo = max(start - 4 * c, 0)
         take = min(z.numel() - lo, numel - pos)
         out[pos : pos + take] = z[lo : lo + take]
@@ -108,7 +115,9 @@ def normal(k: int, start: int, numel: int, device: torch.device | str = "cpu") -
     return out
 
 
-def normal_many(keys: Sequence[int], numels: Sequence[int], device: torch.device | str = "cpu") -> list[Tensor]:
+def normal_many(
+    keys: Sequence[int], numels: Sequence[int], device: torch.device | str = "cpu", dist: str = "normal"
+) -> list[Tensor]:
     """Full-tensor z of several parameters in one vectorised pass (the torch backend's fast path for small models)."""
     counts = [(n + 3) >> 2 for n in numels]
     total = sum(counts)
@@ -118,7 +127,7 @@ def normal_many(keys: Sequence[int], numels: Sequence[int], device: torch.device
     kk = torch.repeat_interleave(
         torch.tensor([int(k) for k in keys], dtype=torch.int64, device=device), torch.tensor(counts, device=device)
     )
-    z = randn4x(kk, cnt)
+    z = randn4x(kk, cnt, dist)
     out, pos = [], 0
     for c, n in zip(counts, numels):
         out.append(z[pos : pos + c].reshape(-1)[:n])
@@ -155,10 +164,22 @@ def use_triton(t: Tensor) -> bool:
     return _triton_kernels() is not None
 
 
+def _kernel_dist(dist: str) -> int:
+    """The kernel's DIST: Rademacher, or normals with precise (0) or fast approximate (1) log/cos/sin.
+
+    Fast math changes z by float rounding only (checked against this file's emulation by gpu_check_perturb).
+    """
+    if dist == "rademacher":
+        return 2
+    if dist != "normal":
+        raise ValueError(f"distribution must be 'normal' or 'rademacher', got {dist!r}.")
+    return 1 if os.environ.get("MEMOPT_FAST_MATH", "0") == "1" else 0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # operations
 # ---------------------------------------------------------------------------------------------------------------
-def perturbed(w: Tensor, k: int, scale: float, start: int = 0, z: Tensor | None = None) -> Tensor:
+def perturbed(w: Tensor, k: int, scale: float, start: int = 0, z: Tensor | None = None, dist: str = "normal") -> Tensor:
     """A new tensor ``round(w + scale·z)`` in ``w``'s dtype; ``w`` holds elements ``[start, start + w.numel())``.
 
     ``z`` may be given (a cached float32 copy of this range) to skip regeneration; it must equal ``normal(...)``.
@@ -166,9 +187,9 @@ def perturbed(w: Tensor, k: int, scale: float, start: int = 0, z: Tensor | None 
     if w.numel() > MAX_NUMEL:
         raise ValueError(f"Tensors above {MAX_NUMEL} elements are not supported by the perturbation keying.")
     if z is None and use_triton(w):
-        return _triton_kernels().perturbed(w, k, scale, start)  # type: ignore[union-attr]
+        return _triton_kernels().perturbed(w, k, scale, start, _kernel_dist(dist))  # type: ignore[union-attr]
     if z is None:
-        z = normal(k, start, w.numel(), w.device)
+        z = normal(k, start, w.numel(), w.device, dist)
     out = w.detach().reshape(-1).to(torch.float32) + scale * z
     return out.to(w.dtype).view(w.shape)
 
@@ -184,20 +205,35 @@ def update_(
     start: int = 0,
     adam_eps: float | None = None,
     zs: Sequence[Tensor] | None = None,
+    dist: str = "normal",
+    seed_ints: Sequence[int] | None = None,
 ) -> None:
     """In place: ``t ← round(decay·t − lr·Δ)`` over a window of J directions ``z_j`` (keys ``key(seeds[j], index)``).
 
     ``Δ = m = Σ_j a_j z_j`` (SGD and momentum), or ``Δ = m / (sqrt(v) + adam_eps)`` with ``v = Σ_j b_j z_j²``
     (Adam, when ``adam_eps`` is given). ``seeds`` (int64), ``a`` and ``b`` (float32) are device tensors, so a
     coefficient computed on the GPU needs no host sync. ``t`` is a contiguous tensor (a local FSDP2 shard) holding
-    elements ``[start, start + t.numel())`` of the full parameter. ``zs`` optionally gives cached directions.
+    elements ``[start, start + t.numel())`` of the full parameter. ``zs`` optionally gives cached directions;
+    ``seed_ints`` (the seeds as host ints, if known) lets the kernel take a one-direction SGD fast path.
     """
     if t.numel() == 0:
         return
     if not t.is_contiguous():
         raise ValueError("update_ needs a contiguous tensor (FSDP2 local shards are).")
     if zs is None and use_triton(t):
-        _triton_kernels().update_(t, index, seeds, a, b, lr, decay, start, adam_eps)  # type: ignore[union-attr]
+        _triton_kernels().update_(  # type: ignore[union-attr]
+            t,
+            index,
+            seeds,
+            a,
+            b,
+            lr,
+            decay,
+            start,
+            adam_eps,
+            _kernel_dist(dist),
+            None if seed_ints is None else [int(x) for x in seed_ints],
+        )
         return
     flat = t.view(-1)
     a32 = a.to(device=t.device, dtype=torch.float32)
@@ -208,7 +244,7 @@ def update_(
         m = torch.zeros(n, dtype=torch.float32, device=t.device)
         v = torch.zeros(n, dtype=torch.float32, device=t.device) if adam_eps is not None else None
         for j, s in enumerate(seed_list):
-            z = zs[j][lo : lo + n] if zs is not None else normal(key(s, index), start + lo, n, t.device)
+            z = zs[j][lo : lo + n] if zs is not None else normal(key(s, index), start + lo, n, t.device, dist)
             m = m + a32[j] * z
             if v is not None:
                 v = v + b32[j] * (z * z)  # type: ignore[index]

@@ -47,6 +47,7 @@ class ZOConfig:
     beta2: float = 0.99
     window: int = 10
     adam_eps: float = 1e-8
+    distribution: Literal["normal", "rademacher"] = "normal"
 
     def __post_init__(self) -> None:
         if self.eps <= 0:
@@ -55,6 +56,8 @@ class ZOConfig:
             raise ValueError(f"n_spsa must be >= 1, got {self.n_spsa}.")
         if self.variant not in ("sgd", "momentum", "adam"):
             raise ValueError(f"variant must be 'sgd', 'momentum' or 'adam', got {self.variant!r}.")
+        if self.distribution not in ("normal", "rademacher"):
+            raise ValueError(f"distribution must be 'normal' or 'rademacher', got {self.distribution!r}.")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}.")
 
@@ -128,8 +131,13 @@ class Perturber:
     """
 
     def __init__(
-        self, module: torch.nn.Module, params: Sequence[ZOParam], z_for: Callable[[int, int], Any] | None = None
+        self,
+        module: torch.nn.Module,
+        params: Sequence[ZOParam],
+        z_for: Callable[[int, int], Any] | None = None,
+        distribution: str = "normal",
     ) -> None:
+        self.distribution = distribution
         by_id = {id(zp.param): zp.index for zp in params}
         self.z_for = z_for  # optional cache: (seed, index) -> full-tensor z, or None to generate
         self.seed: int | None = None
@@ -161,7 +169,9 @@ class Perturber:
                     )
                 saved.append((name, p))
                 z = self.z_for(self.seed, idx) if self.z_for is not None else None
-                mod._parameters[name] = perturb.perturbed(p, perturb.key(self.seed, idx), self.scale, z=z)
+                mod._parameters[name] = perturb.perturbed(
+                    p, perturb.key(self.seed, idx), self.scale, z=z, dist=self.distribution
+                )
             self._stack.append((mod, saved))
 
         return pre
@@ -259,6 +269,8 @@ def apply_update(
     wds: Sequence[float],
     adam_eps: float | None = None,
     z_for: Callable[[int, int], Any] | None = None,
+    distribution: str = "normal",
+    seed_ints: Sequence[int] | None = None,
 ) -> None:
     """``θ ← (1 − lr·wd)·θ − lr·Δ`` for every parameter (local shards under FSDP2, after resharding)."""
     if module is not None:
@@ -270,8 +282,22 @@ def apply_update(
         t = local(zp.param).detach()
         zs = None
         if z_for is not None:
-            zs = [z_for(int(s), zp.index)[start : start + t.numel()] for s in seeds.tolist()]
-        perturb.update_(t, zp.index, seeds, a, b, lr, 1.0 - lr * wd, start, adam_eps, zs=zs)
+            host = seed_ints if seed_ints is not None else seeds.tolist()
+            zs = [z_for(int(s), zp.index)[start : start + t.numel()] for s in host]
+        perturb.update_(
+            t,
+            zp.index,
+            seeds,
+            a,
+            b,
+            lr,
+            1.0 - lr * wd,
+            start,
+            adam_eps,
+            zs=zs,
+            dist=distribution,
+            seed_ints=seed_ints,
+        )
 
 
 class ZeroOrder:
@@ -314,7 +340,7 @@ class ZeroOrder:
             )
         self.cache_z = bool(cache_z)
         self._cache: dict[int, dict[int, Tensor]] = {}
-        self.perturber = Perturber(module, self.params, self._z if self.cache_z else None)
+        self.perturber = Perturber(module, self.params, self._z if self.cache_z else None, self.config.distribution)
         self.history: list[tuple[list[int], Tensor]] = []
 
     def _z(self, seed: int, index: int) -> Tensor:
@@ -322,7 +348,9 @@ class ZeroOrder:
         if d is None:
             idx = sorted(self._full_numel)
             dev = local(self.params[0].param).device
-            zs = perturb.normal_many([perturb.key(seed, i) for i in idx], [self._full_numel[i] for i in idx], dev)
+            zs = perturb.normal_many(
+                [perturb.key(seed, i) for i in idx], [self._full_numel[i] for i in idx], dev, self.config.distribution
+            )
             d = self._cache[seed] = dict(zip(idx, zs))
             keep = self.config.n_spsa * (self.config.window + 1)
             for old in list(self._cache)[:-keep]:
@@ -342,6 +370,7 @@ class ZeroOrder:
         self.history.append((list(seeds), g.detach().float().reshape(-1)))
         del self.history[: -(1 if cfg.variant == "sgd" else cfg.window)]
         s, a, b = window_terms(self.history, cfg)
+        recent = self.history[-1:] if cfg.variant == "sgd" else self.history[-cfg.window :]
         apply_update(
             self.module,
             self.params,
@@ -352,6 +381,8 @@ class ZeroOrder:
             wds,
             cfg.adam_eps if cfg.variant == "adam" else None,
             self._z if self.cache_z else None,
+            cfg.distribution,
+            [x for sd, _ in recent for x in sd],  # the same seeds as `s`, known on the host
         )
 
     def step(
