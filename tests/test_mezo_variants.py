@@ -25,6 +25,7 @@ def mean_loss(model, dm) -> float:
         ({"variant": "momentum", "lr": 2e-3}, 100),
         ({"variant": "adam", "lr": 3e-3, "window": 10}, 100),
         ({"one_sided": True, "lr": 2e-3}, 100),
+        ({"distribution": "rademacher", "lr": 2e-3}, 100),
     ],
 )
 def test_variants_lower_loss(kwargs, steps):

@@ -14,7 +14,7 @@ The algorithm lives in :mod:`lightning_memopt.mezo.core`. Here we only adapt Lig
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -46,6 +46,8 @@ class MeZO(Callback):
         variant: ``"sgd"`` (MeZO), ``"momentum"`` or ``"adam"``. Momentum/Adam keep no parameter-sized buffer: they
             replay the last ``window`` steps' directions (see :mod:`lightning_memopt.mezo.core`).
         beta1, beta2, window, adam_eps: momentum/Adam settings.
+        distribution: directions z: ``"normal"`` (MeZO's Gaussian, Triton's ``tl.randn4x``) or ``"rademacher"``
+            (±1, classic SPSA; same second moment, cheaper to generate).
         seed: base seed; step t's directions depend only on (seed, t), so resume is exact.
         eval_mode: run the two forwards in eval mode (dropout off), as the paper does.
         metric: optional class path of a torchmetrics metric (e.g. ``"torchmetrics.classification.MulticlassAccuracy"``)
@@ -75,6 +77,7 @@ class MeZO(Callback):
         beta2: float = 0.99,
         window: int = 10,
         adam_eps: float = 1e-8,
+        distribution: Literal["normal", "rademacher"] = "normal",
         seed: int = 0,
         eval_mode: bool = True,
         metric: str | None = None,
@@ -93,6 +96,7 @@ class MeZO(Callback):
             beta2=beta2,
             window=window,
             adam_eps=adam_eps,
+            distribution=distribution,
         )
         self.lr = lr
         self.weight_decay = weight_decay
