@@ -118,6 +118,9 @@ def _update1_kernel(t_ptr, n, start, seed, a_ptr, lr, decay, BLOCK4: tl.constexp
     tl.store(t_ptr + loc, (t * decay - lr * (a * z)).to(t_ptr.dtype.element_ty), mask=mask)
 
 
+_ONE_OK = [True]  # the one-direction kernel compiled fine (else use the window kernel)
+
+
 def _grid(start: int, n: int) -> tuple[int]:
     counters = ((start + n - 1) >> 2) - (start >> 2) + 1
     return (triton.cdiv(counters, BLOCK4),)
@@ -148,12 +151,15 @@ def update_(
 ) -> None:
     """``seed_ints`` (the seeds as Python ints, when known on the host) enables the one-direction SGD kernel."""
     a = a.to(device=t.device, dtype=torch.float32)
-    if seed_ints is not None and len(seed_ints) == 1 and adam_eps is None:
+    if seed_ints is not None and len(seed_ints) == 1 and adam_eps is None and _ONE_OK[0]:
         key = (int(seed_ints[0]) & 0xFFFFFFFF) | (int(index) << 32)
-        _update1_kernel[_grid(start, t.numel())](
-            t, t.numel(), start, key, a, float(lr), float(decay), BLOCK4=BLOCK4, DIST=dist
-        )
-        return
+        try:
+            _update1_kernel[_grid(start, t.numel())](
+                t, t.numel(), start, key, a, float(lr), float(decay), BLOCK4=BLOCK4, DIST=dist
+            )
+            return
+        except Exception:  # noqa: BLE001 - a compile problem on some Triton: the loop kernel computes the same
+            _ONE_OK[0] = False
     seeds = seeds.to(device=t.device, dtype=torch.int64)
     b = a if b is None else b.to(device=t.device, dtype=torch.float32)
     adam = adam_eps is not None
