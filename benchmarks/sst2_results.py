@@ -69,8 +69,9 @@ def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) ->
     if method != "zero_shot":
         trainer.fit(module, datamodule=cli.datamodule)
     fit_s = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     test = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
+    # Over fit and test (zero-shot has only the test); test forwards are no larger than training's.
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     return dict(method=method, seed=seed, dev_acc=round(100 * test["test_acc"], 2),
                 dev_f1=round(100 * test.get("test_f1", float("nan")), 2), steps=trainer.global_step,
                 forwards=curve.forwards, wall_s=round(fit_s, 1), peak_gib=None if peak is None else round(peak, 3),
