@@ -140,8 +140,6 @@ def plot(json_path: str, out_dir: str) -> list[str]:
         ax.set_xlabel(label)
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title(f"SmolLM2-135M on SST-2 (k=512): accuracy vs {label}")
-        if x == "step":
-            ax.set_xscale("symlog", linthresh=100)
         ax.legend(fontsize=7)
         fig.tight_layout()
         f = os.path.join(out_dir, f"sst2_acc_vs_{x}.png")
