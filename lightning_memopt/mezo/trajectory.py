@@ -9,6 +9,7 @@ and backend the replayed weights are bit-identical to the trained ones.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ def new_trajectory(base: Any, params: list[ZOParam], config: ZOConfig, seed: int
 
 
 def save_trajectory(trajectory: dict[str, Any], path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump(trajectory, f)
 
