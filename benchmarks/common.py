@@ -86,3 +86,10 @@ def run_case(method: str, size: str, batch: int, seq: int, make_step: Callable[[
         res.update(step_s=None, peak_gib="OOM")
     report(res)
     return res
+
+
+def parse_case_args(module: str, cases: Any, argv: list[str], batch: int = 8, seq: int = 512) -> tuple[str, str, int, int]:
+    """``CASE SIZE [BATCH] [SEQ]`` from a case module's command line, with a usage error naming the cases."""
+    if len(argv) < 2 or argv[0] not in cases:
+        raise SystemExit(f"usage: python -m benchmarks.cases.{module} {{{','.join(cases)}}} SIZE [BATCH] [SEQ]")
+    return argv[0], argv[1], int(argv[2]) if len(argv) > 2 else batch, int(argv[3]) if len(argv) > 3 else seq

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DEV, build, report, timed
+from benchmarks.common import DEV, build, report, timed, parse_case_args
 from lightning_memopt.dfo.callback import DFOLoRA
 
 CASES = ("dfo_batched", "dfo_sequential", "inference", "inference_pop")
@@ -55,11 +55,7 @@ def load(size: str) -> torch.nn.Module:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 2 or argv[0] not in CASES:
-        raise SystemExit(f"usage: python -m benchmarks.cases.dfo {{{','.join(CASES)}}} SIZE [BATCH] [SEQ]")
-    case, size = argv[0], argv[1]
-    batch = int(argv[2]) if len(argv) > 2 else 4
-    seq = int(argv[3]) if len(argv) > 3 else 128
+    case, size, batch, seq = parse_case_args("dfo", CASES, argv, batch=4, seq=128)
     pop = int(os.environ.get("POP", "20"))
     chunk = int(os.environ["CHUNK"]) if os.environ.get("CHUNK") else None
     if DEV == "cpu":

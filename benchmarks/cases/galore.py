@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import run_case
+from benchmarks.common import run_case, parse_case_args
 from lightning_memopt.core.fused_backward import FusedBackward
 from lightning_memopt.core.holder import HolderOptimizer
 from lightning_memopt.galore.callback import select_targets
@@ -126,11 +126,7 @@ CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] =
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 2 or argv[0] not in CASES:
-        raise SystemExit(f"usage: python -m benchmarks.cases.galore {{{','.join(CASES)}}} SIZE [BATCH] [SEQ]")
-    case, size = argv[0], argv[1]
-    batch = int(argv[2]) if len(argv) > 2 else 8
-    seq = int(argv[3]) if len(argv) > 3 else 512
+    case, size, batch, seq = parse_case_args("galore", CASES, argv)
     warm, reps = (1, 2) if case in ("galore_refresh", "galore_refresh_p0", "svd4") else (2, 5)
     run_case(case, size, batch, seq, CASES[case], warm=warm, reps=reps)
 

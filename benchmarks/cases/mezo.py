@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import run_case
+from benchmarks.common import run_case, parse_case_args
 from lightning_memopt.core import perturb
 from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
 
@@ -57,11 +57,7 @@ CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] =
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 2 or argv[0] not in CASES:
-        raise SystemExit(f"usage: python -m benchmarks.cases.mezo {{{','.join(CASES)}}} SIZE [BATCH] [SEQ]")
-    case, size = argv[0], argv[1]
-    batch = int(argv[2]) if len(argv) > 2 else 8
-    seq = int(argv[3]) if len(argv) > 3 else 512
+    case, size, batch, seq = parse_case_args("mezo", CASES, argv)
     res_extra = {
         "backend": "triton"
         if torch.cuda.is_available() and perturb.use_triton(torch.empty(1, device="cuda"))
