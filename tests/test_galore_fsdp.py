@@ -4,7 +4,6 @@ exactly."""
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -27,43 +26,14 @@ def test_two_process_fsdp2_equals_one_process():
             assert (r["state"][name] - full).abs().max().item() < 1e-5, name
 
 
-def fit_with_checkpoint(world_size: int, ckpt_dir: str, steps: int, ckpt_path: str | None = None):
-    """Fit on FSDP2 with a checkpoint at step 3 (or resume from ``ckpt_path``); weights and gathered GaLore state."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from lightning_memopt.strategies import FSDP2Strategy
-    from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
-    from lightning_memopt.testing.tiny import full_state
-    from lightning_memopt.testing.workers import build_callback
-
-    pl.seed_everything(0, verbose=False)
-    model = tiny_model(lr_schedule="constant", warmup_steps=2)
-    cbs = build_callback(SPEC)
-    if ckpt_path is None:
-        cbs.append(ModelCheckpoint(ckpt_dir, every_n_train_steps=3, save_top_k=-1))
-    trainer = tiny_trainer(
-        max_steps=steps,
-        callbacks=cbs,
-        enable_checkpointing=ckpt_path is None,
-        devices=world_size,
-        strategy=FSDP2Strategy(save_distributed_checkpoint=False),
-        use_distributed_sampler=False,
-    )
-    # one batch per epoch: a restarted (non-stateful) loader still gives the same batches after resume
-    trainer.fit(model, tiny_datamodule(k=4, batch_size=8 // world_size), ckpt_path=ckpt_path)
-    names = {id(p): n for n, p in model.named_parameters()}
-    opt = {}
-    for p, st in trainer.strategy.optimizers[0].state.items():
-        for k, v in st.items():
-            opt[f"{names[id(p)]}.{k}"] = v.full_tensor() if hasattr(v, "full_tensor") else v
-    return {"state": full_state(model), "opt": opt}
-
-
 def test_fsdp2_resume_is_exact(tmp_path):
-    target = "tests.test_galore_fsdp:fit_with_checkpoint"
-    full = run_distributed(target, world_size=2, ckpt_dir=str(tmp_path), steps=6)
+    # one batch per epoch (k=4, global batch 8): a restarted (non-stateful) loader still gives the same batches
+    target = "lightning_memopt.testing.workers:fit_tiny_checkpointed"
+    kw = dict(world_size=2, ckpt_dir=str(tmp_path), steps=6, callback=SPEC, every=3, warmup_steps=2, k=4,
+              global_batch=8)
+    full = run_distributed(target, **kw)
     half = next(tmp_path.glob("*step=3.ckpt"))
-    resumed = run_distributed(target, world_size=2, ckpt_dir=str(tmp_path), steps=6, ckpt_path=str(half))
+    resumed = run_distributed(target, ckpt_path=str(half), **kw)
     a, b = full[0], resumed[0]
     q = "model.model.layers.0.self_attn.q_proj.weight"
     assert a["opt"][f"{q}.exp_avg"].shape == (64, 8)  # every rank's rows, gathered

@@ -6,7 +6,6 @@ import importlib
 from typing import Any, Optional
 
 import lightning.pytorch as pl
-import torch
 
 from lightning_memopt.testing.tiny import full_state, tiny_datamodule, tiny_model, tiny_trainer
 
@@ -55,3 +54,42 @@ def fit_tiny(
     trainer = tiny_trainer(**kw)
     trainer.fit(model, dm)
     return {"state": full_state(model), "losses": rec.losses, "global_step": trainer.global_step}
+
+
+def fit_tiny_checkpointed(
+    world_size: int,
+    ckpt_dir: str,
+    steps: int,
+    callback: dict[str, Any],
+    every: int,
+    ckpt_path: Optional[str] = None,
+    warmup_steps: int = 0,
+    k: int = 64,
+    global_batch: int = 16,
+) -> dict[str, Any]:
+    """FSDP2 fit of the tiny model with a checkpoint every ``every`` steps, or resumed from ``ckpt_path``.
+
+    Returns full weights, the holder's method state gathered to full tensors (``"<param>.<key>"``) and the lr, so a
+    test can compare an uninterrupted run with a resumed one.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_memopt.strategies import FSDP2Strategy
+
+    pl.seed_everything(0, verbose=False)
+    model = tiny_model(lr_schedule="constant", warmup_steps=warmup_steps)
+    cbs = build_callback(callback)
+    if ckpt_path is None:
+        cbs.append(ModelCheckpoint(ckpt_dir, every_n_train_steps=every, save_top_k=-1))
+    trainer = tiny_trainer(
+        max_steps=steps, callbacks=cbs, enable_checkpointing=ckpt_path is None, devices=world_size,
+        strategy=FSDP2Strategy(save_distributed_checkpoint=False), use_distributed_sampler=False,
+    )
+    trainer.fit(model, tiny_datamodule(k=k, batch_size=global_batch // world_size), ckpt_path=ckpt_path)
+    holder = trainer.strategy.optimizers[0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = {}
+    for p, st in holder.state.items():
+        for key, v in st.items():
+            opt[f"{names[id(p)]}.{key}"] = v.full_tensor() if hasattr(v, "full_tensor") else v
+    return {"state": full_state(model), "opt": opt, "lr": holder.param_groups[0]["lr"]}
