@@ -37,10 +37,33 @@ def check(quick: bool = False) -> bool:
     dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16)
     for dist in (0, 1, 2):
         try:
+            ok &= _check_many(dist, dtypes)
             ok &= _check_dist(dist, dtypes, cases[:3] if quick else cases)
         except Exception as err:  # noqa: BLE001 - report and go on (fast math is optional; the interpreter lacks it)
             print("CHECK " + json.dumps({"dist": dist, "error": repr(err)[:300]}), flush=True)
             ok &= dist == 1
+    return ok
+
+
+def _check_many(dist: int, dtypes) -> bool:
+    """The many-tensor kernels against the one-tensor kernels: bit-identical (same formula, same z)."""
+    ok = True
+    for dtype in dtypes:
+        ws = [torch.randn(s, device=DEV).to(dtype) for s in ((4099,), (257, 33), (5,), (64, 64))]
+        idx = [3, 0, 17, 2**20]
+        seed_t = torch.full((), 2**32 - 5, dtype=torch.int64, device=DEV)
+        outs = T.perturbed_many(ws, idx, seed_t, 0.125, dist)
+        bad = sum(int((o != T.perturbed(w, P.key(2**32 - 5, i), 0.125, 0, dist)).sum()) for o, w, i in zip(outs, ws, idx))
+        starts = [0, 12345, 2**28 + 1, 7]
+        a = torch.tensor([0.5], device=DEV)
+        t1 = [w.clone().reshape(-1) for w in ws]
+        t2 = [w.clone().reshape(-1) for w in ws]
+        T.update1_many(t1, idx, starts, seed_t, a, 0.01, 0.999, dist)
+        for t, i, st in zip(t2, idx, starts):
+            T.update_(t, i, seed_t.reshape(1), a, None, 0.01, 0.999, st, None, dist, [2**32 - 5])
+        bad += sum(int((x != y).sum()) for x, y in zip(t1, t2))
+        ok &= bad == 0
+        print("CHECK " + json.dumps({"op": "many", "dist": dist, "dtype": str(dtype), "bad": bad}), flush=True)
     return ok
 
 

@@ -8,6 +8,10 @@ and wall time). ``zero_shot`` evaluates the untouched model.
     python -m benchmarks.sst2_results --model ~/smol/SmolLM2-135M-Instruct.Q4_1.gguf --data_dir ../shared/data/sst2 \
         --methods zero_shot,adamw,mezo --seeds 0 --out benchmarks/results/sst2_smollm2
 
+A run spec is a method, or ``LABEL=METHOD`` followed by ``@``-separated CLI overrides for that run alone, e.g.
+``clora_k16=clora@--data.k=16@--data.batch_size=32``. ``--jobs N`` runs N processes at once: a 135M model leaves
+most of an H100 idle, so runs share it (wall times then include the sharing; note it when comparing speed).
+
 Writes ``<out>.json`` (one record per run) and ``<out>.md``; ``--plot`` makes PNGs from an existing JSON.
 """
 
@@ -78,37 +82,67 @@ def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) ->
                 curve=curve.points)
 
 
+def parse_spec(spec: str) -> tuple[str, str, list[str]]:
+    """``LABEL=METHOD@OVERRIDE@...`` (or a bare method) -> (label, method, overrides)."""
+    head, *overrides = spec.split("@")
+    label, _, method = head.partition("=")
+    method = method or label
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r} in run spec {spec!r}; methods: {', '.join(METHODS)}")
+    return label, method, overrides
+
+
+def _launch(spec: str, seed: int, args: argparse.Namespace) -> tuple[subprocess.Popen, float]:
+    label, method, overrides = parse_spec(spec)
+    cmd = [sys.executable, "-u", "-m", "benchmarks.sst2_results", "--one", method, "--label", label,
+           "--seed", str(seed), "--model", args.model, "--data_dir", args.data_dir, "--", *args.extra, *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.perf_counter()
+
+
+def _collect(spec: str, seed: int, proc: subprocess.Popen, t0: float, timeout: float) -> dict[str, Any]:
+    label, method, overrides = parse_spec(spec)
+    try:
+        out, err = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        lines = [ln for ln in out.splitlines() if ln.startswith("SST2RESULT ")]
+        rec = json.loads(lines[-1][11:]) if lines else dict(method=method, seed=seed, error=(err or out)[-1500:])
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        rec = dict(method=method, seed=seed, error=f"timeout after {timeout}s")
+    rec.update(label=label, overrides=overrides, process_s=round(time.perf_counter() - t0, 1))
+    return rec
+
+
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
-    records = []
-    for method in args.methods.split(","):
-        for seed in [int(s) for s in args.seeds.split(",")]:
-            cmd = [sys.executable, "-u", "-m", "benchmarks.sst2_results", "--one", method, "--seed", str(seed),
-                   "--model", args.model, "--data_dir", args.data_dir, "--", *args.extra]
-            t = time.perf_counter()
-            try:
-                p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.timeout)
-                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("SST2RESULT ")]
-                rec = json.loads(lines[-1][11:]) if lines else dict(
-                    method=method, seed=seed, error=(p.stderr or p.stdout)[-1500:])
-            except subprocess.TimeoutExpired:
-                rec = dict(method=method, seed=seed, error=f"timeout after {args.timeout}s")
-            rec["process_s"] = round(time.perf_counter() - t, 1)
-            records.append(rec)
-            short = {k: v for k, v in rec.items() if k != "curve"}
-            print("RUN " + json.dumps(short), flush=True)
-            write(records, args.out)
+    """Every (spec, seed) in its own process, ``args.jobs`` at a time; results in the order given."""
+    todo = [(spec, int(s)) for spec in args.methods.split(",") for s in args.seeds.split(",")]
+    for spec, _ in todo:
+        parse_spec(spec)  # fail before launching anything
+    records: list[dict[str, Any]] = []
+    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            spec, seed = todo.pop(0)
+            running.append((spec, seed, *_launch(spec, seed, args)))
+        spec, seed, proc, t0 = running.pop(0)  # the oldest: a fair wait, since all share one deadline per run
+        rec = _collect(spec, seed, proc, t0, args.timeout)
+        records.append(rec)
+        print("RUN " + json.dumps({k: v for k, v in rec.items() if k != "curve"}), flush=True)
+        write(records, args.out)
     return records
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    rows = ["| method | seed | dev acc | dev F1 | steps | train forwards | wall s | peak GiB |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | method | seed | dev acc | dev F1 | steps | train forwards | wall s | peak GiB | overrides |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
+        label, over = r.get("label", r["method"]), " ".join(r.get("overrides", [])).replace("|", "/")
         if "error" in r:
-            rows.append(f"| {r['method']} | {r['seed']} | error: {r['error'].splitlines()[-1][:80]} | | | | | |")
+            err = (r["error"].splitlines() or [""])[-1][:80].replace("|", "/")
+            rows.append(f"| {label} | {r['method']} | {r['seed']} | error: {err} | | | | | | {over} |")
             continue
-        rows.append(f"| {r['method']} | {r['seed']} | {r['dev_acc']:.1f} | {r['dev_f1']:.1f} | {r['steps']} | "
-                    f"{r['forwards']} | {r['wall_s']} | {r['peak_gib']} |")
+        rows.append(f"| {label} | {r['method']} | {r['seed']} | {r['dev_acc']:.1f} | {r['dev_f1']:.1f} | "
+                    f"{r['steps']} | {r['forwards']} | {r['wall_s']} | {r['peak_gib']} | {over} |")
     return "\n".join(rows) + "\n"
 
 
@@ -133,7 +167,7 @@ def plot(json_path: str, out_dir: str) -> list[str]:
         for r in records:
             if r["curve"]:
                 ax.plot([p[x] for p in r["curve"]], [100 * p["val_acc"] for p in r["curve"]], marker=".",
-                        label=f"{r['method']} (seed {r['seed']})")
+                        label=f"{r.get('label', r['method'])} (seed {r['seed']})")
         zs = [r["dev_acc"] for r in records if r["method"] == "zero_shot"]
         if zs:
             ax.axhline(zs[0], color="gray", ls="--", label="zero-shot (dev)")
@@ -150,7 +184,7 @@ def plot(json_path: str, out_dir: str) -> list[str]:
     mem = {}
     for r in records:
         if r.get("peak_gib") is not None:
-            mem.setdefault(r["method"], r["peak_gib"])
+            mem.setdefault(r.get("label", r["method"]), r["peak_gib"])
     ax.bar(list(mem), list(mem.values()), color="tab:blue")
     ax.set_ylabel("peak GPU memory (GiB)")
     ax.set_title("SmolLM2-135M on SST-2: peak memory during fit")
@@ -164,7 +198,9 @@ def plot(json_path: str, out_dir: str) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated run specs (see the module doc)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once on the one GPU")
+    ap.add_argument("--label", help=argparse.SUPPRESS)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--model", default=os.path.expanduser("~/smol/SmolLM2-135M-Instruct.Q4_1.gguf"))
     ap.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
@@ -180,6 +216,7 @@ def main() -> None:
         print("\n".join(plot(args.plot, args.plot_dir)))
     elif args.one:
         rec = _one(args.one, args.seed, args.model, args.data_dir, args.extra)
+        rec["label"] = args.label or args.one
         print("SST2RESULT " + json.dumps(rec), flush=True)
     else:
         records = run_all(args)

@@ -172,3 +172,41 @@ def test_refuses_grad_scaler_ddp_and_fsdp1():
     assert _checks.strategy_kind(FakeTrainer(fsdp1)) == _checks.FSDP1
     with pytest.raises(MisconfigurationException, match="FSDP2"):
         cb.setup(FakeTrainer(fsdp1), model, "fit")
+
+
+class _Bypass(torch.nn.Module):
+    """A parent whose forward calls its child's submodules directly: the child (a group root) never runs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Linear(6, 6))
+        self.head = torch.nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.inner[1](torch.tanh(self.inner[0](x)))).square().mean()
+
+
+@pytest.mark.parametrize("build", ["llama", "bypass"])
+def test_grouped_perturbation_equals_per_module(build):
+    """One launch per submodule group sees exactly what per-module perturbation sees, also when a model skips the
+    group root's forward; afterwards every original Parameter is back in place."""
+    torch.manual_seed(0)
+    if build == "llama":
+        model, x = tiny_model().model.eval(), torch.randint(0, 64, (2, 8))
+        loss = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+    else:
+        model, x = _Bypass(), torch.randn(4, 6)
+        loss = lambda: model(x)  # noqa: E731
+    before = {n: p for n, p in model.named_parameters()}
+    out = {}
+    for gb in (0, 64 << 20):
+        zo = ZeroOrder(model, ZOConfig(), cache_z=False, group_bytes=gb)
+        if gb:
+            assert zo.perturber._group_roots, "expected at least one grouped submodule"
+        with torch.no_grad(), zo.perturber.active(11, 1e-2):
+            out[gb] = loss()
+        zo.close()
+        assert all(p is before[n] for n, p in model.named_parameters())
+    with torch.no_grad():
+        plain = loss()
+    assert out[0] == out[64 << 20] and out[0] != plain

@@ -118,6 +118,161 @@ def _update1_kernel(t_ptr, n, start, seed, a_ptr, lr, decay, BLOCK4: tl.constexp
     tl.store(t_ptr + loc, (t * decay - lr * (a * z)).to(t_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _multi_block(blk_t, blk_b, numels, starts, keyhi, seed_ptr, BLOCK4: tl.constexpr):
+    """(tensor j, its n, start, 64-bit key, counters c, element offsets loc, mask) of this program's block."""
+    pid = tl.program_id(0)
+    j = tl.load(blk_t + pid)
+    n = tl.load(numels + j)
+    start = tl.load(starts + j)
+    key = tl.load(seed_ptr) + tl.load(keyhi + j)  # low word: the step seed; high word: the parameter index
+    c = start // 4 + tl.load(blk_b + pid) * BLOCK4 + tl.arange(0, BLOCK4)
+    loc = c[:, None] * 4 + tl.arange(0, 4)[None, :] - start
+    return j, key, c, loc, (loc >= 0) & (loc < n)
+
+
+@triton.jit(do_not_specialize=["scale"])
+def _perturb_multi_kernel(
+    src_ptrs,
+    dst_ptr,
+    dst_offs,
+    numels,
+    starts,
+    keyhi,
+    blk_t,
+    blk_b,
+    seed_ptr,
+    scale,
+    BLOCK4: tl.constexpr,
+    DIST: tl.constexpr = 0,
+):
+    """Many tensors of one dtype in one launch: ``dst[off_j:] = round(src_j + scale·z_j)`` (as _perturb_kernel)."""
+    j, key, c, loc, mask = _multi_block(blk_t, blk_b, numels, starts, keyhi, seed_ptr, BLOCK4)
+    n1, n2, n3, n4 = _z4(key, c, DIST)
+    z = _pick(n1, n2, n3, n4, tl.arange(0, 4)[None, :])
+    src = tl.load(src_ptrs + j).to(tl.pointer_type(dst_ptr.dtype.element_ty))
+    dst = dst_ptr + tl.load(dst_offs + j)
+    w = tl.load(src + loc, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst + loc, (w + scale * z).to(dst_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["lr", "decay"])
+def _update1_multi_kernel(
+    t_ptrs,
+    ref_ptr,
+    numels,
+    starts,
+    keyhi,
+    blk_t,
+    blk_b,
+    seed_ptr,
+    a_ptr,
+    lr,
+    decay,
+    BLOCK4: tl.constexpr,
+    DIST: tl.constexpr = 0,
+):
+    """Many tensors of ``ref_ptr``'s dtype in one launch: ``t_j ← round(decay·t_j − lr·a·z_j)`` (as _update1_kernel)."""
+    j, key, c, loc, mask = _multi_block(blk_t, blk_b, numels, starts, keyhi, seed_ptr, BLOCK4)
+    n1, n2, n3, n4 = _z4(key, c, DIST)
+    z = _pick(n1, n2, n3, n4, tl.arange(0, 4)[None, :])
+    a = tl.load(a_ptr)
+    t = tl.load(t_ptrs + j).to(tl.pointer_type(ref_ptr.dtype.element_ty))
+    w = tl.load(t + loc, mask=mask, other=0.0).to(tl.float32)
+    tl.store(t + loc, (w * decay - lr * (a * z)).to(ref_ptr.dtype.element_ty), mask=mask)
+
+
+class _Tables:
+    """Device-side tables of a fixed list of tensors (pointers, sizes, keys, block map), cached by their pointers."""
+
+    def __init__(self, ptrs: list[int], numels: list[int], starts: list[int], indices: list[int], device) -> None:
+        blk_t, blk_b = [], []
+        for j, (n, s) in enumerate(zip(numels, starts)):
+            nb = _grid(s, n)[0] if n else 0
+            blk_t += [j] * nb
+            blk_b += list(range(nb))
+        offs, o = [], 0
+        for n in numels:  # outputs packed into one buffer, each 64-element aligned (16-byte and beyond for GEMMs)
+            offs.append(o)
+            o += (n + 63) // 64 * 64
+        self.total = o
+        self.offs = offs
+        t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
+        self.ptrs, self.numels, self.starts = t(ptrs), t(numels), t(starts)
+        self.keyhi = t([int(i) << 32 for i in indices])
+        self.dst_offs = t(offs)
+        self.blk_t, self.blk_b = t(blk_t), t(blk_b)
+        self.grid = (len(blk_t),)
+
+
+_TABLES: dict[tuple, _Tables] = {}
+
+
+def _tables(ts, starts, indices) -> _Tables:
+    key = (tuple(t.data_ptr() for t in ts), tuple(t.numel() for t in ts), tuple(starts), tuple(indices))
+    tab = _TABLES.get(key)
+    if tab is None:
+        if len(_TABLES) > 256:  # parameters moved or re-allocated many times: drop stale tables
+            _TABLES.clear()
+        tab = _TABLES[key] = _Tables(list(key[0]), list(key[1]), list(starts), list(indices), ts[0].device)
+    return tab
+
+
+def perturbed_many(ws: list[Tensor], indices: list[int], seed: Tensor, scale: float, dist: int = 0) -> list[Tensor]:
+    """``[round(w + scale·z(key(seed, i)))]`` for full, contiguous tensors of one dtype: one launch, one buffer.
+
+    ``seed`` is a device int64 scalar holding the 32-bit step seed (no host-to-device copy per call).
+    """
+    tab = _tables(ws, [0] * len(ws), indices)
+    buf = torch.empty(tab.total, dtype=ws[0].dtype, device=ws[0].device)
+    if tab.grid[0]:
+        _perturb_multi_kernel[tab.grid](
+            tab.ptrs,
+            buf,
+            tab.dst_offs,
+            tab.numels,
+            tab.starts,
+            tab.keyhi,
+            tab.blk_t,
+            tab.blk_b,
+            seed,
+            float(scale),
+            BLOCK4=BLOCK4,
+            DIST=dist,
+        )
+    return [buf[o : o + w.numel()].view(w.shape) for o, w in zip(tab.offs, ws)]
+
+
+def update1_many(
+    ts: list[Tensor],
+    indices: list[int],
+    starts: list[int],
+    seed: Tensor,
+    a: Tensor,
+    lr: float,
+    decay: float,
+    dist: int = 0,
+) -> None:
+    """In place, for contiguous tensors of one dtype in one launch: ``t ← round(decay·t − lr·a·z)``, one direction."""
+    tab = _tables(ts, starts, indices)
+    if tab.grid[0]:
+        _update1_multi_kernel[tab.grid](
+            tab.ptrs,
+            ts[0],
+            tab.numels,
+            tab.starts,
+            tab.keyhi,
+            tab.blk_t,
+            tab.blk_b,
+            seed,
+            a.to(device=ts[0].device, dtype=torch.float32),
+            float(lr),
+            float(decay),
+            BLOCK4=BLOCK4,
+            DIST=dist,
+        )
+
+
 _ONE_OK = [True]  # the one-direction kernel compiled fine (else use the window kernel)
 
 

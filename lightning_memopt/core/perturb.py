@@ -12,8 +12,10 @@ Two backends give the same numbers (up to float rounding of ``log``/``cos``):
 * a pure-torch emulation (any device) that reproduces Philox4x32 with int64 arithmetic on uint32 values, and
   Triton's uint→float and Box–Muller exactly as ``triton/language/random.py`` writes them.
 
-Public functions: :func:`normal` (z for a range of one parameter), :func:`perturbed` (``w + scale·z`` out of place)
-and :func:`update_` (the in-place ZO update with a window of directions, used by MeZO and its momentum/Adam forms).
+Public functions: :func:`normal` (z for a range of one parameter), :func:`perturbed` (``w + scale·z`` out of place),
+:func:`update_` (the in-place ZO update with a window of directions, used by MeZO and its momentum/Adam forms), and
+their many-tensor forms :func:`perturbed_many` and :func:`update1_many` (one kernel launch for a list of tensors: for
+small models the per-tensor launches, not the memory traffic, are the cost).
 """
 
 from __future__ import annotations
@@ -251,3 +253,63 @@ def update_(
         delta = m if v is None else m / (torch.sqrt(v) + adam_eps)
         new = flat[lo : lo + n].to(torch.float32) * decay - lr * delta
         flat[lo : lo + n] = new.to(t.dtype)
+
+
+def _one_launch(ts: Sequence[Tensor]) -> bool:
+    """The many-tensor kernels take CUDA, contiguous tensors of one dtype (Triton importable)."""
+    if not ts or not use_triton(ts[0]):
+        return False
+    dt, dev = ts[0].dtype, ts[0].device
+    return all(t.dtype == dt and t.device == dev and t.is_contiguous() and t.numel() <= MAX_NUMEL for t in ts)
+
+
+def seed_tensor(step_seed: int, device: torch.device | str) -> Tensor:
+    """The step seed as a device int64 scalar (what the many-tensor kernels read; made without a host copy)."""
+    return torch.full((), int(step_seed) & _M32, dtype=torch.int64, device=device)
+
+
+def perturbed_many(
+    ws: Sequence[Tensor],
+    indices: Sequence[int],
+    step_seed: int,
+    scale: float,
+    dist: str = "normal",
+    seed_t: Tensor | None = None,
+) -> list[Tensor]:
+    """``[perturbed(w, key(step_seed, i), scale)]`` for full tensors, in one launch per call on the GPU.
+
+    The outputs are views of one new buffer. ``seed_t`` (from :func:`seed_tensor`) saves a launch when reused.
+    """
+    ws = [w.detach() for w in ws]
+    if _one_launch(ws):
+        seed_t = seed_tensor(step_seed, ws[0].device) if seed_t is None else seed_t
+        return _triton_kernels().perturbed_many(  # type: ignore[union-attr]
+            ws, [int(i) for i in indices], seed_t, scale, _kernel_dist(dist)
+        )
+    return [perturbed(w, key(step_seed, i), scale, dist=dist) for w, i in zip(ws, indices)]
+
+
+def update1_many(
+    ts: Sequence[Tensor],
+    indices: Sequence[int],
+    starts: Sequence[int],
+    step_seed: int,
+    a: Tensor,
+    lr: float,
+    decay: float,
+    dist: str = "normal",
+    seed_t: Tensor | None = None,
+) -> None:
+    """In place, one direction: ``t ← round(decay·t − lr·a·z(key(step_seed, i)))`` for each tensor (``t`` holds
+    elements ``[start, start + numel)`` of its parameter); one launch per call on the GPU. ``a`` is a 1-element
+    float32 device tensor (the projected gradient: no host sync)."""
+    ts = [t.detach() for t in ts]
+    if _one_launch(ts):
+        seed_t = seed_tensor(step_seed, ts[0].device) if seed_t is None else seed_t
+        _triton_kernels().update1_many(  # type: ignore[union-attr]
+            ts, [int(i) for i in indices], [int(x) for x in starts], seed_t, a, lr, decay, _kernel_dist(dist)
+        )
+        return
+    seeds = torch.tensor([int(step_seed) & _M32], dtype=torch.int64)
+    for t, i, st in zip(ts, indices, starts):
+        update_(t, int(i), seeds, a, None, lr, decay, int(st), dist=dist, seed_ints=[int(step_seed)])

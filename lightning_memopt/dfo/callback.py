@@ -71,9 +71,17 @@ class DFOLoRA(Callback):
         verify_split: on the first statistics batch, check the split forward against the fully expanded one and
             fall back to ``split=False`` (with a warning) if they differ.
         target_pattern: regex over module names selecting the LoRA targets (default: query and key projections).
-        init_scale: scale of the random map relative to the targets' output std (BBTv2's alpha).
+        init_scale: scale of the random map relative to the targets' output std (BBTv2's alpha): a candidate at
+            ``|z| ≈ sigma·sqrt(d)`` changes a target's output by about this fraction of its std. On SmolLM2-135M /
+            SST-2 (k=512, C-LoRA) dev accuracy was 84.2 at 0.05, 82.2 at 0.1, 69.5 at 0.3 and 51.7 at 1.0: large
+            candidates wreck the pretrained attention faster than selection can repair it.
         stat_batches: training batches whose hidden-state statistics set the random map's std.
         n_fireworks, n_gaussian, bound: fireworks settings (fireworks kept, Gaussian sparks, search box).
+        amplification, reduction: dynFWA's factors for the core firework's amplitude after a generation whose best
+            spark beat (or did not beat) the core. dynFWA uses 1.2 / 0.9 on exact functions; with minibatch
+            fitness some spark beats the core by noise alone in nearly every generation, so 1.2 makes the
+            amplitude grow without bound (F-LoRA on SST-2 k=512 fell from 85.6 to 69.2 val accuracy). The default
+            1.0 never grows it.
         population_chunk: evaluate at most this many candidates per forward (bounds the expanded batch's memory;
             the layers below the current one then run once per chunk). None: the whole population at once.
         optimizer_device: where the optimizers' state lives (default: the module's device).
@@ -101,11 +109,13 @@ class DFOLoRA(Callback):
         split: bool = True,
         verify_split: bool = True,
         target_pattern: str = DEFAULT_PATTERN,
-        init_scale: float = 1.0,
+        init_scale: float = 0.05,
         stat_batches: int = 4,
         n_fireworks: int = 5,
         n_gaussian: int = 1,
         bound: float | None = None,
+        amplification: float = 1.0,
+        reduction: float = 0.9,
         population_chunk: int | None = None,
         optimizer_device: str | None = None,
         seed: int = 0,
@@ -130,7 +140,10 @@ class DFOLoRA(Callback):
         self.budget, self.loss, self.margin = budget, loss, margin
         self.batched, self.split, self.verify_split = batched, split, verify_split
         self.target_pattern, self.init_scale, self.stat_batches = target_pattern, init_scale, stat_batches
+        if amplification < 1.0 or not 0.0 < reduction <= 1.0:
+            raise ValueError(f"Need amplification >= 1 and 0 < reduction <= 1 (got {amplification}, {reduction}).")
         self.n_fireworks, self.n_gaussian, self.bound = n_fireworks, n_gaussian, bound
+        self.amplification, self.reduction = amplification, reduction
         self.optimizer_device, self.seed, self.allow_untested = optimizer_device, seed, allow_untested
         self.population_chunk = population_chunk
         self.lora: ZLoRA | None = None
@@ -175,7 +188,8 @@ class DFOLoRA(Callback):
         seed = self.seed * 7919 + k
         if self.optimizer == "cmaes":
             return CMAES(x0, self.sigma, self.population, seed=seed)
-        return Fireworks(x0, self.sigma, self.population, self.n_fireworks, self.n_gaussian, self.bound, seed=seed)
+        return Fireworks(x0, self.sigma, self.population, self.n_fireworks, self.n_gaussian, self.bound,
+                         ca=self.amplification, cr=self.reduction, seed=seed)
 
     def build(self, module: torch.nn.Module) -> None:
         """Install the z-driven LoRA hooks on ``module`` and make one optimizer per layer (also usable without a

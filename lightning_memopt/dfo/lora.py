@@ -121,7 +121,7 @@ class ZLoRA:
 
     def __init__(
         self, root: nn.Module, rank: int = 4, d: int = 500, pattern: str = DEFAULT_PATTERN, seed: int = 0,
-        sigma: float = 1.0, init_scale: float = 1.0,
+        sigma: float = 1.0, init_scale: float = 0.05,
     ) -> None:
         self.root, self.rank, self.d, self.seed = root, int(rank), int(d), int(seed)
         self.sigma, self.init_scale = float(sigma), float(init_scale)

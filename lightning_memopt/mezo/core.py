@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from lightning_memopt.core import perturb
-from lightning_memopt.core.fsdp import all_reduce_mean, global_offset, is_dtensor, local, reshard_all
+from lightning_memopt.core.fsdp import all_reduce_mean, global_offset, is_dtensor, is_fsdp2, local, reshard_all
 
 Variant = Literal["sgd", "momentum", "adam"]
 _M64 = (1 << 64) - 1
@@ -121,10 +121,18 @@ def make_params(
 class Perturber:
     """Forward hooks that make each module see ``W + scale·z`` instead of ``W`` while :meth:`active`.
 
-    The pre-hook of each module that owns trained parameters swaps in a temporary perturbed copy (one module's
-    weights at a time); the forward hook puts the original Parameter back. Under FSDP2 the module holds the
-    all-gathered full parameter during its forward, so the temporary is built from that (offset 0) and FSDP2's own
-    bookkeeping is untouched. z is keyed by the parameter's index, so tied weights get the same z at every use.
+    A pre-hook swaps in temporary perturbed copies; the forward hook puts the original Parameters back, so only the
+    copies of the module running now exist. Modules are hooked in *groups*: a submodule whose trained parameters
+    total at most ``group_bytes`` (e.g. a whole decoder layer of a small model) is perturbed in one kernel launch at
+    its own pre-hook; larger ones fall back to each parameter-owning module. For small models the per-tensor
+    launches, not the memory traffic, are the cost, so grouping is the speed-up there; the cap bounds the extra
+    memory (the default is well under 2% of the forward peak of a 1B model).
+
+    Every owning module also keeps a cheap hook of its own: if it runs outside its group's forward (a model that
+    calls a submodule directly), it is perturbed there, alone, so no module ever sees unperturbed weights. Under
+    FSDP2 the module holds the all-gathered full parameter only inside its FSDP unit's forward, so grouping is off
+    and each owner builds its copy from the unsharded parameter (offset 0), leaving FSDP2's bookkeeping untouched.
+    z is keyed by the parameter's index, so tied weights get the same z at every use.
 
     A parameter that a module reads outside its own ``forward`` (e.g. ``F.linear(x, other.weight)``) would be seen
     unperturbed; Hugging Face models do not do that.
@@ -136,45 +144,105 @@ class Perturber:
         params: Sequence[ZOParam],
         z_for: Callable[[int, int], Any] | None = None,
         distribution: str = "normal",
+        group_bytes: int = 64 << 20,
     ) -> None:
         self.distribution = distribution
-        by_id = {id(zp.param): zp.index for zp in params}
         self.z_for = z_for  # optional cache: (seed, index) -> full-tensor z, or None to generate
         self.seed: int | None = None
         self.scale = 0.0
-        self._stack: list[tuple[torch.nn.Module, list[tuple[str, Any]]]] = []
+        self._seed_t: Tensor | None = None
+        self._stack: list[tuple[torch.nn.Module, list[tuple[torch.nn.Module, str, Any]]]] = []
+        self._live: set[int] = set()  # owners whose parameters are swapped now (by their group or themselves)
         self._handles: list[Any] = []
-        covered: set[int] = set()
+        by_id = {id(zp.param): zp.index for zp in params}
+        owners: dict[int, tuple[torch.nn.Module, list[tuple[str, int]]]] = {}
         for mod in module.modules():
             entries = [(n, by_id[id(p)]) for n, p in mod._parameters.items() if p is not None and id(p) in by_id]
-            if not entries:
-                continue
-            covered.update(i for _, i in entries)
-            self._handles.append(mod.register_forward_pre_hook(self._make_pre(entries)))
-            self._handles.append(mod.register_forward_hook(self._post, always_call=True))
-        if len(covered) != len(by_id):
+            if entries:
+                owners[id(mod)] = (mod, entries)
+        if len({i for _, es in owners.values() for _, i in es}) != len(by_id):
             raise ValueError("Some trained parameters belong to no submodule of the given module.")
+        cap = 0 if is_fsdp2(module) else int(group_bytes)
+        self._group_roots: list[tuple[torch.nn.Module, list[tuple[torch.nn.Module, list[tuple[str, int]]]]]] = []
+        self._plan(module, owners, cap, True, set())
+        for group_root, members in self._group_roots:
+            self._handles.append(group_root.register_forward_pre_hook(self._make_pre(members)))
+            self._handles.append(group_root.register_forward_hook(self._post, always_call=True))
+        for mod, entries in owners.values():  # the safety net (and the only hooks of ungrouped owners)
+            self._handles.append(mod.register_forward_pre_hook(self._make_pre([(mod, entries)])))
+            self._handles.append(mod.register_forward_hook(self._post, always_call=True))
 
-    def _make_pre(self, entries: list[tuple[str, int]]) -> Callable:
+    def _plan(self, mod: torch.nn.Module, owners: dict, cap: int, is_root: bool, seen: set[int]) -> None:
+        """Choose group roots: the highest non-root submodules with a forward whose parameters fit in ``cap``."""
+        if id(mod) in seen:
+            return
+        seen.add(id(mod))
+        members = [owners[id(m)] for m in mod.modules() if id(m) in owners]
+        size: dict[int, int] = {}
+        for m, entries in members:
+            for name, idx in entries:
+                p = m._parameters[name]
+                size[idx] = p.numel() * p.element_size()
+        callable_ = type(mod).forward is not torch.nn.Module.forward  # ModuleList/ModuleDict are never called
+        if not is_root and cap and callable_ and len(members) > 1 and 0 < sum(size.values()) <= cap:
+            self._group_roots.append((mod, members))
+            seen.update(id(m) for m in mod.modules())
+            return
+        for child in mod.children():
+            self._plan(child, owners, cap, False, seen)
+
+    def _make_pre(self, members: list[tuple[torch.nn.Module, list[tuple[str, int]]]]) -> Callable:
         def pre(mod: torch.nn.Module, args: Any) -> None:
             if self.seed is None:
                 return
-            saved = []
-            for name, idx in entries:
-                p = mod._parameters[name]
-                if is_dtensor(p):
-                    raise RuntimeError(
-                        f"MeZO: parameter {name!r} of {type(mod).__name__} is still sharded during its forward; "
-                        f"every sharded module must be under fully_shard (FSDP2 all-gathers it)."
-                    )
-                saved.append((name, p))
-                z = self.z_for(self.seed, idx) if self.z_for is not None else None
-                mod._parameters[name] = perturb.perturbed(
-                    p, perturb.key(self.seed, idx), self.scale, z=z, dist=self.distribution
-                )
+            todo = [(m, es) for m, es in members if id(m) not in self._live]
+            if not todo:
+                return
+            saved: list[tuple[torch.nn.Module, str, Any]] = []
+            tensors: dict[int, Tensor] = {}
+            for m, es in todo:
+                for name, idx in es:
+                    p = m._parameters[name]
+                    if is_dtensor(p):
+                        raise RuntimeError(
+                            f"MeZO: parameter {name!r} of {type(m).__name__} is still sharded during its forward; "
+                            f"every sharded module must be under fully_shard (FSDP2 all-gathers it)."
+                        )
+                    saved.append((m, name, p))
+                    tensors.setdefault(idx, p)
+            new = self._perturbed(tensors)
+            for m, es in todo:
+                for name, idx in es:
+                    m._parameters[name] = new[idx]
+                self._live.add(id(m))
             self._stack.append((mod, saved))
 
         return pre
+
+    def _perturbed(self, tensors: dict[int, Tensor]) -> dict[int, Tensor]:
+        seed = int(self.seed)  # type: ignore[arg-type]
+        if self.z_for is not None or len(tensors) == 1:
+            return {
+                i: perturb.perturbed(
+                    p,
+                    perturb.key(seed, i),
+                    self.scale,
+                    z=None if self.z_for is None else self.z_for(seed, i),
+                    dist=self.distribution,
+                )
+                for i, p in tensors.items()
+            }
+        out: dict[int, Tensor] = {}
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, p in tensors.items():
+            by_dtype.setdefault(p.dtype, []).append(i)
+        for idx in by_dtype.values():
+            ws = [tensors[i] for i in idx]
+            if self._seed_t is None and ws[0].is_cuda:
+                self._seed_t = perturb.seed_tensor(seed, ws[0].device)
+            seed_t = self._seed_t if self._seed_t is not None and self._seed_t.device == ws[0].device else None
+            out.update(zip(idx, perturb.perturbed_many(ws, idx, seed, self.scale, self.distribution, seed_t)))
+        return out
 
     def _post(self, mod: torch.nn.Module, args: Any, out: Any) -> None:
         if self.seed is None:
@@ -182,22 +250,25 @@ class Perturber:
         for i in range(len(self._stack) - 1, -1, -1):
             if self._stack[i][0] is mod:
                 _, saved = self._stack.pop(i)
-                for name, p in saved:
-                    mod._parameters[name] = p
+                self._restore(saved)
                 return
+
+    def _restore(self, saved: list[tuple[torch.nn.Module, str, Any]]) -> None:
+        for m, name, p in saved:
+            m._parameters[name] = p
+            self._live.discard(id(m))
 
     @contextmanager
     def active(self, seed: int, scale: float) -> Iterator[None]:
         """Forwards inside see every trained weight perturbed by ``scale·z(seed)``."""
-        self.seed, self.scale = int(seed), float(scale)
+        self.seed, self.scale, self._seed_t = int(seed), float(scale), None
         try:
             yield
         finally:
             while self._stack:  # a forward that raised midway: put every original back
-                mod, saved = self._stack.pop()
-                for name, p in saved:
-                    mod._parameters[name] = p
-            self.seed = None
+                self._restore(self._stack.pop()[1])
+            self._live.clear()
+            self.seed, self._seed_t = None, None
 
     def remove(self) -> None:
         for h in self._handles:
@@ -275,6 +346,26 @@ def apply_update(
     """``θ ← (1 − lr·wd)·θ − lr·Δ`` for every parameter (local shards under FSDP2, after resharding)."""
     if module is not None:
         reshard_all(module)  # FSDP2 keeps the root unsharded after forward; shard writes must be seen next time
+    if z_for is None and adam_eps is None and seed_ints is not None and len(seed_ints) == 1:
+        # One direction (MeZO-SGD): one launch per (dtype, lr, decay) bucket instead of one per tensor.
+        buckets: dict[tuple, list[tuple[Tensor, int, int]]] = {}
+        for zp in params:
+            lr = float(lrs[zp.group])
+            wd = float(wds[zp.group]) if zp.decay else 0.0
+            t = local(zp.param).detach()
+            if t.numel():
+                buckets.setdefault((t.dtype, t.device, lr, 1.0 - lr * wd), []).append(
+                    (t, zp.index, global_offset(zp.param)[0])
+                )
+        seed_t = None
+        for (_, dev, lr, decay), items in buckets.items():
+            if seed_t is None or seed_t.device != dev:
+                seed_t = seeds[:1].to(dev) if seeds.device == dev else perturb.seed_tensor(int(seed_ints[0]), dev)
+            ts, idx, starts = zip(*items)
+            perturb.update1_many(
+                list(ts), list(idx), list(starts), int(seed_ints[0]), a[:1], lr, decay, distribution, seed_t.reshape(())
+            )
+        return
     for zp in params:
         lr = float(lrs[zp.group])
         wd = float(wds[zp.group]) if zp.decay else 0.0
@@ -310,6 +401,8 @@ class ZeroOrder:
         params: from :func:`make_params` (fixes groups and weight-decay flags).
         cache_z: keep each seed's z (float32, full size) while it is in use instead of regenerating it: the torch
             backend's speed-up for small CPU models. Default: on for CPU parameters up to 2**24 elements.
+        group_bytes: perturb a submodule's parameters in one kernel launch when they total at most this many bytes
+            (see :class:`Perturber`); 0 perturbs each parameter-owning module on its own.
 
     Example::
 
@@ -325,6 +418,7 @@ class ZeroOrder:
         seed: int = 0,
         params: list[ZOParam] | None = None,
         cache_z: bool | None = None,
+        group_bytes: int = 64 << 20,
     ) -> None:
         self.module = module
         self.config = config or ZOConfig()
@@ -340,7 +434,9 @@ class ZeroOrder:
             )
         self.cache_z = bool(cache_z)
         self._cache: dict[int, dict[int, Tensor]] = {}
-        self.perturber = Perturber(module, self.params, self._z if self.cache_z else None, self.config.distribution)
+        self.perturber = Perturber(
+            module, self.params, self._z if self.cache_z else None, self.config.distribution, group_bytes
+        )
         self.history: list[tuple[list[int], Tensor]] = []
 
     def _z(self, seed: int, index: int) -> Tensor:
