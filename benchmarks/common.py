@@ -23,7 +23,7 @@ def build(size: str, dtype: torch.dtype = torch.bfloat16, **overrides: Any) -> t
 
     from lightning_memopt.models.configs import llama_config
 
-    cfg = llama_config(size, vocab_size=32000 if size not in ("tiny", "small") else 512, **overrides)
+    cfg = llama_config(size, **overrides)  # the anchors' vocab (32000; 512 for tiny/small; SmolLM2's for smol)
     cfg.pop("model_type")
     config = LlamaConfig(**cfg)
     config._attn_implementation = "sdpa"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SIZE_ORDER = ("tiny", "small", "1b", "7b", "13b", "30b", "34b")
+SIZE_ORDER = ("tiny", "small", "smol", "1b", "7b", "13b", "30b", "34b")
 
 # What each peer case of anchors_gpu.py runs, for the table's impl column.
 PEER_SOURCE = {
@@ -73,7 +73,7 @@ def ours(module: str, name: str, sizes: tuple[str, ...] = ("1b",), **kw: object)
 
 
 BOTH = ("1b", "7b")
-DFO = {"batch": 4, "seq": 128, "smoke": True}  # few-shot classification prompts
+DFO = {"batch": 4, "seq": 128, "smoke": True, "sizes": ("smol", "1b")}  # few-shot classification prompts
 
 SUITES: dict[str, Suite] = {
     s.name: s
@@ -105,15 +105,16 @@ SUITES: dict[str, Suite] = {
             (
                 peer("forward", BOTH, smoke=True),
                 peer("mezo_official", BOTH, smoke=True),
-                peer("perturb_only", BOTH),
+                # perturbation pass alone (peer "perturb_only", ours "mezo_perturb"): add with --cases when needed
                 ours("mezo", "mezo", BOTH, smoke=True),
-                ours("mezo", "mezo_perturb", BOTH),
+                ours("mezo", "mezo_fastmath", BOTH),  # Gaussian z, approximate transcendentals
+                ours("mezo", "mezo_rademacher", BOTH),  # ±1 z (distribution="rademacher")
             ),
             (
                 Ratio("step / forward", "step_s", "peer:forward"),
                 Ratio("peak / forward", "peak_gib", "peer:forward"),
-                Ratio("step / MeZO official", "step_s", "peer:mezo_official", rows=("ours:mezo",)),
-                Ratio("step / official perturb", "step_s", "peer:perturb_only", rows=("ours:mezo_perturb",)),
+                Ratio("step / MeZO official", "step_s", "peer:mezo_official",
+                      rows=("ours:mezo", "ours:mezo_fastmath", "ours:mezo_rademacher")),
             ),
         ),
         Suite(
@@ -167,10 +168,13 @@ SUITES: dict[str, Suite] = {
                 ours("dfo", "inference", **DFO),
                 ours("dfo", "inference_pop", **DFO),  # one forward of population x batch sequences
                 ours("dfo", "dfo_batched", **DFO),
+                ours("dfo", "dfo_batched_chunk10", **DFO),  # population_chunk=10: the memory/speed trade-off
                 ours("dfo", "dfo_sequential", **DFO),
             ),
             (
                 Ratio("sequential / batched step", "step_s", "ours:dfo_batched", rows=("ours:dfo_sequential",)),
+                Ratio("sequential / row", "step_s", "ours:dfo_sequential", invert=True,
+                      rows=("ours:dfo_batched", "ours:dfo_batched_chunk10")),
                 Ratio("peak / inference", "peak_gib", "ours:inference"),
             ),
         ),

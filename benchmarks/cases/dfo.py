@@ -27,7 +27,7 @@ import torch
 from benchmarks.common import DEV, build, report, timed, parse_case_args
 from lightning_memopt.dfo.callback import DFOLoRA
 
-CASES = ("dfo_batched", "dfo_sequential", "inference", "inference_pop")
+CASES = ("dfo_batched", "dfo_batched_chunk10", "dfo_sequential", "inference", "inference_pop")
 
 
 class LabelLM(torch.nn.Module):
@@ -58,6 +58,8 @@ def main(argv: list[str]) -> None:
     case, size, batch, seq = parse_case_args("dfo", CASES, argv, batch=4, seq=128)
     pop = int(os.environ.get("POP", "20"))
     chunk = int(os.environ["CHUNK"]) if os.environ.get("CHUNK") else None
+    if case == "dfo_batched_chunk10":  # population_chunk=10: two forwards of 10 candidates, less activation memory
+        chunk = 10
     if DEV == "cpu":
         torch.set_num_threads(1)  # smoke mode on a shared CPU: threads only oversubscribe
     res: dict[str, Any] = {"method": case, "size": size, "batch": batch, "seq": seq, "population": pop,
@@ -85,7 +87,7 @@ def main(argv: list[str]) -> None:
                 with torch.no_grad():
                     module(x, m).sum().item()
         else:
-            cb = DFOLoRA(optimizer="cmaes", population=pop, budget=None, batched=case == "dfo_batched",
+            cb = DFOLoRA(optimizer="cmaes", population=pop, budget=None, batched=case.startswith("dfo_batched"),
                          population_chunk=chunk)
             cb.build(module)
             cb.collect_stats(module, [data])

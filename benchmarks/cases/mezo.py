@@ -20,11 +20,12 @@ from lightning_memopt.core import perturb
 from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
 
 
-def mezo(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+def mezo(model: torch.nn.Module, x: torch.Tensor, dist: str | None = None) -> Callable[[], Any]:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    zo = ZeroOrder(model, ZOConfig(eps=1e-3, distribution=os.environ.get("MEZO_DIST", "normal")), seed=0)
+    dist = dist or os.environ.get("MEZO_DIST", "normal")
+    zo = ZeroOrder(model, ZOConfig(eps=1e-3, distribution=dist), seed=0)  # type: ignore[arg-type]
     state = {"t": 0}
 
     def loss() -> torch.Tensor:
@@ -50,8 +51,15 @@ def mezo_perturb(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     return step
 
 
+def mezo_fastmath(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    os.environ["MEMOPT_FAST_MATH"] = "1"  # Gaussian z with approximate log/cos/sin (same numbers up to rounding)
+    return mezo(model, x, "normal")
+
+
 CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] = {
     "mezo": mezo,
+    "mezo_fastmath": mezo_fastmath,
+    "mezo_rademacher": lambda m, x: mezo(m, x, "rademacher"),
     "mezo_perturb": mezo_perturb,
 }
 

@@ -12,6 +12,11 @@ LLAMA_SIZES: dict[str, dict[str, Any]] = {
     "small": dict(
         hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
     ),
+    # SmolLM2-135M's shape (the real model of the SST-2 results), for speed and memory figures on random weights
+    "smol": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=49152, tie_word_embeddings=True,
+    ),
     "1b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
     ),
@@ -34,8 +39,10 @@ def llama_config(size: str = "tiny", vocab_size: int | None = None, **overrides:
     """A config dict for :class:`~lightning_memopt.models.HFCausalLM` (``model_type: llama``)."""
     if size not in LLAMA_SIZES:
         raise ValueError(f"Unknown Llama size {size!r}; choose one of {sorted(LLAMA_SIZES)}.")
+    shape = dict(LLAMA_SIZES[size])
+    own_vocab = shape.pop("vocab_size", None)
     if vocab_size is None:
-        vocab_size = 32000 if size not in ("tiny", "small") else 512
-    cfg = dict(model_type="llama", vocab_size=vocab_size, max_position_embeddings=4096, **LLAMA_SIZES[size])
+        vocab_size = own_vocab or (32000 if size not in ("tiny", "small") else 512)
+    cfg = dict(model_type="llama", vocab_size=vocab_size, max_position_embeddings=4096, **shape)
     cfg.update(overrides)
     return cfg
