@@ -158,3 +158,20 @@ def test_merge_runs_and_reject_bad_filters(tmp_path, monkeypatch):
     for bad in (["--cases", "nope"], ["--sizes", "1B"]):
         with pytest.raises(SystemExit):
             harness.main(["--suite", "lomo", "--dry-run", *bad])
+
+
+def test_sst2_run_specs_and_table():
+    from benchmarks import sst2_results as S
+
+    assert S.parse_spec("mezo") == ("mezo", "mezo", [])
+    label, method, over = S.parse_spec("clora_k16=clora@--data.k=16@--data.batch_size=32")
+    assert (label, method, over) == ("clora_k16", "clora", ["--data.k=16", "--data.batch_size=32"])
+    with pytest.raises(SystemExit, match="unknown method"):
+        S.parse_spec("x=nosuch")
+    rows = [
+        {"method": "clora", "label": "clora_k16", "overrides": over, "seed": 0, "dev_acc": 81.8, "dev_f1": 81.7,
+         "steps": 400, "forwards": 803, "wall_s": 1.0, "peak_gib": 1.1},
+        {"method": "mezo", "seed": 0, "error": "Traceback\nboom | bad"},
+    ]
+    table = S.table(rows)
+    assert "| clora_k16 | clora | 0 | 81.8 |" in table and "error: boom / bad" in table

@@ -1,0 +1,81 @@
+"""Bar charts of the committed GPU benchmark tables: step time and peak memory per method at 1.1B and 7B.
+
+    python -m benchmarks.plot_results            # reads benchmarks/results/*.json, writes docs/img/bench_*.png
+
+Each bar is one row of a suite's JSON (ours and the peers, measured side by side in that suite's run). Rows from
+different suites come from different runs: compare within a method's group, not across groups.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# (suite file, group title, rows as (key, label))
+PANELS = [
+    ("foundation.json", "AdamW", [("peer:forward", "forward"), ("peer:adamw", "AdamW"),
+                                  ("peer:adamw_ckpt", "AdamW ckpt")]),
+    ("mezo_run2.json", "MeZO", [("peer:mezo_official", "official"), ("ours:mezo", "ours"),
+                                ("ours:mezo_rademacher", "ours ±1")]),
+    ("lomo.json", "LOMO", [("peer:lomo_ckpt", "lomo-optim ckpt"), ("ours:lomo_ckpt", "ours ckpt"),
+                           ("peer:adalomo_ckpt", "AdaLomo peer ckpt"), ("ours:adalomo_ckpt", "AdaLomo ours ckpt")]),
+    ("galore_1b.json", "GaLore", [("peer:galore", "galore-torch"), ("ours:galore", "ours")]),
+    ("dfo.json", "DFO-LoRA (4×128)", [("ours:inference", "inference"), ("ours:dfo_batched", "batched"),
+                                      ("ours:dfo_batched_chunk10", "batched, chunk 10"),
+                                      ("ours:dfo_sequential", "sequential")]),
+]
+
+
+def rows(size: str) -> list[tuple[str, str, float | None, float | None]]:
+    out = []
+    for fname, group, keys in PANELS:
+        path = RESULTS / fname
+        if not path.exists():
+            continue
+        recs = json.loads(path.read_text())["records"]
+        for key, label in keys:
+            r = next((r for r in recs if r["key"] == key and r["size"] == size), None)
+            if r is None:
+                continue
+            step = r["step_s"] * 1e3 if isinstance(r.get("step_s"), (int, float)) else None
+            peak = r["peak_gib"] if isinstance(r.get("peak_gib"), (int, float)) else None
+            out.append((group, label, step, peak))
+    return out
+
+
+def main(out_dir: str = str(ROOT / "docs" / "img")) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for size in ("1b", "7b"):
+        data = rows(size)
+        if not data:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(data) + 1.6), sharey=True)
+        labels = [f"{g}: {lbl}" for g, lbl, _, _ in data]
+        colors = [f"C{sorted({g for g, *_ in data}, key=[d[0] for d in data].index).index(g)}" for g, *_ in data]
+        for ax, col, title in ((axes[0], 2, "step (ms)"), (axes[1], 3, "peak memory (GiB)")):
+            vals = [d[col] or 0.0 for d in data]
+            ax.barh(range(len(data)), vals, color=colors)
+            for i, v in enumerate(vals):
+                ax.text(v, i, f" {v:,.1f}" if v else " —", va="center", fontsize=7)
+            ax.set_xlabel(title)
+        axes[0].set_yticks(range(len(data)), labels, fontsize=8)
+        axes[0].invert_yaxis()
+        fig.suptitle(f"Random-init Llama {size.upper()}, bf16, batch 8×512 (DFO: 4×128 per candidate), H100")
+        fig.tight_layout()
+        f = str(Path(out_dir) / f"bench_{size}.png")
+        fig.savefig(f, dpi=110)
+        plt.close(fig)
+        files.append(f)
+    return files
+
+
+if __name__ == "__main__":
+    print("\n".join(main(*sys.argv[1:])))
