@@ -37,7 +37,8 @@ def main() -> None:
         data = PromptClassificationDataModule(k=32, batch_size=32, max_length=32, shuffle=False,
                                               template="Review: {sentence} Sentiment:",
                                               label_words=["negative", "positive"])
-        dfo = DFOLoRA(optimizer=optimizer, d=100, population=10, budget=600)  # 600 forwards = 60 generations
+        # init_scale 1.0: a random-init model has no pretrained behaviour to protect (pretrained models: 0.05)
+        dfo = DFOLoRA(optimizer=optimizer, d=100, population=10, budget=600, init_scale=1.0)  # 600 forwards
         trainer = pl.Trainer(max_steps=1000, accelerator="cpu", callbacks=[dfo], logger=False, enable_checkpointing=False,
                              limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False)
         data.tokenizer = model.tokenizer
