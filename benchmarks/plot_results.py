@@ -59,7 +59,8 @@ def main(out_dir: str = str(ROOT / "docs" / "img")) -> list[str]:
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(data) + 1.6), sharey=True)
         labels = [f"{g}: {lbl}" for g, lbl, _, _ in data]
-        colors = [f"C{sorted({g for g, *_ in data}, key=[d[0] for d in data].index).index(g)}" for g, *_ in data]
+        groups = list(dict.fromkeys(g for g, *_ in data))  # one colour per method, in table order
+        colors = [f"C{groups.index(g)}" for g, *_ in data]
         for ax, col, title in ((axes[0], 2, "step (ms)"), (axes[1], 3, "peak memory (GiB)")):
             vals = [d[col] or 0.0 for d in data]
             ax.barh(range(len(data)), vals, color=colors)

@@ -92,15 +92,18 @@ def parse_spec(spec: str) -> tuple[str, str, list[str]]:
     return label, method, overrides
 
 
-def _launch(spec: str, seed: int, args: argparse.Namespace) -> tuple[subprocess.Popen, float]:
-    label, method, overrides = parse_spec(spec)
+Run = tuple[str, str, list[str], int]  # (label, method, overrides, seed)
+
+
+def _launch(run: Run, args: argparse.Namespace) -> tuple[subprocess.Popen, float]:
+    label, method, overrides, seed = run
     cmd = [sys.executable, "-u", "-m", "benchmarks.sst2_results", "--one", method, "--label", label,
            "--seed", str(seed), "--model", args.model, "--data_dir", args.data_dir, "--", *args.extra, *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.perf_counter()
 
 
-def _collect(spec: str, seed: int, proc: subprocess.Popen, t0: float, timeout: float) -> dict[str, Any]:
-    label, method, overrides = parse_spec(spec)
+def _collect(run: Run, proc: subprocess.Popen, t0: float, timeout: float) -> dict[str, Any]:
+    label, method, overrides, seed = run
     try:
         out, err = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
         lines = [ln for ln in out.splitlines() if ln.startswith("SST2RESULT ")]
@@ -115,17 +118,16 @@ def _collect(spec: str, seed: int, proc: subprocess.Popen, t0: float, timeout: f
 
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (spec, seed) in its own process, ``args.jobs`` at a time; results in the order given."""
-    todo = [(spec, int(s)) for spec in args.methods.split(",") for s in args.seeds.split(",")]
-    for spec, _ in todo:
-        parse_spec(spec)  # fail before launching anything
+    # every spec parsed before anything is launched, so a typo fails at once
+    todo: list[Run] = [(*parse_spec(spec), int(s)) for spec in args.methods.split(",") for s in args.seeds.split(",")]
     records: list[dict[str, Any]] = []
-    running: list[tuple[str, int, subprocess.Popen, float]] = []
+    running: list[tuple[Run, subprocess.Popen, float]] = []
     while todo or running:
         while todo and len(running) < args.jobs:
-            spec, seed = todo.pop(0)
-            running.append((spec, seed, *_launch(spec, seed, args)))
-        spec, seed, proc, t0 = running.pop(0)  # the oldest: a fair wait, since all share one deadline per run
-        rec = _collect(spec, seed, proc, t0, args.timeout)
+            run = todo.pop(0)
+            running.append((run, *_launch(run, args)))
+        run, proc, t0 = running.pop(0)  # the oldest: a fair wait, since all share one deadline per run
+        rec = _collect(run, proc, t0, args.timeout)
         records.append(rec)
         print("RUN " + json.dumps({k: v for k, v in rec.items() if k != "curve"}), flush=True)
         write(records, args.out)

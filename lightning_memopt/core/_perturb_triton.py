@@ -52,6 +52,13 @@ def _pick(n1, n2, n3, n4, lane):
     )
 
 
+@triton.jit
+def _z(seed, c, DIST: tl.constexpr):
+    """z of counters ``c`` as ``[BLOCK4, 4]``: element ``4·c + lane`` in row ``c``, column ``lane``."""
+    n1, n2, n3, n4 = _z4(seed, c, DIST)
+    return _pick(n1, n2, n3, n4, tl.arange(0, 4)[None, :])
+
+
 @triton.jit(do_not_specialize=["seed", "scale"])
 def _perturb_kernel(w_ptr, out_ptr, n, start, seed, scale, BLOCK4: tl.constexpr, DIST: tl.constexpr = 0):
     pid = tl.program_id(0)
@@ -59,8 +66,7 @@ def _perturb_kernel(w_ptr, out_ptr, n, start, seed, scale, BLOCK4: tl.constexpr,
     lane = tl.arange(0, 4)[None, :]
     loc = c[:, None] * 4 + lane - start
     mask = (loc >= 0) & (loc < n)
-    n1, n2, n3, n4 = _z4(seed, c, DIST)
-    z = _pick(n1, n2, n3, n4, lane)
+    z = _z(seed, c, DIST)
     w = tl.load(w_ptr + loc, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + loc, (w + scale * z).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -91,8 +97,7 @@ def _update_kernel(
     v = tl.zeros([BLOCK4, 4], dtype=tl.float32)
     for j in tl.static_range(J):  # unrolled: the runtime-loop version cost 4-8x one pass (H100)
         s = tl.load(seeds_ptr + j) + idx_hi
-        n1, n2, n3, n4 = _z4(s, c, DIST)
-        z = _pick(n1, n2, n3, n4, lane)
+        z = _z(s, c, DIST)
         m += tl.load(a_ptr + j) * z
         if ADAM:
             v += tl.load(b_ptr + j) * (z * z)
@@ -111,8 +116,7 @@ def _update1_kernel(t_ptr, n, start, seed, a_ptr, lr, decay, BLOCK4: tl.constexp
     lane = tl.arange(0, 4)[None, :]
     loc = c[:, None] * 4 + lane - start
     mask = (loc >= 0) & (loc < n)
-    n1, n2, n3, n4 = _z4(seed, c, DIST)
-    z = _pick(n1, n2, n3, n4, lane)
+    z = _z(seed, c, DIST)
     a = tl.load(a_ptr)
     t = tl.load(t_ptr + loc, mask=mask, other=0.0).to(tl.float32)
     tl.store(t_ptr + loc, (t * decay - lr * (a * z)).to(t_ptr.dtype.element_ty), mask=mask)
@@ -148,8 +152,7 @@ def _perturb_multi_kernel(
 ):
     """Many tensors of one dtype in one launch: ``dst[off_j:] = round(src_j + scale·z_j)`` (as _perturb_kernel)."""
     j, key, c, loc, mask = _multi_block(blk_t, blk_b, numels, starts, keyhi, seed_ptr, BLOCK4)
-    n1, n2, n3, n4 = _z4(key, c, DIST)
-    z = _pick(n1, n2, n3, n4, tl.arange(0, 4)[None, :])
+    z = _z(key, c, DIST)
     src = tl.load(src_ptrs + j).to(tl.pointer_type(dst_ptr.dtype.element_ty))
     dst = dst_ptr + tl.load(dst_offs + j)
     w = tl.load(src + loc, mask=mask, other=0.0).to(tl.float32)
@@ -174,8 +177,7 @@ def _update1_multi_kernel(
 ):
     """Many tensors of ``ref_ptr``'s dtype in one launch: ``t_j ← round(decay·t_j − lr·a·z_j)`` (as _update1_kernel)."""
     j, key, c, loc, mask = _multi_block(blk_t, blk_b, numels, starts, keyhi, seed_ptr, BLOCK4)
-    n1, n2, n3, n4 = _z4(key, c, DIST)
-    z = _pick(n1, n2, n3, n4, tl.arange(0, 4)[None, :])
+    z = _z(key, c, DIST)
     a = tl.load(a_ptr)
     t = tl.load(t_ptrs + j).to(tl.pointer_type(ref_ptr.dtype.element_ty))
     w = tl.load(t + loc, mask=mask, other=0.0).to(tl.float32)

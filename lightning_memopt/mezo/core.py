@@ -357,13 +357,12 @@ def apply_update(
                 buckets.setdefault((t.dtype, t.device, lr, 1.0 - lr * wd), []).append(
                     (t, zp.index, global_offset(zp.param)[0])
                 )
-        seed_t = None
         for (_, dev, lr, decay), items in buckets.items():
-            if seed_t is None or seed_t.device != dev:
-                seed_t = seeds[:1].to(dev) if seeds.device == dev else perturb.seed_tensor(int(seed_ints[0]), dev)
+            # the step seed as a device scalar: `seeds` already is one where it lives on this device
+            seed_t = seeds[:1].reshape(()) if seeds.device == dev else perturb.seed_tensor(int(seed_ints[0]), dev)
             ts, idx, starts = zip(*items)
             perturb.update1_many(
-                list(ts), list(idx), list(starts), int(seed_ints[0]), a[:1], lr, decay, distribution, seed_t.reshape(())
+                list(ts), list(idx), list(starts), int(seed_ints[0]), a[:1], lr, decay, distribution, seed_t
             )
         return
     for zp in params:
