@@ -46,24 +46,33 @@ def check(quick: bool = False) -> bool:
 
 
 def _check_many(dist: int, dtypes) -> bool:
-    """The many-tensor kernels against the one-tensor kernels: bit-identical (same formula, same z)."""
+    """The many-tensor kernels against the one-tensor kernels: bit-identical (same formula, same z); once with odd
+    sizes and offsets, once with sizes, offsets and addresses that take the kernels' vectorised (ALIGNED) path."""
     ok = True
+    sets = (
+        (((4099,), (257, 33), (5,), (64, 64)), [0, 12345, 2**28 + 1, 7]),
+        (((4096,), (64, 48), (16,), (128, 64)), [0, 1024, 2**28, 16]),
+    )
     for dtype in dtypes:
-        ws = [torch.randn(s, device=DEV).to(dtype) for s in ((4099,), (257, 33), (5,), (64, 64))]
-        idx = [3, 0, 17, 2**20]
-        seed_t = torch.full((), 2**32 - 5, dtype=torch.int64, device=DEV)
-        outs = T.perturbed_many(ws, idx, seed_t, 0.125, dist)
-        bad = sum(int((o != T.perturbed(w, P.key(2**32 - 5, i), 0.125, 0, dist)).sum()) for o, w, i in zip(outs, ws, idx))
-        starts = [0, 12345, 2**28 + 1, 7]
-        a = torch.tensor([0.5], device=DEV)
-        t1 = [w.clone().reshape(-1) for w in ws]
-        t2 = [w.clone().reshape(-1) for w in ws]
-        T.update1_many(t1, idx, starts, seed_t, a, 0.01, 0.999, dist)
-        for t, i, st in zip(t2, idx, starts):
-            T.update_(t, i, seed_t.reshape(1), a, None, 0.01, 0.999, st, None, dist, [2**32 - 5])
-        bad += sum(int((x != y).sum()) for x, y in zip(t1, t2))
-        ok &= bad == 0
-        print("CHECK " + json.dumps({"op": "many", "dist": dist, "dtype": str(dtype), "bad": bad}), flush=True)
+        for shapes, starts in sets:
+            ws = [torch.randn(s, device=DEV).to(dtype) for s in shapes]
+            idx = [3, 0, 17, 2**20]
+            seed_t = torch.full((), 2**32 - 5, dtype=torch.int64, device=DEV)
+            outs = T.perturbed_many(ws, idx, seed_t, 0.125, dist)
+            bad = sum(
+                int((o != T.perturbed(w, P.key(2**32 - 5, i), 0.125, 0, dist)).sum()) for o, w, i in zip(outs, ws, idx)
+            )
+            a = torch.tensor([0.5], device=DEV)
+            t1 = [w.clone().reshape(-1) for w in ws]
+            t2 = [w.clone().reshape(-1) for w in ws]
+            T.update1_many(t1, idx, starts, seed_t, a, 0.01, 0.999, dist)
+            for t, i, st in zip(t2, idx, starts):
+                T.update_(t, i, seed_t.reshape(1), a, None, 0.01, 0.999, st, None, dist, [2**32 - 5])
+            bad += sum(int((x != y).sum()) for x, y in zip(t1, t2))
+            ok &= bad == 0
+            aligned = T._tables(t1, starts, idx).aligned
+            rec = {"op": "many", "dist": dist, "dtype": str(dtype), "aligned": aligned, "bad": bad}
+            print("CHECK " + json.dumps(rec), flush=True)
     return ok
 
 
@@ -142,8 +151,22 @@ def profile(size: str) -> None:
             flush=True,
         )
 
+    params = [p for p in model.parameters() if p.requires_grad]
+    gbytes = 2 * sum(p.numel() * p.element_size() for p in params) / 1e9  # one read + one write of every weight
+
+    def copy_pass():
+        for p in params:
+            torch.add(p, 0.0)  # read W, write a temporary: the bandwidth floor of a perturbation pass
+
+    def perturb_pass(dist):
+        for i, p in enumerate(params):
+            P.perturbed(p, P.key(7, i), 1e-3, dist=dist)
+
     with torch.no_grad():
         emit("forward", loss)
+        emit("copy_pass", copy_pass, gbytes=round(gbytes, 2))
+        for distname in ("normal", "rademacher"):
+            emit("perturb_pass", lambda d=distname: perturb_pass(d), dist=distname, gbytes=round(gbytes, 2))
         for fast in ("0", "1"):
             os.environ["MEMOPT_FAST_MATH"] = fast
             for distname in ("normal", "rademacher"):

@@ -169,12 +169,21 @@ SUITES: dict[str, Suite] = {
                 ours("dfo", "inference_pop", **DFO),  # one forward of population x batch sequences
                 ours("dfo", "dfo_batched", **DFO),
                 ours("dfo", "dfo_batched_chunk10", **DFO),  # population_chunk=10: the memory/speed trade-off
+                ours("dfo", "dfo_batched_chunk5", **DFO),
                 ours("dfo", "dfo_sequential", **DFO),
+                # every layer's CMA-ES state (C and its eigenvectors, 4 MB a layer) on the GPU: offload_idle=False
+                ours("dfo", "dfo_batched_resident", **DFO),
+                ours("dfo", "dfo_batched_chunk10_resident", **DFO),
+                ours("dfo", "dfo_sequential_resident", **DFO),
+                ours("dfo", "dfo_batched_cpuopt", **DFO),  # optimizer_device="cpu": CMA-ES computes on the host
             ),
             (
                 Ratio("sequential / batched step", "step_s", "ours:dfo_batched", rows=("ours:dfo_sequential",)),
                 Ratio("sequential / row", "step_s", "ours:dfo_sequential", invert=True,
-                      rows=("ours:dfo_batched", "ours:dfo_batched_chunk10")),
+                      rows=("ours:dfo_batched", "ours:dfo_batched_chunk10", "ours:dfo_batched_chunk5",
+                            "ours:dfo_batched_cpuopt")),
+                Ratio("sequential / row (resident)", "step_s", "ours:dfo_sequential_resident", invert=True,
+                      rows=("ours:dfo_batched_resident", "ours:dfo_batched_chunk10_resident")),
                 Ratio("peak / inference", "peak_gib", "ours:inference"),
             ),
         ),

@@ -84,6 +84,30 @@ def test_state_dict_resume_is_exact(cls):
         assert torch.equal(a.C, b.C) and a.sigma == b.sigma
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="offload parks GPU state in host memory: needs a GPU")
+def test_offload_keeps_the_trajectory_and_parks_the_matrices():
+    a = CMAES(torch.zeros(40, dtype=torch.float64, device="cuda"), 0.5, 12, seed=3)
+    b = CMAES(torch.zeros(40, dtype=torch.float64, device="cuda"), 0.5, 12, seed=3)
+    for _ in range(40):  # past a lazy eigendecomposition
+        xa, xb = a.ask(), b.ask()
+        assert torch.equal(xa, xb)
+        a.tell(sphere(xa))
+        b.tell(sphere(xb))
+        b.offload()
+        assert b.C.device.type == "cpu" and b.B.device.type == "cpu"
+    state = b.state_dict()
+    assert state["C"].is_cuda and torch.equal(state["C"], a.C) and torch.equal(b.mean, a.mean)
+
+
+def test_offload_to_the_same_device_changes_nothing():
+    a, b = (CMAES(torch.zeros(20, dtype=torch.float64), 0.5, 10, seed=1) for _ in range(2))
+    for _ in range(5):
+        a.tell(sphere(a.ask()))
+        b.tell(sphere(b.ask()))
+        b.offload("cpu")
+    assert torch.equal(a.C, b.C) and torch.equal(a.mean, b.mean)
+
+
 def test_fireworks_solves_sphere():
     fw = run(Fireworks(torch.ones(50, dtype=torch.float64), 1.0, 20, seed=0, bound=5.0), sphere, 20 * 1500)
     assert fw.best_f < 1e-6  # from f = 50

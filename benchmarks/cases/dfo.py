@@ -13,7 +13,8 @@ size ``smollm2`` and ``SMOL_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf``. The
 generation per layer), so ``reps`` defaults to the number of layers (at most 16).
 
 Usage: ``python -m benchmarks.cases.dfo CASE SIZE [BATCH] [SEQ]`` (BATCH is the per-candidate batch; POP=20 sets the
-population, CHUNK=5 evaluates it 5 candidates per forward); ``DEV=cpu python -m benchmarks.cases.dfo dfo_batched tiny 2 16`` is the CPU smoke run.
+population, CHUNK=5 evaluates it 5 candidates per forward, OPTDEV=cpu keeps and updates the CMA-ES state on the
+host as ``*_cpuopt`` does; ``*_resident`` keeps every layer's CMA-ES state on the GPU, ``offload_idle=False``); ``DEV=cpu python -m benchmarks.cases.dfo dfo_batched tiny 2 16`` is the CPU smoke run.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import torch
 from benchmarks.common import DEV, build, report, timed, parse_case_args
 from lightning_memopt.dfo.callback import DFOLoRA
 
-CASES = ("dfo_batched", "dfo_batched_chunk10", "dfo_sequential", "inference", "inference_pop")
+CASES = ("dfo_batched", "dfo_batched_chunk10", "dfo_batched_chunk5", "dfo_sequential", "dfo_batched_resident",
+         "dfo_batched_chunk10_resident", "dfo_sequential_resident", "dfo_batched_cpuopt", "inference", "inference_pop")
 
 
 class LabelLM(torch.nn.Module):
@@ -58,12 +60,16 @@ def main(argv: list[str]) -> None:
     case, size, batch, seq = parse_case_args("dfo", CASES, argv, batch=4, seq=128)
     pop = int(os.environ.get("POP", "20"))
     chunk = int(os.environ["CHUNK"]) if os.environ.get("CHUNK") else None
-    if case == "dfo_batched_chunk10":  # population_chunk=10: two forwards of 10 candidates, less activation memory
+    if "_chunk10" in case:  # population_chunk=10: two forwards of 10 candidates, less activation memory
         chunk = 10
+    elif "_chunk5" in case:
+        chunk = 5
+    opt_dev = "cpu" if case.endswith("_cpuopt") else os.environ.get("OPTDEV") or None  # CMA-ES state on the host
+    offload = not case.endswith("_resident")  # _resident: every layer's CMA-ES state stays on the GPU
     if DEV == "cpu":
         torch.set_num_threads(1)  # smoke mode on a shared CPU: threads only oversubscribe
     res: dict[str, Any] = {"method": case, "size": size, "batch": batch, "seq": seq, "population": pop,
-                           "chunk": chunk, "impl": "lightning_memopt"}
+                           "chunk": chunk, "optimizer_device": opt_dev, "offload_idle": offload, "impl": "lightning_memopt"}
     try:
         model = load(size)
         model.eval()
@@ -88,7 +94,7 @@ def main(argv: list[str]) -> None:
                     module(x, m).sum().item()
         else:
             cb = DFOLoRA(optimizer="cmaes", population=pop, budget=None, batched=case.startswith("dfo_batched"),
-                         population_chunk=chunk)
+                         population_chunk=chunk, optimizer_device=opt_dev, offload_idle=offload)
             cb.build(module)
             cb.collect_stats(module, [data])
             res["split"] = cb.split

@@ -84,7 +84,10 @@ class DFOLoRA(Callback):
             1.0 never grows it.
         population_chunk: evaluate at most this many candidates per forward (bounds the expanded batch's memory;
             the layers below the current one then run once per chunk). None: the whole population at once.
-        optimizer_device: where the optimizers' state lives (default: the module's device).
+        optimizer_device: where the optimizers' state lives and computes (default: the module's device).
+        offload_idle: between a layer's generations, park its CMA-ES covariance and eigenvectors (2·d² float64,
+            4 MB per layer at d=500; 120 MB for SmolLM2's 30 layers) in host memory, so the GPU holds one layer's.
+            Costs a 4 MB copy each way per generation. No effect when the state is on the CPU.
         seed: seed of the random maps and of the optimizers' sampling.
         allow_untested: warn instead of raising on strategies other than single device and FSDP2.
 
@@ -118,6 +121,7 @@ class DFOLoRA(Callback):
         reduction: float = 0.9,
         population_chunk: int | None = None,
         optimizer_device: str | None = None,
+        offload_idle: bool = True,
         seed: int = 0,
         allow_untested: bool = False,
     ) -> None:
@@ -145,7 +149,7 @@ class DFOLoRA(Callback):
         self.n_fireworks, self.n_gaussian, self.bound = n_fireworks, n_gaussian, bound
         self.amplification, self.reduction = amplification, reduction
         self.optimizer_device, self.seed, self.allow_untested = optimizer_device, seed, allow_untested
-        self.population_chunk = population_chunk
+        self.population_chunk, self.offload_idle = population_chunk, offload_idle
         self.lora: ZLoRA | None = None
         self.opts: list[Optim] = []
         self.layer = 0
@@ -314,6 +318,8 @@ class DFOLoRA(Callback):
             pl_module.train(was)
         fit = all_reduce_mean(fit)  # each rank saw its shard of the batch; every rank tells the same fitness
         opt.tell(fit.to(opt.device))
+        if self.offload_idle and opt.device.type != "cpu":
+            opt.offload("cpu")
         self.lora.set_z(k, opt.mean)
         self.last_fitness = fit.detach()
         self.evaluations += z.shape[0]

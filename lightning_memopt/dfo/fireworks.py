@@ -131,6 +131,9 @@ class Fireworks:
             x = torch.where(out, (self._rand(*x.shape) * 2 - 1) * self.bound, x)
         return x
 
+    def offload(self, device: torch.device | str = "cpu") -> None:
+        """Nothing to park: the state is a few d-vectors (CMAES.offload moves its n x n matrices)."""
+
     def ask(self) -> Tensor:
         """``popsize`` candidates: the fireworks, their explosion sparks, then Gaussian sparks."""
         counts, amps = self._allocation()
