@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["zero_shot", "adamw", "mezo", "lomo", "adalomo", "galore", "clora", "flora"]
+METHODS = ["zero_shot", "adamw", "mezo", "mezo_lora", "lomo", "adalomo", "galore", "clora", "flora"]
 
 
 def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) -> dict[str, Any]:

@@ -90,3 +90,27 @@ def test_peft_lora_wrapped_model_trains_only_the_adapters():
     assert trainer.global_step == 2
     assert changed and all("lora_" in n for n in changed)
     assert changed == {n for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_lora_rank_option_trains_only_the_adapters_under_mezo():
+    pytest.importorskip("peft")
+    from lightning_memopt.mezo.callback import MeZO
+
+    m = tiny_model(lora_rank=4, lora_alpha=8.0)
+    trained = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    before = full_state(m)
+    trainer = tiny_trainer(max_steps=3, callbacks=[MeZO(lr=1e-2, seed=0)])
+    trainer.fit(m, tiny_datamodule())
+    after = full_state(m)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert trainer.global_step == 3 and changed and changed <= trained
+    assert all(p.grad is None for p in m.parameters())
+
+
+def test_lora_targets_that_match_nothing_name_the_fix():
+    pytest.importorskip("peft")
+    with pytest.raises(ValueError, match="lora_targets=.*Name modules of this model"):
+        tiny_model(lora_rank=4, lora_targets=("query_proj",))
+    with pytest.raises(ValueError, match="lora_rank must be >= 0"):
+        tiny_model(lora_rank=-1)

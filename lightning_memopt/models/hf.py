@@ -126,6 +126,18 @@ def _label_head_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x, w, b)
 
 
+def _with_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> torch.nn.Module:
+    try:
+        import peft
+    except ImportError:
+        raise ImportError("lora_rank > 0 needs peft: pip install 'lightning_memopt[peft]'.") from None
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    try:
+        return peft.get_peft_model(model, cfg)  # freezes every weight but the adapters
+    except ValueError as err:  # peft: "Target modules {...} not found in the base model"
+        raise ValueError(f"lora_targets={targets}: {err} Name modules of this model, e.g. q_proj, v_proj.") from None
+
+
 class HFCausalLM(LightningModule):
     """A Hugging Face causal LM as a LightningModule, for prompt classification or causal-LM loss.
 
@@ -140,6 +152,9 @@ class HFCausalLM(LightningModule):
         lr_schedule, warmup_steps: a per-step LambdaLR schedule.
         torch_dtype: e.g. ``"bfloat16"`` to load weights in that dtype.
         gradient_checkpointing: enable HF activation checkpointing.
+        lora_rank: above 0, wrap the model with peft LoRA adapters of this rank on ``lora_targets`` and train
+            only them (needs ``pip install lightning_memopt[peft]``). 0 trains every weight.
+        lora_alpha, lora_targets: the adapters' scale numerator (``lora_alpha / lora_rank``) and target modules.
 
     Example::
 
@@ -164,6 +179,9 @@ class HFCausalLM(LightningModule):
         attn_implementation: Optional[str] = "sdpa",
         init_seed: int = 0,
         trust_remote_code: bool = False,
+        lora_rank: int = 0,
+        lora_alpha: float = 16.0,
+        lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
     ) -> None:
         super().__init__()
         if objective not in ("classification", "lm"):
@@ -181,6 +199,10 @@ class HFCausalLM(LightningModule):
                 f"The tokenizer has {len(self.tokenizer)} tokens but the model's vocabulary is {vocab}; "
                 f"raise vocab_size in model_config to at least {len(self.tokenizer)}."
             )
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0 (0 trains every weight), got {lora_rank}.")
+        if lora_rank:
+            self.model = _with_lora(self.model, lora_rank, lora_alpha, list(lora_targets))
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
