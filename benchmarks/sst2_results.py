@@ -12,6 +12,9 @@ A run spec is a method, or ``LABEL=METHOD`` followed by ``@``-separated CLI over
 ``clora_k16=clora@--data.k=16@--data.batch_size=32``. ``--jobs N`` runs N processes at once: a 135M model leaves
 most of an H100 idle, so runs share it (wall times then include the sharing; note it when comparing speed).
 
+``--best_val`` also tests the weights that had the best validation accuracy (validation is on held-out training
+examples, never on dev), as the MeZO paper's runs select their final model; both dev accuracies are recorded.
+
 Writes ``<out>.json`` (one record per run) and ``<out>.md``; ``--plot`` makes PNGs from an existing JSON.
 """
 
@@ -30,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 METHODS = ["zero_shot", "adamw", "mezo", "mezo_lora", "lomo", "adalomo", "galore", "clora", "flora"]
 
 
-def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) -> dict[str, Any]:
+def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str], best_val: bool = False) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
@@ -50,6 +53,7 @@ def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) ->
             self.t0 = time.perf_counter()
             self.points: list[dict[str, float]] = []
             self.forwards = 0
+            self.best: tuple[float, int, dict[str, Any]] | None = None
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             def count(*_: Any) -> None:
@@ -64,6 +68,11 @@ def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) ->
             if acc is not None and not trainer.sanity_checking:
                 self.points.append(dict(step=trainer.global_step, wall_s=time.perf_counter() - self.t0,
                                         val_acc=float(acc), forwards=self.forwards))
+                if best_val and (self.best is None or float(acc) > self.best[0]):
+                    # the trained weights in host memory (MeZO's official runs keep the best-validation model)
+                    weights = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()
+                               if p.requires_grad}
+                    self.best = (float(acc), trainer.global_step, weights)
 
     curve = Curve()
     trainer.callbacks.append(curve)
@@ -76,10 +85,19 @@ def _one(method: str, seed: int, model: str, data_dir: str, extra: list[str]) ->
     test = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
     # Over fit and test (zero-shot has only the test); test forwards are no larger than training's.
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    return dict(method=method, seed=seed, dev_acc=round(100 * test["test_acc"], 2),
-                dev_f1=round(100 * test.get("test_f1", float("nan")), 2), steps=trainer.global_step,
-                forwards=curve.forwards, wall_s=round(fit_s, 1), peak_gib=None if peak is None else round(peak, 3),
-                curve=curve.points)
+    rec = dict(method=method, seed=seed, dev_acc=round(100 * test["test_acc"], 2),
+               dev_f1=round(100 * test.get("test_f1", float("nan")), 2), steps=trainer.global_step,
+               forwards=curve.forwards, wall_s=round(fit_s, 1), peak_gib=None if peak is None else round(peak, 3),
+               curve=curve.points)
+    if curve.best is not None:
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for n, w in curve.best[2].items():
+                params[n].copy_(w)
+        best = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
+        rec.update(dev_acc_best_val=round(100 * best["test_acc"], 2), best_val_step=curve.best[1],
+                   best_val_acc=round(100 * curve.best[0], 2))
+    return rec
 
 
 def parse_spec(spec: str) -> tuple[str, str, list[str]]:
@@ -98,7 +116,8 @@ Run = tuple[str, str, list[str], int]  # (label, method, overrides, seed)
 def _launch(run: Run, args: argparse.Namespace) -> tuple[subprocess.Popen, float]:
     label, method, overrides, seed = run
     cmd = [sys.executable, "-u", "-m", "benchmarks.sst2_results", "--one", method, "--label", label,
-           "--seed", str(seed), "--model", args.model, "--data_dir", args.data_dir, "--", *args.extra, *overrides]
+           "--seed", str(seed), "--model", args.model, "--data_dir", args.data_dir,
+           *(["--best_val"] if args.best_val else []), "--", *args.extra, *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.perf_counter()
 
 
@@ -135,16 +154,17 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    rows = ["| run | method | seed | dev acc | dev F1 | steps | train forwards | wall s | peak GiB | overrides |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | method | seed | dev acc | dev F1 | steps | train forwards | wall s | peak GiB | dev acc of the "
+            "best-val weights (step) | overrides |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         label, over = r.get("label", r["method"]), " ".join(r.get("overrides", [])).replace("|", "/")
         if "error" in r:
             err = (r["error"].splitlines() or [""])[-1][:80].replace("|", "/")
-            rows.append(f"| {label} | {r['method']} | {r['seed']} | error: {err} | | | | | | {over} |")
+            rows.append(f"| {label} | {r['method']} | {r['seed']} | error: {err} | | | | | | | {over} |")
             continue
+        best = f"{r['dev_acc_best_val']:.1f} ({r['best_val_step']})" if "dev_acc_best_val" in r else "—"
         rows.append(f"| {label} | {r['method']} | {r['seed']} | {r['dev_acc']:.1f} | {r['dev_f1']:.1f} | "
-                    f"{r['steps']} | {r['forwards']} | {r['wall_s']} | {r['peak_gib']} | {over} |")
+                    f"{r['steps']} | {r['forwards']} | {r['wall_s']} | {r['peak_gib']} | {best} | {over} |")
     return "\n".join(rows) + "\n"
 
 
@@ -210,6 +230,9 @@ def main() -> None:
     ap.add_argument("--data_dir", default=str(ROOT.parent / "shared" / "data" / "sst2"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "sst2_smollm2"))
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--best_val", action="store_true",
+                    help="also test the weights of the best validation accuracy (kept in host memory), as MeZO's "
+                         "official runs do; the record then holds dev_acc_best_val and best_val_step")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--plot", metavar="JSON", help="make PNG plots from a results JSON into --plot_dir")
@@ -219,7 +242,7 @@ def main() -> None:
     if args.plot:
         print("\n".join(plot(args.plot, args.plot_dir)))
     elif args.one:
-        rec = _one(args.one, args.seed, args.model, args.data_dir, args.extra)
+        rec = _one(args.one, args.seed, args.model, args.data_dir, args.extra, args.best_val)
         rec["label"] = args.label or args.one
         print("SST2RESULT " + json.dumps(rec), flush=True)
     else:

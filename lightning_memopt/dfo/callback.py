@@ -207,6 +207,14 @@ class DFOLoRA(Callback):
         self.lora.install()
         dev = torch.device(self.optimizer_device) if self.optimizer_device else self.lora.device
         self.opts = [self._make_opt(k, dev) for k in range(self.lora.n_blocks)]
+        self._park_all()
+
+    def _park_all(self) -> None:
+        """Every layer's matrices to the host (a layer's come back to the GPU at its next ask)."""
+        if self.offload_idle:
+            for opt in self.opts:
+                if opt.device.type != "cpu":
+                    opt.offload("cpu")
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -420,6 +428,7 @@ class DFOLoRA(Callback):
             s["split"]
         for o, st in zip(self.opts, s["opts"]):
             o.load_state_dict(st)
+        self._park_all()
         if s["stats_ready"]:
             self.lora.load_stats(s["stats"])
         for k, z in enumerate(s["z"]):
