@@ -1,7 +1,8 @@
 """Derivative-free LoRA cases: one generation (ask, evaluate the population, tell) per timed step.
 
 - ``dfo_batched``: the population in one forward (batch expanded by the population from the current layer's input;
-  the layers below run once).
+  the layers below run once): ``population_chunk=None``. ``dfo_batched_chunk10`` is DFOLoRA's default (two forwards
+  of 10 candidates), ``dfo_batched_chunk5`` four of 5.
 - ``dfo_sequential``: one forward per candidate (the public C-LoRA code's way).
 - ``inference``: one no-grad forward of the per-candidate batch (the memory reference: the target is
   peak(dfo_batched) <= 1.3 x peak(inference)).
