@@ -85,8 +85,8 @@ class DFOLoRA(Callback):
         population_chunk: evaluate at most this many candidates per forward (bounds the expanded batch's memory;
             the layers below the current one then run once per chunk). None: the whole population at once. The
             default 10 (two forwards for the default population of 20) kept the peak within 1.24x of inference on
-            SmolLM2 and 1.16x on a 1.1B Llama (H100, 4x128 per candidate), against 1.46x / 1.31x for None, at 1.5x /
-            1.24x the time per generation.
+            SmolLM2 and 1.14x on a 1.1B Llama (H100, 4x128 per candidate), against 1.46x / 1.29x for None, at 1.5x /
+            1.17x the time per generation.
         optimizer_device: where the optimizers' state lives and computes (default: the module's device).
         offload_idle: between a layer's generations, park its CMA-ES covariance and eigenvectors (2·d² float64,
             4 MB per layer at d=500; 120 MB for SmolLM2's 30 layers) in host memory, so the GPU holds one layer's.
