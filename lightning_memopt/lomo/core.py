@@ -261,13 +261,14 @@ class FusedStep:
         lr, wd = group["lr"], group["weight_decay"]
         pg = self._pg[p]
         d, g = self._local(p)
-        g = g.float()  # fp32 params: the grad itself, modified in place (it is freed after the hook)
-        if self._inv_scale != 1.0:
-            g.mul_(self._inv_scale)
-        if self.clip_grad_value is not None:
-            g.clamp_(-self.clip_grad_value, self.clip_grad_value)
-        if self._clip_coef is not None:
-            g.mul_(self._clip_coef)
+        if self._inv_scale != 1.0 or self.clip_grad_value is not None or self._clip_coef is not None:
+            g = g.float()  # fp32 params: the grad itself, modified in place (it is freed after the hook)
+            if self._inv_scale != 1.0:
+                g.mul_(self._inv_scale)
+            if self.clip_grad_value is not None:
+                g.clamp_(-self.clip_grad_value, self.clip_grad_value)
+            if self._clip_coef is not None:
+                g.mul_(self._clip_coef)
         st = self.state.get(p)
         if not st:
             st = self.state[p] = new_adalomo_state(p)
@@ -275,40 +276,40 @@ class FusedStep:
         st["step"] = t
         beta = 1.0 - math.pow(t, self.decay_rate)
         eps0 = self.eps[0]
+        f32 = torch.float32
+        # Each launch counts: at 1.1B a hook runs ~200 times per backward, so the step is partly host-bound.
         if p.ndim >= 2:
             rows_total, cols = p.shape[-2], p.shape[-1]
             row, col = local(st["row"]), st["col"]
-            # Means of g^2 + eps0 without materialising g^2: ||g||^2 / n + eps0.
-            row_mean = torch.linalg.vector_norm(g, 2, dim=-1).square_().div_(cols).add_(eps0)
-            col_sum = torch.linalg.vector_norm(g, 2, dim=-2).square_()
-            row.mul_(beta).add_(row_mean, alpha=1.0 - beta)
+            # EMA of the means of g^2 + eps0 without materialising g^2 (||g||^2 / n + eps0)
+            rn = torch.linalg.vector_norm(g, 2, dim=-1, dtype=f32)
+            cn = torch.linalg.vector_norm(g, 2, dim=-2, dtype=f32)
+            row.mul_(beta).addcmul_(rn, rn, value=(1.0 - beta) / cols).add_((1.0 - beta) * eps0)
             if pg is not None:  # rows are sharded: column sums and the row-state mean need every shard
-                packed = torch.cat([col_sum.reshape(-1), row.sum(-1).reshape(-1)])
+                packed = torch.cat([cn.square_().reshape(-1), row.sum(-1).reshape(-1)])
                 _all_reduce(packed, pg)
-                col_sum = packed[: col_sum.numel()].view_as(col_sum)
-                row_avg = (packed[col_sum.numel() :] / rows_total).view(row.shape[:-1] + (1,))
+                col_sq = packed[: cn.numel()].view_as(cn)
+                row_avg = (packed[cn.numel() :] / rows_total).view(row.shape[:-1] + (1,))
+                col.mul_(beta).add_(col_sq, alpha=(1.0 - beta) / rows_total).add_((1.0 - beta) * eps0)
             else:
                 row_avg = row.mean(dim=-1, keepdim=True)
-            col.mul_(beta).add_(col_sum.div_(rows_total).add_(eps0), alpha=1.0 - beta)
-            u = g.mul_((row / row_avg).rsqrt_().unsqueeze(-1)).mul_(col.unsqueeze(-2).rsqrt())
+                col.mul_(beta).addcmul_(cn, cn, value=(1.0 - beta) / rows_total).add_((1.0 - beta) * eps0)
+            fr = torch.rsqrt(row / row_avg).unsqueeze_(-1)
+            # u in fp32: in place when g is fp32 already, else one new fp32 tensor (no separate upcast pass)
+            u = (g.mul_(fr) if g.dtype == f32 else torch.mul(g, fr)).mul_(col.rsqrt().unsqueeze_(-2))
         else:
             sq = local(st["sq"])
             sq.mul_(beta).addcmul_(g, g, value=1.0 - beta).add_(eps0 * (1.0 - beta))
-            u = g.mul_(sq.rsqrt())
-        norms = torch.stack(
-            [
-                torch.linalg.vector_norm(u, 2, dtype=torch.float32),
-                torch.linalg.vector_norm(d, 2, dtype=torch.float32),
-            ]
-        )
+            u = g.mul_(sq.rsqrt()) if g.dtype == f32 else torch.mul(g, sq.rsqrt())
+        norms = torch.stack([torch.linalg.vector_norm(u, 2, dtype=f32), torch.linalg.vector_norm(d, 2, dtype=f32)])
         if pg is not None:
             norms = _all_reduce(norms.square_(), pg).sqrt_()
-        rms = norms / math.sqrt(p.numel())
-        u.div_((rms[0] / self.clip_threshold).clamp_(min=1.0))
+        rms = norms.mul_(1.0 / math.sqrt(p.numel()))
+        # lr_t = lr·max(rms(θ), eps1); the update is u / max(1, rms(u) / threshold): one scalar, one pass over θ
         lr_t = rms[1].clamp(min=self.eps[1]).mul_(lr)
         if wd:
             d.mul_(1.0 - lr_t * wd)
-        d.addcmul_(u, lr_t, value=-1.0)
+        d.addcmul_(u, lr_t.div_((rms[0] / self.clip_threshold).clamp_(min=1.0)), value=-1.0)
 
 
 def new_adalomo_state(p: Tensor) -> dict[str, Any]:
