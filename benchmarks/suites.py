@@ -129,11 +129,14 @@ SUITES: dict[str, Suite] = {
                 ours("lomo", "lomo_ckpt", BOTH),
                 ours("lomo", "adalomo_ckpt", BOTH, smoke=True),
                 ours("lomo", "lomo_clip_ckpt"),  # global-norm clipping; lomo-optim has no such case
+                ours("lomo", "backward_floor_ckpt", BOTH),  # forward + backward, grads dropped, no update
             ),
             (
                 Ratio("step / lomo-optim", "step_s"),
                 Ratio("peak / lomo-optim", "peak_gib"),
                 Ratio("step / AdamW", "step_s", "peer:adamw"),
+                Ratio("step / backward floor", "step_s", "ours:backward_floor_ckpt",
+                      rows=("peer:lomo_ckpt", "peer:adalomo_ckpt", "ours:lomo_ckpt", "ours:adalomo_ckpt")),
             ),
         ),
         Suite(

@@ -2,7 +2,9 @@
 
 ``lomo`` (SGD, no activation checkpointing), ``lomo_ckpt`` and ``adalomo_ckpt`` (HF activation checkpointing), all with
 ``model(input_ids=x, labels=x).loss``, lr 1e-3, no clipping, bf16 weights: the anchors' cases of the same names. Also
-``lomo_clip_ckpt`` (exact two-pass global-norm clipping) to price the second backward.
+``lomo_clip_ckpt`` (exact two-pass global-norm clipping) to price the second backward, and ``backward_floor_ckpt``:
+the checkpointed forward and backward with each gradient dropped in its hook and no update, the floor of any
+fused-backward step.
 Usage: ``python -m benchmarks.cases.lomo CASE SIZE [BATCH] [SEQ]`` with any size of
 ``lightning_memopt.models.configs.LLAMA_SIZES``; ``DEV=cpu`` smoke-tests it on the tiny model.
 """
@@ -34,12 +36,26 @@ def fused(
     return step
 
 
+def backward_floor(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for p in model.parameters():
+        if p.requires_grad:
+            p.register_post_accumulate_grad_hook(lambda q: setattr(q, "grad", None))
+
+    def step() -> None:
+        model(input_ids=x, labels=x).loss.backward()
+
+    return step
+
+
 CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] = {
     "lomo": lambda m, x: fused(m, x, "sgd", False),
     "lomo_ckpt": lambda m, x: fused(m, x, "sgd", True),
     "adalomo_ckpt": lambda m, x: fused(m, x, "adalomo", True),
     "adalomo": lambda m, x: fused(m, x, "adalomo", False),
     "lomo_clip_ckpt": lambda m, x: fused(m, x, "sgd", True, clip=1.0),
+    "backward_floor_ckpt": backward_floor,
 }
 
 
