@@ -18,13 +18,13 @@ RESULTS = ROOT / "benchmarks" / "results"
 PANELS = [
     ("foundation.json", "AdamW", [("peer:forward", "forward"), ("peer:adamw", "AdamW"),
                                   ("peer:adamw_ckpt", "AdamW ckpt")]),
-    ("mezo_run2.json", "MeZO", [("peer:mezo_official", "official"), ("ours:mezo", "ours"),
+    ("mezo_run3.json", "MeZO", [("peer:mezo_official", "official"), ("ours:mezo", "ours"),
                                 ("ours:mezo_rademacher", "ours ±1")]),
-    ("lomo.json", "LOMO", [("peer:lomo_ckpt", "lomo-optim ckpt"), ("ours:lomo_ckpt", "ours ckpt"),
+    ("lomo_run2.json", "LOMO", [("peer:lomo_ckpt", "lomo-optim ckpt"), ("ours:lomo_ckpt", "ours ckpt"),
                            ("peer:adalomo_ckpt", "AdaLomo peer ckpt"), ("ours:adalomo_ckpt", "AdaLomo ours ckpt")]),
     ("galore_1b.json", "GaLore", [("peer:galore", "galore-torch"), ("ours:galore", "ours")]),
-    ("dfo.json", "DFO-LoRA (4×128)", [("ours:inference", "inference"), ("ours:dfo_batched", "batched"),
-                                      ("ours:dfo_batched_chunk10", "batched, chunk 10"),
+    ("dfo.json", "DFO-LoRA (4×128)", [("ours:inference", "inference"), ("ours:dfo_batched", "batched, whole population"),
+                                      ("ours:dfo_batched_chunk10", "batched, chunk 10 (default)"),
                                       ("ours:dfo_sequential", "sequential")]),
 ]
 
