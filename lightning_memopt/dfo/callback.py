@@ -212,12 +212,14 @@ class DFOLoRA(Callback):
         self.opts = [self._make_opt(k, dev) for k in range(self.lora.n_blocks)]
         self._park_all()
 
+    def _park(self, opt: Optim) -> None:
+        """A layer's optimizer matrices to the host (they come back to the GPU at its next ask)."""
+        if self.offload_idle and opt.device.type != "cpu":
+            opt.offload("cpu")
+
     def _park_all(self) -> None:
-        """Every layer's matrices to the host (a layer's come back to the GPU at its next ask)."""
-        if self.offload_idle:
-            for opt in self.opts:
-                if opt.device.type != "cpu":
-                    opt.offload("cpu")
+        for opt in self.opts:
+            self._park(opt)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -329,8 +331,7 @@ class DFOLoRA(Callback):
             pl_module.train(was)
         fit = all_reduce_mean(fit)  # each rank saw its shard of the batch; every rank tells the same fitness
         opt.tell(fit.to(opt.device))
-        if self.offload_idle and opt.device.type != "cpu":
-            opt.offload("cpu")
+        self._park(opt)
         self.lora.set_z(k, opt.mean)
         self.last_fitness = fit.detach()
         self.evaluations += z.shape[0]
