@@ -8,7 +8,8 @@ from conftest import SST2, needs_sst2
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_memopt.data.prompt import PromptClassificationDataModule, k_shot, left_pad_collate, read_glue_tsv
-from lightning_memopt.data.synthetic import builtin_tokenizer, synthetic_sentiment
+from lightning_memopt.data.synthetic import synthetic_sentiment
+from lightning_memopt.tokenization import builtin_tokenizer
 from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
 
 ROWS = [(i % 2, f"row {i}") for i in range(40)]

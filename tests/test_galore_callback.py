@@ -12,7 +12,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memopt.galore.callback import GaLore, select_targets
 from lightning_memopt.models.configs import llama_config
-from lightning_memopt.models.hf import HFCausalLM, no_decay
+from lightning_memopt.core.holder import no_decay
+from lightning_memopt.models.hf import HFCausalLM
 from lightning_memopt.testing.tiny import full_state, tiny_datamodule, tiny_model, tiny_trainer
 from lightning_memopt.testing.workers import fit_tiny
 

@@ -113,5 +113,32 @@ def set_base_lr(trainer: Any, optimizer: Optimizer, lr: float) -> None:
                     g["lr"] = lr * f(max(step, 0))
 
 
-def param_names(module: torch.nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in module.named_parameters()}
+_NO_DECAY = ("bias", "norm", "ln_", "layernorm", "rmsnorm")
+
+
+def no_decay(name: str) -> bool:
+    """Bias and normalisation weights get no weight decay (the MeZO/HF convention)."""
+    low = name.lower()
+    return any(k in low for k in _NO_DECAY)
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether a ``weight_decay`` override applies to ``p``: matrices, not biases or norm weights."""
+    return p.ndim >= 2 and not no_decay(name)
+
+
+def weight_decays(module: torch.nn.Module, optimizer: Optimizer, override: Optional[float]) -> dict[int, float]:
+    """Per-parameter weight decay, by ``id``: the one meaning of every method's ``weight_decay`` argument.
+
+    ``override=None`` keeps each group's own ``weight_decay``; a number applies to the matrices of :func:`decays`
+    and sets 0 for the rest, whatever group they are in.
+    """
+    names = {id(p): n for n, p in module.named_parameters()}
+    out: dict[int, float] = {}
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if override is None:
+                out[id(p)] = float(g.get("weight_decay", 0.0))
+            else:
+                out[id(p)] = float(override) if decays(names.get(id(p), ""), p) else 0.0
+    return out

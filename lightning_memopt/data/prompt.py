@@ -12,6 +12,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lightning_memopt.data.synthetic import synthetic_sentiment
+from lightning_memopt.tokenization import load_tokenizer
 
 Rows = list[tuple[int, str]]
 
@@ -157,8 +158,6 @@ class PromptClassificationDataModule(LightningDataModule):
         if self.tokenizer is not None:
             return self.tokenizer
         if self.tokenizer_name is not None:
-            from lightning_memopt.models.hf import load_tokenizer
-
             self.tokenizer = load_tokenizer(self.tokenizer_name)
         else:
             module = self.trainer.lightning_module if self.trainer is not None else None

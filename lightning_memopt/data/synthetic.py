@@ -8,7 +8,6 @@ model learns it in a few hundred steps, so the loss visibly falls.
 from __future__ import annotations
 
 import random
-from functools import lru_cache
 
 POSITIVE = (
     "good great excellent wonderful superb lovely brilliant charming delightful moving "
@@ -24,27 +23,6 @@ NEUTRAL = (
 ).split()
 TEMPLATE_WORDS = "review sentiment label text input answer positive negative neutral yes no".split()
 SPECIALS = ("[PAD]", "[UNK]", "[EOS]")
-
-
-@lru_cache(maxsize=1)
-def _vocab() -> dict[str, int]:
-    words = list(SPECIALS) + list(dict.fromkeys(TEMPLATE_WORDS + POSITIVE + NEGATIVE + NEUTRAL))
-    words += [":", ".", ",", "!", "?", "'", "-"]
-    return {w: i for i, w in enumerate(words)}
-
-
-def builtin_tokenizer():
-    """A lower-casing word-level ``PreTrainedTokenizerFast`` over the synthetic task's words (~150 tokens)."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(WordLevel(vocab=dict(_vocab()), unk_token="[UNK]"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]", padding_side="left"
-    )
 
 
 def synthetic_sentiment(n: int, seed: int) -> list[tuple[int, str]]:

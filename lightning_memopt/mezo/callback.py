@@ -27,10 +27,9 @@ from typing_extensions import override
 from lightning_memopt import _shim
 from lightning_memopt.callbacks import _checks
 from lightning_memopt.core.fsdp import all_reduce_mean
-from lightning_memopt.core.holder import set_base_lr, swap_in_holder
+from lightning_memopt.core.holder import no_decay, set_base_lr, swap_in_holder
 from lightning_memopt.mezo.core import Variant, ZeroOrder, ZOConfig, make_params
 from lightning_memopt.mezo.trajectory import new_trajectory, save_trajectory
-from lightning_memopt.models.hf import no_decay
 
 
 class MeZO(Callback):

@@ -18,22 +18,17 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+from lightning_memopt.core.holder import no_decay
+from lightning_memopt.tokenization import load_tokenizer, split_gguf
+
 Objective = Literal["classification", "lm"]
 Schedule = Literal["constant", "linear", "cosine"]
-
-_NO_DECAY = ("bias", "norm", "ln_", "layernorm", "rmsnorm")
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     """Position ids that start at 0 on the first real token, so left padding does not shift positions."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp_(min=0)
-
-
-def no_decay(name: str) -> bool:
-    """Bias and normalisation weights get no weight decay (the MeZO/HF convention)."""
-    low = name.lower()
-    return any(k in low for k in _NO_DECAY)
 
 
 def load_hf_model(
@@ -66,9 +61,7 @@ def load_hf_model(
         )
     if not model_name_or_path:
         raise ValueError("Give either model_name_or_path (hub name, local folder or .gguf file) or model_config.")
-    path = model_name_or_path
-    if gguf_file is None and path.endswith(".gguf"):
-        path, gguf_file = os.path.dirname(path) or ".", os.path.basename(path)
+    path, gguf_file = split_gguf(model_name_or_path, gguf_file)
     kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code)
     if dtype is not None:
         kwargs["dtype"] = dtype
@@ -89,31 +82,6 @@ def load_hf_model(
             f"Could not load model {model_name_or_path!r}: it is neither a local folder/GGUF file nor a reachable hub "
             f"model ({str(err).splitlines()[0]}). Check the name, or pass model_config for a random-init model."
         ) from None
-
-
-def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None, trust_remote_code: bool = False):
-    """A tokenizer by hub name, local path or GGUF file; ``"builtin"`` gives the offline synthetic-task tokenizer."""
-    if name_or_path == "builtin":
-        from lightning_memopt.data.synthetic import builtin_tokenizer
-
-        return builtin_tokenizer()
-    from transformers import AutoTokenizer
-
-    path = name_or_path
-    if gguf_file is None and path.endswith(".gguf"):
-        path, gguf_file = os.path.dirname(path) or ".", os.path.basename(path)
-    kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code)
-    if gguf_file is not None:
-        kwargs["gguf_file"] = gguf_file
-    try:
-        tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as err:
-        raise ValueError(
-            f"Could not load a tokenizer for {name_or_path!r} ({str(err).splitlines()[0]}). Check the name or path."
-        ) from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def _label_head_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
