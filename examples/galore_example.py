@@ -16,8 +16,7 @@ import torch
 
 from lightning_memopt import GaLore, HFCausalLM, PromptClassificationDataModule, llama_config
 from lightning_memopt.core.holder import HolderOptimizer
-from lightning_memopt.galore.callback import select_targets
-from lightning_memopt.galore.optim import GaLoreAdamW, GaLoreSettings
+from lightning_memopt.galore.optim import GaLoreOptimizer, GaLoreSettings, select_targets
 
 
 def state_numel(optimizer: torch.optim.Optimizer) -> int:
@@ -63,11 +62,11 @@ def fit(layerwise: bool) -> None:
 
 
 def plain_pytorch() -> None:
-    """The same step in a plain training loop: the holder shares the AdamW's param_groups, GaLoreAdamW updates."""
+    """The same step in a plain training loop: the holder shares the AdamW's param_groups, GaLoreOptimizer updates."""
     torch.manual_seed(0)
     model = HFCausalLM(model_config=llama_config("tiny", vocab_size=256), tokenizer="builtin").model
     holder = HolderOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-3))
-    galore = GaLoreAdamW(holder, select_targets(model), GaLoreSettings(rank=8, update_proj_gap=50))
+    galore = GaLoreOptimizer(holder, select_targets(model), GaLoreSettings(rank=8, update_proj_gap=50))
     x = torch.randint(0, 256, (4, 32))
     for _ in range(20):
         loss = model(input_ids=x, labels=x).loss

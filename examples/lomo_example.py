@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_memopt import LOMO, AdaLomo, HFCausalLM, PromptClassificationDataModule, llama_config
-from lightning_memopt.lomo.core import FusedStep
+from lightning_memopt.lomo.core import FusedStep, LomoSettings
 
 
 def fit(callback: pl.Callback) -> None:
@@ -61,7 +61,7 @@ def plain_pytorch() -> None:
     torch.manual_seed(0)
     model = HFCausalLM(model_config=llama_config("tiny", vocab_size=256), tokenizer="builtin").model
     groups = [{"params": list(model.parameters()), "lr": 0.1, "weight_decay": 0.0}]
-    step = FusedStep(groups, state={}, rule="sgd", clip_grad_norm=1.0)  # exact clipping: two backward passes
+    step = FusedStep(groups, {}, LomoSettings(rule="sgd", clip_grad_norm=1.0))  # exact clipping: two backward passes
     x = torch.randint(0, 256, (4, 32))
     for _ in range(20):
         info = step.step(model(input_ids=x, labels=x).loss)

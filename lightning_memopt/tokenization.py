@@ -9,7 +9,21 @@ import os
 from functools import lru_cache
 from typing import Any, Optional
 
-from lightning_memopt.data.synthetic import NEGATIVE, NEUTRAL, POSITIVE, SPECIALS, TEMPLATE_WORDS
+# The builtin tokenizer's vocabulary: the embedded synthetic task's words (lightning_memopt.data.synthetic uses them).
+POSITIVE = (
+    "good great excellent wonderful superb lovely brilliant charming delightful moving "
+    "funny clever fresh touching beautiful gripping solid warm smart enjoyable"
+).split()
+NEGATIVE = (
+    "bad awful terrible boring dull weak tedious clumsy bland stale "
+    "lazy messy silly flat poor painful shallow grim ugly annoying"
+).split()
+NEUTRAL = (
+    "the a film movie story plot actor cast scene script director music camera it is was "
+    "and of to with this that its in on as for one some about by from an at very quite rather"
+).split()
+TEMPLATE_WORDS = "review sentiment label text input answer positive negative neutral yes no".split()
+SPECIALS = ("[PAD]", "[UNK]", "[EOS]")
 
 
 def split_gguf(path: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:

@@ -1,11 +1,12 @@
-"""DFOLoRA on the tiny model: batched = sequential fitness, forward-only learning, exact resume, refusals."""
+"""DFOLoRA on the tiny model: batched = sequential fitness (the core), forward-only learning, exact resume, refusals."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_memopt.dfo.callback import DFOLoRA, population_fitness
+from lightning_memopt.dfo.callback import DFOLoRA
+from lightning_memopt.dfo.core import population_fitness
 from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
 from lightning_memopt.testing.tiny import full_state
 
@@ -42,12 +43,12 @@ def test_batched_split_full_and_sequential_give_the_same_fitness():
         z = torch.randn(6, 40, generator=gen, dtype=torch.float64)
         z[0] = cb.lora.z[k]  # candidate 0 is the current point: its fitness is the module's own loss
         with torch.no_grad():
-            split = cb._eval_batched(model, batch, k, z, split=True)
-            full = cb._eval_batched(model, batch, k, z, split=False)
-            seq = cb._eval_sequential(model, batch, k, z)
-            cb.population_chunk = 4  # 4 + 2 candidates: the layers below run once per chunk
-            chunked = cb._eval_batched(model, batch, k, z, split=True)
-            cb.population_chunk = None
+            split = cb.dfo.eval_batched(batch, k, z, split=True)
+            full = cb.dfo.eval_batched(batch, k, z, split=False)
+            seq = cb.dfo.eval_sequential(batch, k, z)
+            cb.config.population_chunk = 4  # 4 + 2 candidates: the layers below run once per chunk
+            chunked = cb.dfo.eval_batched(batch, k, z, split=True)
+            cb.config.population_chunk = None
             own = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         torch.testing.assert_close(split, seq, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(full, seq, atol=1e-5, rtol=1e-5)
@@ -96,10 +97,10 @@ def test_resume_is_exact(tmp_path, optimizer):
     trainer = tiny_trainer(max_steps=7, callbacks=[resumed])
     trainer.fit(model, dm, ckpt_path=ckpt)
     assert trainer.global_step == 7 and resumed.generation == straight.generation == 7
-    assert resumed.layer == straight.layer
+    assert resumed.dfo.layer == straight.dfo.layer
     for a, b in zip(straight.lora.z, resumed.lora.z):
         assert torch.equal(a, b)
-    for a, b in zip(straight.opts, resumed.opts):
+    for a, b in zip(straight.dfo.opts, resumed.dfo.opts):
         assert torch.equal(a.mean, b.mean) and a.best_f == b.best_f
     assert straight.lora.stats() == resumed.lora.stats()
 
@@ -192,4 +193,4 @@ def test_split_falls_back_to_full_expansion_when_it_cannot_match(monkeypatch):
     cb = DFOLoRA(d=20, population=4, budget=None, stat_batches=1)
     with pytest.warns(UserWarning, match="falling back"):
         _fit(cb, steps=2)
-    assert cb.split is False and cb.generation == 2
+    assert cb.dfo.split is False and cb.generation == 2

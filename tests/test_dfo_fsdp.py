@@ -2,14 +2,14 @@
 
 import torch
 
-from lightning_memopt.dfo.testing import fit_dfo
+from lightning_memopt.testing.workers import fit_dfo
 from lightning_memopt.testing import run_distributed
 
 
 def test_fsdp2_two_processes_match_one():
     kw = {"steps": 2, "global_batch": 16, "dfo": {"d": 40, "population": 6, "budget": None, "stat_batches": 2}}
     one = fit_dfo(world_size=1, **kw)
-    two = run_distributed("lightning_memopt.dfo.testing:fit_dfo", world_size=2, **kw)
+    two = run_distributed("lightning_memopt.testing.workers:fit_dfo", world_size=2, **kw)
     for rank in two:  # every rank holds the same (replicated) LoRA state
         assert rank["global_step"] == 2 and rank["grads"] == 0
         assert len(rank["fitness"]) == len(one["fitness"]) == 2

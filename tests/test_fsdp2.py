@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
-from fsdp2_workers import fit_with_memory_report
 
 from lightning_memopt.testing import run_distributed
+from lightning_memopt.testing.workers import fit_with_memory_report
 
 STEPS = 4
 
 
-def test_adamw_two_processes_match_one(monkeypatch):
-    tests_dir = str(Path(__file__).resolve().parent)
-    monkeypatch.setenv("PYTHONPATH", tests_dir + ":" + os.environ.get("PYTHONPATH", ""))
+def test_adamw_two_processes_match_one():
     one = fit_with_memory_report(world_size=1, steps=STEPS)
-    two = run_distributed("fsdp2_workers:fit_with_memory_report", world_size=2, steps=STEPS)
+    two = run_distributed("lightning_memopt.testing.workers:fit_with_memory_report", world_size=2, steps=STEPS)
 
     for rank in two:
         assert rank["global_step"] == STEPS

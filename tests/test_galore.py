@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from lightning_memopt.core.holder import HolderOptimizer
-from lightning_memopt.galore.callback import select_targets
-from lightning_memopt.galore.optim import GaLoreAdamW, GaLoreSettings
+from lightning_memopt.galore.optim import GaLoreOptimizer, GaLoreSettings, select_targets
 from lightning_memopt.galore.projector import LEFT, RIGHT, compute_bases, randomized_right_basis, side_for, sketch
 from lightning_memopt.testing import tiny_model
 
@@ -65,7 +64,7 @@ def test_exact_svd_matches_galore_torch(wd):
 
     m, targets, rest = _tiny()
     holder = HolderOptimizer(torch.optim.AdamW([{"params": rest}, {"params": targets}], lr=1e-3, weight_decay=wd))
-    galore = GaLoreAdamW(holder, targets, GaLoreSettings(refresh="svd", moments="keep", hf_adamw=True, **kw))
+    galore = GaLoreOptimizer(holder, targets, GaLoreSettings(refresh="svd", moments="keep", hf_adamw=True, **kw))
     _train(m, galore.step, holder.zero_grad, 12)
     assert galore.refreshes == 14 * 3
     for n, p in m.named_parameters():
@@ -144,7 +143,7 @@ def _one_param_setup(moments, shape=(12, 8), rank=3, **kw):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(*shape))
     holder = HolderOptimizer(torch.optim.AdamW([w], lr=1e-2, weight_decay=0.0))
-    galore = GaLoreAdamW(holder, [w], GaLoreSettings(rank=rank, update_proj_gap=2, moments=moments, **kw))
+    galore = GaLoreOptimizer(holder, [w], GaLoreSettings(rank=rank, update_proj_gap=2, moments=moments, **kw))
     return w, holder, galore
 
 
@@ -161,7 +160,7 @@ def test_reproject_is_invariant_to_a_rotated_basis_keep_is_not(side, monkeypatch
     for moments in ("reproject", "keep", "unchanged"):
         w, holder, galore = _one_param_setup("keep" if moments == "unchanged" else moments, proj_type=side)
         if moments == "unchanged":
-            galore.s.update_proj_gap = 100
+            galore.settings.update_proj_gap = 100
         for step in range(4):
             w.grad = g + 0.3 * step * torch.randn_like(g)
             if step == 2 and moments != "unchanged":
@@ -222,7 +221,7 @@ def test_bf16_gradients_factorised_in_fp32(refresh):
     torch.manual_seed(0)
     w = torch.nn.Parameter(torch.randn(16, 24, dtype=torch.bfloat16))
     holder = HolderOptimizer(torch.optim.AdamW([w], lr=1e-2))
-    galore = GaLoreAdamW(holder, [w], GaLoreSettings(rank=4, update_proj_gap=1, refresh=refresh))
+    galore = GaLoreOptimizer(holder, [w], GaLoreSettings(rank=4, update_proj_gap=1, refresh=refresh))
     before = w.detach().clone()
     for _ in range(3):
         w.grad = torch.randn(16, 24, dtype=torch.bfloat16)
@@ -279,7 +278,7 @@ def test_adafactor_and_8bit_match_galore_torch(name, gap, monkeypatch):
     m, targets, rest = _tiny()
     base = torch.optim.AdamW([{"params": rest}, {"params": targets}], lr=1e-3, eps=1e-8, weight_decay=0.01)
     holder = HolderOptimizer(base)
-    galore = GaLoreAdamW(holder, targets, GaLoreSettings(refresh="svd", moments="keep", optimizer=name, **kw))
+    galore = GaLoreOptimizer(holder, targets, GaLoreSettings(refresh="svd", moments="keep", optimizer=name, **kw))
     _train(m, galore.step, holder.zero_grad, 8)
     start = dict(_tiny()[0].named_parameters())
     moved = max((p - start[n]).abs().max().item() for n, p in m.named_parameters())
@@ -292,9 +291,9 @@ def test_rotating_moments_needs_adamw():
     w = torch.nn.Parameter(torch.randn(4, 4))
     holder = HolderOptimizer(torch.optim.AdamW([w]))
     with pytest.raises(ValueError, match="moments='keep'"):
-        GaLoreAdamW(holder, [w], GaLoreSettings(optimizer="adafactor", moments="reproject"))
+        GaLoreOptimizer(holder, [w], GaLoreSettings(optimizer="adafactor", moments="reproject"))
     with pytest.raises(ValueError, match="optimizer must be"):
-        GaLoreAdamW(holder, [w], GaLoreSettings(optimizer="sgd"))
+        GaLoreOptimizer(holder, [w], GaLoreSettings(optimizer="sgd"))
 
 
 def test_eager_state_equals_lazy_state():
@@ -304,7 +303,7 @@ def test_eager_state_equals_lazy_state():
     for eager in (False, True):
         m, targets, rest = _tiny()
         holder = HolderOptimizer(torch.optim.AdamW([{"params": rest}, {"params": targets}], lr=1e-3))
-        galore = GaLoreAdamW(holder, targets, GaLoreSettings(rank=8, update_proj_gap=3))
+        galore = GaLoreOptimizer(holder, targets, GaLoreSettings(rank=8, update_proj_gap=3))
         if eager:
             galore.init_state()
             assert all(holder.state[p]["next_refresh"] == 0 for p in targets)

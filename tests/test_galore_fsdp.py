@@ -75,4 +75,4 @@ def test_fsdp2_refusals_name_the_fix(kwargs, match):
         gradient_clip_val=None,
     )
     with pytest.raises(MisconfigurationException, match=match):
-        GaLore(**kwargs)._validate(trainer, model)
+        GaLore(**kwargs).setup(trainer, model, "fit")

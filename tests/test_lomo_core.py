@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from lightning_memopt.lomo.core import DynamicLossScaler, FusedStep
+from lightning_memopt.lomo.core import DynamicLossScaler, FusedStep, LomoSettings
 
 
 def tiny_llama(dtype: torch.dtype = torch.float32, **kw) -> LlamaForCausalLM:
@@ -55,7 +55,7 @@ def moved(a, init) -> float:
 def test_lomo_follows_torch_sgd_with_weight_decay():
     model = tiny_llama()
     ref, init = copy.deepcopy(model), copy.deepcopy(model)
-    fs = FusedStep(groups_of(model, 0.1, 0.05), {}, rule="sgd")
+    fs = FusedStep(groups_of(model, 0.1, 0.05), {}, LomoSettings(rule="sgd"))
     opt = torch.optim.SGD([{k: v for k, v in g.items()} for g in groups_of(ref, 0.1, 0.05)], lr=0.1)
     for x in batches(6):
         fs.step(loss_of(model, x))
@@ -72,7 +72,7 @@ def test_two_pass_clipping_equals_sgd_with_clip_grad_norm(max_norm, tied):
     model = tiny_llama(tie_word_embeddings=tied)
     assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
     ref = copy.deepcopy(model)
-    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", clip_grad_norm=max_norm)
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, LomoSettings(rule="sgd", clip_grad_norm=max_norm))
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for x in batches(4):
         info = fs.step(loss_of(model, x))
@@ -88,7 +88,7 @@ def test_two_pass_clipping_equals_sgd_with_clip_grad_norm(max_norm, tied):
 def test_clip_by_value_equals_sgd_with_clip_grad_value():
     model = tiny_llama()
     ref = copy.deepcopy(model)
-    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", clip_grad_value=1e-3)
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, LomoSettings(rule="sgd", clip_grad_value=1e-3))
     opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     for x in batches(3):
         fs.step(loss_of(model, x))
@@ -118,8 +118,7 @@ def test_adalomo_matches_lomo_optim(lomo_optim_on_cpu, clip):
     fs = FusedStep(
         [{"params": list(model.parameters()), "lr": 0.02, "weight_decay": 0.1}],
         state,
-        rule="adalomo",
-        clip_grad_norm=clip,
+        LomoSettings(rule="adalomo", clip_grad_norm=clip),
     )
     opt = lomo_optim_on_cpu(ref, lr=0.02, loss_scale=None, weight_decay=0.1, clip_grad_norm=clip)
     for x in batches(6):
@@ -144,7 +143,7 @@ def test_adalomo_matches_lomo_optim(lomo_optim_on_cpu, clip):
 def test_no_gradient_survives_its_hook(rule, clip, tied):
     model = tiny_llama(tie_word_embeddings=tied)
     params = list(model.parameters())
-    fs = FusedStep(groups_of(model, 0.01, 0.0), {}, rule=rule, clip_grad_norm=clip)
+    fs = FusedStep(groups_of(model, 0.01, 0.0), {}, LomoSettings(rule=rule, clip_grad_norm=clip))
     live: list[int] = []
     calls: list[int] = []
     for attr in ("update", "measure"):
@@ -172,8 +171,8 @@ def test_hf_activation_checkpointing_gives_the_same_step(clip):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     ref.train()
-    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", clip_grad_norm=clip)
-    fr = FusedStep(groups_of(ref, 0.1, 0.0), {}, rule="sgd", clip_grad_norm=clip)
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, LomoSettings(rule="sgd", clip_grad_norm=clip))
+    fr = FusedStep(groups_of(ref, 0.1, 0.0), {}, LomoSettings(rule="sgd", clip_grad_norm=clip))
     for x in batches(3):
         fs.step(loss_of(model, x))
         fr.step(loss_of(ref, x))
@@ -185,7 +184,7 @@ def test_fp16_overflow_skips_step_and_lowers_scale():
     model = tiny_llama(torch.float16)
     before = copy.deepcopy(model)
     scaler = DynamicLossScaler(init_scale=2.0**40)  # fp16 gradients overflow at this scale
-    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", scaler=scaler)
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, LomoSettings(rule="sgd"), scaler=scaler)
     x = batches(1)[0]
     info = fs.step(loss_of(model, x))
     assert info.skipped and info.loss_scale == 2.0**40
@@ -206,7 +205,7 @@ def test_fp16_scaled_step_equals_unscaled_update():
     model = tiny_llama(torch.float16)
     ref = copy.deepcopy(model)
     x = batches(1)[0]
-    FusedStep(groups_of(model, 0.1, 0.0), {}, rule="sgd", scaler=DynamicLossScaler(init_scale=2.0**8)).step(
+    FusedStep(groups_of(model, 0.1, 0.0), {}, LomoSettings(rule="sgd"), scaler=DynamicLossScaler(init_scale=2.0**8)).step(
         loss_of(model, x)
     )
     loss_of(ref, x).backward()
@@ -233,7 +232,7 @@ def test_loss_scaler_growth_and_floor():
 def test_adalomo_bf16_keeps_fp32_moments_and_remove_restores_plain_backward():
     model = tiny_llama(torch.bfloat16)
     state: dict = {}
-    fs = FusedStep(groups_of(model, 0.01, 0.0), state, rule="adalomo")
+    fs = FusedStep(groups_of(model, 0.01, 0.0), state, LomoSettings(rule="adalomo"))
     fs.step(loss_of(model, batches(1)[0]))
     assert state and all(v.dtype == torch.float32 for st in state.values() for k, v in st.items() if k != "step")
     fs.remove()
@@ -244,8 +243,8 @@ def test_adalomo_bf16_keeps_fp32_moments_and_remove_restores_plain_backward():
 def test_invalid_arguments():
     model = tiny_llama()
     with pytest.raises(ValueError, match="rule"):
-        FusedStep(groups_of(model, 0.1, 0.0), {}, rule="adam")
+        LomoSettings(rule="adam")
     with pytest.raises(ValueError, match="clip_grad_norm"):
-        FusedStep(groups_of(model, 0.1, 0.0), {}, clip_grad_norm=0.0)
+        LomoSettings(clip_grad_norm=0.0)
     with pytest.raises(ValueError, match="clip_grad_value"):
-        FusedStep(groups_of(model, 0.1, 0.0), {}, clip_grad_value=-1.0)
+        LomoSettings(clip_grad_value=-1.0)

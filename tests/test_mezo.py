@@ -162,6 +162,7 @@ def test_refuses_grad_scaler_ddp_and_fsdp1():
             self.strategy, self.precision = strategy, precision
             self.precision_plugin = object()
             self.gradient_clip_val = None
+            self.callbacks = [cb]
 
     model = tiny_model(objective="lm")
     with pytest.raises(MisconfigurationException, match="bf16-mixed"):

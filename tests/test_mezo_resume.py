@@ -29,7 +29,7 @@ def test_resume_mid_run_ends_at_identical_weights(tmp_path):
     straight = full_state(model)
     ckpt = str(next(tmp_path.glob("*step=10.ckpt")))
     saved = torch.load(ckpt, weights_only=False)
-    state = next(v for k, v in saved["callbacks"].items() if "MeZO" in k)
+    state = next(v for k, v in saved["callbacks"].items() if "MeZO" in k)["state"]
     assert len(state["history"]) == 4 and all(len(h["g"]) == 1 for h in state["history"])
 
     pl.seed_everything(0)

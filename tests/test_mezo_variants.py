@@ -39,7 +39,7 @@ def test_variants_lower_loss(kwargs, steps):
     assert len(hist) == (1 if kwargs.get("variant", "sgd") == "sgd" else min(steps, cb.config.window))
     assert all(len(seeds) == cb.config.n_spsa and g.numel() == cb.config.n_spsa for seeds, g in hist)
     # no optimizer state and no parameter-sized buffer anywhere: the history holds only seeds and scalars
-    assert all(not s for s in cb._holder.state.values())
+    assert all(not s for s in cb.holder.state.values())
 
 
 class Blobs(pl.LightningModule):

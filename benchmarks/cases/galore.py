@@ -12,7 +12,7 @@ the 2-D weights of attention and MLP (the anchors' selection: every nn.Linear bu
 * ``refresh_only``: only the full-model randomized refresh (gradients computed once, outside the timing).
 * ``galore_refresh_p0`` / ``refresh_only_p0``: the same with ``power_iters=0`` (one QR per matrix instead of two).
 * ``svd4``: exact fp32 ``torch.linalg.svd`` of the first 4 target gradients (galore-torch's refresh of 4 matrices).
-* ``adamw_fused``: the reference: plain fused AdamW through the same code path (``GaLoreAdamW`` with no targets).
+* ``adamw_fused``: the reference: plain fused AdamW through the same code path (``GaLoreOptimizer`` with no targets).
 
 Usage: ``python -m benchmarks.cases.galore CASE SIZE [BATCH] [SEQ]``; ``DEV=cpu`` smoke-tests it on the tiny model.
 """
@@ -28,8 +28,7 @@ import torch
 from benchmarks.common import run_case, parse_case_args
 from lightning_memopt.core.fused_backward import FusedBackward
 from lightning_memopt.core.holder import HolderOptimizer
-from lightning_memopt.galore.callback import select_targets
-from lightning_memopt.galore.optim import GaLoreAdamW, GaLoreSettings
+from lightning_memopt.galore.optim import GaLoreOptimizer, GaLoreSettings, select_targets
 
 
 def _setup(
@@ -56,7 +55,7 @@ def _setup(
     settings = GaLoreSettings(
         rank=rank, update_proj_gap=gap, scale=0.25, power_iters=power_iters, optimizer=optimizer, moments=moments
     )
-    galore = GaLoreAdamW(holder, targets, settings)
+    galore = GaLoreOptimizer(holder, targets, settings)
     return holder, galore, targets
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import run_case, parse_case_args
-from lightning_memopt.lomo.core import FusedStep
+from lightning_memopt.lomo.core import FusedStep, LomoSettings
 
 
 def fused(
@@ -28,7 +28,8 @@ def fused(
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
-    fs = FusedStep([{"params": params, "lr": 1e-3, "weight_decay": 0.0}], {}, rule=rule, clip_grad_norm=clip)
+    groups = [{"params": params, "lr": 1e-3, "weight_decay": 0.0}]
+    fs = FusedStep(groups, {}, LomoSettings(rule=rule, clip_grad_norm=clip))
 
     def step() -> None:
         fs.step(model(input_ids=x, labels=x).loss)

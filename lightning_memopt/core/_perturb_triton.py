@@ -84,9 +84,11 @@ def _update_kernel(
     lr,
     decay,
     adam_eps,
+    ok_ptr,
     ADAM: tl.constexpr,
     BLOCK4: tl.constexpr,
     DIST: tl.constexpr = 0,
+    HAS_OK: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     c = start // 4 + pid * BLOCK4 + tl.arange(0, BLOCK4)
@@ -106,11 +108,17 @@ def _update_kernel(
         delta = m / (tl.sqrt(v) + adam_eps)
     else:
         delta = m
-    tl.store(t_ptr + loc, (t * decay - lr * delta).to(t_ptr.dtype.element_ty), mask=mask)
+    new = t * decay - lr * delta
+    if HAS_OK:  # a skipped step (non-finite loss) writes the weight back unchanged, whatever delta holds
+        new = tl.where(tl.load(ok_ptr) != 0, new, t)
+    tl.store(t_ptr + loc, new.to(t_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed", "lr", "decay"])
-def _update1_kernel(t_ptr, n, start, seed, a_ptr, lr, decay, BLOCK4: tl.constexpr, DIST: tl.constexpr = 0):
+def _update1_kernel(
+    t_ptr, n, start, seed, a_ptr, lr, decay, ok_ptr, BLOCK4: tl.constexpr, DIST: tl.constexpr = 0,
+    HAS_OK: tl.constexpr = False,
+):
     pid = tl.program_id(0)
     c = start // 4 + pid * BLOCK4 + tl.arange(0, BLOCK4)
     lane = tl.arange(0, 4)[None, :]
@@ -119,7 +127,10 @@ def _update1_kernel(t_ptr, n, start, seed, a_ptr, lr, decay, BLOCK4: tl.constexp
     z = _z(seed, c, DIST)
     a = tl.load(a_ptr)
     t = tl.load(t_ptr + loc, mask=mask, other=0.0).to(tl.float32)
-    tl.store(t_ptr + loc, (t * decay - lr * (a * z)).to(t_ptr.dtype.element_ty), mask=mask)
+    new = t * decay - lr * (a * z)
+    if HAS_OK:
+        new = tl.where(tl.load(ok_ptr) != 0, new, t)
+    tl.store(t_ptr + loc, new.to(t_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -185,9 +196,11 @@ def _update1_multi_kernel(
     a_ptr,
     lr,
     decay,
+    ok_ptr,
     BLOCK4: tl.constexpr,
     DIST: tl.constexpr = 0,
     ALIGNED: tl.constexpr = False,
+    HAS_OK: tl.constexpr = False,
 ):
     """Many tensors of ``ref_ptr``'s dtype in one launch: ``t_j ← round(decay·t_j − lr·a·z_j)`` (as _update1_kernel);
     tensor j starts ``t_offs[j]`` elements from ``ref_ptr``."""
@@ -199,7 +212,10 @@ def _update1_multi_kernel(
         to = tl.multiple_of(to, 4)
     t = ref_ptr + to
     w = tl.load(t + loc, mask=mask, other=0.0).to(tl.float32)
-    tl.store(t + loc, (w * decay - lr * (a * z)).to(ref_ptr.dtype.element_ty), mask=mask)
+    new = w * decay - lr * (a * z)
+    if HAS_OK:
+        new = tl.where(tl.load(ok_ptr) != 0, new, w)
+    tl.store(t + loc, new.to(ref_ptr.dtype.element_ty), mask=mask)
 
 
 class _Tables:
@@ -282,8 +298,10 @@ def update1_many(
     lr: float,
     decay: float,
     dist: int = 0,
+    ok: Tensor | None = None,
 ) -> None:
-    """In place, for contiguous tensors of one dtype in one launch: ``t ← round(decay·t − lr·a·z)``, one direction."""
+    """In place, for contiguous tensors of one dtype in one launch: ``t ← round(decay·t − lr·a·z)``, one direction;
+    where the device bool ``ok`` is false the tensors are left as they are."""
     tab = _tables(ts, starts, indices)
     if tab.grid[0]:
         _update1_multi_kernel[tab.grid](
@@ -298,13 +316,20 @@ def update1_many(
             a.to(device=ts[0].device, dtype=torch.float32),
             float(lr),
             float(decay),
+            _ok_arg(ok, a),
             BLOCK4=BLOCK4,
             DIST=dist,
             ALIGNED=tab.aligned,
+            HAS_OK=ok is not None,
         )
 
 
 _ONE_OK = [True]  # the one-direction kernel compiled fine (else use the window kernel)
+
+
+def _ok_arg(ok: Tensor | None, like: Tensor) -> Tensor:
+    """The skip flag as the kernels read it (any tensor stands in when there is none: HAS_OK=False ignores it)."""
+    return like if ok is None else ok.to(device=like.device, dtype=torch.int8)
 
 
 def _grid(start: int, n: int) -> tuple[int]:
@@ -334,14 +359,17 @@ def update_(
     adam_eps: float | None = None,
     dist: int = 0,
     seed_ints: list[int] | None = None,
+    ok: Tensor | None = None,
 ) -> None:
     """``seed_ints`` (the seeds as Python ints, when known on the host) enables the one-direction SGD kernel."""
     a = a.to(device=t.device, dtype=torch.float32)
+    okt = _ok_arg(ok, a)
     if seed_ints is not None and len(seed_ints) == 1 and adam_eps is None and _ONE_OK[0]:
         key = (int(seed_ints[0]) & 0xFFFFFFFF) | (int(index) << 32)
         try:
             _update1_kernel[_grid(start, t.numel())](
-                t, t.numel(), start, key, a, float(lr), float(decay), BLOCK4=BLOCK4, DIST=dist
+                t, t.numel(), start, key, a, float(lr), float(decay), okt, BLOCK4=BLOCK4, DIST=dist,
+                HAS_OK=ok is not None,
             )
             return
         except Exception:  # noqa: BLE001 - a compile problem on some Triton: the loop kernel computes the same
@@ -361,7 +389,9 @@ def update_(
         float(lr),
         float(decay),
         float(adam_eps or 0.0),
+        okt,
         ADAM=adam,
         BLOCK4=BLOCK4,
         DIST=dist,
+        HAS_OK=ok is not None,
     )

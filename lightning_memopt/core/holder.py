@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch.optim import Optimizer
 
+from lightning_memopt._torch_shim import mark_stepped
+
 StepFn = Callable[[Optional[Callable[[], Any]]], Any]
 
 
@@ -22,22 +24,23 @@ class HolderOptimizer(Optimizer):
     Args:
         wrapped: the module's optimizer from ``configure_optimizers``; it never steps and allocates no state.
         step_fn: called as ``step_fn(closure)``; defaults to just running the closure.
+        owner: the method callback that installed the holder (two methods on one trainer are refused).
     """
 
-    def __init__(self, wrapped: Optimizer, step_fn: Optional[StepFn] = None) -> None:
-        # Not calling Optimizer.__init__: it would copy the groups, and schedulers hold the wrapped ones.
-        self.wrapped = wrapped
+    def __init__(self, wrapped: Optimizer, step_fn: Optional[StepFn] = None, owner: Any = None) -> None:
+        # Optimizer.__init__ on a placeholder sets torch's own bookkeeping (hooks, profiling); the groups are then the
+        # wrapped optimizer's own list, not copies: LR schedulers hold those dicts.
+        super().__init__([torch.empty(0, requires_grad=True)], dict(wrapped.defaults))
         self.param_groups = wrapped.param_groups
-        self.defaults = dict(wrapped.defaults)
-        self.state: defaultdict = defaultdict(dict)
+        self.state = defaultdict(dict)
+        self.wrapped = wrapped
         self.step_fn = step_fn
-        self._optimizer_step_pre_hooks = {}
-        self._optimizer_step_post_hooks = {}
-        self._optimizer_state_dict_pre_hooks = {}
-        self._optimizer_state_dict_post_hooks = {}
-        self._optimizer_load_state_dict_pre_hooks = {}
-        self._optimizer_load_state_dict_post_hooks = {}
-        self._zero_grad_profile_name = "Optimizer.zero_grad#HolderOptimizer.zero_grad"
+        self.owner = owner
+
+    @property
+    def optimizer(self) -> Optimizer:
+        """The wrapped optimizer: LearningRateMonitor names lr columns after it (one column per group, not two)."""
+        return self.wrapped
 
     def __repr__(self) -> str:
         return f"HolderOptimizer(wrapping {type(self.wrapped).__name__}, {len(self.param_groups)} groups)"
@@ -68,8 +71,7 @@ class HolderOptimizer(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:  # type: ignore[override]
-        # Tell LR schedulers bound to the wrapped optimizer that a step happened (silences their order warning).
-        self.wrapped._opt_called = True  # type: ignore[attr-defined]
+        mark_stepped(self.wrapped)
         if self.step_fn is None:
             if closure is None:
                 return None
@@ -78,8 +80,12 @@ class HolderOptimizer(Optimizer):
         return self.step_fn(closure)
 
 
-def swap_in_holder(trainer: Any, step_fn: Optional[StepFn] = None) -> HolderOptimizer:
-    """Replace the trainer's single optimizer with a holder (call from ``on_fit_start``)."""
+def swap_in_holder(trainer: Any, step_fn: Optional[StepFn] = None, owner: Any = None) -> HolderOptimizer:
+    """Replace the trainer's single optimizer with a holder (call from ``on_fit_start``).
+
+    A holder the same ``owner`` installed earlier (a strategy that rebuilt its optimizers, a second ``fit``) is
+    reused; one installed by another method callback is an error: two methods cannot both update the weights.
+    """
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
     optimizers = trainer.strategy.optimizers
@@ -90,9 +96,14 @@ def swap_in_holder(trainer: Any, step_fn: Optional[StepFn] = None) -> HolderOpti
         )
     opt = optimizers[0]
     if isinstance(opt, HolderOptimizer):
-        opt.step_fn = step_fn
+        if opt.owner is not None and owner is not None and opt.owner is not owner:
+            raise MisconfigurationException(
+                f"Two method callbacks on one Trainer: {type(opt.owner).__name__} and {type(owner).__name__} would "
+                f"both update the weights. Keep one of them in Trainer(callbacks=[...])."
+            )
+        opt.step_fn, opt.owner = step_fn, owner
         return opt
-    holder = HolderOptimizer(opt, step_fn)
+    holder = HolderOptimizer(opt, step_fn, owner)
     trainer.strategy.optimizers = [holder]
     return holder
 

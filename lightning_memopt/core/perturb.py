@@ -209,6 +209,7 @@ def update_(
     zs: Sequence[Tensor] | None = None,
     dist: str = "normal",
     seed_ints: Sequence[int] | None = None,
+    ok: Tensor | None = None,
 ) -> None:
     """In place: ``t ← round(decay·t − lr·Δ)`` over a window of J directions ``z_j`` (keys ``key(seeds[j], index)``).
 
@@ -216,7 +217,9 @@ def update_(
     (Adam, when ``adam_eps`` is given). ``seeds`` (int64), ``a`` and ``b`` (float32) are device tensors, so a
     coefficient computed on the GPU needs no host sync. ``t`` is a contiguous tensor (a local FSDP2 shard) holding
     elements ``[start, start + t.numel())`` of the full parameter. ``zs`` optionally gives cached directions;
-    ``seed_ints`` (the seeds as host ints, if known) lets the kernel take a one-direction SGD fast path.
+    ``seed_ints`` (the seeds as host ints, if known) lets the kernel take a one-direction SGD fast path. Where the
+    0-d device bool ``ok`` is false (a step skipped for a non-finite loss) ``t`` is left bit-identical, whatever
+    ``a``/``b`` hold, with no host sync.
     """
     if t.numel() == 0:
         return
@@ -235,6 +238,7 @@ def update_(
             adam_eps,
             _kernel_dist(dist),
             None if seed_ints is None else [int(x) for x in seed_ints],
+            ok,
         )
         return
     flat = t.view(-1)
@@ -251,7 +255,10 @@ def update_(
             if v is not None:
                 v = v + b32[j] * (z * z)  # type: ignore[index]
         delta = m if v is None else m / (torch.sqrt(v) + adam_eps)
-        new = flat[lo : lo + n].to(torch.float32) * decay - lr * delta
+        old = flat[lo : lo + n].to(torch.float32)
+        new = old * decay - lr * delta
+        if ok is not None:
+            new = torch.where(ok.to(t.device), new, old)
         flat[lo : lo + n] = new.to(t.dtype)
 
 
@@ -299,17 +306,18 @@ def update1_many(
     decay: float,
     dist: str = "normal",
     seed_t: Tensor | None = None,
+    ok: Tensor | None = None,
 ) -> None:
     """In place, one direction: ``t ← round(decay·t − lr·a·z(key(step_seed, i)))`` for each tensor (``t`` holds
     elements ``[start, start + numel)`` of its parameter); one launch per call on the GPU. ``a`` is a 1-element
-    float32 device tensor (the projected gradient: no host sync)."""
+    float32 device tensor (the projected gradient: no host sync); ``ok`` as in :func:`update_`."""
     ts = [t.detach() for t in ts]
     if _one_launch(ts):
         seed_t = seed_tensor(step_seed, ts[0].device) if seed_t is None else seed_t
         _triton_kernels().update1_many(  # type: ignore[union-attr]
-            ts, [int(i) for i in indices], [int(x) for x in starts], seed_t, a, lr, decay, _kernel_dist(dist)
+            ts, [int(i) for i in indices], [int(x) for x in starts], seed_t, a, lr, decay, _kernel_dist(dist), ok
         )
         return
     seeds = torch.tensor([int(step_seed) & _M32], dtype=torch.int64)
     for t, i, st in zip(ts, indices, starts):
-        update_(t, int(i), seeds, a, None, lr, decay, int(st), dist=dist, seed_ints=[int(step_seed)])
+        update_(t, int(i), seeds, a, None, lr, decay, int(st), dist=dist, seed_ints=[int(step_seed)], ok=ok)

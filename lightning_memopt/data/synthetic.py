@@ -1,4 +1,4 @@
-"""The embedded offline default: a word-level tokenizer and a synthetic sentiment task.
+"""The embedded offline default: a synthetic sentiment task (its word-level tokenizer is in ``tokenization``).
 
 It needs no network and no data files, so the quickstart runs anywhere. The task is honest but easy: a "review" is a
 bag of neutral words with one or three sentiment words, and the label is the majority sentiment. A small random-init
@@ -9,20 +9,7 @@ from __future__ import annotations
 
 import random
 
-POSITIVE = (
-    "good great excellent wonderful superb lovely brilliant charming delightful moving "
-    "funny clever fresh touching beautiful gripping solid warm smart enjoyable"
-).split()
-NEGATIVE = (
-    "bad awful terrible boring dull weak tedious clumsy bland stale "
-    "lazy messy silly flat poor painful shallow grim ugly annoying"
-).split()
-NEUTRAL = (
-    "the a film movie story plot actor cast scene script director music camera it is was "
-    "and of to with this that its in on as for one some about by from an at very quite rather"
-).split()
-TEMPLATE_WORDS = "review sentiment label text input answer positive negative neutral yes no".split()
-SPECIALS = ("[PAD]", "[UNK]", "[EOS]")
+from lightning_memopt.tokenization import NEGATIVE, NEUTRAL, POSITIVE
 
 
 def synthetic_sentiment(n: int, seed: int) -> list[tuple[int, str]]:

@@ -154,6 +154,10 @@ class CMAES:
             self._eigen()
         self._asked = None
 
+    def forget_ask(self) -> None:
+        """Drop the candidates of the last ``ask`` (a generation that was not evaluated)."""
+        self._asked = None
+
     def _invsqrt(self, y: Tensor) -> Tensor:
         """Rows of ``y`` times C^(-1/2) = B D^-1 B^T (of the last decomposition), without storing that matrix."""
         return ((y @ self.B) / self.D) @ self.B.T

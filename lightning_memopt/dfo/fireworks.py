@@ -180,6 +180,10 @@ class Fireworks:
         self.generation += 1
         self._asked = None
 
+    def forget_ask(self) -> None:
+        """Drop the candidates of the last ``ask`` (a generation that was not evaluated)."""
+        self._asked = None
+
     # ---- checkpointing ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

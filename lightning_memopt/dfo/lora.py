@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_memopt.core.fsdp import is_dtensor
+
 DEFAULT_PATTERN = r"(^|\.)(q_proj|k_proj|query|key|q_lin|k_lin)$"
 
 
@@ -131,7 +133,7 @@ class ZLoRA:
                 raise ValueError(f"d={d} is too small: block {b.name} needs at least {2 * len(b.targets)}.")
         p = next(iter(root.parameters()))
         self.device = p.device
-        self.z = [torch.zeros(self.d, device=self.device) for _ in self.blocks]
+        self.z = [torch.zeros(self.d, dtype=torch.float32, device=self.device) for _ in self.blocks]
         self._fixed: list[list[tuple[Tensor, Tensor]] | None] = [None] * len(self.blocks)
         self._pop: tuple[int, int, list[tuple[Tensor, Tensor]]] | None = None  # (block, P, factors)
         self._expand_from: int | None = None  # blocks >= this expand the batch by P
@@ -278,8 +280,10 @@ class ZLoRA:
             gen.manual_seed(self.seed * 1_000_003 + idx * 1009 + j)
             std_a = 1.0 / (math.sqrt(t.in_features) * t.in_rms) / (math.sqrt(da) * self.sigma)
             std_b = self.init_scale * t.out_std / math.sqrt(self.rank) / (math.sqrt(db) * self.sigma)
-            ma = torch.randn(self.rank * t.in_features, da, generator=gen, device=self.device) * std_a
-            mb = torch.randn(t.out_features * self.rank, db, generator=gen, device=self.device) * std_b
+            # float32 explicitly: under precision="bf16-true" Lightning makes bf16 the default dtype
+            f32 = torch.float32
+            ma = torch.randn(self.rank * t.in_features, da, generator=gen, device=self.device, dtype=f32) * std_a
+            mb = torch.randn(t.out_features * self.rank, db, generator=gen, device=self.device, dtype=f32) * std_b
             out.append((ma, mb))
         return out
 
@@ -311,7 +315,7 @@ class ZLoRA:
             fixed = self._fixed[b.targets[0].block]
             for j, t in enumerate(b.targets):
                 w = t.module.weight
-                if type(w).__name__ == "DTensor":
+                if is_dtensor(w):
                     raise NotImplementedError("merge() needs unsharded weights; gather the model first.")
                 if fixed is not None:
                     a, bb = fixed[j]

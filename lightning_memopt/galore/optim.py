@@ -1,4 +1,4 @@
-"""The GaLore-AdamW step, whole, in one place.
+"""The GaLore step, whole, in one place.
 
 For a target 2-D weight W with gradient G and a rank-r orthonormal basis P (left ``U``: m×r, or right ``V``: n×r):
 
@@ -16,6 +16,10 @@ For a target 2-D weight W with gradient G and a rank-r orthonormal basis P (left
 4. **Project back and apply** in one ``addmm_``: ``W ← (1 − lr·wd)·W − lr·scale·P·N`` (decoupled weight decay as in
    ``torch.optim.AdamW``), no full-size temporary.
 
+A step whose loss was not finite (``step(ok)`` with ``ok`` false on the device) is a no-op there: fused Adam's
+``found_inf`` keeps weights, moments and step counts, no refresh is taken, and the host's per-parameter counters are
+put back once the guard learns of the skip. The update rules (AdamW, 8-bit AdamW, Adafactor) are in :mod:`.rules`.
+
 Non-target parameters get a plain fused AdamW step with their group's settings. All state lives in
 ``optimizer.state[p]`` as tensors and ints, so checkpoints carry projectors and moments and resume is exact on any
 device. Hyperparameters are read from ``param_groups`` on every step, so LR schedulers keep driving ``lr``.
@@ -27,6 +31,7 @@ ranks share: the refresh sketches are all-reduced over the shard group (:func:`.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -34,9 +39,12 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from torch.optim.adam import adam
 
-from lightning_memopt.core.fsdp import all_reduce_sum, is_dtensor, local
+from lightning_memopt.core import validate
+from lightning_memopt.core.axpby import axpby_
+from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.core.fsdp import all_reduce_sum, is_dtensor, local, shard_group, sharded_zeros
+from lightning_memopt.galore import rules
 from lightning_memopt.galore.projector import LEFT, RIGHT, Method, compute_bases, side_for, subspace_overlap
 
 Moments = Literal["reproject", "keep", "reset"]
@@ -65,6 +73,66 @@ class GaLoreSettings:
     optimizer: BaseOptimizer = "adamw"
     hf_adamw: bool = False  # galore-torch's arithmetic: eps added before bias correction, decay after the update
 
+    def __post_init__(self) -> None:
+        validate.at_least(self.rank, 1, "rank")
+        validate.at_least(self.update_proj_gap, 1, "update_proj_gap")
+        validate.positive(self.scale, "scale")
+        _one_of(self.proj_type, ("std", "reverse_std", "left", "right"), "proj_type")
+        _one_of(self.refresh, ("randomized", "svd_lowrank", "svd"), "refresh")
+        _one_of(self.moments, ("reproject", "keep", "reset"), "moments")
+        _one_of(self.optimizer, tuple(rules.RULES), "optimizer")
+        validate.at_least(self.oversample, 0, "oversample")
+        validate.at_least(self.power_iters, 0, "power_iters")
+        if not 0.0 < validate.finite(self.lazy_threshold, "lazy_threshold") <= 1.0:
+            raise ValueError(f"lazy_threshold must be in (0, 1], got {self.lazy_threshold}.")
+        validate.at_least(self.lazy_max_gap, 1, "lazy_max_gap")
+        if self.optimizer != "adamw" and self.moments == "reproject":
+            raise ValueError(
+                f"moments='reproject' rotates AdamW's moments; optimizer={self.optimizer!r} keeps quantized or "
+                f"factored state that cannot be rotated. Set moments='keep' (galore-torch's behaviour) or 'reset'."
+            )
+        if self.hf_adamw and self.optimizer != "adamw":
+            raise ValueError("hf_adamw=True reproduces galore-torch's GaLoreAdamW; it needs optimizer='adamw'.")
+        if self.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ImportError(
+                    "optimizer='adamw8bit' needs bitsandbytes: pip install 'lightning_memopt[bnb]'"
+                ) from None
+
+
+def _one_of(value: Any, allowed: tuple[str, ...], name: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+
+
+def select_targets(
+    module: torch.nn.Module, target_modules: str = "all-linear", exclude_modules: str | None = r"(^|\.)lm_head$"
+) -> list[torch.nn.Parameter]:
+    """The 2-D weights GaLore projects, in module order.
+
+    ``"all-linear"`` takes every ``nn.Linear`` weight; any other string is a regex searched in module names (any module
+    with a 2-D ``weight``). Modules whose name matches ``exclude_modules`` are skipped, and so is any weight they share
+    (a tied ``lm_head`` keeps the embedding out too).
+    """
+    excluded: set[int] = set()
+    chosen: list[torch.nn.Parameter] = []
+    seen: set[int] = set()
+    pattern = None if target_modules == "all-linear" else re.compile(target_modules)
+    for name, mod in module.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.nn.Parameter):
+            continue
+        if exclude_modules and re.search(exclude_modules, name):
+            excluded.add(id(w))
+            continue
+        hit = isinstance(mod, torch.nn.Linear) if pattern is None else bool(pattern.search(name))
+        if hit and w.ndim == 2 and w.requires_grad and id(w) not in seen:
+            seen.add(id(w))
+            chosen.append(w)
+    return [w for w in chosen if id(w) not in excluded]
+
 
 def _store(basis: Tensor, dtype: torch.dtype, side: int) -> Tensor:
     # Own storage (not a view into the batch), in galore-torch's memory layout (LAPACK's column-major U; V's rows),
@@ -78,225 +146,79 @@ def _zero_adam_state(p: Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
     """Zero Adam moments of the GLOBAL ``shape`` in ``p``'s dtype. Under FSDP2 (only right projections, so the
     moments keep the weight's rows) they are DTensors sharded like ``p``: checkpoints gather and re-shard them."""
     w = local(p)
-    step = torch.zeros((), dtype=torch.float32, device=w.device)
-    if not is_dtensor(p):
-        return {
-            "step": step,
-            "exp_avg": torch.zeros(shape, dtype=w.dtype, device=w.device),
-            "exp_avg_sq": torch.zeros(shape, dtype=w.dtype, device=w.device),
-        }
-    from torch.distributed.tensor import DTensor
-
-    local_shape = (w.shape[0], *shape[1:])
-    stride = torch.empty(shape, device="meta").stride()
-
-    def zeros() -> Tensor:
-        t = torch.zeros(local_shape, dtype=w.dtype, device=w.device)
-        return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape, stride=stride)
-
-    return {"step": step, "exp_avg": zeros(), "exp_avg_sq": zeros()}
+    return {
+        "step": torch.zeros((), dtype=torch.float32, device=w.device),
+        "exp_avg": sharded_zeros(p, shape, w.dtype),
+        "exp_avg_sq": sharded_zeros(p, shape, w.dtype),
+    }
 
 
-def _fused_ok(tensors: Iterable[Tensor]) -> bool:
-    return all(
-        t.device.type in ("cuda", "cpu") and t.dtype in (torch.float32, torch.bfloat16, torch.float16) for t in tensors
-    )
 
 
-def _hf_adamw(
-    group: dict[str, Any], p: Tensor, g: Tensor, s: dict[str, Any], lr: float, weight_decay: float, scale: float = 1.0
-) -> None:
-    """galore-torch's (Hugging Face's legacy) AdamW step, op for op, projection included: for parity runs only."""
-    beta1, beta2 = group["betas"]
-    proj, side = s.get("proj"), s.get("side")
-    if proj is not None:
-        g = torch.matmul(proj.mT, g) if side == LEFT else torch.matmul(g, proj)
-    s["step"] += 1
-    t = float(s["step"])
-    m, v = s["exp_avg"], s["exp_avg_sq"]
-    m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-    denom = v.sqrt().add_(group["eps"])
-    step_size = lr * math.sqrt(1.0 - beta2**t) / (1.0 - beta1**t)
-    norm = m / denom
-    if proj is not None:
-        norm = (torch.matmul(proj, norm) if side == LEFT else torch.matmul(norm, proj.mT)) * scale
-    p.add_(norm, alpha=-step_size)
-    if weight_decay > 0.0:
-        p.add_(p, alpha=-lr * weight_decay)
-
-
-def _adam(
-    group: dict[str, Any],
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Any]],
-    lr: float,
-    weight_decay: float,
-) -> None:
-    """One fused (decoupled-decay) Adam step over matching lists; state tensors live in ``states``."""
-    if not params:
-        return
-    beta1, beta2 = group["betas"]
-    steps = []
-    for s, p in zip(states, params):
-        if s["step"].device != p.device:  # a checkpoint restores "step" on CPU
-            s["step"] = s["step"].to(p.device)
-        steps.append(s["step"])
-    adam(
-        params,
-        grads,
-        [local(s["exp_avg"]) for s in states],
-        [local(s["exp_avg_sq"]) for s in states],
-        [],
-        steps,
-        fused=_fused_ok(params + grads) or None,
-        amsgrad=False,
-        beta1=beta1,
-        beta2=beta2,
-        lr=lr,
-        weight_decay=weight_decay,
-        eps=group["eps"],
-        maximize=False,
-        decoupled_weight_decay=True,
-    )
-
-
-def _adamw8bit(
-    group: dict[str, Any],
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Any]],
-    lr: float,
-    weight_decay: float,
-) -> None:
-    """bitsandbytes' blockwise 8-bit AdamW kernel (the optional ``bitsandbytes`` extra), state in ``states``."""
-    try:
-        import bitsandbytes.functional as bnbf
-    except ImportError:  # pragma: no cover - checked at setup
-        raise ImportError("optimizer='adamw8bit' needs bitsandbytes: pip install 'lightning_memopt[bnb]'") from None
-    beta1, beta2 = group["betas"]
-    for p, g, s in zip(params, grads, states):
-        if "state1" not in s:
-            blocks = (p.numel() + 255) // 256
-            s.update(
-                step=0,
-                state1=torch.zeros_like(p, dtype=torch.uint8),
-                state2=torch.zeros_like(p, dtype=torch.uint8),
-                qmap1=bnbf.create_dynamic_map(signed=True).to(p.device),
-                qmap2=bnbf.create_dynamic_map(signed=False).to(p.device),
-                absmax1=torch.zeros(blocks, dtype=torch.float32, device=p.device),
-                absmax2=torch.zeros(blocks, dtype=torch.float32, device=p.device),
-            )
-        s["step"] += 1
-        bnbf.optimizer_update_8bit_blockwise(
-            "adam",
-            g.contiguous(),
-            p,
-            s["state1"],
-            s["state2"],
-            beta1,
-            beta2,
-            0.0,
-            0.0,
-            group["eps"],
-            s["step"],
-            lr,
-            s["qmap1"],
-            s["qmap2"],
-            s["absmax1"],
-            s["absmax2"],
-            weight_decay,
-        )
-
-
-def _adafactor(
-    group: dict[str, Any],
-    params: list[Tensor],
-    grads: list[Tensor],
-    states: list[dict[str, Any]],
-    lr: float,
-    weight_decay: float,
-) -> None:
-    """Adafactor (Shazeer & Stern 2018) without momentum, as galore-torch's GaLoreAdafactor runs it for fine-tuning
-    (``relative_step=False, scale_parameter=False``): factored fp32 second moment for matrices, β2_t = 1 − t^-0.8,
-    update RMS clipped to 1, decoupled weight decay."""
-    for p, g, s in zip(params, grads, states):
-        factored = g.ndim == 2
-        if "step" not in s:
-            if factored:
-                s.update(
-                    step=0,
-                    exp_avg_sq_row=torch.zeros(g.shape[0], dtype=torch.float32, device=g.device),
-                    exp_avg_sq_col=torch.zeros(g.shape[1], dtype=torch.float32, device=g.device),
-                )
-            else:
-                s.update(step=0, exp_avg_sq=torch.zeros_like(g, dtype=torch.float32))
-        s["step"] += 1
-        beta2t = 1.0 - s["step"] ** -0.8
-        g32 = g.to(torch.float32, copy=True)
-        g2 = g32.square().add_(1e-30)
-        if factored:
-            row, col = s["exp_avg_sq_row"], s["exp_avg_sq_col"]
-            row.mul_(beta2t).add_(g2.mean(dim=-1), alpha=1.0 - beta2t)
-            col.mul_(beta2t).add_(g2.mean(dim=-2), alpha=1.0 - beta2t)
-            r = (row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1)
-            u = g32.mul_(r).mul_(col.rsqrt().unsqueeze(-2))
-        else:
-            v = s["exp_avg_sq"]
-            v.mul_(beta2t).add_(g2, alpha=1.0 - beta2t)
-            u = g32.mul_(v.rsqrt())
-        u.div_((u.square().mean().sqrt() / 1.0).clamp_(min=1.0))
-        if weight_decay > 0.0:
-            p.mul_(1.0 - lr * weight_decay)
-        p.add_(u.to(p.dtype), alpha=-lr)
-
-
-_UPDATES = {"adamw": _adam, "adamw8bit": _adamw8bit, "adafactor": _adafactor}
-
-
-class GaLoreAdamW:
-    """Applies GaLore-AdamW to an optimizer's ``param_groups`` and ``state`` (a ``HolderOptimizer``'s, usually).
+class GaLoreOptimizer:
+    """Applies GaLore to an optimizer's ``param_groups`` and ``state`` (a ``HolderOptimizer``'s, usually).
 
     Args:
         optimizer: anything with ``param_groups`` (lr, betas, eps, weight_decay per group) and a ``state`` dict.
         targets: the 2-D weights to project, in a fixed order (the order seeds each one's random sketch).
-        settings: rank, gap, scale, projection type, refresh method, moments policy, lazy refresh, seed.
+        settings: rank, gap, scale, projection type, refresh method, moments policy, lazy refresh, seed, rule.
+        guard: the :class:`~lightning_memopt.core.nonfinite.SkipGuard` that learns of skipped steps (optional).
+
+    ``step(ok)`` with a device flag ``ok`` false (a non-finite loss) leaves weights and state bit-identical: fused
+    Adam's ``found_inf`` on the device, the host's step counters put back through ``guard``, and no refresh.
 
     Example::
 
         base = torch.optim.AdamW(model.parameters(), lr=1e-3)
         holder = HolderOptimizer(base)
-        galore = GaLoreAdamW(holder, [m.weight for m in model.modules() if isinstance(m, nn.Linear)],
-                             GaLoreSettings(rank=8))
+        galore = GaLoreOptimizer(holder, [m.weight for m in model.modules() if isinstance(m, nn.Linear)],
+                                 GaLoreSettings(rank=8))
         loss.backward(); galore.step(); holder.zero_grad()
     """
 
-    def __init__(self, optimizer: Any, targets: Iterable[Tensor], settings: GaLoreSettings) -> None:
+    def __init__(
+        self, optimizer: Any, targets: Iterable[Tensor], settings: GaLoreSettings, guard: SkipGuard | None = None
+    ) -> None:
         self.opt = optimizer
-        self.s = settings
+        self.settings = settings
+        self.guard = guard
         self.index = {id(p): i for i, p in enumerate(targets)}
         self.refreshes = 0
         self.skipped_refreshes = 0
-        if settings.optimizer not in _UPDATES:
-            raise ValueError(f"optimizer must be one of {sorted(_UPDATES)}; got {settings.optimizer!r}.")
-        if settings.optimizer != "adamw" and settings.moments == "reproject":
-            raise ValueError(
-                f"moments='reproject' rotates AdamW's moments; {settings.optimizer}'s state (quantized or factored) "
-                f"cannot be rotated. Use moments='keep' (galore-torch's behaviour) or 'reset'."
-            )
-        if settings.hf_adamw and settings.optimizer != "adamw":
-            raise ValueError("hf_adamw=True reproduces galore-torch's GaLoreAdamW; it needs optimizer='adamw'.")
-        self._update = _UPDATES[settings.optimizer]
+        self._update = rules.RULES[settings.optimizer]
+        self._ok: Tensor | None = None
+        self._touched: list[dict[str, Any]] = []
+
+    def ranks(self) -> dict[int, int]:
+        """The rank each target is projected to, by ``id``: ``rank`` clamped to the smaller side of its matrix."""
+        out = {}
+        for g in self.opt.param_groups:
+            for p in g["params"]:
+                if id(p) in self.index:
+                    out[id(p)] = min(self.settings.rank, *p.shape)
+        return out
 
     # ---- public entry points -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, ok: Tensor | None = None) -> None:
         """Update every parameter that has a gradient (call after backward, at an optimizer-step boundary)."""
+        self.begin(ok)
         for group in self.opt.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             self._plain(group, [p for p in params if id(p) not in self.index])
             self._galore(group, [p for p in params if id(p) in self.index])
+        self.end()
+
+    def begin(self, ok: Tensor | None) -> None:
+        """Start a step whose updates ``ok`` guards (layer-wise mode calls :meth:`step_param` in between)."""
+        self._ok, self._touched = ok, []
+
+    def end(self) -> None:
+        """Finish the step: if the guard later finds it skipped, the host-side counters it advanced are put back."""
+        if self.guard is not None and self._ok is not None and self._touched:
+            saved = [(s, {k: v for k, v in snap.items()}) for s, snap in self._touched]
+            self.guard.on_skip(lambda: [s.update(snap) for s, snap in saved])
+        self._ok, self._touched = None, []
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
@@ -311,6 +233,7 @@ class GaLoreAdamW:
         FSDP2 checkpoint loading needs the state as a template before the first step; the result equals lazy
         creation (the first refresh rotates zero moments).
         """
+        ranks = self.ranks()
         for group in self.opt.param_groups:
             for p in group["params"]:
                 s = self.opt.state[p]
@@ -320,12 +243,20 @@ class GaLoreAdamW:
                     s.update(_zero_adam_state(p, tuple(p.shape)))
                     continue
                 m, n = p.shape
-                side = side_for(p.shape, self.s.proj_type)
-                r = min(self.s.rank, m, n)
+                side = side_for(p.shape, self.settings.proj_type)
+                r = ranks[id(p)]
                 shape = (r, n) if side == LEFT else (m, r)
                 s.update(_zero_adam_state(p, shape))
                 basis = torch.zeros((m if side == LEFT else n, r), dtype=torch.float32, device=local(p).device)
-                s.update(proj=_store(basis, p.dtype, side), side=side, n=0, gap=self.s.update_proj_gap, next_refresh=0)
+                s.update(
+                    proj=_store(basis, p.dtype, side), side=side, n=0, gap=self.settings.update_proj_gap,
+                    next_refresh=0,
+                )
+
+    def _snapshot(self, states: list[dict[str, Any]]) -> None:
+        """Remember the host-side ints a step is about to advance (undone if the step turns out skipped)."""
+        if self._ok is not None:
+            self._touched += [(s, {k: v for k, v in s.items() if type(v) is int}) for s in states]
 
     # ---- plain AdamW for non-target parameters -----------------------------------------------------------------
     def _plain(self, group: dict[str, Any], ps: list[Tensor]) -> None:
@@ -334,15 +265,16 @@ class GaLoreAdamW:
         states = []
         for p in ps:
             s = self.opt.state[p]
-            if "exp_avg" not in s and self.s.optimizer == "adamw":
+            if "exp_avg" not in s and self.settings.optimizer == "adamw":
                 s.update(_zero_adam_state(p, tuple(p.shape)))
             states.append(s)
+        self._snapshot(states)
         lr, wd = float(group["lr"]), float(group["weight_decay"])
-        if self.s.hf_adamw:
+        if self.settings.hf_adamw:
             for p, s in zip(ps, states):
-                _hf_adamw(group, local(p), local(p.grad), s, lr, wd)
+                rules.hf_adamw(group, local(p), local(p.grad), s, lr, wd, ok=self._ok)
             return
-        self._update(group, [local(p) for p in ps], [local(p.grad) for p in ps], states, lr, wd)
+        self._update(group, [local(p) for p in ps], [local(p.grad) for p in ps], states, lr, wd, self._ok)
 
     # ---- GaLore ------------------------------------------------------------------------------------------------
     def _galore(self, group: dict[str, Any], ps: list[Tensor]) -> None:
@@ -350,22 +282,32 @@ class GaLoreAdamW:
             return
         st = self.opt.state
         due = [p for p in ps if "proj" not in st[p] or st[p]["n"] >= st[p]["next_refresh"]]
-        if due:
+        # A refresh from a non-finite gradient is not taken: it would change the subspace (a host check, only on
+        # refresh steps, which sync anyway).
+        if due and not (self._ok is not None and not bool(self._ok)):
             self._refresh(due)
+        ps = [p for p in ps if "proj" in st[p]]  # a skipped first step has no subspace yet: nothing to update
+        if not ps:
+            return
         states = [st[p] for p in ps]
+        self._snapshot(states)
         lr, wd = float(group["lr"]), float(group["weight_decay"])
-        if self.s.hf_adamw:
+        if self.settings.hf_adamw:
             for p, s in zip(ps, states):
-                _hf_adamw(group, local(p), local(p.grad), s, lr, wd, self.s.scale)
+                rules.hf_adamw(group, local(p), local(p.grad), s, lr, wd, self.settings.scale, ok=self._ok)
                 s["n"] += 1
             return
         grads = [local(p.grad) for p in ps]
         low = [s["proj"].mT @ g if s["side"] == LEFT else g @ s["proj"] for s, g in zip(states, grads)]
         out = [torch.zeros_like(g) for g in low]
-        self._update(group, out, low, states, 1.0, 0.0)  # out = -(Adam direction) in the subspace
-        beta, alpha = 1.0 - lr * wd, lr * self.s.scale
+        self._update(group, out, low, states, 1.0, 0.0, self._ok)  # out = -(Adam direction); stays 0 if skipped
+        alpha = lr * self.settings.scale
+        # With a skip flag, weight decay is its own masked pass (addmm_'s beta is a host float), and only if wd > 0.
+        beta = 1.0 - lr * wd if self._ok is None else 1.0
         for p, s, o in zip(ps, states, out):
             w = local(p)
+            if wd and self._ok is not None:
+                axpby_(w, w, -lr * wd, 1.0, self._ok)
             if s["side"] == LEFT:
                 w.addmm_(s["proj"], o, beta=beta, alpha=alpha)
             else:
@@ -373,20 +315,18 @@ class GaLoreAdamW:
             s["n"] += 1
 
     def _reduce_for(self, p: Tensor) -> Callable[[Tensor], Tensor] | None:
-        if not is_dtensor(p):
-            return None
-        group = p.device_mesh.get_group()
-        return lambda t: all_reduce_sum(t, group)
+        group = shard_group(p)
+        return None if group is None else (lambda t: all_reduce_sum(t, group))
 
     def _seed(self, p: Tensor) -> int:
         n = self.opt.state[p].get("n", 0)
-        return (self.s.seed * 1_000_003 + self.index[id(p)] * 7_919 + n) % (2**62)
+        return (self.settings.seed * 1_000_003 + self.index[id(p)] * 7_919 + n) % (2**62)
 
     def _refresh(self, ps: list[Tensor]) -> None:
         buckets: dict[tuple, list[Tensor]] = defaultdict(list)
         for p in ps:
             g = p.grad
-            side = side_for(p.shape, self.s.proj_type)
+            side = side_for(p.shape, self.settings.proj_type)
             mesh = id(p.device_mesh) if is_dtensor(p) else None
             # Key on the GLOBAL shape: every rank must form the same buckets and chunks (they all-reduce together).
             buckets[(side, tuple(p.shape), g.dtype, g.device, mesh)].append(p)
@@ -397,12 +337,12 @@ class GaLoreAdamW:
                 reduce = self._reduce_for(chunk[0])
                 bases, ok = compute_bases(
                     [local(p.grad) for p in chunk],
-                    self.s.rank,
+                    self.settings.rank,
                     side,
-                    self.s.refresh,
+                    self.settings.refresh,
                     seeds=[self._seed(p) for p in chunk],
-                    oversample=self.s.oversample,
-                    power_iters=self.s.power_iters,
+                    oversample=self.settings.oversample,
+                    power_iters=self.settings.power_iters,
                     **({"reduce": reduce} if reduce else {}),
                 )
                 for p, basis, fine in zip(chunk, bases, ok):
@@ -411,11 +351,11 @@ class GaLoreAdamW:
     def _install(self, p: Tensor, side: int, basis: Tensor, ok: bool) -> None:
         s = self.opt.state[p]
         w = local(p)
-        gap = self.s.update_proj_gap
+        gap = self.settings.update_proj_gap
         if "proj" not in s:
             r = basis.shape[-1]
             shape = (r, p.shape[1]) if side == LEFT else (p.shape[0], r)  # global shape
-            if self.s.optimizer == "adamw":  # the others create their state on first update
+            if self.settings.optimizer == "adamw":  # the others create their state on first update
                 s.update(_zero_adam_state(p, shape))
             s.update(
                 proj=_store(basis, w.dtype, side),
@@ -433,10 +373,10 @@ class GaLoreAdamW:
             return
         old = s["proj"].float()
         rot = old.mT @ basis  # r×r: new coordinates of the old basis vectors
-        if self.s.lazy_refresh:
+        if self.settings.lazy_refresh:
             overlap = float(subspace_overlap(old, basis))
-            s["gap"] = min(2 * s["gap"], self.s.lazy_max_gap) if overlap >= self.s.lazy_threshold else gap
-        if self.s.moments == "reproject":
+            s["gap"] = min(2 * s["gap"], self.settings.lazy_max_gap) if overlap >= self.settings.lazy_threshold else gap
+        if self.settings.moments == "reproject":
             m, v = local(s["exp_avg"]), local(s["exp_avg_sq"])
             rot2 = rot.square()
             if side == RIGHT:
@@ -445,8 +385,8 @@ class GaLoreAdamW:
             else:
                 m.copy_(rot.mT @ m.float())
                 v.copy_(rot2.mT @ v.float())
-        elif self.s.moments == "reset":
-            if self.s.optimizer == "adamw":
+        elif self.settings.moments == "reset":
+            if self.settings.optimizer == "adamw":
                 local(s["exp_avg"]).zero_()
                 local(s["exp_avg_sq"]).zero_()
                 s["step"].zero_()

@@ -1,223 +1,170 @@
 """LOMO and AdaLomo as Lightning callbacks for an unchanged automatic-optimization LightningModule.
 
-The module's optimizer is replaced by a :class:`~lightning_memopt.core.holder.HolderOptimizer` (it keeps
-``param_groups`` for LR schedulers and ``LearningRateMonitor``, and AdaLomo's moments in its ``state`` so checkpoints
-hold them). Lightning's closure runs only ``training_step`` (backward is skipped through the shim); the holder's step
-then runs :meth:`~lightning_memopt.lomo.core.FusedStep.step`, whose backward updates every parameter inside its hook.
+The lifecycle (holder, skip-backward, state, teardown) is :class:`~lightning_memopt.callbacks.method.MethodCallback`'s.
+Lightning's closure runs only ``training_step`` (backward is skipped); the holder's step then runs
+:meth:`~lightning_memopt.lomo.core.FusedStep.step`, whose backward updates every parameter inside its hook. AdaLomo's
+moments live in the holder's ``state``, so checkpoints hold them.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_memopt import _shim
-from lightning_memopt.callbacks import _checks
-from lightning_memopt.core.holder import HolderOptimizer, set_base_lr, swap_in_holder
-from lightning_memopt.lomo.core import DynamicLossScaler, FusedStep, StepInfo, init_adalomo_state
+from lightning_memopt.callbacks.method import MethodCallback
+from lightning_memopt.lomo.core import DynamicLossScaler, FusedStep, LomoSettings, StepInfo, init_adalomo_state
 
 
-class _FusedBackwardCallback(Callback):
+class _Lomo(MethodCallback):
     """Shared Lightning glue of :class:`LOMO` and :class:`AdaLomo` (see their docstrings)."""
 
-    _rule = "sgd"
-    _name = "LOMO"
+    scaler_fix = (
+        "use precision='16-true' (the method then runs its own dynamic loss scaler on the fp16 weights) or "
+        "precision='bf16-true' / 'bf16-mixed'"
+    )
+    state_settings = ("rule",)
 
-    def __init__(
-        self,
-        lr: float | None = None,
-        weight_decay: float | None = None,
-        clip_grad_norm: float | None = None,
-        clip_grad_value: float | None = None,
-        init_loss_scale: float = 2.0**16,
-        loss_scale_window: int = 1000,
-        allow_untested: bool = False,
-    ) -> None:
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.clip_grad_norm = clip_grad_norm
-        self.clip_grad_value = clip_grad_value
-        self.init_loss_scale = init_loss_scale
-        self.loss_scale_window = loss_scale_window
-        self.allow_untested = allow_untested
+    def __init__(self, settings: LomoSettings, allow_untested: bool, max_consecutive_skips: int) -> None:
+        super().__init__(allow_untested, max_consecutive_skips)
+        self.config = settings
+        self.lr, self.weight_decay = settings.lr, settings.weight_decay
         self.fused: FusedStep | None = None
         self.scaler: DynamicLossScaler | None = None
-        self.holder: HolderOptimizer | None = None
         self.last: StepInfo = StepInfo()
-        self.skipped_steps = 0
-        self._restored: dict[str, Any] | None = None
-        self._pl_module: pl.LightningModule | None = None
-        self._trainer: pl.Trainer | None = None
+        self._scaler_state: dict[str, Any] | None = None
 
-    def _rule_kwargs(self) -> dict[str, Any]:
-        return {}
+    @property
+    def accumulation_fix(self) -> str:  # type: ignore[override]
+        return (
+            f"{self.name} updates the weights inside backward and keeps no gradients to accumulate: set "
+            f"accumulate_grad_batches=1 and raise the batch size instead (or use GaLore, which accumulates)."
+        )
 
-    def _init_state(self) -> None:
-        """Create the method's optimizer state eagerly (FSDP2 checkpoint loading needs a template)."""
-
-    # ---- validation --------------------------------------------------------------------------------------------
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        name = self._name
-        _checks.check_automatic_optimization(pl_module, name)
-        _checks.check_strategy(trainer, name, (_checks.SINGLE, _checks.FSDP2), self.allow_untested)
-        _checks.check_no_grad_scaler(
-            trainer,
-            name,
-            fix=f"use precision='16-true' ({name} then runs its own dynamic loss scaler on the fp16 weights) or "
-            f"precision='bf16-true' / 'bf16-mixed'",
-        )
-        _checks.check_no_accumulation(
-            trainer,
-            name,
-            fix=f"{name} updates the weights inside backward and keeps no gradients to accumulate: set "
-            f"accumulate_grad_batches=1 and raise the batch size instead (or use GaLore, which accumulates).",
-        )
-        self._translate_lightning_clipping(trainer)
+    def settings(self) -> dict[str, Any]:
+        return asdict(self.config)
 
-    def _translate_lightning_clipping(self, trainer: pl.Trainer) -> None:
+    @override
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         val = trainer.gradient_clip_val
         if val is None or val <= 0:
             return
         algo = str(trainer.gradient_clip_algorithm or "norm").lower().split(".")[-1]
         attr = "clip_grad_value" if algo == "value" else "clip_grad_norm"
-        own = getattr(self, attr)
+        own = getattr(self.config, attr)
         if own is not None and own != val:
             raise MisconfigurationException(
                 f"Trainer(gradient_clip_val={val}, gradient_clip_algorithm={algo!r}) conflicts with "
-                f"{self._name}({attr}={own}); set only one of them."
+                f"{self.name}({attr}={own}); set only one of them."
             )
-        setattr(self, attr, float(val))
-        # The gradients never exist after backward, so Lightning must not clip (it would see none).
-        trainer.gradient_clip_val = None
+        setattr(self.config, attr, float(val))
+        # The gradients never exist after backward, so Lightning must not clip (it would see none); teardown puts
+        # the user's value back.
+        self.set_trainer_attr(trainer, "gradient_clip_val", None)
         what = (
             "exact global-norm clipping by two backward passes"
             if attr == "clip_grad_norm"
             else "clipping each gradient element by value"
         )
         rank_zero_info(
-            f"{self._name}: Trainer(gradient_clip_val={val}) is applied as {self._name}({attr}={val}): "
+            f"{self.name}: Trainer(gradient_clip_val={val}) is applied as {self.name}({attr}={val}): "
             f"{what}, inside the fused backward."
         )
 
-    # ---- install -----------------------------------------------------------------------------------------------
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.holder = swap_in_holder(trainer, self._step_fn)
-        if self.lr is not None:
-            set_base_lr(trainer, self.holder, self.lr)
-        if self.weight_decay is not None:
-            for g in self.holder.param_groups:
-                # Matrices only: biases and norm weights keep no decay (HFCausalLM's convention).
-                if all(p.ndim >= 2 for p in g["params"]):
-                    g["weight_decay"] = self.weight_decay
-        self._init_state()
+    def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._init_state()  # FSDP2 checkpoint loading needs the state as a template
+
+    def _init_state(self) -> None:
+        if self.config.rule == "adalomo":
+            init_adalomo_state((p for g in self.holder.param_groups for p in g["params"]), self.holder.state)
 
     @override
-    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Here, not in on_fit_start: under FSDP, callback and optimizer state are restored after on_fit_start.
-        assert self.holder is not None
-        if trainer.strategy.optimizers[0] is not self.holder:  # a strategy rebuilt its optimizers
-            self.holder = swap_in_holder(trainer, self._step_fn)
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None) -> None:
         self._init_state()  # the state object may have been replaced by a checkpoint load
         fp16 = any(p.dtype == torch.float16 for g in self.holder.param_groups for p in g["params"])
         self.scaler = None
         if fp16:
-            self.scaler = DynamicLossScaler(init_scale=self.init_loss_scale, growth_interval=self.loss_scale_window)
-            if self._restored and self._restored.get("scaler"):
-                self.scaler.load_state_dict(self._restored["scaler"])
-        if self._restored:
-            self.skipped_steps = int(self._restored.get("skipped_steps", 0))
+            self.scaler = DynamicLossScaler(
+                init_scale=self.config.init_loss_scale, growth_interval=self.config.loss_scale_window
+            )
+            if state and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
         self.fused = FusedStep(
             self.holder.param_groups,
             self.holder.state,
-            rule=self._rule,
-            clip_grad_norm=self.clip_grad_norm,
-            clip_grad_value=self.clip_grad_value,
+            self.config,
             scaler=self.scaler,
             backward=self._backward,
-            **self._rule_kwargs(),
+            weight_decays=self.weight_decays(pl_module),
+            guard=self.guard,
         )
-        self._trainer, self._pl_module = trainer, pl_module
-        _shim.set_skip_backward(trainer, True)
+
+    @override
+    def uninstall(self) -> None:
+        # Leave no hooks behind: a later plain backward on this model must not update it.
+        if self.fused is not None:
+            self.fused.remove()
+            self.fused = None
 
     def _backward(self, loss: torch.Tensor, retain_graph: bool) -> None:
         if retain_graph:  # the measure pass: no update, so no on_before/after_backward hooks for it
             loss.backward(retain_graph=True)
         else:  # the updating pass goes through the strategy, so on_before_backward/on_after_backward still fire
-            assert self._trainer is not None
-            self._trainer.strategy.backward(loss, self.holder)
+            self.trainer.strategy.backward(loss, self.holder)
 
-    def _step_fn(self, closure: Any) -> Any:
+    @override
+    def step(self, closure: Any) -> Any:
         if closure is None:  # e.g. torch.distributed.checkpoint initialising optimizer state
             return None
         out = closure()  # training_step only (backward is skipped); hooks and Lightning's clipping see no grads
         loss = _shim.closure_loss(closure)
         if loss is None or self.fused is None:
             return out
-        self.last = self.fused.step(loss)
+        self.last = self.fused.step(loss, self.step_index)
         if self.last.skipped:
-            self.skipped_steps += 1
             rank_zero_info(
-                f"{self._name}: fp16 overflow, step skipped (weights untouched); loss scale lowered to "
+                f"{self.name}: fp16 overflow, step skipped (weights untouched); loss scale lowered to "
                 f"{self.scaler.scale if self.scaler else None}."
             )
         return out
 
     @override
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def log_step(self, pl_module: pl.LightningModule) -> None:
+        key = self.name.lower()
         if self.last.grad_norm is not None:
-            pl_module.log(
-                f"{self._name.lower()}/grad_norm", self.last.grad_norm.detach().float(), on_step=True, batch_size=1
-            )
+            pl_module.log(f"{key}/grad_norm", self.last.grad_norm.detach().float(), on_step=True, batch_size=1)
         if self.scaler is not None:
-            pl_module.log(f"{self._name.lower()}/loss_scale", float(self.scaler.scale), on_step=True, batch_size=1)
+            pl_module.log(f"{key}/loss_scale", float(self.scaler.scale), on_step=True, batch_size=1)
 
     @override
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        # Leave no hooks behind: a later plain backward on this model must not update it.
-        if self.fused is not None:
-            self.fused.remove()
-            self.fused = None
-        _shim.set_skip_backward(trainer, False)
-
-    # ---- state -------------------------------------------------------------------------------------------------
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"scaler": self.scaler.state_dict() if self.scaler else None, "skipped_steps": self.skipped_steps}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._restored = dict(state_dict)
-        if self.scaler is not None and state_dict.get("scaler"):
-            self.scaler.load_state_dict(state_dict["scaler"])
+    def method_state(self) -> dict[str, Any]:
+        return {"scaler": self.scaler.state_dict() if self.scaler else None}
 
 
-class LOMO(_FusedBackwardCallback):
+class LOMO(_Lomo):
     """LOMO: SGD fused into backward; each gradient is applied and freed in its post-accumulate-grad hook.
 
     No gradient buffers and no optimizer state, so training memory is about the weights plus activations.
 
     Args:
         lr: learning rate; None keeps the module's (an LR scheduler keeps its shape either way).
-        weight_decay: decoupled weight decay for groups of matrices; None keeps the module's groups' values.
+        weight_decay: decoupled weight decay of matrices (biases and norm weights get none); None keeps the
+            module's groups' values.
         clip_grad_norm: exact global-norm clipping by two backward passes (≈ one more backward per step).
         clip_grad_value: clamp each gradient element to ``[-v, v]`` (no extra pass).
         init_loss_scale: first fp16 loss scale (fp16 weights, ``precision="16-true"``, only).
         loss_scale_window: good steps before the fp16 loss scale doubles.
         allow_untested: warn instead of raising on strategies other than single device and FSDP2.
+        max_consecutive_skips: steps in a row with a non-finite loss (each skipped, weights untouched) before the
+            fit stops with an error.
 
     ``Trainer(gradient_clip_val=...)`` is translated into ``clip_grad_norm`` or ``clip_grad_value``. fp16 weights
     take the measure pass every step (an overflow skips the step with the weights untouched).
@@ -228,23 +175,41 @@ class LOMO(_FusedBackwardCallback):
         trainer.fit(HFCausalLM(model_name_or_path="HuggingFaceTB/SmolLM2-135M"), datamodule)
     """
 
-    _rule = "sgd"
-    _name = "LOMO"
+    name = "LOMO"
+    lr_range = (1e-3, 1e-1)
+
+    def __init__(
+        self,
+        lr: float | None = None,
+        weight_decay: float | None = None,
+        clip_grad_norm: float | None = None,
+        clip_grad_value: float | None = None,
+        init_loss_scale: float = 2.0**16,
+        loss_scale_window: int = 1000,
+        allow_untested: bool = False,
+        max_consecutive_skips: int = 10,
+    ) -> None:
+        settings = LomoSettings(
+            "sgd", lr, weight_decay, clip_grad_norm, clip_grad_value,
+            init_loss_scale=init_loss_scale, loss_scale_window=loss_scale_window,
+        )
+        super().__init__(settings, allow_untested, max_consecutive_skips)
 
 
-class AdaLomo(_FusedBackwardCallback):
+class AdaLomo(_Lomo):
     """AdaLomo: Adafactor-style factored second moments and per-tensor update clipping, fused into backward.
 
     Args:
-        lr: learning rate (relative: the step is ``lr * max(eps[1], RMS(p))``); None keeps the module's.
-        weight_decay: decoupled weight decay for groups of matrices; None keeps the module's groups' values.
+        lr: learning rate (relative: the step is ``lr * max(eps_scale, RMS(p))``); None keeps the module's.
+        weight_decay: decoupled weight decay of matrices (biases and norm weights get none); None keeps the
+            module's groups' values.
         clip_grad_norm: exact global-norm clipping by two backward passes (≈ one more backward per step).
         clip_grad_value: clamp each gradient element to ``[-v, v]`` (no extra pass).
         clip_threshold: per-tensor update clipping: the update's RMS is scaled down to at most this.
         eps_sq: added to ``g^2`` in the second-moment estimate.
         eps_scale: floor of the parameter RMS in the relative step.
         decay_rate: ``beta2_t = 1 - t^decay_rate``.
-        init_loss_scale, loss_scale_window, allow_untested: as in :class:`LOMO`.
+        init_loss_scale, loss_scale_window, allow_untested, max_consecutive_skips: as in :class:`LOMO`.
 
     The row/column moments live in the replaced optimizer's ``state`` (fp32), so checkpoints hold them.
 
@@ -254,8 +219,9 @@ class AdaLomo(_FusedBackwardCallback):
         trainer.fit(HFCausalLM(model_name_or_path="HuggingFaceTB/SmolLM2-135M"), datamodule)
     """
 
-    _rule = "adalomo"
-    _name = "AdaLomo"
+    name = "AdaLomo"
+    lr_range = (1e-4, 1e-2)
+    state_settings = ("rule", "decay_rate")
 
     def __init__(
         self,
@@ -270,22 +236,10 @@ class AdaLomo(_FusedBackwardCallback):
         init_loss_scale: float = 2.0**16,
         loss_scale_window: int = 1000,
         allow_untested: bool = False,
+        max_consecutive_skips: int = 10,
     ) -> None:
-        super().__init__(
-            lr, weight_decay, clip_grad_norm, clip_grad_value, init_loss_scale, loss_scale_window, allow_untested
+        settings = LomoSettings(
+            "adalomo", lr, weight_decay, clip_grad_norm, clip_grad_value, clip_threshold, eps_sq, eps_scale,
+            decay_rate, init_loss_scale, loss_scale_window,
         )
-        self.clip_threshold = clip_threshold
-        self.eps_sq = eps_sq
-        self.eps_scale = eps_scale
-        self.decay_rate = decay_rate
-
-    def _init_state(self) -> None:
-        assert self.holder is not None
-        init_adalomo_state((p for g in self.holder.param_groups for p in g["params"]), self.holder.state)
-
-    def _rule_kwargs(self) -> dict[str, Any]:
-        return {
-            "clip_threshold": self.clip_threshold,
-            "eps": (self.eps_sq, self.eps_scale),
-            "decay_rate": self.decay_rate,
-        }
+        super().__init__(settings, allow_untested, max_consecutive_skips)

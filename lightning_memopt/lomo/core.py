@@ -14,12 +14,16 @@ LOMO) no optimizer state ever exist. One step is :meth:`FusedStep.step`:
 Update rules (``rule``):
 
 * ``"sgd"`` (LOMO, arXiv 2306.09782): ``p <- p * (1 - lr * wd) - lr * g``. Without momentum, decoupled weight decay
-  equals torch SGD's coupled ``weight_decay``; it is computed as ``p - lr * (g + wd * p)`` so the weight is rounded
-  once (bf16).
+  equals torch SGD's coupled ``weight_decay``; it is computed in fp32 and the weight is rounded once (bf16), in one
+  pass (:func:`lightning_memopt.core.axpby.axpby_`).
 * ``"adalomo"`` (arXiv 2310.10195, after lomo-optim's ``AdaLomo``): Adafactor-style factored second moment (row and
-  column means of ``g^2 + eps[0]``), ``beta2_t = 1 - t^decay_rate``, update ``g / sqrt(v)`` scaled down to RMS
-  ``<= clip_threshold`` (per-tensor update clipping), relative step ``lr_t = lr * max(eps[1], RMS(p))``, decoupled
-  weight decay ``p <- p * (1 - lr_t * wd)``. No momentum.
+  column means of ``g^2 + eps_sq``), ``beta2_t = 1 - t^decay_rate``, update ``g / sqrt(v)`` scaled down to RMS
+  ``<= clip_threshold`` (per-tensor update clipping), relative step ``lr_t = lr * max(eps_scale, RMS(p))``,
+  decoupled weight decay ``p <- p * (1 - lr_t * wd)``. No momentum.
+
+A non-finite loss (or, with clipping, gradient norm) is found on the device before backward; every hook's update is
+then a no-op there, so the step is skipped with weights and moments bit-identical and no host sync
+(:mod:`lightning_memopt.core.nonfinite`). fp16 keeps its host check: the scaler needs the answer at once.
 
 Cheaper clipping: ``clip_grad_value`` (clamp each gradient element; one pass) and AdaLomo's per-tensor update
 clipping. Under FSDP2 each hook sees the reduced, sharded DTensor gradient and updates the local shard; AdaLomo's
@@ -31,14 +35,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_memopt.core.fsdp import is_dtensor, local
+from lightning_memopt.core import validate
+from lightning_memopt.core.axpby import axpby_
+from lightning_memopt.core.fsdp import all_reduce_, is_dtensor, local, shard_group, sharded_zeros
 from lightning_memopt.core.fused_backward import FusedBackward
+from lightning_memopt.core.nonfinite import SkipGuard
 
 BackwardFn = Callable[[Tensor, bool], None]
 
@@ -91,39 +98,71 @@ class StepInfo:
     loss_scale: float | None = None
 
 
-def _shard_group(p: Tensor) -> dist.ProcessGroup | None:
-    """The process group of an FSDP2 (dim-0 sharded) DTensor parameter, None for a plain tensor."""
-    if not is_dtensor(p) or p.device_mesh.size() == 1:
-        return None
-    if p.device_mesh.ndim != 1:
-        raise NotImplementedError("LOMO/AdaLomo support 1-D FSDP2 meshes (fully_shard), not HSDP/TP meshes.")
-    return p.device_mesh.get_group()
+Rule = Literal["sgd", "adalomo"]
 
 
-def _all_reduce(t: Tensor, group: dist.ProcessGroup | None) -> Tensor:
-    if group is not None:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return t
+@dataclass
+class LomoSettings:
+    """Everything that defines a LOMO/AdaLomo step, validated here (the callbacks only pass it on).
+
+    ``lr``/``weight_decay``: None keeps the param groups' values (a number overrides them; the weight-decay override
+    applies to matrices only, see :func:`lightning_memopt.core.holder.weight_decays`).
+    """
+
+    rule: Rule = "sgd"
+    lr: float | None = None
+    weight_decay: float | None = None
+    clip_grad_norm: float | None = None
+    clip_grad_value: float | None = None
+    clip_threshold: float = 1.0
+    eps_sq: float = 1e-30
+    eps_scale: float = 1e-3
+    decay_rate: float = -0.8
+    init_loss_scale: float = 2.0**16
+    loss_scale_window: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.rule not in _RULES:
+            raise ValueError(f"rule must be one of {sorted(_RULES)}, got {self.rule!r}.")
+        self.lr = validate.optional_lr(self.lr)
+        if self.weight_decay is not None:
+            validate.nonnegative(self.weight_decay, "weight_decay")
+        validate.optional_positive(self.clip_grad_norm, "clip_grad_norm")
+        validate.optional_positive(self.clip_grad_value, "clip_grad_value")
+        validate.positive(self.clip_threshold, "clip_threshold")
+        validate.positive(self.eps_sq, "eps_sq")
+        validate.positive(self.eps_scale, "eps_scale")
+        if validate.finite(self.decay_rate, "decay_rate") >= 0:
+            raise ValueError(f"decay_rate must be < 0 (beta2_t = 1 - t^decay_rate), got {self.decay_rate}.")
+        validate.positive(self.init_loss_scale, "init_loss_scale")
+        validate.at_least(self.loss_scale_window, 1, "loss_scale_window")
+
+
+_RULES = ("sgd", "adalomo")
 
 
 class FusedStep:
-    """LOMO / AdaLomo updates applied inside backward, with clipping and fp16 loss scaling.
+    """LOMO / AdaLomo updates applied inside backward, with clipping, fp16 loss scaling and non-finite skips.
 
     Args:
         param_groups: optimizer-style groups (dicts with ``params``, ``lr``, ``weight_decay``); ``lr`` is read at every
             hook, so LR schedulers that edit the groups take effect.
         state: per-parameter state mapping (an optimizer's ``state``; AdaLomo's moments and step live there).
-        rule: ``"sgd"`` (LOMO) or ``"adalomo"``.
-        clip_grad_norm: exact global-norm clipping by two backward passes (None: off).
-        clip_grad_value: clamp each gradient element to ``[-v, v]`` (None: off).
+        settings: :class:`LomoSettings` (rule, clipping, AdaLomo's constants).
         scaler: a :class:`DynamicLossScaler` for fp16 (None: no scaling).
-        clip_threshold, eps, decay_rate: AdaLomo's update clipping RMS, ``(eps_sq, eps_rms_p)`` and beta2 exponent.
         backward: ``backward(loss, retain_graph)``; defaults to ``loss.backward(retain_graph=...)``.
+        weight_decays: per-parameter weight decay by ``id`` (overrides the groups'), e.g. from
+            :func:`lightning_memopt.core.holder.weight_decays`.
+        guard: the :class:`~lightning_memopt.core.nonfinite.SkipGuard` counting skipped steps (default: a new one).
+        check_nonfinite: False leaves the updates unguarded (only to measure what the guard costs).
+
+    A non-finite loss makes every hook's update a no-op on the device (no host sync): the weights and moments stay
+    bit-identical, and AdaLomo's host-side step counters are put back once the guard learns of the skip.
 
     Example::
 
         opt_groups = [{"params": list(model.parameters()), "lr": 1e-2, "weight_decay": 0.0}]
-        fs = FusedStep(opt_groups, state={}, rule="sgd", clip_grad_norm=1.0)
+        fs = FusedStep(opt_groups, state={}, settings=LomoSettings(rule="sgd", clip_grad_norm=1.0))
         info = fs.step(model(x).loss)   # weights updated, no .grad left
     """
 
@@ -131,33 +170,23 @@ class FusedStep:
         self,
         param_groups: list[dict[str, Any]],
         state: MutableMapping[Tensor, dict[str, Any]],
-        rule: str = "sgd",
-        clip_grad_norm: float | None = None,
-        clip_grad_value: float | None = None,
+        settings: LomoSettings | None = None,
         scaler: DynamicLossScaler | None = None,
-        clip_threshold: float = 1.0,
-        eps: tuple[float, float] = (1e-30, 1e-3),
-        decay_rate: float = -0.8,
         backward: BackwardFn | None = None,
+        weight_decays: dict[int, float] | None = None,
+        guard: SkipGuard | None = None,
+        check_nonfinite: bool = True,
     ) -> None:
-        if rule not in ("sgd", "adalomo"):
-            raise ValueError(f"rule must be 'sgd' or 'adalomo', got {rule!r}.")
-        if clip_grad_norm is not None and clip_grad_norm <= 0:
-            raise ValueError(f"clip_grad_norm must be positive or None, got {clip_grad_norm}.")
-        if clip_grad_value is not None and clip_grad_value <= 0:
-            raise ValueError(f"clip_grad_value must be positive or None, got {clip_grad_value}.")
+        self.settings = s = settings or LomoSettings()
+        self.check_nonfinite = check_nonfinite
         self.param_groups = param_groups
         self.state = state
-        self.rule = rule
-        self.clip_grad_norm = clip_grad_norm
-        self.clip_grad_value = clip_grad_value
         self.scaler = scaler
-        self.clip_threshold = clip_threshold
-        self.eps = eps
-        self.decay_rate = decay_rate
+        self.guard = guard or SkipGuard("AdaLomo" if s.rule == "adalomo" else "LOMO")
         self.backward = backward or (lambda loss, retain: loss.backward(retain_graph=retain))
         # Per-parameter lookups done once, so each hook is O(1).
         self._group: dict[Tensor, dict[str, Any]] = {}
+        self._wd: dict[Tensor, float] = {}
         self._pg: dict[Tensor, dist.ProcessGroup | None] = {}
         self._dtensors: set[Tensor] = set()  # FSDP2 params: hooks work on their local shards
         params: list[Tensor] = []
@@ -165,18 +194,22 @@ class FusedStep:
             for p in g["params"]:
                 if p.requires_grad and p not in self._group:
                     self._group[p] = g
-                    self._pg[p] = _shard_group(p)
+                    if weight_decays is not None:
+                        self._wd[p] = weight_decays.get(id(p), 0.0)
+                    self._pg[p] = shard_group(p)
                     if is_dtensor(p):
                         self._dtensors.add(p)
-                    if rule == "adalomo" and self._pg[p] is not None and p.ndim > 2:
+                    if s.rule == "adalomo" and self._pg[p] is not None and p.ndim > 2:
                         raise NotImplementedError("AdaLomo under FSDP2 supports parameters of at most 2 dims.")
                     params.append(p)
         self._sumsq: Tensor | None = None
-        self._coef: Tensor | None = None  # clip coefficient / loss scale, for the update pass
+        self._coef: Tensor | None = None  # clip coefficient x loss-scale inverse, for the update pass
         self._clip_coef: Tensor | None = None
         self._inv_scale: float = 1.0
         self._value_bound: float | None = None
-        update = self._sgd if rule == "sgd" else self._adalomo
+        self._ok: Tensor | None = None  # this step's non-finite flag (device)
+        self._counted: list[Tensor] = []  # AdaLomo: parameters whose step counter this step advanced
+        update = {"sgd": self._sgd, "adalomo": self._adalomo}[s.rule]
         self.fused = FusedBackward(params, update=update, measure=self._measure)
 
     @property
@@ -189,33 +222,52 @@ class FusedStep:
 
     # ---- the step ----------------------------------------------------------------------------------------------
     @torch.enable_grad()  # optimizers step under no_grad; scaling the loss must stay in the graph
-    def step(self, loss: Tensor) -> StepInfo:
-        """Backward through ``loss`` and update every parameter inside it; no ``.grad`` survives."""
+    def step(self, loss: Tensor, step: int = -1) -> StepInfo:
+        """Backward through ``loss`` and update every parameter inside it; no ``.grad`` survives.
+
+        ``step`` (the optimizer step's index) only names the step in messages about skips.
+        """
+        s = self.settings
         info = StepInfo()
+        self.guard.resolve()  # earlier steps, long done on the device: put back counters of skipped ones first
         scale = self.scaler.scale if self.scaler is not None else 1.0
         scaled = loss * scale if self.scaler is not None else loss
         self._inv_scale = 1.0 / scale
-        self._value_bound = None if self.clip_grad_value is None else self.clip_grad_value * scale
-        self._coef = self._clip_coef = None
-        if self.clip_grad_norm is not None or self.scaler is not None:
+        self._value_bound = None if s.clip_grad_value is None else s.clip_grad_value * scale
+        self._coef = self._clip_coef = self._ok = None
+        self._counted = []
+        if s.clip_grad_norm is not None or self.scaler is not None:
             norm = self._measure_pass(scaled) * self._inv_scale
             info.grad_norm = norm
             if self.scaler is not None:
                 info.loss_scale = scale
-                if not bool(torch.isfinite(norm)):  # the only host sync, and only in this path
+                finite = bool(torch.isfinite(norm))  # fp16 only: the scaler needs the answer now (a host sync)
+                # an overflow only counts toward the error once the scale cannot go lower
+                self.guard.record(not finite, step, consecutive=scale <= self.scaler.min_scale)
+                if not finite:
                     self.scaler.update(overflow=True)
                     info.skipped = True
                     return info
-            if self.clip_grad_norm is not None:
-                self._clip_coef = (self.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
+            if s.clip_grad_norm is not None:
+                self._clip_coef = (s.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
             if self._clip_coef is not None or self.scaler is not None:
                 coef = self._clip_coef if self._clip_coef is not None else torch.ones_like(norm)
                 self._coef = coef * self._inv_scale
+        if self.scaler is None and self.check_nonfinite:
+            values = (loss,) if info.grad_norm is None else (loss, info.grad_norm)
+            self._ok = self.guard.check(*values, step=step, reduce=True)
         self.fused.mode = "update"
         self.backward(scaled, False)
+        if self._counted:
+            counted = self._counted
+            self.guard.on_skip(lambda: self._uncount(counted))
         if self.scaler is not None:
             self.scaler.update(overflow=False)
         return info
+
+    def _uncount(self, params: list[Tensor]) -> None:
+        for p in params:
+            self.state[p]["step"] -= 1
 
     def _measure_pass(self, scaled: Tensor) -> Tensor:
         device = local(self.params[0]).device if self.params else scaled.device
@@ -227,7 +279,7 @@ class FusedStep:
             self.fused.mode = "update"
         groups = {pg for pg in self._pg.values() if pg is not None}
         for pg in groups:  # FSDP2: every parameter is sharded over the same group in practice
-            _all_reduce(self._sumsq, pg)
+            all_reduce_(self._sumsq, pg)
         return self._sumsq.sqrt()
 
     # ---- hooks -------------------------------------------------------------------------------------------------
@@ -241,32 +293,29 @@ class FusedStep:
         g = self._local(p)[1]
         self._sumsq.add_(torch.linalg.vector_norm(g, 2, dtype=torch.float32).square())
 
+    def _decay(self, p: Tensor, group: dict[str, Any]) -> float:
+        return self._wd[p] if self._wd else float(group["weight_decay"])
+
     def _sgd(self, p: Tensor) -> None:
         group = self._group[p]
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = float(group["lr"]), self._decay(p, group)
         d, g = self._local(p)
-        if self._value_bound is not None:
-            g.clamp_(-self._value_bound, self._value_bound)  # bound is in scaled units
-        if wd:  # p - lr * (g + wd * p), built in the (discarded) grad so that the weight is rounded once
-            if self._coef is not None:
-                g.mul_(self._coef)
-            d.add_(g.add_(d, alpha=wd), alpha=-lr)
-        elif self._coef is None:
-            d.add_(g, alpha=-lr)  # the plain path: one kernel per parameter
-        else:
-            d.addcmul_(g, self._coef, value=-lr)  # one kernel: the 0-d coefficient never leaves the device
+        # p·(1 − lr·wd) − lr·coef·clamp(g) in one pass, rounded once; a no-op where the step is skipped
+        a: float | Tensor = -lr if self._coef is None else self._coef * -lr
+        axpby_(d, g, a, 1.0 - lr * wd, self._ok, self._value_bound)
 
     def _adalomo(self, p: Tensor) -> None:
+        s = self.settings
         group = self._group[p]
-        lr, wd = group["lr"], group["weight_decay"]
+        lr, wd = float(group["lr"]), self._decay(p, group)
         pg = self._pg[p]
         d, g = self._local(p)
-        if self._inv_scale != 1.0 or self.clip_grad_value is not None or self._clip_coef is not None:
+        if self._inv_scale != 1.0 or s.clip_grad_value is not None or self._clip_coef is not None:
             g = g.float()  # fp32 params: the grad itself, modified in place (it is freed after the hook)
             if self._inv_scale != 1.0:
                 g.mul_(self._inv_scale)
-            if self.clip_grad_value is not None:
-                g.clamp_(-self.clip_grad_value, self.clip_grad_value)
+            if s.clip_grad_value is not None:
+                g.clamp_(-s.clip_grad_value, s.clip_grad_value)
             if self._clip_coef is not None:
                 g.mul_(self._clip_coef)
         st = self.state.get(p)
@@ -274,9 +323,11 @@ class FusedStep:
             st = self.state[p] = new_adalomo_state(p)
         t = st["step"] + 1
         st["step"] = t
-        beta = 1.0 - math.pow(t, self.decay_rate)
-        eps0 = self.eps[0]
+        self._counted.append(p)
+        beta = 1.0 - math.pow(t, s.decay_rate)
+        eps0 = s.eps_sq
         f32 = torch.float32
+        ok = self._ok
         # Each launch counts: at 1.1B a hook runs ~200 times per backward, so the step is partly host-bound.
         if p.ndim >= 2:
             rows_total, cols = p.shape[-2], p.shape[-1]
@@ -284,32 +335,39 @@ class FusedStep:
             # EMA of the means of g^2 + eps0 without materialising g^2 (||g||^2 / n + eps0)
             rn = torch.linalg.vector_norm(g, 2, dim=-1, dtype=f32)
             cn = torch.linalg.vector_norm(g, 2, dim=-2, dtype=f32)
-            row.mul_(beta).addcmul_(rn, rn, value=(1.0 - beta) / cols).add_((1.0 - beta) * eps0)
+            new_row = (row * beta).addcmul_(rn, rn, value=(1.0 - beta) / cols).add_((1.0 - beta) * eps0)
             if pg is not None:  # rows are sharded: column sums and the row-state mean need every shard
-                packed = torch.cat([cn.square_().reshape(-1), row.sum(-1).reshape(-1)])
-                _all_reduce(packed, pg)
+                packed = torch.cat([cn.square_().reshape(-1), new_row.sum(-1).reshape(-1)])
+                all_reduce_(packed, pg)
                 col_sq = packed[: cn.numel()].view_as(cn)
                 row_avg = (packed[cn.numel() :] / rows_total).view(row.shape[:-1] + (1,))
-                col.mul_(beta).add_(col_sq, alpha=(1.0 - beta) / rows_total).add_((1.0 - beta) * eps0)
+                new_col = (col * beta).add_(col_sq, alpha=(1.0 - beta) / rows_total).add_((1.0 - beta) * eps0)
             else:
-                row_avg = row.mean(dim=-1, keepdim=True)
-                col.mul_(beta).addcmul_(cn, cn, value=(1.0 - beta) / rows_total).add_((1.0 - beta) * eps0)
-            fr = torch.rsqrt(row / row_avg).unsqueeze_(-1)
+                row_avg = new_row.mean(dim=-1, keepdim=True)
+                new_col = (col * beta).addcmul_(cn, cn, value=(1.0 - beta) / rows_total).add_((1.0 - beta) * eps0)
+            _commit(row, new_row, ok)  # small vectors: the moments keep their values on a skipped step
+            _commit(col, new_col, ok)
+            fr = torch.rsqrt(new_row / row_avg).unsqueeze_(-1)
             # u in fp32: in place when g is fp32 already, else one new fp32 tensor (no separate upcast pass)
-            u = (g.mul_(fr) if g.dtype == f32 else torch.mul(g, fr)).mul_(col.rsqrt().unsqueeze_(-2))
+            u = (g.mul_(fr) if g.dtype == f32 else torch.mul(g, fr)).mul_(new_col.rsqrt().unsqueeze_(-2))
         else:
             sq = local(st["sq"])
-            sq.mul_(beta).addcmul_(g, g, value=1.0 - beta).add_(eps0 * (1.0 - beta))
-            u = g.mul_(sq.rsqrt()) if g.dtype == f32 else torch.mul(g, sq.rsqrt())
+            new_sq = (sq * beta).addcmul_(g, g, value=1.0 - beta).add_(eps0 * (1.0 - beta))
+            _commit(sq, new_sq, ok)
+            u = g.mul_(new_sq.rsqrt()) if g.dtype == f32 else torch.mul(g, new_sq.rsqrt())
         norms = torch.stack([torch.linalg.vector_norm(u, 2, dtype=f32), torch.linalg.vector_norm(d, 2, dtype=f32)])
         if pg is not None:
-            norms = _all_reduce(norms.square_(), pg).sqrt_()
+            norms = all_reduce_(norms.square_(), pg).sqrt_()
         rms = norms.mul_(1.0 / math.sqrt(p.numel()))
         # lr_t = lr·max(rms(θ), eps1); the update is u / max(1, rms(u) / threshold): one scalar, one pass over θ
-        lr_t = rms[1].clamp(min=self.eps[1]).mul_(lr)
-        if wd:
-            d.mul_(1.0 - lr_t * wd)
-        d.addcmul_(u, lr_t.div_((rms[0] / self.clip_threshold).clamp_(min=1.0)), value=-1.0)
+        lr_t = rms[1].clamp(min=s.eps_scale).mul_(lr)
+        step_size = lr_t / (rms[0] / s.clip_threshold).clamp_(min=1.0)
+        axpby_(d, u, -step_size, (1.0 - lr_t * wd) if wd else 1.0, ok)
+
+
+def _commit(dst: Tensor, new: Tensor, ok: Tensor | None) -> None:
+    """``dst ← new``, or keep ``dst`` where the step is skipped (``ok`` false on the device)."""
+    dst.copy_(new if ok is None else torch.where(ok, new, dst))
 
 
 def new_adalomo_state(p: Tensor) -> dict[str, Any]:
@@ -319,23 +377,10 @@ def new_adalomo_state(p: Tensor) -> dict[str, Any]:
     so distributed checkpoints gather and re-shard them like the weights.
     """
     if p.ndim >= 2:
-        row_shape, col_shape = tuple(p.shape[:-1]), tuple(p.shape[:-2]) + tuple(p.shape[-1:])
+        col_shape = tuple(p.shape[:-2]) + tuple(p.shape[-1:])
         col = torch.zeros(col_shape, dtype=torch.float32, device=local(p).device)
-        if is_dtensor(p):
-            from torch.distributed.tensor import DTensor
-
-            lp = local(p)
-            row_local = torch.zeros(lp.shape[:-1], dtype=torch.float32, device=lp.device)
-            stride = torch.empty(row_shape, device="meta").stride()
-            row = DTensor.from_local(
-                row_local, p.device_mesh, p.placements, run_check=False, shape=row_shape, stride=stride
-            )
-        else:
-            row = torch.zeros(row_shape, dtype=torch.float32, device=p.device)
-        return {"step": 0, "row": row, "col": col}
-    with torch.no_grad():
-        sq = torch.zeros_like(p, dtype=torch.float32)
-    return {"step": 0, "sq": sq}
+        return {"step": 0, "row": sharded_zeros(p, tuple(p.shape[:-1]), torch.float32), "col": col}
+    return {"step": 0, "sq": sharded_zeros(p, tuple(p.shape), torch.float32)}
 
 
 def init_adalomo_state(params: Iterable[Tensor], state: MutableMapping[Tensor, dict[str, Any]]) -> None:
@@ -343,8 +388,3 @@ def init_adalomo_state(params: Iterable[Tensor], state: MutableMapping[Tensor, d
     for p in params:
         if p.requires_grad and not state.get(p):
             state[p] = new_adalomo_state(p)
-
-
-def sgd_reference_groups(params: Iterable[Tensor], lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """A single optimizer-style group (for using :class:`FusedStep` without an optimizer)."""
-    return [{"params": [p for p in params if p.requires_grad], "lr": lr, "weight_decay": weight_decay}]

@@ -20,16 +20,17 @@ z-generations per element per update, all in registers on the GPU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_memopt.core import perturb
-from lightning_memopt.core.fsdp import all_reduce_mean, global_offset, is_dtensor, is_fsdp2, local, reshard_all
+from lightning_memopt.core import perturb, validate
+from lightning_memopt.core.fsdp import all_reduce_mean, global_offset, local, reshard_all
+from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.mezo.perturber import Perturber
 
 Variant = Literal["sgd", "momentum", "adam"]
 _M64 = (1 << 64) - 1
@@ -50,8 +51,10 @@ class ZOConfig:
     distribution: Literal["normal", "rademacher"] = "normal"
 
     def __post_init__(self) -> None:
-        if self.eps <= 0:
-            raise ValueError(f"eps must be > 0, got {self.eps}.")
+        validate.positive(self.eps, "eps")
+        validate.unit_interval(self.beta1, "beta1")
+        validate.unit_interval(self.beta2, "beta2")
+        validate.positive(self.adam_eps, "adam_eps")
         if self.n_spsa < 1:
             raise ValueError(f"n_spsa must be >= 1, got {self.n_spsa}.")
         if self.variant not in ("sgd", "momentum", "adam"):
@@ -116,164 +119,6 @@ def make_params(
     for idx, (name, p, g) in enumerate(chosen):
         out.append(ZOParam(name, p, idx, g, True if decay_fn is None else bool(decay_fn(name, p))))
     return out
-
-
-class Perturber:
-    """Forward hooks that make each module see ``W + scale·z`` instead of ``W`` while :meth:`active`.
-
-    A pre-hook swaps in temporary perturbed copies; the forward hook puts the original Parameters back, so only the
-    copies of the module running now exist. Modules are hooked in *groups*: a submodule whose trained parameters
-    total at most ``group_bytes`` (e.g. a whole decoder layer of a small model) is perturbed in one kernel launch at
-    its own pre-hook; larger ones fall back to each parameter-owning module. For small models the per-tensor
-    launches, not the memory traffic, are the cost, so grouping is the speed-up there; the cap bounds the extra
-    memory (the default is well under 2% of the forward peak of a 1B model).
-
-    Every owning module also keeps a cheap hook of its own: if it runs outside its group's forward (a model that
-    calls a submodule directly), it is perturbed there, alone, so no module ever sees unperturbed weights. Under
-    FSDP2 the module holds the all-gathered full parameter only inside its FSDP unit's forward, so grouping is off
-    and each owner builds its copy from the unsharded parameter (offset 0), leaving FSDP2's bookkeeping untouched.
-    z is keyed by the parameter's index, so tied weights get the same z at every use.
-
-    A parameter that a module reads outside its own ``forward`` (e.g. ``F.linear(x, other.weight)``) would be seen
-    unperturbed; Hugging Face models do not do that.
-    """
-
-    def __init__(
-        self,
-        module: torch.nn.Module,
-        params: Sequence[ZOParam],
-        z_for: Callable[[int, int], Any] | None = None,
-        distribution: str = "normal",
-        group_bytes: int = 64 << 20,
-    ) -> None:
-        self.distribution = distribution
-        self.z_for = z_for  # optional cache: (seed, index) -> full-tensor z, or None to generate
-        self.seed: int | None = None
-        self.scale = 0.0
-        self._seed_t: Tensor | None = None
-        self._stack: list[tuple[torch.nn.Module, list[tuple[torch.nn.Module, str, Any]]]] = []
-        self._live: set[int] = set()  # owners whose parameters are swapped now (by their group or themselves)
-        self._handles: list[Any] = []
-        by_id = {id(zp.param): zp.index for zp in params}
-        owners: dict[int, tuple[torch.nn.Module, list[tuple[str, int]]]] = {}
-        for mod in module.modules():
-            entries = [(n, by_id[id(p)]) for n, p in mod._parameters.items() if p is not None and id(p) in by_id]
-            if entries:
-                owners[id(mod)] = (mod, entries)
-        if len({i for _, es in owners.values() for _, i in es}) != len(by_id):
-            raise ValueError("Some trained parameters belong to no submodule of the given module.")
-        cap = 0 if is_fsdp2(module) else int(group_bytes)
-        self._group_roots: list[tuple[torch.nn.Module, list[tuple[torch.nn.Module, list[tuple[str, int]]]]]] = []
-        self._plan(module, owners, cap, True, set())
-        for group_root, members in self._group_roots:
-            self._handles.append(group_root.register_forward_pre_hook(self._make_pre(members)))
-            self._handles.append(group_root.register_forward_hook(self._post, always_call=True))
-        for mod, entries in owners.values():  # the safety net (and the only hooks of ungrouped owners)
-            self._handles.append(mod.register_forward_pre_hook(self._make_pre([(mod, entries)])))
-            self._handles.append(mod.register_forward_hook(self._post, always_call=True))
-
-    def _plan(self, mod: torch.nn.Module, owners: dict, cap: int, is_root: bool, seen: set[int]) -> None:
-        """Choose group roots: the highest non-root submodules with a forward whose parameters fit in ``cap``."""
-        if id(mod) in seen:
-            return
-        seen.add(id(mod))
-        members = [owners[id(m)] for m in mod.modules() if id(m) in owners]
-        size: dict[int, int] = {}
-        for m, entries in members:
-            for name, idx in entries:
-                p = m._parameters[name]
-                size[idx] = p.numel() * p.element_size()
-        callable_ = type(mod).forward is not torch.nn.Module.forward  # ModuleList/ModuleDict are never called
-        if not is_root and cap and callable_ and len(members) > 1 and 0 < sum(size.values()) <= cap:
-            self._group_roots.append((mod, members))
-            seen.update(id(m) for m in mod.modules())
-            return
-        for child in mod.children():
-            self._plan(child, owners, cap, False, seen)
-
-    def _make_pre(self, members: list[tuple[torch.nn.Module, list[tuple[str, int]]]]) -> Callable:
-        def pre(mod: torch.nn.Module, args: Any) -> None:
-            if self.seed is None:
-                return
-            todo = [(m, es) for m, es in members if id(m) not in self._live]
-            if not todo:
-                return
-            saved: list[tuple[torch.nn.Module, str, Any]] = []
-            tensors: dict[int, Tensor] = {}
-            for m, es in todo:
-                for name, idx in es:
-                    p = m._parameters[name]
-                    if is_dtensor(p):
-                        raise RuntimeError(
-                            f"MeZO: parameter {name!r} of {type(m).__name__} is still sharded during its forward; "
-                            f"every sharded module must be under fully_shard (FSDP2 all-gathers it)."
-                        )
-                    saved.append((m, name, p))
-                    tensors.setdefault(idx, p)
-            new = self._perturbed(tensors)
-            for m, es in todo:
-                for name, idx in es:
-                    m._parameters[name] = new[idx]
-                self._live.add(id(m))
-            self._stack.append((mod, saved))
-
-        return pre
-
-    def _perturbed(self, tensors: dict[int, Tensor]) -> dict[int, Tensor]:
-        seed = int(self.seed)  # type: ignore[arg-type]
-        if self.z_for is not None or len(tensors) == 1:
-            return {
-                i: perturb.perturbed(
-                    p,
-                    perturb.key(seed, i),
-                    self.scale,
-                    z=None if self.z_for is None else self.z_for(seed, i),
-                    dist=self.distribution,
-                )
-                for i, p in tensors.items()
-            }
-        out: dict[int, Tensor] = {}
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, p in tensors.items():
-            by_dtype.setdefault(p.dtype, []).append(i)
-        for idx in by_dtype.values():
-            ws = [tensors[i] for i in idx]
-            if self._seed_t is None and ws[0].is_cuda:
-                self._seed_t = perturb.seed_tensor(seed, ws[0].device)
-            seed_t = self._seed_t if self._seed_t is not None and self._seed_t.device == ws[0].device else None
-            out.update(zip(idx, perturb.perturbed_many(ws, idx, seed, self.scale, self.distribution, seed_t)))
-        return out
-
-    def _post(self, mod: torch.nn.Module, args: Any, out: Any) -> None:
-        if self.seed is None:
-            return
-        for i in range(len(self._stack) - 1, -1, -1):
-            if self._stack[i][0] is mod:
-                _, saved = self._stack.pop(i)
-                self._restore(saved)
-                return
-
-    def _restore(self, saved: list[tuple[torch.nn.Module, str, Any]]) -> None:
-        for m, name, p in saved:
-            m._parameters[name] = p
-            self._live.discard(id(m))
-
-    @contextmanager
-    def active(self, seed: int, scale: float) -> Iterator[None]:
-        """Forwards inside see every trained weight perturbed by ``scale·z(seed)``."""
-        self.seed, self.scale, self._seed_t = int(seed), float(scale), None
-        try:
-            yield
-        finally:
-            while self._stack:  # a forward that raised midway: put every original back
-                self._restore(self._stack.pop()[1])
-            self._live.clear()
-            self.seed, self._seed_t = None, None
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
 
 
 def projected_grads(
@@ -342,8 +187,10 @@ def apply_update(
     z_for: Callable[[int, int], Any] | None = None,
     distribution: str = "normal",
     seed_ints: Sequence[int] | None = None,
+    ok: Tensor | None = None,
 ) -> None:
-    """``θ ← (1 − lr·wd)·θ − lr·Δ`` for every parameter (local shards under FSDP2, after resharding)."""
+    """``θ ← (1 − lr·wd)·θ − lr·Δ`` for every parameter (local shards under FSDP2, after resharding); a no-op on
+    the device where the 0-d bool ``ok`` is false."""
     if module is not None:
         reshard_all(module)  # FSDP2 keeps the root unsharded after forward; shard writes must be seen next time
     if z_for is None and adam_eps is None and seed_ints is not None and len(seed_ints) == 1:
@@ -362,7 +209,7 @@ def apply_update(
             seed_t = seeds[:1].reshape(()) if seeds.device == dev else perturb.seed_tensor(int(seed_ints[0]), dev)
             ts, idx, starts = zip(*items)
             perturb.update1_many(
-                list(ts), list(idx), list(starts), int(seed_ints[0]), a[:1], lr, decay, distribution, seed_t
+                list(ts), list(idx), list(starts), int(seed_ints[0]), a[:1], lr, decay, distribution, seed_t, ok
             )
         return
     for zp in params:
@@ -387,6 +234,7 @@ def apply_update(
             zs=zs,
             dist=distribution,
             seed_ints=seed_ints,
+            ok=ok,
         )
 
 
@@ -402,6 +250,8 @@ class ZeroOrder:
             backend's speed-up for small CPU models. Default: on for CPU parameters up to 2**24 elements.
         group_bytes: perturb a submodule's parameters in one kernel launch when they total at most this many bytes
             (see :class:`Perturber`); 0 perturbs each parameter-owning module on its own.
+        guard: the :class:`~lightning_memopt.core.nonfinite.SkipGuard` that counts steps skipped for a non-finite
+            loss (default: a new one).
 
     Example::
 
@@ -418,8 +268,10 @@ class ZeroOrder:
         params: list[ZOParam] | None = None,
         cache_z: bool | None = None,
         group_bytes: int = 64 << 20,
+        guard: SkipGuard | None = None,
     ) -> None:
         self.module = module
+        self.guard = guard or SkipGuard("MeZO")
         self.config = config or ZOConfig()
         self.seed = int(seed)
         self.params = params if params is not None else make_params(module)
@@ -459,10 +311,28 @@ class ZeroOrder:
         """Local (this rank's) projected gradients and mean loss."""
         return projected_grads(loss_fn, self.perturber, seeds, self.config.eps, self.config.one_sided)
 
-    def update(self, seeds: Sequence[int], g: Tensor, lrs: Sequence[float], wds: Sequence[float]) -> None:
-        """Apply one update with the (already all-reduced) ``g``; keeps the window for momentum/Adam."""
+    def update(
+        self,
+        seeds: Sequence[int],
+        g: Tensor,
+        lrs: Sequence[float],
+        wds: Sequence[float],
+        loss: Tensor | None = None,
+        step: int = -1,
+    ) -> Tensor:
+        """Apply one update with the (already all-reduced) ``g``; keeps the window for momentum/Adam.
+
+        A non-finite ``g`` (or ``loss``) makes the update a no-op on the device (no host sync); the guard drops its
+        history entry once the host learns of it, before it can weigh in a later window. Returns that device flag.
+        """
         cfg = self.config
-        self.history.append((list(seeds), g.detach().float().reshape(-1)))
+        for lr in lrs:
+            validate.nonnegative(lr, "lr")
+        self.guard.resolve()  # earlier steps: long done on the device; skipped ones leave the window first
+        ok = self.guard.check(g, *(() if loss is None else (loss,)), step=step)
+        entry = (list(seeds), g.detach().float().reshape(-1))
+        self.history.append(entry)
+        self.guard.on_skip(lambda: self._forget(entry))
         del self.history[: -(1 if cfg.variant == "sgd" else cfg.window)]
         s, a, b = window_terms(self.history, cfg)
         recent = self.history[-1:] if cfg.variant == "sgd" else self.history[-cfg.window :]
@@ -478,7 +348,12 @@ class ZeroOrder:
             self._z if self.cache_z else None,
             cfg.distribution,
             [x for sd, _ in recent for x in sd],  # the same seeds as `s`, known on the host
+            ok,
         )
+        return ok
+
+    def _forget(self, entry: tuple[list[int], Tensor]) -> None:
+        self.history = [h for h in self.history if h is not entry]
 
     def step(
         self, loss_fn: Callable[[], Tensor], step: int, lr: float, weight_decay: float = 0.0
@@ -488,10 +363,11 @@ class ZeroOrder:
         g, loss = self.estimate(loss_fn, seeds)
         g = all_reduce_mean(g)
         groups = 1 + max(zp.group for zp in self.params)
-        self.update(seeds, g, [lr] * groups, [weight_decay] * groups)
+        self.update(seeds, g, [lr] * groups, [weight_decay] * groups, step=step)
         return g, loss
 
     def history_state(self) -> list[dict[str, Any]]:
+        self.guard.resolve()
         return [{"seeds": list(s), "g": [float(x) for x in g.tolist()]} for s, g in self.history]
 
     def load_history_state(self, state: Sequence[dict[str, Any]], device: torch.device | str = "cpu") -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from lightning_memopt.core.fsdp import is_dtensor
 from lightning_memopt.mezo.core import ZeroOrder, ZOConfig, ZOParam
 
 VERSION = 1
@@ -23,7 +24,7 @@ def fingerprint(params: list[ZOParam]) -> float | None:
     """A float64 checksum of the trained weights (None for sharded parameters), to catch replay onto a wrong base."""
     total = 0.0
     for zp in params:
-        if hasattr(zp.param, "to_local"):
+        if is_dtensor(zp.param):
             return None
         total += float(zp.param.detach().double().sum()) + 1e-3 * zp.index * float(
             zp.param.detach().double().abs().sum()

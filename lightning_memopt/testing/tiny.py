@@ -7,6 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
+from lightning_memopt.core.fsdp import full
 from lightning_memopt.data.prompt import PromptClassificationDataModule
 from lightning_memopt.models.configs import llama_config
 from lightning_memopt.models.hf import HFCausalLM
@@ -45,6 +46,6 @@ def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """A full (unsharded) CPU copy of the module's parameters, under FSDP2 or not."""
     out = {}
     for n, p in module.named_parameters():
-        t = p.full_tensor() if hasattr(p, "full_tensor") else p
+        t = full(p)
         out[n] = t.detach().to("cpu", copy=True)
     return out

@@ -6,7 +6,9 @@ import importlib
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch
 
+from lightning_memopt.core.fsdp import full
 from lightning_memopt.testing.tiny import full_state, tiny_datamodule, tiny_model, tiny_trainer
 
 
@@ -29,6 +31,11 @@ def build_callback(spec: Optional[dict[str, Any]]) -> list[pl.Callback]:
     return [getattr(importlib.import_module(mod), name)(**spec.get("init_args", {}))]
 
 
+def _resolve(target: str) -> Any:
+    mod, name = target.split(":")
+    return getattr(importlib.import_module(mod), name)
+
+
 def fit_tiny(
     world_size: int = 1,
     steps: int = 10,
@@ -38,22 +45,86 @@ def fit_tiny(
     dm_kwargs: Optional[dict[str, Any]] = None,
     trainer_kwargs: Optional[dict[str, Any]] = None,
     seed: int = 0,
+    callbacks: Optional[list[dict[str, Any]]] = None,
+    inspect: Optional[str] = None,
 ) -> dict[str, Any]:
-    """Fit the tiny model for ``steps`` on ``world_size`` CPU processes (FSDP2 when > 1); same global batch."""
+    """Fit the tiny model for ``steps`` on ``world_size`` CPU processes (FSDP2 when > 1); same global batch.
+
+    ``callback``/``callbacks`` are class-path specs; ``inspect`` ("module:function") is called as
+    ``f(trainer, model)`` after the fit and its dict joins the result (what a test compares across world sizes).
+    """
     from lightning_memopt.strategies import FSDP2Strategy
 
     pl.seed_everything(seed, verbose=False)
     model = tiny_model(**(model_kwargs or {}))
     dm = tiny_datamodule(batch_size=global_batch // world_size, **(dm_kwargs or {}))
     rec = LossRecorder()
-    kw: dict[str, Any] = dict(max_steps=steps, callbacks=[rec, *build_callback(callback)])
+    extra = [cb for spec in callbacks or [] for cb in build_callback(spec)]
+    kw: dict[str, Any] = dict(max_steps=steps, callbacks=[rec, *build_callback(callback), *extra])
     if world_size > 1:
         kw.update(devices=world_size, strategy=FSDP2Strategy(save_distributed_checkpoint=False),
                   use_distributed_sampler=False)
     kw.update(trainer_kwargs or {})
     trainer = tiny_trainer(**kw)
     trainer.fit(model, dm)
-    return {"state": full_state(model), "losses": rec.losses, "global_step": trainer.global_step}
+    out = {"state": full_state(model), "losses": rec.losses, "global_step": trainer.global_step}
+    if inspect is not None:
+        out.update(_resolve(inspect)(trainer, model))
+    return out
+
+
+class FitnessRecorder(pl.Callback):
+    """Records DFOLoRA's population fitness after each step."""
+
+    def __init__(self) -> None:
+        self.fitness: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        from lightning_memopt.dfo.callback import DFOLoRA
+
+        dfo = next(c for c in trainer.callbacks if isinstance(c, DFOLoRA))
+        if dfo.last_fitness is not None:
+            self.fitness.append(dfo.last_fitness.detach().cpu().double())
+
+
+def dfo_result(trainer: pl.Trainer, model: torch.nn.Module) -> dict[str, Any]:
+    from lightning_memopt.dfo.callback import DFOLoRA
+
+    cb = next(c for c in trainer.callbacks if isinstance(c, DFOLoRA))
+    rec = next(c for c in trainer.callbacks if isinstance(c, FitnessRecorder))
+    return {
+        "z": [z.cpu().double() for z in cb.lora.z], "fitness": rec.fitness, "stats": cb.lora.stats(),
+        "grads": sum(p.grad is not None for p in model.parameters()),
+    }
+
+
+def fit_dfo(world_size: int = 1, dfo: Optional[dict[str, Any]] = None, **kwargs: Any) -> dict[str, Any]:
+    """Fit the tiny model with DFOLoRA (settings ``dfo``); returns z's, fitness per step and statistics too."""
+    kwargs.setdefault("steps", 4)
+    return fit_tiny(
+        world_size,
+        callback={"class_path": "lightning_memopt.DFOLoRA", "init_args": dfo or {}},
+        callbacks=[{"class_path": f"{__name__}.FitnessRecorder"}],
+        inspect=f"{__name__}:dfo_result",
+        **kwargs,
+    )
+
+
+def memory_report_result(trainer: pl.Trainer, model: torch.nn.Module) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from lightning_memopt.callbacks.memory_report import MemoryReport
+
+    report = next(c for c in trainer.callbacks if isinstance(c, MemoryReport))
+    # a second trainer call on the same (already sharded) module, as `memopt fit --test_after_fit` does
+    (metrics,) = trainer.test(model, datamodule=trainer.datamodule, verbose=False)
+    return {"memory": asdict(report.breakdown), "test_acc": float(metrics["test_acc"])}
+
+
+def fit_with_memory_report(world_size: int = 1, **kwargs: Any) -> dict[str, Any]:
+    """Fit the tiny model with a MemoryReport, then test it with the same trainer."""
+    spec = {"class_path": "lightning_memopt.MemoryReport", "init_args": {"print_table": False}}
+    return fit_tiny(world_size, callback=spec, inspect=f"{__name__}:memory_report_result", **kwargs)
 
 
 def fit_tiny_checkpointed(
@@ -91,5 +162,5 @@ def fit_tiny_checkpointed(
     opt = {}
     for p, st in holder.state.items():
         for key, v in st.items():
-            opt[f"{names[id(p)]}.{key}"] = v.full_tensor() if hasattr(v, "full_tensor") else v
+            opt[f"{names[id(p)]}.{key}"] = full(v) if isinstance(v, torch.Tensor) else v
     return {"state": full_state(model), "opt": opt, "lr": holder.param_groups[0]["lr"]}

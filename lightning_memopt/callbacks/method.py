@@ -1,0 +1,277 @@
+"""``MethodCallback``: the Lightning lifecycle every method shares, written once.
+
+A method callback adapts an unchanged automatic-optimization LightningModule: it swaps the module's optimizer for a
+:class:`~lightning_memopt.core.holder.HolderOptimizer` (LR schedulers, ``LearningRateMonitor``, ``global_step``,
+``max_steps`` and checkpoints keep working) and runs its own step where Lightning calls ``optimizer.step``. This base
+owns everything around that step:
+
+* ``setup``: the refusals (automatic optimization, strategy allow-list, GradScaler, accumulation, clipping, a second
+  method callback), each naming the fix, then the method's own :meth:`validate`;
+* ``on_load_checkpoint`` / ``load_state_dict``: a checkpoint of another method, of a plain optimizer, or with
+  settings that change the meaning of the saved state is refused with both names and how to start from the weights;
+* ``on_fit_start``: the holder swap (with an owner check), the lr and weight-decay overrides, skip-backward, then
+  :meth:`install`;
+* ``on_train_start``: the one deferred-state slot (under FSDP callback state arrives after ``on_fit_start``) handed
+  to :meth:`start`;
+* the holder's step: :meth:`step`, then the non-finite bookkeeping (:mod:`lightning_memopt.core.nonfinite`) and, for
+  methods that keep ``.grad``, releasing the gradients at once (Lightning would keep them through the next forward);
+* ``teardown`` / ``on_exception``: :meth:`uninstall`, and every trainer attribute this callback changed put back.
+
+A method gives its step and its state: :meth:`install`, :meth:`start`, :meth:`step`, :meth:`uninstall`,
+:meth:`method_state`, :meth:`settings` and the class attributes below. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from typing_extensions import override
+
+from lightning_memopt import _shim
+from lightning_memopt.callbacks import _checks
+from lightning_memopt.core.holder import HolderOptimizer, set_base_lr, swap_in_holder, weight_decays
+from lightning_memopt.core.nonfinite import SkipGuard
+
+_WEIGHTS_ONLY = (
+    "To start from its weights only, load them into the module and fit without ckpt_path, e.g. "
+    "`model = MyModule.load_from_checkpoint(path)` (or `model.load_state_dict(torch.load(path, weights_only=False)"
+    "['state_dict'])`), then `trainer.fit(model, datamodule)`."
+)
+
+
+class MethodCallback(Callback):
+    """Base of the method callbacks (MeZO, LOMO, AdaLomo, GaLore, DFOLoRA); see the module docstring.
+
+    Class attributes a method sets:
+        name: shown in messages, logs and checkpoints.
+        skip_backward: Lightning's backward is skipped (the method runs forwards only, or its own backward).
+        keeps_grads: the method reads ``.grad`` after Lightning's backward; they are released after its step.
+        strategies: the tested strategy allow-list.
+        accumulation_fix / clipping_fix: None accepts ``accumulate_grad_batches`` / ``gradient_clip_val``; a string
+            refuses it with that fix.
+        scaler_fix: the fix named when ``precision="16-mixed"`` (a GradScaler) is refused.
+        state_settings: settings whose change makes a checkpoint's state meaningless (resume is refused).
+        lr_range: the usual lr range, logged when ``lr`` is inherited from the module's optimizer.
+    """
+
+    name: ClassVar[str] = "method"
+    skip_backward: ClassVar[bool] = True
+    keeps_grads: ClassVar[bool] = False
+    strategies: ClassVar[tuple[str, ...]] = (_checks.SINGLE, _checks.FSDP2)
+    accumulation_fix: ClassVar[str | None] = None
+    clipping_fix: ClassVar[str | None] = None
+    scaler_fix: ClassVar[str] = "use precision='bf16-mixed', 'bf16-true' or '32'"
+    state_settings: ClassVar[tuple[str, ...]] = ()
+    lr_range: ClassVar[tuple[float, float] | None] = None
+
+    def __init__(self, allow_untested: bool = False, max_consecutive_skips: int = 10) -> None:
+        super().__init__()
+        self.allow_untested = allow_untested
+        self.guard = SkipGuard(self.name, max_consecutive_skips, notify=rank_zero_warn)
+        self.holder: HolderOptimizer | None = None
+        self.module: pl.LightningModule | None = None
+        self.trainer: pl.Trainer | None = None
+        self._pending: dict[str, Any] | None = None
+        self._saved_settings: dict[str, Any] | None = None
+        self._restore: list[tuple[str, Any]] = []
+
+    # ---- what a method provides ----------------------------------------------------------------------------------
+    def settings(self) -> dict[str, Any]:
+        """Every setting, JSON-able (saved with the state; :attr:`state_settings` name the ones checked on resume)."""
+        return {}
+
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Method-specific refusals at ``setup`` (raise ``MisconfigurationException`` naming the fix)."""
+
+    def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Build the method's core objects (``self.holder`` is in place); called in ``on_fit_start``."""
+
+    def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None) -> None:
+        """Apply restored state (``None`` on a fresh run); called in ``on_train_start``."""
+
+    def step(self, closure: Any) -> Any:
+        """The optimizer step: run ``closure`` (Lightning's training_step, and backward unless skipped) and update."""
+        raise NotImplementedError
+
+    def uninstall(self) -> None:
+        """Remove hooks and anything else :meth:`install` added; called at teardown and on exceptions."""
+
+    def method_state(self) -> dict[str, Any]:
+        """The method's state for checkpoints (besides what lives in the holder's optimizer state)."""
+        return {}
+
+    def log_step(self, pl_module: pl.LightningModule) -> None:
+        """Log the method's per-step values (called after each optimizer step)."""
+
+    # ---- helpers for methods ---------------------------------------------------------------------------------------
+    @property
+    def step_index(self) -> int:
+        return int(self.trainer.global_step) if self.trainer is not None else 0
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.guard.skipped_steps
+
+    def set_trainer_attr(self, trainer: pl.Trainer, attr: str, value: Any) -> None:
+        """Change a trainer attribute for this fit; teardown puts the user's value back."""
+        self._restore.append((attr, getattr(trainer, attr)))
+        setattr(trainer, attr, value)
+
+    def weight_decays(self, pl_module: pl.LightningModule) -> dict[int, float] | None:
+        """Per-parameter weight decay when the callback overrides it (matrices only), else None (groups' own)."""
+        wd = getattr(self, "weight_decay", None)
+        return None if wd is None else weight_decays(pl_module, self.holder, wd)
+
+    # ---- Lightning hooks -------------------------------------------------------------------------------------------
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        others = [cb for cb in getattr(trainer, "callbacks", ()) if isinstance(cb, MethodCallback) and cb is not self]
+        if others:
+            raise MisconfigurationException(
+                f"Two method callbacks on one Trainer: {self.name} and {others[0].name} would both update the weights. "
+                f"Keep one of them in Trainer(callbacks=[...])."
+            )
+        _checks.check_automatic_optimization(pl_module, self.name)
+        _checks.check_strategy(trainer, self.name, self.strategies, self.allow_untested)
+        _checks.check_no_grad_scaler(trainer, self.name, self.scaler_fix)
+        if self.accumulation_fix is not None:
+            _checks.check_no_accumulation(trainer, self.name, self.accumulation_fix)
+        if self.clipping_fix is not None:
+            _checks.check_no_clipping(trainer, self.name, self.clipping_fix)
+        self.validate(trainer, pl_module)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.trainer, self.module = trainer, pl_module
+        self.holder = swap_in_holder(trainer, self._holder_step, owner=self)
+        self._apply_lr(trainer)
+        if self.skip_backward:
+            self._restore.append(("_skip_backward", _shim.get_skip_backward(trainer)))
+            _shim.set_skip_backward(trainer, True)
+        self.install(trainer, pl_module)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.optimizers[0] is not self.holder:  # a strategy rebuilt its optimizers
+            self.holder = swap_in_holder(trainer, self._holder_step, owner=self)
+        state, self._pending = self._pending, None
+        if state is not None:
+            self.guard.load_state_dict(state.get("skips", {}))
+            self._log_changed_settings(trainer)
+        self.start(trainer, pl_module, None if state is None else state.get("state", {}))
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.guard.resolve(wait=False)
+        self.log_step(pl_module)
+        pl_module.log("skipped_steps", float(self.guard.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.guard.resolve()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._cleanup(trainer)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._cleanup(trainer)
+
+    def _cleanup(self, trainer: pl.Trainer) -> None:
+        self.uninstall()
+        while self._restore:
+            attr, value = self._restore.pop()
+            if attr == "_skip_backward":
+                _shim.set_skip_backward(trainer, value)
+            else:
+                setattr(trainer, attr, value)
+        if self.holder is not None and self.holder.owner is self:
+            self.holder.owner = None  # a later fit may install another method
+
+    def _holder_step(self, closure: Any) -> Any:
+        out = self.step(closure)
+        if self.keeps_grads:  # used by the step: free them now rather than after the next forward
+            for g in self.holder.param_groups:
+                for p in g["params"]:
+                    p.grad = None
+        return out
+
+    def _apply_lr(self, trainer: pl.Trainer) -> None:
+        if not hasattr(self, "lr"):
+            return
+        if self.lr is not None:
+            set_base_lr(trainer, self.holder, float(self.lr))
+        elif self.lr_range is not None:
+            lr = self.holder.param_groups[0]["lr"]
+            lo, hi = self.lr_range
+            rank_zero_info(
+                f"{self.name}: lr not set, so the module's optimizer lr {lr:g} is used; {self.name} usually needs "
+                f"{lo:g} to {hi:g}. Set {self.name}(lr=...) to choose."
+            )
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "memopt_method": self.name,
+            "settings": self.settings(),
+            "skips": self.guard.state_dict(),
+            "state": self.method_state(),
+        }
+
+    @override
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        foreign = [v["memopt_method"] for v in states.values() if isinstance(v, dict) and "memopt_method" in v]
+        if foreign:
+            raise MisconfigurationException(
+                f"This checkpoint was written by {foreign[0]}, and this run uses {self.name}: {self.name} cannot "
+                f"continue {foreign[0]}'s optimizer state. Resume with {foreign[0]} in Trainer(callbacks=[...]). "
+                + _WEIGHTS_ONLY
+            )
+        opt_states = checkpoint.get("optimizer_states") or []
+        if any(isinstance(s, dict) and s.get("state") for s in opt_states):
+            raise MisconfigurationException(
+                f"This checkpoint holds a plain optimizer's state (no method callback wrote it), and this run uses "
+                f"{self.name}, which cannot continue it (AdamW moments would be kept or misread). " + _WEIGHTS_ONLY
+            )
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("settings") or {}
+        mine = self.settings()
+        changed = [k for k in self.state_settings if k in saved and k in mine and saved[k] != mine[k]]
+        if changed:
+            diff = ", ".join(f"{k}: checkpoint {saved[k]!r}, now {mine[k]!r}" for k in changed)
+            raise MisconfigurationException(
+                f"{self.name}'s checkpoint was written with other settings that change the meaning of its state "
+                f"({diff}). Resume with the checkpoint's settings. " + _WEIGHTS_ONLY
+            )
+        self._saved_settings = dict(saved)
+        self._pending = dict(state_dict)
+
+    def _log_changed_settings(self, trainer: pl.Trainer) -> None:
+        saved, mine = self._saved_settings or {}, self.settings()
+        changed = {k: (saved[k], mine[k]) for k in mine if k in saved and saved[k] != mine[k]}
+        if not changed:
+            return
+        if "lr" in changed and mine.get("lr") is not None:
+            set_base_lr(trainer, self.holder, float(mine["lr"]))  # the restored optimizer state brought the old one
+        rank_zero_info(
+            f"{self.name}: resuming with changed settings "
+            + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())
+            + "."
+        )
+

@@ -1,0 +1,48 @@
+"""Triton kernel behind :mod:`lightning_memopt.core.axpby` (imported lazily; needs Triton and CUDA)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK = 2048
+
+
+@triton.jit(do_not_specialize=["a_host", "b_host", "bound"])
+def _axpby_kernel(
+    d_ptr, u_ptr, n, a_host, b_host, a_ptr, b_ptr, ok_ptr, bound,
+    A_T: tl.constexpr, B_T: tl.constexpr, HAS_OK: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr,
+):
+    if HAS_OK:
+        if tl.load(ok_ptr) == 0:  # a skipped step: nothing to read or write
+            return
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if CLAMP:
+        u = tl.minimum(tl.maximum(u, -bound), bound)
+    a = a_host
+    if A_T:
+        a = a * tl.load(a_ptr).to(tl.float32)
+    b = b_host
+    if B_T:
+        b = tl.load(b_ptr).to(tl.float32)
+    tl.store(d_ptr + offs, (b * d + a * u).to(d_ptr.dtype.element_ty), mask=mask)
+
+
+def axpby_(d: Tensor, u: Tensor, a, b, ok: Tensor | None, clamp: float | None) -> None:
+    n = d.numel()
+    if n == 0:
+        return
+    a_t, b_t = isinstance(a, Tensor), isinstance(b, Tensor)
+    f32 = torch.float32
+    a_ptr = a.to(device=d.device, dtype=f32) if a_t else d
+    b_ptr = b.to(device=d.device, dtype=f32) if b_t else d
+    ok_ptr = ok.to(device=d.device, dtype=torch.int8) if ok is not None else d
+    _axpby_kernel[(triton.cdiv(n, BLOCK),)](
+        d, u, n, 1.0 if a_t else float(a), 1.0 if b_t else float(b), a_ptr, b_ptr, ok_ptr,
+        float(clamp or 0.0), A_T=a_t, B_T=b_t, HAS_OK=ok is not None, CLAMP=clamp is not None, BLOCK=BLOCK,
+    )

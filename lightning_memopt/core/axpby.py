@@ -1,0 +1,55 @@
+"""``d ← b·d + a·clamp(u)`` in place, one pass, skipped on the device when a flag says so.
+
+The in-backward methods apply each gradient with this (LOMO's SGD step, AdaLomo's final step), so a step whose loss
+was not finite leaves the weights bit-identical without a host sync: the flag is read by the kernel. ``a`` and ``b``
+may be host floats or 0-d device tensors (a clip coefficient, AdaLomo's relative step), multiplied in on the device.
+
+On CUDA with Triton one kernel does it (no more memory traffic than ``d.add_(u)``); elsewhere a torch version computes
+the same fp32 arithmetic with one rounding at the end, so both give the same result.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+Scalar = float | Tensor
+
+_TRITON: object | None = None
+_TRITON_TRIED = False
+
+
+def _kernels():
+    global _TRITON, _TRITON_TRIED
+    if not _TRITON_TRIED:
+        _TRITON_TRIED = True
+        try:
+            from lightning_memopt.core import _axpby_triton
+
+            _TRITON = _axpby_triton
+        except Exception:  # noqa: BLE001 - no usable Triton (CPU wheels): the torch version computes the same
+            _TRITON = None
+    return _TRITON
+
+
+def axpby_(
+    d: Tensor,
+    u: Tensor,
+    a: Scalar,
+    b: Scalar = 1.0,
+    ok: Tensor | None = None,
+    clamp: float | None = None,
+) -> Tensor:
+    """In place ``d ← round(b·d + a·clamp(u, -clamp, clamp))`` computed in fp32; ``d`` unchanged where ``ok`` (a 0-d
+    bool tensor) is false, whatever ``u`` holds. ``d`` and ``u`` are contiguous tensors of the same shape."""
+    if d.device.type == "cuda" and d.is_contiguous() and u.is_contiguous() and _kernels() is not None:
+        _kernels().axpby_(d, u, a, b, ok, clamp)  # type: ignore[union-attr]
+        return d
+    old = d.float()
+    uf = u.float()
+    if clamp is not None:
+        uf = uf.clamp(-clamp, clamp)
+    new = old * b + uf * a if isinstance(a, Tensor) else old * b + a * uf
+    if ok is not None:
+        new = new.where(ok, old)
+    d.copy_(new)
+    return d

@@ -1,0 +1,142 @@
+"""Non-finite losses: decided on the device, skipped there, learnt by the host a step later.
+
+A method calls :meth:`SkipGuard.check` on its loss (or projected gradient, or fitness) before it writes anything.
+That returns ``ok``, a 0-d bool on the device, the same on every rank; the method makes its update a no-op where
+``ok`` is false (a masked kernel, ``found_inf`` of a fused optimizer), so the weights and the device state stay
+bit-identical and no host sync is needed on the hot path. Host-side bookkeeping that the step changed anyway (step
+counters, a history entry) is registered with :meth:`SkipGuard.on_skip` and undone when the host learns the
+outcome: :meth:`SkipGuard.resolve` reads the flags of earlier steps, long finished on the GPU, from pinned memory.
+
+After ``max_consecutive`` skips in a row, :meth:`resolve` raises :class:`NonFiniteLossError`.
+
+Example::
+
+    guard = SkipGuard("LOMO")
+    ok = guard.check(loss, step=t)          # on the device; no sync
+    ...                                     # updates masked by ok
+    for step in guard.resolve():            # later (next step, or at a checkpoint): skipped steps, undone
+        print("skipped", step)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_memopt.core.validate import at_least
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss."""
+
+
+@dataclass
+class _Pending:
+    step: int
+    ok: Tensor  # host (pinned) copy, valid once ``event`` completed
+    event: Optional[torch.cuda.Event]
+    undo: list[Callable[[], None]] = field(default_factory=list)
+
+
+class SkipGuard:
+    """Counts and undoes steps skipped for a non-finite loss; see the module docstring.
+
+    Args:
+        method: name used in messages.
+        max_consecutive: skips in a row tolerated; one more raises :class:`NonFiniteLossError`.
+        notify: called with a message for each skip the host learns of (default: ``warnings.warn``).
+    """
+
+    def __init__(
+        self, method: str, max_consecutive: int = 10, notify: Callable[[str], None] | None = None
+    ) -> None:
+        self.method = method
+        self.max_consecutive = at_least(max_consecutive, 0, "max_consecutive_skips")
+        self.notify = notify or (lambda msg: warnings.warn(msg, stacklevel=3))
+        self.skipped_steps = 0
+        self.consecutive = 0
+        self._pending: deque[_Pending] = deque()
+
+    def check(
+        self, *values: Tensor, step: int, reduce: bool = False, group: Optional[dist.ProcessGroup] = None
+    ) -> Tensor:
+        """``ok``: every element of every value is finite (and, with ``reduce``, on every rank of ``group``)."""
+        flags = [torch.isfinite(v.detach()).all() for v in values]
+        ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            okf = ok.to(torch.float32)
+            dist.all_reduce(okf, op=dist.ReduceOp.MIN, group=group)
+            ok = okf > 0
+        if ok.device.type == "cuda":
+            host = torch.empty((), dtype=torch.bool, pin_memory=True)
+            host.copy_(ok, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = ok, None
+        self._pending.append(_Pending(int(step), host, event))
+        return ok
+
+    def on_skip(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` (host bookkeeping of the last checked step) if that step turns out skipped."""
+        if not self._pending:
+            raise RuntimeError("SkipGuard.on_skip() needs a check() first.")
+        self._pending[-1].undo.append(undo)
+
+    def resolve(self, wait: bool = True) -> list[int]:
+        """Learn the outcome of the checked steps (all of them, or with ``wait=False`` those already finished);
+        undo and count the skipped ones, which are returned."""
+        skipped = []
+        while self._pending:
+            p = self._pending[0]
+            if p.event is not None and not wait and not p.event.query():
+                break
+            if p.event is not None:
+                p.event.synchronize()
+            self._pending.popleft()
+            self.record(not bool(p.ok), p.step, p.undo)
+            if not bool(p.ok):
+                skipped.append(p.step)
+        return skipped
+
+    def record(
+        self, skipped: bool, step: int, undo: list[Callable[[], None]] = (), consecutive: bool = True
+    ) -> None:
+        """Count one step's outcome (also for a skip the host knew at once, e.g. an fp16 overflow).
+
+        ``consecutive=False`` counts the skip without moving toward the error (an fp16 overflow while the loss
+        scaler can still lower its scale is expected, not a sign of divergence).
+        """
+        if not skipped:
+            self.consecutive = 0
+            return
+        for fn in reversed(list(undo)):
+            fn()
+        self.skipped_steps += 1
+        self.consecutive += int(consecutive)
+        self.notify(
+            f"{self.method}: non-finite loss at step {step}; the step was skipped (weights and state untouched). "
+            f"skipped_steps={self.skipped_steps}."
+        )
+        if self.consecutive > self.max_consecutive:
+            raise NonFiniteLossError(
+                f"{self.method}: the loss was not finite for {self.consecutive} steps in a row (up to step {step}; "
+                f"max_consecutive_skips={self.max_consecutive}); every one was skipped with the weights untouched. "
+                f"Likely causes: a learning rate (or eps) too high, fp16 overflow (use bf16), or bad data (a batch "
+                f"whose labels or inputs produce inf/NaN). Lower lr, check the data, or raise max_consecutive_skips."
+            )
+
+    def state_dict(self) -> dict[str, int]:
+        self.resolve()
+        return {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.consecutive = int(state.get("consecutive", 0))

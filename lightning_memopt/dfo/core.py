@@ -1,0 +1,320 @@
+"""Derivative-free LoRA, the whole step in plain PyTorch: layer-wise CMA-ES / fireworks over z-driven LoRA.
+
+One generation (:meth:`LayerwiseDFO.generation_step`) optimizes one layer's z on one batch (layers take turns,
+bottom-up): ask the layer's optimizer for ``population`` z's, evaluate them (one forward of the batch expanded by the
+population, the layers below computed once; or one forward per candidate), reduce the fitness over data-parallel
+ranks, tell, and set the layer's z to the optimizer's mean (CMA-ES) or core firework. No backward pass: base weights
+are frozen, forwards run under ``no_grad``, no ``.grad`` is ever made.
+
+Fitness is a mean over the global batch, summed per sample in float64 and all-reduced as sums, so it does not depend
+on how the batch is split over ranks: every rank and every world size take the same discrete decisions (fireworks'
+spark allocation, CMA-ES's ranking). A generation whose fitness is non-finite for every candidate is skipped with the
+optimizer's state (its random generator included) as it was; single non-finite candidates rank last.
+
+Budget: counted in candidate evaluations on one batch, as the paper counts forward passes: a generation counts
+``population`` whether it runs batched or sequentially. Statistics forwards and the split check are not counted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_memopt.core import validate
+from lightning_memopt.core.fsdp import all_reduce_sum
+from lightning_memopt.core.modes import eval_mode
+from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.dfo.cmaes import CMAES
+from lightning_memopt.dfo.fireworks import Fireworks
+from lightning_memopt.dfo.lora import DEFAULT_PATTERN, ZLoRA
+
+Optim = CMAES | Fireworks
+Batch = dict[str, Tensor]
+LogitsFn = Callable[[Tensor, Tensor], Tensor]  # (input_ids, attention_mask) -> label-word logits [B, n]
+
+
+@dataclass
+class DFOSettings:
+    """Everything that defines a derivative-free LoRA run (see :class:`~lightning_memopt.dfo.callback.DFOLoRA`)."""
+
+    optimizer: Literal["cmaes", "fireworks"] = "cmaes"
+    rank: int = 4
+    d: int = 500
+    population: int = 20
+    sigma: float = 1.0
+    budget: int | None = 8000
+    loss: Literal["ce", "hinge"] = "ce"
+    margin: float = 1.0
+    batched: bool = True
+    split: bool = True
+    verify_split: bool = True
+    target_pattern: str = DEFAULT_PATTERN
+    init_scale: float = 0.05
+    stat_batches: int = 4
+    n_fireworks: int = 5
+    n_gaussian: int = 1
+    bound: float | None = None
+    amplification: float = 1.0
+    reduction: float = 0.9
+    population_chunk: int | None = 10
+    optimizer_device: str | None = None
+    offload_idle: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("cmaes", "fireworks"):
+            raise ValueError(f"optimizer must be 'cmaes' or 'fireworks', got {self.optimizer!r}.")
+        if self.loss not in ("ce", "hinge"):
+            raise ValueError(f"loss must be 'ce' or 'hinge', got {self.loss!r}.")
+        validate.at_least(self.population, 2, "population")
+        validate.at_least(self.rank, 1, "rank")
+        validate.at_least(self.d, 2, "d")
+        validate.positive(self.sigma, "sigma")
+        validate.positive(self.init_scale, "init_scale")
+        validate.finite(self.margin, "margin")
+        validate.at_least(self.stat_batches, 1, "stat_batches")
+        validate.optional_positive(self.bound, "bound")
+        if self.population_chunk is not None:
+            validate.at_least(self.population_chunk, 1, "population_chunk")
+        if self.optimizer == "fireworks":
+            validate.at_least(self.n_fireworks, 1, "n_fireworks")
+            validate.at_least(self.n_gaussian, 0, "n_gaussian")
+            if self.population < self.n_fireworks + self.n_gaussian + 1:
+                raise ValueError(
+                    f"population={self.population} leaves no explosion spark besides {self.n_fireworks} fireworks "
+                    f"and {self.n_gaussian} Gaussian sparks; raise population or lower n_fireworks/n_gaussian."
+                )
+        if self.budget is not None and self.budget < self.population:
+            raise ValueError(f"budget={self.budget} is below one generation (population={self.population}).")
+        if validate.finite(self.amplification, "amplification") < 1.0 or not 0.0 < validate.finite(
+            self.reduction, "reduction"
+        ) <= 1.0:
+            raise ValueError(
+                f"Need amplification >= 1 and 0 < reduction <= 1 (got {self.amplification}, {self.reduction})."
+            )
+
+
+def population_losses(logits: Tensor, labels: Tensor, loss: str = "ce", margin: float = 1.0) -> Tensor:
+    """Per-sample loss ``[P, B]`` of each candidate from label-word logits ``[P, B, n]`` and labels ``[B]``."""
+    p, b, n = logits.shape
+    logits = logits.float()
+    y = labels.to(logits.device).long()
+    if loss == "ce":
+        return F.cross_entropy(logits.reshape(p * b, n), y.repeat(p), reduction="none").view(p, b)
+    correct = logits.gather(2, y.view(1, b, 1).expand(p, b, 1)).squeeze(2)
+    other = logits.masked_fill(F.one_hot(y, n).bool().expand(p, b, n), -math.inf).amax(2)
+    return (margin - (correct - other)).clamp(min=0)
+
+
+def population_fitness(logits: Tensor, labels: Tensor, loss: str = "ce", margin: float = 1.0) -> Tensor:
+    """Mean loss per candidate from label-word logits ``[P, B, n]`` and labels ``[B]``: cross-entropy or hinge."""
+    return population_losses(logits, labels, loss, margin).mean(1)
+
+
+def global_fitness(losses: Tensor) -> Tensor:
+    """Per-candidate mean of per-sample losses ``[P, B_local]`` over the global batch (all ranks).
+
+    Summed in float64 (exact for fp32 losses of similar magnitude), so the split over ranks does not change it.
+    """
+    packed = torch.cat([losses.double().sum(1), losses.new_full((1,), losses.shape[1], dtype=torch.float64)])
+    packed = all_reduce_sum(packed)
+    return (packed[:-1] / packed[-1]).float()
+
+
+class LayerwiseDFO:
+    """Layer-wise derivative-free LoRA on ``module``: z-driven LoRA hooks, one optimizer per layer, population
+    evaluation, checkpointable state. Plain PyTorch (no Lightning).
+
+    Args:
+        module: the model (its weights are not touched; the LoRA lives in hooks).
+        settings: :class:`DFOSettings`.
+        logits_fn: ``logits_fn(input_ids, attention_mask)`` → label-word logits ``[B, n]`` (default: ``module``).
+        guard: the :class:`~lightning_memopt.core.nonfinite.SkipGuard` counting skipped generations.
+
+    Example::
+
+        dfo = LayerwiseDFO(model, DFOSettings(population=10, d=100))
+        dfo.collect_stats(batches[:2])
+        for batch in batches:
+            fitness = dfo.generation_step(batch)
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        settings: DFOSettings,
+        logits_fn: LogitsFn | None = None,
+        guard: SkipGuard | None = None,
+    ) -> None:
+        s = self.settings = settings
+        self.module = module
+        self.logits_fn: LogitsFn = logits_fn or (lambda ids, mask: module(ids, mask))
+        self.guard = guard or SkipGuard("DFOLoRA")
+        self.lora = ZLoRA(module, s.rank, s.d, s.target_pattern, s.seed, s.sigma, s.init_scale)
+        self.lora.install()
+        dev = torch.device(s.optimizer_device) if s.optimizer_device else self.lora.device
+        self.opts: list[Optim] = [self._make_opt(k, dev) for k in range(self.lora.n_blocks)]
+        self.split = s.split
+        self.layer = 0
+        self.evaluations = 0
+        self.generation = 0
+        self.last_fitness: Tensor | None = None
+        self._park_all()
+
+    @property
+    def exhausted(self) -> bool:
+        b = self.settings.budget
+        return b is not None and self.evaluations + self.settings.population > b
+
+    def _make_opt(self, k: int, device: torch.device) -> Optim:
+        s = self.settings
+        x0 = torch.zeros(s.d, dtype=torch.float64, device=device)
+        seed = s.seed * 7919 + k
+        if s.optimizer == "cmaes":
+            return CMAES(x0, s.sigma, s.population, seed=seed)
+        return Fireworks(
+            x0, s.sigma, s.population, s.n_fireworks, s.n_gaussian, s.bound, ca=s.amplification, cr=s.reduction,
+            seed=seed,
+        )
+
+    def _park(self, opt: Optim) -> None:
+        """A layer's optimizer matrices to the host (they come back to the GPU at its next ask)."""
+        if self.settings.offload_idle and opt.device.type != "cpu":
+            opt.offload("cpu")
+
+    def _park_all(self) -> None:
+        for opt in self.opts:
+            self._park(opt)
+
+    def remove(self) -> None:
+        self.lora.remove()
+
+    # ---- statistics ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def collect_stats(self, batches: list[Batch]) -> None:
+        """Hidden-state statistics for the random maps (and the split check) on a few batches."""
+        with eval_mode(self.module):
+            self.lora.collect_stats(lambda b: self.logits_fn(b["input_ids"], b.get("attention_mask")), batches,
+                                    all_reduce_sum)
+            if self.settings.batched and self.split and self.settings.verify_split:
+                self.split = self.check_split(batches[0])
+
+    def check_split(self, batch: Batch) -> bool:
+        """Whether the split forward (layers below run once) reproduces the fully expanded one, on random candidates
+        (the same answer on every rank)."""
+        s = self.settings
+        gen = torch.Generator().manual_seed(s.seed)
+        z = torch.randn(min(3, s.population), s.d, generator=gen, dtype=torch.float64) * s.sigma
+        k = self.lora.n_blocks // 2
+        b = self.eval_batched(batch, k, z, split=False, raw=True)
+        try:
+            a = self.eval_batched(batch, k, z, split=True, raw=True)
+        except (RuntimeError, ValueError, IndexError):  # e.g. a block argument the expansion cannot see
+            a = None
+        dt = next(self.module.parameters()).dtype
+        half = dt not in (torch.float32, torch.float64) or torch.is_autocast_enabled(b.device.type)
+        tol = 5e-2 if half else 1e-3
+        wrong = a is None or a.shape != b.shape or bool((a - b).abs().max() > tol * (1 + float(b.abs().max())))
+        bad = torch.tensor(float(wrong), dtype=torch.float32, device=b.device)
+        return float(all_reduce_sum(bad)) == 0
+
+    # ---- the step ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generation_step(self, batch: Batch, step: int = -1) -> Tensor:
+        """One generation of the current layer's optimizer on this batch; returns the population's fitness."""
+        s = self.settings
+        k = self.layer
+        opt = self.opts[k]
+        rng = opt.gen.get_state()
+        z = opt.ask()
+        with eval_mode(self.module):  # deterministic fitness (no dropout), as MeZO evaluates
+            if s.batched:
+                fit = self.eval_batched(batch, k, z, self.split)
+            else:
+                fit = self.eval_sequential(batch, k, z)
+        self.last_fitness = fit.detach()
+        # Every rank holds the same reduced fitness, so every rank decides alike (a host check: tell syncs anyway).
+        skipped = not bool(fit.isfinite().any())
+        if skipped:
+            opt.gen.set_state(rng)  # as if never asked: the optimizer's state stays bit-identical
+            opt.forget_ask()
+            self._park(opt)
+        else:
+            opt.tell(fit.to(opt.device))
+            self._park(opt)
+            self.lora.set_z(k, opt.mean)
+            self.evaluations += z.shape[0]
+            self.generation += 1
+            self.layer = (k + 1) % self.lora.n_blocks
+        self.guard.record(skipped, step)
+        return fit
+
+    def _losses(self, logits: Tensor, batch: Batch) -> Tensor:
+        s = self.settings
+        return population_losses(logits, batch["labels"], s.loss, s.margin)
+
+    def eval_batched(self, batch: Batch, k: int, z: Tensor, split: bool, raw: bool = False) -> Tensor:
+        """Fitness ``[P]`` of candidates ``z`` for layer ``k``, whole chunks of the population per forward (or the
+        raw logits ``[P, B, n]`` with ``raw``)."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(ids)
+        b, p = ids.shape[0], z.shape[0]
+        step = self.settings.population_chunk or p
+        parts = []
+        for i in range(0, p, step):
+            zc = z[i : i + step]
+            self.lora.begin_population(k, zc, b, expand=split)
+            try:
+                if split:
+                    parts.append(self.logits_fn(ids, mask))
+                else:
+                    parts.append(self.logits_fn(ids.repeat(zc.shape[0], 1), mask.repeat(zc.shape[0], 1)))
+            finally:
+                self.lora.end_population()
+        logits = torch.cat(parts).reshape(p, b, -1)
+        return logits if raw else global_fitness(self._losses(logits, batch))
+
+    def eval_sequential(self, batch: Batch, k: int, z: Tensor) -> Tensor:
+        """Fitness ``[P]`` of candidates ``z`` for layer ``k``, one forward per candidate."""
+        ids, mask = batch["input_ids"], batch.get("attention_mask")
+        out = []
+        for i in range(z.shape[0]):
+            self.lora.begin_population(k, z[i : i + 1], ids.shape[0], expand=False)
+            try:
+                logits = self.logits_fn(ids, mask)
+            finally:
+                self.lora.end_population()
+            out.append(self._losses(logits[None], batch))
+        return global_fitness(torch.cat(out))
+
+    # ---- state -------------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer, "evaluations": self.evaluations, "generation": self.generation, "split": self.split,
+            "z": [z.detach().cpu() for z in self.lora.z], "stats": self.lora.stats(),
+            "stats_ready": self.lora.stats_ready, "opts": [o.state_dict() for o in self.opts],
+        }
+
+    def load_state_dict(self, s: dict[str, Any]) -> None:
+        if len(s["opts"]) != len(self.opts):
+            raise ValueError(f"The checkpoint's DFOLoRA has {len(s['opts'])} layers, this model {len(self.opts)}.")
+        self.layer, self.evaluations, self.generation = s["layer"], s["evaluations"], s["generation"]
+        self.split = s["split"]
+        for o, st in zip(self.opts, s["opts"]):
+            o.load_state_dict(st)
+        self._park_all()
+        if s["stats_ready"]:
+            self.lora.load_stats(s["stats"])
+        for k, z in enumerate(s["z"]):
+            self.lora.set_z(k, z)
+
+    def merge(self) -> None:
+        """Fold the learned LoRA into the module's q/k weights and remove the hooks."""
+        self.lora.merge()
