@@ -23,6 +23,7 @@ from lightning_memopt.tokenization import load_tokenizer, split_gguf
 
 Objective = Literal["classification", "lm"]
 Schedule = Literal["constant", "linear", "cosine"]
+Reduction = Literal["sum", "mean"]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -115,7 +116,8 @@ class HFCausalLM(LightningModule):
         gguf_file: GGUF file name inside ``model_name_or_path`` (alternative to giving the file path).
         tokenizer: tokenizer name/path; defaults to ``model_name_or_path``, or ``"builtin"`` for ``model_config``.
         objective: ``"classification"`` (cross-entropy over label-word logits at the last position, without
-            projecting onto the whole vocabulary) or ``"lm"`` (causal-LM loss on the text).
+            projecting onto the whole vocabulary; or, when the DataModule gives candidate token sequences, over
+            the candidates' log-probabilities) or ``"lm"`` (causal-LM loss on the text).
         lr, weight_decay, betas: AdamW settings (the module's own optimizer; callbacks adapt it).
         lr_schedule, warmup_steps: a per-step LambdaLR schedule.
         torch_dtype: e.g. ``"bfloat16"`` to load weights in that dtype.
@@ -123,6 +125,8 @@ class HFCausalLM(LightningModule):
         lora_rank: above 0, wrap the model with peft LoRA adapters of this rank on ``lora_targets`` and train
             only them (needs ``pip install lightning_memopt[peft]``). 0 trains every weight.
         lora_alpha, lora_targets: the adapters' scale numerator (``lora_alpha / lora_rank``) and target modules.
+        choice_reduction: how a multi-token candidate's score combines its tokens' log-probabilities: ``"sum"``
+            (the sequence log-probability) or ``"mean"`` (per token, which favours long candidates less).
 
     Example::
 
@@ -150,10 +154,13 @@ class HFCausalLM(LightningModule):
         lora_rank: int = 0,
         lora_alpha: float = 16.0,
         lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+        choice_reduction: Reduction = "sum",
     ) -> None:
         super().__init__()
         if objective not in ("classification", "lm"):
             raise ValueError(f"objective must be 'classification' or 'lm', got {objective!r}.")
+        if choice_reduction not in ("sum", "mean"):
+            raise ValueError(f"choice_reduction must be 'sum' or 'mean', got {choice_reduction!r}.")
         self.save_hyperparameters()
         self.model = load_hf_model(
             model_name_or_path, model_config, gguf_file, torch_dtype, attn_implementation, init_seed,
@@ -175,32 +182,46 @@ class HFCausalLM(LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.label_token_ids: Optional[list[int]] = None
+        self.num_choices: Optional[int] = None
         self._metrics_ready = False
 
     # ---- label words and metrics -------------------------------------------------------------------------------
     def set_label_token_ids(self, ids: list[int]) -> None:
         """Set the label-word token ids (the DataModule calls this) and build accuracy/F1 metrics."""
-        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-
         self.label_token_ids = [int(i) for i in ids]
-        n = len(self.label_token_ids)
-        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
-        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.test_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.num_choices = None
+        self._build_class_metrics(len(self.label_token_ids))
         head = self.model.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear):
             raise TypeError(f"Prompt classification needs a Linear output embedding, got {type(head).__name__}.")
         head.forward = types.MethodType(_label_head_forward, head)
         head._memopt_label_ids = None
+
+    def set_num_choices(self, n: int) -> None:
+        """Score ``n`` candidate sequences per example (multi-token label words or per-example choices): batches
+        carry ``choice_ids``/``choice_mask`` ``[B, n, L]`` and the label-word fast path is off."""
+        self.label_token_ids = None
+        self.num_choices = int(n)
+        self._build_class_metrics(self.num_choices)
+
+    def _build_class_metrics(self, n: int) -> None:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.test_f1 = MulticlassF1Score(num_classes=n, average="macro")
         self._metrics_ready = True
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         ids = getattr(dm, "label_token_ids", None)
+        n = getattr(dm, "num_choices", None)
         if ids is not None and self.label_token_ids != list(ids):
             self.set_label_token_ids(list(ids))
-        if self.hparams.objective == "classification" and self.label_token_ids is None:
+        elif ids is None and n is not None and self.num_choices != n:
+            self.set_num_choices(n)
+        if self.hparams.objective == "classification" and self.label_token_ids is None and self.num_choices is None:
             raise ValueError(
                 "objective='classification' needs label words: use PromptClassificationDataModule (it sets them) or "
                 "call model.set_label_token_ids([...]) before fit."
@@ -217,12 +238,27 @@ class HFCausalLM(LightningModule):
             head._memopt_label_ids = None
 
     # ---- forward -----------------------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-        """Label-word logits ``[B, n_labels]`` at the last position (classification) or LM logits."""
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        choice_ids: Optional[Tensor] = None,
+        choice_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Label-word logits ``[B, n_labels]`` at the last position (classification), candidate scores ``[B, C]``
+        when ``choice_ids`` are given, or LM logits."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if choice_ids is not None:
+            return self.choice_scores(input_ids, attention_mask, choice_ids, choice_mask)
         position_ids = position_ids_from_mask(attention_mask)
         if self.hparams.objective == "classification":
+            if self.label_token_ids is None:
+                raise ValueError(
+                    "This HFCausalLM scores candidate sequences (label words of several tokens, or per-example "
+                    "choices): call it with choice_ids and choice_mask. Code that calls model(input_ids, "
+                    "attention_mask), such as DFOLoRA, needs single-token label words."
+                )
             with self._label_only():
                 out = self.model(
                     input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -232,6 +268,33 @@ class HFCausalLM(LightningModule):
         return self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).logits
+
+    def choice_scores(
+        self, input_ids: Tensor, attention_mask: Tensor, choice_ids: Tensor, choice_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        """Each candidate's log-probability given its (left-padded) prompt: ``[B, C]``.
+
+        Every (prompt, candidate) pair is one sequence: the prompt, then the candidate's tokens right-padded. The
+        logits at the last ``L + 1`` positions are all that is projected: position ``T - 1 + j`` predicts token ``j``.
+        ``choice_reduction`` sums the log-probabilities (LM-BFF, MeZO) or averages them per token.
+        """
+        B, T = input_ids.shape
+        C, L = choice_ids.shape[1], choice_ids.shape[2]
+        if choice_mask is None:
+            choice_mask = torch.ones_like(choice_ids)
+        ids = torch.cat([input_ids.unsqueeze(1).expand(B, C, T), choice_ids], dim=-1).reshape(B * C, T + L)
+        mask = torch.cat([attention_mask.unsqueeze(1).expand(B, C, T), choice_mask], dim=-1).reshape(B * C, T + L)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+            logits_to_keep=L + 1,
+        )
+        logp = out.logits[:, :-1].float().log_softmax(-1)
+        tok = logp.gather(-1, choice_ids.reshape(B * C, L, 1)).squeeze(-1)
+        m = choice_mask.reshape(B * C, L).to(tok.dtype)
+        score = (tok * m).sum(-1)
+        if self.hparams.choice_reduction == "mean":
+            score = score / m.sum(-1).clamp(min=1)
+        return score.view(B, C)
 
     def lm_loss(self, batch: dict[str, Tensor]) -> Tensor:
         input_ids, mask = batch["input_ids"], batch.get("attention_mask")
@@ -246,10 +309,12 @@ class HFCausalLM(LightningModule):
         )
         return out.loss
 
+    # ---- steps -------------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         if self.hparams.objective == "lm":
             return {"loss": self.lm_loss(batch)}
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("choice_ids"),
+                      batch.get("choice_mask"))
         loss = F.cross_entropy(logits, batch["labels"])
         return {"loss": loss, "logits": logits.detach(), "labels": batch["labels"]}
 
