@@ -45,6 +45,12 @@ def load_hf_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    if model_config is not None and model_name_or_path:
+        raise ValueError(
+            f"Both model_name_or_path={model_name_or_path!r} and model_config were given: load a pretrained model "
+            f"with model_name_or_path and model_config=null (--model.init_args.model_config=null on the command "
+            f"line), or build a random-init model with model_config and no model_name_or_path."
+        )
     if model_config is not None:
         cfg = dict(model_config)
         model_type = cfg.pop("model_type", None)
