@@ -18,6 +18,10 @@ _LAZY = {
     "MemoryReport": "lightning_memopt.callbacks.memory_report",
     "HFCausalLM": "lightning_memopt.models.hf",
     "PromptClassificationDataModule": "lightning_memopt.data.prompt",
+    "SQuADDataModule": "lightning_memopt.data.qa",
+    "InstructionDataModule": "lightning_memopt.data.instruct",
+    "AnswerF1": "lightning_memopt.metrics",
+    "AnswerEM": "lightning_memopt.metrics",
     "llama_config": "lightning_memopt.models.configs",
 }
 

@@ -14,7 +14,10 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = REPO.parent / "shared" / "data" / "sst2"
+DATA = REPO.parent / "shared" / "data"
+SST2 = DATA / "sst2"
+MRPC = DATA / "mrpc"
+SQUAD = DATA / "squad" / "dev-subset.json"
 
 # Every warning a tiny CPU run is allowed to raise. Anything else fails tests that use `no_unexpected_warnings`.
 EXPECTED_WARNINGS = (
@@ -63,5 +66,9 @@ def sst2_available() -> bool:
 
 
 needs_sst2 = pytest.mark.skipif(not sst2_available(), reason=f"SST-2 TSVs not found at {SST2}")
+needs_mrpc = pytest.mark.skipif(
+    not ((MRPC / "train.tsv").is_file() and (MRPC / "dev.tsv").is_file()), reason=f"MRPC TSVs not found at {MRPC}"
+)
+needs_squad = pytest.mark.skipif(not SQUAD.is_file(), reason=f"SQuAD subset not found at {SQUAD}")
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import inspect
+import json
 
 import pytest
 import torch
 import yaml
-from conftest import REPO, needs_sst2
+from conftest import MRPC, REPO, SQUAD, needs_mrpc, needs_sst2
 from lightning.pytorch import Trainer
 
 from lightning_memopt.callbacks.memory_report import MemoryReport
@@ -17,8 +18,14 @@ from lightning_memopt.models.hf import HFCausalLM
 from lightning_memopt.strategies import FSDP2Strategy
 
 CONFIGS = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
-# Real-model configs run on the GPU; sst2_tiny has its own full-length test below.
-QUICK = [c for c in CONFIGS if not c.startswith("sst2_smollm2_") and c != "sst2_tiny.yaml"]
+# Real-model configs (*_smollm2*) run on the GPU, and below on the tiny model; sst2_tiny has its own test below.
+QUICK = [c for c in CONFIGS if "_smollm2" not in c and c != "sst2_tiny.yaml"]
+TINY_MODEL = [
+    "--model.init_args.model_name_or_path=null", "--model.init_args.tokenizer=builtin",
+    ("--model.init_args.model_config={model_type: llama, vocab_size: 256, hidden_size: 64, intermediate_size: 128, "
+     "num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 1024}"),
+    "--trainer.precision=32-true",
+]
 
 
 def short(tmp_path, steps: int = 2) -> list[str]:
@@ -119,3 +126,44 @@ def test_main_returns_none_for_the_console_script(tmp_path, in_repo, capsys):
     # sys.exit(main()) must exit 0: main returns None, not the CLI object
     assert main(["fit", "--config", "configs/full_ft_adamw.yaml", *short(tmp_path, steps=1),
                  "--data.init_args.k=4", "--trainer.callbacks=[]"]) is None
+
+
+@pytest.mark.parametrize(
+    ("config", "needs"),
+    [("mrpc_smollm2_adamw.yaml", MRPC / "train.tsv"), ("mrpc_smollm2_mezo.yaml", MRPC / "train.tsv"),
+     ("squad_smollm2_adamw.yaml", SQUAD), ("squad_smollm2_mezo.yaml", SQUAD), ("instruct_smollm2.yaml", None)],
+)
+def test_real_task_configs_on_the_tiny_model(config, needs, tmp_path, in_repo):
+    # the GPU configs' data and objective, with the model swapped for the tiny one: 2 steps, then test
+    if needs is not None and not needs.is_file():
+        pytest.skip(f"{needs} not found")
+    extra = list(TINY_MODEL)
+    if config.startswith("instruct"):
+        data = tmp_path / "train.jsonl"
+        rows = [{"prompt": f"review: {w}", "response": w} for w in ["good", "bad"] * 40]
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        extra += [f"--data.init_args.train_file={data}", f"--data.init_args.test_file={data}", "--test_after_fit=true"]
+    cli = run_cli(["fit", "--config", f"configs/{config}", *short(tmp_path), *extra])
+    assert cli.trainer.global_step == 2
+    metrics = cli.trainer.callback_metrics
+    if config.startswith("mrpc"):
+        assert cli.datamodule.label_token_ids is not None and "test_acc" in metrics
+    elif config.startswith("squad"):
+        assert {"test_em", "test_f1"} <= set(metrics)
+    else:
+        assert torch.isfinite(metrics["test_loss"])
+
+
+@needs_mrpc
+def test_mrpc_two_field_template_and_columns_on_the_command_line(tmp_path, in_repo, no_unexpected_warnings):
+    cli = run_cli([
+        "fit", "--config", "configs/full_ft_adamw.yaml", *short(tmp_path), "--trainer.callbacks=[]",
+        "--data.init_args.data_dir=../shared/data/mrpc", "--data.init_args.k=8", "--data.init_args.max_length=128",
+        "--data.init_args.template=sentence : {sentence1} . input : {sentence2} . answer :",
+        '--data.init_args.columns={label: Quality, sentence1: "#1 String", sentence2: "#2 String"}',
+        '--data.init_args.label_words=["no", "yes"]',  # quoted: YAML reads a bare no/yes as a bool
+    ])
+    dm = cli.datamodule
+    assert cli.trainer.global_step == 2 and len(dm._splits["train"]) == 16
+    assert dm.hparams.columns == {"label": "Quality", "sentence1": "#1 String", "sentence2": "#2 String"}
+    assert len(dm._splits["test"]) == 256 and "test_acc" in cli.trainer.callback_metrics  # test_limit of the config

@@ -32,8 +32,15 @@ def test_template_without_placeholder(tmp_path, in_repo):
 
 
 def test_multi_token_label_word(tmp_path, in_repo):
-    with pytest.raises(ValueError, match=r"Label word 'very good' tokenizes to 2 tokens .* must be one token"):
-        run(tmp_path, "--data.init_args.label_words=[very good, bad]")
+    # once refused ("must be one token"): now each label word is scored by its log-probability given the prompt
+    cli = run(tmp_path, "--data.init_args.label_words=[very good, bad]")
+    assert cli.trainer.global_step == 1
+    assert cli.datamodule.label_token_ids is None and cli.model.num_choices == 2
+
+
+def test_empty_label_word(tmp_path, in_repo):
+    with pytest.raises(ValueError, match=r"Label word '' tokenizes to nothing; pick a word with text in it"):
+        run(tmp_path, "--data.init_args.label_words=['', bad]")
 
 
 def test_k_larger_than_a_class(tmp_path, in_repo):

@@ -114,3 +114,13 @@ def test_lora_targets_that_match_nothing_name_the_fix():
         tiny_model(lora_rank=4, lora_targets=("query_proj",))
     with pytest.raises(ValueError, match="lora_rank must be >= 0"):
         tiny_model(lora_rank=-1)
+
+
+def test_model_name_or_path_with_model_config_is_an_error(tmp_path):
+    # it used to build the random-init model and ignore the (even missing) path without a word
+    from lightning_memopt.models import llama_config
+
+    with pytest.raises(ValueError, match=r"Both model_name_or_path=.*no_such_model.* and model_config were given: "
+                                         r"load a pretrained model with model_name_or_path and model_config=null"):
+        HFCausalLM(model_name_or_path=str(tmp_path / "no_such_model"), model_config=llama_config("tiny"),
+                   tokenizer="builtin")

@@ -1,20 +1,37 @@
-"""Prompt-classification data: k-shot sampling per class, a template, and one label word per class."""
+"""Prompt classification: k-shot sampling per class, a template over any columns, and a label word per class.
+
+Single-token label words take the fast path (the label words' logits at the last position). Label words of several
+tokens, or per-example ``choices``, are scored as sequences: the log-probability of each candidate given the prompt,
+as LM-BFF and MeZO score multiple choice.
+"""
 
 from __future__ import annotations
 
 import csv
 import os
 import random
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_memopt.data.synthetic import synthetic_sentiment
+from lightning_memopt.data.tables import (
+    Quoting,
+    Table,
+    check_template,
+    find_split,
+    read_table,
+    resolve_columns,
+    template_fields,
+)
 from lightning_memopt.tokenization import load_tokenizer
 
-Rows = list[tuple[int, str]]
+Rows = list[tuple[int, Any]]
+Scoring = Literal["auto", "sequence"]
+TEST_STEMS = ("dev", "validation", "test")
 
 
 def read_glue_tsv(path: str) -> Rows:
@@ -62,6 +79,9 @@ class _Encoded(torch.utils.data.Dataset):
 
 
 def left_pad_collate(pad_id: int):
+    """Left-pad prompts; items with ``choices`` (token ids per candidate) also get right-padded ``choice_ids``
+    ``[B, C, L]`` and ``choice_mask``."""
+
     def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = max(len(it["input_ids"]) for it in items)
         ids = torch.full((len(items), n), pad_id, dtype=torch.long)
@@ -70,31 +90,61 @@ def left_pad_collate(pad_id: int):
             L = len(it["input_ids"])
             ids[j, n - L :] = torch.tensor(it["input_ids"])
             mask[j, n - L :] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
+        batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([it["label"] for it in items])}
+        if "choices" in items[0]:
+            c = len(items[0]["choices"])
+            L = max(len(t) for it in items for t in it["choices"])
+            cids = torch.full((len(items), c, L), pad_id, dtype=torch.long)
+            cmask = torch.zeros((len(items), c, L), dtype=torch.long)
+            for j, it in enumerate(items):
+                for i, t in enumerate(it["choices"]):
+                    cids[j, i, : len(t)] = torch.tensor(t)
+                    cmask[j, i, : len(t)] = 1
+            batch.update(choice_ids=cids, choice_mask=cmask)
+        return batch
 
     return collate
 
 
 class PromptClassificationDataModule(LightningDataModule):
-    """k-shot prompt classification from a GLUE-style TSV folder, a ``datasets`` name, or the embedded task.
+    """k-shot prompt classification from a folder of TSV/CSV/JSONL files, a ``datasets`` name, or the embedded task.
 
     Validation is drawn from train (k per class, disjoint from the training sample); test is the dev split.
 
     Args:
-        data_dir: folder with ``train.tsv`` and ``dev.tsv`` (e.g. GLUE SST-2). ``None`` with ``dataset=None``
-            uses the embedded offline synthetic sentiment task.
+        data_dir: folder with ``train`` and ``dev`` (or ``validation``/``test``) files, each ``.tsv``, ``.csv`` or
+            ``.jsonl`` with a header (e.g. GLUE SST-2 or MRPC as distributed). ``None`` with ``dataset=None`` and
+            no ``train_file`` uses the embedded offline synthetic sentiment task.
         dataset: a Hugging Face ``datasets`` name such as ``"glue/sst2"`` (needs network).
-        template: prompt with a ``{sentence}`` placeholder.
-        label_words: one word per class, each a single token (mind the leading space for BPE tokenizers).
+        template: prompt with placeholders named after fields, e.g. ``"{sentence}"`` or
+            ``"{premise} Question: {hypothesis}?"``; ``{{``/``}}`` for literal braces.
+        label_words: one word per class (mind the leading space for BPE tokenizers). Single-token words use the
+            label-word logits at the last position; words of several tokens are scored as sequences.
         k: training examples per class; ``val_k`` validation examples per class (default ``k``).
         seed: sampling seed.
         tokenizer: tokenizer name/path; default: the LightningModule's ``tokenizer``.
         test_limit: use only the first N test rows (quick checks).
         shuffle: shuffle the training set each epoch.
+        columns: template field (or ``label``) -> the file's column, for fields not named like their column, e.g.
+            ``{label: Quality, sentence1: "#1 String", sentence2: "#2 String"}`` for GLUE MRPC. Unmapped fields
+            use the column of the same name; a lone ``{sentence}`` falls back to the first non-label column.
+        train_file, test_file: file names (inside ``data_dir``, or paths) instead of ``train.*`` and ``dev.*``.
+        quoting: ``"auto"`` reads ``.tsv`` unquoted (GLUE) and ``.csv`` with CSV quoting; ``"none"``/``"csv"``
+            force one.
+        label_map: raw label value -> class index or label word, for labels such as ``entailment``. Without it a
+            label may be an integer (the class index) or a label word itself (``" Yes"`` or ``Yes``).
+        choices: per-example candidate templates instead of fixed label words, e.g. ``[" {choice1}", " {choice2}"]``;
+            the label is the index of the right one (or its text). Always scored as sequences.
+        scoring: ``"auto"``: the label-word fast path when every label word is one token, sequence scoring
+            otherwise. ``"sequence"``: always score the candidates' summed log-probabilities.
 
     Example::
 
         dm = PromptClassificationDataModule(data_dir="../shared/data/sst2", k=512, seed=0)
+        mrpc = PromptClassificationDataModule(
+            data_dir="../shared/data/mrpc", template="{sentence1}\\nQuestion: Does that mean \\"{sentence2}\\"?"
+            " Yes or No?\\nAnswer:", label_words=[" No", " Yes"],
+            columns={"label": "Quality", "sentence1": "#1 String", "sentence2": "#2 String"})
     """
 
     def __init__(
@@ -114,34 +164,77 @@ class PromptClassificationDataModule(LightningDataModule):
         test_limit: Optional[int] = None,
         synthetic_size: int = 4000,
         shuffle: bool = True,
+        columns: Optional[dict[str, str]] = None,
+        train_file: Optional[str] = None,
+        test_file: Optional[str] = None,
+        quoting: Quoting = "auto",
+        label_map: Optional[dict[str, Union[int, str]]] = None,
+        choices: Optional[list[str]] = None,
+        scoring: Scoring = "auto",
     ) -> None:
         super().__init__()
-        if "{sentence}" not in template:
-            raise ValueError(f"The template {template!r} has no '{{sentence}}' placeholder; add one.")
+        self.fields = template_fields(template)
+        if not self.fields:
+            raise ValueError(
+                f"The template {template!r} has no '{{sentence}}' placeholder; add one (or placeholders named after "
+                f"your columns, such as '{{sentence1}}' and '{{sentence2}}')."
+            )
+        if "label" in self.fields:
+            raise ValueError(f"The template {template!r} uses {{label}}: the answer would be in the prompt.")
+        check_template(template, () if choices else tuple(label_words))
         if data_dir is not None and dataset is not None:
             raise ValueError("Give data_dir or dataset, not both.")
+        if dataset is not None and (train_file is not None or test_file is not None):
+            raise ValueError("train_file/test_file name files; give them with data_dir or alone, not with dataset.")
         if data_dir is not None and not os.path.isdir(data_dir):
             raise FileNotFoundError(
-                f"Data folder {data_dir!r} does not exist. Point data_dir at a folder with train.tsv and dev.tsv "
-                f"(GLUE format), or leave it unset for the embedded synthetic task."
+                f"Data folder {data_dir!r} does not exist. Point data_dir at a folder with train and dev files "
+                f"(.tsv, .csv or .jsonl, e.g. GLUE's train.tsv and dev.tsv), or leave it unset for the embedded "
+                f"synthetic task."
             )
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
+        if choices is not None:
+            if len(choices) < 2:
+                raise ValueError(f"choices={choices} needs at least two candidate templates.")
+            for c in choices:
+                template_fields(c)
+        elif len(label_words) < 2:
+            raise ValueError(f"label_words={label_words} needs a word per class, at least two.")
+        if scoring not in ("auto", "sequence"):
+            raise ValueError(f"scoring must be 'auto' or 'sequence', got {scoring!r}.")
         # The tokenizer name stays out of hparams: Lightning refuses to log a module and a datamodule whose shared
         # hparam keys differ (HFCausalLM has tokenizer="builtin", this one usually None).
         self.save_hyperparameters(ignore=["tokenizer"])
         self.tokenizer_name = tokenizer
         self.tokenizer = None
-        self.label_token_ids: Optional[list[int]] = None
+        self.label_token_ids: Optional[list[int]] = None  # set on the fast path (single-token label words)
+        self.num_choices: Optional[int] = None  # set when candidates are scored as sequences
+        self._choice_ids: Optional[list[list[int]]] = None
         self._splits: dict[str, _Encoded] = {}
+        self._test_missing = False
 
     # ---- sources ---------------------------------------------------------------------------------------------
-    def _load_rows(self) -> tuple[Rows, Rows]:
+    def _path(self, name: Optional[str], stems: tuple[str, ...], required: bool) -> Optional[str]:
         hp = self.hparams
-        if hp.data_dir is not None:
-            return read_glue_tsv(os.path.join(hp.data_dir, "train.tsv")), read_glue_tsv(
-                os.path.join(hp.data_dir, "dev.tsv")
+        if name is not None:
+            return name if hp.data_dir is None or os.path.isabs(name) else os.path.join(hp.data_dir, name)
+        if hp.data_dir is None:
+            return None
+        found = find_split(hp.data_dir, stems)
+        if found is None and required:
+            raise FileNotFoundError(
+                f"Data folder {hp.data_dir!r} has no {' or '.join(stems)} file (.tsv, .csv or .jsonl); it holds "
+                f"{sorted(os.listdir(hp.data_dir))}. Name the files with train_file=... and test_file=...."
             )
+        return found
+
+    def _tables(self) -> tuple[Table, Optional[Table]]:
+        hp = self.hparams
+        if hp.data_dir is not None or hp.train_file is not None:
+            train = read_table(self._path(hp.train_file, ("train",), True), hp.quoting)
+            test_path = self._path(hp.test_file, TEST_STEMS, hp.data_dir is not None)
+            return train, (read_table(test_path, hp.quoting) if test_path else None)
         if hp.dataset is not None:
             try:
                 import datasets
@@ -149,10 +242,67 @@ class PromptClassificationDataModule(LightningDataModule):
                 raise ImportError("dataset=... needs the datasets package: pip install datasets.") from None
             name, _, cfg = hp.dataset.partition("/")
             ds = datasets.load_dataset(name, cfg or None)
-            text = next(c for c in ds["train"].column_names if c not in ("label", "idx"))
-            conv = lambda split: [(int(r["label"]), r[text]) for r in ds[split]]  # noqa: E731
-            return conv("train"), conv("validation")
-        return synthetic_sentiment(hp.synthetic_size, seed=1234), synthetic_sentiment(400, seed=4321)
+
+            def split(name: str) -> Table:
+                return Table(f"{hp.dataset}[{name}]", [c for c in ds[name].column_names if c != "idx"],
+                             [dict(r) for r in ds[name]])
+
+            return split("train"), split("validation")
+
+        def synthetic(rows: list[tuple[int, str]], name: str) -> Table:
+            return Table(name, ["label", "sentence"], [{"label": y, "sentence": s} for y, s in rows])
+
+        return (synthetic(synthetic_sentiment(hp.synthetic_size, seed=1234), "the synthetic task"),
+                synthetic(synthetic_sentiment(400, seed=4321), "the synthetic test set"))
+
+    def _rows(self, table: Table) -> Rows:
+        """(class index, {field: text}) per row, with the fields of the template and the choices."""
+        hp = self.hparams
+        columns = dict(hp.columns or {})
+        fields = list(dict.fromkeys(self.fields + [f for c in hp.choices or [] for f in template_fields(c)]))
+        label_col = columns.get("label", "label")
+        if label_col not in table.columns:
+            raise ValueError(
+                f"{table.path}: the label column {label_col!r} is not in the file; its columns are {table.columns}. "
+                f"Name it with columns={{'label': '<one of those>'}}."
+            )
+        if fields == ["sentence"] and "sentence" not in columns and "sentence" not in table.columns:
+            # GLUE single-text files name the text column differently (SST-2's dev.tsv says 'content')
+            others = [c for c in table.columns if c != label_col]
+            if others:
+                columns["sentence"] = others[0]
+        cols = resolve_columns(table, fields, columns)
+        out = []
+        for r in table.rows:
+            values = {f: str(r[c]).strip() for f, c in cols.items()}
+            out.append((self._label(r[label_col], values, table.path), values))
+        return out
+
+    def _label(self, raw: Any, values: dict[str, str], path: str) -> int:
+        hp = self.hparams
+        words = [c.format(**values) for c in hp.choices] if hp.choices else list(hp.label_words)
+        what = "choice" if hp.choices else "label word"
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            raise ValueError(f"{path}: a row has an empty label; fill it in or drop the row.")
+        y: Any = raw
+        if hp.label_map is not None and str(raw).strip() in hp.label_map:
+            y = hp.label_map[str(raw).strip()]
+        if isinstance(y, str):
+            s = y.strip()
+            if s.lstrip("-").isdigit():
+                y = int(s)
+            else:
+                match = [i for i, w in enumerate(words) if w.strip().lower() == s.lower()]
+                if not match:
+                    raise ValueError(
+                        f"{path}: the label {raw!r} is neither a class index nor one of the {what}s {words}; map each "
+                        f"label value with label_map={{'{raw}': 0, ...}} (class index or label word)."
+                    )
+                y = match[0]
+        y = int(y)
+        if not 0 <= y < len(words):
+            raise ValueError(f"Label {y} has no {what} ({'choices' if hp.choices else 'label_words'}={words}).")
+        return y
 
     def _resolve_tokenizer(self):
         if self.tokenizer is not None:
@@ -166,40 +316,58 @@ class PromptClassificationDataModule(LightningDataModule):
                 raise ValueError("No tokenizer: pass tokenizer=... or use a LightningModule with a .tokenizer.")
         return self.tokenizer
 
-    def label_ids(self, tokenizer) -> list[int]:
-        ids = []
-        for w in self.hparams.label_words:
-            t = tokenizer(w, add_special_tokens=False)["input_ids"]
-            if len(t) != 1:
-                raise ValueError(
-                    f"Label word {w!r} tokenizes to {len(t)} tokens {t}; each label word must be one token. "
-                    f"Pick another word, or try it with/without a leading space."
-                )
-            ids.append(t[0])
-        if len(set(ids)) != len(ids):
-            raise ValueError(f"Label words {self.hparams.label_words} map to repeated token ids {ids}.")
+    def _word_ids(self, tokenizer) -> list[list[int]]:
+        words = self.hparams.label_words
+        ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+        for w, t in zip(words, ids):
+            if not t:
+                raise ValueError(f"Label word {w!r} tokenizes to nothing; pick a word with text in it.")
+        if len({tuple(t) for t in ids}) != len(ids):
+            raise ValueError(f"Label words {words} map to repeated token ids {ids}.")
         return ids
+
+    def label_ids(self, tokenizer) -> Optional[list[int]]:
+        """The label words' token ids when each is one token and ``scoring="auto"`` (the fast path), else None."""
+        if self.hparams.choices is not None:
+            return None
+        ids = self._word_ids(tokenizer)
+        if self.hparams.scoring == "auto" and all(len(t) == 1 for t in ids):
+            return [t[0] for t in ids]
+        return None
 
     def _encode(self, rows: Rows, tokenizer) -> _Encoded:
         hp = self.hparams
         items = []
-        for y, sentence in rows:
-            if not 0 <= y < len(hp.label_words):
-                raise ValueError(f"Label {y} has no label word (label_words={hp.label_words}).")
-            text = hp.template.format(sentence=sentence.strip())
+        for y, values in rows:
+            text = hp.template.format(**values)
             ids = tokenizer(text, add_special_tokens=True)["input_ids"]
             if len(ids) > hp.max_length:  # keep the template's tail, where the answer goes
                 ids = ids[-hp.max_length :]
-            items.append({"input_ids": ids, "label": y})
+            item: dict[str, Any] = {"input_ids": ids, "label": y}
+            if hp.choices is not None:
+                item["choices"] = [tokenizer(c.format(**values), add_special_tokens=False)["input_ids"] or
+                                   [tokenizer.unk_token_id] for c in hp.choices]
+            elif self._choice_ids is not None:
+                item["choices"] = self._choice_ids
+            items.append(item)
         return _Encoded(items)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._splits:
             return
+        hp = self.hparams
         tok = self._resolve_tokenizer()
         self.label_token_ids = self.label_ids(tok)
-        train_rows, test_rows = self._load_rows()
-        hp = self.hparams
+        if self.label_token_ids is None:
+            self._choice_ids = None if hp.choices is not None else self._word_ids(tok)
+            self.num_choices = len(hp.choices) if hp.choices is not None else len(hp.label_words)
+            lens = [len(t) for t in self._choice_ids] if self._choice_ids else "per example"
+            rank_zero_info(f"PromptClassificationDataModule: scoring {self.num_choices} candidates as sequences "
+                           f"(token lengths {lens}).")
+        train_table, test_table = self._tables()
+        train_rows = self._rows(train_table)
+        test_rows = self._rows(test_table) if test_table is not None else []
+        self._test_missing = test_table is None
         train, used = k_shot(train_rows, hp.k, hp.seed)
         val, _ = k_shot(train_rows, hp.val_k or hp.k, hp.seed + 1, exclude=used)
         if hp.test_limit is not None:
@@ -207,8 +375,11 @@ class PromptClassificationDataModule(LightningDataModule):
         self._splits = {"train": self._encode(train, tok), "val": self._encode(val, tok),
                         "test": self._encode(test_rows, tok)}
         module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is not None and hasattr(module, "set_label_token_ids"):
-            module.set_label_token_ids(self.label_token_ids)
+        if module is not None:
+            if self.label_token_ids is not None and hasattr(module, "set_label_token_ids"):
+                module.set_label_token_ids(self.label_token_ids)
+            elif self.num_choices is not None and hasattr(module, "set_num_choices"):
+                module.set_num_choices(self.num_choices)
 
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -231,4 +402,6 @@ class PromptClassificationDataModule(LightningDataModule):
         return self._loader("val", self.hparams.eval_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:
+        if self._test_missing:
+            raise ValueError("No test data: give test_file=... (a .tsv, .csv or .jsonl) along with train_file.")
         return self._loader("test", self.hparams.eval_batch_size, False)

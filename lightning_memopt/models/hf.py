@@ -21,8 +21,9 @@ from torch import Tensor
 from lightning_memopt.core.holder import no_decay
 from lightning_memopt.tokenization import load_tokenizer, split_gguf
 
-Objective = Literal["classification", "lm"]
+Objective = Literal["classification", "lm", "generation"]
 Schedule = Literal["constant", "linear", "cosine"]
+Reduction = Literal["sum", "mean"]
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -44,6 +45,12 @@ def load_hf_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    if model_config is not None and model_name_or_path:
+        raise ValueError(
+            f"Both model_name_or_path={model_name_or_path!r} and model_config were given: load a pretrained model "
+            f"with model_name_or_path and model_config=null (--model.init_args.model_config=null on the command "
+            f"line), or build a random-init model with model_config and no model_name_or_path."
+        )
     if model_config is not None:
         cfg = dict(model_config)
         model_type = cfg.pop("model_type", None)
@@ -115,7 +122,10 @@ class HFCausalLM(LightningModule):
         gguf_file: GGUF file name inside ``model_name_or_path`` (alternative to giving the file path).
         tokenizer: tokenizer name/path; defaults to ``model_name_or_path``, or ``"builtin"`` for ``model_config``.
         objective: ``"classification"`` (cross-entropy over label-word logits at the last position, without
-            projecting onto the whole vocabulary) or ``"lm"`` (causal-LM loss on the text).
+            projecting onto the whole vocabulary; or, when the DataModule gives candidate token sequences, over
+            the candidates' log-probabilities), ``"lm"`` (causal-LM loss on the text, or on the tokens a batch's
+            ``lm_labels`` keep) or ``"generation"`` (loss on the answer tokens; validation and test generate
+            answers greedily and log exact match and token F1 as ``val_em``/``val_f1``/``test_em``/``test_f1``).
         lr, weight_decay, betas: AdamW settings (the module's own optimizer; callbacks adapt it).
         lr_schedule, warmup_steps: a per-step LambdaLR schedule.
         torch_dtype: e.g. ``"bfloat16"`` to load weights in that dtype.
@@ -123,6 +133,13 @@ class HFCausalLM(LightningModule):
         lora_rank: above 0, wrap the model with peft LoRA adapters of this rank on ``lora_targets`` and train
             only them (needs ``pip install lightning_memopt[peft]``). 0 trains every weight.
         lora_alpha, lora_targets: the adapters' scale numerator (``lora_alpha / lora_rank``) and target modules.
+        choice_reduction: how a multi-token candidate's score combines its tokens' log-probabilities: ``"sum"``
+            (the sequence log-probability) or ``"mean"`` (per token, which favours long candidates less).
+        max_new_tokens: generation: the most tokens generated per answer (greedy).
+        stop_text: generation: an answer ends at the first occurrence of this text (and at the EOS token);
+            ``None`` stops at EOS only.
+        train_generate: generation: ``training_step`` also generates answers and returns them as ``preds`` with
+            the references as ``target``, so ``MeZO(metric="lightning_memopt.metrics.AnswerF1")`` optimizes F1.
 
     Example::
 
@@ -150,10 +167,20 @@ class HFCausalLM(LightningModule):
         lora_rank: int = 0,
         lora_alpha: float = 16.0,
         lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+        choice_reduction: Reduction = "sum",
+        max_new_tokens: int = 32,
+        stop_text: Optional[str] = "\n",
+        train_generate: bool = False,
     ) -> None:
         super().__init__()
-        if objective not in ("classification", "lm"):
-            raise ValueError(f"objective must be 'classification' or 'lm', got {objective!r}.")
+        if objective not in ("classification", "lm", "generation"):
+            raise ValueError(f"objective must be 'classification', 'lm' or 'generation', got {objective!r}.")
+        if choice_reduction not in ("sum", "mean"):
+            raise ValueError(f"choice_reduction must be 'sum' or 'mean', got {choice_reduction!r}.")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}.")
+        if train_generate and objective != "generation":
+            raise ValueError("train_generate=True generates answers for objective='generation'; set that objective.")
         self.save_hyperparameters()
         self.model = load_hf_model(
             model_name_or_path, model_config, gguf_file, torch_dtype, attn_implementation, init_seed,
@@ -175,32 +202,50 @@ class HFCausalLM(LightningModule):
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.label_token_ids: Optional[list[int]] = None
+        self.num_choices: Optional[int] = None
         self._metrics_ready = False
+        if objective == "generation":
+            from lightning_memopt.metrics import AnswerEM, AnswerF1
+
+            self.val_em, self.val_f1, self.test_em, self.test_f1 = AnswerEM(), AnswerF1(), AnswerEM(), AnswerF1()
 
     # ---- label words and metrics -------------------------------------------------------------------------------
     def set_label_token_ids(self, ids: list[int]) -> None:
         """Set the label-word token ids (the DataModule calls this) and build accuracy/F1 metrics."""
-        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
-
         self.label_token_ids = [int(i) for i in ids]
-        n = len(self.label_token_ids)
-        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
-        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
-        self.test_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.num_choices = None
+        self._build_class_metrics(len(self.label_token_ids))
         head = self.model.get_output_embeddings()
         if not isinstance(head, torch.nn.Linear):
             raise TypeError(f"Prompt classification needs a Linear output embedding, got {type(head).__name__}.")
         head.forward = types.MethodType(_label_head_forward, head)
         head._memopt_label_ids = None
+
+    def set_num_choices(self, n: int) -> None:
+        """Score ``n`` candidate sequences per example (multi-token label words or per-example choices): batches
+        carry ``choice_ids``/``choice_mask`` ``[B, n, L]`` and the label-word fast path is off."""
+        self.label_token_ids = None
+        self.num_choices = int(n)
+        self._build_class_metrics(self.num_choices)
+
+    def _build_class_metrics(self, n: int) -> None:
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
+        self.val_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.val_f1 = MulticlassF1Score(num_classes=n, average="macro")
+        self.test_acc = MulticlassAccuracy(num_classes=n, average="micro")
+        self.test_f1 = MulticlassF1Score(num_classes=n, average="macro")
         self._metrics_ready = True
 
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         ids = getattr(dm, "label_token_ids", None)
+        n = getattr(dm, "num_choices", None)
         if ids is not None and self.label_token_ids != list(ids):
             self.set_label_token_ids(list(ids))
-        if self.hparams.objective == "classification" and self.label_token_ids is None:
+        elif ids is None and n is not None and self.num_choices != n:
+            self.set_num_choices(n)
+        if self.hparams.objective == "classification" and self.label_token_ids is None and self.num_choices is None:
             raise ValueError(
                 "objective='classification' needs label words: use PromptClassificationDataModule (it sets them) or "
                 "call model.set_label_token_ids([...]) before fit."
@@ -217,12 +262,27 @@ class HFCausalLM(LightningModule):
             head._memopt_label_ids = None
 
     # ---- forward -----------------------------------------------------------------------------------------------
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-        """Label-word logits ``[B, n_labels]`` at the last position (classification) or LM logits."""
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Optional[Tensor] = None,
+        choice_ids: Optional[Tensor] = None,
+        choice_mask: Optional[Tensor] = None,
+    ) -> Tensor:
+        """Label-word logits ``[B, n_labels]`` at the last position (classification), candidate scores ``[B, C]``
+        when ``choice_ids`` are given, or LM logits."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if choice_ids is not None:
+            return self.choice_scores(input_ids, attention_mask, choice_ids, choice_mask)
         position_ids = position_ids_from_mask(attention_mask)
         if self.hparams.objective == "classification":
+            if self.label_token_ids is None:
+                raise ValueError(
+                    "This HFCausalLM scores candidate sequences (label words of several tokens, or per-example "
+                    "choices): call it with choice_ids and choice_mask. Code that calls model(input_ids, "
+                    "attention_mask), such as DFOLoRA, needs single-token label words."
+                )
             with self._label_only():
                 out = self.model(
                     input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -232,6 +292,33 @@ class HFCausalLM(LightningModule):
         return self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).logits
+
+    def choice_scores(
+        self, input_ids: Tensor, attention_mask: Tensor, choice_ids: Tensor, choice_mask: Optional[Tensor] = None
+    ) -> Tensor:
+        """Each candidate's log-probability given its (left-padded) prompt: ``[B, C]``.
+
+        Every (prompt, candidate) pair is one sequence: the prompt, then the candidate's tokens right-padded. The
+        logits at the last ``L + 1`` positions are all that is projected: position ``T - 1 + j`` predicts token ``j``.
+        ``choice_reduction`` sums the log-probabilities (LM-BFF, MeZO) or averages them per token.
+        """
+        B, T = input_ids.shape
+        C, L = choice_ids.shape[1], choice_ids.shape[2]
+        if choice_mask is None:
+            choice_mask = torch.ones_like(choice_ids)
+        ids = torch.cat([input_ids.unsqueeze(1).expand(B, C, T), choice_ids], dim=-1).reshape(B * C, T + L)
+        mask = torch.cat([attention_mask.unsqueeze(1).expand(B, C, T), choice_mask], dim=-1).reshape(B * C, T + L)
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+            logits_to_keep=L + 1,
+        )
+        logp = out.logits[:, :-1].float().log_softmax(-1)
+        tok = logp.gather(-1, choice_ids.reshape(B * C, L, 1)).squeeze(-1)
+        m = choice_mask.reshape(B * C, L).to(tok.dtype)
+        score = (tok * m).sum(-1)
+        if self.hparams.choice_reduction == "mean":
+            score = score / m.sum(-1).clamp(min=1)
+        return score.view(B, C)
 
     def lm_loss(self, batch: dict[str, Tensor]) -> Tensor:
         input_ids, mask = batch["input_ids"], batch.get("attention_mask")
@@ -246,23 +333,105 @@ class HFCausalLM(LightningModule):
         )
         return out.loss
 
+    # ---- generation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate_ids(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                     max_new_tokens: Optional[int] = None) -> list[list[int]]:
+        """Greedy continuations of left-padded prompts (a plain KV-cache loop), each up to its EOS/stop token."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        n_new = int(max_new_tokens or self.hparams.max_new_tokens)
+        stop = torch.tensor(sorted(self._stop_ids()), dtype=torch.long, device=input_ids.device)
+        B = input_ids.shape[0]
+        mask = attention_mask.long()
+        pos = position_ids_from_mask(mask)
+        out_ids: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        was_training = self.model.training
+        self.model.eval()  # HF turns the cache off in training mode under gradient checkpointing
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                             logits_to_keep=1)
+            for step in range(n_new):
+                nxt = out.logits[:, -1].argmax(-1)
+                for b in (~done).nonzero().flatten().tolist():
+                    out_ids[b].append(int(nxt[b]))
+                done |= torch.isin(nxt, stop)
+                if step == n_new - 1 or self._all_done(done):
+                    break
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+                pos = pos[:, -1:] + 1
+                # transformers 5 calls the KV cache `cache`; 4.x `past_key_values`
+                kv = {"cache": out.cache} if hasattr(out, "cache") else {"past_key_values": out.past_key_values}
+                out = self.model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **kv)
+        finally:
+            self.model.train(was_training)
+        return out_ids
+
+    def generate_text(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                      max_new_tokens: Optional[int] = None) -> list[str]:
+        """Greedy answers as text: special tokens dropped, cut at ``stop_text``, stripped."""
+        stop_text = self.hparams.stop_text
+        texts = []
+        for ids in self.generate_ids(input_ids, attention_mask, max_new_tokens):
+            t = self.tokenizer.decode(ids, skip_special_tokens=True)
+            if stop_text:
+                t = t.split(stop_text, 1)[0]
+            texts.append(t.strip())
+        return texts
+
+    def _stop_ids(self) -> set[int]:
+        tok = self.tokenizer
+        ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+        if self.hparams.stop_text:
+            t = tok(self.hparams.stop_text, add_special_tokens=False)["input_ids"]
+            if len(t) == 1:
+                ids.add(t[0])
+        return ids
+
+    @staticmethod
+    def _all_done(done: Tensor) -> bool:
+        # Under FSDP every rank must run the same number of forwards (each all-gathers): stop together.
+        flag = done.all().to(torch.int32)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag)
+
+    # ---- steps -------------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.hparams.objective == "lm":
+        objective = self.hparams.objective
+        if objective == "generation" and not {"lm_labels", "prompt_ids", "answers"} <= set(batch):
+            raise ValueError(
+                "objective='generation' needs batches with lm_labels, prompt_ids and answers: use SQuADDataModule or "
+                "InstructionDataModule (for label words use objective='classification')."
+            )
+        if objective in ("lm", "generation"):
             return {"loss": self.lm_loss(batch)}
-        logits = self(batch["input_ids"], batch.get("attention_mask"))
+        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("choice_ids"),
+                      batch.get("choice_mask"))
         loss = F.cross_entropy(logits, batch["labels"])
         return {"loss": loss, "logits": logits.detach(), "labels": batch["labels"]}
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         out = self._step(batch)
         self.log("train_loss", out["loss"].detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if self.hparams.train_generate:  # for a metric objective (MeZO(metric=...)): answers and references
+            out["preds"] = self.generate_text(batch["prompt_ids"], batch.get("prompt_mask"))
+            out["target"] = batch["answers"]
         return out
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
         out = self._step(batch)
         bs = batch["input_ids"].shape[0]
         self.log(f"{prefix}_loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
-        if "logits" in out and self._metrics_ready:
+        if self.hparams.objective == "generation":
+            preds = self.generate_text(batch["prompt_ids"], batch.get("prompt_mask"))
+            em, f1 = getattr(self, f"{prefix}_em"), getattr(self, f"{prefix}_f1")
+            em(preds, batch["answers"])
+            f1(preds, batch["answers"])
+            self.log(f"{prefix}_em", em, prog_bar=True, batch_size=bs)
+            self.log(f"{prefix}_f1", f1, prog_bar=True, batch_size=bs)
+        elif "logits" in out and self._metrics_ready:
             acc, f1 = getattr(self, f"{prefix}_acc"), getattr(self, f"{prefix}_f1")
             acc(out["logits"], out["labels"])
             f1(out["logits"], out["labels"])

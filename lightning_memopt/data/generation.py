@@ -1,0 +1,115 @@
+"""Batches for generation tasks: prompt + answer with a loss on the answer tokens only, plus the bare prompt and the
+reference answers for greedy-generation evaluation.
+
+A batch has ``input_ids``/``attention_mask`` (prompt and answer, left-padded), ``lm_labels`` (``-100`` except on
+answer tokens: ``HFCausalLM.lm_loss`` uses them), ``prompt_ids``/``prompt_mask`` (the prompt alone, left-padded) and
+``answers`` (a list of reference strings per example).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader
+
+from lightning_memopt.tokenization import load_tokenizer
+
+IGNORE = -100
+
+
+def make_item(segments: list[tuple[list[int], bool]], answers: list[str], max_length: int) -> dict[str, Any]:
+    """An example from token segments ``(ids, is_answer)``: the loss covers answer segments; the generation prompt
+    is everything before the last answer segment. Too long: the oldest prompt tokens go first."""
+    ids, labels = [], []
+    prompt_end = 0
+    for seg, is_answer in segments:
+        if is_answer:
+            prompt_end = len(ids)
+        ids += seg
+        labels += seg if is_answer else [IGNORE] * len(seg)
+    prompt = ids[:prompt_end]
+    if len(ids) > max_length:
+        ids, labels = ids[-max_length:], labels[-max_length:]
+    if len(prompt) > max_length:
+        prompt = prompt[-max_length:]
+    return {"input_ids": ids, "lm_labels": labels, "prompt_ids": prompt, "answers": answers}
+
+
+def _left_pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(1, max(len(s) for s in seqs))
+    out = torch.full((len(seqs), n), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        if s:
+            out[j, n - len(s) :] = torch.tensor(s)
+            mask[j, n - len(s) :] = 1
+    return out, mask
+
+
+def generation_collate(pad_id: int):
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        ids, mask = _left_pad([it["input_ids"] for it in items], pad_id)
+        labels, _ = _left_pad([it["lm_labels"] for it in items], IGNORE)
+        prompt, prompt_mask = _left_pad([it["prompt_ids"] for it in items], pad_id)
+        return {"input_ids": ids, "attention_mask": mask, "lm_labels": labels, "prompt_ids": prompt,
+                "prompt_mask": prompt_mask, "answers": [list(it["answers"]) for it in items]}
+
+    return collate
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.items[i]
+
+
+class GenerationDataModuleBase(LightningDataModule):
+    """Tokenizer resolution and loaders shared by the generation DataModules; subclasses build the splits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokenizer = None
+        self._splits: dict[str, _Items] = {}
+
+    def _resolve_tokenizer(self, name: Optional[str]):
+        if self.tokenizer is None:
+            if name is not None:
+                self.tokenizer = load_tokenizer(name)
+            else:
+                module = self.trainer.lightning_module if self.trainer is not None else None
+                self.tokenizer = getattr(module, "tokenizer", None)
+                if self.tokenizer is None:
+                    raise ValueError("No tokenizer: pass tokenizer=... or use a LightningModule with a .tokenizer.")
+        return self.tokenizer
+
+    def _build(self, tokenizer) -> dict[str, list[dict[str, Any]]]:
+        raise NotImplementedError
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if not self._splits:
+            tok = self._resolve_tokenizer(self.tokenizer_name)
+            self._splits = {k: _Items(v) for k, v in self._build(tok).items()}
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> Any:
+        if not len(self._splits.get(split, ())):
+            return []  # Lightning skips an empty list quietly
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ds = self._splits[split]
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=generation_collate(pad),
+                          num_workers=self.hparams.num_workers, drop_last=split == "train" and len(ds) >= batch_size)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
+
+    def val_dataloader(self) -> Any:
+        return self._loader("val", self.hparams.eval_batch_size)
+
+    def test_dataloader(self) -> Any:
+        return self._loader("test", self.hparams.eval_batch_size)

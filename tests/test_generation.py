@@ -1,0 +1,193 @@
+"""Generation: SQuAD-format QA split by article, greedy decoding, EM/F1, instruction data, MeZO on F1."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import pytest
+import torch
+from conftest import SQUAD, needs_squad
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_memopt.data.generation import IGNORE, generation_collate
+from lightning_memopt.data.instruct import InstructionDataModule
+from lightning_memopt.data.qa import SQuADDataModule, read_squad
+from lightning_memopt.metrics import AnswerEM, AnswerF1, answer_f1, exact_match, normalize_answer
+from lightning_memopt.models import HFCausalLM, llama_config
+from lightning_memopt.testing import tiny_model, tiny_trainer
+
+CASES = [  # (prediction, references)
+    ("The Normans", ["Normans", "the Normans"]),
+    ("in the 10th and 11th centuries", ["10th and 11th centuries", "in the 10th and 11th centuries"]),
+    ("Denmark, Iceland", ["Denmark, Iceland and Norway"]),
+    ("Rollo", ["Richard I"]),
+    ("", ["Rollo"]),
+]
+
+
+def test_answer_metrics_agree_with_torchmetrics_squad():
+    from torchmetrics.text import SQuAD
+
+    ref = SQuAD()
+    preds = [{"prediction_text": p, "id": str(i)} for i, (p, _) in enumerate(CASES)]
+    target = [{"answers": {"text": r, "answer_start": [0] * len(r)}, "id": str(i)} for i, (_, r) in enumerate(CASES)]
+    want = ref(preds, target)
+    em, f1 = AnswerEM(), AnswerF1()
+    assert float(em([p for p, _ in CASES], [r for _, r in CASES])) == pytest.approx(float(want["exact_match"]) / 100)
+    assert float(f1([p for p, _ in CASES], [r for _, r in CASES])) == pytest.approx(float(want["f1"]) / 100, abs=1e-5)
+    assert normalize_answer("The  Cat, a dog!") == "cat dog"
+    assert exact_match("the Normans.", "Normans") == 1.0
+    assert answer_f1("Denmark, Iceland", ["Norway", "Iceland, Denmark"]) == 1.0
+    assert AnswerF1.higher_is_better and AnswerF1()("Rollo", "Rollo") == 1.0
+
+
+def test_greedy_generation_matches_recomputing_every_token():
+    m = tiny_model(objective="generation").eval()
+    prompts = [[5, 20, 31, 42, 9], [8, 25]]
+    ids = torch.tensor([prompts[0], [0, 0, 0, *prompts[1]]])
+    mask = torch.tensor([[1] * 5, [0, 0, 0, 1, 1]])
+    got = m.generate_ids(ids, mask, max_new_tokens=6)
+    for p, g in zip(prompts, got):
+        x, want = list(p), []
+        with torch.no_grad():
+            for _ in range(6):  # no cache, no padding: the definition of greedy decoding
+                t = int(m.model(input_ids=torch.tensor([x])).logits[0, -1].argmax())
+                want.append(t)
+                x.append(t)
+                if t == m.tokenizer.eos_token_id:
+                    break
+        assert g == want
+
+
+@needs_squad
+def test_squad_split_by_article_and_answer_only_loss():
+    dm = SQuADDataModule(data_file=str(SQUAD), train_articles=[0, 1, "Southern_California"], test_articles=[3, 4],
+                         tokenizer="builtin", val_size=16)
+    dm.setup()
+    arts = read_squad(str(SQUAD))
+    answerable = [sum(not q["is_impossible"] for q in qs) for _, qs in arts]
+    assert sum(answerable) == 705
+    assert len(dm._splits["train"]) + len(dm._splits["val"]) == sum(answerable[:3])
+    assert len(dm._splits["val"]) == 16 and len(dm._splits["test"]) == sum(answerable[3:])
+    tok = dm.tokenizer
+    item = dm._splits["train"][0]
+    answer = [t for t, y in zip(item["input_ids"], item["lm_labels"]) if y != IGNORE]
+    assert answer[-1] == tok.eos_token_id and item["input_ids"][: len(item["prompt_ids"])] == item["prompt_ids"]
+    assert item["input_ids"][len(item["prompt_ids"]) :] == answer  # the loss covers exactly the answer
+    with pytest.raises(ValueError, match=r"Articles \[3\] are both in train_articles and test_articles"):
+        SQuADDataModule(data_file=str(SQUAD), train_articles=[0, 3], test_articles=[3], tokenizer="builtin").setup()
+    with pytest.raises(ValueError, match=r"no article titled 'Paris'; its titles are \['Normans'"):
+        SQuADDataModule(data_file=str(SQUAD), test_articles=["Paris"], tokenizer="builtin").setup()
+    every = SQuADDataModule(data_file=str(SQUAD), answerable_only=False, tokenizer="builtin", val_size=0)
+    every.setup()
+    assert len(every._splits["train"]) == sum(len(qs) for _, qs in arts[:3])  # default: last 40% of articles test
+
+
+@needs_squad
+def test_squad_generation_fit_then_em_f1(no_unexpected_warnings):
+    dm = SQuADDataModule(data_file=str(SQUAD), train_articles=[0, 1, 2], test_articles=[3, 4], batch_size=4,
+                         eval_batch_size=8, max_length=256, test_limit=16, val_size=8)
+    m = tiny_model(objective="generation", max_new_tokens=4)
+    trainer = tiny_trainer(max_steps=2, limit_val_batches=1, val_check_interval=2)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    trainer.fit(m, dm)
+    assert trainer.global_step == 2 and any(not torch.equal(before[n], p) for n, p in m.named_parameters())
+    assert {"val_em", "val_f1", "val_loss"} <= set(trainer.callback_metrics)
+    res = trainer.test(m, dm, verbose=False)[0]
+    assert 0.0 <= res["test_em"] <= res["test_f1"] + 1e-6 <= 1.0 + 1e-6 and res["test_loss"] > 0
+
+
+def test_train_generate_returns_preds_and_targets_for_a_metric():
+    m = tiny_model(objective="generation", train_generate=True, max_new_tokens=3)
+    tok = m.tokenizer
+    prompt, answer = tok("review : good answer :")["input_ids"], tok("positive")["input_ids"]
+    items = [{"input_ids": prompt + answer, "lm_labels": [IGNORE] * len(prompt) + answer, "prompt_ids": prompt,
+              "answers": ["positive", "good"]}]
+    batch = generation_collate(tok.pad_token_id)(items * 2)
+    out = m.training_step(batch, 0)
+    assert out["loss"].requires_grad and out["target"] == [["positive", "good"]] * 2
+    assert len(out["preds"]) == 2 and all(isinstance(p, str) for p in out["preds"])
+    assert out["preds"] == m.generate_text(batch["prompt_ids"], batch["prompt_mask"])
+    assert 0.0 <= float(AnswerF1()(out["preds"], out["target"])) <= 1.0
+    with pytest.raises(ValueError, match="train_generate=True generates answers for objective='generation'"):
+        tiny_model(train_generate=True)
+
+
+def _toy_prompts() -> list[str]:
+    from lightning_memopt.data.synthetic import NEGATIVE, NEUTRAL, POSITIVE
+
+    return [f"review: {w} {n} . sentiment :" for w in POSITIVE + NEGATIVE for n in NEUTRAL[:4]]
+
+
+@pytest.mark.xfail(strict=False, raises=MisconfigurationException, reason="needs MeZO preds/target support from main")
+def test_mezo_on_the_f1_objective_raises_f1(tmp_path):
+    from lightning_memopt.mezo.callback import MeZO
+
+    # vocabulary = the builtin tokenizer's, so every generated token is a word
+    m = HFCausalLM(model_config=llama_config("tiny", vocab_size=98), tokenizer="builtin", objective="generation",
+                   train_generate=True, max_new_tokens=1, lr=1e-4)
+    path = tmp_path / "toy.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p, "response": "x"}) + "\n" for p in _toy_prompts()))
+    probe = InstructionDataModule(train_file=str(path), tokenizer="builtin")
+    probe.setup()
+    batch = generation_collate(0)(probe._splits["train"].items)
+    words = collections.Counter(m.generate_text(batch["prompt_ids"], batch["prompt_mask"])).most_common()
+    # the toy answer: a word the untrained model gives for a minority of the prompts (F1 well below 1, above 0)
+    answer = next(w for w, c in words if 0 < c < len(batch["answers"]) / 2 and w)
+    path.write_text("".join(json.dumps({"prompt": p, "response": answer}) + "\n" for p in _toy_prompts()))
+    dm = InstructionDataModule(train_file=str(path), val_file=str(path), batch_size=32, eval_batch_size=256)
+
+    def f1() -> float:
+        return float(tiny_trainer(limit_val_batches=1).validate(m, dm, verbose=False)[0]["val_f1"])
+
+    before = f1()
+    trainer = tiny_trainer(max_steps=40, callbacks=[MeZO(eps=1e-2, seed=0, metric="lightning_memopt.metrics.AnswerF1")])
+    trainer.fit(m, dm)
+    after = f1()
+    assert before < 0.5 and after > before + 0.3
+
+
+def test_instruction_data_fit_plain_format(tmp_path, no_unexpected_warnings):
+    path = tmp_path / "sft.jsonl"
+    rows = [{"prompt": f"review: {w} film", "response": "positive" if i % 2 else "negative"}
+            for i, w in enumerate(["good", "bad", "great", "dull"] * 3)]
+    rows.append({"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "review: fun"},
+                              {"role": "assistant", "content": "positive"}, {"role": "user", "content": "sure ?"},
+                              {"role": "assistant", "content": "yes"}]})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = InstructionDataModule(train_file=str(path), test_file=str(path), val_size=4, batch_size=4)
+    m = tiny_model(objective="lm")
+    trainer = tiny_trainer(max_steps=2, limit_val_batches=1)
+    trainer.fit(m, dm)
+    assert trainer.global_step == 2 and len(dm._splits["val"]) == 4 and len(dm._splits["train"]) == 9
+    assert torch.isfinite(trainer.callback_metrics["val_loss"])
+    tok = dm.tokenizer
+    last = dm._splits["test"][-1]  # two assistant turns: both in the loss, each ending with EOS
+    learned = [t for t, y in zip(last["input_ids"], last["lm_labels"]) if y != IGNORE]
+    assert learned == tok("positive yes", add_special_tokens=False)["input_ids"][:1] + [tok.eos_token_id] + \
+        tok("yes", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert last["answers"] == ["yes"] and last["input_ids"][: len(last["prompt_ids"])] == last["prompt_ids"]
+
+
+def test_instruction_data_uses_the_chat_template(tmp_path):
+    m = tiny_model(objective="generation", max_new_tokens=2)
+    m.tokenizer.chat_template = (
+        "{% for m in messages %}{{ 'input' if m['role'] == 'user' else 'answer' }} : {{ m['content'] }} [EOS]"
+        "{% endfor %}{% if add_generation_prompt %}answer :{% endif %}"
+    )
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"review: {w}", "response": w}) + "\n" for w in ["good", "bad"] * 4))
+    dm = InstructionDataModule(train_file=str(path), val_file=str(path), batch_size=4, eval_batch_size=8)
+    trainer = tiny_trainer(max_steps=1, limit_val_batches=1, val_check_interval=1)
+    trainer.fit(m, dm)
+    tok = m.tokenizer
+    item = dm._splits["train"][0]
+    assert tok.decode(item["prompt_ids"]) == "input : review : good [EOS] answer :"
+    learned = [t for t, y in zip(item["input_ids"], item["lm_labels"]) if y != IGNORE]
+    assert tok.decode(learned) == "good [EOS]"  # the response and its end-of-turn token
+    assert {"val_em", "val_f1"} <= set(trainer.callback_metrics)
+    with pytest.raises(ValueError, match=r"line 1 has neither 'messages' nor 'prompt' and 'response'; its keys are "
+                                         r"\['q', 'r'\]\. Name yours with"):
+        path.write_text(json.dumps({"q": 1, "r": 2}) + "\n")
+        InstructionDataModule(train_file=str(path), tokenizer="builtin").setup()
