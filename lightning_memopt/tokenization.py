@@ -9,8 +9,6 @@ import os
 from functools import lru_cache
 from typing import Any, Optional
 
-from lightning_memopt.data.synthetic import NEGATIVE, NEUTRAL, POSITIVE, SPECIALS, TEMPLATE_WORDS
-
 
 def split_gguf(path: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
     """``("dir", "file.gguf")`` for a path to a ``.gguf`` file (transformers wants the folder and the file name)."""
@@ -21,6 +19,9 @@ def split_gguf(path: str, gguf_file: Optional[str] = None) -> tuple[str, Optiona
 
 @lru_cache(maxsize=1)
 def _vocab() -> dict[str, int]:
+    # imported here: data/prompt.py imports this module, so a top-level import of data.* is circular
+    from lightning_memopt.data.synthetic import NEGATIVE, NEUTRAL, POSITIVE, SPECIALS, TEMPLATE_WORDS
+
     words = list(SPECIALS) + list(dict.fromkeys(TEMPLATE_WORDS + POSITIVE + NEGATIVE + NEUTRAL))
     words += [":", ".", ",", "!", "?", "'", "-"]
     return {w: i for i, w in enumerate(words)}
