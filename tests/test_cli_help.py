@@ -27,7 +27,7 @@ def test_short_name_with_options(in_repo):
     cli = run_cli([*BASE, "--trainer.callbacks=[]", "--trainer.callbacks+=MeZO", "--trainer.callbacks.lr=3e-5",
                    "--trainer.callbacks.eps=1e-2", "--model=HFCausalLM", "--data=PromptClassificationDataModule"],
                   run=False)
-    (mezo,) = [c for c in cli.trainer.callbacks if isinstance(c, lightning_memopt.MeZO)]
+    assert sum(isinstance(c, lightning_memopt.MeZO) for c in cli.trainer.callbacks) == 1
     assert type(cli.model) is lightning_memopt.HFCausalLM
     assert type(cli.datamodule) is lightning_memopt.PromptClassificationDataModule
     assert cli.config.trainer.callbacks[-1].class_path == "lightning_memopt.MeZO"
