@@ -30,12 +30,15 @@ def _bad(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, slack: torch.
     return int(((out.float() - ref.float()).abs() > ulp * 1.01 + slack).sum())
 
 
-def check(quick: bool = False) -> bool:
+def check(quick: bool = False, dists: tuple[int, ...] = (0, 1, 2), dtypes: tuple[torch.dtype, ...] = ()) -> bool:
+    """Every comparison for the kernel distributions ``dists`` (and ``dtypes``, default: by ``quick``); True if all
+    agree (tests/test_gpu.py runs this)."""
     ok = True
     torch.manual_seed(0)
     cases = [((4099,), 0), ((257, 33), 0), ((1000, 64), 12345), ((5,), 3), ((3, 4096), 2**28 + 1)]
-    dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16)
-    for dist in (0, 1, 2):
+    if not dtypes:
+        dtypes = (torch.float32, torch.bfloat16) if quick else (torch.float32, torch.bfloat16, torch.float16)
+    for dist in dists:
         try:
             ok &= _check_many(dist, dtypes)
             ok &= _check_dist(dist, dtypes, cases[:3] if quick else cases)

@@ -16,6 +16,8 @@ _LAZY = {
     "GaLore": "lightning_memopt.galore.callback",
     "DFOLoRA": "lightning_memopt.dfo.callback",
     "MemoryReport": "lightning_memopt.callbacks.memory_report",
+    "MemoptProgressBar": "lightning_memopt.callbacks.progress",
+    "MemoptRichProgressBar": "lightning_memopt.callbacks.progress",
     "HFCausalLM": "lightning_memopt.models.hf",
     "PromptClassificationDataModule": "lightning_memopt.data.prompt",
     "SQuADDataModule": "lightning_memopt.data.qa",

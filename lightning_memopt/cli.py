@@ -4,22 +4,63 @@ Example::
 
     memopt fit --config configs/quickstart.yaml
     memopt fit --config configs/full_ft_adamw.yaml --print_config
-    memopt fit --config configs/full_ft_adamw.yaml --trainer.max_steps=20 --data.init_args.k=32
+    memopt fit --config configs/full_ft_adamw.yaml --trainer.max_steps=20 --data.k=32 --trainer.callbacks+=MeZO
+    memopt download-smollm2 --dest models
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
+from typing import Any, Optional
 
 from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-import lightning_memopt  # noqa: F401 - registers the "fsdp2" strategy name and the lazy short class paths
+import lightning_memopt  # registers the "fsdp2" strategy name and the lazy short class paths
+from lightning_memopt.cli_parser import MemoptArgumentParser, is_rank_zero
 
 _PKG_DIR = os.path.dirname(os.path.abspath(lightning_memopt.__file__))
+
+# What `memopt --help` lists. jsonargparse resolves a short class name (--trainer.callbacks+=MeZO) among the
+# subclasses it can see, so the CLI imports these lazily exported classes before it parses.
+METHODS = ("MeZO", "LOMO", "AdaLomo", "GaLore", "DFOLoRA")
+CALLBACKS = ("MemoryReport", "MemoptProgressBar", "MemoptRichProgressBar")
+COMPONENTS = ("HFCausalLM", "PromptClassificationDataModule")
+SHORT_NAMES = (*METHODS, *CALLBACKS, *COMPONENTS)
+
+
+def _first_line(name: str) -> str:
+    doc = (getattr(lightning_memopt, name).__doc__ or "").strip()
+    return doc.splitlines()[0].replace("``", "") if doc else ""
+
+
+def import_short_names() -> dict[str, type]:
+    """Import the classes users name without a module (``MeZO``, ``HFCausalLM``), so jsonargparse knows them."""
+    return {name: getattr(lightning_memopt, name) for name in SHORT_NAMES}
+
+
+def methods_epilog() -> str:
+    """The methods and components, one line each, for ``memopt --help`` and ``memopt fit --help``."""
+    import_short_names()
+    width = max(len(n) for n in (*SHORT_NAMES, "download-smollm2"))
+
+    def rows(names: tuple[str, ...]) -> list[str]:
+        return [f"  {n:<{width}}  {_first_line(n)}" for n in names]
+
+    return "\n".join([
+        "methods (add one with --trainer.callbacks+=NAME; its options: --trainer.callbacks.help NAME):",
+        *rows(METHODS),
+        "other callbacks:",
+        *rows(CALLBACKS),
+        "model and data (--model NAME, --data NAME; options: --model.help NAME, --data.help NAME):",
+        *rows(COMPONENTS),
+        "other commands:",
+        f"  {'download-smollm2':<{width}}  get SmolLM2-135M-Instruct's GGUF file and print its path ([--dest DIR])",
+        "Quoting of values, short class names, progress bars: docs/cli.md",
+    ])
 
 
 def user_error(exc: BaseException) -> Optional[BaseException]:
@@ -44,7 +85,11 @@ def user_error(exc: BaseException) -> Optional[BaseException]:
 
 
 class MemoptCLI(LightningCLI):
-    """LightningCLI in subclass mode for model and data, plus ``test_after_fit`` for the fit subcommand."""
+    """LightningCLI in subclass mode for model and data, plus ``test_after_fit`` for the fit subcommand.
+
+    Its parser (:class:`~lightning_memopt.cli_parser.MemoptArgumentParser`) takes string values as typed and refuses
+    abbreviated options. A run whose config names no progress bar gets :class:`MemoptProgressBar`.
+    """
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument(
@@ -65,13 +110,29 @@ class MemoptCLI(LightningCLI):
                 raise
             raise root from None
 
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        callbacks = trainer_cfg.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
+        if trainer_cfg.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            from lightning_memopt.callbacks.progress import MemoptProgressBar
+
+            kwargs["callbacks"] = [*callbacks, MemoptProgressBar()]
+        return super().instantiate_trainer(**kwargs)
+
     def after_fit(self) -> None:
         if self.config.get(self.subcommand, {}).get("test_after_fit", False):
             self.trainer.test(self.model, datamodule=self.datamodule)
 
 
+DESCRIPTION = "lightning_memopt: memory-efficient LLM fine-tuning with Lightning callbacks."
+
+
 def run_cli(args: ArgsType = None, run: bool = True) -> MemoptCLI:
     """Build (and with ``run=True`` run) the CLI; ``args`` (a list or dict) makes it usable in-process."""
+    epilog = methods_epilog()
     return MemoptCLI(
         LightningModule,
         LightningDataModule,
@@ -80,7 +141,12 @@ def run_cli(args: ArgsType = None, run: bool = True) -> MemoptCLI:
         save_config_kwargs={"overwrite": True},
         # Logs, checkpoints and the saved config.yaml go under runs/ rather than into the working directory.
         trainer_defaults={"default_root_dir": "runs"},
-        parser_kwargs={"description": "lightning_memopt: memory-efficient LLM fine-tuning with Lightning callbacks."},
+        parser_class=MemoptArgumentParser,
+        parser_kwargs={
+            "description": DESCRIPTION,
+            "epilog": epilog,
+            **{sub: {"epilog": epilog} for sub in MemoptCLI.subcommands()},
+        },
         args=args,
         run=run,
     )
@@ -90,15 +156,23 @@ def main(args: ArgsType = None) -> None:
     """Entry point of the ``memopt`` console script.
 
     A configuration error is printed as one message naming the problem and the fix (exit status 2), not as a
-    traceback; set ``MEMOPT_TRACEBACK=1`` to see the traceback anyway.
+    traceback, and only by the first process of a multi-process run (the others exit with the same status);
+    set ``MEMOPT_TRACEBACK=1`` to see the traceback anyway. ``memopt download-smollm2`` gets the SmolLM2 GGUF file.
     """
+    argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
+    if argv and argv[0] == "download-smollm2":
+        from lightning_memopt.fetch import main as fetch_main
+
+        fetch_main(["smollm2", *argv[1:]], prog="memopt download-smollm2")
+        return
     try:
         run_cli(args)
     except Exception as err:
         root = user_error(err)
         if root is None or os.environ.get("MEMOPT_TRACEBACK"):
             raise
-        print(f"memopt: error: {root}\n(set MEMOPT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
+        if is_rank_zero():
+            print(f"memopt: error: {root}\n(set MEMOPT_TRACEBACK=1 to see the traceback)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -109,3 +109,46 @@ def test_installed_console_script_exit_status(tmp_path, in_repo):
     assert proc.returncode == 2
     assert "memopt: error: The template 'no placeholder' has no '{sentence}' placeholder" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "printed"),
+    [({}, True), ({"RANK": "0", "LOCAL_RANK": "0"}, True), ({"RANK": "1", "LOCAL_RANK": "1"}, False),
+     ({"LOCAL_RANK": "1"}, False), ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, False), ({"SLURM_PROCID": "3"}, False),
+     ({"LOCAL_RANK": "0", "SLURM_PROCID": "3"}, True)],  # LOCAL_RANK before SLURM_PROCID, as Lightning reads them
+)
+def test_config_error_printed_by_rank_zero_only(tmp_path, in_repo, capsys, monkeypatch, env, printed):
+    """Every rank of a multi-process run raises the same error; one message is enough, every rank exits 2."""
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "MEMOPT_TRACEBACK"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exc:
+        main([*BASE, f"--trainer.default_root_dir={tmp_path}", "--data.template=no placeholder"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert ("memopt: error: The template" in err) is printed
+    if not printed:
+        assert err.strip() == ""
+
+
+def test_config_error_silent_once_lightning_knows_the_rank(tmp_path, in_repo, capsys, monkeypatch):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "MEMOPT_TRACEBACK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)  # what a strategy sets up on the second process
+    with pytest.raises(SystemExit) as exc:
+        main([*BASE, f"--trainer.default_root_dir={tmp_path}", "--data.template=no placeholder"])
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == ""
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_parser_error_printed_by_rank_zero_only(tmp_path, in_repo, capsys, monkeypatch, rank, printed):
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(SystemExit) as exc:
+        main([*BASE, "--trainer.max_stepz=3"])
+    assert exc.value.code == 2
+    assert ("trainer.max_stepz" in capsys.readouterr().err) is printed

@@ -283,8 +283,23 @@ def test_adafactor_and_8bit_match_galore_torch(name, gap, monkeypatch):
     start = dict(_tiny()[0].named_parameters())
     moved = max((p - start[n]).abs().max().item() for n, p in m.named_parameters())
     assert moved > 5e-3
-    for n, p in m.named_parameters():
-        torch.testing.assert_close(p, expected[n], atol=1e-5, rtol=0, msg=n)
+    atol = 1e-5
+    if name == "adamw8bit":
+        # Both sides run the same bitsandbytes kernel on the low-rank gradient, but that gradient differs in its last
+        # float32 bits (matmul order, CPU kernels), and such a difference can round one moment to the neighbouring
+        # 8-bit code. The widest step of bitsandbytes' signed dynamic map is 0.014 (of the block's absmax), so a flip
+        # moves that element's Adam step by about 0.014 and the weight by lr·scale·0.014 = 3.5e-6 per step, spread
+        # back over a row by the orthonormal projector. Allow 4 such flips on every one of the 8 steps: 1.1e-4 (seen:
+        # 3.7e-5 with bitsandbytes 0.50.2 on a fresh install, 1.6e-6 on another machine), 45x below the 5e-3 that
+        # `moved` must exceed.
+        import bitsandbytes.functional as bnbf
+
+        q = bnbf.create_dynamic_map(signed=True).sort().values
+        atol = 4 * 8 * 1e-3 * kw["scale"] * float(q.diff().max())
+    diffs = {n: (p - expected[n]).abs().max().item() for n, p in m.named_parameters()}
+    worst = max(diffs, key=diffs.get)
+    print(f"{name}: max |ours - galore-torch| {diffs[worst]:.3g} at {worst} (atol {atol:.3g}, moved {moved:.3g})")
+    assert diffs[worst] <= atol, f"{name}: max diff {diffs[worst]:.3g} at {worst} > atol {atol:.3g}"
 
 
 def test_rotating_moments_needs_adamw():

@@ -1,0 +1,120 @@
+"""On a CUDA GPU (skipped without one): the Triton perturbation kernels against the torch reference, and a few bf16
+steps of every method through a Trainer. `python -m pytest -q tests` runs these on a GPU machine.
+
+Only the public callback constructors are used here, so that the methods' internals can change freely.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_memopt import LOMO, AdaLomo, DFOLoRA, GaLore, MeZO
+from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (torch.cuda.is_available() is False)"),
+]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# kernel distribution: (id, dtypes checked). Fewer dtypes for the variants: each (kernel, dtype) is a Triton compile.
+DISTS = {0: ("normal", (torch.float32, torch.bfloat16)), 1: ("normal_fast_math", (torch.bfloat16,)),
+         2: ("rademacher", (torch.bfloat16,))}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+@pytest.mark.parametrize("dist", list(DISTS), ids=[v[0] for v in DISTS.values()])
+def test_triton_kernels_match_torch_reference(dist, capsys, monkeypatch):
+    """benchmarks/gpu_check_perturb.py's comparisons of the compiled kernels with the torch emulation.
+
+    Fast-math normals (dist 1, opt-in) use approximate log/cos: where ln(u) is near 0 its absolute error is large
+    against z itself, so a few elements in 10^4 may miss the check's slack (seen on the H200: 2 of 64,000). Those
+    are allowed for dist 1 only; every other comparison must agree element for element.
+    """
+    monkeypatch.syspath_prepend(str(ROOT))  # benchmarks/ is not part of the installed package
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from benchmarks import gpu_check_perturb
+
+    ok = gpu_check_perturb.check(quick=True, dists=(dist,), dtypes=DISTS[dist][1])
+    out = capsys.readouterr().out
+    records = [json.loads(ln[len("CHECK "):]) for ln in out.splitlines() if ln.startswith("CHECK ")]
+    assert records, out[-3000:]
+    errors = [r for r in records if "error" in r]
+    assert not errors or dist == 1, errors  # the check tolerates fast math failing to compile, as here
+
+    def allowed(r: dict) -> int:
+        return int(1e-4 * math.prod(r["shape"])) + 1 if dist == 1 and "shape" in r else 0
+
+    bad = [r for r in records if r.get("bad", 0) > allowed(r)]
+    assert not bad, bad
+    assert ok or dist == 1
+
+
+DFO_BF16_TRUE = pytest.mark.xfail(
+    raises=RuntimeError, strict=False,
+    reason="DFOLoRA under precision='bf16-true' multiplies float32 z by the bf16 random maps (dfo/lora.py factors: "
+    "'expected m1 and m2 to have the same dtype'); fails on CPU too. Remove this mark once that is fixed.",
+)
+
+# name: (callback factory, Trainer precision)
+METHODS = {
+    "mezo": (lambda: MeZO(eps=1e-3, lr=1e-3), "bf16-true"),
+    "lomo": (lambda: LOMO(lr=1e-2), "bf16-true"),
+    "adalomo": (lambda: AdaLomo(lr=1e-3), "bf16-true"),
+    "galore": (lambda: GaLore(rank=8, update_proj_gap=2), "bf16-true"),
+    "galore_layerwise": (lambda: GaLore(rank=8, update_proj_gap=2, layerwise=True), "bf16-true"),
+    "dfo_clora": (lambda: DFOLoRA(optimizer="cmaes", d=40, population=6, budget=None, stat_batches=2), "bf16-true"),
+    "dfo_clora_mixed": (
+        lambda: DFOLoRA(optimizer="cmaes", d=40, population=6, budget=None, stat_batches=2), "bf16-mixed"
+    ),
+}
+
+
+def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+        out = model.model(input_ids=ids.to(next(model.parameters()).device)).logits
+    return out.float().cpu()
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=DFO_BF16_TRUE) if n == "dfo_clora" else n for n in METHODS]
+)
+def test_bf16_steps_on_cuda(name):
+    """Three bf16 steps on the GPU: the loss is finite and the model changed (its weights, or DFO's adapters)."""
+    make, precision = METHODS[name]
+    torch.manual_seed(0)
+    model, dm = tiny_model(), tiny_datamodule(k=16, batch_size=8)
+    # what the run starts from: bf16-true converts the fp32 module with module.to(torch.bfloat16)
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float32
+    start = copy.deepcopy(model).to("cuda", dtype)
+    before = {n: p.detach().float().cpu() for n, p in start.named_parameters()}
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    logits_before = _logits(start, ids)
+    del start
+    trainer = tiny_trainer(accelerator="cuda", precision=precision, max_steps=3, callbacks=[make()])
+    trainer.fit(model, dm)
+
+    assert trainer.global_step == 3
+    assert trainer.strategy.root_device.type == "cuda"  # (Lightning moves the module back to the CPU after fit)
+    assert next(model.parameters()).dtype == dtype
+    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if "loss" in k or "fitness" in k}
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses
+    after = {n: p.detach().float().cpu() for n, p in model.named_parameters()}
+    if name.startswith("dfo"):  # the base weights stay; the adapters live in hooks and change the outputs
+        assert all(torch.equal(before[n], after[n]) for n in before)
+        assert not torch.equal(_logits(model.to("cuda"), ids), logits_before)
+    else:
+        assert any(not torch.equal(before[n], after[n]) for n in before), "no weight changed"
+        assert all(torch.isfinite(w).all() for w in after.values())
+    print(name, precision, losses, file=sys.stderr)
