@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from conftest import SQUAD, needs_squad
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memopt.data.generation import IGNORE, generation_collate
 from lightning_memopt.data.instruct import InstructionDataModule
@@ -120,7 +119,6 @@ def _toy_prompts() -> list[str]:
     return [f"review: {w} {n} . sentiment :" for w in POSITIVE + NEGATIVE for n in NEUTRAL[:4]]
 
 
-@pytest.mark.xfail(strict=False, raises=MisconfigurationException, reason="needs MeZO preds/target support from main")
 def test_mezo_on_the_f1_objective_raises_f1(tmp_path):
     from lightning_memopt.mezo.callback import MeZO
 

@@ -60,12 +60,6 @@ def test_triton_kernels_match_torch_reference(dist, capsys, monkeypatch):
     assert ok or dist == 1
 
 
-DFO_BF16_TRUE = pytest.mark.xfail(
-    raises=RuntimeError, strict=False,
-    reason="DFOLoRA under precision='bf16-true' multiplies float32 z by the bf16 random maps (dfo/lora.py factors: "
-    "'expected m1 and m2 to have the same dtype'); fails on CPU too. Remove this mark once that is fixed.",
-)
-
 # name: (callback factory, Trainer precision)
 METHODS = {
     "mezo": (lambda: MeZO(eps=1e-3, lr=1e-3), "bf16-true"),
@@ -87,9 +81,7 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return out.float().cpu()
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=DFO_BF16_TRUE) if n == "dfo_clora" else n for n in METHODS]
-)
+@pytest.mark.parametrize("name", list(METHODS))
 def test_bf16_steps_on_cuda(name):
     """Three bf16 steps on the GPU: the loss is finite and the model changed (its weights, or DFO's adapters)."""
     make, precision = METHODS[name]
