@@ -191,6 +191,40 @@ SUITES: dict[str, Suite] = {
             ),
         ),
         Suite(
+            "lightning",
+            "Methods through a LightningModule under a Trainer (as users run them), beside the bare step and the peer:"
+            " GaLore's peak with the gradients freed after the step and left to Lightning.",
+            (
+                peer("galore"),
+                peer("adamw", smoke=True),
+                ours("galore", "galore", smoke=True),
+                ours("lightning", "galore_lightning", smoke=True),
+                ours("lightning", "galore_lightning_keepgrads"),
+                ours("lightning", "adamw_lightning", smoke=True),
+            ),
+            (
+                Ratio("step / galore-torch", "step_s", "peer:galore",
+                      rows=("ours:galore", "ours:galore_lightning", "ours:galore_lightning_keepgrads")),
+                Ratio("peak / galore-torch", "peak_gib", "peer:galore",
+                      rows=("ours:galore", "ours:galore_lightning", "ours:galore_lightning_keepgrads")),
+                Ratio("peak / AdamW", "peak_gib", "peer:adamw", rows=("ours:adamw_lightning",)),
+            ),
+        ),
+        Suite(
+            "guard",
+            "What the non-finite guard costs: MeZO and LOMO steps with the guard against the same step without it.",
+            (
+                ours("mezo", "mezo", smoke=True),
+                ours("mezo", "mezo_nocheck", smoke=True),
+                ours("lomo", "lomo", smoke=True),
+                ours("lomo", "lomo_nocheck", smoke=True),
+            ),
+            (
+                Ratio("step / unguarded", "step_s", "ours:mezo_nocheck", rows=("ours:mezo",)),
+                Ratio("step / unguarded ", "step_s", "ours:lomo_nocheck", rows=("ours:lomo",)),
+            ),
+        ),
+        Suite(
             "largest",
             "The largest model that fits: ours at increasing sizes, each method stopped at its first OOM.",
             (

@@ -1,5 +1,5 @@
-"""MeZO cases: ``mezo`` (our full step: 2 perturbed forwards + the update) and ``mezo_perturb`` (one perturbation
-pass alone, as a read of the kernel's cost).
+"""MeZO cases: ``mezo`` (our full step: 2 perturbed forwards + the update), ``mezo_perturb`` (one perturbation
+pass alone, as a read of the kernel's cost) and ``mezo_nocheck`` (the step without the non-finite guard).
 
 The loss is the anchors' ``forward`` case exactly (``model(input_ids=x, labels=x).loss``, eval mode, no autograd),
 so ``step / forward`` is the MeZO overhead. Usage: ``python -m benchmarks.cases.mezo CASE SIZE [BATCH] [SEQ]``
@@ -20,12 +20,12 @@ from lightning_memopt.core import perturb
 from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
 
 
-def mezo(model: torch.nn.Module, x: torch.Tensor, dist: str | None = None) -> Callable[[], Any]:
+def mezo(model: torch.nn.Module, x: torch.Tensor, dist: str | None = None, check: bool = True) -> Callable[[], Any]:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
     dist = dist or os.environ.get("MEZO_DIST", "normal")
-    zo = ZeroOrder(model, ZOConfig(eps=1e-3, distribution=dist), seed=0)  # type: ignore[arg-type]
+    zo = ZeroOrder(model, ZOConfig(eps=1e-3, distribution=dist), seed=0, check_nonfinite=check)  # type: ignore[arg-type]
     state = {"t": 0}
 
     def loss() -> torch.Tensor:
@@ -61,6 +61,7 @@ CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] =
     "mezo_fastmath": mezo_fastmath,
     "mezo_rademacher": lambda m, x: mezo(m, x, "rademacher"),
     "mezo_perturb": mezo_perturb,
+    "mezo_nocheck": lambda m, x: mezo(m, x, check=False),  # the non-finite guard off: what the guard costs
 }
 
 

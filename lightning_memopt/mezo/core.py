@@ -252,6 +252,7 @@ class ZeroOrder:
             (see :class:`Perturber`); 0 perturbs each parameter-owning module on its own.
         guard: the :class:`~lightning_memopt.core.nonfinite.SkipGuard` that counts steps skipped for a non-finite
             loss (default: a new one).
+        check_nonfinite: False leaves the update unguarded (only to measure what the guard costs).
 
     Example::
 
@@ -269,9 +270,11 @@ class ZeroOrder:
         cache_z: bool | None = None,
         group_bytes: int = 64 << 20,
         guard: SkipGuard | None = None,
+        check_nonfinite: bool = True,
     ) -> None:
         self.module = module
         self.guard = guard or SkipGuard("MeZO")
+        self.check_nonfinite = check_nonfinite
         self.config = config or ZOConfig()
         self.seed = int(seed)
         self.params = params if params is not None else make_params(module)
@@ -319,7 +322,7 @@ class ZeroOrder:
         wds: Sequence[float],
         loss: Tensor | None = None,
         step: int = -1,
-    ) -> Tensor:
+    ) -> Tensor | None:
         """Apply one update with the (already all-reduced) ``g``; keeps the window for momentum/Adam.
 
         A non-finite ``g`` (or ``loss``) makes the update a no-op on the device (no host sync); the guard drops its
@@ -329,10 +332,12 @@ class ZeroOrder:
         for lr in lrs:
             validate.nonnegative(lr, "lr")
         self.guard.resolve()  # earlier steps: long done on the device; skipped ones leave the window first
-        ok = self.guard.check(g, *(() if loss is None else (loss,)), step=step)
         entry = (list(seeds), g.detach().float().reshape(-1))
         self.history.append(entry)
-        self.guard.on_skip(lambda: self._forget(entry))
+        ok = None
+        if self.check_nonfinite:
+            ok = self.guard.check(g, *(() if loss is None else (loss,)), step=step)
+            self.guard.on_skip(lambda: self._forget(entry))
         del self.history[: -(1 if cfg.variant == "sgd" else cfg.window)]
         s, a, b = window_terms(self.history, cfg)
         recent = self.history[-1:] if cfg.variant == "sgd" else self.history[-cfg.window :]

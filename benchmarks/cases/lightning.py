@@ -1,0 +1,133 @@
+"""Methods as users run them: a LightningModule under a Trainer, with the method's callback.
+
+The module is ordinary (``training_step`` returns ``model(input_ids=x, labels=x).loss``, ``configure_optimizers``
+returns AdamW); the Trainer runs bf16-true on one GPU. A timing callback records CUDA events around each optimizer
+step (``on_train_batch_start`` to ``on_train_batch_end``) and the peak over the timed steps, after 2 warm-up steps,
+so the figures sit beside the bare-step cases of the other modules and the peers.
+
+* ``galore_lightning``: ``GaLore(rank=128, scale=0.25)`` (the anchors' settings), gradients freed after the step;
+* ``galore_lightning_keepgrads``: the same with the gradients left to Lightning (the behaviour before they were
+  freed: Lightning zeroes them after the next forward, so they live through it);
+* ``adamw_lightning``: the module's AdamW as Lightning runs it (gradients set to None by Lightning's zero_grad);
+* ``mezo_lightning`` / ``lomo_lightning``: ``MeZO(lr=1e-6)`` and ``LOMO(lr=1e-3)``.
+
+Usage: ``python -m benchmarks.cases.lightning CASE SIZE [BATCH] [SEQ]``; ``DEV=cpu`` smoke-tests it.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from benchmarks.common import DEV, build, parse_case_args, report
+
+
+class _Module(pl.LightningModule):
+    def __init__(self, model: torch.nn.Module, x: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.x = model, x
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=self.x, labels=self.x).loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(list(range(64)), batch_size=1)
+
+
+class _Timer(pl.Callback):
+    def __init__(self, warm: int) -> None:
+        self.warm, self.times, self.peak = warm, [], 0.0
+        self._start: Any = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.warm and DEV == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        if DEV == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+        else:
+            self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step <= self.warm:
+            return
+        if DEV == "cuda":
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            self.times.append(self._start.elapsed_time(end) / 1e3)
+            self.peak = torch.cuda.max_memory_allocated() / 2**30
+        else:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def _galore(keep_grads: bool) -> pl.Callback:
+    from lightning_memopt import GaLore
+
+    class KeepGrads(GaLore):
+        keeps_grads = False  # the step reads .grad but leaves it to Lightning's zero_grad, as before
+
+    cls = KeepGrads if keep_grads else GaLore
+    return cls(rank=128, update_proj_gap=200, scale=0.25)
+
+
+def _mezo() -> pl.Callback:
+    from lightning_memopt import MeZO
+
+    return MeZO(lr=1e-6, eps=1e-3)
+
+
+def _lomo() -> pl.Callback:
+    from lightning_memopt import LOMO
+
+    return LOMO(lr=1e-3)
+
+
+CASES: dict[str, Callable[[], pl.Callback | None]] = {
+    "galore_lightning": lambda: _galore(False),
+    "galore_lightning_keepgrads": lambda: _galore(True),
+    "adamw_lightning": lambda: None,
+    "mezo_lightning": _mezo,
+    "lomo_lightning": _lomo,
+}
+
+
+def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5) -> dict[str, Any]:
+    res: dict[str, Any] = dict(method=case, size=size, batch=batch, seq=seq, impl="lightning_memopt (Trainer)")
+    try:
+        model = build(size)
+        res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+        x = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEV)
+        timer = _Timer(warm)
+        method = CASES[case]()
+        trainer = pl.Trainer(
+            accelerator="cuda" if DEV == "cuda" else "cpu", devices=1, max_steps=warm + reps,
+            precision="bf16-true", callbacks=[c for c in (method, timer) if c is not None], logger=False,
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        )
+        trainer.fit(_Module(model, x))
+        t = statistics.median(timer.times)
+        res.update(step_s=round(t, 4), peak_gib=round(timer.peak, 2), tok_per_s=round(batch * seq / t, 1))
+    except torch.OutOfMemoryError:
+        res.update(step_s=None, peak_gib="OOM")
+    report(res)
+    return res
+
+
+def main(argv: list[str]) -> None:
+    case, size, batch, seq = parse_case_args("lightning", CASES, argv)
+    run(case, size, batch, seq)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
