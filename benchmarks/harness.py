@@ -168,6 +168,8 @@ def environment(dev: str) -> dict[str, Any]:
                 env[key] = out.stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError):
             pass
+    # A device machine gets a copy of the working tree whose git HEAD can be older than the code: the caller says.
+    env["commit"] = os.environ.get("MEMOPT_COMMIT") or env["commit"]
     return env
 
 

@@ -15,9 +15,6 @@ def _axpby_kernel(
     d_ptr, u_ptr, n, a_host, b_host, a_ptr, b_ptr, ok_ptr, bound,
     A_T: tl.constexpr, B_T: tl.constexpr, HAS_OK: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    if HAS_OK:
-        if tl.load(ok_ptr) == 0:  # a skipped step: nothing to read or write
-            return
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -30,7 +27,17 @@ def _axpby_kernel(
     b = b_host
     if B_T:
         b = tl.load(b_ptr).to(tl.float32)
-    tl.store(d_ptr + offs, (b * d + a * u).to(d_ptr.dtype.element_ty), mask=mask)
+    new = b * d + a * u
+    if HAS_OK:  # a skipped step (non-finite loss) writes the weight back unchanged, whatever u holds
+        new = tl.where(tl.load(ok_ptr) != 0, new, d)
+    tl.store(d_ptr + offs, new.to(d_ptr.dtype.element_ty), mask=mask)
+
+
+def _flag(ok: Tensor, like: Tensor) -> Tensor:
+    """The bool flag as bytes the kernel reads: a free view when it is on the device already (no cast kernel)."""
+    if ok.dtype == torch.bool and ok.device == like.device:
+        return ok.view(torch.uint8)
+    return ok.to(device=like.device, dtype=torch.uint8)
 
 
 def axpby_(d: Tensor, u: Tensor, a, b, ok: Tensor | None, clamp: float | None) -> None:
@@ -41,7 +48,7 @@ def axpby_(d: Tensor, u: Tensor, a, b, ok: Tensor | None, clamp: float | None) -
     f32 = torch.float32
     a_ptr = a.to(device=d.device, dtype=f32) if a_t else d
     b_ptr = b.to(device=d.device, dtype=f32) if b_t else d
-    ok_ptr = ok.to(device=d.device, dtype=torch.int8) if ok is not None else d
+    ok_ptr = _flag(ok, d) if ok is not None else d
     _axpby_kernel[(triton.cdiv(n, BLOCK),)](
         d, u, n, 1.0 if a_t else float(a), 1.0 if b_t else float(b), a_ptr, b_ptr, ok_ptr,
         float(clamp or 0.0), A_T=a_t, B_T=b_t, HAS_OK=ok is not None, CLAMP=clamp is not None, BLOCK=BLOCK,

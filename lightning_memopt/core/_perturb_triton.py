@@ -329,7 +329,11 @@ _ONE_OK = [True]  # the one-direction kernel compiled fine (else use the window 
 
 def _ok_arg(ok: Tensor | None, like: Tensor) -> Tensor:
     """The skip flag as the kernels read it (any tensor stands in when there is none: HAS_OK=False ignores it)."""
-    return like if ok is None else ok.to(device=like.device, dtype=torch.int8)
+    if ok is None:
+        return like
+    if ok.dtype == torch.bool and ok.device == like.device:
+        return ok.view(torch.uint8)  # a free view: no cast kernel per launch
+    return ok.to(device=like.device, dtype=torch.uint8)
 
 
 def _grid(start: int, n: int) -> tuple[int]:

@@ -68,8 +68,9 @@ class SkipGuard:
         self, *values: Tensor, step: int, reduce: bool = False, group: Optional[dist.ProcessGroup] = None
     ) -> Tensor:
         """``ok``: every element of every value is finite (and, with ``reduce``, on every rank of ``group``)."""
-        flags = [torch.isfinite(v.detach()).all() for v in values]
-        ok = flags[0] if len(flags) == 1 else torch.stack(flags).all()
+        ok = torch.isfinite(values[0].detach()).all()
+        for v in values[1:]:
+            ok = ok & torch.isfinite(v.detach()).all()
         if reduce and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
             okf = ok.to(torch.float32)
             dist.all_reduce(okf, op=dist.ReduceOp.MIN, group=group)
