@@ -22,9 +22,15 @@ def grad_scaler(trainer: Any) -> Any:
     return getattr(trainer.precision_plugin, "scaler", None)
 
 
-def is_accumulating(trainer: Any) -> bool:
-    """True while the current batch only accumulates (no optimizer step follows it)."""
-    return bool(trainer.fit_loop._should_accumulate())
+def attached_trainer(module: Any) -> Any:
+    """The Trainer a LightningModule is attached to, or None (``module.trainer`` raises when there is none)."""
+    return module._trainer
+
+
+def resolve_data_parallel_size(strategy: Any) -> None:
+    """ModelParallelStrategy's ``data_parallel_size="auto"`` as every process of every node (pure data parallel)."""
+    if strategy._data_parallel_size == "auto":
+        strategy._data_parallel_size = strategy.num_processes * strategy.num_nodes
 
 
 def closure_loss(closure: Any) -> Any:

@@ -20,3 +20,22 @@ def test_fsdp2_two_processes_match_one():
         for a, b in zip(one["stats"], rank["stats"]):
             assert a == tuple(b) or torch.allclose(torch.tensor(a), torch.tensor(b), rtol=1e-6)
     assert all(bool(z.any()) for z in one["z"])
+
+
+def test_fsdp2_fireworks_two_processes_match_one():
+    """F-LoRA's spark allocation and amplitudes turn any fitness difference into a different z (EFWA divides by the
+    fireworks' fitness spread), so 2 processes must see exactly 1 process's fitness: per-sample losses summed in
+    float64 and all-reduced as sums (the mean of per-rank means differs in the last bit), and every batch padded to one
+    length (a rank's half batch then has the full batch's shapes). Then 2 processes equal 1, bit for bit."""
+    dfo = {"optimizer": "fireworks", "d": 40, "population": 8, "n_fireworks": 3, "budget": None, "stat_batches": 2,
+           "init_scale": 1.0}
+    kw = {"steps": 12, "global_batch": 16, "dfo": dfo, "dm_kwargs": {"padding": "max_length"}}
+    one = fit_dfo(world_size=1, **kw)
+    two = run_distributed("lightning_memopt.testing.workers:fit_dfo", world_size=2, **kw)
+    for rank in two:
+        assert len(rank["fitness"]) == len(one["fitness"]) == 12
+        for a, b in zip(one["fitness"], rank["fitness"]):
+            assert torch.equal(a, b)
+        for a, b in zip(one["z"], rank["z"]):
+            assert torch.equal(a, b)
+    assert all(bool(z.any()) for z in one["z"])

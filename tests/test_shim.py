@@ -20,7 +20,6 @@ class Recorder(pl.Callback):
         self.skip = skip
         self.backward_calls = 0
         self.training_steps = 0
-        self.accumulating: list[bool] = []
         self.grads_seen: list[bool] = []
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -29,7 +28,6 @@ class Recorder(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.training_steps += 1
-        self.accumulating.append(_shim.is_accumulating(trainer))
 
     def on_after_backward(self, trainer, pl_module) -> None:
         self.backward_calls += 1
@@ -70,15 +68,28 @@ def test_grad_scaler_is_the_plugins_scaler():
     assert _shim.grad_scaler(trainer) is scaler
 
 
-def test_is_accumulating_marks_the_non_final_micro_batches():
-    model, rec = tiny_model(), Recorder()
-    trainer = tiny_trainer(max_steps=2, accumulate_grad_batches=2, callbacks=[rec])
-    trainer.fit(model, tiny_datamodule(k=16))
-    assert rec.accumulating == [True, False, True, False]
-    assert rec.backward_calls == 4 and trainer.global_step == 2
+def test_attached_trainer_is_none_before_fit_and_the_trainer_during_it():
+    model, seen = tiny_model(), []
+
+    class Probe(pl.Callback):
+        def on_fit_start(self, trainer, pl_module) -> None:
+            seen.append(_shim.attached_trainer(pl_module) is trainer)
+
+    assert _shim.attached_trainer(model) is None
+    tiny_trainer(max_steps=1, callbacks=[Probe()]).fit(model, tiny_datamodule(k=16))
+    assert seen == [True]
 
 
-@pytest.mark.skipif(not hasattr(_shim, "closure_loss"), reason="closure_loss not in this _shim")
+def test_resolve_data_parallel_size_counts_every_process():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    s = ModelParallelStrategy()
+    assert s._data_parallel_size == "auto"
+    s.num_nodes, s.parallel_devices = 2, [torch.device("cpu")] * 3
+    _shim.resolve_data_parallel_size(s)
+    assert s._data_parallel_size == 6
+
+
 def test_closure_loss_is_the_graph_attached_loss():
     seen = []
 

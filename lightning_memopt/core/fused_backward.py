@@ -18,8 +18,8 @@ UpdateFn = Callable[[Tensor], None]
 class FusedBackward:
     """Registers ``update(param)`` as a post-accumulate-grad hook on each param; the hook frees ``param.grad``.
 
-    ``enabled`` lets a caller run a backward that only measures (e.g. the first pass of exact global-norm clipping):
-    then ``measure(param)`` is called instead, and the grad is still freed.
+    ``mode`` is ``"update"`` (call ``update(param)``), ``"measure"`` (call ``measure(param)`` instead, e.g. the first
+    pass of exact global-norm clipping) or ``"off"`` (leave the gradient alone); in the first two the grad is freed.
 
     Example::
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import random
+from collections.abc import Callable
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -78,12 +79,39 @@ class _Encoded(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def left_pad_collate(pad_id: int):
-    """Left-pad prompts; items with ``choices`` (token ids per candidate) also get right-padded ``choice_ids``
-    ``[B, C, L]`` and ``choice_mask``."""
+def padded_length(n: int, padding: str, max_length: int, buckets: Optional[list[int]] = None) -> int:
+    """The length a batch whose longest prompt has ``n`` tokens is padded to.
+
+    ``"longest"``: ``n``. ``"max_length"``: always ``max_length`` (one shape: what a captured CUDA graph needs).
+    ``"bucket"``: the smallest bucket >= ``n`` (default buckets: powers of two up to ``max_length``, so a few shapes).
+    """
+    if padding == "longest":
+        return n
+    if padding == "max_length":
+        return max(n, max_length)
+    if padding != "bucket":
+        raise ValueError(f"padding must be 'longest', 'max_length' or 'bucket', got {padding!r}.")
+    for b in sorted(buckets or default_buckets(max_length)):
+        if b >= n:
+            return b
+    return n
+
+
+def default_buckets(max_length: int) -> list[int]:
+    out, b = [], 16
+    while b < max_length:
+        out.append(b)
+        b *= 2
+    return [*out, max_length]
+
+
+def left_pad_collate(pad_id: int, pad_to: Optional[Callable[[int], int]] = None):
+    """Left-pad prompts (to ``pad_to(longest)`` when given); items with ``choices`` (token ids per candidate) also
+    get right-padded ``choice_ids`` ``[B, C, L]`` and ``choice_mask``."""
 
     def collate(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         n = max(len(it["input_ids"]) for it in items)
+        n = pad_to(n) if pad_to is not None else n
         ids = torch.full((len(items), n), pad_id, dtype=torch.long)
         mask = torch.zeros((len(items), n), dtype=torch.long)
         for j, it in enumerate(items):
@@ -137,6 +165,10 @@ class PromptClassificationDataModule(LightningDataModule):
             the label is the index of the right one (or its text). Always scored as sequences.
         scoring: ``"auto"``: the label-word fast path when every label word is one token, sequence scoring
             otherwise. ``"sequence"``: always score the candidates' summed log-probabilities.
+        padding: ``"longest"`` pads each batch to its longest prompt; ``"max_length"`` pads every batch to
+            ``max_length`` (one shape: CUDA-graph capture, and results that do not depend on how a batch is split
+            over ranks); ``"bucket"`` pads to the smallest of ``pad_buckets`` that fits (a few shapes).
+        pad_buckets: the bucket lengths (default: powers of two from 16 up to ``max_length``).
 
     Example::
 
@@ -171,8 +203,13 @@ class PromptClassificationDataModule(LightningDataModule):
         label_map: Optional[dict[str, Union[int, str]]] = None,
         choices: Optional[list[str]] = None,
         scoring: Scoring = "auto",
+        padding: Literal["longest", "max_length", "bucket"] = "longest",
+        pad_buckets: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
+        padded_length(1, padding, max_length, pad_buckets)  # a bad padding value fails here, not at the first batch
+        if pad_buckets is not None and (not pad_buckets or min(pad_buckets) < 1):
+            raise ValueError(f"pad_buckets must be positive lengths, got {pad_buckets}.")
         self.fields = template_fields(template)
         if not self.fields:
             raise ValueError(
@@ -381,10 +418,14 @@ class PromptClassificationDataModule(LightningDataModule):
             elif self.num_choices is not None and hasattr(module, "set_num_choices"):
                 module.set_num_choices(self.num_choices)
 
+    def _pad_to(self, n: int) -> int:
+        hp = self.hparams
+        return padded_length(n, hp.padding, hp.max_length, hp.pad_buckets)
+
     def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return DataLoader(
-            self._splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=left_pad_collate(pad),
+            self._splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=left_pad_collate(pad, self._pad_to),
             num_workers=self.hparams.num_workers, drop_last=split == "train" and len(self._splits[split]) >= batch_size,
         )
 

@@ -258,7 +258,7 @@ class FusedStep:
             self._ok = self.guard.check(*values, step=step, reduce=True)
         self.fused.mode = "update"
         self.backward(scaled, False)
-        if self._counted:
+        if self._counted and self._ok is not None:
             counted = self._counted
             self.guard.on_skip(lambda: self._uncount(counted))
         if self.scaler is not None:

@@ -325,19 +325,20 @@ class ZeroOrder:
     ) -> Tensor | None:
         """Apply one update with the (already all-reduced) ``g``; keeps the window for momentum/Adam.
 
-        A non-finite ``g`` (or ``loss``) makes the update a no-op on the device (no host sync); the guard drops its
-        history entry once the host learns of it, before it can weigh in a later window. Returns that device flag.
+        A non-finite ``g`` (or ``loss``) makes the update a no-op on the device (no host sync); the guard puts the
+        window back as it was once the host learns of it, before a later update uses it. Returns that device flag.
         """
         cfg = self.config
         for lr in lrs:
             validate.nonnegative(lr, "lr")
         self.guard.resolve()  # earlier steps: long done on the device; skipped ones leave the window first
-        entry = (list(seeds), g.detach().float().reshape(-1))
-        self.history.append(entry)
+        before = list(self.history)
+        self.history.append((list(seeds), g.detach().float().reshape(-1)))
         ok = None
         if self.check_nonfinite:
             ok = self.guard.check(g, *(() if loss is None else (loss,)), step=step)
-            self.guard.on_skip(lambda: self._forget(entry))
+            # resolved before the next update, so the window is still this step's: put back the one before it
+            self.guard.on_skip(lambda: setattr(self, "history", before))
         del self.history[: -(1 if cfg.variant == "sgd" else cfg.window)]
         s, a, b = window_terms(self.history, cfg)
         recent = self.history[-1:] if cfg.variant == "sgd" else self.history[-cfg.window :]
@@ -356,9 +357,6 @@ class ZeroOrder:
             ok,
         )
         return ok
-
-    def _forget(self, entry: tuple[list[int], Tensor]) -> None:
-        self.history = [h for h in self.history if h is not entry]
 
     def step(
         self, loss_fn: Callable[[], Tensor], step: int, lr: float, weight_decay: float = 0.0

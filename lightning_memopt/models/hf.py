@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_memopt import _shim
 from lightning_memopt.core.holder import no_decay
 from lightning_memopt.tokenization import load_tokenizer, split_gguf
 
@@ -238,7 +240,7 @@ class HFCausalLM(LightningModule):
         self._metrics_ready = True
 
     def setup(self, stage: str) -> None:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        dm = getattr(self.trainer, "datamodule", None) if _shim.attached_trainer(self) is not None else None
         ids = getattr(dm, "label_token_ids", None)
         n = getattr(dm, "num_choices", None)
         if ids is not None and self.label_token_ids != list(ids):
@@ -460,7 +462,7 @@ class HFCausalLM(LightningModule):
         warm, kind = int(self.hparams.warmup_steps), self.hparams.lr_schedule
         if kind == "constant" and warm == 0:
             return opt
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if _shim.attached_trainer(self) is not None else 1000
 
         def factor(step: int) -> float:
             if step < warm:
@@ -472,6 +474,25 @@ class HFCausalLM(LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a method's checkpoint without that method: its optimizer state is not AdamW's."""
+        trainer = _shim.attached_trainer(self)
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        running = {cb.state_key for cb in trainer.callbacks}
+        states = checkpoint.get("callbacks") or {}
+        methods = [v["memopt_method"] for k, v in states.items() if isinstance(v, dict) and "memopt_method" in v]
+        if methods and not any(isinstance(v, dict) and "memopt_method" in v for k, v in states.items() if k in running):
+            if any(hasattr(cb, "state_settings") for cb in trainer.callbacks):
+                return  # another method callback runs: it names both methods itself
+            raise MisconfigurationException(
+                f"This checkpoint was written by {methods[0]}, whose optimizer state is not the module's "
+                f"{type(trainer.strategy.optimizers[0]).__name__ if trainer.strategy.optimizers else 'optimizer'}'s. "
+                f"Resume with {methods[0]}(...) in Trainer(callbacks=[...]), or start from the weights only: "
+                f"`model = {type(self).__name__}.load_from_checkpoint(path)`, then `trainer.fit(model, datamodule)` "
+                f"without ckpt_path."
+            )
 
     def on_fit_start(self) -> None:
         n = sum(p.numel() for p in self.parameters())

@@ -13,6 +13,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
+from lightning_memopt import _shim
 from lightning_memopt.core.fsdp import fsdp_modules
 
 
@@ -118,8 +119,7 @@ class FSDP2Strategy(ModelParallelStrategy):
         self.reshard_after_forward = reshard_after_forward
 
     def setup_environment(self) -> None:
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = self.num_processes * self.num_nodes
+        _shim.resolve_data_parallel_size(self)
         super().setup_environment()
 
     def setup(self, trainer: Any) -> None:

@@ -1,0 +1,336 @@
+"""What every method callback shares (MethodCallback): non-finite steps skipped bit-identically, two methods refused,
+hyperparameters checked at construction, foreign and mismatched checkpoints refused, precisions the refusals name."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_memopt import _shim
+from lightning_memopt.core.nonfinite import NonFiniteLossError
+from lightning_memopt.dfo.callback import DFOLoRA
+from lightning_memopt.galore.callback import GaLore
+from lightning_memopt.lomo.callback import LOMO, AdaLomo
+from lightning_memopt.mezo.callback import MeZO
+from lightning_memopt.models.configs import llama_config
+from lightning_memopt.models.hf import HFCausalLM
+from lightning_memopt.testing import tiny_datamodule, tiny_trainer
+from lightning_memopt.testing.tiny import full_state
+
+DFO_KW = {"d": 20, "population": 6, "budget": None, "stat_batches": 1, "init_scale": 1.0}
+GAP = {"rank": 4, "update_proj_gap": 2}
+
+METHODS = {
+    "mezo_sgd": lambda: MeZO(lr=1e-3),
+    "mezo_momentum": lambda: MeZO(lr=1e-3, variant="momentum", window=3, n_spsa=2),
+    "mezo_adam": lambda: MeZO(lr=1e-3, variant="adam", window=3, weight_decay=0.1),
+    "mezo_one_sided": lambda: MeZO(lr=1e-3, one_sided=True),
+    "lomo": lambda: LOMO(lr=0.05, weight_decay=0.1),
+    "lomo_clip": lambda: LOMO(lr=0.05, clip_grad_norm=0.5),
+    "adalomo": lambda: AdaLomo(lr=0.01, weight_decay=0.1),
+    "galore": lambda: GaLore(**GAP),
+    "galore_layerwise": lambda: GaLore(layerwise=True, **GAP),
+    "clora": lambda: DFOLoRA(optimizer="cmaes", **DFO_KW),
+    "flora": lambda: DFOLoRA(optimizer="fireworks", n_fireworks=3, **DFO_KW),
+}
+
+
+class Poisoned(HFCausalLM):
+    """The tiny model with a non-finite loss (or, for DFO, non-finite logits) at the steps in ``bad_steps``."""
+
+    def __init__(self, value: float = math.nan, bad_steps: tuple[int, ...] = (), where: str = "loss", **kw):
+        kw.setdefault("lr", 1e-3)
+        super().__init__(model_config=llama_config("tiny", vocab_size=256), tokenizer="builtin", **kw)
+        self.value, self.bad_steps, self.where = value, tuple(bad_steps), where
+
+    def _bad(self) -> bool:
+        trainer = _shim.attached_trainer(self)
+        return trainer is not None and trainer.training and trainer.global_step in self.bad_steps
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        return out * self.value if self.where == "logits" and self._bad() else out
+
+    def _step(self, batch):
+        out = super()._step(batch)
+        if self.where == "loss" and self._bad():
+            out["loss"] = out["loss"] * self.value
+        return out
+
+
+def _state(trainer: pl.Trainer, cb) -> dict:
+    holder = trainer.strategy.optimizers[0]
+    st = cb.state_dict()
+    st.pop("skips")
+    return {"callback": copy.deepcopy(st), "optimizer": copy.deepcopy(holder.state_dict()["state"])}
+
+
+def _same(a, b, path="") -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(), b.nan_to_num())), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), path
+    else:
+        assert a == b, (path, a, b)
+
+
+class Snapshot(pl.Callback):
+    """Weights and method state before and after step ``k``."""
+
+    def __init__(self, method, k: int) -> None:
+        self.method, self.k = method, k
+        self.before = self.after = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.k:
+            self.before = (full_state(pl_module), _state(trainer, self.method))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.k + 1:
+            self.after = (full_state(pl_module), _state(trainer, self.method))
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+@pytest.mark.parametrize("name", list(METHODS))
+def test_non_finite_loss_skips_the_step_bit_identically(name, value):
+    k = 2
+    cb = METHODS[name]()
+    snap = Snapshot(cb, k)
+    where = "logits" if isinstance(cb, DFOLoRA) else "loss"
+    pl.seed_everything(0, verbose=False)
+    model = Poisoned(value, (k,), where)
+    trainer = tiny_trainer(max_steps=5, callbacks=[cb, snap])
+    with pytest.warns(UserWarning, match=f"non-finite loss at step {k}"):
+        trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
+    (w0, s0), (w1, s1) = snap.before, snap.after
+    for n in w0:
+        assert torch.equal(w0[n], w1[n]), n
+    _same(s0, s1)
+    assert cb.skipped_steps == 1 and trainer.global_step == 5
+    end = full_state(model) if not isinstance(cb, DFOLoRA) else None
+    if end is not None:  # training continued after the skip
+        assert any(not torch.equal(end[n], w1[n]) for n in end)
+    else:
+        assert cb.generation == 4
+    assert trainer.callback_metrics["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("make", [lambda: MeZO(lr=1e-3), lambda: LOMO(lr=0.05), lambda: GaLore(**GAP)])
+def test_eleven_consecutive_non_finite_steps_stop_the_fit(make):
+    pl.seed_everything(0, verbose=False)
+    model = Poisoned(math.nan, tuple(range(1, 30)))
+    trainer = tiny_trainer(max_steps=20, callbacks=[make()])
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(NonFiniteLossError, match="learning rate"):
+        trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
+    assert trainer.global_step <= 13  # stopped at the 11th skip (the host learns of a skip at most a step later)
+    assert _shim.get_skip_backward(trainer) is False  # on_exception put the trainer back
+
+
+def test_two_method_callbacks_are_refused():
+    trainer = tiny_trainer(max_steps=1, callbacks=[MeZO(), LOMO()])
+    with pytest.raises(MisconfigurationException, match="Two method callbacks.*MeZO and LOMO|LOMO and MeZO"):
+        trainer.fit(Poisoned(), tiny_datamodule(k=8))
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: MeZO(lr=-1.0), "lr must be >= 0"),
+        (lambda: MeZO(lr=math.nan), "lr must be finite"),
+        (lambda: LOMO(lr=-1.0), "lr must be >= 0"),
+        (lambda: LOMO(lr=math.nan), "lr must be finite"),
+        (lambda: AdaLomo(lr=-1.0), "lr must be >= 0"),
+        (lambda: AdaLomo(lr=math.inf), "lr must be finite"),
+        (lambda: MeZO(eps=0.0), "eps must be > 0"),
+        (lambda: MeZO(eps=math.nan), "eps must be finite"),
+        (lambda: AdaLomo(eps_scale=0.0), "eps_scale must be > 0"),
+        (lambda: AdaLomo(eps_sq=math.nan), "eps_sq must be finite"),
+        (lambda: DFOLoRA(sigma=math.nan), "sigma must be finite"),
+        (lambda: DFOLoRA(sigma=-1.0), "sigma must be > 0"),
+        (lambda: GaLore(rank=0), "rank must be an integer >= 1"),
+        (lambda: GaLore(scale=math.nan), "scale must be finite"),
+        (lambda: MeZO(max_consecutive_skips=-1), "max_consecutive_skips"),
+    ],
+)
+def test_bad_hyperparameters_raise_at_construction(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_galore_rank_larger_than_the_matrix_is_clamped_and_logged(caplog):
+    cb = GaLore(rank=1000, update_proj_gap=2)
+    with pytest.warns(UserWarning, match=r"rank=1000\) is larger than the smaller side .* clamped"):
+        tiny_trainer(max_steps=1, callbacks=[cb]).fit(Poisoned(), tiny_datamodule(k=8))
+    shapes = {id(p): tuple(p.shape) for p in cb.module.parameters()}
+    assert cb.galore.ranks() == {i: min(shapes[i]) for i in cb.galore.ranks()}  # each clamped to its smaller side
+
+
+# ---- checkpoints --------------------------------------------------------------------------------------------------
+def _checkpoint(tmp_path, callbacks, steps: int = 2) -> str:
+    pl.seed_everything(0, verbose=False)
+    ckpt = ModelCheckpoint(tmp_path, every_n_train_steps=steps, save_top_k=-1)
+    trainer = tiny_trainer(max_steps=steps, callbacks=[*callbacks, ckpt], enable_checkpointing=True)
+    trainer.fit(Poisoned(), tiny_datamodule(k=8))
+    return str(next(tmp_path.glob(f"*step={steps}.ckpt")))
+
+
+def _resume(path: str, callbacks, steps: int = 4):
+    pl.seed_everything(0, verbose=False)
+    trainer = tiny_trainer(max_steps=steps, callbacks=callbacks)
+    trainer.fit(Poisoned(), tiny_datamodule(k=8), ckpt_path=path)
+    return trainer
+
+
+@pytest.mark.parametrize(
+    ("written", "resumed", "match"),
+    [
+        (lambda: [GaLore(**GAP)], lambda: [AdaLomo(lr=0.01)], r"written by GaLore, and this run uses AdaLomo"),
+        (lambda: [], lambda: [LOMO(lr=0.05)], r"plain optimizer's state .* LOMO"),
+        (lambda: [MeZO(lr=1e-3)], lambda: [LOMO(lr=0.05)], r"written by MeZO, and this run uses LOMO"),
+        (lambda: [AdaLomo(lr=0.01)], lambda: [], r"written by AdaLomo.*Resume with AdaLomo"),
+        (lambda: [GaLore(**GAP)], lambda: [], r"written by GaLore.*Resume with GaLore"),
+        (lambda: [DFOLoRA(**DFO_KW)], lambda: [MeZO()], r"written by DFOLoRA, and this run uses MeZO"),
+    ],
+)
+def test_foreign_checkpoints_are_refused_naming_both(tmp_path, written, resumed, match):
+    path = _checkpoint(tmp_path, written())
+    with pytest.raises(MisconfigurationException, match=match) as err:
+        _resume(path, resumed())
+    assert "weights only" in str(err.value) and "load_from_checkpoint" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("written", "resumed", "what"),
+    [
+        (lambda: GaLore(rank=4), lambda: GaLore(rank=8), "rank"),
+        (lambda: MeZO(variant="momentum"), lambda: MeZO(variant="adam"), "variant"),
+        (lambda: MeZO(eps=1e-3), lambda: MeZO(eps=1e-2), "eps"),
+        (lambda: MeZO(variant="momentum", window=3), lambda: MeZO(variant="momentum", window=5), "window"),
+        (lambda: DFOLoRA(**DFO_KW), lambda: DFOLoRA(**{**DFO_KW, "rank": 2}), "rank"),
+        (lambda: DFOLoRA(**DFO_KW), lambda: DFOLoRA(**{**DFO_KW, "seed": 1}), "seed"),
+        (lambda: DFOLoRA(**DFO_KW), lambda: DFOLoRA(**{**DFO_KW, "init_scale": 0.5}), "init_scale"),
+        (lambda: DFOLoRA(**DFO_KW), lambda: DFOLoRA(**{**DFO_KW, "d": 30}), "d"),
+        (lambda: DFOLoRA(**DFO_KW), lambda: DFOLoRA(**{**DFO_KW, "optimizer": "fireworks", "n_fireworks": 3}),
+         "optimizer"),
+    ],
+)
+def test_changed_settings_that_change_the_state_are_refused(tmp_path, written, resumed, what):
+    path = _checkpoint(tmp_path, [written()])
+    with pytest.raises(MisconfigurationException, match=rf"other settings .*{what}: checkpoint"):
+        _resume(path, [resumed()])
+
+
+def test_a_changed_lr_is_allowed_logged_and_used(tmp_path, caplog):
+    import logging
+
+    path = _checkpoint(tmp_path, [LOMO(lr=0.05)])
+    seen = []
+
+    class Lr(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.strategy.optimizers[0].param_groups[0]["lr"])
+
+    with caplog.at_level(logging.INFO):
+        _resume(path, [LOMO(lr=0.01), Lr()])
+    assert "lr 0.05 -> 0.01" in caplog.text
+    assert seen and all(lr == pytest.approx(0.01) for lr in seen)
+
+
+# ---- trainer attributes and precisions ------------------------------------------------------------------------------
+def test_dfo_resets_skip_backward_and_keeps_submodule_modes():
+    model = Poisoned()
+    model.model.model.layers[0].eval()  # a deliberately frozen submodule keeps its mode through DFO's forwards
+    trainer = tiny_trainer(max_steps=2, callbacks=[DFOLoRA(**DFO_KW)])
+    trainer.fit(model, tiny_datamodule(k=8))
+    assert _shim.get_skip_backward(trainer) is False
+    assert model.model.model.layers[0].training is False and model.model.model.layers[1].training is True
+
+
+@pytest.mark.parametrize(
+    ("name", "precision"),
+    [
+        ("mezo_sgd", "bf16-mixed"), ("mezo_sgd", "bf16-true"), ("mezo_sgd", "32-true"),
+        ("lomo", "bf16-true"), ("lomo", "bf16-mixed"), ("lomo", "16-true"),
+        ("adalomo", "bf16-true"), ("adalomo", "16-true"),
+        ("galore", "bf16-mixed"), ("galore", "bf16-true"), ("galore", "32-true"),
+        ("clora", "bf16-true"), ("clora", "bf16-mixed"), ("flora", "bf16-true"),
+    ],
+)
+def test_every_precision_the_refusals_recommend_trains(name, precision):
+    cb = METHODS[name]()
+    pl.seed_everything(0, verbose=False)
+    model = Poisoned()
+    trainer = tiny_trainer(max_steps=2, precision=precision, callbacks=[cb])
+    trainer.fit(model, tiny_datamodule(k=8))
+    assert trainer.global_step == 2 and cb.skipped_steps == 0
+    assert all(torch.isfinite(v).all() for v in full_state(model).values())
+
+
+def test_dfo_statistics_do_not_shift_a_seeded_shuffled_loader():
+    class Seeded(pl.LightningDataModule):
+        def __init__(self, dm):
+            super().__init__()
+            self.dm = dm
+
+        def setup(self, stage=None):
+            self.dm.trainer = self.trainer
+            self.dm.setup(stage)
+            self.label_token_ids = self.dm.label_token_ids
+
+        def train_dataloader(self):
+            loader = self.dm.train_dataloader()
+            return torch.utils.data.DataLoader(
+                loader.dataset, batch_size=8, shuffle=True, collate_fn=loader.collate_fn,
+                generator=torch.Generator().manual_seed(7),
+            )
+
+    class Batches(pl.Callback):
+        def __init__(self):
+            self.first = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.first.append(batch["input_ids"].clone())
+
+    runs = []
+    for cbs in ([], [DFOLoRA(**{**DFO_KW, "stat_batches": 3})]):
+        rec = Batches()
+        pl.seed_everything(0, verbose=False)
+        tiny_trainer(max_steps=3, callbacks=[*cbs, rec]).fit(Poisoned(), Seeded(tiny_datamodule(k=32)))
+        runs.append(rec.first)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_weight_decay_means_the_same_in_every_method():
+    from lightning_memopt.core.holder import weight_decays
+
+    model = Poisoned(weight_decay=0.3)
+    opt = model.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    names = {id(p): n for n, p in model.named_parameters()}
+    over = weight_decays(model, opt, 0.1)
+    assert all(v == (0.1 if p.ndim >= 2 and "norm" not in names[id(p)] else 0.0)
+               for g in opt.param_groups for p in g["params"] for v in [over[id(p)]])
+    own = weight_decays(model, opt, None)
+    assert {own[id(p)] for p in opt.param_groups[0]["params"]} == {0.3}
+    # MeZO's update and LOMO's hooks decay exactly the same parameters
+    mezo, lomo = MeZO(lr=0.0, weight_decay=0.5), LOMO(lr=0.0, weight_decay=0.5)
+    for cb in (mezo, lomo):
+        tiny_trainer(max_steps=1, callbacks=[cb]).fit(Poisoned(), tiny_datamodule(k=8))
+    decayed_mezo = {zp.name for zp in mezo.zo.params if zp.decay}
+    decayed_lomo = {names[i] for i, v in weight_decays(model, opt, 0.5).items() if v}
+    assert decayed_mezo == decayed_lomo
