@@ -334,3 +334,38 @@ def test_weight_decay_means_the_same_in_every_method():
     decayed_mezo = {zp.name for zp in mezo.zo.params if zp.decay}
     decayed_lomo = {names[i] for i, v in weight_decays(model, opt, 0.5).items() if v}
     assert decayed_mezo == decayed_lomo
+
+
+@pytest.mark.parametrize(("cls", "config"), [(MeZO, "sst2_smollm2_mezo"), (LOMO, "sst2_smollm2_lomo"),
+                                             (AdaLomo, "sst2_smollm2_adalomo")])
+def test_documented_lr_ranges_hold_the_tested_configs_and_inherited_lr_is_logged(cls, config, caplog):
+    import logging
+    from pathlib import Path
+
+    import yaml
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / f"{config}.yaml").read_text())
+    spec = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith(cls.__name__))
+    lr = spec.get("init_args", {}).get("lr") or cfg["model"]["init_args"]["lr"]
+    lo, hi = cls.lr_range
+    assert lo <= float(lr) <= hi
+    with caplog.at_level(logging.INFO):
+        tiny_trainer(max_steps=1, callbacks=[cls()]).fit(Poisoned(lr=3e-4), tiny_datamodule(k=8))
+    assert f"optimizer lr 0.0003 is used; {cls.name} usually needs {lo:g} to {hi:g}" in caplog.text
+
+
+def test_shipped_galore_config_passes_the_fsdp2_checks():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import yaml
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "galore.yaml").read_text())
+    spec = next(c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("GaLore"))
+    model = Poisoned()
+    strategy = ModelParallelStrategy()
+    strategy.optimizers = [torch.optim.AdamW(model.parameters())]
+    trainer = SimpleNamespace(strategy=strategy, precision="32-true", precision_plugin=SimpleNamespace(),
+                              accumulate_grad_batches=1, gradient_clip_val=None, callbacks=[])
+    GaLore(**spec["init_args"]).setup(trainer, model, "fit")  # refused before: proj_type='std' under FSDP2

@@ -176,7 +176,7 @@ class LOMO(_Lomo):
     """
 
     name = "LOMO"
-    lr_range = (1e-3, 1e-1)
+    lr_range = (1e-2, 1e-1)
 
     def __init__(
         self,

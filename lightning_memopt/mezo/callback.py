@@ -73,7 +73,7 @@ class MeZO(MethodCallback):
         "eps instead."
     )
     state_settings = ("eps", "n_spsa", "one_sided", "variant", "beta1", "beta2", "window", "distribution", "seed")
-    lr_range = (1e-7, 1e-5)
+    lr_range = (1e-7, 2e-5)  # full weights; LoRA adapters take 1e-4 to 1e-3 (README)
 
     def __init__(
         self,
