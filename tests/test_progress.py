@@ -86,3 +86,30 @@ def test_cli_default_progress_bar(extra, expected, in_repo):
 def test_quickstart_uses_the_rich_bar(in_repo):
     cli = run_cli(["--config", "configs/quickstart.yaml", "--trainer.accelerator=cpu"], run=False)
     assert type(cli.trainer.progress_bar_callback) is MemoptRichProgressBar
+
+
+def test_progress_bars_read_logged_metrics_only_on_logging_steps(monkeypatch):
+    import lightning.pytorch as pl
+
+    from lightning_memopt.callbacks.progress import MemoptProgressBar
+    from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+
+    reads = []
+    original = pl.Trainer.progress_bar_metrics
+
+    def counted(self):
+        if self.training:
+            reads.append(self.global_step)
+        return original.fget(self)
+
+    monkeypatch.setattr(pl.Trainer, "progress_bar_metrics", property(counted))
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    counts = []
+    for bar in (TQDMProgressBar(), MemoptProgressBar()):
+        reads.clear()
+        trainer = tiny_trainer(max_steps=12, log_every_n_steps=4, enable_progress_bar=True, callbacks=[bar])
+        trainer.fit(tiny_model(), tiny_datamodule(k=32))
+        counts.append(len(reads))
+    assert all(step % 4 == 0 for step in reads[1:])  # after the first read: logging steps only
+    assert counts[0] >= 12 and counts[1] <= counts[0] // 2, counts

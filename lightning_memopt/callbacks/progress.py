@@ -23,6 +23,21 @@ def epoch_description(trainer: pl.Trainer, current_epoch: int) -> str:
     return f"Epoch {current_epoch}/{max_epochs - 1}"
 
 
+class _EveryNSteps:
+    """Reads the trainer's progress-bar metrics only on logging steps (``log_every_n_steps``) during training.
+
+    Each read converts logged tensors to Python numbers: a host sync per step, which for a zeroth-order step on a
+    small model costs as much as its GPU work. In between, the bar shows the last values read.
+    """
+
+    def _cached_metrics(self, trainer: pl.Trainer, read: Any) -> dict[str, Any]:
+        cache = getattr(self, "_metrics_cache", None)
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 1) or 1))
+        if cache is None or not trainer.training or trainer.global_step % every == 0:
+            cache = self._metrics_cache = clean_metrics(read())
+        return dict(cache)
+
+
 def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The progress-bar metrics with ``v_num`` as text, and without it when there is no version to tell apart."""
     version = metrics.pop("v_num", None)
@@ -31,8 +46,9 @@ def clean_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     return metrics
 
 
-class MemoptProgressBar(TQDMProgressBar):
-    """Lightning's TQDM progress bar, showing ``v_num`` only when it tells runs apart (memopt's default bar).
+class MemoptProgressBar(_EveryNSteps, TQDMProgressBar):
+    """Lightning's TQDM progress bar, showing ``v_num`` only when it tells runs apart (memopt's default bar), and
+    reading the logged metrics (a host sync) only every ``log_every_n_steps`` training steps.
 
     Example::
 
@@ -41,11 +57,12 @@ class MemoptProgressBar(TQDMProgressBar):
 
     @override
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Union[int, str, float]]:
-        return clean_metrics(super().get_metrics(trainer, pl_module))
+        return self._cached_metrics(trainer, lambda: super(MemoptProgressBar, self).get_metrics(trainer, pl_module))
 
 
-class MemoptRichProgressBar(RichProgressBar):
-    """Lightning's Rich progress bar, showing ``Epoch 37`` rather than ``Epoch 37/-2`` when max_steps ends the run.
+class MemoptRichProgressBar(_EveryNSteps, RichProgressBar):
+    """Lightning's Rich progress bar, showing ``Epoch 37`` rather than ``Epoch 37/-2`` when max_steps ends the run,
+    and reading the logged metrics (a host sync) only every ``log_every_n_steps`` training steps.
 
     Example::
 
@@ -54,7 +71,7 @@ class MemoptRichProgressBar(RichProgressBar):
 
     @override
     def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Union[int, str, float]]:
-        return clean_metrics(super().get_metrics(trainer, pl_module))
+        return self._cached_metrics(trainer, lambda: super(MemoptRichProgressBar, self).get_metrics(trainer, pl_module))
 
     # Lightning's private hook for the train bar's text (pinned by tests/test_progress.py)
     def _get_train_description(self, current_epoch: int) -> str:
