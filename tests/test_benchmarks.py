@@ -160,8 +160,8 @@ def test_merge_runs_and_reject_bad_filters(tmp_path, monkeypatch):
             harness.main(["--suite", "lomo", "--dry-run", *bad])
 
 
-def test_sst2_run_specs_and_table():
-    from benchmarks import sst2_results as S
+def test_task_run_specs_and_table():
+    from benchmarks import task_results as S
 
     assert S.parse_spec("mezo") == ("mezo", "mezo", [])
     label, method, over = S.parse_spec("clora_k16=clora@--data.k=16@--data.batch_size=32")

@@ -1,0 +1,314 @@
+"""Fine-tune SmolLM2-135M-Instruct on a task with each method and record what a user needs to choose one.
+
+Tasks: ``sst2`` and ``mrpc`` (classification, dev accuracy and F1) and ``squad`` (generation, dev EM and F1), each
+from its configs ``configs/<task>_smollm2_<method>.yaml`` (the same configs a user runs with ``memopt fit``), with
+the model path and data given here. Each (method, seed) runs in its own process. For each run it records the dev
+metrics, optimizer steps, training forward passes, wall time (training only, validation excluded, beside the whole
+fit), peak memory, and the validation curve against steps, training wall time and forward passes: time to accuracy.
+``zero_shot`` evaluates the untouched model. Every record names the commit, the GPU and the command.
+
+    python -m benchmarks.task_results --task sst2 --model ~/smol/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --methods zero_shot,adamw,mezo --seeds 0,1,2 --max_minutes 10 --out benchmarks/results/sst2_smollm2
+
+A run spec is a method, or ``LABEL=METHOD`` followed by ``@``-separated CLI overrides for that run alone, e.g.
+``clora_k16=clora@--data.k=16@--data.batch_size=32``. ``--max_minutes`` caps every run's fit alike (Lightning's
+``max_time``). ``--jobs N`` runs N processes at once: their wall times then include the sharing (the record says so);
+rerun timed curves alone.
+
+``--best_val`` also tests the weights that had the best validation metric (validation is on held-out training
+examples, never on dev), as the MeZO paper's runs select their final model; both dev results are recorded.
+
+Writes ``<out>.json`` (one record per run) and ``<out>.md``; ``--plot`` makes PNGs from an existing JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ["zero_shot", "adamw", "mezo", "mezo_lora", "mezo_pop", "lomo", "adalomo", "galore", "clora", "flora"]
+DATA = ROOT.parent / "shared" / "data"
+# task: (default data path, CLI key the path goes to, the validation metric the curve follows, the test metrics)
+TASKS = {
+    "sst2": (DATA / "sst2", "data_dir", "val_acc", ("test_acc", "test_f1")),
+    "mrpc": (DATA / "mrpc", "data_dir", "val_acc", ("test_acc", "test_f1")),
+    "squad": (DATA / "squad" / "dev-subset.json", "data_file", "val_f1", ("test_em", "test_f1")),
+}
+
+
+def config_path(task: str, method: str) -> Path:
+    """``configs/<task>_smollm2_<method>.yaml`` (``zero_shot`` evaluates with the AdamW config, untrained)."""
+    path = ROOT / "configs" / f"{task}_smollm2_{'adamw' if method == 'zero_shot' else method}.yaml"
+    if not path.is_file():
+        have = sorted(p.stem.split("_smollm2_")[1] for p in (ROOT / "configs").glob(f"{task}_smollm2_*.yaml"))
+        raise SystemExit(f"no config {path.name} for method {method!r} on {task}; configs exist for {have}")
+    return path
+
+
+def environment(argv: list[str]) -> dict[str, Any]:
+    """The commit (``MEMOPT_COMMIT`` where a device copy's git HEAD may be stale), the GPU and the command."""
+    env: dict[str, Any] = {"command": " ".join(argv), "commit": os.environ.get("MEMOPT_COMMIT"), "gpu": None}
+    if env["commit"] is None:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=False)
+        env["commit"] = out.stdout.strip() or None
+    try:
+        import torch
+
+        env["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except Exception:  # noqa: BLE001 - the record says what it knows
+        pass
+    return env
+
+
+def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[str],
+         best_val: bool = False) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+
+    from lightning_memopt.cli import run_cli
+
+    _, data_key, val_key, test_keys = TASKS[task]
+    args = [
+        "--config", str(config_path(task, method)), "--seed_everything", str(seed),
+        "--model.model_name_or_path", model, f"--data.{data_key}", data, "--data.seed", str(seed),
+        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar",
+        "false", *extra,
+    ]
+    cli = run_cli(args, run=False)
+    trainer, module = cli.trainer, cli.model
+
+    class Curve(pl.Callback):
+        def __init__(self) -> None:
+            self.t0 = time.perf_counter()
+            self.val_s = 0.0  # validation time, excluded from the curve's training wall time
+            self._v0 = 0.0
+            self.points: list[dict[str, float]] = []
+            self.forwards = 0
+            self.best: tuple[float, int, dict[str, Any]] | None = None
+
+        def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+            def count(*_: Any) -> None:
+                if trainer.training:
+                    self.forwards += 1
+
+            pl_module.model.register_forward_pre_hook(count)
+            self.t0 = time.perf_counter()
+
+        def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+            self._v0 = time.perf_counter()
+
+        def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+            self.val_s += time.perf_counter() - self._v0
+            value = trainer.callback_metrics.get(val_key)
+            if value is not None and not trainer.sanity_checking:
+                wall = time.perf_counter() - self.t0
+                self.points.append(dict(step=trainer.global_step, wall_s=round(wall, 2),
+                                        train_s=round(wall - self.val_s, 2), val=float(value),
+                                        forwards=self.forwards))
+                if best_val and (self.best is None or float(value) > self.best[0]):
+                    # the trained weights in host memory (MeZO's official runs keep the best-validation model)
+                    weights = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()
+                               if p.requires_grad}
+                    self.best = (float(value), trainer.global_step, weights)
+
+    curve = Curve()
+    trainer.callbacks.append(curve)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    if method != "zero_shot":
+        trainer.fit(module, datamodule=cli.datamodule)
+    fit_s = time.perf_counter() - t
+    test = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
+    # Over fit and test (zero-shot has only the test); test forwards are no larger than training's.
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    rec = dict(task=task, method=method, seed=seed, steps=trainer.global_step, forwards=curve.forwards,
+               wall_s=round(fit_s, 1), train_s=round(fit_s - curve.val_s, 1),
+               peak_gib=None if peak is None else round(peak, 3), val_metric=val_key, curve=curve.points)
+    rec.update({f"dev_{k[5:]}": round(100 * test.get(k, float("nan")), 2) for k in test_keys})
+    if curve.best is not None:
+        params = dict(module.named_parameters())
+        with torch.no_grad():
+            for n, w in curve.best[2].items():
+                params[n].copy_(w)
+        best = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
+        rec.update({f"dev_{k[5:]}_best_val": round(100 * best.get(k, float("nan")), 2) for k in test_keys})
+        rec.update(best_val_step=curve.best[1], best_val=round(100 * curve.best[0], 2))
+    return rec
+
+
+def parse_spec(spec: str) -> tuple[str, str, list[str]]:
+    """``LABEL=METHOD@OVERRIDE@...`` (or a bare method) -> (label, method, overrides)."""
+    head, *overrides = spec.split("@")
+    label, _, method = head.partition("=")
+    method = method or label
+    if method not in METHODS:
+        raise SystemExit(f"unknown method {method!r} in run spec {spec!r}; methods: {', '.join(METHODS)}")
+    return label, method, overrides
+
+
+Run = tuple[str, str, list[str], int]  # (label, method, overrides, seed)
+
+
+def _launch(run: Run, args: argparse.Namespace) -> tuple[subprocess.Popen, float]:
+    label, method, overrides, seed = run
+    cap = [f"--trainer.max_time=00:00:{args.max_minutes:02d}:00"] if args.max_minutes else []
+    cmd = [sys.executable, "-u", "-m", "benchmarks.task_results", "--task", args.task, "--one", method, "--label",
+           label, "--seed", str(seed), "--model", args.model, "--data", args.data,
+           *(["--best_val"] if args.best_val else []), "--", *args.extra, *cap, *overrides]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.perf_counter()
+
+
+def _collect(run: Run, proc: subprocess.Popen, t0: float, timeout: float, jobs: int = 1) -> dict[str, Any]:
+    label, method, overrides, seed = run
+    try:
+        out, err = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        lines = [ln for ln in out.splitlines() if ln.startswith("TASKRESULT ")]
+        rec = json.loads(lines[-1][11:]) if lines else dict(method=method, seed=seed, error=(err or out)[-1500:])
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        rec = dict(method=method, seed=seed, error=f"timeout after {timeout}s")
+    rec.update(label=label, overrides=overrides, process_s=round(time.perf_counter() - t0, 1))
+    if jobs > 1:
+        rec["note"] = f"ran beside up to {jobs - 1} other runs on the GPU: wall times include the sharing"
+    rec["env"] = environment(sys.argv)
+    return rec
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (spec, seed) in its own process, ``args.jobs`` at a time; results in the order given."""
+    # every spec parsed before anything is launched, so a typo fails at once
+    todo: list[Run] = [(*parse_spec(spec), int(s)) for spec in args.methods.split(",") for s in args.seeds.split(",")]
+    records: list[dict[str, Any]] = []
+    running: list[tuple[Run, subprocess.Popen, float]] = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            run = todo.pop(0)
+            running.append((run, *_launch(run, args)))
+        run, proc, t0 = running.pop(0)  # the oldest: a fair wait, since all share one deadline per run
+        rec = _collect(run, proc, t0, args.timeout, args.jobs)
+        records.append(rec)
+        print("RUN " + json.dumps({k: v for k, v in rec.items() if k != "curve"}), flush=True)
+        write(records, args.out)
+    return records
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    rows = ["| run | method | seed | dev | dev F1 | steps | train forwards | train s | peak GiB | dev of the "
+            "best-val weights (step) | overrides |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        label, over = r.get("label", r["method"]), " ".join(r.get("overrides", [])).replace("|", "/")
+        if "error" in r:
+            err = (r["error"].splitlines() or [""])[-1][:80].replace("|", "/")
+            rows.append(f"| {label} | {r['method']} | {r['seed']} | error: {err} | | | | | | | {over} |")
+            continue
+        main = r.get("dev_acc", r.get("dev_em"))
+        best_key = "dev_acc_best_val" if "dev_acc" in r else "dev_em_best_val"
+        best = f"{r[best_key]:.1f} ({r['best_val_step']})" if best_key in r else "—"
+        rows.append(f"| {label} | {r['method']} | {r['seed']} | {main:.1f} | {r['dev_f1']:.1f} | "
+                    f"{r['steps']} | {r['forwards']} | {r.get('train_s', r['wall_s'])} | {r['peak_gib']} | {best} | "
+                    f"{over} |")
+    return "\n".join(rows) + "\n"
+
+
+def write(records: list[dict[str, Any]], out: str) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps(records, indent=1))
+    Path(out + ".md").write_text(table(records))
+
+
+def plot(json_path: str, out_dir: str) -> list[str]:
+    """Validation metric against steps, training wall time and forward passes, and peak-memory bars, as PNGs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in json.loads(Path(json_path).read_text()) if "error" not in r]
+    task = records[0].get("task", "sst2") if records else "sst2"
+    os.makedirs(out_dir, exist_ok=True)
+    files = []
+    axes = (("step", "optimizer steps"), ("wall_s", "training wall time (s)"), ("forwards", "training forward passes"))
+    for x, label in axes:
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for r in records:
+            pts = [p for p in r["curve"] if x in p or (x == "wall_s" and "wall_s" in p)]
+            if pts:
+                xs = [p.get("train_s", p["wall_s"]) if x == "wall_s" else p[x] for p in pts]
+                run = r.get("label", r["method"])
+                ax.plot(xs, [100 * p.get("val", p.get("val_acc")) for p in pts], marker=".",
+                        ls="--" if "k16" in run else "-", label=f"{run} (seed {r['seed']})")
+        zs = [r.get("dev_acc", r.get("dev_f1")) for r in records if r["method"] == "zero_shot"]
+        if zs:
+            ax.axhline(zs[0], color="gray", ls="--", label="zero-shot (dev)")
+        ax.set_xscale("log")  # short backprop runs beside long zeroth-order runs
+        ax.set_xlabel(f"{label} (log scale)")
+        ax.set_ylabel(f"validation {records[0].get('val_metric', 'val_acc')[4:] if records else 'acc'} (%)")
+        ax.set_title(f"SmolLM2-135M on {task.upper()}: validation vs {label}")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        f = os.path.join(out_dir, f"{task}_acc_vs_{x}.png")
+        fig.savefig(f, dpi=110)
+        plt.close(fig)
+        files.append(f)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    mem = {}
+    for r in records:
+        if r.get("peak_gib") is not None:
+            mem.setdefault(r.get("label", r["method"]), r["peak_gib"])
+    ax.bar(list(mem), list(mem.values()), color="tab:blue")
+    ax.set_ylabel("peak GPU memory (GiB)")
+    ax.set_title(f"SmolLM2-135M on {task.upper()}: peak memory during fit")
+    fig.tight_layout()
+    f = os.path.join(out_dir, f"{task}_peak_memory.png")
+    fig.savefig(f, dpi=110)
+    plt.close(fig)
+    files.append(f)
+    return files
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated run specs (see the module doc)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once on the one GPU")
+    ap.add_argument("--label", help=argparse.SUPPRESS)
+    ap.add_argument("--seeds", default="0")
+    ap.add_argument("--model", default=os.path.expanduser("~/smol/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--task", choices=sorted(TASKS), default="sst2")
+    ap.add_argument("--data", help="the task's data folder or file (default: ../shared/data/<task>)")
+    ap.add_argument("--max_minutes", type=int, default=0, help="cap every run's fit at this many minutes")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/<task>_smollm2")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--best_val", action="store_true",
+                    help="also test the weights of the best validation accuracy (kept in host memory), as MeZO's "
+                         "official runs do; the record then holds dev_acc_best_val and best_val_step")
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--plot", metavar="JSON", help="make PNG plots from a results JSON into --plot_dir")
+    ap.add_argument("--plot_dir", default=str(ROOT / "docs" / "img"))
+    ap.add_argument("extra", nargs="*", help="extra CLI overrides after --, e.g. --trainer.max_steps=100")
+    args = ap.parse_args()
+    args.data = args.data or str(TASKS[args.task][0])
+    args.out = args.out or str(ROOT / "benchmarks" / "results" / f"{args.task}_smollm2")
+    if args.plot:
+        print("\n".join(plot(args.plot, args.plot_dir)))
+    elif args.one:
+        rec = _one(args.task, args.one, args.seed, args.model, args.data, args.extra, args.best_val)
+        rec["label"] = args.label or args.one
+        print("TASKRESULT " + json.dumps(rec), flush=True)
+    else:
+        records = run_all(args)
+        print(table(records))
+
+
+if __name__ == "__main__":
+    main()
