@@ -12,23 +12,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from lightning_memopt.core._triton import kernels
+
 Scalar = float | Tensor
 
-_TRITON: object | None = None
-_TRITON_TRIED = False
-
-
 def _kernels():
-    global _TRITON, _TRITON_TRIED
-    if not _TRITON_TRIED:
-        _TRITON_TRIED = True
-        try:
-            from lightning_memopt.core import _axpby_triton
-
-            _TRITON = _axpby_triton
-        except Exception:  # noqa: BLE001 - no usable Triton (CPU wheels): the torch version computes the same
-            _TRITON = None
-    return _TRITON
+    return kernels("_axpby_triton")
 
 
 def axpby_(

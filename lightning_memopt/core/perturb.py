@@ -26,6 +26,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from lightning_memopt.core._triton import kernels
+
 _M32 = 0xFFFFFFFF
 _KEY_A, _KEY_B = 0x9E3779B9, 0xBB67AE85
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -140,21 +142,8 @@ def normal_many(
 # ---------------------------------------------------------------------------------------------------------------
 # backend choice
 # ---------------------------------------------------------------------------------------------------------------
-_TRITON: object | None = None
-_TRITON_TRIED = False
-
-
 def _triton_kernels():
-    global _TRITON, _TRITON_TRIED
-    if not _TRITON_TRIED:
-        _TRITON_TRIED = True
-        try:
-            from lightning_memopt.core import _perturb_triton
-
-            _TRITON = _perturb_triton
-        except Exception:  # noqa: BLE001 - no usable Triton (CPU wheels): the torch backend gives the same numbers
-            _TRITON = None
-    return _TRITON
+    return kernels("_perturb_triton")
 
 
 def use_triton(t: Tensor) -> bool:

@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
+from lightning_memopt.data.prompt import Items
 from lightning_memopt.tokenization import load_tokenizer
 
 IGNORE = -100
@@ -59,24 +60,13 @@ def generation_collate(pad_id: int):
     return collate
 
 
-class _Items(torch.utils.data.Dataset):
-    def __init__(self, items: list[dict[str, Any]]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.items[i]
-
-
 class GenerationDataModuleBase(LightningDataModule):
     """Tokenizer resolution and loaders shared by the generation DataModules; subclasses build the splits."""
 
     def __init__(self) -> None:
         super().__init__()
         self.tokenizer = None
-        self._splits: dict[str, _Items] = {}
+        self._splits: dict[str, Items] = {}
 
     def _resolve_tokenizer(self, name: Optional[str]):
         if self.tokenizer is None:
@@ -95,7 +85,7 @@ class GenerationDataModuleBase(LightningDataModule):
     def setup(self, stage: Optional[str] = None) -> None:
         if not self._splits:
             tok = self._resolve_tokenizer(self.tokenizer_name)
-            self._splits = {k: _Items(v) for k, v in self._build(tok).items()}
+            self._splits = {k: Items(v) for k, v in self._build(tok).items()}
 
     def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> Any:
         if not len(self._splits.get(split, ())):

@@ -68,7 +68,9 @@ def k_shot(rows: Rows, k: int, seed: int, exclude: Optional[set[int]] = None) ->
     return [rows[i] for i in picked], set(picked)
 
 
-class _Encoded(torch.utils.data.Dataset):
+class Items(torch.utils.data.Dataset):
+    """Encoded examples in memory (every built-in data path's splits)."""
+
     def __init__(self, items: list[dict[str, Any]]) -> None:
         self.items = items
 
@@ -248,7 +250,7 @@ class PromptClassificationDataModule(LightningDataModule):
         self.label_token_ids: Optional[list[int]] = None  # set on the fast path (single-token label words)
         self.num_choices: Optional[int] = None  # set when candidates are scored as sequences
         self._choice_ids: Optional[list[list[int]]] = None
-        self._splits: dict[str, _Encoded] = {}
+        self._splits: dict[str, Items] = {}
         self._test_missing = False
 
     # ---- sources ---------------------------------------------------------------------------------------------
@@ -372,7 +374,7 @@ class PromptClassificationDataModule(LightningDataModule):
             return [t[0] for t in ids]
         return None
 
-    def _encode(self, rows: Rows, tokenizer) -> _Encoded:
+    def _encode(self, rows: Rows, tokenizer) -> Items:
         hp = self.hparams
         items = []
         for y, values in rows:
@@ -387,7 +389,7 @@ class PromptClassificationDataModule(LightningDataModule):
             elif self._choice_ids is not None:
                 item["choices"] = self._choice_ids
             items.append(item)
-        return _Encoded(items)
+        return Items(items)
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self._splits:
