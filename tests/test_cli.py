@@ -130,8 +130,10 @@ def test_main_returns_none_for_the_console_script(tmp_path, in_repo, capsys):
 
 @pytest.mark.parametrize(
     ("config", "needs"),
-    [("mrpc_smollm2_adamw.yaml", MRPC / "train.tsv"), ("mrpc_smollm2_mezo.yaml", MRPC / "train.tsv"),
-     ("squad_smollm2_adamw.yaml", SQUAD), ("squad_smollm2_mezo.yaml", SQUAD), ("instruct_smollm2.yaml", None)],
+    [*[(f"mrpc_smollm2_{m}.yaml", MRPC / "train.tsv")
+       for m in ("adamw", "mezo", "lomo", "adalomo", "galore", "clora", "flora")],
+     *[(f"squad_smollm2_{m}.yaml", SQUAD) for m in ("adamw", "mezo", "mezo_f1", "adalomo")],
+     ("instruct_smollm2.yaml", None)],
 )
 def test_real_task_configs_on_the_tiny_model(config, needs, tmp_path, in_repo):
     # the GPU configs' data and objective, with the model swapped for the tiny one: 2 steps, then test
