@@ -28,7 +28,8 @@ from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_mean
 from lightning_memopt.core.holder import decays
 from lightning_memopt.core.modes import eval_mode
-from lightning_memopt.mezo.core import Variant, ZeroOrder, ZOConfig, make_params
+from lightning_memopt.core.population import per_sample_fn
+from lightning_memopt.mezo.core import Perturbation, Precondition, Variant, ZeroOrder, ZOConfig, make_params
 from lightning_memopt.mezo.trajectory import new_trajectory, save_trajectory
 
 
@@ -47,6 +48,16 @@ class MeZO(MethodCallback):
         beta1, beta2, window, adam_eps: momentum/Adam settings.
         distribution: directions z: ``"normal"`` (MeZO's Gaussian, Triton's ``tl.randn4x``) or ``"rademacher"``
             (±1, classic SPSA; same second moment, cheaper to generate).
+        perturbation: ``"dense"`` (MeZO's z on every element) or ``"lowrank"``: each weight matrix ``[m, n]`` moves
+            along ``U Vᵀ / sqrt(r)`` with seeded factors ``U [m, r]``, ``V [n, r]`` (never stored), vectors along
+            dense z (see :mod:`lightning_memopt.mezo.population`).
+        perturbation_rank: r of the low-rank directions.
+        batched: evaluate the step's 2·n_spsa members (antithetic pairs) in batched forwards of the batch repeated
+            per member, when the module defines ``per_sample_loss(batch)`` (per-example losses; ``HFCausalLM`` does)
+            and no ``metric`` is set; otherwise each member runs the module's ``training_step`` (the log says which).
+        population_chunk: members per batched forward (bounds activation memory; None: all at once).
+        precondition: ``"none"`` or ``"layer"``: each tensor is perturbed and updated in proportion to its RMS
+            relative to the whole model's (a diagonal preconditioner, fixed at the start of the fit).
         seed: base seed; step t's directions depend only on (seed, t), so resume is exact.
         eval_mode: run the two forwards in eval mode (dropout off), as the paper does.
         metric: optional class path of a torchmetrics metric (e.g. ``"torchmetrics.classification.MulticlassAccuracy"``)
@@ -72,7 +83,10 @@ class MeZO(MethodCallback):
         "MeZO has no gradient to clip (it estimates one scalar per step); remove gradient_clip_val and lower lr or "
         "eps instead."
     )
-    state_settings = ("eps", "n_spsa", "one_sided", "variant", "beta1", "beta2", "window", "distribution", "seed")
+    state_settings = (
+        "eps", "n_spsa", "one_sided", "variant", "beta1", "beta2", "window", "distribution", "seed", "perturbation",
+        "perturbation_rank", "precondition",
+    )
     lr_range = (1e-7, 2e-5)  # full weights; LoRA adapters take 1e-4 to 1e-3 (README)
 
     def __init__(
@@ -88,6 +102,11 @@ class MeZO(MethodCallback):
         window: int = 10,
         adam_eps: float = 1e-8,
         distribution: Literal["normal", "rademacher"] = "normal",
+        perturbation: Perturbation = "dense",
+        perturbation_rank: int = 4,
+        batched: bool = False,
+        population_chunk: int | None = 8,
+        precondition: Precondition = "none",
         seed: int = 0,
         eval_mode: bool = True,
         metric: str | None = None,
@@ -108,6 +127,11 @@ class MeZO(MethodCallback):
             window=window,
             adam_eps=adam_eps,
             distribution=distribution,
+            perturbation=perturbation,
+            perturbation_rank=perturbation_rank,
+            batched=batched,
+            population_chunk=population_chunk,
+            precondition=precondition,
         )
         self.lr = validate.optional_lr(lr)
         self.weight_decay = None if weight_decay is None else validate.nonnegative(weight_decay, "weight_decay")
@@ -123,6 +147,7 @@ class MeZO(MethodCallback):
         self._higher_is_better = False
         self._had_instance_step = False
         self._original_step: Any = None
+        self._per_sample: Any = None
         self._reset_accumulators()
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -161,6 +186,19 @@ class MeZO(MethodCallback):
         if not params:
             raise MisconfigurationException("MeZO found no trainable parameter in the optimizer's param groups.")
         self.zo = ZeroOrder(pl_module, self.config, self.seed, params, guard=self.guard)
+        self._per_sample = None
+        c = self.config
+        if c.population:
+            hook = per_sample_fn(pl_module)
+            if c.batched and hook is not None and self._metric is None:
+                self._per_sample = hook
+                how = f"batched: {c.population_chunk or 'all'} members per forward through per_sample_loss"
+            else:
+                why = ("batched=False" if not c.batched else "a metric objective needs training_step's outputs"
+                       if self._metric is not None else f"{type(pl_module).__name__} has no per_sample_loss(batch)")
+                how = f"one training_step per member ({why})"
+            members = c.n_spsa + 1 if c.one_sided else 2 * c.n_spsa
+            rank_zero_info(f"MeZO population: {members} members per step, {c.perturbation} directions, {how}.")
         if self._metric is not None:
             self._metric = self._metric.to(pl_module.device)
         self._had_instance_step = "training_step" in pl_module.__dict__
@@ -171,7 +209,8 @@ class MeZO(MethodCallback):
 
         pl_module.training_step = training_step  # type: ignore[method-assign]
         if self.record_trajectory and self.trajectory is None:
-            self.trajectory = new_trajectory(_base_reference(pl_module), params, self.config, self.seed)
+            self.trajectory = new_trajectory(_base_reference(pl_module), params, self.config, self.seed,
+                                             self.zo.scales)
         n = sum(zp.param.numel() for zp in params)
         rank_zero_info(f"MeZO: {len(params)} tensors ({n / 1e6:.2f}M elements), {self.config}.")
 
@@ -180,6 +219,8 @@ class MeZO(MethodCallback):
         if state is None or self.zo is None:
             return
         self.zo.load_history_state(state.get("history", []), pl_module.device)
+        if state.get("scales") is not None and self.zo.directions is not None:
+            self.zo.directions.scales = {int(k): float(v) for k, v in state["scales"].items()}
         if state.get("trajectory") is not None:
             self.trajectory = state["trajectory"]
 
@@ -231,7 +272,12 @@ class MeZO(MethodCallback):
         if self._seeds is not None and self._seeds != seeds:  # a new step without an update: should not happen
             self._reset_accumulators()
         with eval_mode(pl_module, self.eval_mode):
-            g, loss = self.zo.estimate(lambda: self._objective(original(*args, **kwargs)), seeds)
+            loss_fn = lambda: self._objective(original(*args, **kwargs))  # noqa: E731
+            if self._per_sample is not None:
+                batch = args[0] if args else kwargs.get("batch")
+                g, loss = self.zo.estimate(loss_fn, seeds, self._per_sample, batch)
+            else:
+                g, loss = self.zo.estimate(loss_fn, seeds)
         self._seeds = seeds
         self._g_sum = g if self._g_sum is None else self._g_sum + g
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
@@ -274,6 +320,8 @@ class MeZO(MethodCallback):
     def method_state(self) -> dict[str, Any]:
         return {
             "history": self.zo.history_state() if self.zo is not None else [],
+            "scales": None if self.zo is None or self.zo.scales is None else {str(k): v for k, v in
+                                                                             self.zo.scales.items()},
             "trajectory": self.trajectory,
         }
 

@@ -30,9 +30,13 @@ from torch import Tensor
 from lightning_memopt.core import perturb, validate
 from lightning_memopt.core.fsdp import all_reduce_mean, global_offset, local, reshard_all
 from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.core.population import PopulationEngine
 from lightning_memopt.mezo.perturber import Perturber
+from lightning_memopt.mezo.population import Directions, apply_update_population, layer_scales, population_grads
 
 Variant = Literal["sgd", "momentum", "adam"]
+Perturbation = Literal["dense", "lowrank"]
+Precondition = Literal["none", "layer"]
 _M64 = (1 << 64) - 1
 
 
@@ -49,6 +53,17 @@ class ZOConfig:
     window: int = 10
     adam_eps: float = 1e-8
     distribution: Literal["normal", "rademacher"] = "normal"
+    perturbation: Perturbation = "dense"
+    perturbation_rank: int = 4
+    batched: bool = False
+    population_chunk: int | None = 8
+    precondition: Precondition = "none"
+
+    @property
+    def population(self) -> bool:
+        """Whether the population estimator (:mod:`lightning_memopt.mezo.population`) runs instead of the
+        per-direction Perturber: low-rank directions, batched evaluation or a preconditioner."""
+        return self.perturbation == "lowrank" or self.batched or self.precondition != "none"
 
     def __post_init__(self) -> None:
         validate.positive(self.eps, "eps")
@@ -63,6 +78,13 @@ class ZOConfig:
             raise ValueError(f"distribution must be 'normal' or 'rademacher', got {self.distribution!r}.")
         if self.window < 1:
             raise ValueError(f"window must be >= 1, got {self.window}.")
+        if self.perturbation not in ("dense", "lowrank"):
+            raise ValueError(f"perturbation must be 'dense' or 'lowrank', got {self.perturbation!r}.")
+        if self.precondition not in ("none", "layer"):
+            raise ValueError(f"precondition must be 'none' or 'layer', got {self.precondition!r}.")
+        validate.at_least(self.perturbation_rank, 1, "perturbation_rank")
+        if self.population_chunk is not None:
+            validate.at_least(self.population_chunk, 1, "population_chunk")
 
 
 @dataclass
@@ -271,6 +293,7 @@ class ZeroOrder:
         group_bytes: int = 64 << 20,
         guard: SkipGuard | None = None,
         check_nonfinite: bool = True,
+        scales: dict[int, float] | None = None,
     ) -> None:
         self.module = module
         self.guard = guard or SkipGuard("MeZO")
@@ -288,10 +311,28 @@ class ZeroOrder:
             )
         self.cache_z = bool(cache_z)
         self._cache: dict[int, dict[int, Tensor]] = {}
-        self.perturber = Perturber(
-            module, self.params, self._z if self.cache_z else None, self.config.distribution, group_bytes
-        )
         self.history: list[tuple[list[int], Tensor]] = []
+        cfg = self.config
+        self.perturber: Perturber | None = None
+        self.directions: Directions | None = None
+        self.engine: PopulationEngine | None = None
+        if not cfg.population:
+            self.perturber = Perturber(module, self.params, self._z if self.cache_z else None, cfg.distribution,
+                                       group_bytes)
+            return
+        if cfg.precondition == "layer" and scales is None:
+            scales = layer_scales(self.params)
+        self.directions = Directions(self.params, cfg.eps, cfg.perturbation, cfg.perturbation_rank,
+                                     cfg.distribution, scales)
+        self.engine = PopulationEngine(module, [(zp.name, zp.param, zp.index) for zp in self.params],
+                                       self.directions)
+
+    @property
+    def scales(self) -> dict[int, float] | None:
+        """The preconditioner's per-tensor scales (by parameter index), None without one."""
+        if self.directions is None or self.config.precondition == "none":
+            return None
+        return dict(self.directions.scales)
 
     def _z(self, seed: int, index: int) -> Tensor:
         d = self._cache.get(seed)
@@ -310,9 +351,26 @@ class ZeroOrder:
     def seeds(self, step: int) -> list[int]:
         return step_seeds(self.seed, step, self.config.n_spsa)
 
-    def estimate(self, loss_fn: Callable[[], Tensor], seeds: Sequence[int]) -> tuple[Tensor, Tensor]:
-        """Local (this rank's) projected gradients and mean loss."""
-        return projected_grads(loss_fn, self.perturber, seeds, self.config.eps, self.config.one_sided)
+    def estimate(
+        self,
+        loss_fn: Callable[[], Tensor] | None,
+        seeds: Sequence[int],
+        per_sample: Callable[[Any], Tensor] | None = None,
+        batch: Any = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Local (this rank's) projected gradients and mean loss.
+
+        Population estimator: batched through ``per_sample(batch)`` (per-example losses of a repeated batch) when
+        given, else ``loss_fn`` once per member with that member's perturbation active.
+        """
+        cfg = self.config
+        if self.engine is None:
+            assert loss_fn is not None and self.perturber is not None
+            return projected_grads(loss_fn, self.perturber, seeds, cfg.eps, cfg.one_sided)
+        assert self.directions is not None
+        self.directions.retain(seeds)
+        return population_grads(self.engine.active, seeds, cfg.eps, cfg.one_sided, cfg.population_chunk, loss_fn,
+                                per_sample, batch)
 
     def update(
         self,
@@ -342,6 +400,12 @@ class ZeroOrder:
         del self.history[: -(1 if cfg.variant == "sgd" else cfg.window)]
         s, a, b = window_terms(self.history, cfg)
         recent = self.history[-1:] if cfg.variant == "sgd" else self.history[-cfg.window :]
+        if self.directions is not None:
+            apply_update_population(
+                self.module, self.params, self.directions, s, [x for sd, _ in recent for x in sd], a, b, lrs, wds,
+                cfg.adam_eps if cfg.variant == "adam" else None, ok,
+            )
+            return ok
         apply_update(
             self.module,
             self.params,
@@ -380,4 +444,7 @@ class ZeroOrder:
         return asdict(self.config)
 
     def close(self) -> None:
-        self.perturber.remove()
+        if self.perturber is not None:
+            self.perturber.remove()
+        if self.engine is not None:
+            self.engine.remove()

@@ -32,10 +32,13 @@ def fingerprint(params: list[ZOParam]) -> float | None:
     return total
 
 
-def new_trajectory(base: Any, params: list[ZOParam], config: ZOConfig, seed: int) -> dict[str, Any]:
+def new_trajectory(
+    base: Any, params: list[ZOParam], config: ZOConfig, seed: int, scales: dict[int, float] | None = None
+) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {
+        "scales": None if scales is None else {str(k): float(v) for k, v in scales.items()},
         "version": VERSION,
         "base": base,
         "base_fingerprint": fingerprint(params),
@@ -91,7 +94,9 @@ def replay_trajectory(model: torch.nn.Module, trajectory: dict[str, Any] | str, 
                 f"The model's weights do not match the trajectory's base (fingerprint {now} vs {fp}); load the base "
                 f"model the run started from, or pass check_base=False."
             )
-    zo = ZeroOrder(model, ZOConfig(**traj["config"]), traj["seed"], params)
+    scales = traj.get("scales")
+    scales = None if scales is None else {int(k): float(v) for k, v in scales.items()}
+    zo = ZeroOrder(model, ZOConfig(**traj["config"]), traj["seed"], params, scales=scales)
     try:
         dev = params[0].param.device
         for st in traj["steps"]:

@@ -414,6 +414,31 @@ class HFCausalLM(LightningModule):
         loss = F.cross_entropy(logits, batch["labels"])
         return {"loss": loss, "logits": logits.detach(), "labels": batch["labels"]}
 
+    def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """Per-example losses ``[B]`` whose mean is ``training_step``'s loss on the same batch.
+
+        Population methods (``MeZO(batched=True)``, ``DFOLoRA``) call this on the batch repeated once per member and
+        read one loss per member from one forward. Causal-LM objectives weight each example by its share of the
+        batch's tokens, so the mean is the token mean the loss takes.
+        """
+        if self.hparams.objective == "classification":
+            logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("choice_ids"),
+                          batch.get("choice_mask"))
+            return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+        if mask is None:
+            mask = torch.ones_like(input_ids)
+        labels = batch.get("lm_labels")
+        if labels is None:
+            labels = input_ids.masked_fill(mask == 0, -100)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+        ).logits
+        target = labels[:, 1:]
+        tok = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+        n = (target != -100).sum().clamp(min=1)
+        return tok.sum(1) * (input_ids.shape[0] / n)
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         out = self._step(batch)
         self.log("train_loss", out["loss"].detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])

@@ -1,0 +1,304 @@
+"""One population-forward engine: per-member deltas on a model's layers inside one batched forward.
+
+A *population* of P members (MeZO's antithetic directions, DFO's candidates) is evaluated on one minibatch of B rows
+by repeating the batch member-major (row ``j * B + i`` is example i under member j) and letting each layer add the
+member's own delta to its output. Nothing parameter-sized is formed per member:
+
+* ``nn.Linear`` with a low-rank delta ``W + U_j V_jᵀ``: ``y = x Wᵀ + (x V_j) U_jᵀ`` (:func:`lowrank_delta`, two batched
+  matmuls of rank r);
+* ``nn.Embedding`` with a low-rank row delta: ``E[t] + U_j[t] V_jᵀ``;
+* anything else (norm weights, biases of other modules, weights of other module types): the module runs once per
+  member on that member's rows with a temporary ``W + Δ_j`` (cheap for vectors; the correct fallback otherwise).
+
+Two clients: :class:`PopulationEngine` (MeZO's population estimator: every trained parameter gets a delta from a
+:class:`DeltaSource`) and DFO's :class:`~lightning_memopt.dfo.lora.ZLoRA` (per-candidate LoRA on its targets: it
+calls :func:`repeat_rows` and :func:`lowrank_delta` from its own hooks).
+
+Per-member losses (:func:`member_losses`) come one of two ways, and both methods use the same function:
+
+* **batched**: the module defines ``per_sample_loss(batch) -> Tensor [B]``, per-example losses whose mean is the
+  loss ``training_step`` returns; the batch is repeated P times (:func:`expand_batch`) and one forward gives
+  ``[P, B]``;
+* **per member**: ``loss_fn()`` (e.g. the module's own ``training_step``) runs once per member with that member's
+  delta active: always correct, not batched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+
+PER_SAMPLE_HOOK = "per_sample_loss"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rows and batches
+# ---------------------------------------------------------------------------------------------------------------
+def repeat_rows(x: Any, p: int, batch: int, memo: dict[int, tuple[Tensor, Tensor]] | None = None) -> Any:
+    """Repeat member-major (``p`` times along dim 0) every tensor in ``x`` (nested tuples/lists/dicts) whose first
+    dimension is ``batch``; other values pass through. ``memo`` reuses one expansion of a tensor seen again."""
+    if isinstance(x, Tensor):
+        if x.ndim >= 1 and x.shape[0] == batch:
+            if memo is None:
+                return x.repeat(p, *([1] * (x.ndim - 1)))
+            hit = memo.get(id(x))
+            if hit is None or hit[0] is not x:
+                hit = (x, x.repeat(p, *([1] * (x.ndim - 1))))
+                memo[id(x)] = hit
+            return hit[1]
+        return x
+    if isinstance(x, tuple):
+        return tuple(repeat_rows(v, p, batch, memo) for v in x)
+    if isinstance(x, list):
+        return [repeat_rows(v, p, batch, memo) for v in x]
+    if isinstance(x, dict):
+        return {k: repeat_rows(v, p, batch, memo) for k, v in x.items()}
+    return x
+
+
+def batch_size(batch: Any) -> int:
+    """The first dimension of the first tensor found in ``batch`` (dict, tuple, list or tensor)."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0])
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, Tensor) and v.ndim >= 1:
+            return int(v.shape[0])
+        if isinstance(v, (dict, tuple, list)):
+            try:
+                return batch_size(v)
+            except ValueError:
+                continue
+    raise ValueError(f"Cannot tell the batch size of a {type(batch).__name__}: it holds no tensor.")
+
+
+def expand_batch(batch: Any, p: int) -> Any:
+    """The batch repeated member-major ``p`` times (every tensor whose first dimension is the batch size)."""
+    return repeat_rows(batch, p, batch_size(batch)) if p > 1 else batch
+
+
+def lowrank_delta(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``(x_j · left_j) · right_j`` for each member j of the member-major rows of ``x`` (``[P·n, ..., in]``).
+
+    ``left``: ``[P, in, r]``, ``right``: ``[P, r, out]``; returns ``[P·n, ..., out]`` in ``x``'s dtype.
+    """
+    p = left.shape[0]
+    xv = x.reshape(p, -1, x.shape[-1])
+    out = torch.bmm(torch.bmm(xv, left.to(x.dtype)), right.to(x.dtype))
+    return out.reshape(*x.shape[:-1], right.shape[-1])
+
+
+def per_sample_fn(module: Any) -> Callable[[Any], Tensor] | None:
+    """The module's ``per_sample_loss(batch)`` hook, if it defines one."""
+    fn = getattr(module, PER_SAMPLE_HOOK, None)
+    return fn if callable(fn) else None
+
+
+def member_losses(
+    members: Sequence[Any],
+    activate: Callable[[Sequence[Any]], Any],
+    chunk: int | None,
+    loss_fn: Callable[[], Tensor] | None = None,
+    per_sample: Callable[[Any], Tensor] | None = None,
+    batch: Any = None,
+) -> Tensor:
+    """Per-member losses ``[P, B]`` (batched, ``per_sample`` on ``batch``) or ``[P, 1]`` (``loss_fn`` per member).
+
+    ``activate(members)`` is a context manager making the next forward see those members' deltas on member-major
+    rows. Batched evaluation runs ``chunk`` members per forward (None: all at once).
+    """
+    out: list[Tensor] = []
+    if per_sample is not None:
+        b = batch_size(batch)
+        step = chunk or len(members)
+        for i in range(0, len(members), step):
+            part = members[i : i + step]
+            with activate(part):
+                losses = per_sample(expand_batch(batch, len(part)))
+            if losses.numel() != len(part) * b:
+                raise ValueError(
+                    f"per_sample_loss returned {tuple(losses.shape)} for a batch of {len(part)}x{b} rows; it must "
+                    f"return one loss per example ([batch])."
+                )
+            out.append(losses.float().reshape(len(part), b))
+        return torch.cat(out)
+    if loss_fn is None:
+        raise ValueError("member_losses needs loss_fn or per_sample.")
+    for m in members:
+        with activate([m]):
+            out.append(torch.as_tensor(loss_fn()).float().reshape(1, 1))
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the engine: per-member deltas of trained parameters
+# ---------------------------------------------------------------------------------------------------------------
+class DeltaSource(Protocol):
+    """What :class:`PopulationEngine` asks for each parameter (by index) and list of members."""
+
+    def lowrank(self, index: int) -> bool:
+        """Whether the parameter (2-D) takes low-rank deltas ``U Vᵀ``; else dense deltas of its shape."""
+
+    def factors(self, index: int, members: Sequence[Any]) -> tuple[Tensor, Tensor]:
+        """``(U [P, m, r], V [P, n, r])`` float32, the member's scale folded into U: delta_j = U_j V_jᵀ."""
+
+    def dense(self, index: int, members: Sequence[Any]) -> Tensor:
+        """``[P, *shape]`` float32 deltas (scale folded in)."""
+
+
+class PopulationEngine:
+    """Forward hooks on every module owning a trained parameter: while :meth:`active` with members ``m_0..m_{P-1}``,
+    the member-major rows of member j see each trained ``W_i + Δ_ij`` (from ``source``).
+
+    Args:
+        module: the model.
+        params: ``(name, parameter, index)`` of each trained parameter; the index keys ``source``.
+        source: the :class:`DeltaSource` giving factors or dense deltas.
+
+    ``nn.Linear`` weights and ``nn.Embedding`` tables with low-rank deltas are computed analytically (no dense
+    delta); every other owner runs once per member on its rows with temporary parameters. A Linear projecting onto a
+    subset of its rows (``HFCausalLM``'s label-word head sets ``_memopt_label_ids``) takes those rows of U.
+    """
+
+    def __init__(self, module: nn.Module, params: Sequence[tuple[str, Tensor, int]], source: DeltaSource) -> None:
+        self.source = source
+        self.members: list[Any] | None = None
+        self._handles: list[Any] = []
+        by_id = {id(p): (n, i) for n, p, i in params}
+        owners: list[tuple[nn.Module, list[tuple[str, int]]]] = []
+        seen: set[int] = set()
+        for mod in module.modules():
+            entries = [(n, by_id[id(p)][1]) for n, p in mod._parameters.items() if p is not None and id(p) in by_id]
+            if entries:
+                owners.append((mod, entries))
+                seen.update(i for _, i in entries)
+        if len(seen) != len({i for _, _, i in params}):
+            raise ValueError("Some trained parameters belong to no submodule of the given module.")
+        for mod, entries in owners:
+            self._handles.append(mod.register_forward_hook(self._make_hook(mod, entries), with_kwargs=True))
+        self._nested = {id(m) for m, _ in owners if any(id(c) in {id(o) for o, _ in owners} for c in m.modules()
+                                                           if c is not m)}
+
+    def _make_hook(self, mod: nn.Module, entries: list[tuple[str, int]]) -> Callable:
+        names = dict(entries)
+        fast = None
+        if isinstance(mod, nn.Linear) and (names.get("weight") is None or self.source.lowrank(names["weight"])):
+            fast = self._linear
+        elif isinstance(mod, nn.Embedding) and set(names) == {"weight"} and self.source.lowrank(names["weight"]):
+            fast = self._embedding
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            if self.members is None:
+                return None
+            if fast is not None:
+                return fast(module, names, args, kwargs, out)
+            return self._per_member(module, names, args, kwargs, out)
+
+        return hook
+
+    def _rows(self, x: Tensor, module: nn.Module) -> int:
+        p = len(self.members)  # type: ignore[arg-type]
+        if x.shape[0] % p:
+            raise RuntimeError(
+                f"Population evaluation: {type(module).__name__} got {x.shape[0]} rows, not a multiple of the "
+                f"{p} members; the model must keep the (member-major) batch dimension first. Use batched=False."
+            )
+        return x.shape[0] // p
+
+    def _linear(self, module: nn.Module, names: dict, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
+        x = args[0] if args else kwargs["input"]
+        self._rows(x, module)
+        members = self.members
+        rows = getattr(module, "_memopt_label_ids", None)
+        if "weight" in names:
+            u, v = self.source.factors(names["weight"], members)  # [P, out, r], [P, in, r]
+            if rows is not None:
+                u = u.index_select(1, rows.to(u.device))
+            out = out + lowrank_delta(x, v, u.transpose(1, 2)).to(out.dtype)
+        if "bias" in names:
+            b = self.source.dense(names["bias"], members)  # [P, out]
+            if rows is not None:
+                b = b.index_select(1, rows.to(b.device))
+            p = b.shape[0]
+            shape = (p, -1, out.shape[-1])
+            out = (out.reshape(shape) + b[:, None, :].to(out.dtype)).reshape(out.shape)
+        return out
+
+    def _embedding(self, module: nn.Module, names: dict, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
+        ids = args[0] if args else kwargs["input"]
+        self._rows(ids, module)
+        u, v = self.source.factors(names["weight"], self.members)  # [P, V, r], [P, d, r]
+        p = u.shape[0]
+        idv = ids.reshape(p, -1)
+        picked = torch.stack([u[j].index_select(0, idv[j]) for j in range(p)])  # [P, n, r]
+        delta = torch.bmm(picked, v.transpose(1, 2))  # [P, n, d]
+        return out + delta.reshape(out.shape).to(out.dtype)
+
+    def _per_member(self, module: nn.Module, names: dict, args: tuple, kwargs: dict, out: Any) -> Any:
+        members = self.members
+        p = len(members)  # type: ignore[arg-type]
+        if p > 1 and id(module) in self._nested:
+            raise RuntimeError(
+                f"Population evaluation: {type(module).__name__} owns trained parameters and has submodules that own "
+                f"others; batched evaluation cannot split it per member. Use batched=False."
+            )
+        if not isinstance(out, Tensor):
+            raise RuntimeError(
+                f"Population evaluation: {type(module).__name__} returns {type(out).__name__}; the per-member "
+                f"fallback needs modules that return one tensor. Use batched=False."
+            )
+        deltas = {}
+        for name, idx in names.items():
+            w = module._parameters[name]
+            if self.source.lowrank(idx):
+                u, v = self.source.factors(idx, members)
+                deltas[name] = torch.bmm(u, v.transpose(1, 2))
+            else:
+                deltas[name] = self.source.dense(idx, members).reshape(p, *w.shape)
+        n = self._rows(out, module)
+        batch = n * p
+        parts = []
+        saved = {name: module._parameters[name] for name in names}
+        try:
+            for j in range(p):
+                sl = slice(j * n, (j + 1) * n)
+                a = _take_rows(args, batch, sl)
+                kw = _take_rows(kwargs, batch, sl)
+                for name in names:
+                    w = saved[name]
+                    module._parameters[name] = (w.detach().float() + deltas[name][j]).to(w.dtype)
+                parts.append(module.forward(*a, **kw))
+        finally:
+            for name, w in saved.items():
+                module._parameters[name] = w
+        return torch.cat(parts) if p > 1 else parts[0]
+
+    @contextmanager
+    def active(self, members: Sequence[Any]) -> Iterator[None]:
+        """Forwards inside see member j's deltas on their rows ``[j·n, (j+1)·n)`` (n = rows / P)."""
+        self.members = list(members)
+        try:
+            yield
+        finally:
+            self.members = None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+def _take_rows(x: Any, batch: int, sl: slice) -> Any:
+    if isinstance(x, Tensor):
+        return x[sl] if x.ndim >= 1 and x.shape[0] == batch else x
+    if isinstance(x, tuple):
+        return tuple(_take_rows(v, batch, sl) for v in x)
+    if isinstance(x, list):
+        return [_take_rows(v, batch, sl) for v in x]
+    if isinstance(x, dict):
+        return {k: _take_rows(v, batch, sl) for k, v in x.items()}
+    return x

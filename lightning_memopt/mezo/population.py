@@ -1,0 +1,288 @@
+"""MeZO's population estimator: n directions per step, low-rank or dense, evaluated together or one by one.
+
+Directions. Step seed ``s`` and trained parameter ``i`` (index in the by-name order) give, from the Philox stream
+``key(s, i)`` of :mod:`lightning_memopt.core.perturb`:
+
+* a 2-D parameter ``[m, n]`` with ``perturbation="lowrank"``: ``Δ = U Vᵀ / sqrt(r)``, ``U = stream[0 : m·r]`` as
+  ``[m, r]`` and ``V = stream[m·r : (m+n)·r]`` as ``[n, r]``. Entries of Δ have unit variance, like dense z, so eps
+  and lr keep their meaning. The factors are of the FULL shape: under FSDP2 a rank updates its shard's rows of U.
+* every other parameter (vectors: norm weights, biases; or everything with ``perturbation="dense"``): dense z,
+  exactly MeZO's (same key, same offsets).
+
+Members. Two-sided: ``(s_j, +1), (s_j, −1)`` for each direction (antithetic pairs), ``g_j = (L+ − L−) / 2ε``.
+One-sided: an unperturbed member ``(·, 0)`` first, then ``(s_j, +1)``, ``g_j = (L+ − L0) / ε``. Member j's weights are
+``θ + sign·ε·S·Δ_j`` where S is the preconditioner's per-tensor scale (1 without one).
+
+Update: ``θ ← (1 − lr·wd)·θ − lr·S·Σ_j a_j Δ_j`` with MeZO's window coefficients ``a_j`` (``g_j / n`` for SGD), in
+place, in row chunks; a low-rank Δ is never formed beyond one chunk (``U_chunk · diag(a) · Vᵀ``).
+
+Preconditioner ``"layer"``: ``S_t = rms(W_t) / rms(θ)`` per tensor (from the weights at the start of the fit,
+saved in checkpoints and trajectories): each tensor is perturbed and updated in proportion to its own scale, a
+diagonal preconditioner ``P = S²`` (so ``E[update] = −lr·S²·∇L``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+
+from lightning_memopt.core import perturb
+from lightning_memopt.core.fsdp import all_reduce_sum, global_offset, is_dtensor, local, reshard_all
+from lightning_memopt.core.population import member_losses
+
+if TYPE_CHECKING:
+    from lightning_memopt.mezo.core import ZOParam
+
+Member = tuple[int, float]  # (direction seed, sign: +1, -1, or 0 for the unperturbed point)
+_UPDATE_ELEMS = 1 << 22  # elements of one update chunk (bounds the temporaries of a low-rank update)
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+class Directions:
+    """The :class:`~lightning_memopt.core.population.DeltaSource` of MeZO's population: seeded factors or dense z,
+    scaled per member by ``sign·ε·S_i``. Factors of the step's seeds are cached while the step runs
+    (:meth:`retain`), never across steps."""
+
+    def __init__(
+        self,
+        params: Sequence[ZOParam],
+        eps: float,
+        perturbation: str = "lowrank",
+        rank: int = 4,
+        distribution: str = "normal",
+        scales: dict[int, float] | None = None,
+    ) -> None:
+        self.eps, self.rank, self.distribution = float(eps), int(rank), distribution
+        self.shapes = {zp.index: tuple(global_offset(zp.param)[1]) for zp in params}
+        self.device = local(params[0].param).device
+        self._lowrank = {i: perturbation == "lowrank" and len(s) == 2 for i, s in self.shapes.items()}
+        self.scales = dict(scales or {})
+        self._cache: dict[tuple[int, int], Any] = {}
+        self._keep: set[int] | None = None
+
+    def lowrank(self, index: int) -> bool:
+        return self._lowrank[index]
+
+    def scale(self, index: int) -> float:
+        return float(self.scales.get(index, 1.0))
+
+    def _numel(self, index: int) -> int:
+        shape = self.shapes[index]
+        return (shape[0] + shape[1]) * self.rank if self._lowrank[index] else _prod(shape)
+
+    def retain(self, seeds: Sequence[int]) -> None:
+        """Cache the directions of these seeds from now on and drop every other; each new seed's factors and small
+        dense tensors are generated in one vectorised pass (the per-tensor calls, not the numbers, are the cost)."""
+        self._keep = {int(s) for s in seeds}
+        self._cache = {k: v for k, v in self._cache.items() if k[0] in self._keep}
+        idx = [i for i in self.shapes if self._lowrank[i] or _prod(self.shapes[i]) <= 1 << 16]
+        for s in dict.fromkeys(int(x) for x in seeds):
+            todo = [i for i in idx if (s, i) not in self._cache]
+            if not todo:
+                continue
+            flats = perturb.normal_many([perturb.key(s, i) for i in todo], [self._numel(i) for i in todo],
+                                        self.device, self.distribution)
+            for i, flat in zip(todo, flats):
+                if self._lowrank[i]:
+                    m, n = self.shapes[i]
+                    self._cache[(s, i)] = (flat[: m * self.rank].view(m, self.rank), flat[m * self.rank :].view(n, -1))
+                else:
+                    self._cache[(s, i)] = flat
+
+    def cached(self, seed: int, index: int) -> bool:
+        return (int(seed), index) in self._cache
+
+    def clear(self) -> None:
+        self._keep, self._cache = None, {}
+
+    def uv(self, seed: int, index: int) -> tuple[Tensor, Tensor]:
+        """Full-shape factors ``(U [m, r], V [n, r])`` float32 of parameter ``index`` under ``seed`` (unscaled)."""
+        hit = self._cache.get((seed, index))
+        if hit is None:
+            m, n = self.shapes[index]
+            r = self.rank
+            flat = perturb.normal(perturb.key(seed, index), 0, (m + n) * r, self.device, self.distribution)
+            hit = (flat[: m * r].view(m, r), flat[m * r :].view(n, r))
+            if self._keep is not None and seed in self._keep:
+                self._cache[(seed, index)] = hit
+        return hit
+
+    def z(self, seed: int, index: int) -> Tensor:
+        """Full dense z (flat float32) of parameter ``index`` under ``seed``: MeZO's."""
+        hit = self._cache.get((seed, index))
+        if hit is None:
+            hit = perturb.normal(perturb.key(seed, index), 0, _prod(self.shapes[index]), self.device, self.distribution)
+            if self._keep is not None and seed in self._keep:
+                self._cache[(seed, index)] = hit
+        return hit
+
+    def _coef(self, member: Member, index: int) -> float:
+        c = float(member[1]) * self.eps * self.scale(index)
+        return c / math.sqrt(self.rank) if self._lowrank[index] else c
+
+    def factors(self, index: int, members: Sequence[Member]) -> tuple[Tensor, Tensor]:
+        m, n = self.shapes[index]
+        us, vs = [], []
+        for mem in members:
+            c = self._coef(mem, index)
+            if c == 0.0:
+                us.append(torch.zeros(m, self.rank, device=self.device))
+                vs.append(torch.zeros(n, self.rank, device=self.device))
+                continue
+            u, v = self.uv(int(mem[0]), index)
+            us.append(u * c)
+            vs.append(v)
+        return torch.stack(us), torch.stack(vs)
+
+    def dense(self, index: int, members: Sequence[Member]) -> Tensor:
+        out = []
+        for mem in members:
+            c = self._coef(mem, index)
+            if c == 0.0:
+                out.append(torch.zeros(_prod(self.shapes[index]), device=self.device))
+            else:
+                out.append(self.z(int(mem[0]), index) * c)
+        return torch.stack(out)
+
+
+def members_of(seeds: Sequence[int], one_sided: bool) -> list[Member]:
+    """The population of one step: antithetic pairs, or the unperturbed point then one member per direction."""
+    if one_sided:
+        return [(int(seeds[0]), 0.0)] + [(int(s), 1.0) for s in seeds]
+    return [m for s in seeds for m in ((int(s), 1.0), (int(s), -1.0))]
+
+
+def population_grads(
+    activate: Callable[[Sequence[Member]], Any],
+    seeds: Sequence[int],
+    eps: float,
+    one_sided: bool = False,
+    chunk: int | None = None,
+    loss_fn: Callable[[], Tensor] | None = None,
+    per_sample: Callable[[Any], Tensor] | None = None,
+    batch: Any = None,
+) -> tuple[Tensor, Tensor]:
+    """Projected gradients ``g [n]`` and the mean loss of the population, like
+    :func:`~lightning_memopt.mezo.core.projected_grads` (batched through ``per_sample``, else ``loss_fn`` per
+    member)."""
+    members = members_of(seeds, one_sided)
+    with torch.no_grad():
+        losses = member_losses(members, activate, chunk, loss_fn, per_sample, batch).mean(1)
+        if one_sided:
+            g = (losses[1:] - losses[0]) / eps
+        else:
+            g = (losses[0::2] - losses[1::2]) / (2 * eps)
+        return g.reshape(-1), losses.mean()
+
+
+def layer_scales(params: Sequence[ZOParam]) -> dict[int, float]:
+    """``rms(W_t) / rms(θ)`` per tensor (1 for an all-zero tensor), the same on every rank (sums all-reduced)."""
+    world = 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        world = torch.distributed.get_world_size()
+    dev = local(params[0].param).device
+    sums = []
+    for zp in params:
+        t = local(zp.param).detach().double()
+        s = t.square().sum() if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
+        sums.append(s.to(dev) if is_dtensor(zp.param) else s.to(dev) / world)
+    total = all_reduce_sum(torch.stack(sums)).cpu()
+    numels = [_prod(global_offset(zp.param)[1]) for zp in params]
+    rms_all = math.sqrt(float(total.sum()) / max(1, sum(numels)))
+    out = {}
+    for zp, s, n in zip(params, total.tolist(), numels):
+        rms = math.sqrt(s / max(1, n))
+        out[zp.index] = rms / rms_all if rms > 0 and rms_all > 0 else 1.0
+    return out
+
+
+@torch.no_grad()
+def apply_update_population(
+    module: torch.nn.Module | None,
+    params: Sequence[ZOParam],
+    directions: Directions,
+    seeds: Tensor,
+    seed_ints: Sequence[int],
+    a: Tensor,
+    b: Tensor | None,
+    lrs: Sequence[float],
+    wds: Sequence[float],
+    adam_eps: float | None = None,
+    ok: Tensor | None = None,
+) -> None:
+    """``θ ← (1 − lr·wd)·θ − lr·S·Δ`` with ``Δ = Σ_j a_j D_j`` (or Adam's ``m / (sqrt(v) + adam_eps)``) over the
+    window's directions ``D_j``, written in place to each rank's local rows; a no-op where ``ok`` is false."""
+    if module is not None:
+        reshard_all(module)
+    for zp in params:
+        lr = float(lrs[zp.group])
+        wd = float(wds[zp.group]) if zp.decay else 0.0
+        s = directions.scale(zp.index)
+        start, shape = global_offset(zp.param)
+        t = local(zp.param).detach()
+        if t.numel() == 0:
+            continue
+        if directions.lowrank(zp.index):
+            _lowrank_update_(t, start // shape[1], directions, zp.index, seed_ints, a, b, lr, s, 1.0 - lr * wd,
+                             adam_eps, ok)
+        else:
+            zs = None  # cached z of this step (CPU speed), else regenerated by the kernel
+            if all(directions.cached(int(x), zp.index) for x in seed_ints):
+                zs = [directions.z(int(x), zp.index)[start : start + t.numel()] for x in seed_ints]
+            perturb.update_(t, zp.index, seeds, a, b, lr * s, 1.0 - lr * wd, start, adam_eps, zs=zs,
+                            dist=directions.distribution, seed_ints=seed_ints, ok=ok)
+
+
+def _lowrank_update_(
+    t: Tensor,
+    row0: int,
+    directions: Directions,
+    index: int,
+    seed_ints: Sequence[int],
+    a: Tensor,
+    b: Tensor | None,
+    lr: float,
+    scale: float,
+    decay: float,
+    adam_eps: float | None,
+    ok: Tensor | None,
+) -> None:
+    rows, n = t.shape
+    inv = 1.0 / math.sqrt(directions.rank)
+    a32 = a.to(device=t.device, dtype=torch.float32) * inv
+    uvs = [directions.uv(int(x), index) for x in seed_ints]
+    us = [u[row0 : row0 + rows] for u, _ in uvs]
+    step = max(1, _UPDATE_ELEMS // max(1, n))
+    if adam_eps is None:
+        ucat = torch.cat([u * a32[j] for j, u in enumerate(us)], dim=1)  # [rows, J·r]
+        vcat = torch.cat([v for _, v in uvs], dim=1)  # [n, J·r]
+    else:
+        b32 = b.to(device=t.device, dtype=torch.float32) * (inv * inv)  # type: ignore[union-attr]
+    okd = None if ok is None else ok.to(t.device)
+    for lo in range(0, rows, step):
+        hi = min(rows, lo + step)
+        if adam_eps is None:
+            delta = ucat[lo:hi] @ vcat.T
+        else:
+            m = torch.zeros(hi - lo, n, dtype=torch.float32, device=t.device)
+            v2 = torch.zeros_like(m)
+            for j, (u, (_, v)) in enumerate(zip(us, uvs)):
+                d = u[lo:hi] @ v.T
+                m += a32[j] * d
+                v2 += b32[j] * d * d
+            delta = m / (torch.sqrt(v2) + adam_eps)
+        old = t[lo:hi].to(torch.float32)
+        new = old * decay - (lr * scale) * delta
+        if okd is not None:
+            new = torch.where(okd, new, old)
+        t[lo:hi] = new.to(t.dtype)
