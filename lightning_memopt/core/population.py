@@ -38,11 +38,16 @@ PER_SAMPLE_HOOK = "per_sample_loss"
 # ---------------------------------------------------------------------------------------------------------------
 # rows and batches
 # ---------------------------------------------------------------------------------------------------------------
-def repeat_rows(x: Any, p: int, batch: int, memo: dict[int, tuple[Tensor, Tensor]] | None = None) -> Any:
-    """Repeat member-major (``p`` times along dim 0) every tensor in ``x`` (nested tuples/lists/dicts) whose first
-    dimension is ``batch``; other values pass through. ``memo`` reuses one expansion of a tensor seen again."""
+def repeat_rows(
+    x: Any, p: int, batch: int, memo: dict[int, tuple[Tensor, Tensor]] | None = None, min_ndim: int = 1,
+    dicts: bool = True,
+) -> Any:
+    """Repeat member-major (``p`` times along dim 0) every tensor in ``x`` (nested tuples/lists/dicts) with at least
+    ``min_ndim`` dimensions whose first is ``batch``; other values pass through. ``memo`` reuses one expansion of a
+    tensor seen again (hidden states inside a model: ``min_ndim=2`` leaves 1-D position tensors alone); ``dicts=False``
+    passes dicts through (inside a model they are its own structures)."""
     if isinstance(x, Tensor):
-        if x.ndim >= 1 and x.shape[0] == batch:
+        if x.ndim >= min_ndim and x.shape[0] == batch:
             if memo is None:
                 return x.repeat(p, *([1] * (x.ndim - 1)))
             hit = memo.get(id(x))
@@ -52,11 +57,11 @@ def repeat_rows(x: Any, p: int, batch: int, memo: dict[int, tuple[Tensor, Tensor
             return hit[1]
         return x
     if isinstance(x, tuple):
-        return tuple(repeat_rows(v, p, batch, memo) for v in x)
+        return tuple(repeat_rows(v, p, batch, memo, min_ndim, dicts) for v in x)
     if isinstance(x, list):
-        return [repeat_rows(v, p, batch, memo) for v in x]
-    if isinstance(x, dict):
-        return {k: repeat_rows(v, p, batch, memo) for k, v in x.items()}
+        return [repeat_rows(v, p, batch, memo, min_ndim, dicts) for v in x]
+    if isinstance(x, dict) and dicts:
+        return {k: repeat_rows(v, p, batch, memo, min_ndim, dicts) for k, v in x.items()}
     return x
 
 

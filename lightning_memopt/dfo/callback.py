@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lightning_memopt.callbacks.method import MethodCallback
+from lightning_memopt.core.population import per_sample_fn
 from lightning_memopt.dfo.core import DFOSettings, LayerwiseDFO
 from lightning_memopt.dfo.lora import DEFAULT_PATTERN
 
@@ -26,8 +27,15 @@ from lightning_memopt.dfo.lora import DEFAULT_PATTERN
 class DFOLoRA(MethodCallback):
     """Forward-only LoRA tuning with CMA-ES (C-LoRA) or fireworks (F-LoRA) for an unchanged LightningModule.
 
-    The module must be a prompt classifier like :class:`~lightning_memopt.HFCausalLM`: ``module(input_ids,
-    attention_mask)`` returns label-word logits ``[B, n_labels]`` and batches carry ``labels``.
+    Any automatic-optimization module works; the fitness of a candidate comes (the log says which):
+
+    * from label-word logits, for a prompt classifier like :class:`~lightning_memopt.HFCausalLM` with label words
+      (``module(input_ids, attention_mask)`` returns ``[B, n_labels]``, batches carry ``labels``): batched, with
+      the layers below the current one computed once;
+    * else from the module's ``per_sample_loss(batch)`` (per-example losses ``[B]`` whose mean is the training
+      loss), batched over the batch repeated per candidate;
+    * else from the module's own ``training_step`` (its loss, or ``"loss"`` of the dict it returns), called once
+      per candidate with that candidate's LoRA active: always correct, not batched.
 
     Args:
         optimizer: ``"cmaes"`` (C-LoRA) or ``"fireworks"`` (F-LoRA: EFWA with dynFWA's core amplitude).
@@ -116,7 +124,8 @@ class DFOLoRA(MethodCallback):
             optimizer_device, offload_idle, seed,
         )
         self.dfo: LayerwiseDFO | None = None
-        self._batch: dict[str, torch.Tensor] | None = None
+        self._batch: Any = None
+        self._batch_idx = 0
         self._logged = True
 
     @property
@@ -143,14 +152,24 @@ class DFOLoRA(MethodCallback):
     def settings(self) -> dict[str, Any]:
         return asdict(self.config)
 
-    @override
-    def validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        objective = getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)("objective")
-        if objective not in (None, "classification"):
+    def _paths(self, pl_module: LightningModule) -> dict[str, Any]:
+        """The fitness path for this module (see the class docstring) as LayerwiseDFO's arguments."""
+        if getattr(pl_module, "label_token_ids", None) is not None:
+            return {}
+        hook = per_sample_fn(pl_module)
+        if hook is not None:
+            return {"per_sample": hook}
+        return {"step_loss": self._step_loss}
+
+    def _step_loss(self, batch: Any) -> torch.Tensor:
+        assert self.module is not None
+        out = self.module.training_step(batch, self._batch_idx)
+        loss = out.get("loss") if isinstance(out, dict) else out
+        if not isinstance(loss, torch.Tensor):
             raise MisconfigurationException(
-                f"DFOLoRA optimizes a classification loss over label-word logits; the module has objective="
-                f"{objective!r}. Use objective='classification' with PromptClassificationDataModule."
+                f"DFOLoRA needs training_step to return a loss tensor or a dict with 'loss'; got {type(out).__name__}."
             )
+        return loss
 
     @override
     def install(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -161,7 +180,7 @@ class DFOLoRA(MethodCallback):
         if self.dfo is not None:
             self.dfo.remove()
         try:
-            self.dfo = LayerwiseDFO(pl_module, self.config, guard=self.guard)
+            self.dfo = LayerwiseDFO(pl_module, self.config, guard=self.guard, **self._paths(pl_module))
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
         c = self.config
@@ -169,8 +188,18 @@ class DFOLoRA(MethodCallback):
         rank_zero_info(
             f"DFOLoRA[{c.optimizer}]: rank-{c.rank} LoRA on {t} modules in {self.dfo.lora.n_blocks} layers, "
             f"z of {c.d} per layer, population {c.population}, budget {c.budget} forwards, "
-            f"{'batched' if c.batched else 'sequential'} evaluation."
+            f"{self._describe()}."
         )
+
+    def _describe(self) -> str:
+        assert self.dfo is not None
+        c = self.config
+        if self.dfo.path == "logits":
+            return f"{'batched' if c.batched else 'sequential'} evaluation on label-word logits"
+        if self.dfo.path == "per_sample":
+            n = (c.population_chunk or c.population) if c.batched else 1
+            return f"fitness from per_sample_loss, {n} candidates per forward"
+        return "fitness from one training_step per candidate (define per_sample_loss(batch) to batch them)"
 
     @override
     def start(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Any] | None) -> None:
@@ -214,7 +243,7 @@ class DFOLoRA(MethodCallback):
     # ---- the step ------------------------------------------------------------------------------------------------
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch = batch
+        self._batch, self._batch_idx = batch, batch_idx
 
     @override
     def step(self, closure: Any) -> Any:

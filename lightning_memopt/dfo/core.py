@@ -18,7 +18,8 @@ Budget: counted in candidate evaluations on one batch, as the paper counts forwa
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,6 +31,7 @@ from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_sum
 from lightning_memopt.core.modes import eval_mode
 from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.core.population import member_losses
 from lightning_memopt.dfo.cmaes import CMAES
 from lightning_memopt.dfo.fireworks import Fireworks
 from lightning_memopt.dfo.lora import DEFAULT_PATTERN, ZLoRA
@@ -131,11 +133,22 @@ class LayerwiseDFO:
     """Layer-wise derivative-free LoRA on ``module``: z-driven LoRA hooks, one optimizer per layer, population
     evaluation, checkpointable state. Plain PyTorch (no Lightning).
 
+    Fitness comes one of three ways (:attr:`path` says which):
+
+    * ``"logits"`` (default): ``logits_fn(input_ids, attention_mask)`` gives label-word logits of dict batches with
+      ``labels``; batched with the layers below the current one computed once (``split``);
+    * ``"per_sample"``: ``per_sample(batch)`` gives per-example losses ``[B]`` (any batch type); the batch is
+      repeated per candidate (``population_chunk`` candidates per forward, one with ``batched=False``);
+    * ``"step"``: ``step_loss(batch)`` gives the batch's scalar loss (e.g. the module's own ``training_step``),
+      called once per candidate with that candidate's LoRA active: always correct, not batched.
+
     Args:
         module: the model (its weights are not touched; the LoRA lives in hooks).
         settings: :class:`DFOSettings`.
         logits_fn: ``logits_fn(input_ids, attention_mask)`` → label-word logits ``[B, n]`` (default: ``module``).
         guard: the :class:`~lightning_memopt.core.nonfinite.SkipGuard` counting skipped generations.
+        per_sample: the ``"per_sample"`` path's loss (takes precedence over ``step_loss``).
+        step_loss: the ``"step"`` path's loss.
 
     Example::
 
@@ -151,9 +164,13 @@ class LayerwiseDFO:
         settings: DFOSettings,
         logits_fn: LogitsFn | None = None,
         guard: SkipGuard | None = None,
+        per_sample: Callable[[Any], Tensor] | None = None,
+        step_loss: Callable[[Any], Tensor] | None = None,
     ) -> None:
         s = self.settings = settings
         self.module = module
+        self.per_sample, self.step_loss = per_sample, step_loss
+        self.path = "per_sample" if per_sample is not None else "step" if step_loss is not None else "logits"
         self.logits_fn: LogitsFn = logits_fn or (lambda ids, mask: module(ids, mask))
         self.guard = guard or SkipGuard("DFOLoRA")
         self.lora = ZLoRA(module, s.rank, s.d, s.target_pattern, s.seed, s.sigma, s.init_scale)
@@ -200,9 +217,12 @@ class LayerwiseDFO:
     def collect_stats(self, batches: list[Batch]) -> None:
         """Hidden-state statistics for the random maps (and the split check) on a few batches."""
         with eval_mode(self.module):
-            self.lora.collect_stats(lambda b: self.logits_fn(b["input_ids"], b.get("attention_mask")), batches,
-                                    all_reduce_sum)
-            if self.settings.batched and self.split and self.settings.verify_split:
+            if self.path == "logits":
+                run = lambda b: self.logits_fn(b["input_ids"], b.get("attention_mask"))  # noqa: E731
+            else:
+                run = self.per_sample or self.step_loss
+            self.lora.collect_stats(run, batches, all_reduce_sum)
+            if self.path == "logits" and self.settings.batched and self.split and self.settings.verify_split:
                 self.split = self.check_split(batches[0])
 
     def check_split(self, batch: Batch) -> bool:
@@ -234,7 +254,9 @@ class LayerwiseDFO:
         rng = opt.gen.get_state()
         z = opt.ask()
         with eval_mode(self.module):  # deterministic fitness (no dropout), as MeZO evaluates
-            if s.batched:
+            if self.path != "logits":
+                fit = self.eval_members(batch, k, z)
+            elif s.batched:
                 fit = self.eval_batched(batch, k, z, self.split)
             else:
                 fit = self.eval_sequential(batch, k, z)
@@ -280,6 +302,24 @@ class LayerwiseDFO:
                 self.lora.end_population()
         logits = torch.cat(parts).reshape(p, b, -1)
         return logits if raw else global_fitness(self._losses(logits, batch))
+
+    def eval_members(self, batch: Any, k: int, z: Tensor) -> Tensor:
+        """Fitness ``[P]`` through ``per_sample`` (batched: the batch repeated per candidate) or ``step_loss`` (one
+        call per candidate)."""
+        s = self.settings
+
+        @contextmanager
+        def activate(members: Any) -> Iterator[None]:
+            self.lora.begin_population(k, z[list(members)], 0, expand=False)
+            try:
+                yield
+            finally:
+                self.lora.end_population()
+
+        chunk = (s.population_chunk if s.batched else 1) if self.per_sample is not None else None
+        step = None if self.step_loss is None else (lambda: self.step_loss(batch))  # noqa: E731
+        losses = member_losses(list(range(z.shape[0])), activate, chunk, step, self.per_sample, batch)
+        return global_fitness(losses)
 
     def eval_sequential(self, batch: Batch, k: int, z: Tensor) -> Tensor:
         """Fitness ``[P]`` of candidates ``z`` for layer ``k``, one forward per candidate."""

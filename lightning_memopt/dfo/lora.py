@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memopt.core.fsdp import is_dtensor
+from lightning_memopt.core.population import lowrank_delta, repeat_rows
 
 DEFAULT_PATTERN = r"(^|\.)(q_proj|k_proj|query|key|q_lin|k_lin)$"
 
@@ -162,19 +163,7 @@ class ZLoRA:
         self._handles = []
 
     def _expand(self, x: Any, p: int) -> Any:
-        if isinstance(x, Tensor):
-            if x.ndim >= 2 and x.shape[0] == self._batch:
-                hit = self._memo.get(id(x))
-                if hit is None or hit[0] is not x:
-                    hit = (x, x.repeat(p, *([1] * (x.ndim - 1))))
-                    self._memo[id(x)] = hit
-                return hit[1]
-            return x
-        if isinstance(x, tuple):
-            return tuple(self._expand(v, p) for v in x)
-        if isinstance(x, list):
-            return [self._expand(v, p) for v in x]
-        return x
+        return repeat_rows(x, p, self._batch, self._memo, min_ndim=2, dicts=False)
 
     def _make_expand(self, idx: int) -> Callable:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
@@ -193,9 +182,9 @@ class ZLoRA:
             if self._pop is not None and self._pop[0] == idx:
                 p = self._pop[1]
                 a, b = self._pop[2][j]  # [P, r, in], [P, out, r]
-                xv = x.reshape(p, -1, x.shape[-1])
-                delta = torch.bmm(torch.bmm(xv, a.to(x.dtype).transpose(1, 2)), b.to(x.dtype).transpose(1, 2))
-                return out + delta.reshape(out.shape).to(out.dtype)
+                if x.shape[0] % p:
+                    raise RuntimeError(f"DFOLoRA: {x.shape[0]} rows at a target, not a multiple of {p} candidates.")
+                return out + lowrank_delta(x, a.transpose(1, 2), b.transpose(1, 2)).to(out.dtype)
             fixed = self._fixed[idx]
             if fixed is None:
                 return None
@@ -207,7 +196,7 @@ class ZLoRA:
     # ---- statistics and maps -------------------------------------------------------------------------------------
     @torch.no_grad()
     def collect_stats(
-        self, run: Callable[[dict[str, Tensor]], Any], batches: list[dict[str, Tensor]],
+        self, run: Callable[[Any], Any], batches: list[Any],
         reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> None:
         """Run ``run(batch)`` (a forward) on a few training batches and record each target's input rms and output
@@ -239,7 +228,7 @@ class ZLoRA:
         self._fixed = [None] * self.n_blocks  # statistics of the base model
         try:
             for batch in batches:
-                mask[0] = batch.get("attention_mask")
+                mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
                 run(batch)
         finally:
             self._fixed = saved

@@ -56,3 +56,50 @@ def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         t = full(p)
         out[n] = t.detach().to("cpu", copy=True)
     return out
+
+
+class TinyLM(pl.LightningModule):
+    """An ordinary LightningModule (not :class:`HFCausalLM`): a tiny random-init Llama whose ``training_step`` takes a
+    plain tensor batch of token ids and returns the scalar causal-LM loss. The data are counting sequences
+    (``t, t+1, ...`` modulo 32), so any method lowers the loss quickly."""
+
+    def __init__(self, lr: float = 1e-3, n: int = 64, length: int = 12, seed: int = 0) -> None:
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = dict(llama_config("tiny", vocab_size=64))
+        cfg.pop("model_type")
+        torch.manual_seed(seed)
+        self.model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **cfg))
+        self.lr = lr
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, 32, (n, 1), generator=gen)
+        self.data = (starts + torch.arange(length)) % 32
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch.shape[0])
+        return loss
+
+    def configure_optimizers(self) -> Any:
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=self.lr)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader(self.data, batch_size=16, shuffle=False)
+
+    @torch.no_grad()
+    def mean_loss(self) -> float:
+        was = self.training
+        self.eval()
+        loss = float(self.model(input_ids=self.data, labels=self.data).loss)
+        self.train(was)
+        return loss
+
+
+class TinyLMPerSample(TinyLM):
+    """:class:`TinyLM` with the ``per_sample_loss`` hook, so population methods batch their members."""
+
+    def per_sample_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=batch).logits[:, :-1].float()
+        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        return tok.mean(1)  # every row has the same length: the mean of row means is the token mean
