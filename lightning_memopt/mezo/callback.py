@@ -56,8 +56,11 @@ class MeZO(MethodCallback):
             per member, when the module defines ``per_sample_loss(batch)`` (per-example losses; ``HFCausalLM`` does)
             and no ``metric`` is set; otherwise each member runs the module's ``training_step`` (the log says which).
         population_chunk: members per batched forward (bounds activation memory; None: all at once).
-        precondition: ``"none"`` or ``"layer"``: each tensor is perturbed and updated in proportion to its RMS
-            relative to the whole model's (a diagonal preconditioner, fixed at the start of the fit).
+        precondition: ``"none"``; ``"layer"``: each tensor is perturbed and updated in proportion to its RMS
+            relative to the whole model's (a diagonal preconditioner, fixed at the start of the fit);
+            ``"curvature"``: HiZOO's Hessian estimate from the same forwards (one more, unperturbed member per step),
+            ``(L+ + L− − 2·L0)/ε²``, kept as an EMA (rate ``beta2``) and dividing the projected gradients, so lr is
+            the fraction of a Newton step along the directions (population estimator only).
         seed: base seed; step t's directions depend only on (seed, t), so resume is exact.
         eval_mode: run the two forwards in eval mode (dropout off), as the paper does.
         metric: optional class path of a torchmetrics metric (e.g. ``"torchmetrics.classification.MulticlassAccuracy"``)
@@ -197,7 +200,7 @@ class MeZO(MethodCallback):
                 why = ("batched=False" if not c.batched else "a metric objective needs training_step's outputs"
                        if self._metric is not None else f"{type(pl_module).__name__} has no per_sample_loss(batch)")
                 how = f"one training_step per member ({why})"
-            members = c.n_spsa + 1 if c.one_sided else 2 * c.n_spsa
+            members = c.n_spsa + 1 if c.one_sided else 2 * c.n_spsa + (c.precondition == "curvature")
             rank_zero_info(f"MeZO population: {members} members per step, {c.perturbation} directions, {how}.")
         if self._metric is not None:
             self._metric = self._metric.to(pl_module.device)
@@ -219,6 +222,7 @@ class MeZO(MethodCallback):
         if state is None or self.zo is None:
             return
         self.zo.load_history_state(state.get("history", []), pl_module.device)
+        self.zo.load_curvature_state(state.get("curvature"), pl_module.device)
         if state.get("scales") is not None and self.zo.directions is not None:
             self.zo.directions.scales = {int(k): float(v) for k, v in state["scales"].items()}
         if state.get("trajectory") is not None:
@@ -303,7 +307,7 @@ class MeZO(MethodCallback):
                 {"step": self.step_index, "seeds": list(self._seeds), "g": [float(x) for x in g.tolist()],
                  "lr": lrs, "wd": wds}
             )
-        self._last = (g.mean(), loss)
+        self._last = (g[: self.config.n_spsa].mean(), loss)
         self._reset_accumulators()
         return result
 
@@ -320,6 +324,7 @@ class MeZO(MethodCallback):
     def method_state(self) -> dict[str, Any]:
         return {
             "history": self.zo.history_state() if self.zo is not None else [],
+            "curvature": None if self.zo is None else self.zo.curvature_state(),
             "scales": None if self.zo is None or self.zo.scales is None else {str(k): v for k, v in
                                                                              self.zo.scales.items()},
             "trajectory": self.trajectory,

@@ -36,7 +36,7 @@ from lightning_memopt.mezo.population import Directions, apply_update_population
 
 Variant = Literal["sgd", "momentum", "adam"]
 Perturbation = Literal["dense", "lowrank"]
-Precondition = Literal["none", "layer"]
+Precondition = Literal["none", "layer", "curvature"]
 _M64 = (1 << 64) - 1
 
 
@@ -80,8 +80,10 @@ class ZOConfig:
             raise ValueError(f"window must be >= 1, got {self.window}.")
         if self.perturbation not in ("dense", "lowrank"):
             raise ValueError(f"perturbation must be 'dense' or 'lowrank', got {self.perturbation!r}.")
-        if self.precondition not in ("none", "layer"):
-            raise ValueError(f"precondition must be 'none' or 'layer', got {self.precondition!r}.")
+        if self.precondition not in ("none", "layer", "curvature"):
+            raise ValueError(f"precondition must be 'none', 'layer' or 'curvature', got {self.precondition!r}.")
+        if self.precondition == "curvature" and self.one_sided:
+            raise ValueError("precondition='curvature' measures curvature from antithetic pairs; set one_sided=False.")
         validate.at_least(self.perturbation_rank, 1, "perturbation_rank")
         if self.population_chunk is not None:
             validate.at_least(self.population_chunk, 1, "population_chunk")
@@ -312,6 +314,7 @@ class ZeroOrder:
         self.cache_z = bool(cache_z)
         self._cache: dict[int, dict[int, Tensor]] = {}
         self.history: list[tuple[list[int], Tensor]] = []
+        self._curv: Tensor | None = None  # precondition="curvature": (EMA sum, EMA weight) of |c|
         cfg = self.config
         self.perturber: Perturber | None = None
         self.directions: Directions | None = None
@@ -370,7 +373,7 @@ class ZeroOrder:
         assert self.directions is not None
         self.directions.retain(seeds)
         return population_grads(self.engine.active, seeds, cfg.eps, cfg.one_sided, cfg.population_chunk, loss_fn,
-                                per_sample, batch)
+                                per_sample, batch, curvature=cfg.precondition == "curvature")
 
     def update(
         self,
@@ -391,12 +394,15 @@ class ZeroOrder:
             validate.nonnegative(lr, "lr")
         self.guard.resolve()  # earlier steps: long done on the device; skipped ones leave the window first
         before = list(self.history)
-        self.history.append((list(seeds), g.detach().float().reshape(-1)))
         ok = None
         if self.check_nonfinite:
             ok = self.guard.check(g, *(() if loss is None else (loss,)), step=step)
             # resolved before the next update, so the window is still this step's: put back the one before it
             self.guard.on_skip(lambda: setattr(self, "history", before))
+        g = g.detach().float().reshape(-1)
+        if cfg.precondition == "curvature":
+            g = self._curvature_step(g, ok)
+        self.history.append((list(seeds), g))
         del self.history[: -(1 if cfg.variant == "sgd" else cfg.window)]
         s, a, b = window_terms(self.history, cfg)
         recent = self.history[-1:] if cfg.variant == "sgd" else self.history[-cfg.window :]
@@ -432,6 +438,26 @@ class ZeroOrder:
         groups = 1 + max(zp.group for zp in self.params)
         self.update(seeds, g, [lr] * groups, [weight_decay] * groups, step=step)
         return g, loss
+
+    def _curvature_step(self, g: Tensor, ok: Tensor | None) -> Tensor:
+        """HiZOO's curvature from the same forwards, as one scalar: ``h`` = EMA (rate ``beta2``, bias-corrected) of
+        ``|c_j|`` (≈ tr(H) for unit-variance directions), and the update becomes ``lr · Σ_j g_j Δ_j / h``: the
+        n-direction estimate's largest stable step is about ``n / tr(H)``, so lr ≈ 1 is near the edge whatever the
+        model and n. ``g`` holds the n projected gradients then the n curvatures; a skipped step leaves ``h``."""
+        n = g.numel() // 2
+        beta = self.config.beta2
+        if self._curv is None or self._curv.device != g.device:
+            self._curv = torch.zeros(2, dtype=torch.float32, device=g.device)
+        new = torch.stack([beta * self._curv[0] + (1 - beta) * g[n:].abs().mean(), beta * self._curv[1] + (1 - beta)])
+        self._curv = new if ok is None else torch.where(ok.to(g.device), new, self._curv)
+        h = (new[0] / new[1]).clamp_min(1e-12)
+        return g[:n] * (n / h)  # the update averages over the n directions: this makes it a sum
+
+    def curvature_state(self) -> list[float] | None:
+        return None if self._curv is None else [float(x) for x in self._curv.tolist()]
+
+    def load_curvature_state(self, state: Sequence[float] | None, device: torch.device | str = "cpu") -> None:
+        self._curv = None if state is None else torch.tensor(list(state), dtype=torch.float32, device=device)
 
     def history_state(self) -> list[dict[str, Any]]:
         self.guard.resolve()

@@ -155,11 +155,13 @@ class Directions:
         return torch.stack(out)
 
 
-def members_of(seeds: Sequence[int], one_sided: bool) -> list[Member]:
-    """The population of one step: antithetic pairs, or the unperturbed point then one member per direction."""
+def members_of(seeds: Sequence[int], one_sided: bool, base: bool = False) -> list[Member]:
+    """The population of one step: antithetic pairs (after the unperturbed point with ``base``), or the
+    unperturbed point then one member per direction (``one_sided``)."""
     if one_sided:
         return [(int(seeds[0]), 0.0)] + [(int(s), 1.0) for s in seeds]
-    return [m for s in seeds for m in ((int(s), 1.0), (int(s), -1.0))]
+    pairs = [m for s in seeds for m in ((int(s), 1.0), (int(s), -1.0))]
+    return [(int(seeds[0]), 0.0)] + pairs if base else pairs
 
 
 def population_grads(
@@ -171,15 +173,20 @@ def population_grads(
     loss_fn: Callable[[], Tensor] | None = None,
     per_sample: Callable[[Any], Tensor] | None = None,
     batch: Any = None,
+    curvature: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Projected gradients ``g [n]`` and the mean loss of the population, like
     :func:`~lightning_memopt.mezo.core.projected_grads` (batched through ``per_sample``, else ``loss_fn`` per
-    member)."""
-    members = members_of(seeds, one_sided)
+    member). With ``curvature`` (two-sided) the unperturbed point is a member too and ``g`` is ``[2n]``: the n
+    projected gradients, then the n curvatures ``c_j = (L+ + L− − 2·L0) / ε²`` along the directions."""
+    members = members_of(seeds, one_sided, base=curvature and not one_sided)
     with torch.no_grad():
         losses = member_losses(members, activate, chunk, loss_fn, per_sample, batch).mean(1)
         if one_sided:
             g = (losses[1:] - losses[0]) / eps
+        elif curvature:
+            lp, lm = losses[1::2], losses[2::2]
+            g = torch.cat([(lp - lm) / (2 * eps), (lp + lm - 2 * losses[0]) / (eps * eps)])
         else:
             g = (losses[0::2] - losses[1::2]) / (2 * eps)
         return g.reshape(-1), losses.mean()

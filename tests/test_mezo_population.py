@@ -1,0 +1,289 @@
+"""MeZO's population estimator: n_spsa low-rank directions per step, batched forwards, any LightningModule."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_memopt.dfo.callback import DFOLoRA
+from lightning_memopt.mezo import load_trajectory, replay_trajectory
+from lightning_memopt.mezo.callback import MeZO
+from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
+from lightning_memopt.mezo.population import members_of
+from lightning_memopt.models.configs import llama_config
+from lightning_memopt.models.hf import HFCausalLM
+from lightning_memopt.testing import run_distributed, tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.testing.tiny import TinyLM, TinyLMPerSample, full_state
+from lightning_memopt.testing.workers import fit_tiny
+
+POP = {"n_spsa": 4, "batched": True, "perturbation": "lowrank", "perturbation_rank": 2, "population_chunk": 3}
+
+
+def mean_loss(model, dm) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model._step(b)["loss"]) for b in dm.train_dataloader()]
+    return sum(losses) / len(losses)
+
+
+def test_estimate_aligns_with_the_gradient_as_n_spsa_grows():
+    # ĝ = (1/n) Σ (zᵀg) z has E[ĝ] = g and E|ĝ|² = |g|²(1 + (d+1)/n) for unit-variance directions, so
+    # cos(ĝ, g) ≈ 1/sqrt(1 + (d+1)/n): with d = 400, 0.05 at n = 1, 0.20 at n = 16, 0.37 at n = 64.
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(20, 20, bias=False)
+    x, y = torch.randn(32, 20), torch.randn(32, 20)
+
+    def per_sample(batch):
+        xb, yb = batch
+        return 0.5 * (lin(xb) - yb).square().sum(1)
+
+    per_sample((x, y)).mean().backward()
+    grad = lin.weight.grad.flatten().clone()
+    lin.weight.grad = None
+    cos = {}
+    for n in (1, 16, 64):
+        cfg = ZOConfig(eps=1e-3, n_spsa=n, perturbation="lowrank", perturbation_rank=2, batched=True,
+                       population_chunk=None)
+        zo = ZeroOrder(lin, cfg)
+        vals = []
+        for t in range(12):
+            seeds = zo.seeds(t)
+            g, _ = zo.estimate(None, seeds, per_sample, (x, y))
+            w0 = lin.weight.detach().clone()
+            zo.update(seeds, g, [1.0], [0.0])  # θ ← θ − ĝ: the estimate is the change
+            est = (w0 - lin.weight.detach()).flatten()
+            with torch.no_grad():
+                lin.weight.copy_(w0)
+            vals.append(float(torch.nn.functional.cosine_similarity(est, grad, dim=0)))
+        zo.close()
+        cos[n] = sum(vals) / len(vals)
+    assert cos[1] < 0.12 and cos[16] > 0.13 and cos[64] >= 0.3, cos
+    assert cos[1] < cos[16] < cos[64]
+
+
+def _materialised_losses(zo, members, loss):
+    """Each member's loss with every trained W replaced by W + sign·ε·S·Δ, formed densely."""
+    d = zo.directions
+    out = []
+    for seed, sign in members:
+        saved = []
+        with torch.no_grad():
+            for zp in zo.params:
+                w = zp.param
+                saved.append((w, w.detach().clone()))
+                c = sign * zo.config.eps * d.scale(zp.index)
+                if d.lowrank(zp.index):
+                    u, v = d.uv(seed, zp.index)
+                    w.add_(c * (u @ v.T) / zo.config.perturbation_rank**0.5)
+                else:
+                    w.add_(c * d.z(seed, zp.index).view(w.shape))
+            out.append(loss())
+            for w, w0 in saved:
+                w.copy_(w0)
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("build", ["classification", "tied_lm", "peft_lora", "linear_bias"])
+def test_batched_member_equals_materialised_weights(build):
+    torch.manual_seed(0)
+    if build == "linear_bias":
+        module = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 1))
+        batch = torch.randn(4, 6)
+
+        def per_sample(b):
+            return module(b).squeeze(1).square()
+    else:
+        if build == "classification":
+            module = tiny_model()
+        elif build == "tied_lm":
+            module = HFCausalLM(model_config=llama_config("tiny", vocab_size=256, tie_word_embeddings=True),
+                                tokenizer="builtin", objective="lm")
+        else:
+            module = tiny_model(objective="lm", lora_rank=2, lora_targets=("q_proj", "v_proj"))
+        dm = tiny_datamodule(batch_size=4)
+        dm.tokenizer = module.tokenizer
+        dm.setup("fit")
+        if build == "classification":
+            module.set_label_token_ids(dm.label_token_ids)
+        batch = next(iter(dm.train_dataloader()))
+        per_sample = module.per_sample_loss
+    module.eval()
+    cfg = ZOConfig(eps=1e-2, n_spsa=3, perturbation="lowrank", perturbation_rank=3, batched=True,
+                   population_chunk=4, precondition="layer")
+    zo = ZeroOrder(module, cfg)
+    if build == "peft_lora":
+        assert {zp.name.rsplit(".", 2)[-2] for zp in zo.params} == {"lora_A", "lora_B"} or all(
+            "lora_" in zp.name for zp in zo.params)
+    if build == "tied_lm":
+        assert not any(zp.name.startswith("model.lm_head") for zp in zo.params)  # one tensor, one direction
+    seeds = zo.seeds(0)
+    zo.directions.retain(seeds)
+    members = members_of(seeds, False)
+    with torch.no_grad():
+        from lightning_memopt.core.population import member_losses
+
+        batched = member_losses(members, zo.engine.active, cfg.population_chunk, per_sample=per_sample,
+                                batch=batch).mean(1)
+        one_by_one = member_losses(members, zo.engine.active, None, lambda: per_sample(batch).mean()).mean(1)
+    eager = _materialised_losses(zo, members, lambda: per_sample(batch).mean())
+    torch.testing.assert_close(batched, eager, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(one_by_one, eager, rtol=1e-5, atol=2e-5)
+    assert float(eager.std()) > 1e-5  # the members really differ
+    zo.close()
+
+
+def _fit_lm(steps, lr_override=2e-3, **kw):
+    pl.seed_everything(0)
+    model, dm = tiny_model(objective="lm"), tiny_datamodule(batch_size=8)
+    cb = MeZO(eps=1e-3, lr=lr_override, **kw)
+    tiny_trainer(max_steps=steps, callbacks=[cb]).fit(model, dm)
+    return mean_loss(tiny_model(objective="lm"), dm), mean_loss(model, dm), cb
+
+
+def test_eight_batched_lowrank_directions_beat_one_in_150_steps():
+    _, one, _ = _fit_lm(150)
+    before, eight, cb = _fit_lm(150, n_spsa=8, batched=True, perturbation="lowrank")
+    assert eight < one - 0.05 and eight < before - 0.5, (before, one, eight)
+    assert cb.zo.engine is not None and cb.zo.perturber is None
+    assert all(not s for s in cb.holder.state.values())  # still no optimizer state
+
+
+def test_layer_preconditioner_scales_each_tensor_by_its_rms():
+    # It trains, though more slowly than plain MeZO on this random-init model (docs/mezo.md)
+    before, loss, cb = _fit_lm(60, n_spsa=4, batched=True, perturbation="lowrank", precondition="layer")
+    assert loss < before - 0.04, (before, loss)
+    scales = cb.zo.scales
+    names = {zp.index: zp.name for zp in cb.zo.params}
+    norm = [s for i, s in scales.items() if "norm" in names[i]]
+    mat = [s for i, s in scales.items() if "proj" in names[i]]
+    assert min(norm) > 10 * max(mat)  # norm weights (1.0) against matrices (std 0.02)
+
+
+def test_curvature_preconditioner_makes_lr_a_fraction_of_the_stable_step():
+    # h ≈ tr(H) along unit-variance directions; lr 0.5 of the stable step trains like plain MeZO's best lr here
+    before, loss, cb = _fit_lm(100, n_spsa=4, batched=True, perturbation="lowrank", precondition="curvature",
+                               lr_override=0.5)
+    assert loss < before - 0.7, (before, loss)
+    h_sum, h_w = cb.zo.curvature_state()
+    assert 50 < h_sum / h_w < 5000  # a trace of the Hessian of a 0.1M-parameter model
+    assert len(cb.zo.history[-1][1]) == 4  # curvatures feed h; the window keeps the scaled projected gradients
+
+
+@pytest.mark.parametrize("precondition", ["layer", "curvature"])
+def test_resume_mid_run_ends_at_identical_weights(tmp_path, precondition):
+    lr = 0.3 if precondition == "curvature" else 2e-3
+    kw = {"eps": 1e-3, "lr": lr, "variant": "momentum", "window": 3, "seed": 3, "precondition": precondition, **POP}
+    pl.seed_everything(0)
+    model = tiny_model(objective="lm")
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=5)
+    trainer = tiny_trainer(max_steps=12, enable_checkpointing=True, callbacks=[MeZO(**kw), ckpt_cb])
+    trainer.fit(model, tiny_datamodule(k=4, batch_size=8))
+    straight = full_state(model)
+    ckpt = str(next(tmp_path.glob("*step=5.ckpt")))
+    state = next(v for k, v in torch.load(ckpt, weights_only=False)["callbacks"].items() if "MeZO" in k)["state"]
+    assert len(state["history"]) == 3
+    assert state["scales"] if precondition == "layer" else state["curvature"]
+
+    pl.seed_everything(0)
+    second = tiny_model(objective="lm", init_seed=1)  # other weights (and other layer scales): all from the ckpt
+    trainer = tiny_trainer(max_steps=12, callbacks=[MeZO(**kw)])
+    trainer.fit(second, tiny_datamodule(k=4, batch_size=8), ckpt_path=ckpt)
+    resumed = full_state(second)
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+@pytest.mark.parametrize("variant,precondition", [("sgd", "layer"), ("adam", "none"), ("momentum", "curvature")])
+def test_trajectory_replay_reproduces_trained_weights(tmp_path, variant, precondition):
+    path = str(tmp_path / "run.mezo.json")
+    pl.seed_everything(0)
+    model = tiny_model(objective="lm", weight_decay=0.1)
+    lr = 0.3 if precondition == "curvature" else 2e-3
+    cb = MeZO(eps=1e-3, lr=lr, variant=variant, trajectory_path=path, precondition=precondition, **POP)
+    tiny_trainer(max_steps=6, callbacks=[cb]).fit(model, tiny_datamodule(batch_size=8))
+    trained = full_state(model)
+    traj = load_trajectory(path)
+    assert traj["config"]["perturbation"] == "lowrank" and bool(traj["scales"]) == (precondition == "layer")
+    base = tiny_model(objective="lm")
+    replay_trajectory(base, traj)
+    replayed = full_state(base)
+    assert all(torch.equal(trained[k], replayed[k]) for k in trained)
+
+
+def test_gradient_accumulation_matches_big_batch():
+    def run(batch, accum):
+        pl.seed_everything(0)
+        model, dm = tiny_model(), tiny_datamodule(batch_size=batch)
+        trainer = tiny_trainer(max_steps=4, accumulate_grad_batches=accum, callbacks=[MeZO(lr=2e-3, **POP)])
+        trainer.fit(model, dm)
+        return full_state(model)
+
+    a, b = run(16, 1), run(8, 2)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_and_batched_population_take_the_same_steps():
+    def run(**kw):
+        pl.seed_everything(0)
+        model = tiny_model()
+        tiny_trainer(max_steps=3, callbacks=[MeZO(lr=2e-3, **{**POP, **kw})]).fit(model, tiny_datamodule(batch_size=8))
+        return full_state(model)
+
+    a, b = run(batched=True), run(batched=False)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_ordinary_module_scalar_loss_both_paths():
+    """A plain LightningModule with a tensor batch and a scalar-loss training_step: per-member training_step
+    calls (TinyLM), or batched per_sample_loss (TinyLMPerSample). Both learn, and both paths compute the same
+    losses, so the runs agree."""
+    results = {}
+    for cls in (TinyLM, TinyLMPerSample):
+        for name, make in {
+            "dfo": lambda: DFOLoRA(d=40, population=8, budget=None, stat_batches=2, init_scale=1.0),
+            "mezo": lambda: MeZO(lr=2e-3, n_spsa=4, batched=True, perturbation="lowrank"),
+        }.items():
+            model = cls()
+            before = model.mean_loss()
+            cb = make()
+            tiny_trainer(max_steps=30, callbacks=[cb]).fit(model)
+            results[cls, name] = model.mean_loss()
+            assert results[cls, name] < before - 0.03, (cls.__name__, name, before, results[cls, name])
+            if name == "dfo":
+                assert cb.dfo.path == ("per_sample" if cls is TinyLMPerSample else "step")
+            else:
+                assert (cb._per_sample is not None) == (cls is TinyLMPerSample)
+    for name in ("dfo", "mezo"):
+        assert results[TinyLM, name] == pytest.approx(results[TinyLMPerSample, name], abs=1e-4)
+
+
+def test_metric_objective_runs_one_training_step_per_member():
+    from tests.test_mezo_variants import Blobs
+
+    model = Blobs()
+    before = model.accuracy()
+    cb = MeZO(eps=0.05, lr=0.5, metric="torchmetrics.classification.MulticlassAccuracy",
+              metric_kwargs={"num_classes": 2}, n_spsa=4, batched=True, perturbation="lowrank", perturbation_rank=1)
+    tiny_trainer(max_steps=30, callbacks=[cb]).fit(model)
+    assert model.accuracy() > before + 0.1
+
+
+SPEC = {"class_path": "lightning_memopt.mezo.callback.MeZO",
+        "init_args": {"eps": 1e-3, "lr": 2e-3, "variant": "momentum", "window": 3, "weight_decay": 0.1,
+                      "precondition": "layer", **POP}}
+
+
+def test_fsdp2_two_processes_equal_one():
+    args = {"steps": 4, "global_batch": 16, "callback": SPEC}
+    one = fit_tiny(world_size=1, **args)
+    two = run_distributed("lightning_memopt.testing.workers:fit_tiny", world_size=2, **args)
+    init = fit_tiny(world_size=1, steps=0, global_batch=16)["state"]
+    moved = 0
+    for k, v in one["state"].items():
+        for rank in range(2):
+            torch.testing.assert_close(two[rank]["state"][k], v, rtol=1e-4, atol=1e-5)
+        moved += int(not torch.equal(v, init[k]))
+    assert moved == len(init)
