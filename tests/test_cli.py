@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import MRPC, REPO, SQUAD, needs_mrpc, needs_sst2
+from conftest import MRPC, REPO, SQUAD, SST2, needs_mrpc, needs_sst2
 from lightning.pytorch import Trainer
 
 from lightning_memopt.callbacks.memory_report import MemoryReport
@@ -133,6 +133,7 @@ def test_main_returns_none_for_the_console_script(tmp_path, in_repo, capsys):
     [*[(f"mrpc_smollm2_{m}.yaml", MRPC / "train.tsv")
        for m in ("adamw", "mezo", "lomo", "adalomo", "galore", "clora", "flora")],
      *[(f"squad_smollm2_{m}.yaml", SQUAD) for m in ("adamw", "mezo", "mezo_f1", "adalomo")],
+     ("sst2_smollm2_mezo_pop.yaml", SST2 / "train.tsv"),
      ("instruct_smollm2.yaml", None)],
 )
 def test_real_task_configs_on_the_tiny_model(config, needs, tmp_path, in_repo):

@@ -261,7 +261,7 @@ def test_ordinary_module_scalar_loss_both_paths():
 
 
 def test_metric_objective_runs_one_training_step_per_member():
-    from tests.test_mezo_variants import Blobs
+    from test_mezo_variants import Blobs
 
     model = Blobs()
     before = model.accuracy()
