@@ -1,5 +1,6 @@
 """MeZO cases: ``mezo`` (our full step: 2 perturbed forwards + the update), ``mezo_perturb`` (one perturbation
-pass alone, as a read of the kernel's cost) and ``mezo_nocheck`` (the step without the non-finite guard).
+pass alone, as a read of the kernel's cost), ``mezo_nocheck`` (the step without the non-finite guard) and
+``mezo_pop16`` / ``mezo_pop1`` (the population estimator with 16 / 1 low-rank directions, batched).
 
 The loss is the anchors' ``forward`` case exactly (``model(input_ids=x, labels=x).loss``, eval mode, no autograd),
 so ``step / forward`` is the MeZO overhead. Usage: ``python -m benchmarks.cases.mezo CASE SIZE [BATCH] [SEQ]``
@@ -40,6 +41,33 @@ def mezo(model: torch.nn.Module, x: torch.Tensor, dist: str | None = None, check
     return step
 
 
+def mezo_pop(model: torch.nn.Module, x: torch.Tensor, n: int = 16) -> Callable[[], Any]:
+    """The population estimator: ``n`` rank-4 directions as 2n antithetic members, batched ``MEZO_POP_CHUNK``
+    (default 8) members per forward of the repeated batch, then the chunked low-rank update."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    chunk = int(os.environ.get("MEZO_POP_CHUNK", "8")) or None
+    cfg = ZOConfig(eps=1e-3, n_spsa=n, perturbation="lowrank", perturbation_rank=int(os.environ.get("MEZO_RANK", "4")),
+                   batched=True, population_chunk=chunk)
+    zo = ZeroOrder(model, cfg, seed=0)
+    state = {"t": 0}
+
+    def per_sample(ids: torch.Tensor) -> torch.Tensor:  # the forward case's loss, one value per row
+        logits = model(input_ids=ids).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+
+    def step() -> None:
+        with torch.no_grad():
+            seeds = zo.seeds(state["t"])
+            g, _ = zo.estimate(None, seeds, per_sample, x)
+            zo.update(seeds, g, [1e-6], [0.0])
+        g.sum().item()
+        state["t"] += 1
+
+    return step
+
+
 def mezo_perturb(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], Any]:
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -62,6 +90,8 @@ CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] =
     "mezo_rademacher": lambda m, x: mezo(m, x, "rademacher"),
     "mezo_perturb": mezo_perturb,
     "mezo_nocheck": lambda m, x: mezo(m, x, check=False),  # the non-finite guard off: what the guard costs
+    "mezo_pop16": mezo_pop,  # 16 directions per step: compare step_s with "mezo" (1 direction)
+    "mezo_pop1": lambda m, x: mezo_pop(m, x, 1),
 }
 
 

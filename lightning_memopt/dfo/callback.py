@@ -154,7 +154,8 @@ class DFOLoRA(MethodCallback):
 
     def _paths(self, pl_module: LightningModule) -> dict[str, Any]:
         """The fitness path for this module (see the class docstring) as LayerwiseDFO's arguments."""
-        if getattr(pl_module, "label_token_ids", None) is not None:
+        objective = getattr(getattr(pl_module, "hparams", {}), "get", lambda *_: None)("objective")
+        if getattr(pl_module, "label_token_ids", None) is not None and objective in (None, "classification"):
             return {}
         hook = per_sample_fn(pl_module)
         if hook is not None:

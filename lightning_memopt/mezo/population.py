@@ -86,6 +86,11 @@ class Directions:
         self._keep = {int(s) for s in seeds}
         self._cache = {k: v for k, v in self._cache.items() if k[0] in self._keep}
         idx = [i for i in self.shapes if self._lowrank[i] or _prod(self.shapes[i]) <= 1 << 16]
+        if perturb.use_triton(torch.empty(0, device=self.device)):  # one kernel launch per tensor: no batching
+            for s in dict.fromkeys(int(x) for x in seeds):
+                for i in idx:
+                    self.uv(s, i) if self._lowrank[i] else self.z(s, i)
+            return
         for s in dict.fromkeys(int(x) for x in seeds):
             todo = [i for i in idx if (s, i) not in self._cache]
             if not todo:
@@ -105,13 +110,22 @@ class Directions:
     def clear(self) -> None:
         self._keep, self._cache = None, {}
 
+    def _stream(self, seed: int, index: int, numel: int) -> Tensor:
+        """The first ``numel`` numbers of the Philox stream ``key(seed, index)``: the Triton kernel on CUDA (one
+        launch), else the torch emulation (the same numbers up to float rounding, as for MeZO's dense z)."""
+        k = perturb.key(seed, index)
+        zeros = torch.zeros(numel, dtype=torch.float32, device=self.device)
+        if perturb.use_triton(zeros):
+            return perturb.perturbed(zeros, k, 1.0, dist=self.distribution)
+        return perturb.normal(k, 0, numel, self.device, self.distribution)
+
     def uv(self, seed: int, index: int) -> tuple[Tensor, Tensor]:
         """Full-shape factors ``(U [m, r], V [n, r])`` float32 of parameter ``index`` under ``seed`` (unscaled)."""
         hit = self._cache.get((seed, index))
         if hit is None:
             m, n = self.shapes[index]
             r = self.rank
-            flat = perturb.normal(perturb.key(seed, index), 0, (m + n) * r, self.device, self.distribution)
+            flat = self._stream(seed, index, (m + n) * r)
             hit = (flat[: m * r].view(m, r), flat[m * r :].view(n, r))
             if self._keep is not None and seed in self._keep:
                 self._cache[(seed, index)] = hit
@@ -121,7 +135,7 @@ class Directions:
         """Full dense z (flat float32) of parameter ``index`` under ``seed``: MeZO's."""
         hit = self._cache.get((seed, index))
         if hit is None:
-            hit = perturb.normal(perturb.key(seed, index), 0, _prod(self.shapes[index]), self.device, self.distribution)
+            hit = self._stream(seed, index, _prod(self.shapes[index]))
             if self._keep is not None and seed in self._keep:
                 self._cache[(seed, index)] = hit
         return hit
