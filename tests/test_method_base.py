@@ -31,6 +31,8 @@ METHODS = {
     "mezo_momentum": lambda: MeZO(lr=1e-3, variant="momentum", window=3, n_spsa=2),
     "mezo_adam": lambda: MeZO(lr=1e-3, variant="adam", window=3, weight_decay=0.1),
     "mezo_one_sided": lambda: MeZO(lr=1e-3, one_sided=True),
+    "mezo_population": lambda: MeZO(lr=1e-3, n_spsa=2, perturbation="lowrank", variant="momentum", window=3),
+    "mezo_curvature": lambda: MeZO(lr=0.3, n_spsa=2, perturbation="lowrank", precondition="curvature"),
     "lomo": lambda: LOMO(lr=0.05, weight_decay=0.1),
     "lomo_clip": lambda: LOMO(lr=0.05, clip_grad_norm=0.5),
     "adalomo": lambda: AdaLomo(lr=0.01, weight_decay=0.1),

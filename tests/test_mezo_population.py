@@ -85,7 +85,7 @@ def _materialised_losses(zo, members, loss):
     return torch.stack(out).float()
 
 
-@pytest.mark.parametrize("build", ["classification", "tied_lm", "peft_lora", "linear_bias"])
+@pytest.mark.parametrize("build", ["classification", "classification_dense", "tied_lm", "peft_lora", "linear_bias"])
 def test_batched_member_equals_materialised_weights(build):
     torch.manual_seed(0)
     if build == "linear_bias":
@@ -95,7 +95,7 @@ def test_batched_member_equals_materialised_weights(build):
         def per_sample(b):
             return module(b).squeeze(1).square()
     else:
-        if build == "classification":
+        if build.startswith("classification"):
             module = tiny_model()
         elif build == "tied_lm":
             module = HFCausalLM(model_config=llama_config("tiny", vocab_size=256, tie_word_embeddings=True),
@@ -105,12 +105,13 @@ def test_batched_member_equals_materialised_weights(build):
         dm = tiny_datamodule(batch_size=4)
         dm.tokenizer = module.tokenizer
         dm.setup("fit")
-        if build == "classification":
+        if build.startswith("classification"):
             module.set_label_token_ids(dm.label_token_ids)
         batch = next(iter(dm.train_dataloader()))
         per_sample = module.per_sample_loss
     module.eval()
-    cfg = ZOConfig(eps=1e-2, n_spsa=3, perturbation="lowrank", perturbation_rank=3, batched=True,
+    pert = "dense" if build.endswith("dense") else "lowrank"  # dense: every module runs per member
+    cfg = ZOConfig(eps=1e-2, n_spsa=3, perturbation=pert, perturbation_rank=3, batched=True,
                    population_chunk=4, precondition="layer")
     zo = ZeroOrder(module, cfg)
     if build == "peft_lora":
