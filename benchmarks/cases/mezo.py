@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import run_case, parse_case_args
+from benchmarks.common import parse_case_args, run_case
 from lightning_memopt.core import perturb
 from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
 

@@ -252,7 +252,7 @@ class PopulationEngine:
                 f"others; batched evaluation cannot split it per member. Use batched=False."
             )
         if not isinstance(out, Tensor):
-            raise RuntimeError(
+            raise TypeError(
                 f"Population evaluation: {type(module).__name__} returns {type(out).__name__}; the per-member "
                 f"fallback needs modules that return one tensor. Use batched=False."
             )

@@ -218,7 +218,7 @@ class LayerwiseDFO:
         """Hidden-state statistics for the random maps (and the split check) on a few batches."""
         with eval_mode(self.module):
             if self.path == "logits":
-                run = lambda b: self.logits_fn(b["input_ids"], b.get("attention_mask"))  # noqa: E731
+                run = lambda b: self.logits_fn(b["input_ids"], b.get("attention_mask"))
             else:
                 run = self.per_sample or self.step_loss
             self.lora.collect_stats(run, batches, all_reduce_sum)
@@ -317,7 +317,7 @@ class LayerwiseDFO:
                 self.lora.end_population()
 
         chunk = (s.population_chunk if s.batched else 1) if self.per_sample is not None else None
-        step = None if self.step_loss is None else (lambda: self.step_loss(batch))  # noqa: E731
+        step = None if self.step_loss is None else (lambda: self.step_loss(batch))
         losses = member_losses(list(range(z.shape[0])), activate, chunk, step, self.per_sample, batch)
         return global_fitness(losses)
 

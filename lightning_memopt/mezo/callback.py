@@ -276,7 +276,7 @@ class MeZO(MethodCallback):
         if self._seeds is not None and self._seeds != seeds:  # a new step without an update: should not happen
             self._reset_accumulators()
         with eval_mode(pl_module, self.eval_mode):
-            loss_fn = lambda: self._objective(original(*args, **kwargs))  # noqa: E731
+            loss_fn = lambda: self._objective(original(*args, **kwargs))
             if self._per_sample is not None:
                 batch = args[0] if args else kwargs.get("batch")
                 g, loss = self.zo.estimate(loss_fn, seeds, self._per_sample, batch)

@@ -16,6 +16,12 @@ With weights ``w_k = β^age`` normalised over the window, ``m = Σ_k w_k g_k z_k
 truncated to the window) and, for Adam, ``v = Σ_k w'_k g_k² z_k²`` (per-direction squares, so cross terms of the n
 directions of one n-SPSA step are dropped), then ``θ ← (1 − lr·wd)·θ − lr·m / (sqrt(v) + eps_adam)``. Cost: ``window``
 z-generations per element per update, all in registers on the GPU.
+
+The population estimator (``perturbation="lowrank"``, ``batched=True`` or a ``precondition``) replaces the
+Perturber with :mod:`lightning_memopt.mezo.population`: n low-rank (or dense) directions per step evaluated as
+antithetic members on the shared population engine (:mod:`lightning_memopt.core.population`), batched through the
+module's ``per_sample_loss`` or one loss call per member, and a chunked low-rank update; the window, the guard and
+the state are the same.
 """
 
 from __future__ import annotations
@@ -42,7 +48,11 @@ _M64 = (1 << 64) - 1
 
 @dataclass
 class ZOConfig:
-    """Hyperparameters of the ZO estimate and update (lr and weight decay come per step, per group)."""
+    """Hyperparameters of the ZO estimate and update (lr and weight decay come per step, per group).
+
+    ``perturbation``, ``perturbation_rank``, ``batched``, ``population_chunk`` and ``precondition`` configure the
+    population estimator (:mod:`lightning_memopt.mezo.population`; see :class:`~lightning_memopt.mezo.callback.MeZO`).
+    """
 
     eps: float = 1e-3
     n_spsa: int = 1
