@@ -9,7 +9,8 @@ so the figures sit beside the bare-step cases of the other modules and the peers
 * ``galore_lightning_keepgrads``: the same with the gradients left to Lightning (the behaviour before they were
   freed: Lightning zeroes them after the next forward, so they live through it);
 * ``adamw_lightning``: the module's AdamW as Lightning runs it (gradients set to None by Lightning's zero_grad);
-* ``mezo_lightning`` / ``lomo_lightning``: ``MeZO(lr=1e-6)`` and ``LOMO(lr=1e-3)``.
+* ``mezo_lightning`` / ``lomo_lightning``: ``MeZO(lr=1e-6)`` and ``LOMO(lr=1e-3)``;
+* ``mezo_lightning_graph``: ``MeZO(lr=1e-6, cuda_graph=True)`` (the perturbed forwards replayed from a CUDA graph).
 
 Usage: ``python -m benchmarks.cases.lightning CASE SIZE [BATCH] [SEQ]``; ``DEV=cpu`` smoke-tests it.
 """
@@ -81,10 +82,10 @@ def _galore(keep_grads: bool) -> pl.Callback:
     return cls(rank=128, update_proj_gap=200, scale=0.25)
 
 
-def _mezo() -> pl.Callback:
+def _mezo(cuda_graph: bool = False) -> pl.Callback:
     from lightning_memopt import MeZO
 
-    return MeZO(lr=1e-6, eps=1e-3)
+    return MeZO(lr=1e-6, eps=1e-3, cuda_graph=cuda_graph)
 
 
 def _lomo() -> pl.Callback:
@@ -98,6 +99,7 @@ CASES: dict[str, Callable[[], pl.Callback | None]] = {
     "galore_lightning_keepgrads": lambda: _galore(True),
     "adamw_lightning": lambda: None,
     "mezo_lightning": _mezo,
+    "mezo_lightning_graph": lambda: _mezo(True),
     "lomo_lightning": _lomo,
 }
 
