@@ -4,7 +4,10 @@ One process, one model shape at a time, nothing else on the GPU: the bare forwar
 ``model(input_ids=x, labels=x)``, eval, no autograd) eager and replayed from a CUDA graph, then the MeZO step as a
 user runs it (``benchmarks.cases.lightning``: an ordinary LightningModule under a Trainer, bf16-true) eager and
 with ``cuda_graph=True``, then the floor: 2 captured forwards plus 3 passes over the weights (perturb +, perturb -,
-update: each reads and writes every weight) at the copy bandwidth measured here. Prints a table, writes JSON:
+update: each reads and writes every weight) at the copy bandwidth measured here. The steps are timed as a fit
+runs them (``throughput``: no sync per step, a step is the time between two step starts); ``MEZO_DIST=rademacher``
+times ±1 directions. Peaks: allocated and reserved (a graph's activations sit in its pool, which only the
+reserved figure shows). Prints a table, writes JSON:
 
     python -m benchmarks.zo_fastpath --sizes smol:16:128,1b:8:512 --out benchmarks/results/zo_fastpath_h200
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -46,7 +50,8 @@ def one(size: str, batch: int, seq: int, reps: int) -> dict[str, Any]:
     rec: dict[str, Any] = dict(size=size, batch=batch, seq=seq, params_b=round(nbytes / 2 / 1e9, 3))
     with torch.no_grad():
         t, peak = timed(lambda: loss(x), warm=3, reps=reps)
-        rec.update(forward_ms=round(1e3 * t, 3), forward_peak_gib=round(peak, 3))
+        rec.update(forward_ms=round(1e3 * t, 3), forward_peak_gib=round(peak, 3),
+                   forward_peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3))
         graph = GraphReplay(loss, "forward")
         t, _ = timed(lambda: graph(x), warm=3, reps=reps)
         rec.update(forward_graph_ms=round(1e3 * t, 3), forward_graph_captured=graph.captures == 1)
@@ -55,9 +60,11 @@ def one(size: str, batch: int, seq: int, reps: int) -> dict[str, Any]:
     torch.cuda.empty_cache()
     rec["weight_pass_ms"] = round(1e3 * weight_pass_s(nbytes), 3)
     for case, key in (("mezo_lightning", "step_eager"), ("mezo_lightning_graph", "step_graph")):
-        r = lcases.run(case, size, batch, seq, warm=3, reps=reps)
+        torch.cuda.reset_peak_memory_stats()
+        r = lcases.run(case, size, batch, seq, warm=3, reps=reps, timing="throughput")
         rec[f"{key}_ms"] = None if r.get("step_s") is None else round(1e3 * r["step_s"], 3)
         rec[f"{key}_peak_gib"] = r.get("peak_gib")
+        rec[f"{key}_peak_reserved_gib"] = r.get("peak_reserved_gib")
         gc.collect()
         torch.cuda.empty_cache()
     floor = 2 * rec["forward_graph_ms"] + 3 * rec["weight_pass_ms"]
@@ -67,7 +74,9 @@ def one(size: str, batch: int, seq: int, reps: int) -> dict[str, Any]:
         rec.update(graph_over_forward_graph=round(g / rec["forward_graph_ms"], 3),
                    eager_over_graph=round(e / g, 3), graph_over_floor=round(g / floor, 3),
                    eager_over_floor=round(e / floor, 3),
-                   graph_peak_over_forward=round(rec["step_graph_peak_gib"] / rec["forward_peak_gib"], 3))
+                   eager_peak_over_forward=round(rec["step_eager_peak_gib"] / rec["forward_peak_gib"], 3),
+                   graph_reserved_over_forward_reserved=round(
+                       rec["step_graph_peak_reserved_gib"] / rec["forward_peak_reserved_gib"], 3))
     return rec
 
 
@@ -85,11 +94,14 @@ def main(argv: list[str]) -> None:
         rows.append(one(size, int(b), int(s), args.reps))
         print("ROW " + json.dumps(rows[-1]), flush=True)
     env = environment(sys.argv)
+    env["distribution"] = os.environ.get("MEZO_DIST", "normal")
     cols = ["size", "batch", "seq", "forward_ms", "forward_graph_ms", "step_eager_ms", "step_graph_ms",
             "graph_over_forward_graph", "eager_over_graph", "floor_ms", "graph_over_floor", "eager_over_floor",
-            "forward_peak_gib", "step_graph_peak_gib", "graph_peak_over_forward"]
+            "forward_peak_gib", "eager_peak_over_forward", "forward_peak_reserved_gib",
+            "step_graph_peak_reserved_gib", "graph_reserved_over_forward_reserved"]
     lines = [f"# MeZO step through Lightning: eager and cuda_graph=True", "",
-             f"GPU {env['gpu']}, commit {env['commit']}; random-init Llama, bf16; medians of {args.reps} steps.", "",
+             f"GPU {env['gpu']}, commit {env['commit']}; random-init Llama, bf16, z {env['distribution']}; medians of "
+             f"{args.reps} steps (forwards: synchronised per call; MeZO steps: as a fit runs, no sync per step).", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(str(r.get(c)) for c in cols) + " |" for r in rows]
     print("\n".join(lines))
