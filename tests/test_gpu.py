@@ -153,3 +153,33 @@ def test_mezo_cuda_graph_replays_and_falls_back_with_a_reason():
     with pytest.warns(UserWarning, match="metric objective is computed on the host; running the eager step"):
         _mezo_fit(True, "bf16-true", steps=2, metric="torchmetrics.classification.MulticlassAccuracy",
                   metric_kwargs={"num_classes": 2})
+
+
+def test_mezo_graph_step_makes_no_host_sync_of_its_own():
+    """Between logging steps a fit with cuda_graph=True syncs nowhere in lightning_memopt (torch's sync debug mode
+    flags every synchronising call; the warning names the Python line that made it)."""
+    seen: list = []
+
+    class SyncWatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 3:
+                torch.cuda.set_sync_debug_mode("warn")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 9:
+                torch.cuda.set_sync_debug_mode("default")
+
+    torch.manual_seed(0)
+    model, dm = tiny_model(), tiny_datamodule(k=16, batch_size=8, padding="max_length")
+    trainer = tiny_trainer(accelerator="cuda", precision="bf16-true", max_steps=10, log_every_n_steps=50,
+                           callbacks=[MeZO(lr=1e-3, cuda_graph=True), SyncWatch()])
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.fit(model, dm)
+    torch.cuda.set_sync_debug_mode("default")
+    syncs = [f"{w.filename}:{w.lineno}" for w in seen if "synchronizing" in str(w.message)]
+    print("syncs in steps 3-9:", len(syncs), sorted(set(syncs)), file=sys.stderr)
+    ours = [s for s in syncs if "lightning_memopt" in s]
+    assert not ours, ours
