@@ -136,6 +136,7 @@ class MeZO(MethodCallback):
         self.record_trajectory = record_trajectory or trajectory_path is not None
         self.trajectory_path = trajectory_path
         self.trajectory: dict[str, Any] | None = None
+        self._traj_pending: list[tuple[dict[str, Any], torch.Tensor]] = []
         self.zo: ZeroOrder | None = None
         self._metric: Any = None
         self._higher_is_better = False
@@ -219,6 +220,10 @@ class MeZO(MethodCallback):
 
     @override
     def uninstall(self) -> None:
+        try:
+            self._flush_trajectory()  # a fit that stopped early keeps every recorded step
+        except Exception:  # noqa: BLE001 - after a device error the original exception is the one to see
+            pass
         if self.module is not None and self._original_step is not None:
             if not self._had_instance_step:
                 self.module.__dict__.pop("training_step", None)
@@ -232,6 +237,7 @@ class MeZO(MethodCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
+        self._flush_trajectory()
         if self.trajectory_path is not None and self.trajectory is not None:
             _save(self.trajectory, self.trajectory_path)
 
@@ -325,10 +331,14 @@ class MeZO(MethodCallback):
         wds = [float(wd if wd is not None else grp.get("weight_decay", 0.0)) for grp in groups]
         self.zo.update(self._seeds, g, lrs, wds, loss=loss, step=self.step_index)
         if self.trajectory is not None:
-            self.trajectory["steps"].append(
-                {"step": self.step_index, "seeds": list(self._seeds), "g": [float(x) for x in g.tolist()],
-                 "lr": lrs, "wd": wds}
-            )
+            entry = {"step": self.step_index, "seeds": list(self._seeds), "g": None, "lr": lrs, "wd": wds}
+            self.trajectory["steps"].append(entry)
+            # g is read to the host in batches (a read per step would sync the stream every step)
+            self._traj_pending.append((entry, g.detach()))
+            steps = self.trajectory["steps"]
+            self.guard.on_skip(lambda: steps.remove(entry) if entry in steps else None)  # a skipped step: no update
+            if len(self._traj_pending) >= 256:
+                self._flush_trajectory()
         self._last = (g.mean(), loss)
         self._reset_accumulators()
         return result
@@ -342,8 +352,16 @@ class MeZO(MethodCallback):
             pl_module.log("mezo/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
 
     # ---- state -----------------------------------------------------------------------------------------------
+    def _flush_trajectory(self) -> None:
+        if self._traj_pending:
+            values = torch.stack([g.float().reshape(-1) for _, g in self._traj_pending]).tolist()
+            for (entry, _), v in zip(self._traj_pending, values):
+                entry["g"] = [float(x) for x in v]
+            self._traj_pending.clear()
+
     @override
     def method_state(self) -> dict[str, Any]:
+        self._flush_trajectory()
         return {
             "history": self.zo.history_state() if self.zo is not None else [],
             "trajectory": self.trajectory,
