@@ -42,7 +42,7 @@ class _Module(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     def train_dataloader(self) -> Any:
-        return torch.utils.data.DataLoader(list(range(64)), batch_size=1)
+        return torch.utils.data.DataLoader(list(range(64)), batch_size=1, pin_memory=torch.cuda.is_available())
 
 
 class _Timer(pl.Callback):
