@@ -371,3 +371,22 @@ def test_shipped_galore_config_passes_the_fsdp2_checks():
     trainer = SimpleNamespace(strategy=strategy, precision="32-true", precision_plugin=SimpleNamespace(),
                               accumulate_grad_batches=1, gradient_clip_val=None, callbacks=[])
     GaLore(**spec["init_args"]).setup(trainer, model, "fit")  # refused before: proj_type='std' under FSDP2
+
+
+def test_mezo_trajectory_leaves_out_a_skipped_step_and_still_replays():
+    """The trajectory's g is read to the host in batches; a step skipped for a NaN loss is dropped from it, so a
+    replay onto the starting weights still gives the trained ones."""
+    from lightning_memopt.mezo import replay_trajectory
+
+    pl.seed_everything(0, verbose=False)
+    model = Poisoned(math.nan, (2,))
+    start = copy.deepcopy(model)
+    cb = MeZO(lr=1e-3, record_trajectory=True)
+    with pytest.warns(UserWarning, match="non-finite loss at step 2"):
+        tiny_trainer(max_steps=5, callbacks=[cb]).fit(model, tiny_datamodule(k=32, batch_size=8))
+    steps = cb.trajectory["steps"]
+    assert [s["step"] for s in steps] == [0, 1, 3, 4]
+    assert all(math.isfinite(x) for s in steps for x in s["g"])
+    replay_trajectory(start, cb.trajectory)
+    trained, replayed = full_state(model), full_state(start)
+    assert all(torch.equal(trained[n], replayed[n]) for n in trained)

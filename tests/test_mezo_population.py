@@ -50,7 +50,7 @@ def test_estimate_aligns_with_the_gradient_as_n_spsa_grows():
         vals = []
         for t in range(12):
             seeds = zo.seeds(t)
-            g, _ = zo.estimate(None, seeds, per_sample, (x, y))
+            g, _ = zo.estimate(None, seeds, per_sample=per_sample, batch=(x, y))
             w0 = lin.weight.detach().clone()
             zo.update(seeds, g, [1.0], [0.0])  # θ ← θ − ĝ: the estimate is the change
             est = (w0 - lin.weight.detach()).flatten()

@@ -9,13 +9,15 @@ so the figures sit beside the bare-step cases of the other modules and the peers
 * ``galore_lightning_keepgrads``: the same with the gradients left to Lightning (the behaviour before they were
   freed: Lightning zeroes them after the next forward, so they live through it);
 * ``adamw_lightning``: the module's AdamW as Lightning runs it (gradients set to None by Lightning's zero_grad);
-* ``mezo_lightning`` / ``lomo_lightning``: ``MeZO(lr=1e-6)`` and ``LOMO(lr=1e-3)``.
+* ``mezo_lightning`` / ``lomo_lightning``: ``MeZO(lr=1e-6)`` and ``LOMO(lr=1e-3)``;
+* ``mezo_lightning_graph``: ``MeZO(lr=1e-6, cuda_graph=True)`` (the perturbed forwards replayed from a CUDA graph).
 
 Usage: ``python -m benchmarks.cases.lightning CASE SIZE [BATCH] [SEQ]``; ``DEV=cpu`` smoke-tests it.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import time
@@ -40,13 +42,18 @@ class _Module(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
     def train_dataloader(self) -> Any:
-        return torch.utils.data.DataLoader(list(range(64)), batch_size=1)
+        return torch.utils.data.DataLoader(list(range(64)), batch_size=1, pin_memory=torch.cuda.is_available())
 
 
 class _Timer(pl.Callback):
-    def __init__(self, warm: int) -> None:
-        self.warm, self.times, self.peak = warm, [], 0.0
+    """Per-step times after ``warm`` steps. ``latency``: CUDA events around each step, synchronised at its end (the
+    step alone, as the bare-step cases time it). ``throughput``: an event at each step's start and no sync until the
+    end, so the host runs ahead as in a real fit; a step is the time between two starts (data, hooks and all)."""
+
+    def __init__(self, warm: int, mode: str = "latency") -> None:
+        self.warm, self.mode, self.times, self.peak, self.peak_reserved = warm, mode, [], 0.0, 0.0
         self._start: Any = None
+        self._starts: list[Any] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.warm and DEV == "cuda":
@@ -57,18 +64,31 @@ class _Timer(pl.Callback):
             self._start.record()
         else:
             self._start = time.perf_counter()
+        if self.mode == "throughput" and trainer.global_step >= self.warm:
+            self._starts.append(self._start)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step <= self.warm:
+        if trainer.global_step <= self.warm or self.mode == "throughput":
             return
         if DEV == "cuda":
             end = torch.cuda.Event(enable_timing=True)
             end.record()
             end.synchronize()
             self.times.append(self._start.elapsed_time(end) / 1e3)
-            self.peak = torch.cuda.max_memory_allocated() / 2**30
         else:
             self.times.append(time.perf_counter() - self._start)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if DEV == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() / 2**30
+            self.peak_reserved = torch.cuda.max_memory_reserved() / 2**30
+        if self.mode == "throughput":
+            s = self._starts
+            if DEV == "cuda":
+                self.times = [a.elapsed_time(b) / 1e3 for a, b in zip(s, s[1:])]
+            else:
+                self.times = [b - a for a, b in zip(s, s[1:])]
 
 
 def _galore(keep_grads: bool) -> pl.Callback:
@@ -81,10 +101,10 @@ def _galore(keep_grads: bool) -> pl.Callback:
     return cls(rank=128, update_proj_gap=200, scale=0.25)
 
 
-def _mezo() -> pl.Callback:
+def _mezo(cuda_graph: bool = False) -> pl.Callback:
     from lightning_memopt import MeZO
 
-    return MeZO(lr=1e-6, eps=1e-3)
+    return MeZO(lr=1e-6, eps=1e-3, cuda_graph=cuda_graph, distribution=os.environ.get("MEZO_DIST", "normal"))
 
 
 def _lomo() -> pl.Callback:
@@ -98,17 +118,19 @@ CASES: dict[str, Callable[[], pl.Callback | None]] = {
     "galore_lightning_keepgrads": lambda: _galore(True),
     "adamw_lightning": lambda: None,
     "mezo_lightning": _mezo,
+    "mezo_lightning_graph": lambda: _mezo(True),
     "lomo_lightning": _lomo,
 }
 
 
-def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5) -> dict[str, Any]:
+def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5,
+        timing: str = "latency") -> dict[str, Any]:
     res: dict[str, Any] = dict(method=case, size=size, batch=batch, seq=seq, impl="lightning_memopt (Trainer)")
     try:
         model = build(size)
         res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
         x = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEV)
-        timer = _Timer(warm)
+        timer = _Timer(warm, timing)
         method = CASES[case]()
         trainer = pl.Trainer(
             accelerator="cuda" if DEV == "cuda" else "cpu", devices=1, max_steps=warm + reps,
@@ -117,7 +139,8 @@ def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5
         )
         trainer.fit(_Module(model, x))
         t = statistics.median(timer.times)
-        res.update(step_s=round(t, 4), peak_gib=round(timer.peak, 2), tok_per_s=round(batch * seq / t, 1))
+        res.update(step_s=round(t, 4), peak_gib=round(timer.peak, 2), tok_per_s=round(batch * seq / t, 1),
+                   peak_reserved_gib=round(timer.peak_reserved, 2), timing=timing)
     except torch.OutOfMemoryError:
         res.update(step_s=None, peak_gib="OOM")
     report(res)

@@ -60,7 +60,7 @@ def mezo_pop(model: torch.nn.Module, x: torch.Tensor, n: int = 16) -> Callable[[
     def step() -> None:
         with torch.no_grad():
             seeds = zo.seeds(state["t"])
-            g, _ = zo.estimate(None, seeds, per_sample, x)
+            g, _ = zo.estimate(None, seeds, per_sample=per_sample, batch=x)
             zo.update(seeds, g, [1e-6], [0.0])
         g.sum().item()
         state["t"] += 1

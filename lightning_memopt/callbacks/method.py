@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -78,6 +79,7 @@ class MethodCallback(Callback):
         self._pending: dict[str, Any] | None = None
         self._saved_settings: dict[str, Any] | None = None
         self._restore: list[tuple[str, Any]] = []
+        self._numbers: dict[str, tuple[float, torch.Tensor]] = {}
 
     # ---- what a method provides ----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -172,7 +174,15 @@ class MethodCallback(Callback):
     ) -> None:
         self.guard.resolve(wait=False)
         self.log_step(pl_module)
-        pl_module.log("skipped_steps", float(self.guard.skipped_steps), on_step=True, on_epoch=False, batch_size=1)
+        self.log_number(pl_module, "skipped_steps", self.guard.skipped_steps, on_step=True, on_epoch=False, batch_size=1)
+
+    def log_number(self, pl_module: pl.LightningModule, name: str, value: float, **kwargs: Any) -> None:
+        """Log a host number without a sync per step: Lightning turns a float into a device tensor with a blocking
+        copy (a stream sync), so the tensor is made again only when the value changes."""
+        cached = self._numbers.get(name)
+        if cached is None or cached[0] != value or cached[1].device != pl_module.device:
+            cached = self._numbers[name] = (value, torch.tensor(float(value), device=pl_module.device))
+        pl_module.log(name, cached[1], **kwargs)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -36,8 +36,14 @@ _CHUNK = 1 << 20  # counters per torch-fallback chunk (bounds the int64 temporar
 MAX_NUMEL = (1 << 31) - 8  # counters and element offsets stay int32 in the kernel (uint32 Philox path)
 
 
-def key(step_seed: int, index: int) -> int:
-    """The 64-bit Philox key of parameter ``index`` under a 32-bit ``step_seed``."""
+def key(step_seed: int | Tensor, index: int) -> int | Tensor:
+    """The 64-bit Philox key of parameter ``index`` under a 32-bit ``step_seed``.
+
+    ``step_seed`` may be a device int64 scalar (a CUDA graph's seed, rewritten before each replay): the key is then
+    a tensor computed on the device, and every torch-backend function below takes it without a host read.
+    """
+    if isinstance(step_seed, Tensor):
+        return (step_seed.to(torch.int64) & _M32) | (int(index) << 32)
     return (int(step_seed) & _M32) | (int(index) << 32)
 
 
@@ -102,8 +108,11 @@ def randn4x(k: int | Tensor, counter: Tensor, dist: str = "normal") -> Tensor:
     return torch.stack((n1, n2, n3, n4), dim=-1)
 
 
-def normal(k: int, start: int, numel: int, device: torch.device | str = "cpu", dist: str = "normal") -> Tensor:
-    """z for elements ``[start, start + numel)`` of the parameter keyed ``k`` (float32, torch backend)."""
+def normal(
+    k: int | Tensor, start: int, numel: int, device: torch.device | str = "cpu", dist: str = "normal"
+) -> Tensor:
+    """z for elements ``[start, start + numel)`` of the parameter keyed ``k`` (an int or a 0-d int64 tensor from
+    :func:`key`; float32, torch backend)."""
     if start + numel > MAX_NUMEL:
         raise ValueError(f"Tensors above {MAX_NUMEL} elements are not supported by the perturbation keying.")
     out = torch.empty(numel, dtype=torch.float32, device=device)
@@ -170,14 +179,17 @@ def _kernel_dist(dist: str) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # operations
 # ---------------------------------------------------------------------------------------------------------------
-def perturbed(w: Tensor, k: int, scale: float, start: int = 0, z: Tensor | None = None, dist: str = "normal") -> Tensor:
+def perturbed(
+    w: Tensor, k: int | Tensor, scale: float, start: int = 0, z: Tensor | None = None, dist: str = "normal"
+) -> Tensor:
     """A new tensor ``round(w + scale·z)`` in ``w``'s dtype; ``w`` holds elements ``[start, start + w.numel())``.
 
     ``z`` may be given (a cached float32 copy of this range) to skip regeneration; it must equal ``normal(...)``.
+    A tensor key (see :func:`key`) takes the torch backend here; :func:`perturbed_many` has the kernel for it.
     """
     if w.numel() > MAX_NUMEL:
         raise ValueError(f"Tensors above {MAX_NUMEL} elements are not supported by the perturbation keying.")
-    if z is None and use_triton(w):
+    if z is None and use_triton(w) and not isinstance(k, Tensor):
         return _triton_kernels().perturbed(w, k, scale, start, _kernel_dist(dist))  # type: ignore[union-attr]
     if z is None:
         z = normal(k, start, w.numel(), w.device, dist)
@@ -233,13 +245,14 @@ def update_(
     flat = t.view(-1)
     a32 = a.to(device=t.device, dtype=torch.float32)
     b32 = None if b is None else b.to(device=t.device, dtype=torch.float32)
-    seed_list = [int(s) for s in seeds.tolist()]
+    # the keys from the device seeds: no host read, so this path also runs inside a CUDA graph
+    seeds_dev = seeds.to(device=t.device, dtype=torch.int64).reshape(-1)
     for lo in range(0, flat.numel(), 4 * _CHUNK):
         n = min(4 * _CHUNK, flat.numel() - lo)
         m = torch.zeros(n, dtype=torch.float32, device=t.device)
         v = torch.zeros(n, dtype=torch.float32, device=t.device) if adam_eps is not None else None
-        for j, s in enumerate(seed_list):
-            z = zs[j][lo : lo + n] if zs is not None else normal(key(s, index), start + lo, n, t.device, dist)
+        for j in range(seeds_dev.numel()):
+            z = zs[j][lo : lo + n] if zs is not None else normal(key(seeds_dev[j], index), start + lo, n, t.device, dist)
             m = m + a32[j] * z
             if v is not None:
                 v = v + b32[j] * (z * z)  # type: ignore[index]
@@ -282,7 +295,8 @@ def perturbed_many(
         return _triton_kernels().perturbed_many(  # type: ignore[union-attr]
             ws, [int(i) for i in indices], seed_t, scale, _kernel_dist(dist)
         )
-    return [perturbed(w, key(step_seed, i), scale, dist=dist) for w, i in zip(ws, indices)]
+    seed = step_seed if seed_t is None else seed_t
+    return [perturbed(w, key(seed, i), scale, dist=dist) for w, i in zip(ws, indices)]
 
 
 def update1_many(
@@ -307,6 +321,9 @@ def update1_many(
             ts, [int(i) for i in indices], [int(x) for x in starts], seed_t, a, lr, decay, _kernel_dist(dist), ok
         )
         return
-    seeds = torch.tensor([int(step_seed) & _M32], dtype=torch.int64)
+    if seed_t is not None:  # the device seed (a CUDA graph's): the window kernel reads it, nothing baked in
+        seeds, ints = seed_t.reshape(1), None
+    else:
+        seeds, ints = torch.tensor([int(step_seed) & _M32], dtype=torch.int64), [int(step_seed)]
     for t, i, st in zip(ts, indices, starts):
-        update_(t, int(i), seeds, a, None, lr, decay, int(st), dist=dist, seed_ints=[int(step_seed)], ok=ok)
+        update_(t, int(i), seeds, a, None, lr, decay, int(st), dist=dist, seed_ints=ints, ok=ok)

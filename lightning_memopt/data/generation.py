@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lightning_memopt.data.prompt import Items
+from lightning_memopt.data.prompt import Items, pin_memory
 from lightning_memopt.tokenization import load_tokenizer
 
 IGNORE = -100
@@ -93,7 +93,8 @@ class GenerationDataModuleBase(LightningDataModule):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ds = self._splits[split]
         return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=generation_collate(pad),
-                          num_workers=self.hparams.num_workers, drop_last=split == "train" and len(ds) >= batch_size)
+                          num_workers=self.hparams.num_workers, drop_last=split == "train" and len(ds) >= batch_size,
+                          pin_memory=pin_memory(self))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", self.hparams.batch_size, self.hparams.shuffle)

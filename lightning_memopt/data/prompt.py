@@ -81,6 +81,16 @@ class Items(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def pin_memory(dm: Any) -> bool:
+    """Pinned batches where the run is on a GPU: Lightning then copies them with ``non_blocking``, where a copy from
+    pageable memory would sync the stream every step (and the host could not run ahead of the GPU)."""
+    trainer = getattr(dm, "_trainer", None) or getattr(dm, "trainer", None)
+    try:
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+    except Exception:  # noqa: BLE001 - no strategy yet: the plain default
+        return False
+
+
 def padded_length(n: int, padding: str, max_length: int, buckets: Optional[list[int]] = None) -> int:
     """The length a batch whose longest prompt has ``n`` tokens is padded to.
 
@@ -429,6 +439,7 @@ class PromptClassificationDataModule(LightningDataModule):
         return DataLoader(
             self._splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=left_pad_collate(pad, self._pad_to),
             num_workers=self.hparams.num_workers, drop_last=split == "train" and len(self._splits[split]) >= batch_size,
+            pin_memory=pin_memory(self),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -438,7 +449,7 @@ class PromptClassificationDataModule(LightningDataModule):
             # Deterministic rank-strided shards: the global batch equals a 1-process batch of world_size x batch_size.
             ds = torch.utils.data.Subset(self._splits["train"], range(tr.global_rank, len(self._splits["train"]), tr.world_size))
             loader = DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=loader.collate_fn,
-                                num_workers=self.hparams.num_workers, drop_last=True)
+                                num_workers=self.hparams.num_workers, drop_last=True, pin_memory=pin_memory(self))
         return loader
 
     def val_dataloader(self) -> DataLoader:

@@ -75,11 +75,12 @@ class CMAES:
         scale_neg = min(a_mu, a_mueff, a_posdef) / neg_sum if neg_sum > 0 else 0.0
         self.weights_all = pos / pos.sum() + neg * scale_neg
         self.weights = self.weights_all[: self.mu]
+        self._weights_sum = float(self.weights_all.sum())  # constant: read once here, not per generation
         self.chin = math.sqrt(n) * (1 - 1 / (4 * n) + 1 / (21 * n**2))
         self.eigen_gap = max(1, int(0.5 / ((self.c1 + self.cmu) * n)))  # purecma's lazy gap
 
         self.mean = mean.detach().to(dtype).clone()
-        self.sigma = float(sigma)
+        self._sigma = torch.tensor(float(sigma), dtype=dtype, device=dev)
         self.C = torch.eye(n, dtype=dtype, device=dev)
         self.B = torch.eye(n, dtype=dtype, device=dev)
         self.D = torch.ones(n, dtype=dtype, device=dev)
@@ -88,7 +89,7 @@ class CMAES:
         self.generation = 0
         self.eigen_generation = 0
         self.evaluations = 0
-        self.best_f = math.inf
+        self._best_f = torch.tensor(math.inf, dtype=dtype, device=dev)
         self.best_x = self.mean.clone()
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(int(seed))
@@ -98,14 +99,33 @@ class CMAES:
     def device(self) -> torch.device:
         return self.mean.device
 
+    @property
+    def sigma(self) -> float:
+        """The step size (a host read of the device value)."""
+        return float(self._sigma)
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        self._sigma = torch.tensor(float(value), dtype=self.mean.dtype, device=self.device)
+
+    @property
+    def best_f(self) -> float:
+        """The best fitness told so far (a host read of the device value)."""
+        return float(self._best_f)
+
+    @best_f.setter
+    def best_f(self, value: float) -> None:
+        self._best_f = torch.tensor(float(value), dtype=self.mean.dtype, device=self.device)
+
     def offload(self, device: torch.device | str = "cpu") -> None:
         """Park the two n x n matrices (C and its eigenvectors B: 2·n²·8 bytes, 4 MB at n=500) on ``device`` until
-        the next ask/tell brings them back: a layer-wise run keeps only the current layer's on the GPU."""
-        self.C, self.B = self.C.to(device), self.B.to(device)
+        the next ask/tell brings them back: a layer-wise run keeps only the current layer's on the GPU. From a GPU
+        to the host they go to pinned memory, without a sync (the copies run in stream order)."""
+        self.C, self.B = _move(self.C, device), _move(self.B, device)
 
     def _fetch(self) -> None:
         if self.C.device != self.device:
-            self.C, self.B = self.C.to(self.device), self.B.to(self.device)
+            self.C, self.B = _move(self.C, self.device), _move(self.B, self.device)
 
     def ask(self) -> Tensor:
         """``popsize`` candidates ``[lambda, n]`` drawn from N(mean, sigma^2 C)."""
@@ -124,32 +144,32 @@ class CMAES:
         f = torch.as_tensor(fitness, dtype=self.mean.dtype).to(self.device).flatten()
         if f.numel() != x.shape[0] or x.shape[0] != self.lam:
             raise ValueError(f"Expected {self.lam} fitness values for {x.shape[0]} candidates, got {f.numel()}.")
-        if not torch.isfinite(f).all():
-            f = torch.nan_to_num(f, nan=math.inf)
+        f = torch.nan_to_num(f, nan=math.inf)  # NaN ranks last (a no-op where every value is finite)
         order = torch.argsort(f, stable=True)
         self.evaluations += self.lam
-        fb = float(f[order[0]])
-        if fb < self.best_f:
-            self.best_f, self.best_x = fb, x[order[0]].clone()
+        fb = f[order[0]]
+        better = fb < self._best_f
+        self._best_f = torch.where(better, fb, self._best_f)
+        self.best_x = torch.where(better, x[order[0]], self.best_x)
         n, cs, cc, c1, cmu, w = self.n, self.cs, self.cc, self.c1, self.cmu, self.weights
-        y_all = (x[order] - self.mean) / self.sigma  # [lambda, n], best first
+        y_all = (x[order] - self.mean) / self._sigma  # [lambda, n], best first
         y = y_all[: self.mu]
         yw = w @ y
-        self.mean = self.mean + self.sigma * yw
+        self.mean = self.mean + self._sigma * yw
         self.ps = (1 - cs) * self.ps + math.sqrt(cs * (2 - cs) * self.mueff) * self._invsqrt(yw[None])[0]
         self.generation += 1
-        ps_norm = float(self.ps.norm())
-        hsig = ps_norm / math.sqrt(1 - (1 - cs) ** (2 * self.generation)) / self.chin < 1.4 + 2 / (n + 1)
-        self.pc = (1 - cc) * self.pc + float(hsig) * math.sqrt(cc * (2 - cc) * self.mueff) * yw
+        ps_norm = self.ps.norm()
+        hsig = (ps_norm / math.sqrt(1 - (1 - cs) ** (2 * self.generation)) / self.chin < 1.4 + 2 / (n + 1)).to(f.dtype)
+        self.pc = (1 - cc) * self.pc + hsig * math.sqrt(cc * (2 - cc) * self.mueff) * yw
         wa = self.weights_all
         # Negative weights act on Mahalanobis-normalised steps so that C stays positive definite.
         mahal = (self._invsqrt(y_all) ** 2).sum(1).clamp(min=1e-30)
         wo = torch.where(wa >= 0, wa, wa * n / mahal)
-        delta_h = (1 - float(hsig)) * cc * (2 - cc)
-        self.C.mul_(1 + c1 * delta_h - c1 - cmu * float(wa.sum()))
+        delta_h = (1 - hsig) * (cc * (2 - cc))
+        self.C.mul_(1 + c1 * delta_h - c1 - cmu * self._weights_sum)
         self.C.add_(torch.outer(self.pc, self.pc), alpha=c1)
         self.C.add_((y_all.T * wo) @ y_all, alpha=cmu)
-        self.sigma *= math.exp(min(1.0, (cs / self.ds) * (ps_norm / self.chin - 1)))
+        self._sigma = self._sigma * torch.exp(((cs / self.ds) * (ps_norm / self.chin - 1)).clamp(max=1.0))
         if self.generation - self.eigen_generation >= self.eigen_gap:
             self._eigen()
         self._asked = None
@@ -172,7 +192,7 @@ class CMAES:
 
     # ---- checkpointing ------------------------------------------------------------------------------------------
     _TENSORS = ("mean", "C", "B", "D", "ps", "pc", "best_x")
-    _SCALARS = ("sigma", "generation", "eigen_generation", "evaluations", "best_f", "lam", "n")
+    _SCALARS = ("sigma", "generation", "eigen_generation", "evaluations", "best_f", "lam", "n")  # host reads
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k).to(self.device, copy=True) for k in self._TENSORS}
@@ -194,3 +214,14 @@ class CMAES:
         self.gen.set_state(state["rng"].cpu())
         asked = state.get("asked")
         self._asked = None if asked is None else asked.to(self.device).clone()
+
+
+def _move(t: Tensor, device: torch.device | str) -> Tensor:
+    """``t`` on ``device``; from a GPU to the host into pinned memory, without a sync."""
+    device = torch.device(device)
+    if t.device == device:
+        return t
+    if t.is_cuda and device.type == "cpu":
+        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        return out.copy_(t, non_blocking=True)
+    return t.to(device, non_blocking=t.is_pinned())

@@ -142,7 +142,7 @@ class _Lomo(MethodCallback):
         if self.last.grad_norm is not None:
             pl_module.log(f"{key}/grad_norm", self.last.grad_norm.detach().float(), on_step=True, batch_size=1)
         if self.scaler is not None:
-            pl_module.log(f"{key}/loss_scale", float(self.scaler.scale), on_step=True, batch_size=1)
+            self.log_number(pl_module, f"{key}/loss_scale", float(self.scaler.scale), on_step=True, batch_size=1)
 
     @override
     def method_state(self) -> dict[str, Any]:

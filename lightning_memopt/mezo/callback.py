@@ -9,6 +9,9 @@ The algorithm lives in :mod:`lightning_memopt.mezo.core`; the lifecycle (holder,
   last micro-batch: Lightning calls the step once per accumulated batch.)
 * the holder's step all-reduces g over data-parallel ranks and applies the update (a no-op on the device for a
   non-finite loss).
+* ``cuda_graph=True`` replays the 2n perturbed forwards of each batch shape from a CUDA graph
+  (:class:`~lightning_memopt.core.graphs.GraphReplay`): the directions' seeds live in a device tensor the replay
+  reads, the module's own ``self.log`` calls are recorded at capture and re-issued with each replay's values.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from typing_extensions import override
 
 from lightning_memopt.callbacks.method import MethodCallback
 from lightning_memopt.core import validate
-from lightning_memopt.core.fsdp import all_reduce_mean
+from lightning_memopt.core.fsdp import all_reduce_mean, is_fsdp2
+from lightning_memopt.core.graphs import DeviceValues, GraphReplay
 from lightning_memopt.core.holder import decays
 from lightning_memopt.core.modes import eval_mode
 from lightning_memopt.core.population import per_sample_fn
@@ -73,6 +77,13 @@ class MeZO(MethodCallback):
         allow_untested: warn instead of raising on a strategy outside single-device and FSDP2.
         max_consecutive_skips: steps in a row with a non-finite loss (each skipped, weights untouched) before the
             fit stops with an error.
+        cuda_graph: replay each batch shape's perturbed forwards from a CUDA graph instead of running them eagerly:
+            the same kernels and the same weights, without Python and launch overhead per step (the speed-up on
+            small and medium models). Needs fixed batch shapes (``padding="max_length"`` or ``"bucket"``) and a
+            ``training_step`` whose computation depends on the batch tensors only (``batch_idx`` and other
+            arguments are taken as at capture). Where it cannot work (CPU, several processes, a ``metric``
+            objective, a capture that fails) it warns once with the reason and runs the eager step.
+        max_graphs: batch shapes captured at most with ``cuda_graph`` (each keeps one forward's activations).
 
     Example::
 
@@ -118,8 +129,15 @@ class MeZO(MethodCallback):
         trajectory_path: str | None = None,
         allow_untested: bool = False,
         max_consecutive_skips: int = 10,
+        cuda_graph: bool = False,
+        max_graphs: int = 8,
     ) -> None:
         super().__init__(allow_untested, max_consecutive_skips)
+        self.cuda_graph = bool(cuda_graph)
+        self.max_graphs = validate.at_least(max_graphs, 1, "max_graphs")
+        self._graph: GraphReplay | None = None
+        self._seed_dev: DeviceValues | None = None
+        self._graph_call: tuple | None = None
         self.config = ZOConfig(
             eps=eps,
             n_spsa=n_spsa,
@@ -145,6 +163,7 @@ class MeZO(MethodCallback):
         self.record_trajectory = record_trajectory or trajectory_path is not None
         self.trajectory_path = trajectory_path
         self.trajectory: dict[str, Any] | None = None
+        self._traj_pending: list[tuple[dict[str, Any], torch.Tensor]] = []
         self.zo: ZeroOrder | None = None
         self._metric: Any = None
         self._higher_is_better = False
@@ -164,7 +183,8 @@ class MeZO(MethodCallback):
     def settings(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return {**asdict(self.config), "seed": self.seed, "lr": self.lr, "weight_decay": self.weight_decay}
+        return {**asdict(self.config), "seed": self.seed, "lr": self.lr, "weight_decay": self.weight_decay,
+                "cuda_graph": self.cuda_graph}
 
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -216,6 +236,23 @@ class MeZO(MethodCallback):
                                              self.zo.scales)
         n = sum(zp.param.numel() for zp in params)
         rank_zero_info(f"MeZO: {len(params)} tensors ({n / 1e6:.2f}M elements), {self.config}.")
+        if self.cuda_graph:
+            self._install_graph(trainer, pl_module)
+
+    def _install_graph(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._graph = GraphReplay(self._graph_step, "MeZO(cuda_graph=True)", self.max_graphs)
+        if pl_module.device.type != "cuda":
+            reason = f"CUDA graphs need a CUDA device (this run is on {pl_module.device.type})"
+        elif trainer.world_size > 1 or is_fsdp2(pl_module):
+            reason = "under several processes or FSDP2 the step holds collectives, which this capture does not take"
+        elif self._metric is not None:
+            reason = "a metric objective is computed on the host"
+        elif self.config.population:
+            reason = "the population estimator (perturbation='lowrank', batched or a precondition) is not captured"
+        else:
+            self._seed_dev = DeviceValues(self.config.n_spsa, torch.int64, pl_module.device)
+            return
+        self._graph.disable(reason)
 
     @override
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None) -> None:
@@ -230,6 +267,10 @@ class MeZO(MethodCallback):
 
     @override
     def uninstall(self) -> None:
+        try:
+            self._flush_trajectory()  # a fit that stopped early keeps every recorded step
+        except Exception:  # noqa: BLE001 - after a device error the original exception is the one to see
+            pass
         if self.module is not None and self._original_step is not None:
             if not self._had_instance_step:
                 self.module.__dict__.pop("training_step", None)
@@ -238,10 +279,12 @@ class MeZO(MethodCallback):
             self._original_step = None
         if self.zo is not None:
             self.zo.close()
+        self._graph, self._seed_dev, self._graph_call = None, None, None  # the graphs' memory goes with them
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
+        self._flush_trajectory()
         if self.trajectory_path is not None and self.trajectory is not None:
             _save(self.trajectory, self.trajectory_path)
 
@@ -275,18 +318,55 @@ class MeZO(MethodCallback):
         seeds = self.zo.seeds(pl_module.trainer.global_step)
         if self._seeds is not None and self._seeds != seeds:  # a new step without an update: should not happen
             self._reset_accumulators()
-        with eval_mode(pl_module, self.eval_mode):
-            loss_fn = lambda: self._objective(original(*args, **kwargs))
-            if self._per_sample is not None:
-                batch = args[0] if args else kwargs.get("batch")
-                g, loss = self.zo.estimate(loss_fn, seeds, self._per_sample, batch)
-            else:
-                g, loss = self.zo.estimate(loss_fn, seeds)
+        if self._graph is not None and self._graph.disabled is None and args:
+            g, loss = self._graphed_estimate(original, pl_module, args, kwargs, seeds)
+        else:
+            with eval_mode(pl_module, self.eval_mode):
+                loss_fn = lambda: self._objective(original(*args, **kwargs))
+                if self._per_sample is not None:
+                    batch = args[0] if args else kwargs.get("batch")
+                    g, loss = self.zo.estimate(loss_fn, seeds, per_sample=self._per_sample, batch=batch)
+                else:
+                    g, loss = self.zo.estimate(loss_fn, seeds)
         self._seeds = seeds
         self._g_sum = g if self._g_sum is None else self._g_sum + g
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._micro += 1
         return {"loss": loss}
+
+    def _graphed_estimate(
+        self, original: Any, pl_module: pl.LightningModule, args: tuple, kwargs: dict, seeds: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self._graph is not None and self._seed_dev is not None
+        self._seed_dev.set(seeds)  # read by the replay: this step's directions
+        self._graph_call = (original, pl_module, args[1:], kwargs, seeds)
+        g, loss, logs = self._graph(args[0])
+        for name, value, a, kw in logs:  # the module's own logging, with this replay's values
+            pl_module.log(name, value.clone() if isinstance(value, torch.Tensor) else value, *a, **kw)
+        return g.clone(), loss.clone()  # the graph's outputs are rewritten by the next replay
+
+    def _graph_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """What the graph holds: the 2n perturbed forwards of ``batch``, seeds read from the device."""
+        assert self.zo is not None and self._graph_call is not None and self._seed_dev is not None
+        original, pl_module, rest, kwargs, seeds = self._graph_call
+        logs: list = []
+
+        def record(name: str, value: Any, *a: Any, **kw: Any) -> None:
+            logs.append((name, value, a, kw))
+
+        own = pl_module.__dict__.get("log")
+        pl_module.log = record  # type: ignore[method-assign]
+        try:
+            with eval_mode(pl_module, self.eval_mode):
+                g, loss = self.zo.estimate(
+                    lambda: self._objective(original(batch, *rest, **kwargs)), seeds, self._seed_dev.tensor
+                )
+        finally:
+            if own is None:
+                del pl_module.__dict__["log"]
+            else:
+                pl_module.log = own  # type: ignore[method-assign]
+        return g, loss, logs
 
     @override
     def step(self, closure: Any) -> Any:
@@ -303,11 +383,15 @@ class MeZO(MethodCallback):
         wds = [float(wd if wd is not None else grp.get("weight_decay", 0.0)) for grp in groups]
         self.zo.update(self._seeds, g, lrs, wds, loss=loss, step=self.step_index)
         if self.trajectory is not None:
-            self.trajectory["steps"].append(
-                {"step": self.step_index, "seeds": list(self._seeds), "g": [float(x) for x in g.tolist()],
-                 "lr": lrs, "wd": wds}
-            )
-        self._last = (g[: self.config.n_spsa].mean(), loss)
+            entry = {"step": self.step_index, "seeds": list(self._seeds), "g": None, "lr": lrs, "wd": wds}
+            self.trajectory["steps"].append(entry)
+            # g is read to the host in batches (a read per step would sync the stream every step)
+            self._traj_pending.append((entry, g.detach()))
+            steps = self.trajectory["steps"]
+            self.guard.on_skip(lambda: steps.remove(entry) if entry in steps else None)  # a skipped step: no update
+            if len(self._traj_pending) >= 256:
+                self._flush_trajectory()
+        self._last = (g[: self.config.n_spsa].mean(), loss)  # curvature's g also holds the n curvatures
         self._reset_accumulators()
         return result
 
@@ -320,8 +404,16 @@ class MeZO(MethodCallback):
             pl_module.log("mezo/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
 
     # ---- state -----------------------------------------------------------------------------------------------
+    def _flush_trajectory(self) -> None:
+        if self._traj_pending:
+            values = torch.stack([g.float().reshape(-1) for _, g in self._traj_pending]).tolist()
+            for (entry, _), v in zip(self._traj_pending, values):
+                entry["g"] = [float(x) for x in v]
+            self._traj_pending.clear()
+
     @override
     def method_state(self) -> dict[str, Any]:
+        self._flush_trajectory()
         return {
             "history": self.zo.history_state() if self.zo is not None else [],
             "curvature": None if self.zo is None else self.zo.curvature_state(),

@@ -156,26 +156,33 @@ def make_params(
 
 
 def projected_grads(
-    loss_fn: Callable[[], Tensor], perturber: Perturber, seeds: Sequence[int], eps: float, one_sided: bool = False
+    loss_fn: Callable[[], Tensor],
+    perturber: Perturber,
+    seeds: Sequence[int],
+    eps: float,
+    one_sided: bool = False,
+    seed_t: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The projected gradients ``g_j`` (float32 ``[n]``) along ``z(seeds[j])`` and the mean of the losses seen.
 
     Two-sided: ``(L(θ+εz) − L(θ−εz)) / 2ε``, 2n forwards. One-sided: ``(L(θ+εz) − L(θ)) / ε``, n + 1 forwards.
-    Runs under ``no_grad``: no graph, no ``.grad``.
+    Runs under ``no_grad``: no graph, no ``.grad``. ``seed_t`` (int64 ``[n]`` on the device, holding ``seeds``)
+    makes the kernels read the seeds there: what a CUDA graph of this function needs to draw new directions.
     """
     with torch.no_grad():
         losses, gs = [], []
         base = loss_fn().float() if one_sided else None
         if base is not None:
             losses.append(base)
-        for s in seeds:
-            with perturber.active(s, eps):
+        for j, s in enumerate(seeds):
+            st = None if seed_t is None else seed_t[j]
+            with perturber.active(s, eps, st):
                 lp = loss_fn().float()
             if one_sided:
                 gs.append((lp - base) / eps)
                 losses.append(lp)
             else:
-                with perturber.active(s, -eps):
+                with perturber.active(s, -eps, st):
                     lm = loss_fn().float()
                 gs.append((lp - lm) / (2 * eps))
                 losses += [lp, lm]
@@ -368,10 +375,11 @@ class ZeroOrder:
         self,
         loss_fn: Callable[[], Tensor] | None,
         seeds: Sequence[int],
+        seed_t: Tensor | None = None,
         per_sample: Callable[[Any], Tensor] | None = None,
         batch: Any = None,
     ) -> tuple[Tensor, Tensor]:
-        """Local (this rank's) projected gradients and mean loss.
+        """Local (this rank's) projected gradients and mean loss (``seed_t``: see :func:`projected_grads`).
 
         Population estimator: batched through ``per_sample(batch)`` (per-example losses of a repeated batch) when
         given, else ``loss_fn`` once per member with that member's perturbation active.
@@ -379,7 +387,7 @@ class ZeroOrder:
         cfg = self.config
         if self.engine is None:
             assert loss_fn is not None and self.perturber is not None
-            return projected_grads(loss_fn, self.perturber, seeds, cfg.eps, cfg.one_sided)
+            return projected_grads(loss_fn, self.perturber, seeds, cfg.eps, cfg.one_sided, seed_t)
         assert self.directions is not None
         self.directions.retain(seeds)
         return population_grads(self.engine.active, seeds, cfg.eps, cfg.one_sided, cfg.population_chunk, loss_fn,

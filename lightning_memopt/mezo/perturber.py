@@ -53,6 +53,7 @@ class Perturber:
         self.seed: int | None = None
         self.scale = 0.0
         self._seed_t: Tensor | None = None
+        self._device_seed = False
         self._stack: list[tuple[torch.nn.Module, list[tuple[torch.nn.Module, str, Any]]]] = []
         self._live: set[int] = set()  # owners whose parameters are swapped now (by their group or themselves)
         self._handles: list[Any] = []
@@ -123,7 +124,7 @@ class Perturber:
 
     def _perturbed(self, tensors: dict[int, Tensor]) -> dict[int, Tensor]:
         seed = int(self.seed)  # type: ignore[arg-type]
-        if self.z_for is not None or len(tensors) == 1:
+        if self.z_for is not None or (len(tensors) == 1 and not self._device_seed):
             return {
                 i: perturb.perturbed(
                     p,
@@ -143,6 +144,8 @@ class Perturber:
             if self._seed_t is None and ws[0].is_cuda:
                 self._seed_t = perturb.seed_tensor(seed, ws[0].device)
             seed_t = self._seed_t if self._seed_t is not None and self._seed_t.device == ws[0].device else None
+            if self._device_seed and seed_t is None:
+                raise RuntimeError("MeZO: the device seed is on another device than the weights it perturbs.")
             out.update(zip(idx, perturb.perturbed_many(ws, idx, seed, self.scale, self.distribution, seed_t)))
         return out
 
@@ -161,16 +164,21 @@ class Perturber:
             self._live.discard(id(m))
 
     @contextmanager
-    def active(self, seed: int, scale: float) -> Iterator[None]:
-        """Forwards inside see every trained weight perturbed by ``scale·z(seed)``."""
-        self.seed, self.scale, self._seed_t = int(seed), float(scale), None
+    def active(self, seed: int, scale: float, seed_t: Tensor | None = None) -> Iterator[None]:
+        """Forwards inside see every trained weight perturbed by ``scale·z(seed)``.
+
+        ``seed_t`` (a device int64 scalar holding ``seed``) makes every kernel read the seed from the device, so a
+        CUDA graph captured here draws the direction its replay finds in ``seed_t``, not the capture's.
+        """
+        self.seed, self.scale, self._seed_t = int(seed), float(scale), seed_t
+        self._device_seed = seed_t is not None
         try:
             yield
         finally:
             while self._stack:  # a forward that raised midway: put every original back
                 self._restore(self._stack.pop()[1])
             self._live.clear()
-            self.seed, self._seed_t = None, None
+            self.seed, self._seed_t, self._device_seed = None, None, False
 
     def remove(self) -> None:
         for h in self._handles:

@@ -256,7 +256,11 @@ class HFCausalLM(LightningModule):
     @contextmanager
     def _label_only(self):
         head = self.model.get_output_embeddings()
-        ids = torch.tensor(self.label_token_ids, dtype=torch.long)
+        # made on the weights' device once: a host-to-device copy per forward would sync (and break a CUDA graph)
+        words, ids = self.__dict__.get("_label_ids_dev", (None, None))
+        if ids is None or ids.device != head.weight.device or words != self.label_token_ids:
+            ids = torch.tensor(self.label_token_ids, dtype=torch.long, device=head.weight.device)
+            self.__dict__["_label_ids_dev"] = (list(self.label_token_ids), ids)
         head._memopt_label_ids = ids
         try:
             yield

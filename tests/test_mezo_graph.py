@@ -1,0 +1,85 @@
+"""MeZO's CUDA-graph option, as far as a CPU sees it: the device-seed path draws the same z as the integer seed,
+`cuda_graph=True` on a CPU warns with its reason and trains exactly as the eager step, and GraphReplay's rules.
+(tests/test_gpu.py checks the replay itself against the eager step on a GPU.)"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from lightning_memopt import MeZO
+from lightning_memopt.core import perturb
+from lightning_memopt.core.graphs import GraphReplay, signature
+from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
+from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+
+
+@pytest.mark.parametrize("dist", ["normal", "rademacher"])
+def test_device_seed_draws_the_integer_seeds_z(dist):
+    seed, seed_t = 123456789, torch.tensor(123456789, dtype=torch.int64)
+    for i, start, n in [(0, 0, 37), (5, 13, 64), (70000, 1 << 20, 9)]:
+        a = perturb.normal(perturb.key(seed, i), start, n, dist=dist)
+        b = perturb.normal(perturb.key(seed_t, i), start, n, dist=dist)
+        assert torch.equal(a, b)
+    ws = [torch.randn(7, 5), torch.randn(11)]
+    want = perturb.perturbed_many(ws, [3, 4], seed, 1e-2, dist)
+    got = perturb.perturbed_many(ws, [3, 4], seed, 1e-2, dist, seed_t=seed_t)
+    assert all(torch.equal(x, y) for x, y in zip(want, got))
+    ts1, ts2 = [w.clone() for w in ws], [w.clone() for w in ws]
+    g = torch.tensor([0.7])
+    perturb.update1_many(ts1, [3, 4], [0, 0], seed, g, 1e-2, 0.999, dist)
+    perturb.update1_many(ts2, [3, 4], [0, 0], seed, g, 1e-2, 0.999, dist, seed_t=seed_t)
+    assert all(torch.equal(x, y) for x, y in zip(ts1, ts2)) and not torch.equal(ts1[0], ws[0])
+
+
+def test_estimate_with_device_seeds_equals_integer_seeds():
+    torch.manual_seed(0)
+    model = tiny_model().model.eval()
+    x = torch.randint(0, 256, (4, 12))
+    zo = ZeroOrder(model, ZOConfig(eps=1e-2, n_spsa=3), seed=5, cache_z=False)
+    seeds = zo.seeds(7)
+    with torch.no_grad():
+        g1, l1 = zo.estimate(lambda: model(input_ids=x, labels=x).loss, seeds)
+        g2, l2 = zo.estimate(lambda: model(input_ids=x, labels=x).loss, seeds, torch.tensor(seeds, dtype=torch.int64))
+    assert torch.equal(g1, g2) and torch.equal(l1, l2)
+
+
+def _fit(cuda_graph: bool):
+    torch.manual_seed(0)
+    model = tiny_model()
+    mezo = MeZO(lr=1e-3, eps=1e-2, cuda_graph=cuda_graph, seed=3)
+    tiny_trainer(max_steps=4, callbacks=[mezo]).fit(model, tiny_datamodule(k=16, batch_size=8, padding="max_length"))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_cuda_graph_on_cpu_warns_once_and_trains_as_eager():
+    eager = _fit(False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        graphed = _fit(True)
+    msgs = [str(w.message) for w in seen if "cuda_graph" in str(w.message)]
+    assert msgs == ["MeZO(cuda_graph=True): CUDA graphs need a CUDA device (this run is on cpu); running the eager "
+                    "step."], msgs
+    assert all(torch.equal(eager[n], graphed[n]) for n in eager)
+
+
+def test_graph_replay_rules():
+    calls = []
+    replay = GraphReplay(lambda x: calls.append(1) or x * 2, "demo")
+    with pytest.warns(UserWarning, match="demo: CUDA graphs need CUDA tensors .*; running the eager step"):
+        assert torch.equal(replay(torch.ones(2)), torch.full((2,), 2.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls are eager and quiet
+        replay(torch.ones(3))
+    assert len(calls) == 2 and replay.disabled is not None
+    with pytest.raises(ValueError, match="max_graphs must be an integer >= 1"):
+        GraphReplay(lambda: None, "demo", max_graphs=0)
+    with pytest.raises(ValueError, match="max_graphs must be an integer >= 1"):
+        MeZO(cuda_graph=True, max_graphs=0)
+    a = signature(({"ids": torch.zeros(2, 3)}, 1))
+    assert a == signature(({"ids": torch.ones(2, 3)}, 1))  # values of tensors do not matter
+    assert a != signature(({"ids": torch.zeros(2, 4)}, 1))  # shapes do
+    assert a != signature(({"ids": torch.zeros(2, 3, dtype=torch.int64)}, 1))  # dtypes do
+    assert a != signature(({"ids": torch.zeros(2, 3)}, 2))  # and other values
