@@ -326,13 +326,19 @@ class HFCausalLM(LightningModule):
             score = score / m.sum(-1).clamp(min=1)
         return score.view(B, C)
 
-    def lm_loss(self, batch: dict[str, Tensor]) -> Tensor:
+    @staticmethod
+    def _lm_inputs(batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(input_ids, attention_mask, labels) of a causal-LM batch: labels are ``lm_labels`` or the unpadded ids."""
         input_ids, mask = batch["input_ids"], batch.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(input_ids)
         labels = batch.get("lm_labels")
         if labels is None:
             labels = input_ids.masked_fill(mask == 0, -100)
+        return input_ids, mask, labels
+
+    def lm_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        input_ids, mask, labels = self._lm_inputs(batch)
         out = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), labels=labels,
             use_cache=False,
@@ -429,12 +435,7 @@ class HFCausalLM(LightningModule):
             logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("choice_ids"),
                           batch.get("choice_mask"))
             return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
-        input_ids, mask = batch["input_ids"], batch.get("attention_mask")
-        if mask is None:
-            mask = torch.ones_like(input_ids)
-        labels = batch.get("lm_labels")
-        if labels is None:
-            labels = input_ids.masked_fill(mask == 0, -100)
+        input_ids, mask, labels = self._lm_inputs(batch)
         logits = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
         ).logits
