@@ -83,3 +83,28 @@ def test_graph_replay_rules():
     assert a != signature(({"ids": torch.zeros(2, 4)}, 1))  # shapes do
     assert a != signature(({"ids": torch.zeros(2, 3, dtype=torch.int64)}, 1))  # dtypes do
     assert a != signature(({"ids": torch.zeros(2, 3)}, 2))  # and other values
+
+
+def _fit_dfo(cuda_graph: bool, **trainer_kw):
+    from lightning_memopt import DFOLoRA
+
+    torch.manual_seed(0)
+    model = tiny_model()
+    cb = DFOLoRA(d=16, population=6, budget=None, stat_batches=1, cuda_graph=cuda_graph, seed=1)
+    trainer = tiny_trainer(max_steps=6, callbacks=[cb], **trainer_kw)
+    trainer.fit(model, tiny_datamodule(k=16, batch_size=8, padding="max_length"))
+    return [z.detach().cpu().clone() for z in cb.lora.z] if cb.lora is not None else cb, cb
+
+
+def test_dfo_cuda_graph_on_cpu_warns_once_and_trains_as_eager():
+    eager, _ = _fit_dfo(False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        graphed, _ = _fit_dfo(True)
+    msgs = [str(w.message) for w in seen if "cuda_graph" in str(w.message)]
+    assert len(msgs) == 1 and "DFOLoRA(cuda_graph=True): CUDA graphs need CUDA tensors" in msgs[0], msgs
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed)) and any(a.abs().sum() > 0 for a in eager)
+    with pytest.raises(ValueError, match="max_graphs must be an integer >= 1"):
+        from lightning_memopt import DFOLoRA
+
+        DFOLoRA(cuda_graph=True, max_graphs=0)

@@ -178,11 +178,15 @@ class MethodCallback(Callback):
 
     def log_number(self, pl_module: pl.LightningModule, name: str, value: float, **kwargs: Any) -> None:
         """Log a host number without a sync per step: Lightning turns a float into a device tensor with a blocking
-        copy (a stream sync), so the tensor is made again only when the value changes."""
+        copy (a stream sync), so the tensor is made once and later values are written into it by a fill kernel,
+        which takes the number as an argument."""
         cached = self._numbers.get(name)
-        if cached is None or cached[0] != value or cached[1].device != pl_module.device:
+        if cached is None or cached[1].device != pl_module.device:
             cached = self._numbers[name] = (value, torch.tensor(float(value), device=pl_module.device))
-        pl_module.log(name, cached[1], **kwargs)
+        elif cached[0] != value:
+            cached[1].fill_(float(value))
+            cached = self._numbers[name] = (value, cached[1])
+        pl_module.log(name, cached[1].clone(), **kwargs)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -71,6 +71,11 @@ class DFOLoRA(MethodCallback):
             4 MB per layer at d=500; 120 MB for SmolLM2's 30 layers) in host memory, so the GPU holds one layer's.
             Costs a 4 MB copy each way per generation. No effect when the state is on the CPU.
         seed: seed of the random maps and of the optimizers' sampling.
+        cuda_graph: replay the population forward (each layer's, per batch shape) from CUDA graphs; the optimizer's
+            ask/tell stay eager. Needs fixed batch shapes (``padding="max_length"`` or ``"bucket"``); where it
+            cannot work (CPU, several processes, one candidate at a time) it warns once with the reason and runs
+            eagerly (see docs/mezo.md, the same machinery).
+        max_graphs: graphs kept at most with ``cuda_graph`` (default: 4 batch shapes for every layer).
         allow_untested: warn instead of raising on strategies other than single device and FSDP2.
         max_consecutive_skips: generations in a row whose every candidate had a non-finite fitness (each skipped,
             state untouched) before the fit stops with an error.
@@ -116,12 +121,14 @@ class DFOLoRA(MethodCallback):
         seed: int = 0,
         allow_untested: bool = False,
         max_consecutive_skips: int = 10,
+        cuda_graph: bool = False,
+        max_graphs: int | None = None,
     ) -> None:
         super().__init__(allow_untested, max_consecutive_skips)
         self.config = DFOSettings(
             optimizer, rank, d, population, sigma, budget, loss, margin, batched, split, verify_split, target_pattern,
             init_scale, stat_batches, n_fireworks, n_gaussian, bound, amplification, reduction, population_chunk,
-            optimizer_device, offload_idle, seed,
+            optimizer_device, offload_idle, seed, cuda_graph, max_graphs,
         )
         self.dfo: LayerwiseDFO | None = None
         self._batch: Any = None
@@ -264,7 +271,7 @@ class DFOLoRA(MethodCallback):
             self._logged = True
             bs = self._batch["input_ids"].shape[0] if isinstance(self._batch, dict) else 1
             pl_module.log("dfo_best_fitness", fit.min().float(), prog_bar=True, batch_size=bs)
-            pl_module.log("dfo_evaluations", float(self.evaluations), batch_size=bs)
+            self.log_number(pl_module, "dfo_evaluations", self.evaluations, batch_size=bs)
 
     @override
     def on_train_batch_end(

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_sum
+from lightning_memopt.core.graphs import GraphReplay
 from lightning_memopt.core.modes import eval_mode
 from lightning_memopt.core.nonfinite import SkipGuard
 from lightning_memopt.core.population import member_losses
@@ -68,6 +69,8 @@ class DFOSettings:
     optimizer_device: str | None = None
     offload_idle: bool = True
     seed: int = 0
+    cuda_graph: bool = False
+    max_graphs: int | None = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("cmaes", "fireworks"):
@@ -78,6 +81,8 @@ class DFOSettings:
         validate.at_least(self.rank, 1, "rank")
         validate.at_least(self.d, 2, "d")
         validate.positive(self.sigma, "sigma")
+        if self.max_graphs is not None:
+            validate.at_least(self.max_graphs, 1, "max_graphs")
         validate.positive(self.init_scale, "init_scale")
         validate.finite(self.margin, "margin")
         validate.at_least(self.stat_batches, 1, "stat_batches")
@@ -183,6 +188,39 @@ class LayerwiseDFO:
         self.generation = 0
         self.last_fitness: Tensor | None = None
         self._park_all()
+        self.graph: GraphReplay | None = None
+        if s.cuda_graph:
+            self._install_graph()
+
+    def _install_graph(self) -> None:
+        """The population forward (per layer and batch shape) replayed from CUDA graphs; ask/tell stay eager."""
+        s = self.settings
+        # one graph per layer and batch shape: by default room for every layer at 4 shapes
+        self.graph = GraphReplay(self._graphed_fitness, "DFOLoRA(cuda_graph=True)",
+                                 s.max_graphs or 4 * self.lora.n_blocks)
+        if not s.batched or self.path == "step":
+            self.graph.disable("the population is evaluated one candidate (or one training_step) at a time")
+        elif torch.distributed.is_available() and torch.distributed.is_initialized() and (
+            torch.distributed.get_world_size() > 1
+        ):
+            self.graph.disable("under several processes the fitness is all-reduced inside the step")
+
+    def _graphed_fitness(self, batch: Any, z: Tensor, k: int) -> Tensor:
+        if self.path == "logits":
+            return self.eval_batched(batch, k, z, self.split)
+        return self.eval_members(batch, k, z)
+
+    def _fitness(self, batch: Any, k: int, z: Tensor) -> Tensor:
+        s = self.settings
+        if self.graph is not None and self.graph.disabled is None:
+            # the candidates on the weights' device (a graph reads its inputs there); the output is rewritten by
+            # the next replay, so it is cloned
+            return self.graph(batch, z.to(self.lora.device), k).clone()
+        if self.path != "logits":
+            return self.eval_members(batch, k, z)
+        if s.batched:
+            return self.eval_batched(batch, k, z, self.split)
+        return self.eval_sequential(batch, k, z)
 
     @property
     def exhausted(self) -> bool:
@@ -254,12 +292,7 @@ class LayerwiseDFO:
         rng = opt.gen.get_state()
         z = opt.ask()
         with eval_mode(self.module):  # deterministic fitness (no dropout), as MeZO evaluates
-            if self.path != "logits":
-                fit = self.eval_members(batch, k, z)
-            elif s.batched:
-                fit = self.eval_batched(batch, k, z, self.split)
-            else:
-                fit = self.eval_sequential(batch, k, z)
+            fit = self._fitness(batch, k, z)
         self.last_fitness = fit.detach()
         # Every rank holds the same reduced fitness, so every rank decides alike (a host check: tell syncs anyway).
         skipped = not bool(fit.isfinite().any())
