@@ -7,6 +7,10 @@
 - ``inference``: one no-grad forward of the per-candidate batch (the memory reference: the target is
   peak(dfo_batched) <= 1.3 x peak(inference)).
 - ``inference_pop``: one no-grad forward of the population-sized batch (population x batch), for context.
+- ``*_graph``: the same with ``cuda_graph=True`` (each layer's population forward replayed from a CUDA graph; the
+  warm-up cycles through every layer once, so the timed steps replay); ``dfo_forward_chunk10`` and
+  ``dfo_forward_chunk10_graph`` time the population forward alone (no ask/tell, no bookkeeping): a generation's
+  cost over its batched forward is ``dfo_batched_chunk10_graph / dfo_forward_chunk10_graph``.
 
 The model is a random-init Llama of ``benchmarks.common.build`` (``1b`` etc.), or SmolLM2 from a GGUF file with
 size ``smollm2`` and ``SMOL_GGUF=/path/to/SmolLM2-135M-Instruct.Q4_1.gguf``. The fitness is cross-entropy over two
@@ -27,10 +31,11 @@ from typing import Any
 import torch
 
 from benchmarks.common import DEV, build, report, timed, parse_case_args
-from lightning_memopt.dfo.callback import DFOLoRA
+from lightning_memopt.dfo.core import DFOSettings, LayerwiseDFO
 
 CASES = ("dfo_batched", "dfo_batched_chunk10", "dfo_batched_chunk5", "dfo_sequential", "dfo_batched_resident",
-         "dfo_batched_chunk10_resident", "dfo_sequential_resident", "dfo_batched_cpuopt", "inference", "inference_pop")
+         "dfo_batched_chunk10_resident", "dfo_sequential_resident", "dfo_batched_cpuopt", "inference", "inference_pop",
+         "dfo_batched_chunk10_graph", "dfo_forward_chunk10", "dfo_forward_chunk10_graph")
 
 
 class LabelLM(torch.nn.Module):
@@ -86,6 +91,7 @@ def main(argv: list[str]) -> None:
         data = {"input_ids": ids, "attention_mask": mask, "labels": labels}
         n_layers = model.config.num_hidden_layers
         reps = min(n_layers, 16)
+        warm = n_layers if case.endswith("_graph") else 2  # graph cases: capture every layer before timing
         if case in ("inference", "inference_pop"):
             rep = pop if case == "inference_pop" else 1
             x, m = ids.repeat(rep, 1), mask.repeat(rep, 1)
@@ -94,16 +100,26 @@ def main(argv: list[str]) -> None:
                 with torch.no_grad():
                     module(x, m).sum().item()
         else:
-            cb = DFOLoRA(optimizer="cmaes", population=pop, budget=None, batched=case.startswith("dfo_batched"),
-                         population_chunk=chunk, optimizer_device=opt_dev, offload_idle=offload)
-            cb.build(module)
-            cb.collect_stats(module, [data])
-            res["split"] = cb.split
+            settings = DFOSettings(optimizer="cmaes", population=pop, budget=None,
+                                   batched=not case.startswith("dfo_sequential"), population_chunk=chunk,
+                                   optimizer_device=opt_dev, offload_idle=offload, cuda_graph=case.endswith("_graph"))
+            dfo = LayerwiseDFO(module, settings)
+            dfo.collect_stats([data])
+            res["split"] = dfo.split
+            if case.startswith("dfo_forward"):
+                z = torch.randn(pop, settings.d, generator=gen, dtype=torch.float64).to(DEV) * 0.1
+                layer = {"k": 0}
 
-            def step() -> None:
-                cb.generation_step(module, data)  # tell() reads the fitness on the host: one sync per generation
+                def step() -> None:  # the population forward of one layer alone, layers in turn
+                    with torch.no_grad():
+                        dfo._fitness(data, layer["k"], z).sum().item()
+                    layer["k"] = (layer["k"] + 1) % dfo.lora.n_blocks
+            else:
 
-        t, mem = timed(step, warm=2, reps=reps)
+                def step() -> None:
+                    dfo.generation_step(data)  # one host read per generation: the all-non-finite check
+
+        t, mem = timed(step, warm=warm, reps=reps)
         res.update(step_s=round(t, 4), peak_gib=round(mem, 3), candidates_per_s=round(pop / t, 1)
                    if case.startswith("dfo") else None, tok_per_s=round(batch * seq / t, 1))
     except torch.OutOfMemoryError:
