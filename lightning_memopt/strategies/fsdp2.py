@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_memopt import _shim
-from lightning_memopt.core.fsdp import fsdp_modules
+from lightning_memopt.core.fsdp import fsdp_modules, reshard_all
 
 
 def _hf_roots(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -129,6 +130,37 @@ class FSDP2Strategy(ModelParallelStrategy):
             shard_hf_module(module, self.device_mesh["data_parallel"], self.reshard_after_forward)
         with _configure_model_marked(module):
             super().setup(trainer)
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # After a forward without backward (MeZO's last evaluation, DFO's generations) the root group stays unsharded:
+        # its registered parameters are then plain tensors that neither the optimizer nor a checkpoint knows.
+        reshard_all(self.model)
+        return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        reshard_all(self.model)
+        return super().optimizer_state(optimizer)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():  # a sharded (torch.distributed.checkpoint) folder: resharded by DCP on load
+            return super().load_checkpoint(path, weights_only=weights_only)
+        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        states = saved.get("optimizer_states") or []
+        if not states or any(isinstance(s, dict) and s.get("state") for s in states):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        # A full checkpoint of optimizers without state (DFOLoRA freezes every weight): Lightning's loader indexes
+        # the first state entry and fails. Load everything else, then the optimizers' hyperparameters.
+        optimizers = self.optimizers
+        self.optimizers = []
+        try:
+            out = super().load_checkpoint(path, weights_only=weights_only)
+        finally:
+            self.optimizers = optimizers
+        for opt, state in zip(optimizers, states):
+            for group, saved_group in zip(opt.param_groups, state.get("param_groups", [])):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+        return out
 
 
 def register_strategies(registry: Any = StrategyRegistry) -> None:
