@@ -68,7 +68,7 @@ def runs(tmp_path_factory):
     for m in names:
         jobs2 += [_job(m, ckpt_path=str(d / m / "1" / "dcp")), _job(m, ckpt_path=str(d / m / "1" / "full.ckpt"))]
     back = run_distributed(run, world_size=2, jobs=jobs2)
-    out = {}
+    out = {"dir": d}
     for i, m in enumerate(names):
         out[m] = {
             "straight2": two[0][i], "straight1": one[3 * i], "dcp2to1": one[3 * i + 1], "full2to1": one[3 * i + 2],
@@ -102,3 +102,24 @@ def test_resume_on_another_world_size_is_exact(runs, method):
     for resumed, straight in ((r["dcp2to1"], r["straight2"]), (r["dcp1to2"][0], r["straight1"])):
         for k, v in straight["state"].items():
             torch.testing.assert_close(resumed["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("kind", ["dcp", "full.ckpt"])
+def test_consolidate_gives_a_from_pretrained_folder_with_the_same_logits(runs, tmp_path, kind):
+    """A 2-process sharded checkpoint (and the full one) -> ``memopt consolidate`` -> ``from_pretrained``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_memopt.cli import main
+    from lightning_memopt.testing import tiny_model
+
+    out = tmp_path / "hf"
+    main(["consolidate", str(runs["dir"] / "adalomo" / "2" / kind), str(out)])
+    hf = AutoModelForCausalLM.from_pretrained(out)
+    assert AutoTokenizer.from_pretrained(out)("good movie")["input_ids"]
+    saved = runs["adalomo"]["straight2"]["saved"]["state"]  # the weights at the checkpoint's step
+    ref = tiny_model().model
+    ref.load_state_dict({k.removeprefix("model."): v for k, v in saved.items()})
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, ref.eval()(ids).logits)
+    assert not torch.equal(ref.model.embed_tokens.weight, tiny_model().model.model.embed_tokens.weight)
