@@ -47,11 +47,15 @@ def fit_tiny(
     seed: int = 0,
     callbacks: Optional[list[dict[str, Any]]] = None,
     inspect: Optional[str] = None,
+    num_nodes: int = 1,
+    strategy_kwargs: Optional[dict[str, Any]] = None,
 ) -> dict[str, Any]:
     """Fit the tiny model for ``steps`` on ``world_size`` CPU processes (FSDP2 when > 1); same global batch.
 
     ``callback``/``callbacks`` are class-path specs; ``inspect`` ("module:function") is called as
     ``f(trainer, model)`` after the fit and its dict joins the result (what a test compares across world sizes).
+    ``num_nodes`` splits the processes over nodes (``devices = world_size // num_nodes``); ``strategy_kwargs`` go to
+    :class:`FSDP2Strategy` (e.g. ``{"hsdp": True}``).
     """
     from lightning_memopt.strategies import FSDP2Strategy
 
@@ -62,15 +66,29 @@ def fit_tiny(
     extra = [cb for spec in callbacks or [] for cb in build_callback(spec)]
     kw: dict[str, Any] = dict(max_steps=steps, callbacks=[rec, *build_callback(callback), *extra])
     if world_size > 1:
-        kw.update(devices=world_size, strategy=FSDP2Strategy(save_distributed_checkpoint=False),
+        strategy = FSDP2Strategy(**{"save_distributed_checkpoint": False, **(strategy_kwargs or {})})
+        kw.update(devices=world_size // num_nodes, num_nodes=num_nodes, strategy=strategy,
                   use_distributed_sampler=False)
     kw.update(trainer_kwargs or {})
     trainer = tiny_trainer(**kw)
     trainer.fit(model, dm)
-    out = {"state": full_state(model), "losses": rec.losses, "global_step": trainer.global_step}
+    out = {"state": full_state(model), "losses": rec.losses, "global_step": trainer.global_step,
+           "mesh": mesh_of(model)}
     if inspect is not None:
         out.update(_resolve(inspect)(trainer, model))
     return out
+
+
+def mesh_of(model: torch.nn.Module) -> Optional[dict[str, Any]]:
+    """The device mesh and placements of the model's first parameter (None when it is not a DTensor)."""
+    from lightning_memopt.core.fsdp import is_dtensor, reshard_all
+
+    reshard_all(model)  # after a forward-only step the root group holds unsharded plain tensors
+    p = next(model.parameters())
+    if not is_dtensor(p):
+        return None
+    mesh = p.device_mesh
+    return {"names": mesh.mesh_dim_names, "shape": tuple(mesh.shape), "placements": [str(x) for x in p.placements]}
 
 
 class FitnessRecorder(pl.Callback):
