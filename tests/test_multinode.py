@@ -79,3 +79,67 @@ def test_hsdp_two_by_one_mesh_equals_one_process(launched, name):
         assert r["mesh"] == {"names": ("replicate", "shard"), "shape": (2, 1),
                              "placements": ["R", "S(0)"]}
     _compare(runs, _one(name), CASES[name][2], False)
+
+
+def _cli_args(root, batch_size: int, **extra: str) -> list[str]:
+    args = {
+        "trainer.max_steps": "3", "data.init_args.batch_size": str(batch_size), "data.init_args.k": "16",
+        "data.init_args.shuffle": "false", "model.init_args.objective": "classification", "trainer.logger": "false",
+        "trainer.enable_checkpointing": "true", "trainer.enable_progress_bar": "false",
+        "trainer.default_root_dir": str(root), **extra,
+    }
+    return ["fit", "--config", "configs/mezo.yaml", *(f"--{k}={v}" for k, v in args.items())]
+
+
+def _launch(cmd: list[str], envs: list[dict[str, str]], cwd) -> None:
+    import os
+    import subprocess
+
+    from lightning_memopt.testing.multiproc import _collect
+
+    base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
+    procs = [subprocess.Popen(cmd, env={**base, "OMP_NUM_THREADS": "1", **e}, cwd=cwd, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) for e in envs]
+    _collect(procs, timeout=600)
+
+
+def _consolidated(root, tmp_path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    from lightning_memopt.consolidate import consolidate
+
+    (ckpt,) = (root / "checkpoints").iterdir()
+    assert ckpt.is_dir()  # fsdp2's default: a sharded checkpoint, one file per rank
+    consolidate(ckpt, tmp_path / f"hf_{root.name}", tokenizer=False)
+    return AutoModelForCausalLM.from_pretrained(tmp_path / f"hf_{root.name}").state_dict()
+
+
+def test_memopt_fit_on_two_nodes_with_torchrun_and_with_lightning_variables(tmp_path, in_repo):
+    """``memopt fit --trainer.num_nodes=2`` as users launch it: two torchrun agents, and two processes with
+    MASTER_ADDR/MASTER_PORT/NODE_RANK/WORLD_SIZE (Lightning's own environment). Both equal one process."""
+    import sys
+
+    from lightning_memopt.cli import run_cli
+    from lightning_memopt.testing.multiproc import _free_port
+
+    # Lightning's DistributedSampler shuffles any training set; the data module's own rank-strided shards
+    # (use_distributed_sampler=false, shuffle=false) make the global batch the 1-process batch
+    multi = ["--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=fsdp2",
+             "--trainer.use_distributed_sampler=false"]
+    port = _free_port()
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=memopt{port}",
+                "-m", "lightning_memopt.cli", *_cli_args(tmp_path / "torchrun", 8), *multi]
+    _launch(torchrun, [{}, {}], in_repo)
+    port = _free_port()
+    plain = [sys.executable, "-m", "lightning_memopt.cli", *_cli_args(tmp_path / "env", 8), *multi]
+    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    _launch(plain, [{**env, "NODE_RANK": "0"}, {**env, "NODE_RANK": "1"}], in_repo)
+
+    one = run_cli([*_cli_args(tmp_path / "one", 16), "--trainer.enable_checkpointing=false"])
+    assert one.trainer.global_step == 3
+    ref = {k: v.detach() for k, v in one.model.model.state_dict().items()}
+    a, b = _consolidated(tmp_path / "torchrun", tmp_path), _consolidated(tmp_path / "env", tmp_path)
+    for k, v in ref.items():
+        assert torch.equal(a[k], b[k]), k  # the same job, launched two ways
+        torch.testing.assert_close(a[k], v, rtol=1e-4, atol=1e-5, msg=k)
