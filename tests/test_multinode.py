@@ -28,7 +28,10 @@ CASES = {
                             "stat_batches": 2, "init_scale": 1.0}, "dm_kwargs": {"padding": "max_length"},
                     "steps": 4}, 0.0),
 }
-HSDP = ("adamw", "mezo", "adalomo", "galore")
+HSDP = ("adamw", "mezo")
+# the methods whose statistics are all-reduced over the shard group only (LOMO's clipping norm, AdaLomo's column
+# moments and update RMS, GaLore's sketches), besides the all-process reductions (MeZO's projected gradient)
+HSDP_2X2 = ("lomo", "adalomo", "galore", "mezo")
 STEPS = 3
 
 
@@ -67,8 +70,8 @@ def _compare(runs: list[dict], one: dict, tol: float, dfo: bool) -> None:
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_node_torchrun_equals_one_process(launched, name):
     runs = launched[name]
-    assert all(r["mesh"] == {"names": ("data_parallel",), "shape": (2,), "placements": ["S(0)"]}
-               for r in runs)
+    assert all(r["mesh"] == {"names": ("data_parallel",), "shape": (2,), "placements": ["S(0)"],
+                             "shard_group_size": 2} for r in runs)
     _compare(runs, _one(name), CASES[name][2], CASES[name][0] == DFO)
 
 
@@ -77,8 +80,22 @@ def test_hsdp_two_by_one_mesh_equals_one_process(launched, name):
     runs = launched[f"hsdp_{name}"]
     for r in runs:  # replicated across the two nodes, "sharded" within each (one process per node)
         assert r["mesh"] == {"names": ("replicate", "shard"), "shape": (2, 1),
-                             "placements": ["R", "S(0)"]}
+                             "placements": ["R", "S(0)"], "shard_group_size": 1}
     _compare(runs, _one(name), CASES[name][2], False)
+
+
+def test_hsdp_two_by_two_mesh_equals_one_process():
+    """2 nodes x 2 processes: every parameter sharded over 2 and replicated over 2. Reductions over the shard group
+    (statistics of whole rows) and over all processes (losses) must each count every sample and every row once."""
+    jobs = [{"target": FIT, "kwargs": {**_kwargs(n), "num_nodes": 2, "strategy_kwargs": {"hsdp": True}}}
+            for n in HSDP_2X2]
+    ranks = run_torchrun("lightning_memopt.testing.workers:run_jobs", nnodes=2, nproc_per_node=2, jobs=jobs)
+    assert len(ranks) == 4
+    for i, name in enumerate(HSDP_2X2):
+        runs = [r[i] for r in ranks]
+        assert all(r["mesh"] == {"names": ("replicate", "shard"), "shape": (2, 2), "placements": ["R", "S(0)"],
+                                 "shard_group_size": 2} for r in runs)
+        _compare(runs, _one(name), CASES[name][2], False)
 
 
 def _cli_args(root, batch_size: int, **extra: str) -> list[str]:
@@ -91,16 +108,13 @@ def _cli_args(root, batch_size: int, **extra: str) -> list[str]:
     return ["fit", "--config", "configs/mezo.yaml", *(f"--{k}={v}" for k, v in args.items())]
 
 
-def _launch(cmd: list[str], envs: list[dict[str, str]], cwd) -> None:
+def _start(cmd: list[str], envs: list[dict[str, str]], cwd) -> list:
     import os
     import subprocess
 
-    from lightning_memopt.testing.multiproc import _collect
-
     base = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK")}
-    procs = [subprocess.Popen(cmd, env={**base, "OMP_NUM_THREADS": "1", **e}, cwd=cwd, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for e in envs]
-    _collect(procs, timeout=600)
+    return [subprocess.Popen(cmd, env={**base, "OMP_NUM_THREADS": "1", **e}, cwd=cwd, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT) for e in envs]
 
 
 def _consolidated(root, tmp_path) -> dict[str, torch.Tensor]:
@@ -120,7 +134,7 @@ def test_memopt_fit_on_two_nodes_with_torchrun_and_with_lightning_variables(tmp_
     import sys
 
     from lightning_memopt.cli import run_cli
-    from lightning_memopt.testing.multiproc import _free_port
+    from lightning_memopt.testing.multiproc import _collect, _free_port
 
     # Lightning's DistributedSampler shuffles any training set; the data module's own rank-strided shards
     # (use_distributed_sampler=false, shuffle=false) make the global batch the 1-process batch
@@ -130,11 +144,12 @@ def test_memopt_fit_on_two_nodes_with_torchrun_and_with_lightning_variables(tmp_
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
                 "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=memopt{port}",
                 "-m", "lightning_memopt.cli", *_cli_args(tmp_path / "torchrun", 8), *multi]
-    _launch(torchrun, [{}, {}], in_repo)
+    procs = _start(torchrun, [{}, {}], in_repo)
     port = _free_port()
     plain = [sys.executable, "-m", "lightning_memopt.cli", *_cli_args(tmp_path / "env", 8), *multi]
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    _launch(plain, [{**env, "NODE_RANK": "0"}, {**env, "NODE_RANK": "1"}], in_repo)
+    procs += _start(plain, [{**env, "NODE_RANK": "0"}, {**env, "NODE_RANK": "1"}], in_repo)  # at the same time
+    _collect(procs, timeout=600)
 
     one = run_cli([*_cli_args(tmp_path / "one", 16), "--trainer.enable_checkpointing=false"])
     assert one.trainer.global_step == 3

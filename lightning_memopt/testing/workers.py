@@ -87,8 +87,11 @@ def mesh_of(model: torch.nn.Module) -> Optional[dict[str, Any]]:
     p = next(model.parameters())
     if not is_dtensor(p):
         return None
+    from lightning_memopt.core.fsdp import _world, shard_group
+
     mesh = p.device_mesh
-    return {"names": mesh.mesh_dim_names, "shape": tuple(mesh.shape), "placements": [str(x) for x in p.placements]}
+    return {"names": mesh.mesh_dim_names, "shape": tuple(mesh.shape), "placements": [str(x) for x in p.placements],
+            "shard_group_size": _world(shard_group(p)) if shard_group(p) is not None else 1}
 
 
 class FitnessRecorder(pl.Callback):
