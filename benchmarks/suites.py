@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-SIZE_ORDER = ("tiny", "small", "smol", "1b", "7b", "13b", "30b", "34b")
+SIZE_ORDER = ("tiny", "small", "smol", "1b", "7b", "13b", "30b", "34b", "48b", "60b", "65b", "70b")
 
 # What each peer case of anchors_gpu.py runs, for the table's impl column.
 PEER_SOURCE = {
@@ -226,11 +226,14 @@ SUITES: dict[str, Suite] = {
         ),
         Suite(
             "largest",
-            "The largest model that fits: ours at increasing sizes, each method stopped at its first OOM.",
+            "The largest model that fits: ours at increasing sizes, each method stopped at its first OOM. Models are "
+            "built on the meta device and materialised on the GPU (one copy of the weights at load: load_peak_x).",
             (
-                ours("mezo", "mezo", ("13b", "30b", "34b")),
-                ours("lomo", "lomo_ckpt", ("13b", "30b", "34b")),
+                ours("mezo", "mezo", ("30b", "34b", "48b", "60b", "65b", "70b")),
+                ours("lomo", "lomo_ckpt", ("30b", "34b", "48b", "60b", "65b", "70b")),
+                ours("adamw", "forward", ("30b", "34b", "48b", "60b", "65b", "70b")),
             ),
+            (Ratio("peak / forward", "peak_gib", "ours:forward", rows=("ours:mezo",)),),
         ),
     ]
 }
