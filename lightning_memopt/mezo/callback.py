@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_memopt.callbacks import _checks
 from lightning_memopt.callbacks.method import MethodCallback
 from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_mean
@@ -68,6 +69,7 @@ class MeZO(MethodCallback):
     """
 
     name = "MeZO"
+    strategies = (_checks.SINGLE, _checks.FSDP2, _checks.ZERO3)  # "zero3": DeepSpeed ZeRO-3 (ZeRO3Strategy)
     clipping_fix = (
         "MeZO has no gradient to clip (it estimates one scalar per step); remove gradient_clip_val and lower lr or "
         "eps instead."

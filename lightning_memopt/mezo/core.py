@@ -30,7 +30,8 @@ from torch import Tensor
 from lightning_memopt.core import perturb, validate
 from lightning_memopt.core.fsdp import all_reduce_mean, global_offset, local, reshard_all
 from lightning_memopt.core.nonfinite import SkipGuard
-from lightning_memopt.mezo.perturber import Perturber
+from lightning_memopt.core.zero3 import is_zero3
+from lightning_memopt.mezo.perturber import InPlacePerturber, Perturber
 
 Variant = Literal["sgd", "momentum", "adam"]
 _M64 = (1 << 64) - 1
@@ -288,9 +289,14 @@ class ZeroOrder:
             )
         self.cache_z = bool(cache_z)
         self._cache: dict[int, dict[int, Tensor]] = {}
-        self.perturber = Perturber(
-            module, self.params, self._z if self.cache_z else None, self.config.distribution, group_bytes
-        )
+        if any(is_zero3(zp.param) for zp in self.params):  # DeepSpeed ZeRO-3: in place, on the partitions
+            self.perturber: Perturber | InPlacePerturber = InPlacePerturber(
+                module, self.params, self._z if self.cache_z else None, self.config.distribution
+            )
+        else:
+            self.perturber = Perturber(
+                module, self.params, self._z if self.cache_z else None, self.config.distribution, group_bytes
+            )
         self.history: list[tuple[list[int], Tensor]] = []
 
     def _z(self, seed: int, index: int) -> Tensor:

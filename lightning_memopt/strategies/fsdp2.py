@@ -201,6 +201,9 @@ class FSDP2Strategy(ModelParallelStrategy):
 
 
 def register_strategies(registry: Any = StrategyRegistry) -> None:
-    """Register ``"fsdp2"``; safe to call any number of times."""
+    """Register ``"fsdp2"`` and ``"zero3"``; safe to call any number of times."""
     if "fsdp2" not in registry:
         registry.register("fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) for unchanged HF LightningModules")
+    from lightning_memopt.strategies.zero3 import register_zero3
+
+    register_zero3(registry)

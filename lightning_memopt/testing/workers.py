@@ -49,13 +49,15 @@ def fit_tiny(
     inspect: Optional[str] = None,
     num_nodes: int = 1,
     strategy_kwargs: Optional[dict[str, Any]] = None,
+    strategy: Optional[str] = None,
 ) -> dict[str, Any]:
     """Fit the tiny model for ``steps`` on ``world_size`` CPU processes (FSDP2 when > 1); same global batch.
 
     ``callback``/``callbacks`` are class-path specs; ``inspect`` ("module:function") is called as
     ``f(trainer, model)`` after the fit and its dict joins the result (what a test compares across world sizes).
     ``num_nodes`` splits the processes over nodes (``devices = world_size // num_nodes``); ``strategy_kwargs`` go to
-    :class:`FSDP2Strategy` (e.g. ``{"hsdp": True}``).
+    :class:`FSDP2Strategy` (e.g. ``{"hsdp": True}``). ``strategy="zero3"`` runs :class:`ZeRO3Strategy` instead
+    (DeepSpeed ZeRO-3, at any ``world_size`` including 1).
     """
     from lightning_memopt.strategies import FSDP2Strategy
 
@@ -65,7 +67,12 @@ def fit_tiny(
     rec = LossRecorder()
     extra = [cb for spec in callbacks or [] for cb in build_callback(spec)]
     kw: dict[str, Any] = dict(max_steps=steps, callbacks=[rec, *build_callback(callback), *extra])
-    if world_size > 1:
+    if strategy == "zero3":
+        from lightning_memopt.strategies import ZeRO3Strategy
+
+        kw.update(devices=world_size // num_nodes, num_nodes=num_nodes,
+                  strategy=ZeRO3Strategy(**(strategy_kwargs or {})), use_distributed_sampler=False)
+    elif world_size > 1:
         strategy = FSDP2Strategy(**{"save_distributed_checkpoint": False, **(strategy_kwargs or {})})
         kw.update(devices=world_size // num_nodes, num_nodes=num_nodes, strategy=strategy,
                   use_distributed_sampler=False)
