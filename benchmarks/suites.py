@@ -225,6 +225,29 @@ SUITES: dict[str, Suite] = {
             ),
         ),
         Suite(
+            "zero3",
+            "DeepSpeed ZeRO-3 on one GPU: our LOMO/AdaLomo/MeZO on ZeRO-3 partitions (strategy='zero3') against "
+            "lomo-optim's own ZeRO-3 path, same partitioning config (no DeepSpeed optimizer).",
+            (
+                ours("zero3", "lomo_zero3", BOTH, smoke=True),
+                ours("zero3", "lomo_optim_zero3", BOTH, smoke=True),
+                ours("zero3", "lomo_zero3_ckpt", BOTH),
+                ours("zero3", "lomo_optim_zero3_ckpt", BOTH),
+                ours("zero3", "adalomo_zero3_ckpt", BOTH),
+                ours("zero3", "adalomo_optim_zero3_ckpt", BOTH),
+                ours("zero3", "mezo_zero3", BOTH, smoke=True),
+            ),
+            (
+                Ratio("step / lomo-optim", "step_s", "ours:lomo_optim_zero3", rows=("ours:lomo_zero3",)),
+                Ratio("step / lomo-optim ", "step_s", "ours:lomo_optim_zero3_ckpt", rows=("ours:lomo_zero3_ckpt",)),
+                Ratio("step / lomo-optim  ", "step_s", "ours:adalomo_optim_zero3_ckpt",
+                      rows=("ours:adalomo_zero3_ckpt",)),
+                Ratio("peak / lomo-optim", "peak_gib", "ours:lomo_optim_zero3_ckpt", rows=("ours:lomo_zero3_ckpt",)),
+                Ratio("peak / lomo-optim ", "peak_gib", "ours:adalomo_optim_zero3_ckpt",
+                      rows=("ours:adalomo_zero3_ckpt",)),
+            ),
+        ),
+        Suite(
             "largest",
             "The largest model that fits: ours at increasing sizes, each method stopped at its first OOM. Models are "
             "built on the meta device and materialised on the GPU (one copy of the weights at load: load_peak_x).",
