@@ -23,8 +23,8 @@ def test_meta_build_equals_direct_build(size):
         assert torch.equal(a[k], b[k]), k
     bufs_a, bufs_b = dict(direct.named_buffers()), dict(meta.named_buffers())
     assert bufs_a.keys() == bufs_b.keys() and any("inv_freq" in k for k in bufs_a)
-    for k in bufs_a:  # non-persistent buffers are recomputed, not left as to_empty's garbage
-        assert torch.equal(bufs_a[k], bufs_b[k]), k
+    for k, v in bufs_a.items():  # non-persistent buffers are recomputed, not left as to_empty's garbage
+        assert torch.equal(v, bufs_b[k]), k
     if size == "smol_tied":
         assert meta.lm_head.weight is meta.model.embed_tokens.weight
     assert tensor_bytes(meta) == tensor_bytes(direct)

@@ -36,7 +36,7 @@ STEPS = 3
 
 
 def _kwargs(name: str) -> dict:
-    target, kw, _ = CASES[name]
+    _, kw, _ = CASES[name]
     return {"steps": STEPS, "global_batch": 16, **kw}
 
 

@@ -66,9 +66,9 @@ def _setup(cb, strategy, precision="32-true", clip=None):
     ],
 )
 def test_refusals_name_the_fix(method, strategy, match):
-    import lightning_memopt
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
+    import lightning_memopt
     from lightning_memopt.strategies import ZeRO3Strategy
 
     s = ZeRO3Strategy() if strategy == "zero3" else DeepSpeedStrategy(stage=3)
