@@ -182,7 +182,8 @@ class FSDP2Strategy(ModelParallelStrategy):
         path = Path(self.broadcast(checkpoint_path))
         if not path.is_file():  # a sharded (torch.distributed.checkpoint) folder: resharded by DCP on load
             return super().load_checkpoint(path, weights_only=weights_only)
-        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=weights_only)
+        # as Lightning reads its own checkpoints: weights_only=False unless asked (mmap: only what is looked at)
+        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=bool(weights_only))
         states = saved.get("optimizer_states") or []
         if not states or any(isinstance(s, dict) and s.get("state") for s in states):
             return super().load_checkpoint(path, weights_only=weights_only)
