@@ -14,6 +14,8 @@ Registered as ``strategy="zero3"``.
 * MeZO: the partitions are perturbed in place (θ ± εz, then restored), with z keyed by global element offset, so
   the directions equal a 1-process run's; the update writes the partitions.
 * GaLore and DFOLoRA are refused (use ``strategy="fsdp2"``), and so is a fit without one of the three methods.
+* Checkpoints are one full file written by rank 0 (the weights gathered module by module, the method's state), which
+  resumes on any number of processes.
 
 DeepSpeed must be installed (``pip install 'lightning_memopt[deepspeed]'``). Lightning refuses DeepSpeed on CPU; this
 strategy allows DeepSpeed's CPU accelerator (gloo), which the CPU tests use.
@@ -29,7 +31,7 @@ import argparse
 from typing import Any, Callable, Optional
 
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, Strategy, StrategyRegistry
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 
@@ -144,6 +146,42 @@ class ZeRO3Strategy(DeepSpeedStrategy):
 
         # what core.fsdp.reshard_all calls before the methods write partitions (no gc.collect, unlike the engine's)
         model.__dict__[RELEASE_ATTR] = engine.optimizer.partition_all_parameters
+
+    # ---- checkpoints: one full file written by rank 0 (weights gathered module by module), as any single-device
+    # checkpoint; resumed on any number of processes. DeepSpeed's own sharded format needs its engine's optimizer.
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        import deepspeed
+
+        out: dict[str, Any] = {}
+        for name, module in self.lightning_module.named_modules():
+            prefix = f"{name}." if name else ""
+            before = set(out)
+            with deepspeed.zero.GatheredParameters(list(module.parameters(recurse=False)), modifier_rank=None):
+                if self.is_global_zero:
+                    module._save_to_state_dict(out, prefix, False)
+                    for k in set(out) - before:
+                        out[k] = out[k].detach().to("cpu", copy=True)
+        return out
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        return Strategy.optimizer_state(self, optimizer)  # the holder's: AdaLomo's moments are whole on every rank
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        filepath = self.broadcast(filepath)
+        Strategy.save_checkpoint(self, checkpoint, filepath, storage_options)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        return Strategy.load_checkpoint(self, self.broadcast(checkpoint_path), weights_only)
+
+    @property
+    def lightning_restore_optimizer(self) -> bool:
+        return True
+
+    def load_model_state_dict(self, checkpoint: Any, strict: bool = True) -> None:
+        self._restore_zero_state(checkpoint, strict=strict)  # rank 0 loads each gathered module; DeepSpeed broadcasts
+
+    def load_optimizer_state_dict(self, checkpoint: Any) -> None:
+        Strategy.load_optimizer_state_dict(self, checkpoint)
 
     def optimizer_step(self, optimizer: Any, closure: Callable[[], Any], model: Any = None, **kwargs: Any) -> Any:
         # the method callback's holder steps (Lightning's DeepSpeed precision would call the engine's step instead)

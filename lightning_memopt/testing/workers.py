@@ -268,9 +268,11 @@ def fit_resumable(
     model_kwargs: Optional[dict[str, Any]] = None,
     dm_kwargs: Optional[dict[str, Any]] = None,
     strategy_kwargs: Optional[dict[str, Any]] = None,
+    strategy_name: str = "fsdp2",
 ) -> dict[str, Any]:
     """FSDP2 fit of the tiny model on ``world_size`` processes (1 included: a one-rank mesh), saving a sharded and a
-    full checkpoint at step ``save_at``, or resumed from ``ckpt_path`` (either kind).
+    full checkpoint at step ``save_at``, or resumed from ``ckpt_path`` (either kind). ``strategy_name="zero3"``:
+    :class:`ZeRO3Strategy` (its checkpoints are full files: ``full.ckpt`` only).
 
     Returns the :func:`snapshot` at the end, plus ``"saved"`` (the snapshot at ``save_at``) or ``"loaded"`` (the
     snapshot before the first batch of a resumed fit).
@@ -282,7 +284,12 @@ def fit_resumable(
     cbs = build_callback(callback)
     probe: Any = SaveAt(save_dir, save_at) if save_at is not None else SnapshotAtStart()
     cbs.append(probe)
-    strategy = FSDP2Strategy(**{"save_distributed_checkpoint": True, **(strategy_kwargs or {})})
+    if strategy_name == "zero3":
+        from lightning_memopt.strategies import ZeRO3Strategy
+
+        strategy: Any = ZeRO3Strategy(**(strategy_kwargs or {}))
+    else:
+        strategy = FSDP2Strategy(**{"save_distributed_checkpoint": True, **(strategy_kwargs or {})})
     trainer = tiny_trainer(max_steps=steps, callbacks=cbs, devices=world_size, strategy=strategy,
                            use_distributed_sampler=False, enable_checkpointing=save_at is not None)
     dm = tiny_datamodule(k=k, batch_size=global_batch // world_size, **(dm_kwargs or {}))
