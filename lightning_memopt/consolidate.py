@@ -162,11 +162,20 @@ def _save_tokenizer(hp: dict[str, Any], out_dir: str | os.PathLike) -> None:
 
 
 def main(argv: Optional[list[str]] = None, prog: str = "memopt consolidate") -> None:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="A checkpoint of an HFCausalLM fit (a sharded folder written by any number of processes, or a "
+        ".ckpt file) as a Hugging Face save_pretrained folder that from_pretrained loads.",
+    )
     parser.add_argument("ckpt", help="sharded checkpoint folder or .ckpt file of an HFCausalLM fit")
     parser.add_argument("out_dir", help="output folder for save_pretrained")
     parser.add_argument("--dtype", default=None, help="cast the weights, e.g. bfloat16 (default: as saved)")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not save the tokenizer")
     args = parser.parse_args(argv)
-    consolidate(args.ckpt, args.out_dir, dtype=args.dtype, tokenizer=not args.no_tokenizer)
+    if not os.path.exists(args.ckpt):
+        parser.error(f"{args.ckpt} does not exist: give a checkpoint folder (sharded) or .ckpt file")
+    try:
+        consolidate(args.ckpt, args.out_dir, dtype=args.dtype, tokenizer=not args.no_tokenizer)
+    except ValueError as err:
+        parser.error(str(err))
     print(f"{prog}: wrote {args.out_dir}")
