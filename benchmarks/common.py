@@ -18,24 +18,17 @@ DEV = os.environ.get("DEV", "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build(size: str, dtype: torch.dtype = torch.bfloat16, **overrides: Any) -> torch.nn.Module:
-    """A random-init Llama of the anchors' shapes, on DEV, in ``dtype`` (weights' values do not matter here)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random-init Llama of the anchors' shapes, on DEV, in ``dtype`` (weights' values do not matter here).
 
+    Built on the meta device and materialised on DEV (``lightning_memopt.models.init``): the weights exist once, in
+    their final dtype, at any size. ``MEMOPT_META_INIT=0`` constructs directly on DEV instead (the same model).
+    """
     from lightning_memopt.models.configs import llama_config
+    from lightning_memopt.models.init import build_causal_lm
 
     cfg = llama_config(size, **overrides)  # the anchors' vocab (32000; 512 for tiny/small; SmolLM2's for smol)
-    cfg.pop("model_type")
-    config = LlamaConfig(**cfg)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(DEV):
-        old = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        try:
-            model = LlamaForCausalLM(config)
-        finally:
-            torch.set_default_dtype(old)
-    return model
+    meta = os.environ.get("MEMOPT_META_INIT", "1") != "0"
+    return build_causal_lm(cfg, device=DEV, dtype=dtype, meta=meta, seed=0)
 
 
 def sync() -> None:
@@ -78,6 +71,10 @@ def run_case(method: str, size: str, batch: int, seq: int, make_step: Callable[[
     try:
         model = build(size, **(model_kwargs or {}))
         res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
+        if DEV == "cuda":  # the build's own peak against the weights: 1.0 means no second copy at load
+            from lightning_memopt.models.init import tensor_bytes
+
+            res["load_peak_x"] = round(torch.cuda.max_memory_allocated() / tensor_bytes(model), 3)
         x = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEV)
         step = make_step(model, x)
         t, mem = timed(step, warm, reps)

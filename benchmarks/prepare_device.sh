@@ -29,6 +29,11 @@ fetch() {  # fetch DIR PKG...: one version of each, nothing else in DIR
 }
 fetch .whl "${BENCH[@]}" "${GGUF[@]}" "${JSONARGPARSE[@]}"
 fetch .whl2 "${GGUF[@]}" "${JSONARGPARSE[@]}"
+# .whl3/: DeepSpeed for the zero3 suite. PyPI has only its source (no wheel): the device builds it against its own
+# torch (pip install --no-build-isolation, ops compiled just in time); its small dependencies come as wheels.
+grep -qx '/.whl3/' .git/info/exclude 2>/dev/null || echo '/.whl3/' >> .git/info/exclude
+fetch .whl3 hjson==3.1.0 ninja==1.13.2 msgpack==1.2.4 einops==0.8.2 py-cpuinfo==9.0.0
+python3 -m pip download -q --no-deps --no-binary=:all: -d .whl3 deepspeed==0.19.8
 
 ls -la .gpu .gpu/data/sst2 .whl .whl2
 du -sh .gpu/anchors_gpu.py .gpu/data .whl .whl2
@@ -38,4 +43,7 @@ Carry [".whl", ".gpu/anchors_gpu.py"] (benchmarks) or [".whl2", ".gpu/data", ...
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 (with .whl2/*.whl in the first line when carrying .whl2)
+zero3 suite: also carry ".whl3" and add, after the first line:
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl3/*.whl && DS_BUILD_OPS=0 PYTHONPATH=/tmp/site \
+  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl3/deepspeed-*.tar.gz || exit
 EOF

@@ -6,6 +6,7 @@ Example::
     memopt fit --config configs/full_ft_adamw.yaml --print_config
     memopt fit --config configs/full_ft_adamw.yaml --trainer.max_steps=20 --data.k=32 --trainer.callbacks+=MeZO
     memopt download-smollm2 --dest models
+    memopt consolidate runs/lightning_logs/version_0/checkpoints/step=100.ckpt out/  # a HF save_pretrained folder
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def methods_epilog() -> str:
         *rows(COMPONENTS),
         "other commands:",
         f"  {'download-smollm2':<{width}}  get SmolLM2-135M-Instruct's GGUF file and print its path ([--dest DIR])",
+        f"  {'consolidate':<{width}}  a checkpoint (sharded folder or .ckpt) as a Hugging Face folder: CKPT OUT_DIR",
         "Quoting of values, short class names, progress bars: docs/cli.md",
     ])
 
@@ -157,13 +159,19 @@ def main(args: ArgsType = None) -> None:
 
     A configuration error is printed as one message naming the problem and the fix (exit status 2), not as a
     traceback, and only by the first process of a multi-process run (the others exit with the same status);
-    set ``MEMOPT_TRACEBACK=1`` to see the traceback anyway. ``memopt download-smollm2`` gets the SmolLM2 GGUF file.
+    set ``MEMOPT_TRACEBACK=1`` to see the traceback anyway. ``memopt download-smollm2`` gets the SmolLM2 GGUF file;
+    ``memopt consolidate CKPT OUT_DIR`` turns a checkpoint into a Hugging Face ``save_pretrained`` folder.
     """
     argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else None
     if argv and argv[0] == "download-smollm2":
         from lightning_memopt.fetch import main as fetch_main
 
         fetch_main(["smollm2", *argv[1:]], prog="memopt download-smollm2")
+        return
+    if argv and argv[0] == "consolidate":
+        from lightning_memopt.consolidate import main as consolidate_main
+
+        consolidate_main(argv[1:])
         return
     try:
         run_cli(args)

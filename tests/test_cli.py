@@ -96,10 +96,11 @@ def test_fsdp2_strategy_by_name_and_class_path(tmp_path, in_repo):
     assert isinstance(cli.trainer.strategy, FSDP2Strategy)
     cli = run_cli(
         [*base, "--trainer.strategy.class_path=lightning_memopt.FSDP2Strategy",
-         "--trainer.strategy.init_args.reshard_after_forward=false"],
+         "--trainer.strategy.init_args.reshard_after_forward=false", "--trainer.strategy.init_args.hsdp=true"],
         run=False,
     )
     assert isinstance(cli.trainer.strategy, FSDP2Strategy) and cli.trainer.strategy.reshard_after_forward is False
+    assert cli.trainer.strategy.hsdp is True
 
 
 def test_short_class_paths_resolve(tmp_path, in_repo):

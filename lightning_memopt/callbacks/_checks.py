@@ -9,7 +9,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memopt import _shim
 
-SINGLE, DDP, FSDP2, FSDP1, DEEPSPEED, OTHER = "single", "ddp", "fsdp2", "fsdp1", "deepspeed", "other"
+SINGLE, DDP, FSDP2, FSDP1, DEEPSPEED, ZERO3, OTHER = "single", "ddp", "fsdp2", "fsdp1", "deepspeed", "zero3", "other"
 
 
 def strategy_kind(trainer: Any) -> str:
@@ -20,6 +20,10 @@ def strategy_kind(trainer: Any) -> str:
         return FSDP2
     if isinstance(s, S.FSDPStrategy):
         return FSDP1
+    from lightning_memopt.strategies.zero3 import ZeRO3Strategy
+
+    if isinstance(s, ZeRO3Strategy):
+        return ZERO3
     if isinstance(s, S.DeepSpeedStrategy):
         return DEEPSPEED
     if isinstance(s, S.DDPStrategy):
@@ -39,6 +43,14 @@ def check_strategy(trainer: Any, method: str, allowed: Iterable[str], allow_unte
         msg = (f"{method} does not support FSDPStrategy (FSDP1: flat-parameter shards, post-accumulate-grad hooks do "
                f"not fire on the original parameters). Use FSDP2 instead: strategy='fsdp2' (lightning_memopt's "
                f"FSDP2Strategy) or ModelParallelStrategy with fully_shard.")
+    elif kind == DEEPSPEED and ZERO3 in allowed:
+        msg = (f"{method} does not support Lightning's DeepSpeedStrategy: it wraps the module's optimizer in ZeRO's "
+               f"own (fp32 master weights, moments, its own step), which {method} replaces. Use strategy='zero3' "
+               f"(lightning_memopt's ZeRO3Strategy: DeepSpeed ZeRO-3 partitions the weights, {method} updates them) "
+               f"or strategy='fsdp2'.")
+    elif kind in (DEEPSPEED, ZERO3):
+        msg = (f"{method} does not run under DeepSpeed. Use FSDP2 instead: strategy='fsdp2' (lightning_memopt's "
+               f"FSDP2Strategy), which shards the model as ZeRO-3 does.")
     elif kind == DDP:
         msg = (f"{method} does not support DDP. Use FSDP2 instead: strategy='fsdp2' (lightning_memopt's "
                f"FSDP2Strategy), which shards the model and averages gradients before any update.")

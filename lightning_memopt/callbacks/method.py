@@ -213,6 +213,11 @@ class MethodCallback(Callback):
             self.holder.owner = None  # a later fit may install another method
 
     def _holder_step(self, closure: Any) -> Any:
+        if closure is None:
+            # Lightning always passes its closure. Without one this is torch.distributed.checkpoint initialising an
+            # empty optimizer state (``_init_optim_state``: zero grads, lr 0, ``step()``) while it saves or loads a
+            # checkpoint: no training step may run then (DFO would evaluate a whole generation).
+            return None
         out = self.step(closure)
         if self.keeps_grads:  # used by the step: free them now rather than after the next forward
             for g in self.holder.param_groups:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_memopt._torch_shim import local_shape_and_offset
+from lightning_memopt.core.zero3 import full_shape, gathered_copy, has_zero3, is_zero3, partition, release_all
 
 
 def is_dtensor(t: Tensor) -> bool:
@@ -25,12 +26,25 @@ def is_dtensor(t: Tensor) -> bool:
 
 
 def local(t: Tensor) -> Tensor:
-    """The local shard of a DTensor (a view that can be written in place), or the tensor itself."""
-    return t.to_local() if is_dtensor(t) else t
+    """The local shard of a DTensor (a view that can be written in place), the flat partition of a DeepSpeed ZeRO-3
+    parameter (:mod:`lightning_memopt.core.zero3`), or the tensor itself."""
+    if is_dtensor(t):
+        return t.to_local()
+    if is_zero3(t):
+        return partition(t)[0]
+    return t
+
+
+def full_ndim(t: Tensor) -> int:
+    """The number of dimensions of the whole parameter (a ZeRO-3 parameter's ``.ndim`` is 1 outside forward)."""
+    return len(full_shape(t))
 
 
 def full(t: Tensor) -> Tensor:
-    """The whole tensor (all-gathered for a DTensor; a collective on every rank), or the tensor itself."""
+    """The whole tensor (all-gathered for a DTensor or a ZeRO-3 parameter: a collective on every rank), or the
+    tensor itself."""
+    if is_zero3(t):
+        return gathered_copy(t)
     return t.full_tensor() if is_dtensor(t) else t
 
 
@@ -39,6 +53,8 @@ def global_offset(t: Tensor) -> tuple[int, tuple[int, ...]]:
 
     FSDP2 shards on dim 0, so the local shard is a contiguous run of full rows and one offset describes it.
     """
+    if is_zero3(t):
+        return partition(t)[1], full_shape(t)
     if not is_dtensor(t):
         return 0, tuple(t.shape)
     shape = tuple(t.shape)
@@ -92,9 +108,12 @@ def fsdp_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def reshard_all(module: torch.nn.Module) -> None:
-    """Reshard every FSDP2 group so that shard writes are seen by the next forward (the root stays unsharded)."""
+    """Reshard every FSDP2 group so that shard writes are seen by the next forward (the root stays unsharded); under
+    DeepSpeed ZeRO-3, partition again the parameters it left gathered."""
     for m in fsdp_modules(module):
         m.reshard()
+    if has_zero3(module):
+        release_all(module)
 
 
 def is_fsdp2(module: torch.nn.Module) -> bool:

@@ -14,6 +14,7 @@ import torch
 from torch.optim import Optimizer
 
 from lightning_memopt._torch_shim import mark_stepped
+from lightning_memopt.core.fsdp import full_ndim
 
 StepFn = Callable[[Optional[Callable[[], Any]]], Any]
 
@@ -135,7 +136,7 @@ def no_decay(name: str) -> bool:
 
 def decays(name: str, p: torch.Tensor) -> bool:
     """Whether a ``weight_decay`` override applies to ``p``: matrices, not biases or norm weights."""
-    return p.ndim >= 2 and not no_decay(name)
+    return full_ndim(p) >= 2 and not no_decay(name)
 
 
 def weight_decays(module: torch.nn.Module, optimizer: Optimizer, override: Optional[float]) -> dict[int, float]:

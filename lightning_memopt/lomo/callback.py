@@ -18,7 +18,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
 from lightning_memopt import _shim
+from lightning_memopt.callbacks import _checks
 from lightning_memopt.callbacks.method import MethodCallback
+from lightning_memopt.core.fsdp import reshard_all
+from lightning_memopt.core.zero3 import is_zero3
 from lightning_memopt.lomo.core import DynamicLossScaler, FusedStep, LomoSettings, StepInfo, init_adalomo_state
 
 
@@ -30,6 +33,7 @@ class _Lomo(MethodCallback):
         "precision='bf16-true' / 'bf16-mixed'"
     )
     state_settings = ("rule",)
+    strategies = (_checks.SINGLE, _checks.FSDP2, _checks.ZERO3)  # "zero3": DeepSpeed ZeRO-3 (ZeRO3Strategy)
 
     def __init__(self, settings: LomoSettings, allow_untested: bool, max_consecutive_skips: int) -> None:
         super().__init__(allow_untested, max_consecutive_skips)
@@ -39,6 +43,7 @@ class _Lomo(MethodCallback):
         self.scaler: DynamicLossScaler | None = None
         self.last: StepInfo = StepInfo()
         self._scaler_state: dict[str, Any] | None = None
+        self._zero3 = False
 
     @property
     def accumulation_fix(self) -> str:  # type: ignore[override]
@@ -53,6 +58,22 @@ class _Lomo(MethodCallback):
 
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._clipping_from_trainer(trainer)
+        if _checks.strategy_kind(trainer) != _checks.ZERO3:
+            return
+        two_pass = [what for what, on in (
+            (f"clip_grad_norm={self.config.clip_grad_norm}", self.config.clip_grad_norm is not None),
+            ("precision='16-true' (its loss scaler)", "16" in str(trainer.precision) and "bf16" not in str(trainer.precision)),
+        ) if on]
+        if two_pass:
+            raise MisconfigurationException(
+                f"{self.name} under DeepSpeed ZeRO-3 (strategy='zero3') runs one backward per step: {two_pass[0]} needs "
+                f"a second backward through the same graph, whose gathered weights DeepSpeed has freed by then. Use "
+                f"clip_grad_value (or AdaLomo's per-tensor update clipping) and precision='bf16-true' or '32-true', "
+                f"or strategy='fsdp2'."
+            )
+
+    def _clipping_from_trainer(self, trainer: pl.Trainer) -> None:
         val = trainer.gradient_clip_val
         if val is None or val <= 0:
             return
@@ -97,6 +118,7 @@ class _Lomo(MethodCallback):
             )
             if state and state.get("scaler"):
                 self.scaler.load_state_dict(state["scaler"])
+        self._zero3 = any(is_zero3(p) for g in self.holder.param_groups for p in g["params"])
         self.fused = FusedStep(
             self.holder.param_groups,
             self.holder.state,
@@ -129,6 +151,8 @@ class _Lomo(MethodCallback):
         if loss is None or self.fused is None:
             return out
         self.last = self.fused.step(loss, self.step_index)
+        if self._zero3:  # DeepSpeed leaves the first module gathered after backward: the next forward must regather
+            reshard_all(self.module)
         if self.last.skipped:
             rank_zero_info(
                 f"{self.name}: fp16 overflow, step skipped (weights untouched); loss scale lowered to "

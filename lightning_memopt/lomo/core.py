@@ -46,6 +46,7 @@ from lightning_memopt.core.axpby import axpby_
 from lightning_memopt.core.fsdp import all_reduce_, is_dtensor, local, shard_group, sharded_zeros
 from lightning_memopt.core.fused_backward import FusedBackward
 from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.core.zero3 import average_grad_, full_shape, is_zero3, partition
 
 BackwardFn = Callable[[Tensor, bool], None]
 
@@ -189,6 +190,9 @@ class FusedStep:
         self._wd: dict[Tensor, float] = {}
         self._pg: dict[Tensor, dist.ProcessGroup | None] = {}
         self._dtensors: set[Tensor] = set()  # FSDP2 params: hooks work on their local shards
+        # DeepSpeed ZeRO-3 params: the hook sees the gathered weight and this rank's whole gradient; it averages the
+        # gradient over the data-parallel ranks, computes on whole tensors and writes this rank's partition only
+        self._zero3: set[Tensor] = set()
         params: list[Tensor] = []
         for g in param_groups:
             for p in g["params"]:
@@ -199,6 +203,8 @@ class FusedStep:
                     self._pg[p] = shard_group(p)
                     if is_dtensor(p):
                         self._dtensors.add(p)
+                    if is_zero3(p):
+                        self._zero3.add(p)
                     if s.rule == "adalomo" and self._pg[p] is not None and p.ndim > 2:
                         raise NotImplementedError("AdaLomo under FSDP2 supports parameters of at most 2 dims.")
                     params.append(p)
@@ -287,7 +293,17 @@ class FusedStep:
         """(weight, gradient) as plain tensors: the local shards under FSDP2."""
         if p in self._dtensors:
             return p.to_local(), p.grad.to_local()
+        if p in self._zero3:  # gathered now (its module's backward is running): the whole weight
+            return p, average_grad_(p)
         return p, p.grad
+
+    @staticmethod
+    def _target(p: Tensor, d: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+        """Where an update ``u`` of the weight ``d`` is written: ``d`` itself, or this rank's ZeRO-3 partition."""
+        if not is_zero3(p):
+            return d, u
+        part, start = partition(p)
+        return part, u.reshape(-1).narrow(0, start, part.numel())
 
     def _measure(self, p: Tensor) -> None:
         g = self._local(p)[1]
@@ -299,7 +315,7 @@ class FusedStep:
     def _sgd(self, p: Tensor) -> None:
         group = self._group[p]
         lr, wd = float(group["lr"]), self._decay(p, group)
-        d, g = self._local(p)
+        d, g = self._target(p, *self._local(p))
         # p·(1 − lr·wd) − lr·coef·clamp(g) in one pass, rounded once; a no-op where the step is skipped
         a: float | Tensor = -lr if self._coef is None else self._coef * -lr
         axpby_(d, g, a, 1.0 - lr * wd, self._ok, self._value_bound)
@@ -362,6 +378,7 @@ class FusedStep:
         # lr_t = lr·max(rms(θ), eps1); the update is u / max(1, rms(u) / threshold): one scalar, one pass over θ
         lr_t = rms[1].clamp(min=s.eps_scale).mul_(lr)
         step_size = lr_t / (rms[0] / s.clip_threshold).clamp_(min=1.0)
+        d, u = self._target(p, d, u)
         axpby_(d, u, -step_size, (1.0 - lr_t * wd) if wd else 1.0, ok)
 
 
@@ -376,6 +393,13 @@ def new_adalomo_state(p: Tensor) -> dict[str, Any]:
     Under FSDP2 the row and full moments are DTensors sharded like ``p`` (the column moment is the same on every rank),
     so distributed checkpoints gather and re-shard them like the weights.
     """
+    if is_zero3(p):  # the hook computes on the whole (gathered) tensor: whole, replicated moments
+        shape = full_shape(p)
+        dev = p.ds_tensor.device
+        if len(shape) >= 2:
+            return {"step": 0, "row": torch.zeros(shape[:-1], dtype=torch.float32, device=dev),
+                    "col": torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=dev)}
+        return {"step": 0, "sq": torch.zeros(shape, dtype=torch.float32, device=dev)}
     if p.ndim >= 2:
         col_shape = tuple(p.shape[:-2]) + tuple(p.shape[-1:])
         col = torch.zeros(col_shape, dtype=torch.float32, device=local(p).device)

@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_memopt.callbacks import _checks
 from lightning_memopt.callbacks.method import MethodCallback
 from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_mean, is_fsdp2
@@ -93,6 +94,7 @@ class MeZO(MethodCallback):
     """
 
     name = "MeZO"
+    strategies = (_checks.SINGLE, _checks.FSDP2, _checks.ZERO3)  # "zero3": DeepSpeed ZeRO-3 (ZeRO3Strategy)
     clipping_fix = (
         "MeZO has no gradient to clip (it estimates one scalar per step); remove gradient_clip_val and lower lr or "
         "eps instead."
@@ -243,8 +245,9 @@ class MeZO(MethodCallback):
         self._graph = GraphReplay(self._graph_step, "MeZO(cuda_graph=True)", self.max_graphs)
         if pl_module.device.type != "cuda":
             reason = f"CUDA graphs need a CUDA device (this run is on {pl_module.device.type})"
-        elif trainer.world_size > 1 or is_fsdp2(pl_module):
-            reason = "under several processes or FSDP2 the step holds collectives, which this capture does not take"
+        elif trainer.world_size > 1 or is_fsdp2(pl_module) or (self.zo is not None and self.zo.zero3):
+            reason = ("under several processes, FSDP2 or ZeRO-3 the step holds collectives or in-place writes, which "
+                      "this capture does not take")
         elif self._metric is not None:
             reason = "a metric objective is computed on the host"
         elif self.config.population:

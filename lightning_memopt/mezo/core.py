@@ -37,7 +37,8 @@ from lightning_memopt.core import perturb, validate
 from lightning_memopt.core.fsdp import all_reduce_mean, global_offset, local, reshard_all
 from lightning_memopt.core.nonfinite import SkipGuard
 from lightning_memopt.core.population import PopulationEngine
-from lightning_memopt.mezo.perturber import Perturber
+from lightning_memopt.core.zero3 import is_zero3
+from lightning_memopt.mezo.perturber import InPlacePerturber, Perturber
 from lightning_memopt.mezo.population import Directions, apply_update_population, layer_scales, population_grads
 
 Variant = Literal["sgd", "momentum", "adam"]
@@ -333,9 +334,15 @@ class ZeroOrder:
         self.history: list[tuple[list[int], Tensor]] = []
         self._curv: Tensor | None = None  # precondition="curvature": (EMA sum, EMA weight) of |c|
         cfg = self.config
-        self.perturber: Perturber | None = None
+        self.perturber: Perturber | InPlacePerturber | None = None
         self.directions: Directions | None = None
         self.engine: PopulationEngine | None = None
+        zero3 = self.zero3 = any(is_zero3(zp.param) for zp in self.params)
+        if zero3 and cfg.population:
+            raise ValueError("The population estimator does not run under DeepSpeed ZeRO-3; use strategy='fsdp2'.")
+        if zero3:  # DeepSpeed ZeRO-3: in place, on the partitions
+            self.perturber = InPlacePerturber(module, self.params, self._z if self.cache_z else None, cfg.distribution)
+            return
         if not cfg.population:
             self.perturber = Perturber(module, self.params, self._z if self.cache_z else None, cfg.distribution,
                                        group_bytes)

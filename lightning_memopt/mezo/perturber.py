@@ -184,3 +184,53 @@ class Perturber:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+class InPlacePerturber:
+    """``W ← W + scale·z`` written into each parameter's local partition while :meth:`active`, then
+    ``W ← W − scale·z`` on exit: MeZO's original in-place perturbation, for DeepSpeed ZeRO-3, where a module's weights
+    exist whole only inside DeepSpeed's own gather (so :class:`Perturber`'s hooks cannot see them). z is keyed by the
+    global element offset of each partition, so it equals the unpartitioned run's. The restore subtracts, so it is
+    exact up to one rounding of ``W + scale·z`` per perturbation (MeZO's own behaviour; in bf16 that is MeZO's
+    issue #42, which :class:`Perturber` avoids).
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        params: Sequence[ZOParam],
+        z_for: Callable[[int, int], Any] | None = None,
+        distribution: str = "normal",
+    ) -> None:
+        from lightning_memopt.core.fsdp import global_offset, local
+
+        self.module = module
+        self.z_for = z_for
+        self.distribution = distribution
+        self._parts = [(zp.index, local(zp.param), global_offset(zp.param)[0]) for zp in params]
+
+    def _add(self, seed: int, scale: float) -> None:
+        from lightning_memopt.core.fsdp import reshard_all
+
+        reshard_all(self.module)  # no gathered copy may outlive the write: the next forward gathers the partitions
+        with torch.no_grad():
+            for index, part, start in self._parts:
+                if part.numel() == 0:
+                    continue
+                z = None if self.z_for is None else self.z_for(seed, index)[start : start + part.numel()]
+                part.copy_(perturb.perturbed(part, perturb.key(seed, index), scale, start, z, self.distribution))
+
+    @contextmanager
+    def active(self, seed: int, scale: float, seed_t: Tensor | None = None) -> Iterator[None]:
+        """Forwards inside see every trained weight perturbed by ``scale·z(seed)`` (written in place, then undone).
+        A device seed (a CUDA graph's) is not taken here: MeZO's ``cuda_graph`` runs eagerly under ZeRO-3."""
+        if seed_t is not None:
+            raise ValueError("The ZeRO-3 perturber takes host seeds only (MeZO(cuda_graph=True) runs eagerly there).")
+        self._add(int(seed), float(scale))
+        try:
+            yield
+        finally:
+            self._add(int(seed), -float(scale))
+
+    def remove(self) -> None:
+        """Nothing to remove: no hooks."""

@@ -32,6 +32,21 @@ LLAMA_SIZES: dict[str, dict[str, Any]] = {
     "34b": dict(
         hidden_size=8192, intermediate_size=22016, num_hidden_layers=48, num_attention_heads=64, num_key_value_heads=8
     ),
+    # toward the largest model on one 141 GB GPU (the `largest` benchmark suite): Llama-65B's width, fewer layers
+    "48b": dict(
+        hidden_size=8192, intermediate_size=22016, num_hidden_layers=58, num_attention_heads=64, num_key_value_heads=64
+    ),
+    "60b": dict(
+        hidden_size=8192, intermediate_size=22016, num_hidden_layers=74, num_attention_heads=64, num_key_value_heads=64
+    ),
+    # Llama-65B (LLaMA-1): 65.3B parameters, 121.6 GiB in bf16
+    "65b": dict(
+        hidden_size=8192, intermediate_size=22016, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=64
+    ),
+    # Llama-2-70B (grouped-query attention, 8 KV heads): 69.0B parameters, 128.5 GiB in bf16
+    "70b": dict(
+        hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8
+    ),
 }
 
 

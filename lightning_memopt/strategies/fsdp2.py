@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import types
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import torch
@@ -14,7 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from lightning_memopt import _shim
-from lightning_memopt.core.fsdp import fsdp_modules
+from lightning_memopt.core.fsdp import fsdp_modules, reshard_all
 
 
 def _hf_roots(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -96,7 +97,13 @@ class FSDP2Strategy(ModelParallelStrategy):
         data_parallel_size: defaults to every process (pure data parallel, no tensor parallel).
         reshard_after_forward: free all-gathered block weights after forward (less memory, one more all-gather
             in backward).
-        save_distributed_checkpoint: one shard file per rank (True) or a full checkpoint on rank 0 (False).
+        save_distributed_checkpoint: one shard file per rank (True) or a full checkpoint on rank 0 (False). Sharded
+            checkpoints resume on any number of processes (torch.distributed.checkpoint reshards weights, optimizer
+            and method state); ``memopt consolidate`` turns one into a Hugging Face folder.
+        hsdp: hybrid sharding on a 2-D device mesh: each parameter is sharded within groups of ``shard_size``
+            processes and replicated across the groups (gradients are reduce-scattered within a group, then
+            all-reduced across groups). Across nodes this keeps the all-gathers on the fast intra-node links.
+        shard_size: processes per shard group with ``hsdp=True``; default: the processes of one node (``devices``).
 
     Example::
 
@@ -111,12 +118,43 @@ class FSDP2Strategy(ModelParallelStrategy):
         reshard_after_forward: bool = True,
         save_distributed_checkpoint: bool = True,
         process_group_backend: Optional[str] = None,
+        hsdp: bool = False,
+        shard_size: Optional[int] = None,
     ) -> None:
         super().__init__(
             data_parallel_size=data_parallel_size, tensor_parallel_size=1,
             save_distributed_checkpoint=save_distributed_checkpoint, process_group_backend=process_group_backend,
         )
         self.reshard_after_forward = reshard_after_forward
+        if shard_size is not None and (not hsdp or shard_size < 1):
+            raise MisconfigurationException(
+                f"FSDP2Strategy(shard_size={shard_size}) sets the shard group size of hybrid sharding: use it with "
+                f"hsdp=True and a size of at least 1."
+            )
+        self.hsdp = hsdp
+        self.shard_size = shard_size
+        self._hsdp_mesh: Any = None
+
+    @property
+    def shard_mesh(self) -> Any:
+        """The mesh parameters are sharded on: 1-D (``"data_parallel"``), or 2-D (``"replicate"``, ``"shard"``)
+        with ``hsdp=True``."""
+        if not self.hsdp:
+            return self.device_mesh["data_parallel"]
+        if self._hsdp_mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            world = self.world_size
+            shard = self.shard_size or self.num_processes
+            if world % shard:
+                raise MisconfigurationException(
+                    f"FSDP2Strategy(hsdp=True): {world} processes cannot be split into shard groups of {shard}; set "
+                    f"shard_size to a divisor of the world size (default: the processes of one node)."
+                )
+            self._hsdp_mesh = init_device_mesh(
+                self.root_device.type, (world // shard, shard), mesh_dim_names=("replicate", "shard")
+            )
+        return self._hsdp_mesh
 
     def setup_environment(self) -> None:
         _shim.resolve_data_parallel_size(self)
@@ -126,12 +164,47 @@ class FSDP2Strategy(ModelParallelStrategy):
         module = self.lightning_module
         # A second trainer call (test after fit) gets the module already sharded: fully_shard it only once.
         if not is_overridden("configure_model", module) and not fsdp_modules(module):
-            shard_hf_module(module, self.device_mesh["data_parallel"], self.reshard_after_forward)
+            shard_hf_module(module, self.shard_mesh, self.reshard_after_forward)
         with _configure_model_marked(module):
             super().setup(trainer)
 
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        # After a forward without backward (MeZO's last evaluation, DFO's generations) the root group stays unsharded:
+        # its registered parameters are then plain tensors that neither the optimizer nor a checkpoint knows.
+        reshard_all(self.model)
+        return super().lightning_module_state_dict()
+
+    def optimizer_state(self, optimizer: Any) -> dict[str, Any]:
+        reshard_all(self.model)
+        return super().optimizer_state(optimizer)
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: Optional[bool] = None) -> dict[str, Any]:
+        path = Path(self.broadcast(checkpoint_path))
+        if not path.is_file():  # a sharded (torch.distributed.checkpoint) folder: resharded by DCP on load
+            return super().load_checkpoint(path, weights_only=weights_only)
+        # as Lightning reads its own checkpoints: weights_only=False unless asked (mmap: only what is looked at)
+        saved = torch.load(path, mmap=True, map_location="cpu", weights_only=bool(weights_only))
+        states = saved.get("optimizer_states") or []
+        if not states or any(isinstance(s, dict) and s.get("state") for s in states):
+            return super().load_checkpoint(path, weights_only=weights_only)
+        # A full checkpoint of optimizers without state (DFOLoRA freezes every weight): Lightning's loader indexes
+        # the first state entry and fails. Load everything else, then the optimizers' hyperparameters.
+        optimizers = self.optimizers
+        self.optimizers = []
+        try:
+            out = super().load_checkpoint(path, weights_only=weights_only)
+        finally:
+            self.optimizers = optimizers
+        for opt, state in zip(optimizers, states):
+            for group, saved_group in zip(opt.param_groups, state.get("param_groups", [])):
+                group.update({k: v for k, v in saved_group.items() if k != "params"})
+        return out
+
 
 def register_strategies(registry: Any = StrategyRegistry) -> None:
-    """Register ``"fsdp2"``; safe to call any number of times."""
+    """Register ``"fsdp2"`` and ``"zero3"``; safe to call any number of times."""
     if "fsdp2" not in registry:
         registry.register("fsdp2", FSDP2Strategy, description="FSDP2 (fully_shard) for unchanged HF LightningModules")
+    from lightning_memopt.strategies.zero3 import register_zero3
+
+    register_zero3(registry)

@@ -43,20 +43,50 @@ def run_distributed(target: str, world_size: int = 2, timeout: float = 600, **kw
             cmd = [sys.executable, "-m", "lightning_memopt.testing.multiproc", target, json.dumps(kwargs), tmp,
                    str(world_size)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-        outs = []
-        failed = False
-        for p in procs:
-            try:
-                out, _ = p.communicate(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                raise
-            outs.append(out.decode(errors="replace"))
-            failed |= p.returncode != 0
-        if failed:
-            raise RuntimeError("distributed run failed:\n" + "\n----\n".join(o[-6000:] for o in outs))
+        _collect(procs, timeout)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def run_torchrun(
+    target: str, nnodes: int = 2, nproc_per_node: int = 1, timeout: float = 600, **kwargs: Any
+) -> list[Any]:
+    """Run ``target`` as users launch multi-node jobs: ``nnodes`` torchrun agents on this host (one per "node",
+    c10d rendezvous on 127.0.0.1), each starting ``nproc_per_node`` workers. Returns every rank's return value.
+
+    The function receives ``world_size`` (all processes) and the JSON-able ``kwargs``; it builds its Trainer with
+    ``num_nodes=nnodes, devices=nproc_per_node`` (Lightning reads torchrun's variables: TorchElasticEnvironment).
+    """
+    port = _free_port()
+    world = nnodes * nproc_per_node
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
+            env.pop(k, None)
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--nproc-per-node={nproc_per_node}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=memopt{port}",
+            "--max-restarts=0", "-m", "lightning_memopt.testing.multiproc", target, json.dumps(kwargs), tmp,
+            str(world),
+        ]
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                 for _ in range(nnodes)]
+        _collect(procs, timeout)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def _collect(procs: list[subprocess.Popen], timeout: float) -> None:
+    outs, failed = [], False
+    for p in procs:
+        try:
+            out, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        outs.append(out.decode(errors="replace"))
+        failed |= p.returncode != 0
+    if failed:
+        raise RuntimeError("distributed run failed:\n" + "\n----\n".join(o[-6000:] for o in outs))
 
 
 def _main() -> None:

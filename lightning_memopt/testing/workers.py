@@ -47,11 +47,17 @@ def fit_tiny(
     seed: int = 0,
     callbacks: Optional[list[dict[str, Any]]] = None,
     inspect: Optional[str] = None,
+    num_nodes: int = 1,
+    strategy_kwargs: Optional[dict[str, Any]] = None,
+    strategy: Optional[str] = None,
 ) -> dict[str, Any]:
     """Fit the tiny model for ``steps`` on ``world_size`` CPU processes (FSDP2 when > 1); same global batch.
 
     ``callback``/``callbacks`` are class-path specs; ``inspect`` ("module:function") is called as
     ``f(trainer, model)`` after the fit and its dict joins the result (what a test compares across world sizes).
+    ``num_nodes`` splits the processes over nodes (``devices = world_size // num_nodes``); ``strategy_kwargs`` go to
+    :class:`FSDP2Strategy` (e.g. ``{"hsdp": True}``). ``strategy="zero3"`` runs :class:`ZeRO3Strategy` instead
+    (DeepSpeed ZeRO-3, at any ``world_size`` including 1).
     """
     from lightning_memopt.strategies import FSDP2Strategy
 
@@ -61,16 +67,38 @@ def fit_tiny(
     rec = LossRecorder()
     extra = [cb for spec in callbacks or [] for cb in build_callback(spec)]
     kw: dict[str, Any] = dict(max_steps=steps, callbacks=[rec, *build_callback(callback), *extra])
-    if world_size > 1:
-        kw.update(devices=world_size, strategy=FSDP2Strategy(save_distributed_checkpoint=False),
+    if strategy == "zero3":
+        from lightning_memopt.strategies import ZeRO3Strategy
+
+        kw.update(devices=world_size // num_nodes, num_nodes=num_nodes,
+                  strategy=ZeRO3Strategy(**(strategy_kwargs or {})), use_distributed_sampler=False)
+    elif world_size > 1:
+        strategy = FSDP2Strategy(**{"save_distributed_checkpoint": False, **(strategy_kwargs or {})})
+        kw.update(devices=world_size // num_nodes, num_nodes=num_nodes, strategy=strategy,
                   use_distributed_sampler=False)
     kw.update(trainer_kwargs or {})
     trainer = tiny_trainer(**kw)
     trainer.fit(model, dm)
-    out = {"state": full_state(model), "losses": rec.losses, "global_step": trainer.global_step}
+    out = {"state": full_state(model), "losses": rec.losses, "global_step": trainer.global_step,
+           "mesh": mesh_of(model)}
     if inspect is not None:
         out.update(_resolve(inspect)(trainer, model))
     return out
+
+
+def mesh_of(model: torch.nn.Module) -> Optional[dict[str, Any]]:
+    """The device mesh and placements of the model's first parameter (None when it is not a DTensor)."""
+    from lightning_memopt.core.fsdp import is_dtensor, reshard_all
+
+    reshard_all(model)  # after a forward-only step the root group holds unsharded plain tensors
+    p = next(model.parameters())
+    if not is_dtensor(p):
+        return None
+    from lightning_memopt.core.fsdp import _world, shard_group
+
+    mesh = p.device_mesh
+    return {"names": mesh.mesh_dim_names, "shape": tuple(mesh.shape), "placements": [str(x) for x in p.placements],
+            "shard_group_size": _world(shard_group(p)) if shard_group(p) is not None else 1}
 
 
 class FitnessRecorder(pl.Callback):
@@ -164,3 +192,114 @@ def fit_tiny_checkpointed(
         for key, v in st.items():
             opt[f"{names[id(p)]}.{key}"] = full(v) if isinstance(v, torch.Tensor) else v
     return {"state": full_state(model), "opt": opt, "lr": holder.param_groups[0]["lr"]}
+
+
+class SaveAt(pl.callbacks.Checkpoint):
+    """Saves one checkpoint at optimizer step ``step``: sharded (``<dir>/dcp``, torch.distributed.checkpoint, one
+    file per rank) and full (``<dir>/full.ckpt``, gathered on rank 0). A ``Checkpoint`` so that Lightning runs it
+    after every other callback's ``on_train_batch_end``, as it runs ModelCheckpoint."""
+
+    def __init__(self, dirpath: str, step: int) -> None:
+        self.dirpath, self.step = dirpath, step
+        self.snapshot: Optional[dict[str, Any]] = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step != self.step:
+            return
+        import os
+
+        self.snapshot = snapshot(trainer, pl_module)
+        strategy = trainer.strategy
+        sharded = getattr(strategy, "_save_distributed_checkpoint", None)
+        trainer.save_checkpoint(os.path.join(self.dirpath, "dcp" if sharded else "full.ckpt"))
+        if sharded:  # the same state once more through the full (rank-0) path: an independent reference
+            strategy._save_distributed_checkpoint = False
+            try:
+                trainer.save_checkpoint(os.path.join(self.dirpath, "full.ckpt"))
+            finally:
+                strategy._save_distributed_checkpoint = True
+
+
+class SnapshotAtStart(pl.Callback):
+    """Records :func:`snapshot` before the first batch of a fit (a resumed run: the state the checkpoint gave)."""
+
+    def __init__(self) -> None:
+        self.snapshot: Optional[dict[str, Any]] = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.snapshot is None:
+            self.snapshot = snapshot(trainer, pl_module)
+
+
+def snapshot(trainer: pl.Trainer, model: torch.nn.Module) -> dict[str, Any]:
+    """Full weights, the holder's state gathered to full tensors (``"<param>.<key>"``), the method callback's state
+    and the lr, on CPU: what a test compares across world sizes and checkpoint formats."""
+    from lightning_memopt.callbacks.method import MethodCallback
+
+    holder = trainer.strategy.optimizers[0]
+    names = {id(p): n for n, p in model.named_parameters()}
+    opt = {f"{names[id(p)]}.{key}": _cpu(v) for p, st in holder.state.items() for key, v in st.items()}
+    method = next((c for c in trainer.callbacks if isinstance(c, MethodCallback)), None)
+    return {
+        "state": full_state(model), "opt": opt, "lr": holder.param_groups[0]["lr"],
+        "method": None if method is None else _cpu(method.state_dict()["state"]), "global_step": trainer.global_step,
+    }
+
+
+def _cpu(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return full(obj).detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu(v) for v in obj)
+    return obj
+
+
+def fit_resumable(
+    world_size: int,
+    callback: dict[str, Any],
+    steps: int,
+    save_dir: Optional[str] = None,
+    save_at: Optional[int] = None,
+    ckpt_path: Optional[str] = None,
+    k: int = 8,
+    global_batch: int = 8,
+    model_kwargs: Optional[dict[str, Any]] = None,
+    dm_kwargs: Optional[dict[str, Any]] = None,
+    strategy_kwargs: Optional[dict[str, Any]] = None,
+    strategy_name: str = "fsdp2",
+) -> dict[str, Any]:
+    """FSDP2 fit of the tiny model on ``world_size`` processes (1 included: a one-rank mesh), saving a sharded and a
+    full checkpoint at step ``save_at``, or resumed from ``ckpt_path`` (either kind). ``strategy_name="zero3"``:
+    :class:`ZeRO3Strategy` (its checkpoints are full files: ``full.ckpt`` only).
+
+    Returns the :func:`snapshot` at the end, plus ``"saved"`` (the snapshot at ``save_at``) or ``"loaded"`` (the
+    snapshot before the first batch of a resumed fit).
+    """
+    from lightning_memopt.strategies import FSDP2Strategy
+
+    pl.seed_everything(0, verbose=False)
+    model = tiny_model(**{"lr_schedule": "constant", **(model_kwargs or {})})
+    cbs = build_callback(callback)
+    probe: Any = SaveAt(save_dir, save_at) if save_at is not None else SnapshotAtStart()
+    cbs.append(probe)
+    if strategy_name == "zero3":
+        from lightning_memopt.strategies import ZeRO3Strategy
+
+        strategy: Any = ZeRO3Strategy(**(strategy_kwargs or {}))
+    else:
+        strategy = FSDP2Strategy(**{"save_distributed_checkpoint": True, **(strategy_kwargs or {})})
+    trainer = tiny_trainer(max_steps=steps, callbacks=cbs, devices=world_size, strategy=strategy,
+                           use_distributed_sampler=False, enable_checkpointing=save_at is not None)
+    dm = tiny_datamodule(k=k, batch_size=global_batch // world_size, **(dm_kwargs or {}))
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    out = snapshot(trainer, model)
+    out["saved" if save_at is not None else "loaded"] = probe.snapshot
+    return out
+
+
+def run_jobs(world_size: int, jobs: list[dict[str, Any]]) -> list[Any]:
+    """Run several worker functions one after another in the same processes (one launch, several fits): each job is
+    ``{"target": "module:function", "kwargs": {...}}`` and gets ``world_size`` too. Returns their results in order."""
+    return [_resolve(job["target"])(world_size=world_size, **job.get("kwargs", {})) for job in jobs]
