@@ -179,9 +179,16 @@ SUITES: dict[str, Suite] = {
                 ours("dfo", "dfo_batched_chunk10_resident", **DFO),
                 ours("dfo", "dfo_sequential_resident", **DFO),
                 ours("dfo", "dfo_batched_cpuopt", **DFO),  # optimizer_device="cpu": CMA-ES computes on the host
+                # the population forward alone, and the generation, eager and replayed from CUDA graphs
+                ours("dfo", "dfo_forward_chunk10", **DFO),
+                ours("dfo", "dfo_forward_chunk10_graph", **DFO),
+                ours("dfo", "dfo_batched_chunk10_graph", **DFO),
             ),
             (
                 Ratio("sequential / batched step", "step_s", "ours:dfo_batched", rows=("ours:dfo_sequential",)),
+                Ratio("generation / its forward", "step_s", "ours:dfo_forward_chunk10", rows=("ours:dfo_batched_chunk10",)),
+                Ratio("generation / its forward (graph)", "step_s", "ours:dfo_forward_chunk10_graph",
+                      rows=("ours:dfo_batched_chunk10_graph",)),
                 Ratio("sequential / row", "step_s", "ours:dfo_sequential", invert=True,
                       rows=("ours:dfo_batched", "ours:dfo_batched_chunk10", "ours:dfo_batched_chunk5",
                             "ours:dfo_batched_cpuopt")),
