@@ -196,8 +196,9 @@ class LayerwiseDFO:
         """The population forward (per layer and batch shape) replayed from CUDA graphs; ask/tell stay eager."""
         s = self.settings
         # one graph per layer and batch shape: by default room for every layer at 4 shapes
+        # one warm-up call per capture: a DFO run captures a graph per layer, each warm-up is a population forward
         self.graph = GraphReplay(self._graphed_fitness, "DFOLoRA(cuda_graph=True)",
-                                 s.max_graphs or 4 * self.lora.n_blocks)
+                                 s.max_graphs or 4 * self.lora.n_blocks, warmup=1)
         if not s.batched or self.path == "step":
             self.graph.disable("the population is evaluated one candidate (or one training_step) at a time")
         elif torch.distributed.is_available() and torch.distributed.is_initialized() and (
