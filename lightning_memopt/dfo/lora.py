@@ -291,8 +291,10 @@ class ZLoRA:
     def set_z(self, idx: int, z: Tensor) -> None:
         """Fix block ``idx``'s z (the point used outside population evaluation)."""
         self.z[idx] = z.detach().to(self.device, torch.float32).clone()
-        if not bool(self.z[idx].any()):
-            self._fixed[idx] = None  # exactly the base model
+        # zero z is exactly the base model (no delta to add); checked only on a host tensor: on the GPU the read
+        # would sync every generation, and a z from the optimizer after a tell is not zero anyway
+        if z.device.type == "cpu" and not bool(z.any()):
+            self._fixed[idx] = None
             return
         self._fixed[idx] = [(a[0], b[0]) for a, b in self.factors(idx, self.z[idx][None])]
 
