@@ -205,3 +205,24 @@ def test_dfo_cuda_graph_equals_eager():
         res[graphed] = ([z.detach().cpu().clone() for z in cb.lora.z], counts)
     assert res[True][1] == {"captures": 2, "replays": 6}  # 2 layers of the tiny model
     assert all(torch.equal(a, b) for a, b in zip(res[False][0], res[True][0]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_population_factors_in_one_launch_equal_per_tensor_streams():
+    """On CUDA a step's low-rank factors and small dense z come from one multi-tensor launch per seed; they equal the
+    per-tensor Philox streams (what a cache miss and the update regenerate)."""
+    from lightning_memopt.mezo.core import make_params
+    from lightning_memopt.mezo.population import Directions
+
+    params = make_params(tiny_model().model.to("cuda"))
+    d = Directions(params, 1e-3, "lowrank", 4)
+    seeds = [11, 12345]
+    d.retain(seeds)
+    for s in seeds:
+        for zp in params:
+            i = zp.index
+            if not d.cached(s, i):
+                continue
+            got = d.uv(s, i) if d.lowrank(i) else (d.z(s, i),)
+            flat = d._stream(s, i, d._numel(i))
+            assert torch.equal(torch.cat([t.reshape(-1) for t in got]), flat), zp.name

@@ -69,6 +69,7 @@ class Directions:
         self.scales = dict(scales or {})
         self._cache: dict[tuple[int, int], Any] = {}
         self._keep: set[int] | None = None
+        self._zeros: Tensor | None = None  # the zero source of the one-launch factor generation (CUDA)
 
     def lowrank(self, index: int) -> bool:
         return self._lowrank[index]
@@ -86,17 +87,20 @@ class Directions:
         self._keep = {int(s) for s in seeds}
         self._cache = {k: v for k, v in self._cache.items() if k[0] in self._keep}
         idx = [i for i in self.shapes if self._lowrank[i] or _prod(self.shapes[i]) <= 1 << 16]
-        if perturb.use_triton(torch.empty(0, device=self.device)):  # one kernel launch per tensor: no batching
-            for s in dict.fromkeys(int(x) for x in seeds):
-                for i in idx:
-                    self.uv(s, i) if self._lowrank[i] else self.z(s, i)
-            return
+        triton = perturb.use_triton(torch.empty(0, device=self.device))
         for s in dict.fromkeys(int(x) for x in seeds):
             todo = [i for i in idx if (s, i) not in self._cache]
             if not todo:
                 continue
-            flats = perturb.normal_many([perturb.key(s, i) for i in todo], [self._numel(i) for i in todo],
-                                        self.device, self.distribution)
+            if triton:  # one launch for every tensor of this seed: z = 0 + 1·z over views of one zero buffer
+                numels = [self._numel(i) for i in todo]
+                if self._zeros is None or self._zeros.numel() < max(numels):
+                    self._zeros = torch.zeros(max(numels), dtype=torch.float32, device=self.device)
+                flats = perturb.perturbed_many([self._zeros[:n] for n in numels], todo, s, 1.0, self.distribution)
+                flats = [f.reshape(-1) for f in flats]
+            else:
+                flats = perturb.normal_many([perturb.key(s, i) for i in todo], [self._numel(i) for i in todo],
+                                            self.device, self.distribution)
             for i, flat in zip(todo, flats):
                 if self._lowrank[i]:
                     m, n = self.shapes[i]
