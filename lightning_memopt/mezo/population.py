@@ -289,8 +289,9 @@ def _lowrank_update_(
     us = [u[row0 : row0 + rows] for u, _ in uvs]
     step = max(1, _UPDATE_ELEMS // max(1, n))
     if adam_eps is None:
-        ucat = torch.cat([u * a32[j] for j, u in enumerate(us)], dim=1)  # [rows, J·r]
-        vcat = torch.cat([v for _, v in uvs], dim=1)  # [n, J·r]
+        # [rows, J·r] and [n, J·r], block j = direction j (a few launches, not two per direction)
+        ucat = (torch.stack(us, dim=1) * a32[: len(us)].view(1, -1, 1)).reshape(rows, -1)
+        vcat = torch.stack([v for _, v in uvs], dim=1).reshape(n, -1)
     else:
         b32 = b.to(device=t.device, dtype=torch.float32) * (inv * inv)  # type: ignore[union-attr]
     okd = None if ok is None else ok.to(t.device)
