@@ -108,3 +108,23 @@ def test_dfo_cuda_graph_on_cpu_warns_once_and_trains_as_eager():
         from lightning_memopt import DFOLoRA
 
         DFOLoRA(cuda_graph=True, max_graphs=0)
+
+
+def test_population_estimate_with_device_seeds_equals_integer_seeds():
+    """The population estimator's factors drawn from device seeds (what a CUDA graph of the step replays) equal the
+    integer-seed ones: same g, same loss; adopt() relabels a captured cache with a replay's seeds."""
+    torch.manual_seed(0)
+    model = tiny_model(objective="lm")
+    model.eval()
+    batch = {"input_ids": torch.randint(0, 256, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    cfg = ZOConfig(eps=1e-2, n_spsa=3, perturbation="lowrank", perturbation_rank=2, batched=True)
+    zo = ZeroOrder(model, cfg, seed=5, cache_z=False)
+    seeds = zo.seeds(7)
+    with torch.no_grad():
+        g1, l1 = zo.estimate(None, seeds, per_sample=model.per_sample_loss, batch=batch)
+        g2, l2 = zo.estimate(None, seeds, torch.tensor(seeds, dtype=torch.int64), per_sample=model.per_sample_loss,
+                             batch=batch)
+    assert torch.equal(g1, g2) and torch.equal(l1, l2)
+    cache = zo.directions.snapshot()
+    zo.directions.adopt(cache, seeds, [1, 2, 3])
+    assert {s for s, _ in zo.directions._cache} == {1, 2, 3} and len(zo.directions._cache) == len(cache)

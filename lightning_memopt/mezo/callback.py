@@ -250,8 +250,10 @@ class MeZO(MethodCallback):
                       "this capture does not take")
         elif self._metric is not None:
             reason = "a metric objective is computed on the host"
-        elif self.config.population:
-            reason = "the population estimator (perturbation='lowrank', batched or a precondition) is not captured"
+        elif self.config.population and (self.config.perturbation != "lowrank" or self._per_sample is None):
+            reason = ("the population estimator is captured with low-rank directions evaluated batched through "
+                      "per_sample_loss only (dense directions would keep every member's z; one training_step per "
+                      "member is not captured)")
         else:
             self._seed_dev = DeviceValues(self.config.n_spsa, torch.int64, pl_module.device)
             return
@@ -343,13 +345,18 @@ class MeZO(MethodCallback):
         assert self._graph is not None and self._seed_dev is not None
         self._seed_dev.set(seeds)  # read by the replay: this step's directions
         self._graph_call = (original, pl_module, args[1:], kwargs, seeds)
-        g, loss, logs = self._graph(args[0])
+        g, loss, logs, directions = self._graph(args[0])
+        if directions is not None and self.zo is not None and self.zo.directions is not None:
+            cache, captured = directions  # the replay rewrote the captured factors with this step's
+            self.zo.directions.adopt(cache, captured, seeds)
         for name, value, a, kw in logs:  # the module's own logging, with this replay's values
             pl_module.log(name, value.clone() if isinstance(value, torch.Tensor) else value, *a, **kw)
         return g.clone(), loss.clone()  # the graph's outputs are rewritten by the next replay
 
-    def _graph_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """What the graph holds: the 2n perturbed forwards of ``batch``, seeds read from the device."""
+    def _graph_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list, Any]:
+        """What the graph holds: the 2n perturbed forwards of ``batch`` (or the population's batched forwards),
+        seeds read from the device. Returns g, the loss, the module's log calls and (population) the factor cache
+        with the seeds it was captured for."""
         assert self.zo is not None and self._graph_call is not None and self._seed_dev is not None
         original, pl_module, rest, kwargs, seeds = self._graph_call
         logs: list = []
@@ -361,15 +368,19 @@ class MeZO(MethodCallback):
         pl_module.log = record  # type: ignore[method-assign]
         try:
             with eval_mode(pl_module, self.eval_mode):
-                g, loss = self.zo.estimate(
-                    lambda: self._objective(original(batch, *rest, **kwargs)), seeds, self._seed_dev.tensor
-                )
+                loss_fn = lambda: self._objective(original(batch, *rest, **kwargs))  # noqa: E731
+                if self._per_sample is not None:
+                    g, loss = self.zo.estimate(loss_fn, seeds, self._seed_dev.tensor, per_sample=self._per_sample,
+                                               batch=batch)
+                else:
+                    g, loss = self.zo.estimate(loss_fn, seeds, self._seed_dev.tensor)
         finally:
             if own is None:
                 del pl_module.__dict__["log"]
             else:
                 pl_module.log = own  # type: ignore[method-assign]
-        return g, loss, logs
+        directions = self.zo.directions
+        return g, loss, logs, None if directions is None else (directions.snapshot(), list(seeds))
 
     @override
     def step(self, closure: Any) -> Any:

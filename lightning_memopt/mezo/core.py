@@ -396,7 +396,7 @@ class ZeroOrder:
             assert loss_fn is not None and self.perturber is not None
             return projected_grads(loss_fn, self.perturber, seeds, cfg.eps, cfg.one_sided, seed_t)
         assert self.directions is not None
-        self.directions.retain(seeds)
+        self.directions.retain(seeds, seed_t)
         return population_grads(self.engine.active, seeds, cfg.eps, cfg.one_sided, cfg.population_chunk, loss_fn,
                                 per_sample, batch, curvature=cfg.precondition == "curvature")
 

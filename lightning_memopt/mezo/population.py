@@ -81,32 +81,48 @@ class Directions:
         shape = self.shapes[index]
         return (shape[0] + shape[1]) * self.rank if self._lowrank[index] else _prod(shape)
 
-    def retain(self, seeds: Sequence[int]) -> None:
+    def retain(self, seeds: Sequence[int], seed_t: Tensor | None = None) -> None:
         """Cache the directions of these seeds from now on and drop every other; each new seed's factors and small
-        dense tensors are generated in one vectorised pass (the per-tensor calls, not the numbers, are the cost)."""
+        dense tensors are generated in one vectorised pass (the per-tensor calls, not the numbers, are the cost).
+
+        ``seed_t`` (int64 ``[n]`` on the device, holding ``seeds``): the kernels read the seeds there, and every
+        tensor's direction is generated here (none later from a host seed), so a CUDA graph of the step draws its
+        replay's directions; :meth:`adopt` then re-labels the cache with each replay's seeds."""
         self._keep = {int(s) for s in seeds}
         self._cache = {k: v for k, v in self._cache.items() if k[0] in self._keep}
-        idx = [i for i in self.shapes if self._lowrank[i] or _prod(self.shapes[i]) <= 1 << 16]
+        idx = [i for i in self.shapes if seed_t is not None or self._lowrank[i] or _prod(self.shapes[i]) <= 1 << 16]
         triton = perturb.use_triton(torch.empty(0, device=self.device))
-        for s in dict.fromkeys(int(x) for x in seeds):
+        first = {int(s): j for j, s in reversed(list(enumerate(seeds)))}  # each seed once, at its first position
+        for s, j in sorted(first.items(), key=lambda kv: kv[1]):
             todo = [i for i in idx if (s, i) not in self._cache]
             if not todo:
                 continue
-            if triton:  # one launch for every tensor of this seed: z = 0 + 1·z over views of one zero buffer
-                numels = [self._numel(i) for i in todo]
-                if self._zeros is None or self._zeros.numel() < max(numels):
+            numels = [self._numel(i) for i in todo]
+            if triton or seed_t is not None:  # one launch for every tensor of this seed: z = 0 + 1·z
+                if self._zeros is None or self._zeros.numel() < max(numels) or self._zeros.device != self.device:
                     self._zeros = torch.zeros(max(numels), dtype=torch.float32, device=self.device)
-                flats = perturb.perturbed_many([self._zeros[:n] for n in numels], todo, s, 1.0, self.distribution)
+                st = None if seed_t is None else seed_t[j]
+                flats = perturb.perturbed_many([self._zeros[:n] for n in numels], todo, s, 1.0, self.distribution, st)
                 flats = [f.reshape(-1) for f in flats]
             else:
-                flats = perturb.normal_many([perturb.key(s, i) for i in todo], [self._numel(i) for i in todo],
-                                            self.device, self.distribution)
+                flats = perturb.normal_many([perturb.key(s, i) for i in todo], numels, self.device, self.distribution)
             for i, flat in zip(todo, flats):
                 if self._lowrank[i]:
                     m, n = self.shapes[i]
                     self._cache[(s, i)] = (flat[: m * self.rank].view(m, self.rank), flat[m * self.rank :].view(n, -1))
                 else:
                     self._cache[(s, i)] = flat
+
+    def snapshot(self) -> dict[tuple[int, int], Any]:
+        """The cache as it is (a CUDA graph's capture keeps it: its tensors are the ones each replay rewrites)."""
+        return dict(self._cache)
+
+    def adopt(self, cache: dict[tuple[int, int], Any], old: Sequence[int], new: Sequence[int]) -> None:
+        """Take ``cache``, keyed by the seeds ``old``, as holding the directions of ``new`` (position by position):
+        after a replay, the captured tensors hold the replay's directions."""
+        relabel = {int(a): int(b) for a, b in zip(old, new)}
+        self._cache = {(relabel[s], i): v for (s, i), v in cache.items() if s in relabel}
+        self._keep = set(relabel.values())
 
     def cached(self, seed: int, index: int) -> bool:
         return (int(seed), index) in self._cache
