@@ -23,9 +23,10 @@ import difflib
 import json
 import re
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Union
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -108,7 +109,7 @@ class Loader:
         for r in recs:
             v = _get(r, s.field)
             if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise LookupError(f"{s.describe()} is {v!r}, not a number")
+                raise LookupError(f"{s.describe()} is {v!r}, not a number")  # noqa: TRY004 - a spec error
             out.append(float(v))
         return out
 
@@ -182,7 +183,7 @@ class Missing:
         return self.text
 
 
-Figure = Union[Value, Ratio, Range, Missing]
+Figure = Union[Value, Ratio, Range, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
 
 
 @dataclass(frozen=True)
@@ -204,8 +205,8 @@ class Table:
 # ------------------------------------------------------------------------------------------------------ the spec
 
 SST2 = "sst2_smollm2.json"
-sst2 = lambda label, fld="dev_acc": sel(SST2, fld, label=label)  # noqa: E731 - a one-line selector
-ours = lambda file, key, size, fld: sel(file, fld, key=key, size=size)  # noqa: E731
+sst2 = lambda label, fld="dev_acc": sel(SST2, fld, label=label)
+ours = lambda file, key, size, fld: sel(file, fld, key=key, size=size)
 LARGEST = "only in a .txt log (benchmarks/results/largest_{}_30b.txt), no JSON with commit, GPU and command"
 
 WHICH_METHOD = Table(
@@ -257,9 +258,9 @@ WHICH_METHOD = Table(
         Row(
             ("inference memory only, no backward; the largest models", "`MeZO`",
              "peak = one forward ({peak_fwd}×); a {params}B model in {peak_30b} GiB",
-             "{step_fwd}× one forward per step in the latest run (±1 directions at 7B: {step_fwd_pm1}×); "
-             "{vs_official}× the official code's step in the same run; `cuda_graph=True` (H200, through Lightning): "
-             "{graph_smol}× faster than the eager step on SmolLM2's shape, {graph_1b}× at 1.1B",
+             ("{step_fwd}× one forward per step in the latest run (±1 directions at 7B: {step_fwd_pm1}×); "
+              "{vs_official}× the official code's step in the same run; `cuda_graph=True` (H200, through Lightning): "
+              "{graph_smol}× faster than the eager step on SmolLM2's shape, {graph_1b}× at 1.1B"),
              "{acc} after {steps}k steps; {acc_lora} on LoRA adapters (slow to converge)"),
             {
                 "peak_fwd": Range((sel("mezo_run3.json", "ratios.peak / forward", key="ours:mezo"),)),
@@ -280,8 +281,8 @@ WHICH_METHOD = Table(
         Row(
             ("a forward-only black-box method on tiny adapters", "`DFOLoRA` (C-LoRA / F-LoRA)",
              "{peak_1b}× inference peak at 1.1B, {peak_smol}× on SmolLM2 (default `population_chunk=10`)",
-             "batched population {chunk10}× faster than one candidate at a time ({whole}× with the whole "
-             "population in one forward)",
+             ("batched population {chunk10}× faster than one candidate at a time ({whole}× with the whole "
+              "population in one forward)"),
              "C-LoRA {clora}, F-LoRA {flora} (k=16: {clora_k16} / {flora_k16})"),
             {
                 "peak_1b": Value(ours("dfo.json", "ours:dfo_batched_chunk10", "1b", "ratios.peak / inference"),
@@ -326,7 +327,7 @@ def render(table: Table = WHICH_METHOD, root: Path = RESULTS) -> str:
 def _template_regex(template: str) -> re.Pattern[str]:
     parts = re.split(r"\{(\w+)\}", template)
     rx = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
-    return re.compile(rx + r"\Z", re.S)
+    return re.compile(rx + r"\Z", re.DOTALL)
 
 
 def _figure_diffs(template: str, figs: dict[str, str], have: str) -> list[str] | None:
