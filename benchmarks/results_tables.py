@@ -351,38 +351,43 @@ def split_readme(text: str) -> tuple[str, str, str]:
     return text[:head_end], text[head_end:j].rstrip("\n"), text[j:]
 
 
+def _cell_diffs(where: str, template: str, figs: dict[str, str], have: str, want: str) -> list[str]:
+    fd = _figure_diffs(template, figs, have)
+    if fd:
+        return [f"{where}: {d}" for d in fd]
+    return [f"{where}: the text differs", f"  README: {have}", f"  JSON:   {want}"]
+
+
 def differences(readme_text: str, table: Table = WHICH_METHOD, root: Path = RESULTS) -> list[str]:
-    """Human-readable differences between the README's block and what the JSON gives; empty when they agree."""
+    """Human-readable differences between the README's block and what the JSON gives; empty when they agree.
+
+    Figure by figure where the README's prose still fits the spec's templates, else the differing text."""
     _, have, _ = split_readme(readme_text)
     want = render(table, root)
     if have == want:
         return []
-    out: list[str] = []
     ld = Loader(root)
-    have_lines, want_lines = have.split("\n"), want.split("\n")
-    if len(have_lines) == len(want_lines):
-        for h, w in zip(have_lines, want_lines):
-            if h == w:
-                continue
-            row = next((r for r in table.rows if w.startswith("| " + " | ".join(r.cells[:2]) + " |")), None)
-            hc, wc = h.strip("|").split(" | "), w.strip("|").split(" | ")
-            if row is not None and len(hc) == len(wc):
-                figs = render_figures(row.figures, ld)
-                for col, tmpl, hv, wv in zip(table.header, row.cells, hc, wc):
-                    hv, wv = hv.strip(), wv.strip()
-                    if hv == wv:
-                        continue
-                    fd = _figure_diffs(tmpl, figs, hv)
-                    where = f"row {row.cells[1]}, column {col!r}"
-                    if fd:
-                        out += [f"{where}: {d}" for d in fd]
-                    else:
-                        out += [f"{where}: the text differs", f"  README: {hv}", f"  JSON:   {wv}"]
-                continue
+    (intro_h, _, rest_h), (intro_w, _, rest_w) = have.partition("\n\n"), want.partition("\n\n")
+    have_lines, want_lines = rest_h.split("\n"), rest_w.split("\n")
+    if len(have_lines) != len(want_lines):
+        return list(difflib.unified_diff(have.split("\n"), want.split("\n"), "README.md", "rendered from JSON",
+                                         lineterm=""))
+    out: list[str] = []
+    if intro_h != intro_w:
+        out += _cell_diffs("intro", table.intro, render_figures(table.intro_figures, ld), intro_h, intro_w)
+    for h, w in zip(have_lines, want_lines):
+        if h == w:
+            continue
+        row = next((r for r in table.rows if w.startswith("| " + " | ".join(r.cells[:2]) + " |")), None)
+        hc, wc = h.strip("|").split(" | "), w.strip("|").split(" | ")
+        if row is None or len(hc) != len(wc):
             out += [f"- {h}", f"+ {w}"]
-        if out:
-            return out
-    return [ln for ln in difflib.unified_diff(have_lines, want_lines, "README.md", "rendered from JSON", lineterm="")]
+            continue
+        figs = render_figures(row.figures, ld)
+        for col, tmpl, hv, wv in zip(table.header, row.cells, hc, wc):
+            if hv.strip() != wv.strip():
+                out += _cell_diffs(f"row {row.cells[1]}, column {col!r}", tmpl, figs, hv.strip(), wv.strip())
+    return out
 
 
 def write_readme(path: Path = README, table: Table = WHICH_METHOD, root: Path = RESULTS) -> bool:
