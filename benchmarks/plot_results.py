@@ -1,9 +1,15 @@
-"""Bar charts of the committed GPU benchmark tables: step time and peak memory per method at 1.1B and 7B.
+"""Every plot under docs/img, regenerated from the committed JSON under benchmarks/results/ (CPU, no GPU needed).
 
-    python -m benchmarks.plot_results            # reads benchmarks/results/*.json, writes docs/img/bench_*.png
+    pip install matplotlib
+    python -m benchmarks.plot_results            # writes docs/img/bench_{1b,7b}.png and docs/img/<task>_*.png
+    python -m benchmarks.plot_results OUT_DIR    # the same files into OUT_DIR
 
-Each bar is one row of a suite's JSON (ours and the peers, measured side by side in that suite's run). Rows from
-different suites come from different runs: compare within a method's group, not across groups.
+``bench_1b.png`` / ``bench_7b.png``: step time and peak memory per method. Each bar is one row of a suite's JSON
+(ours and the peers, measured side by side in that suite's run). Rows from different suites come from different
+runs: compare within a method's group, not across groups.
+
+``<task>_acc_vs_{step,wall_s,forwards}.png`` and ``<task>_peak_memory.png``: ``benchmarks.task_results.plot`` on
+each task JSON in ``TASK_PLOTS``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,19 @@ PANELS = [
                                       ("ours:dfo_batched_chunk10", "batched, chunk 10 (default)"),
                                       ("ours:dfo_sequential", "sequential")]),
 ]
+# the task_results JSON whose curves and peaks docs/results.md shows
+TASK_PLOTS = ["sst2_smollm2.json"]
+
+
+def gpus() -> str:
+    """The GPU(s) named in the bench panels' JSON ``environment`` (e.g. "H100 80GB HBM3")."""
+    names = []
+    for fname, _, _ in PANELS:
+        path = RESULTS / fname
+        if path.exists():
+            gpu = (json.loads(path.read_text()).get("environment") or {}).get("gpu") or "GPU not recorded"
+            names.append(gpu.split(",")[0].removeprefix("NVIDIA ").strip())
+    return " / ".join(dict.fromkeys(names)) or "GPU not recorded"
 
 
 def rows(size: str) -> list[tuple[str, str, float | None, float | None]]:
@@ -52,6 +71,7 @@ def main(out_dir: str = str(ROOT / "docs" / "img")) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     files = []
     for size in ("1b", "7b"):
         data = rows(size)
@@ -69,12 +89,16 @@ def main(out_dir: str = str(ROOT / "docs" / "img")) -> list[str]:
             ax.set_xlabel(title)
         axes[0].set_yticks(range(len(data)), labels, fontsize=8)
         axes[0].invert_yaxis()
-        fig.suptitle(f"Random-init Llama {size.upper()}, bf16, batch 8×512 (DFO: 4×128 per candidate), H100")
+        fig.suptitle(f"Random-init Llama {size.upper()}, bf16, batch 8×512 (DFO: 4×128 per candidate), {gpus()}")
         fig.tight_layout()
         f = str(Path(out_dir) / f"bench_{size}.png")
         fig.savefig(f, dpi=110)
         plt.close(fig)
         files.append(f)
+    from benchmarks.task_results import plot as task_plot
+
+    for fname in TASK_PLOTS:
+        files += task_plot(str(RESULTS / fname), out_dir)
     return files
 
 

@@ -239,6 +239,8 @@ def plot(json_path: str, out_dir: str) -> list[str]:
     files = []
     axes = (("step", "optimizer steps"), ("wall_s", "training wall time (s)"), ("forwards", "training forward passes"))
     for x, label in axes:
+        if x == "wall_s" and any("train_s" not in p for r in records for p in r["curve"]):
+            label = "fit wall time, incl. validation (s)"  # records from before train_s was recorded
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for r in records:
             pts = [p for p in r["curve"] if x in p or (x == "wall_s" and "wall_s" in p)]

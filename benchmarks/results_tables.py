@@ -1,0 +1,520 @@
+"""The README's "Which method should I use?" table, rendered from the committed JSON under ``benchmarks/results/``.
+
+    python -m benchmarks.results_tables            # print the table the JSON gives, and the provenance report
+    python -m benchmarks.results_tables --check    # exit 1 and print the differences if README.md disagrees
+    python -m benchmarks.results_tables --write    # rewrite README.md between the results-table markers
+    python -m benchmarks.results_tables --check --strict   # also fail on a figure without JSON or a record
+                                                           # without its commit, GPU and command
+
+The table is data (``INTRO``, ``HEADER``, ``ROWS`` below): each cell is a template whose ``{name}`` placeholders are
+figures, and each figure names its JSON file, the record(s) in it (a ``where`` of field values), the field and a
+format. A figure that no committed JSON holds yet is a ``Missing``: its text is kept as the README has it and the
+report lists it as "no JSON source". A figure changes only by changing its JSON (or its spec here), then ``--write``.
+
+The provenance report lists, for every JSON file the table reads, the records that lack a commit, a GPU or a command
+(``env`` per record as ``benchmarks/task_results.py`` writes it; the harness's file-level ``environment`` and each
+record's ``cmd``; ``env`` at the top of a file from ``zo_fastpath.py`` / ``guard_interleaved.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+README = ROOT / "README.md"
+START = "<!-- results-table:start"
+END = "<!-- results-table:end -->"
+DASH = "–"  # en dash between the ends of a range
+
+
+# --------------------------------------------------------------------------------------------------- the selectors
+
+@dataclass(frozen=True)
+class Sel:
+    """Records of one JSON file whose fields equal ``where`` (a tuple value: any of these), and one of their fields.
+
+    ``field`` is a key of the record; ``"ratios.step / forward"`` reads ``record["ratios"]["step / forward"]``.
+    """
+
+    file: str
+    where: tuple[tuple[str, Any], ...]
+    field: str
+
+    def describe(self) -> str:
+        cond = ", ".join(f"{k}={v!r}" for k, v in self.where)
+        return f"{self.file}[{cond}].{self.field}"
+
+
+def sel(file: str, field: str, **where: Any) -> Sel:
+    return Sel(file, tuple(sorted(where.items())), field)
+
+
+def records(data: Any) -> list[dict[str, Any]]:
+    """The records of a results JSON, whatever its shape: a list (task_results), ``records`` (harness), ``rows``."""
+    if isinstance(data, list):
+        return data
+    if isinstance(data, dict) and isinstance(data.get("records"), list):
+        return data["records"]
+    if isinstance(data, dict) and isinstance(data.get("rows"), list):
+        return data["rows"]
+    return [data]
+
+
+def _get(rec: dict[str, Any], path: str) -> Any:
+    if path in rec:
+        return rec[path]
+    head, _, rest = path.partition(".")
+    if rest and isinstance(rec.get(head), dict):
+        return _get(rec[head], rest)
+    raise KeyError(path)
+
+
+def _matches(rec: dict[str, Any], where: tuple[tuple[str, Any], ...]) -> bool:
+    for k, v in where:
+        have = rec.get(k)
+        if not (have in v if isinstance(v, tuple) else have == v):
+            return False
+    return True
+
+
+class Loader:
+    """Reads each JSON once; ``select`` returns the matching records, ``values`` their field as numbers."""
+
+    def __init__(self, root: Path = RESULTS) -> None:
+        self.root = Path(root)
+        self.cache: dict[str, Any] = {}
+
+    def data(self, file: str) -> Any:
+        if file not in self.cache:
+            self.cache[file] = json.loads((self.root / file).read_text())
+        return self.cache[file]
+
+    def select(self, s: Sel) -> list[dict[str, Any]]:
+        return [r for r in records(self.data(s.file)) if _matches(r, s.where)]
+
+    def values(self, s: Sel) -> list[float]:
+        recs = self.select(s)
+        if not recs:
+            raise LookupError(f"no record matches {s.describe()}")
+        out = []
+        for r in recs:
+            v = _get(r, s.field)
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise LookupError(f"{s.describe()} is {v!r}, not a number")  # noqa: TRY004 - a spec error
+            out.append(float(v))
+        return out
+
+    def one(self, s: Sel) -> float:
+        vals = self.values(s)
+        if len(vals) != 1:
+            raise LookupError(f"{s.describe()} matches {len(vals)} records, expected one")
+        return vals[0]
+
+
+# ---------------------------------------------------------------------------------------------------- the figures
+
+@dataclass(frozen=True)
+class Value:
+    """One record's field, through ``scale`` then ``fmt`` (a ``str.format`` spec such as ``"{:.1f}"``)."""
+
+    src: Sel
+    fmt: str = "{:.1f}"
+    scale: float = 1.0
+
+    def sources(self) -> list[Sel]:
+        return [self.src]
+
+    def render(self, ld: Loader) -> str:
+        return self.fmt.format(ld.one(self.src) * self.scale)
+
+
+@dataclass(frozen=True)
+class Ratio:
+    """One record's field over another's (each exactly one record)."""
+
+    num: Sel
+    den: Sel
+    fmt: str = "{:.2f}"
+
+    def sources(self) -> list[Sel]:
+        return [self.num, self.den]
+
+    def render(self, ld: Loader) -> str:
+        return self.fmt.format(ld.one(self.num) / ld.one(self.den))
+
+
+@dataclass(frozen=True)
+class Range:
+    """The smallest and largest value over every record the selectors match, as ``lo–hi``; one figure when the two
+    format alike."""
+
+    srcs: tuple[Sel, ...]
+    fmt: str = "{:.2f}"
+
+    def sources(self) -> list[Sel]:
+        return list(self.srcs)
+
+    def render(self, ld: Loader) -> str:
+        vals = [v for s in self.srcs for v in ld.values(s)]
+        lo, hi = self.fmt.format(min(vals)), self.fmt.format(max(vals))
+        return lo if lo == hi else f"{lo}{DASH}{hi}"
+
+
+@dataclass(frozen=True)
+class Missing:
+    """A figure that no committed JSON holds: rendered as the README has it, reported as "no JSON source"."""
+
+    text: str
+    why: str
+
+    def sources(self) -> list[Sel]:
+        return []
+
+    def render(self, ld: Loader) -> str:
+        return self.text
+
+
+Figure = Union[Value, Ratio, Range, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
+
+
+@dataclass(frozen=True)
+class Row:
+    """One table row: cell templates (``{name}`` placeholders) and the figures they name."""
+
+    cells: tuple[str, ...]
+    figures: dict[str, Figure] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Table:
+    intro: str  # the paragraph above the table, a template like a cell
+    intro_figures: dict[str, Figure]
+    header: tuple[str, ...]
+    rows: tuple[Row, ...]
+
+
+# ------------------------------------------------------------------------------------------------------ the spec
+
+SST2 = "sst2_smollm2.json"
+sst2 = lambda label, fld="dev_acc": sel(SST2, fld, label=label)
+ours = lambda file, key, size, fld: sel(file, fld, key=key, size=size)
+LARGEST = "only in a .txt log (benchmarks/results/largest_{}_30b.txt), no JSON with commit, GPU and command"
+
+WHICH_METHOD = Table(
+    intro=(
+        "Measured on one H100 ([docs/results.md](docs/results.md) has every number, the runs that missed their goals, "
+        "and the\nplots). Quality is SmolLM2-135M-Instruct on SST-2 (k=512, dev accuracy, one seed; zero-shot "
+        "{zero_shot}, AdamW {adamw})."
+    ),
+    intro_figures={"zero_shot": Value(sst2("zero_shot")), "adamw": Value(sst2("adamw"))},
+    header=("you need", "use", "memory (measured)", "speed (measured)", "quality (measured)"),
+    rows=(
+        Row(
+            ("the best accuracy at about half of AdamW's memory", "`AdaLomo`",
+             "{peak_sst2}× AdamW's peak on SST-2; a 1.1B model trains in {peak_1b_ckpt} GiB with checkpointing",
+             "{step}× lomo-optim's step", "{acc}"),
+            {
+                "peak_sst2": Ratio(sst2("adalomo", "peak_gib"), sst2("adamw", "peak_gib")),
+                "peak_1b_ckpt": Value(ours("lomo_run2.json", "ours:adalomo_ckpt", "1b", "peak_gib")),
+                "step": Range((sel("lomo_run2.json", "ratios.step / lomo-optim", key="ours:adalomo_ckpt"),)),
+                "acc": Value(sst2("adalomo")),
+            },
+        ),
+        Row(
+            ("the largest model per GPU with backprop", "`LOMO` (+ activation checkpointing)",
+             "a {params}B model in {peak} GiB on one 80 GB GPU", "{step}× lomo-optim's step", "{acc}"),
+            {
+                "params": Missing("32.5", LARGEST.format("lomo")),
+                "peak": Missing("65.5", LARGEST.format("lomo")),
+                # the first LOMO run: plain and checkpointed at 1.1B, checkpointed at 7B
+                "step": Range((sel("lomo.json", "ratios.step / lomo-optim", key=("ours:lomo", "ours:lomo_ckpt")),)),
+                "acc": Value(sst2("lomo")),
+            },
+        ),
+        Row(
+            ("Adam's behaviour with less optimizer state", "`GaLore`",
+             "optimizer state in rank-r; {peak_sst2}× AdamW's peak on SST-2",
+             "steady step {steady}× galore-torch's and {vs_adamw}× AdamW's; subspace refresh {refresh}× faster",
+             "{acc}"),
+            {
+                "peak_sst2": Ratio(sst2("galore", "peak_gib"), sst2("adamw", "peak_gib")),
+                "steady": Ratio(ours("galore_1b.json", "ours:galore", "1b", "step_s"),
+                                ours("galore_1b.json", "peer:galore", "1b", "step_s")),
+                "vs_adamw": Value(ours("galore_steady.json", "ours:galore", "1b", "ratios.step / AdamW"), "{:.2f}"),
+                "refresh": Value(ours("galore_1b.json", "ours:galore_refresh", "1b",
+                                      "ratios.speed-up vs galore-torch"), "{:.0f}"),
+                "acc": Value(sst2("galore")),
+            },
+        ),
+        Row(
+            ("inference memory only, no backward; the largest models", "`MeZO`",
+             "peak = one forward ({peak_fwd}×); a {params}B model in {peak_30b} GiB",
+             ("{step_fwd}× one forward per step in the latest run (±1 directions at 7B: {step_fwd_pm1}×); "
+              "{vs_official}× the official code's step in the same run; `cuda_graph=True` (H200, through Lightning): "
+              "{graph_smol}× faster than the eager step on SmolLM2's shape, {graph_1b}× at 1.1B"),
+             "{acc} after {steps}k steps; {acc_lora} on LoRA adapters (slow to converge)"),
+            {
+                "peak_fwd": Range((sel("mezo_run3.json", "ratios.peak / forward", key="ours:mezo"),)),
+                "params": Missing("32.5", LARGEST.format("mezo")),
+                "peak_30b": Missing("68.6", LARGEST.format("mezo")),
+                "step_fwd": Range((sel("mezo_run3.json", "ratios.step / forward", key="ours:mezo"),), "{:.1f}"),
+                "step_fwd_pm1": Value(ours("mezo_run3.json", "ours:mezo_rademacher", "7b", "ratios.step / forward")),
+                "vs_official": Range((sel("mezo_run3.json", "ratios.step / MeZO official", key="ours:mezo"),)),
+                "graph_smol": Value(sel("zo_fastpath_h200.json", "eager_over_graph", size="smol")),
+                "graph_1b": Value(sel("zo_fastpath_h200.json", "eager_over_graph", size="1b")),
+                "acc": Value(sst2("mezo")),
+                "steps": Value(sst2("mezo", "steps"), scale=1e-3),
+                # the two runs at the config's lr (1e-3); the other lrs are the sweep around it
+                "acc_lora": Range((sel("sst2_smollm2_mezo_lora.json", "dev_acc",
+                                       label=("r1_lora_lr1e-3", "r2_lora_lr1e-3")),), "{:.0f}"),
+            },
+        ),
+        Row(
+            ("a forward-only black-box method on tiny adapters", "`DFOLoRA` (C-LoRA / F-LoRA)",
+             "{peak_1b}× inference peak at 1.1B, {peak_smol}× on SmolLM2 (default `population_chunk=10`)",
+             ("batched population {chunk10}× faster than one candidate at a time ({whole}× with the whole "
+              "population in one forward)"),
+             "C-LoRA {clora}, F-LoRA {flora} (k=16: {clora_k16} / {flora_k16})"),
+            {
+                "peak_1b": Value(ours("dfo.json", "ours:dfo_batched_chunk10", "1b", "ratios.peak / inference"),
+                                 "{:.2f}"),
+                "peak_smol": Value(ours("dfo.json", "ours:dfo_batched_chunk10", "smol", "ratios.peak / inference"),
+                                   "{:.2f}"),
+                "chunk10": Range((sel("dfo.json", "ratios.sequential / row", key="ours:dfo_batched_chunk10"),),
+                                 "{:.1f}"),
+                "whole": Range((sel("dfo.json", "ratios.sequential / row", key="ours:dfo_batched"),), "{:.1f}"),
+                "clora": Value(sst2("clora")),
+                "flora": Value(sst2("flora")),
+                "clora_k16": Value(sst2("clora_k16")),
+                "flora_k16": Value(sst2("flora_k16")),
+            },
+        ),
+    ),
+)
+
+
+# ------------------------------------------------------------------------------------------------------ rendering
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_figures(figs: dict[str, Figure], ld: Loader) -> dict[str, str]:
+    return {name: fig.render(ld) for name, fig in figs.items()}
+
+
+def render(table: Table = WHICH_METHOD, root: Path = RESULTS) -> str:
+    """The intro paragraph, a blank line and the Markdown table, as the README holds them between the markers."""
+    ld = Loader(root)
+    lines = [table.intro.format(**render_figures(table.intro_figures, ld)), ""]
+    lines.append("| " + " | ".join(table.header) + " |")
+    lines.append("|" + "---|" * len(table.header))
+    for row in table.rows:
+        vals = render_figures(row.figures, ld)
+        lines.append("| " + " | ".join(_cell(c.format(**vals)) for c in row.cells) + " |")
+    return "\n".join(lines)
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    parts = re.split(r"\{(\w+)\}", template)
+    rx = "".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>.+?)" for i, p in enumerate(parts))
+    return re.compile(rx + r"\Z", re.DOTALL)
+
+
+def _figure_diffs(template: str, figs: dict[str, str], have: str) -> list[str] | None:
+    """Figure by figure, where the README's text still fits the template; None where the prose itself changed."""
+    m = _template_regex(template).match(have)
+    if not m:
+        return None
+    return [f"{{{k}}}: README has {m.group(k)!r}, the JSON gives {v!r}" for k, v in figs.items()
+            if k in m.groupdict() and m.group(k) != v]
+
+
+# ---------------------------------------------------------------------------------------------- README in and out
+
+def split_readme(text: str) -> tuple[str, str, str]:
+    """(before and including the start marker line, the block, the end marker line and after)."""
+    i = text.find(START)
+    j = text.find(END)
+    if i < 0 or j < 0 or j < i:
+        raise SystemExit(f"README.md has no {START} ... {END} markers around the table")
+    head_end = text.index("\n", i) + 1
+    return text[:head_end], text[head_end:j].rstrip("\n"), text[j:]
+
+
+def _cell_diffs(where: str, template: str, figs: dict[str, str], have: str, want: str) -> list[str]:
+    fd = _figure_diffs(template, figs, have)
+    if fd:
+        return [f"{where}: {d}" for d in fd]
+    return [f"{where}: the text differs", f"  README: {have}", f"  JSON:   {want}"]
+
+
+def differences(readme_text: str, table: Table = WHICH_METHOD, root: Path = RESULTS) -> list[str]:
+    """Human-readable differences between the README's block and what the JSON gives; empty when they agree.
+
+    Figure by figure where the README's prose still fits the spec's templates, else the differing text."""
+    _, have, _ = split_readme(readme_text)
+    want = render(table, root)
+    if have == want:
+        return []
+    ld = Loader(root)
+    (intro_h, _, rest_h), (intro_w, _, rest_w) = have.partition("\n\n"), want.partition("\n\n")
+    have_lines, want_lines = rest_h.split("\n"), rest_w.split("\n")
+    if len(have_lines) != len(want_lines):
+        return list(difflib.unified_diff(have.split("\n"), want.split("\n"), "README.md", "rendered from JSON",
+                                         lineterm=""))
+    out: list[str] = []
+    if intro_h != intro_w:
+        out += _cell_diffs("intro", table.intro, render_figures(table.intro_figures, ld), intro_h, intro_w)
+    for h, w in zip(have_lines, want_lines):
+        if h == w:
+            continue
+        row = next((r for r in table.rows if w.startswith("| " + " | ".join(r.cells[:2]) + " |")), None)
+        hc, wc = h.strip("|").split(" | "), w.strip("|").split(" | ")
+        if row is None or len(hc) != len(wc):
+            out += [f"- {h}", f"+ {w}"]
+            continue
+        figs = render_figures(row.figures, ld)
+        for col, tmpl, hv, wv in zip(table.header, row.cells, hc, wc):
+            if hv.strip() != wv.strip():
+                out += _cell_diffs(f"row {row.cells[1]}, column {col!r}", tmpl, figs, hv.strip(), wv.strip())
+    return out
+
+
+def write_readme(path: Path = README, table: Table = WHICH_METHOD, root: Path = RESULTS) -> bool:
+    """Rewrite the block between the markers; True if the file changed."""
+    text = path.read_text()
+    head, have, tail = split_readme(text)
+    want = render(table, root)
+    if have == want:
+        return False
+    path.write_text(head + want + "\n" + tail)
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------ provenance
+
+def all_figures(table: Table = WHICH_METHOD) -> Iterable[tuple[str, str, Figure]]:
+    yield from (("intro", k, f) for k, f in table.intro_figures.items())
+    for row in table.rows:
+        yield from ((row.cells[1], k, f) for k, f in row.figures.items())
+
+
+def missing_sources(table: Table = WHICH_METHOD) -> list[str]:
+    return [f"{where} {{{name}}} = {fig.text!r}: {fig.why}" for where, name, fig in all_figures(table)
+            if isinstance(fig, Missing)]
+
+
+def provenance(data: Any, rec: dict[str, Any]) -> dict[str, Any]:
+    """commit, gpu and command of one record, from the record's ``env``, else the file's ``env``/``environment``;
+    the command also from a harness record's ``cmd``."""
+    env = rec.get("env") if isinstance(rec.get("env"), dict) else {}
+    top: dict[str, Any] = {}
+    if isinstance(data, dict):
+        top = data.get("env") or data.get("environment") or {}
+    return {
+        "commit": env.get("commit") or top.get("commit"),
+        "gpu": env.get("gpu") or top.get("gpu"),
+        "command": env.get("command") or rec.get("cmd") or top.get("command"),
+    }
+
+
+def _rec_name(rec: dict[str, Any]) -> str:
+    name = rec.get("label") or rec.get("key") or rec.get("method") or "?"
+    return f"{name}@{rec['size']}" if rec.get("size") else str(name)
+
+
+def provenance_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> list[str]:
+    """For each JSON file the table reads: the records it uses that lack commit, GPU or command."""
+    ld = Loader(root)
+    used: dict[str, list[dict[str, Any]]] = {}
+    for _, _, fig in all_figures(table):
+        for s in fig.sources():
+            for r in ld.select(s):
+                lst = used.setdefault(s.file, [])
+                if all(r is not x for x in lst):
+                    lst.append(r)
+    out = []
+    for file in sorted(used):
+        by_gap: dict[tuple[str, ...], list[str]] = {}
+        for r in used[file]:
+            gap = tuple(k for k, v in provenance(ld.data(file), r).items() if not v)
+            if gap:
+                by_gap.setdefault(gap, []).append(_rec_name(r))
+        for gap, names in by_gap.items():
+            what = "all" if len(names) == len(used[file]) else f"{len(names)} of"
+            out.append(f"{file}: {what} {len(used[file])} records used lack {', '.join(gap)}: {', '.join(names)}")
+    return out
+
+
+def other_files_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> list[str]:
+    """The JSON files under results/ the table does not read, with the provenance they lack (for docs/results.md)."""
+    used = {s.file for _, _, f in all_figures(table) for s in f.sources()}
+    out = []
+    for path in sorted(Path(root).glob("*.json")):
+        if path.name in used:
+            continue
+        data = json.loads(path.read_text())
+        recs = records(data)
+        gaps = [k for k in ("commit", "gpu", "command") if any(not provenance(data, r)[k] for r in recs)]
+        if gaps:
+            n = sum(1 for r in recs if any(not v for v in provenance(data, r).values()))
+            out.append(f"{path.name}: {n} of {len(recs)} records lack {', '.join(gaps)}")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--check", action="store_true", help="exit 1 if README.md's table differs from the JSON")
+    mode.add_argument("--write", action="store_true", help="rewrite README.md's table from the JSON")
+    ap.add_argument("--strict", action="store_true",
+                    help="also fail on figures without a JSON source and on records without commit/GPU/command")
+    ap.add_argument("--readme", default=str(README))
+    ap.add_argument("--results", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    readme, root = Path(args.readme), Path(args.results)
+    rc = 0
+    if args.write:
+        out(f"{readme}: {'rewritten' if write_readme(readme, root=root) else 'already matches the JSON'}")
+    elif args.check:
+        diffs = differences(readme.read_text(), root=root)
+        if diffs:
+            out(f"{readme}'s table differs from benchmarks/results/*.json "
+                "(fix the JSON or the spec, then `python -m benchmarks.results_tables --write`):")
+            out("\n".join("  " + d for d in diffs))
+            rc = 1
+        else:
+            out(f"{readme}'s table matches the JSON.")
+    else:
+        out(render(root=root))
+    miss = missing_sources()
+    prov = provenance_report(root=root)
+    if miss:
+        out(f"\nFigures with no JSON source ({len(miss)}; kept as the README has them, to be re-measured):")
+        out("\n".join("  " + m for m in miss))
+    if prov:
+        out("\nJSON records behind the table that lack commit, GPU or command (to be re-measured):")
+        out("\n".join("  " + p for p in prov))
+    other = other_files_report(root=root)
+    if other:
+        out("\nOther JSON under benchmarks/results/ (not in this table) lacking commit, GPU or command:")
+        out("\n".join("  " + p for p in other))
+    if args.strict and (miss or prov):
+        rc = rc or 2
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

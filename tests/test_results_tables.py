@@ -1,0 +1,98 @@
+"""The README's "which method" table against the committed JSON (issue 17), and the renderer on a fake JSON."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import results_tables as rt
+
+
+def test_readme_table_matches_committed_json() -> None:
+    diffs = rt.differences(rt.README.read_text())
+    assert not diffs, ("README.md's table disagrees with benchmarks/results/*.json; fix the JSON or "
+                       "benchmarks/results_tables.py, then `python -m benchmarks.results_tables --write`:\n"
+                       + "\n".join(diffs))
+
+
+def test_check_cli_passes_on_committed_readme(capsys: pytest.CaptureFixture[str]) -> None:
+    assert rt.main(["--check"]) == 0
+    out = capsys.readouterr().out
+    assert "matches the JSON" in out
+    assert "no JSON source" in out  # the largest-model figures still come from .txt logs
+
+
+def test_every_figure_resolves() -> None:
+    """Each selector finds its record(s) and field: a renamed key or label fails here, not silently."""
+    ld = rt.Loader()
+    for where, name, fig in rt.all_figures():
+        fig.render(ld)  # raises LookupError/KeyError naming the selector
+
+
+FAKE = [
+    {"label": "a", "method": "adamw", "seed": 0, "dev_acc": 87.614, "peak_gib": 3.0,
+     "env": {"commit": "abc1234", "gpu": "NVIDIA H200", "command": "python -m benchmarks.task_results"}},
+    {"label": "b", "method": "lomo", "seed": 0, "dev_acc": 80.05, "peak_gib": 1.5, "ratios": {"x / y": 0.4313}},
+    {"label": "b", "method": "lomo", "seed": 1, "dev_acc": 82.95, "peak_gib": 1.5, "ratios": {"x / y": 0.8862}},
+]
+
+
+def _table() -> rt.Table:
+    s = lambda fld, **w: rt.sel("fake.json", fld, **w)
+    return rt.Table(
+        intro="Intro: AdamW {acc}.",
+        intro_figures={"acc": rt.Value(s("dev_acc", label="a"))},
+        header=("need", "use", "figures"),
+        rows=(
+            rt.Row(("cheap", "`B`", "{peak}× of a; {rng}× the peer; {acc} dev; {mem} GiB; {big}B"),
+                   {"peak": rt.Ratio(s("peak_gib", label="b", seed=0), s("peak_gib", label="a")),
+                    "rng": rt.Range((s("ratios.x / y", label="b"),)),
+                    "acc": rt.Range((s("dev_acc", label="b"),), "{:.0f}"),
+                    "mem": rt.Value(s("peak_gib", label="b", seed=1), scale=1024, fmt="{:.0f}"),
+                    "big": rt.Missing("32.5", "txt only")}),
+        ),
+    )
+
+
+def test_renderer_on_fake_json(tmp_path: Path) -> None:
+    (tmp_path / "fake.json").write_text(json.dumps(FAKE))
+    table = _table()
+    got = rt.render(table, tmp_path)
+    assert got == ("Intro: AdamW 87.6.\n\n| need | use | figures |\n|---|---|---|\n"
+                   "| cheap | `B` | 0.50× of a; 0.43–0.89× the peer; 80–83 dev; 1536 GiB; 32.5B |")
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\n{rt.START} -->\nold\n{rt.END}\n\ntail\n")
+    diffs = rt.differences(readme.read_text(), table, tmp_path)
+    assert diffs and any("old" in d for d in diffs)
+    assert rt.write_readme(readme, table, tmp_path)
+    assert not rt.differences(readme.read_text(), table, tmp_path)
+    assert readme.read_text().endswith(f"{rt.END}\n\ntail\n") and readme.read_text().startswith("# x\n")
+    assert not rt.write_readme(readme, table, tmp_path)  # idempotent
+
+    # a figure edited in the README is named with both values; the prose around it is left to the template
+    readme.write_text(readme.read_text().replace("0.43–0.89×", "0.43–0.90×"))
+    diffs = rt.differences(readme.read_text(), table, tmp_path)
+    assert diffs == ["row `B`, column 'figures': {rng}: README has '0.43–0.90', the JSON gives '0.43–0.89'"]
+
+    # provenance: record "a" has its env, the two "b" records lack all three fields; the Missing one is listed
+    prov = rt.provenance_report(table, tmp_path)
+    assert prov == ["fake.json: 2 of 3 records used lack commit, gpu, command: b, b"]
+    assert rt.missing_sources(table) == ["`B` {big} = '32.5': txt only"]
+
+
+def test_selector_errors(tmp_path: Path) -> None:
+    (tmp_path / "fake.json").write_text(json.dumps(FAKE))
+    ld = rt.Loader(tmp_path)
+    with pytest.raises(LookupError, match="matches 2 records"):
+        rt.Value(rt.sel("fake.json", "dev_acc", label="b")).render(ld)
+    with pytest.raises(LookupError, match="no record matches"):
+        rt.Value(rt.sel("fake.json", "dev_acc", label="zzz")).render(ld)
+
+
+def test_provenance_of_harness_shape() -> None:
+    """A harness JSON: commit and GPU in the file's ``environment``, the command in each record's ``cmd``."""
+    data = {"environment": {"gpu": "NVIDIA H200", "commit": None}, "records": [{"key": "ours:x", "cmd": "-m x"}]}
+    assert rt.provenance(data, data["records"][0]) == {"commit": None, "gpu": "NVIDIA H200", "command": "-m x"}
