@@ -199,6 +199,7 @@ class LayerwiseDFO:
         # one warm-up call per capture: a DFO run captures a graph per layer, each warm-up is a population forward
         self.graph = GraphReplay(self._graphed_fitness, "DFOLoRA(cuda_graph=True)",
                                  s.max_graphs or 4 * self.lora.n_blocks, warmup=1)
+        self.lora.maps_cache = {}  # the maps at fixed addresses, made outside any capture
         if not s.batched or self.path == "step":
             self.graph.disable("the population is evaluated one candidate (or one training_step) at a time")
         elif torch.distributed.is_available() and torch.distributed.is_initialized() and (
