@@ -128,3 +128,15 @@ def test_population_estimate_with_device_seeds_equals_integer_seeds():
     cache = zo.directions.snapshot()
     zo.directions.adopt(cache, seeds, [1, 2, 3])
     assert {s for s, _ in zo.directions._cache} == {1, 2, 3} and len(zo.directions._cache) == len(cache)
+
+
+def test_cuda_graph_warns_about_per_batch_padding():
+    from types import SimpleNamespace
+
+    cb = MeZO(cuda_graph=True)
+    with pytest.warns(UserWarning, match=r"padding='longest'.*Set padding='bucket'"):
+        cb.warn_dynamic_padding(SimpleNamespace(datamodule=tiny_datamodule(padding="longest")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cb.warn_dynamic_padding(SimpleNamespace(datamodule=tiny_datamodule(padding="bucket")))
+        cb.warn_dynamic_padding(SimpleNamespace(datamodule=None))

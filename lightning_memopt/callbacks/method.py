@@ -176,6 +176,18 @@ class MethodCallback(Callback):
         self.log_step(pl_module)
         self.log_number(pl_module, "skipped_steps", self.guard.skipped_steps, on_step=True, on_epoch=False, batch_size=1)
 
+    def warn_dynamic_padding(self, trainer: pl.Trainer) -> None:
+        """With ``cuda_graph``: a data module padding each batch to its own longest prompt makes a new batch shape
+        (a new graph) for most batches; say so once, with the fix."""
+        dm = getattr(trainer, "datamodule", None)
+        padding = getattr(getattr(dm, "hparams", None), "get", lambda *_: None)("padding")
+        if padding == "longest":
+            rank_zero_warn(
+                f"{self.name}(cuda_graph=True): the data module pads each batch to its longest prompt "
+                f"(padding='longest'), so batch shapes vary and each new one is captured (up to max_graphs, then "
+                f"eager). Set padding='bucket' (a few lengths) or 'max_length' on {type(dm).__name__}."
+            )
+
     def log_number(self, pl_module: pl.LightningModule, name: str, value: float, **kwargs: Any) -> None:
         """Log a host number without a sync per step: Lightning turns a float into a device tensor with a blocking
         copy (a stream sync), so the tensor is made once and later values are written into it by a fill kernel,

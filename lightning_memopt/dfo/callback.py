@@ -189,6 +189,8 @@ class DFOLoRA(MethodCallback):
             self.dfo.remove()
         try:
             self.dfo = LayerwiseDFO(pl_module, self.config, guard=self.guard, **self._paths(pl_module))
+            if self.config.cuda_graph and pl_module.device.type == "cuda":
+                self.warn_dynamic_padding(trainer)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
         c = self.config

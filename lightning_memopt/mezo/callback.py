@@ -256,6 +256,7 @@ class MeZO(MethodCallback):
                       "member is not captured)")
         else:
             self._seed_dev = DeviceValues(self.config.n_spsa, torch.int64, pl_module.device)
+            self.warn_dynamic_padding(trainer)
             return
         self._graph.disable(reason)
 
