@@ -180,8 +180,7 @@ class MethodCallback(Callback):
         """With ``cuda_graph``: a data module padding each batch to its own longest prompt makes a new batch shape
         (a new graph) for most batches; say so once, with the fix."""
         dm = getattr(trainer, "datamodule", None)
-        padding = getattr(getattr(dm, "hparams", None), "get", lambda *_: None)("padding")
-        if padding == "longest":
+        if (getattr(dm, "hparams", None) or {}).get("padding") == "longest":
             rank_zero_warn(
                 f"{self.name}(cuda_graph=True): the data module pads each batch to its longest prompt "
                 f"(padding='longest'), so batch shapes vary and each new one is captured (up to max_graphs, then "

@@ -197,7 +197,7 @@ class LayerwiseDFO:
         s = self.settings
         # one graph per layer and batch shape: by default room for every layer at 4 shapes
         # one warm-up call per capture: a DFO run captures a graph per layer, each warm-up is a population forward
-        self.graph = GraphReplay(self._graphed_fitness, "DFOLoRA(cuda_graph=True)",
+        self.graph = GraphReplay(self._population_fitness, "DFOLoRA(cuda_graph=True)",
                                  s.max_graphs or 4 * self.lora.n_blocks, warmup=1)
         self.lora.maps_cache = {}  # the maps at fixed addresses, made outside any capture
         if not s.batched or self.path == "step":
@@ -207,22 +207,20 @@ class LayerwiseDFO:
         ):
             self.graph.disable("under several processes the fitness is all-reduced inside the step")
 
-    def _graphed_fitness(self, batch: Any, z: Tensor, k: int) -> Tensor:
-        if self.path == "logits":
+    def _population_fitness(self, batch: Any, z: Tensor, k: int) -> Tensor:
+        """Fitness ``[P]`` of candidates ``z`` for layer ``k`` by the module's path (what a graph holds)."""
+        if self.path != "logits":
+            return self.eval_members(batch, k, z)
+        if self.settings.batched:
             return self.eval_batched(batch, k, z, self.split)
-        return self.eval_members(batch, k, z)
+        return self.eval_sequential(batch, k, z)
 
     def _fitness(self, batch: Any, k: int, z: Tensor) -> Tensor:
-        s = self.settings
         if self.graph is not None and self.graph.disabled is None:
             # the candidates on the weights' device (a graph reads its inputs there); the output is rewritten by
             # the next replay, so it is cloned
             return self.graph(batch, z.to(self.lora.device), k).clone()
-        if self.path != "logits":
-            return self.eval_members(batch, k, z)
-        if s.batched:
-            return self.eval_batched(batch, k, z, self.split)
-        return self.eval_sequential(batch, k, z)
+        return self._population_fitness(batch, z, k)
 
     @property
     def exhausted(self) -> bool:

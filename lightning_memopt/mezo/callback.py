@@ -328,17 +328,21 @@ class MeZO(MethodCallback):
             g, loss = self._graphed_estimate(original, pl_module, args, kwargs, seeds)
         else:
             with eval_mode(pl_module, self.eval_mode):
-                loss_fn = lambda: self._objective(original(*args, **kwargs))
-                if self._per_sample is not None:
-                    batch = args[0] if args else kwargs.get("batch")
-                    g, loss = self.zo.estimate(loss_fn, seeds, per_sample=self._per_sample, batch=batch)
-                else:
-                    g, loss = self.zo.estimate(loss_fn, seeds)
+                g, loss = self._estimate(lambda: self._objective(original(*args, **kwargs)), seeds,
+                                         args[0] if args else kwargs.get("batch"))
         self._seeds = seeds
         self._g_sum = g if self._g_sum is None else self._g_sum + g
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._micro += 1
         return {"loss": loss}
+
+    def _estimate(
+        self, loss_fn: Any, seeds: list[int], batch: Any, seed_t: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step's estimate: batched through ``per_sample_loss`` where the population runs that way (the
+        estimator ignores ``batch`` otherwise), else through ``loss_fn``."""
+        assert self.zo is not None
+        return self.zo.estimate(loss_fn, seeds, seed_t, per_sample=self._per_sample, batch=batch)
 
     def _graphed_estimate(
         self, original: Any, pl_module: pl.LightningModule, args: tuple, kwargs: dict, seeds: list[int]
@@ -369,12 +373,8 @@ class MeZO(MethodCallback):
         pl_module.log = record  # type: ignore[method-assign]
         try:
             with eval_mode(pl_module, self.eval_mode):
-                loss_fn = lambda: self._objective(original(batch, *rest, **kwargs))  # noqa: E731
-                if self._per_sample is not None:
-                    g, loss = self.zo.estimate(loss_fn, seeds, self._seed_dev.tensor, per_sample=self._per_sample,
-                                               batch=batch)
-                else:
-                    g, loss = self.zo.estimate(loss_fn, seeds, self._seed_dev.tensor)
+                g, loss = self._estimate(lambda: self._objective(original(batch, *rest, **kwargs)), seeds, batch,
+                                         self._seed_dev.tensor)
         finally:
             if own is None:
                 del pl_module.__dict__["log"]
