@@ -92,9 +92,8 @@ class Directions:
         self._cache = {k: v for k, v in self._cache.items() if k[0] in self._keep}
         idx = [i for i in self.shapes if seed_t is not None or self._lowrank[i] or _prod(self.shapes[i]) <= 1 << 16]
         triton = perturb.use_triton(torch.empty(0, device=self.device))
-        first = {int(s): j for j, s in reversed(list(enumerate(seeds)))}  # each seed once, at its first position
-        for s, j in sorted(first.items(), key=lambda kv: kv[1]):
-            todo = [i for i in idx if (s, i) not in self._cache]
+        for j, s in enumerate(int(x) for x in seeds):
+            todo = [i for i in idx if (s, i) not in self._cache]  # empty for a repeated seed
             if not todo:
                 continue
             numels = [self._numel(i) for i in todo]
