@@ -419,10 +419,13 @@ class HFCausalLM(LightningModule):
             )
         if objective in ("lm", "generation"):
             return {"loss": self.lm_loss(batch)}
-        logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("choice_ids"),
-                      batch.get("choice_mask"))
+        logits = self._class_logits(batch)
         loss = F.cross_entropy(logits, batch["labels"])
         return {"loss": loss, "logits": logits.detach(), "labels": batch["labels"]}
+
+    def _class_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """Label-word logits (or candidate scores) of a classification batch."""
+        return self(batch["input_ids"], batch.get("attention_mask"), batch.get("choice_ids"), batch.get("choice_mask"))
 
     def per_sample_loss(self, batch: dict[str, Tensor]) -> Tensor:
         """Per-example losses ``[B]`` whose mean is ``training_step``'s loss on the same batch.
@@ -432,9 +435,7 @@ class HFCausalLM(LightningModule):
         batch's tokens, so the mean is the token mean the loss takes.
         """
         if self.hparams.objective == "classification":
-            logits = self(batch["input_ids"], batch.get("attention_mask"), batch.get("choice_ids"),
-                          batch.get("choice_mask"))
-            return F.cross_entropy(logits.float(), batch["labels"], reduction="none")
+            return F.cross_entropy(self._class_logits(batch).float(), batch["labels"], reduction="none")
         input_ids, mask, labels = self._lm_inputs(batch)
         logits = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
