@@ -102,6 +102,11 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
             pl_module.model.register_forward_pre_hook(count)
             self.t0 = time.perf_counter()
 
+        def count(self, trainer: Any) -> int:
+            # forward-only methods count their own (graph replays and batched members pass no forward hook)
+            own = [cb.evaluations for cb in trainer.callbacks if isinstance(getattr(cb, "evaluations", None), int)]
+            return sum(own) if own else self.forwards
+
         def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
             self._v0 = time.perf_counter()
 
@@ -112,7 +117,7 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
                 wall = time.perf_counter() - self.t0
                 self.points.append(dict(step=trainer.global_step, wall_s=round(wall, 2),
                                         train_s=round(wall - self.val_s, 2), val=float(value),
-                                        forwards=self.forwards))
+                                        forwards=self.count(trainer)))
                 if best_val and (self.best is None or float(value) > self.best[0]):
                     # the trained weights in host memory (MeZO's official runs keep the best-validation model)
                     weights = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()
@@ -127,10 +132,11 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
     if method != "zero_shot":
         trainer.fit(module, datamodule=cli.datamodule)
     fit_s = time.perf_counter() - t
+    forwards = curve.count(trainer)
     test = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
     # Over fit and test (zero-shot has only the test); test forwards are no larger than training's.
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    rec = dict(task=task, method=method, seed=seed, steps=trainer.global_step, forwards=curve.forwards,
+    rec = dict(task=task, method=method, seed=seed, steps=trainer.global_step, forwards=forwards,
                wall_s=round(fit_s, 1), train_s=round(fit_s - curve.val_s, 1),
                peak_gib=None if peak is None else round(peak, 3), val_metric=val_key, curve=curve.points)
     rec.update({f"dev_{k[5:]}": round(100 * test.get(k, float("nan")), 2) for k in test_keys})

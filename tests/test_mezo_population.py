@@ -172,6 +172,25 @@ def test_curvature_preconditioner_makes_lr_a_fraction_of_the_stable_step():
     assert len(cb.zo.history[-1][1]) == 4  # curvatures feed h; the window keeps the scaled projected gradients
 
 
+@pytest.mark.parametrize("kw", [{}, {"n_spsa": 3, "one_sided": True}, {"n_spsa": 2, "perturbation": "lowrank"},
+                                {"n_spsa": 2, "perturbation": "lowrank", "precondition": "curvature"}])
+def test_evaluations_count_the_forwards_of_the_batch(kw):
+    """``MeZO.evaluations`` (the x axis of accuracy against forward passes) equals the forwards run, counted by a
+    hook on the model where each member is its own forward, and stays the same when members are batched."""
+    counts = {}
+    for batched in (False, True):
+        if batched and kw.get("perturbation") != "lowrank":
+            continue
+        model, calls = TinyLMPerSample() if batched else TinyLM(), []
+        model.model.register_forward_pre_hook(lambda *_: calls.append(1))
+        cb = MeZO(lr=1e-3, batched=batched, **kw)
+        tiny_trainer(max_steps=3, callbacks=[cb]).fit(model)
+        counts[batched] = cb.evaluations
+        if not batched:
+            assert cb.evaluations == len(calls) > 0
+    assert len(set(counts.values())) == 1
+
+
 @pytest.mark.parametrize("precondition", ["layer", "curvature"])
 def test_resume_mid_run_ends_at_identical_weights(tmp_path, precondition):
     lr = 0.3 if precondition == "curvature" else 2e-3
@@ -179,7 +198,8 @@ def test_resume_mid_run_ends_at_identical_weights(tmp_path, precondition):
     pl.seed_everything(0)
     model = tiny_model(objective="lm")
     ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=5)
-    trainer = tiny_trainer(max_steps=12, enable_checkpointing=True, callbacks=[MeZO(**kw), ckpt_cb])
+    first = MeZO(**kw)
+    trainer = tiny_trainer(max_steps=12, enable_checkpointing=True, callbacks=[first, ckpt_cb])
     trainer.fit(model, tiny_datamodule(k=4, batch_size=8))
     straight = full_state(model)
     ckpt = str(next(tmp_path.glob("*step=5.ckpt")))
@@ -189,10 +209,12 @@ def test_resume_mid_run_ends_at_identical_weights(tmp_path, precondition):
 
     pl.seed_everything(0)
     second = tiny_model(objective="lm", init_seed=1)  # other weights (and other layer scales): all from the ckpt
-    trainer = tiny_trainer(max_steps=12, callbacks=[MeZO(**kw)])
+    again = MeZO(**kw)
+    trainer = tiny_trainer(max_steps=12, callbacks=[again])
     trainer.fit(second, tiny_datamodule(k=4, batch_size=8), ckpt_path=ckpt)
     resumed = full_state(second)
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert again.evaluations == first.evaluations > 0  # the forward count comes back with the checkpoint
 
 
 @pytest.mark.parametrize("variant,precondition", [("sgd", "layer"), ("adam", "none"), ("momentum", "curvature")])

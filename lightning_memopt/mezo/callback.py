@@ -174,6 +174,13 @@ class MeZO(MethodCallback):
         self._per_sample: Any = None
         self._reset_accumulators()
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._evaluations = 0
+
+    @property
+    def evaluations(self) -> int:
+        """Forward passes of one training batch run so far, as ``DFOLoRA.evaluations`` counts them (a replayed
+        or batched member counts one; kept in checkpoints): the x axis of accuracy against forward passes."""
+        return self._evaluations
 
     def _reset_accumulators(self) -> None:
         self._g_sum: torch.Tensor | None = None
@@ -270,6 +277,7 @@ class MeZO(MethodCallback):
             self.zo.directions.scales = {int(k): float(v) for k, v in state["scales"].items()}
         if state.get("trajectory") is not None:
             self.trajectory = state["trajectory"]
+        self._evaluations = int(state.get("evaluations", 0))
 
     @override
     def uninstall(self) -> None:
@@ -331,6 +339,7 @@ class MeZO(MethodCallback):
                 g, loss = self._estimate(lambda: self._objective(original(*args, **kwargs)), seeds,
                                          args[0] if args else kwargs.get("batch"))
         self._seeds = seeds
+        self._evaluations += self.zo.forwards_per_estimate
         self._g_sum = g if self._g_sum is None else self._g_sum + g
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._micro += 1
@@ -435,6 +444,7 @@ class MeZO(MethodCallback):
             "scales": None if self.zo is None or self.zo.scales is None else {str(k): v for k, v in
                                                                              self.zo.scales.items()},
             "trajectory": self.trajectory,
+            "evaluations": self._evaluations,
         }
 
     @override

@@ -378,6 +378,14 @@ class ZeroOrder:
     def seeds(self, step: int) -> list[int]:
         return step_seeds(self.seed, step, self.config.n_spsa)
 
+    @property
+    def forwards_per_estimate(self) -> int:
+        """Forward passes of the batch one estimate runs (a batched population member counts as one)."""
+        cfg = self.config
+        if cfg.one_sided:
+            return cfg.n_spsa + 1
+        return 2 * cfg.n_spsa + (1 if cfg.precondition == "curvature" else 0)
+
     def estimate(
         self,
         loss_fn: Callable[[], Tensor] | None,
