@@ -10,7 +10,11 @@ so the figures sit beside the bare-step cases of the other modules and the peers
   freed: Lightning zeroes them after the next forward, so they live through it);
 * ``adamw_lightning``: the module's AdamW as Lightning runs it (gradients set to None by Lightning's zero_grad);
 * ``mezo_lightning`` / ``lomo_lightning``: ``MeZO(lr=1e-6)`` and ``LOMO(lr=1e-3)``;
-* ``mezo_lightning_graph``: ``MeZO(lr=1e-6, cuda_graph=True)`` (the perturbed forwards replayed from a CUDA graph).
+* ``mezo_lightning_graph``: ``MeZO(lr=1e-6, cuda_graph=True)`` (the perturbed forwards replayed from a CUDA graph);
+* ``mezo_pop_lightning`` / ``mezo_pop_lightning_graph``: the population estimator as
+  ``configs/sst2_smollm2_mezo_pop.yaml`` sets it (``MEZO_POP=16`` directions of rank 4, ``MEZO_POP_CHUNK=8``
+  members per forward, MeZO's default; the config's 16 with ``MEZO_POP_CHUNK=16``), on a module whose loader yields the batch and which defines
+  ``per_sample_loss``, so the members run batched.
 
 Usage: ``python -m benchmarks.cases.lightning CASE SIZE [BATCH] [SEQ]``; ``DEV=cpu`` smoke-tests it.
 """
@@ -43,6 +47,20 @@ class _Module(pl.LightningModule):
 
     def train_dataloader(self) -> Any:
         return torch.utils.data.DataLoader(list(range(64)), batch_size=1, pin_memory=torch.cuda.is_available())
+
+
+class _PopModule(_Module):
+    """Trains on the loader's batch (the population repeats it per member) and gives per-row losses."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self.model(input_ids=batch, labels=batch).loss
+
+    def per_sample_loss(self, batch: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=batch).logits[:, :-1].float()
+        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+
+    def train_dataloader(self) -> Any:
+        return torch.utils.data.DataLoader([self.x.cpu()] * 64, batch_size=None, pin_memory=torch.cuda.is_available())
 
 
 class _Timer(pl.Callback):
@@ -107,6 +125,15 @@ def _mezo(cuda_graph: bool = False) -> pl.Callback:
     return MeZO(lr=1e-6, eps=1e-3, cuda_graph=cuda_graph, distribution=os.environ.get("MEZO_DIST", "normal"))
 
 
+def _mezo_pop(cuda_graph: bool = False) -> pl.Callback:
+    from lightning_memopt import MeZO
+
+    chunk = int(os.environ.get("MEZO_POP_CHUNK", "8")) or None  # 8: MeZO's default; 0: all members in one forward
+    return MeZO(lr=1e-6, eps=1e-3, n_spsa=int(os.environ.get("MEZO_POP", "16")), perturbation="lowrank",
+                perturbation_rank=int(os.environ.get("MEZO_RANK", "4")), batched=True, population_chunk=chunk,
+                cuda_graph=cuda_graph)
+
+
 def _lomo() -> pl.Callback:
     from lightning_memopt import LOMO
 
@@ -120,6 +147,8 @@ CASES: dict[str, Callable[[], pl.Callback | None]] = {
     "mezo_lightning": _mezo,
     "mezo_lightning_graph": lambda: _mezo(True),
     "lomo_lightning": _lomo,
+    "mezo_pop_lightning": _mezo_pop,
+    "mezo_pop_lightning_graph": lambda: _mezo_pop(True),
 }
 
 
@@ -137,7 +166,7 @@ def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5
             precision="bf16-true", callbacks=[c for c in (method, timer) if c is not None], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
-        trainer.fit(_Module(model, x))
+        trainer.fit((_PopModule if case.startswith("mezo_pop") else _Module)(model, x))
         t = statistics.median(timer.times)
         res.update(step_s=round(t, 4), peak_gib=round(timer.peak, 2), tok_per_s=round(batch * seq / t, 1),
                    peak_reserved_gib=round(timer.peak_reserved, 2), timing=timing)
