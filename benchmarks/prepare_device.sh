@@ -3,7 +3,7 @@
 #   .gpu/anchors_gpu.py   the peers' script (../shared does not travel)
 #   .gpu/data/sst2        the SST-2 TSV folder
 #   .whl/                 galore-torch, lomo-optim, bitsandbytes, gguf, jsonargparse[signatures]: benchmarks
-#   .whl2/                gguf, jsonargparse[signatures]: SST-2 runs (small, leaves room for the SmolLM2 halves)
+#   .whl2/                gguf, jsonargparse[signatures], pytest-xdist: SST-2 runs and the tests (small, leaves room for the SmolLM2 halves)
 # Wheels are for the device image (Python 3.12, manylinux x86_64); packages the image already has are not fetched.
 # A call carries at most 64 MiB in all, so carry single paths (".gpu/anchors_gpu.py", ".gpu/data"), never all of .gpu.
 set -euo pipefail
@@ -18,6 +18,7 @@ grep -qx '/.whl2/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo
 
 JSONARGPARSE=(jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.14.0)  # typing-extensions: on the image
 GGUF=(gguf==0.19.0)
+XDIST=(pytest-xdist==3.8.0 execnet==2.1.2)  # the README runs the tests with -n auto
 BENCH=(galore-torch==1.0 lomo-optim==0.1.1 bitsandbytes==0.50.2)
 fetch() {  # fetch DIR PKG...: one version of each, nothing else in DIR
   local dir=$1; shift
@@ -28,7 +29,7 @@ fetch() {  # fetch DIR PKG...: one version of each, nothing else in DIR
     -d "$dir" "$@"
 }
 fetch .whl "${BENCH[@]}" "${GGUF[@]}" "${JSONARGPARSE[@]}"
-fetch .whl2 "${GGUF[@]}" "${JSONARGPARSE[@]}"
+fetch .whl2 "${GGUF[@]}" "${JSONARGPARSE[@]}" "${XDIST[@]}"
 # .whl3/: DeepSpeed for the zero3 suite. PyPI has only its source (no wheel): the device builds it against its own
 # torch (pip install --no-build-isolation, ops compiled just in time); its small dependencies come as wheels.
 grep -qx '/.whl3/' .git/info/exclude 2>/dev/null || echo '/.whl3/' >> .git/info/exclude

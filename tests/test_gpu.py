@@ -1,5 +1,5 @@
 """On a CUDA GPU (skipped without one): the Triton perturbation kernels against the torch reference, and a few bf16
-steps of every method through a Trainer. `python -m pytest -q tests` runs these on a GPU machine.
+steps of every method through a Trainer. `python -m pytest -q -n auto tests` runs these on a GPU machine.
 
 Only the public callback constructors are used here, so that the methods' internals can change freely.
 """
