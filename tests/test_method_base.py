@@ -70,6 +70,8 @@ def _state(trainer: pl.Trainer, cb) -> dict:
     holder = trainer.strategy.optimizers[0]
     st = cb.state_dict()
     st.pop("skips")
+    if isinstance(st.get("state"), dict):
+        st["state"].pop("evaluations", None)  # MeZO counts the forwards a skipped step ran too
     return {"callback": copy.deepcopy(st), "optimizer": copy.deepcopy(holder.state_dict()["state"])}
 
 

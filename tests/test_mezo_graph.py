@@ -140,3 +140,48 @@ def test_cuda_graph_warns_about_per_batch_padding():
         warnings.simplefilter("error")
         cb.warn_dynamic_padding(SimpleNamespace(datamodule=tiny_datamodule(padding="bucket")))
         cb.warn_dynamic_padding(SimpleNamespace(datamodule=None))
+
+
+def test_population_capture_draws_its_own_directions_not_its_warmups():
+    """A graph's capture follows an eager warm-up with the same seeds: with device seeds, retain() draws every
+    direction again (into the capture), never reusing the warm-up's cached tensors, whose values a replay would
+    never rewrite."""
+    torch.manual_seed(0)
+    model = tiny_model(objective="lm")
+    zo = ZeroOrder(model, ZOConfig(eps=1e-2, n_spsa=2, perturbation="lowrank", batched=True), seed=5)
+    seeds = zo.seeds(3)
+    seed_t = torch.tensor(seeds, dtype=torch.int64)
+    zo.directions.retain(seeds, seed_t)
+    warm = zo.directions.snapshot()
+    zo.directions.retain(seeds, seed_t)
+    again = zo.directions.snapshot()
+    assert warm.keys() == again.keys() and warm
+    for k in warm:
+        a, b = (warm[k], again[k]) if isinstance(warm[k], tuple) else ((warm[k],), (again[k],))
+        assert all(x.data_ptr() != y.data_ptr() and torch.equal(x, y) for x, y in zip(a, b)), k
+
+
+def test_dfo_points_stay_at_their_addresses_under_cuda_graph():
+    """Under cuda_graph each layer's point and fixed factors are written in place (another layer's captured forward
+    reads them at their addresses), zero points included, with the values the ordinary path computes."""
+    from lightning_memopt.dfo.lora import ZLoRA
+
+    torch.manual_seed(0)
+    model = tiny_model().model
+    plain, static = ZLoRA(model, d=16, rank=2), ZLoRA(model, d=16, rank=2)
+    static.static_fixed = True
+    for k in range(static.n_blocks):
+        static.set_z(k, static.z[k])
+    ptrs = [[(a.data_ptr(), b.data_ptr()) for a, b in f] for f in static._fixed]
+    zp = static.z[0].data_ptr()
+    for step in range(3):
+        z = torch.randn(16, dtype=torch.float64) if step < 2 else torch.zeros(16, dtype=torch.float64)
+        plain.set_z(0, z)
+        static.set_z(0, z)
+        assert [[(a.data_ptr(), b.data_ptr()) for a, b in f] for f in static._fixed] == ptrs
+        assert static.z[0].data_ptr() == zp and torch.equal(static.z[0], plain.z[0])
+        if plain._fixed[0] is None:  # a zero point: no delta on the ordinary path, zero factors here
+            assert all(not a.any() and not b.any() for a, b in static._fixed[0])
+        else:
+            assert all(torch.equal(a, pa) and torch.equal(b, pb) for (a, b), (pa, pb) in zip(static._fixed[0],
+                                                                                         plain._fixed[0]))

@@ -222,6 +222,7 @@ def _move(t: Tensor, device: torch.device | str) -> Tensor:
     if t.device == device:
         return t
     if t.is_cuda and device.type == "cpu":
-        out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        # the same strides: eigh's B is column-major, and a matmul on another layout rounds differently
+        out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, pin_memory=True)
         return out.copy_(t, non_blocking=True)
     return t.to(device, non_blocking=t.is_pinned())

@@ -206,6 +206,10 @@ class LayerwiseDFO:
             torch.distributed.get_world_size() > 1
         ):
             self.graph.disable("under several processes the fitness is all-reduced inside the step")
+        else:
+            self.lora.static_fixed = True  # each block's point and factors too: other layers' graphs read them
+            for k in range(self.lora.n_blocks):
+                self.lora.set_z(k, self.lora.z[k])
 
     def _population_fitness(self, batch: Any, z: Tensor, k: int) -> Tensor:
         """Fitness ``[P]`` of candidates ``z`` for layer ``k`` by the module's path (what a graph holds)."""

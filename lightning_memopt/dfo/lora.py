@@ -145,6 +145,9 @@ class ZLoRA:
         # graph of the population forward needs: it reads them at fixed addresses, and a seeded generator cannot
         # run inside a capture). About 3 MB a block at SmolLM2's shape, 13 MB at 1.1B's.
         self.maps_cache: dict[int, list[tuple[Tensor, Tensor]]] | None = None
+        # True under a CUDA graph: each block's point and fixed factors stay at their addresses (set_z writes in
+        # place, a zero point keeps its zero factors), since a captured forward reads them there
+        self.static_fixed = False
         self.stats_ready = False
 
     @property
@@ -306,6 +309,16 @@ class ZLoRA:
 
     def set_z(self, idx: int, z: Tensor) -> None:
         """Fix block ``idx``'s z (the point used outside population evaluation)."""
+        if self.static_fixed:
+            self.z[idx].copy_(z.detach())
+            new = [(a[0], b[0]) for a, b in self.factors(idx, self.z[idx][None])]
+            if self._fixed[idx] is None:
+                self._fixed[idx] = [(a.clone(), b.clone()) for a, b in new]
+            else:
+                for (a, b), (na, nb) in zip(self._fixed[idx], new):  # type: ignore[union-attr]
+                    a.copy_(na)
+                    b.copy_(nb)
+            return
         self.z[idx] = z.detach().to(self.device, torch.float32).clone()
         # zero z is exactly the base model (no delta to add); checked only on a host tensor: on the GPU the read
         # would sync every generation, and a z from the optimizer after a tell is not zero anyway

@@ -178,8 +178,8 @@ class MeZO(MethodCallback):
 
     @property
     def evaluations(self) -> int:
-        """Forward passes of one training batch run so far, as ``DFOLoRA.evaluations`` counts them (a replayed
-        or batched member counts one; kept in checkpoints): the x axis of accuracy against forward passes."""
+        """Forward passes of one training batch run so far (a replayed or batched member counts one, a skipped
+        step's too; kept in checkpoints): the x axis of accuracy against forward passes."""
         return self._evaluations
 
     def _reset_accumulators(self) -> None:

@@ -89,7 +89,9 @@ class Directions:
         tensor's direction is generated here (none later from a host seed), so a CUDA graph of the step draws its
         replay's directions; :meth:`adopt` then re-labels the cache with each replay's seeds."""
         self._keep = {int(s) for s in seeds}
-        self._cache = {k: v for k, v in self._cache.items() if k[0] in self._keep}
+        # With seed_t every direction is drawn here, from the device seeds: a graph's capture must not find the
+        # tensors of its own warm-up cached (it would replay those directions forever).
+        self._cache = {} if seed_t is not None else {k: v for k, v in self._cache.items() if k[0] in self._keep}
         idx = [i for i in self.shapes if seed_t is not None or self._lowrank[i] or _prod(self.shapes[i]) <= 1 << 16]
         triton = perturb.use_triton(torch.empty(0, device=self.device))
         for j, s in enumerate(int(x) for x in seeds):
