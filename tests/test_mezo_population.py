@@ -310,3 +310,29 @@ def test_fsdp2_two_processes_equal_one():
             torch.testing.assert_close(two[rank]["state"][k], v, rtol=1e-4, atol=1e-5)
         moved += int(not torch.equal(v, init[k]))
     assert moved == len(init)
+
+
+def test_rmsnorm_runs_all_members_at_once_as_the_per_member_forward_does(monkeypatch):
+    """LlamaRMSNorm (or a copy of its code) gets each member's weight in one batched call; the losses equal those of
+    the generic fallback, which runs the module once per member with that member's weight."""
+    from lightning_memopt.core import population as core_pop
+
+    model = tiny_model(objective="lm")
+    model.eval()
+    norm = model.model.model.norm
+    assert core_pop._is_llama_rmsnorm(norm) and not core_pop._is_llama_rmsnorm(torch.nn.LayerNorm(4))
+    batch = {"input_ids": torch.randint(0, 256, (4, 12)), "attention_mask": torch.ones(4, 12, dtype=torch.long)}
+    calls = []
+    fast = core_pop.PopulationEngine._rmsnorm
+    monkeypatch.setattr(core_pop.PopulationEngine, "_rmsnorm", lambda *a: calls.append(1) or fast(*a))
+    losses = {}
+    for batched_norms in (True, False):
+        monkeypatch.setattr(core_pop, "_is_llama_rmsnorm", lambda m, on=batched_norms: on)
+        zo = ZeroOrder(model, ZOConfig(eps=1e-2, n_spsa=3, perturbation="lowrank", batched=True), seed=5)
+        with torch.no_grad():
+            g, loss = zo.estimate(None, zo.seeds(7), per_sample=model.per_sample_loss, batch=batch)
+        losses[batched_norms] = (g, loss)
+        zo.close()
+        if batched_norms:
+            assert len(calls) > 0
+    torch.testing.assert_close(losses[True], losses[False], rtol=0, atol=1e-6)

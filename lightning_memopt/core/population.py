@@ -195,6 +195,8 @@ class PopulationEngine:
             fast = self._linear
         elif isinstance(mod, nn.Embedding) and set(names) == {"weight"} and self.source.lowrank(names["weight"]):
             fast = self._embedding
+        elif set(names) == {"weight"} and not self.source.lowrank(names["weight"]) and _is_llama_rmsnorm(mod):
+            fast = self._rmsnorm
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
             if self.members is None:
@@ -242,6 +244,18 @@ class PopulationEngine:
         picked = torch.stack([u[j].index_select(0, idv[j]) for j in range(p)])  # [P, n, r]
         delta = torch.bmm(picked, v.transpose(1, 2))  # [P, n, d]
         return out + delta.reshape(out.shape).to(out.dtype)
+
+    def _rmsnorm(self, module: nn.Module, names: dict, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
+        """LlamaRMSNorm's forward for all members at once, each row block scaled by its member's weight (formed as
+        the per-member fallback forms it): a few kernels instead of a forward per member."""
+        x = args[0] if args else kwargs["hidden_states"]
+        n = self._rows(x, module)
+        w = module.weight
+        ws = (w.detach().float() + self.source.dense(names["weight"], self.members)).to(w.dtype)  # [P, d]
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        h = h.to(x.dtype).reshape(ws.shape[0], n, *x.shape[1:])
+        return (ws.reshape(ws.shape[0], *([1] * (x.ndim - 1)), -1) * h).reshape(out.shape)
 
     def _per_member(self, module: nn.Module, names: dict, args: tuple, kwargs: dict, out: Any) -> Any:
         members = self.members
@@ -295,6 +309,19 @@ class PopulationEngine:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+
+
+def _is_llama_rmsnorm(mod: nn.Module) -> bool:
+    """Whether ``mod`` runs LlamaRMSNorm's forward: the class, or a copy of its code (Qwen2, Mistral and others copy
+    it); anything else (Gemma's ``1 + w``, other versions) takes the per-member fallback."""
+    try:
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return False
+    f, ref = getattr(type(mod).forward, "__code__", None), LlamaRMSNorm.forward.__code__
+    same = f is not None and (f is ref or (f.co_code, f.co_consts, f.co_names) == (ref.co_code, ref.co_consts,
+                                                                                      ref.co_names))
+    return same and hasattr(mod, "variance_epsilon")
 
 
 def _take_rows(x: Any, batch: int, sl: slice) -> Any:

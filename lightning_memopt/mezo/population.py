@@ -70,6 +70,7 @@ class Directions:
         self._cache: dict[tuple[int, int], Any] = {}
         self._keep: set[int] | None = None
         self._zeros: Tensor | None = None  # the zero source of the one-launch factor generation (CUDA)
+        self._signs: dict[tuple[float, ...], Tensor] = {}
 
     def lowrank(self, index: int) -> bool:
         return self._lowrank[index]
@@ -165,29 +166,24 @@ class Directions:
         c = float(member[1]) * self.eps * self.scale(index)
         return c / math.sqrt(self.rank) if self._lowrank[index] else c
 
+    def _coefs(self, members: Sequence[Member], index: int) -> Tensor:
+        """``[P]`` float32: each member's ``sign·ε·S_i`` (over ``sqrt(r)`` for low-rank), one multiply on a device
+        tensor of the signs, which is made once per sign pattern (the same every step: a graph's capture finds it
+        made by its warm-up)."""
+        key = tuple(float(m[1]) for m in members)
+        signs = self._signs.get(key)
+        if signs is None:
+            signs = self._signs[key] = torch.tensor(key, dtype=torch.float32, device=self.device)
+        return signs * self._coef((0, 1.0), index)
+
     def factors(self, index: int, members: Sequence[Member]) -> tuple[Tensor, Tensor]:
-        m, n = self.shapes[index]
-        us, vs = [], []
-        for mem in members:
-            c = self._coef(mem, index)
-            if c == 0.0:
-                us.append(torch.zeros(m, self.rank, device=self.device))
-                vs.append(torch.zeros(n, self.rank, device=self.device))
-                continue
-            u, v = self.uv(int(mem[0]), index)
-            us.append(u * c)
-            vs.append(v)
-        return torch.stack(us), torch.stack(vs)
+        # one stack and one multiply for all members (not one scaling per member): kernels, not numbers, cost here;
+        # the unperturbed member's coefficient is 0, so its factors of a cached seed give a zero delta
+        us, vs = zip(*(self.uv(int(mem[0]), index) for mem in members))
+        return torch.stack(us) * self._coefs(members, index)[:, None, None], torch.stack(vs)
 
     def dense(self, index: int, members: Sequence[Member]) -> Tensor:
-        out = []
-        for mem in members:
-            c = self._coef(mem, index)
-            if c == 0.0:
-                out.append(torch.zeros(_prod(self.shapes[index]), device=self.device))
-            else:
-                out.append(self.z(int(mem[0]), index) * c)
-        return torch.stack(out)
+        return torch.stack([self.z(int(mem[0]), index) for mem in members]) * self._coefs(members, index)[:, None]
 
 
 def members_of(seeds: Sequence[int], one_sided: bool, base: bool = False) -> list[Member]:
