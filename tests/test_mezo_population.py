@@ -15,6 +15,7 @@ from lightning_memopt.mezo.population import members_of
 from lightning_memopt.models.configs import llama_config
 from lightning_memopt.models.hf import HFCausalLM
 from lightning_memopt.testing import run_distributed, tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.testing.multiproc import assert_ranks_equal_one_and_all_moved
 from lightning_memopt.testing.tiny import TinyLM, TinyLMPerSample, full_state
 from lightning_memopt.testing.workers import fit_tiny
 
@@ -304,12 +305,7 @@ def test_fsdp2_two_processes_equal_one():
     one = fit_tiny(world_size=1, **args)
     two = run_distributed("lightning_memopt.testing.workers:fit_tiny", world_size=2, **args)
     init = fit_tiny(world_size=1, steps=0, global_batch=16)["state"]
-    moved = 0
-    for k, v in one["state"].items():
-        for rank in range(2):
-            torch.testing.assert_close(two[rank]["state"][k], v, rtol=1e-4, atol=1e-5)
-        moved += int(not torch.equal(v, init[k]))
-    assert moved == len(init)
+    assert_ranks_equal_one_and_all_moved(one, two, init)
 
 
 def test_rmsnorm_runs_all_members_at_once_as_the_per_member_forward_does(monkeypatch):

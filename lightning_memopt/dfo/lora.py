@@ -311,21 +311,20 @@ class ZLoRA:
         """Fix block ``idx``'s z (the point used outside population evaluation)."""
         if self.static_fixed:
             self.z[idx].copy_(z.detach())
-            new = [(a[0], b[0]) for a, b in self.factors(idx, self.z[idx][None])]
-            if self._fixed[idx] is None:
-                self._fixed[idx] = [(a.clone(), b.clone()) for a, b in new]
-            else:
-                for (a, b), (na, nb) in zip(self._fixed[idx], new):  # type: ignore[union-attr]
-                    a.copy_(na)
-                    b.copy_(nb)
-            return
-        self.z[idx] = z.detach().to(self.device, torch.float32).clone()
-        # zero z is exactly the base model (no delta to add); checked only on a host tensor: on the GPU the read
-        # would sync every generation, and a z from the optimizer after a tell is not zero anyway
-        if z.device.type == "cpu" and not bool(z.any()):
-            self._fixed[idx] = None
-            return
-        self._fixed[idx] = [(a[0], b[0]) for a, b in self.factors(idx, self.z[idx][None])]
+        else:
+            self.z[idx] = z.detach().to(self.device, torch.float32).clone()
+            # zero z is exactly the base model (no delta to add); checked only on a host tensor: on the GPU the read
+            # would sync every generation, and a z from the optimizer after a tell is not zero anyway
+            if z.device.type == "cpu" and not bool(z.any()):
+                self._fixed[idx] = None
+                return
+        new = [(a[0], b[0]) for a, b in self.factors(idx, self.z[idx][None])]
+        if self.static_fixed and self._fixed[idx] is not None:
+            for (a, b), (na, nb) in zip(self._fixed[idx], new):  # type: ignore[union-attr]
+                a.copy_(na)
+                b.copy_(nb)
+        else:
+            self._fixed[idx] = new
 
     @torch.no_grad()
     def merge(self) -> None:

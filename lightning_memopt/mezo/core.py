@@ -39,7 +39,13 @@ from lightning_memopt.core.nonfinite import SkipGuard
 from lightning_memopt.core.population import PopulationEngine
 from lightning_memopt.core.zero3 import is_zero3
 from lightning_memopt.mezo.perturber import InPlacePerturber, Perturber
-from lightning_memopt.mezo.population import Directions, apply_update_population, layer_scales, population_grads
+from lightning_memopt.mezo.population import (
+    Directions,
+    apply_update_population,
+    layer_scales,
+    members_of,
+    population_grads,
+)
 
 Variant = Literal["sgd", "momentum", "adam"]
 Perturbation = Literal["dense", "lowrank"]
@@ -382,9 +388,8 @@ class ZeroOrder:
     def forwards_per_estimate(self) -> int:
         """Forward passes of the batch one estimate runs (a batched population member counts as one)."""
         cfg = self.config
-        if cfg.one_sided:
-            return cfg.n_spsa + 1
-        return 2 * cfg.n_spsa + (1 if cfg.precondition == "curvature" else 0)
+        curvature = cfg.precondition == "curvature" and not cfg.one_sided
+        return len(members_of(range(cfg.n_spsa), cfg.one_sided, base=curvature))
 
     def estimate(
         self,

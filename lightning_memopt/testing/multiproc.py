@@ -110,3 +110,16 @@ def _main() -> None:
 
 if __name__ == "__main__":
     _main()
+
+
+def assert_ranks_equal_one_and_all_moved(one: dict, ranks: list[dict], init: dict) -> None:
+    """Every rank's gathered ``state`` equals the 1-process run's (FSDP2's tolerances), and every parameter moved
+    away from ``init`` (the root group's too: embeddings, norm, head)."""
+    import torch
+
+    moved = 0
+    for k, v in one["state"].items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["state"][k], v, rtol=1e-4, atol=1e-5)
+        moved += int(not torch.equal(v, init[k]))
+    assert moved == len(init), (moved, len(init))
