@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 from lightning_memopt.testing import run_distributed
 from lightning_memopt.testing.multiproc import assert_ranks_equal_one_and_all_moved
 from lightning_memopt.testing.workers import fit_tiny
