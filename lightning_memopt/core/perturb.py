@@ -1,16 +1,17 @@
 """Seeded Gaussian directions keyed by (seed, parameter index, element offset), never stored.
 
 Element ``e`` of parameter ``i`` under step seed ``s`` gets ``randn4x(key, e // 4)[e % 4]`` where ``randn4x`` is
-Triton's ``tl.randn4x`` (Philox4x32-10 on counter ``(e // 4, 0, 0, 0)``, then Box–Muller on pairs) and the 64-bit
+Triton's ``tl.randn4x`` (Philox4x32-10 on counter ``(e // 4, 0, 0, 0)``, then Box–Muller on pairs, here with the
+angle 2πu kept exact: cos/sin of the float64 angle, ``cospi``/``sinpi`` of 2u in the kernel) and the 64-bit
 key is ``s + (i << 32)``: the low word is the step seed, the high word the parameter's index in a fixed by-name
 order. Because z depends only on the element's position in the *full* tensor, any sharding (FSDP2 dim-0 shards, one
 module at a time) sees the same numbers, and a 2-process run perturbs exactly like a 1-process run.
 
-Two backends give the same numbers (up to float rounding of ``log``/``cos``):
+Two backends give the same numbers (up to float rounding of ``log``/``cos``/``sin``):
 
 * a Triton kernel (CUDA tensors, Triton importable): z is generated in registers, one launch per tensor, no buffer;
 * a pure-torch emulation (any device) that reproduces Philox4x32 with int64 arithmetic on uint32 values, and
-  Triton's uint→float and Box–Muller exactly as ``triton/language/random.py`` writes them.
+  Triton's uint→float exactly as ``triton/language/random.py`` writes it.
 
 Public functions: :func:`normal` (z for a range of one parameter), :func:`perturbed` (``w + scale·z`` out of place),
 :func:`update_` (the in-place ZO update with a window of directions, used by MeZO and its momentum/Adam forms), and
@@ -20,6 +21,7 @@ small models the per-tensor launches, not the memory traffic, are the cost).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 
@@ -88,9 +90,10 @@ def _uniform(x: Tensor) -> Tensor:
 
 def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
     u1 = u1.clamp_min(torch.tensor(1.0e-7, dtype=torch.float32).item())
-    th = u2 * torch.tensor(6.283185307179586, dtype=torch.float32, device=u2.device)
+    # the kernel's cospi/sinpi(2u): the angle is not rounded to float32, so compute it in float64
+    th = u2.to(torch.float64) * (2.0 * math.pi)
     r = torch.sqrt(-2.0 * torch.log(u1))
-    return r * torch.cos(th), r * torch.sin(th)
+    return r * torch.cos(th).to(torch.float32), r * torch.sin(th).to(torch.float32)
 
 
 def randn4x(k: int | Tensor, counter: Tensor, dist: str = "normal") -> Tensor:

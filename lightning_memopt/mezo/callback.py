@@ -51,7 +51,7 @@ class MeZO(MethodCallback):
         variant: ``"sgd"`` (MeZO), ``"momentum"`` or ``"adam"``. Momentum/Adam keep no parameter-sized buffer: they
             replay the last ``window`` steps' directions (see :mod:`lightning_memopt.mezo.core`).
         beta1, beta2, window, adam_eps: momentum/Adam settings.
-        distribution: directions z: ``"normal"`` (MeZO's Gaussian, Triton's ``tl.randn4x``) or ``"rademacher"``
+        distribution: directions z: ``"normal"`` (MeZO's Gaussian: Philox and Box–Muller) or ``"rademacher"``
             (±1, classic SPSA; same second moment, cheaper to generate).
         perturbation: ``"dense"`` (MeZO's z on every element) or ``"lowrank"``: each weight matrix ``[m, n]`` moves
             along ``U Vᵀ / sqrt(r)`` with seeded factors ``U [m, r]``, ``V [n, r]`` (never stored), vectors along
