@@ -8,8 +8,8 @@
 (ours and the peers, measured side by side in that suite's run). Rows from different suites come from different
 runs: compare within a method's group, not across groups.
 
-``<task>_acc_vs_{step,wall_s,forwards}.png`` and ``<task>_peak_memory.png``: ``benchmarks.task_results.plot`` on
-each task JSON in ``TASK_PLOTS``.
+``<prefix>_acc_vs_{step,wall_s,forwards}.png`` and ``<prefix>_peak_memory.png``: ``benchmarks.task_results.plot`` on
+each task JSON in ``TASK_PLOTS`` (``sst2_fastpath``: the forward-only methods eager beside ``cuda_graph=True``).
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ PANELS = [
                                       ("ours:dfo_batched_chunk10", "batched, chunk 10 (default)"),
                                       ("ours:dfo_sequential", "sequential")]),
 ]
-# the task_results JSON whose curves and peaks docs/results.md shows
-TASK_PLOTS = ["sst2_smollm2.json"]
+# the task_results JSON whose curves and peaks docs/results.md shows, and the prefix of their PNGs
+TASK_PLOTS = {"sst2_smollm2.json": "sst2", "sst2_tta_fastpath.json": "sst2_fastpath"}
 
 
 def gpus() -> str:
@@ -97,8 +97,9 @@ def main(out_dir: str = str(ROOT / "docs" / "img")) -> list[str]:
         files.append(f)
     from benchmarks.task_results import plot as task_plot
 
-    for fname in TASK_PLOTS:
-        files += task_plot(str(RESULTS / fname), out_dir)
+    for fname, prefix in TASK_PLOTS.items():
+        if (RESULTS / fname).exists():
+            files += task_plot(str(RESULTS / fname), out_dir, prefix)
     return files
 
 

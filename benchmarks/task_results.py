@@ -232,8 +232,9 @@ def write(records: list[dict[str, Any]], out: str) -> None:
     Path(out + ".md").write_text(table(records))
 
 
-def plot(json_path: str, out_dir: str) -> list[str]:
-    """Validation metric against steps, training wall time and forward passes, and peak-memory bars, as PNGs."""
+def plot(json_path: str, out_dir: str, prefix: str | None = None) -> list[str]:
+    """Validation metric against steps, training wall time and forward passes, and peak-memory bars, as PNGs named
+    ``<prefix>_acc_vs_<x>.png`` (``prefix`` defaults to the task). Eager and k=16 runs are drawn dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,7 +255,7 @@ def plot(json_path: str, out_dir: str) -> list[str]:
                 xs = [p.get("train_s", p["wall_s"]) if x == "wall_s" else p[x] for p in pts]
                 run = r.get("label", r["method"])
                 ax.plot(xs, [100 * p.get("val", p.get("val_acc")) for p in pts], marker=".",
-                        ls="--" if "k16" in run else "-", label=f"{run} (seed {r['seed']})")
+                        ls="--" if "k16" in run or "eager" in run else "-", label=f"{run} (seed {r['seed']})")
         zs = [r.get("dev_acc", r.get("dev_f1")) for r in records if r["method"] == "zero_shot"]
         if zs:
             ax.axhline(zs[0], color="gray", ls="--", label="zero-shot (dev)")
@@ -264,7 +265,7 @@ def plot(json_path: str, out_dir: str) -> list[str]:
         ax.set_title(f"SmolLM2-135M on {task.upper()}: validation vs {label}")
         ax.legend(fontsize=7)
         fig.tight_layout()
-        f = os.path.join(out_dir, f"{task}_acc_vs_{x}.png")
+        f = os.path.join(out_dir, f"{prefix or task}_acc_vs_{x}.png")
         fig.savefig(f, dpi=110)
         plt.close(fig)
         files.append(f)
@@ -277,7 +278,7 @@ def plot(json_path: str, out_dir: str) -> list[str]:
     ax.set_ylabel("peak GPU memory (GiB)")
     ax.set_title(f"SmolLM2-135M on {task.upper()}: peak memory during fit")
     fig.tight_layout()
-    f = os.path.join(out_dir, f"{task}_peak_memory.png")
+    f = os.path.join(out_dir, f"{prefix or task}_peak_memory.png")
     fig.savefig(f, dpi=110)
     plt.close(fig)
     files.append(f)

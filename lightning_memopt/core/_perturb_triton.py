@@ -22,6 +22,24 @@ BLOCK4 = 256
 
 
 @triton.jit
+def _cos_sin_2pi(u):
+    """cos(2πu), sin(2πu) for u in [0, 1], within 2 float32 ulps: one quadrant reduction shared by both (exact:
+    4u, its nearest integer q and r = 4u - q are exact) and minimax polynomials of cos, sin(π/2·r) on |r| <= 1/2."""
+    t = 4.0 * u
+    q = tl.floor(t + 0.5)
+    r = t - q
+    x = r * r
+    s = r * (1.5707963705062866 + x * (-0.6459640860557556 + x * (0.07969258725643158 + x * (
+        -0.004681318998336792 + x * 0.00015832345525268465))))
+    c = 1.0 + x * (-1.2337005138397217 + x * (0.25366950035095215 + x * (-0.020863469690084457 + x * (
+        0.000919170503038913 + x * -2.4866163585102186e-05))))
+    k = q.to(tl.int32) & 3
+    cos = tl.where(k == 0, c, tl.where(k == 1, -s, tl.where(k == 2, -c, s)))
+    sin = tl.where(k == 0, s, tl.where(k == 1, c, tl.where(k == 2, -s, -c)))
+    return cos, sin
+
+
+@triton.jit
 def _z4(seed, c, DIST: tl.constexpr):
     if DIST == 0:
         i1, i2, i3, i4 = tl.randint4x(seed, c)
@@ -33,6 +51,16 @@ def _z4(seed, c, DIST: tl.constexpr):
         r3 = tl.sqrt(-2.0 * libdevice.log(u3))
         n1, n2 = r1 * libdevice.cospi(h2), r1 * libdevice.sinpi(h2)
         n3, n4 = r3 * libdevice.cospi(h4), r3 * libdevice.sinpi(h4)
+    elif DIST == 3:
+        i1, i2, i3, i4 = tl.randint4x(seed, c)
+        u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
+        u3 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i3))
+        r1 = tl.sqrt(-2.0 * libdevice.log(u1))
+        r3 = tl.sqrt(-2.0 * libdevice.log(u3))
+        c2, s2 = _cos_sin_2pi(tl.uint_to_uniform_float(i2))
+        c4, s4 = _cos_sin_2pi(tl.uint_to_uniform_float(i4))
+        n1, n2 = r1 * c2, r1 * s2
+        n3, n4 = r3 * c4, r3 * s4
     elif DIST == 1:
         i1, i2, i3, i4 = tl.randint4x(seed, c)
         u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))

@@ -176,7 +176,7 @@ def _kernel_dist(dist: str) -> int:
         return 2
     if dist != "normal":
         raise ValueError(f"distribution must be 'normal' or 'rademacher', got {dist!r}.")
-    return 1 if os.environ.get("MEMOPT_FAST_MATH", "0") == "1" else 0
+    return {"1": 1, "2": 3}.get(os.environ.get("MEMOPT_FAST_MATH", "0"), 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
