@@ -21,7 +21,7 @@ from lightning_memopt.core import _perturb_triton as T
 from lightning_memopt.core import perturb as P
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = {0: "normal", 1: "normal", 2: "rademacher", 3: "normal"}  # kernel DIST -> emulated distribution
+NAMES = {0: "normal", 1: "normal", 2: "rademacher"}  # kernel DIST -> emulated distribution
 
 
 def _bad(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, slack: torch.Tensor | float) -> int:

@@ -2,7 +2,7 @@
 
 Element ``e`` of parameter ``i`` under step seed ``s`` gets ``randn4x(key, e // 4)[e % 4]`` where ``randn4x`` is
 Triton's ``tl.randn4x`` (Philox4x32-10 on counter ``(e // 4, 0, 0, 0)``, then Box–Muller on pairs, here with the
-angle 2πu kept exact: cos/sin of the float64 angle, ``cospi``/``sinpi`` of 2u in the kernel) and the 64-bit
+angle 2πu kept exact: cos/sin of the float64 angle; the kernel reduces 4u exactly and evaluates two polynomials) and the 64-bit
 key is ``s + (i << 32)``: the low word is the step seed, the high word the parameter's index in a fixed by-name
 order. Because z depends only on the element's position in the *full* tensor, any sharding (FSDP2 dim-0 shards, one
 module at a time) sees the same numbers, and a 2-process run perturbs exactly like a 1-process run.
@@ -90,7 +90,7 @@ def _uniform(x: Tensor) -> Tensor:
 
 def _box_muller(u1: Tensor, u2: Tensor) -> tuple[Tensor, Tensor]:
     u1 = u1.clamp_min(torch.tensor(1.0e-7, dtype=torch.float32).item())
-    # the kernel's cospi/sinpi(2u): the angle is not rounded to float32, so compute it in float64
+    # the kernel never rounds the angle 2πu to float32 (it reduces 4u exactly), so compute it in float64
     th = u2.to(torch.float64) * (2.0 * math.pi)
     r = torch.sqrt(-2.0 * torch.log(u1))
     return r * torch.cos(th).to(torch.float32), r * torch.sin(th).to(torch.float32)
@@ -176,7 +176,7 @@ def _kernel_dist(dist: str) -> int:
         return 2
     if dist != "normal":
         raise ValueError(f"distribution must be 'normal' or 'rademacher', got {dist!r}.")
-    return {"1": 1, "2": 3}.get(os.environ.get("MEMOPT_FAST_MATH", "0"), 0)
+    return 1 if os.environ.get("MEMOPT_FAST_MATH", "0") == "1" else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
