@@ -9,7 +9,7 @@
 runs: compare within a method's group, not across groups.
 
 ``<prefix>_acc_vs_{step,wall_s,forwards}.png`` and ``<prefix>_peak_memory.png``: ``benchmarks.task_results.plot`` on
-each task JSON in ``TASK_PLOTS`` (``sst2_fastpath``: the forward-only methods eager beside ``cuda_graph=True``).
+each task JSON in ``TASK_PLOTS`` (a second JSON of the same task takes its own prefix).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ PANELS = [
                                       ("ours:dfo_sequential", "sequential")]),
 ]
 # the task_results JSON whose curves and peaks docs/results.md shows, and the prefix of their PNGs
-TASK_PLOTS = {"sst2_smollm2.json": "sst2", "sst2_tta_fastpath.json": "sst2_fastpath"}
+TASK_PLOTS = {"sst2_smollm2.json": "sst2"}
 
 
 def gpus() -> str:
@@ -98,8 +98,7 @@ def main(out_dir: str = str(ROOT / "docs" / "img")) -> list[str]:
     from benchmarks.task_results import plot as task_plot
 
     for fname, prefix in TASK_PLOTS.items():
-        if (RESULTS / fname).exists():
-            files += task_plot(str(RESULTS / fname), out_dir, prefix)
+        files += task_plot(str(RESULTS / fname), out_dir, prefix)
     return files
 
 

@@ -24,7 +24,8 @@ BLOCK4 = 256
 @triton.jit
 def _cos_sin_2pi(u):
     """cos(2πu), sin(2πu) for u in [0, 1], within 2 float32 ulps: one quadrant reduction shared by both (exact:
-    4u, its nearest integer q and r = 4u - q are exact) and minimax polynomials of cos, sin(π/2·r) on |r| <= 1/2."""
+    4u, its nearest integer q and r = 4u - q are exact) and least-squares polynomials of cos, sin(π/2·r) on |r| <= 1/2
+    (1.6 ulp worst case over a 200k-point grid, float32 Horner)."""
     t = 4.0 * u
     q = tl.floor(t + 0.5)
     r = t - q
