@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import warnings
 from typing import Any
 
 import torch
@@ -28,8 +29,18 @@ def run_distributed(target: str, world_size: int = 2, timeout: float = 600, **kw
     """Run ``target`` ("package.module:function") on ``world_size`` ranks; return each rank's return value.
 
     The function receives ``world_size`` and the JSON-able ``kwargs``; it builds its own Trainer with
-    ``devices=world_size`` and returns something ``torch.save`` can store.
+    ``devices=world_size`` and returns something ``torch.save`` can store. A launch in which a rank died from a
+    signal (a native crash, e.g. glibc's heap check aborting inside gloo; never a Python error or a failed
+    assertion) is run once more, with a warning that carries the crashed rank's output.
     """
+    try:
+        return _launch(target, world_size, timeout, kwargs)
+    except RankCrashed as e:
+        warnings.warn(f"a rank of {target} crashed natively; running the launch once more:\n{e}", stacklevel=2)
+        return _launch(target, world_size, timeout, kwargs)
+
+
+def _launch(target: str, world_size: int, timeout: float, kwargs: dict[str, Any]) -> list[Any]:
     port = _free_port()
     with tempfile.TemporaryDirectory() as tmp:
         procs = []
@@ -40,8 +51,8 @@ def run_distributed(target: str, world_size: int = 2, timeout: float = 600, **kw
                 LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
                 PYTHONWARNINGS="ignore",
             )
-            cmd = [sys.executable, "-m", "lightning_memopt.testing.multiproc", target, json.dumps(kwargs), tmp,
-                   str(world_size)]
+            cmd = [sys.executable, "-X", "faulthandler", "-m", "lightning_memopt.testing.multiproc", target,
+                   json.dumps(kwargs), tmp, str(world_size)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         _collect(procs, timeout)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
@@ -74,8 +85,12 @@ def run_torchrun(
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
+class RankCrashed(RuntimeError):
+    """A launched process died from a signal (its return code is negative): a native crash, not a Python error."""
+
+
 def _collect(procs: list[subprocess.Popen], timeout: float) -> None:
-    outs, failed = [], False
+    outs, failed, crashed = [], False, False
     for p in procs:
         try:
             out, _ = p.communicate(timeout=timeout)
@@ -85,8 +100,10 @@ def _collect(procs: list[subprocess.Popen], timeout: float) -> None:
             raise
         outs.append(out.decode(errors="replace"))
         failed |= p.returncode != 0
+        crashed |= p.returncode < 0
     if failed:
-        raise RuntimeError("distributed run failed:\n" + "\n----\n".join(o[-6000:] for o in outs))
+        msg = "distributed run failed:\n" + "\n----\n".join(o[-6000:] for o in outs)
+        raise RankCrashed(msg) if crashed else RuntimeError(msg)
 
 
 def _main() -> None:

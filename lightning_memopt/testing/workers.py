@@ -303,3 +303,23 @@ def run_jobs(world_size: int, jobs: list[dict[str, Any]]) -> list[Any]:
     """Run several worker functions one after another in the same processes (one launch, several fits): each job is
     ``{"target": "module:function", "kwargs": {...}}`` and gets ``world_size`` too. Returns their results in order."""
     return [_resolve(job["target"])(world_size=world_size, **job.get("kwargs", {})) for job in jobs]
+
+
+def abort_once(world_size: int, marker: str) -> int:
+    """Dies from SIGABRT (as a native crash does) on its first launch, returns the launch count on the next: the
+    launcher's relaunch-after-a-crash test."""
+    import os
+
+    launches = len(open(marker).read()) + 1 if os.path.exists(marker) else 1
+    with open(marker, "a") as f:
+        f.write("x")
+    if launches == 1:
+        os.abort()
+    return launches
+
+
+def raise_error(world_size: int, marker: str) -> None:
+    """Counts its launches in ``marker``, then fails as Python code fails (never relaunched)."""
+    with open(marker, "a") as f:
+        f.write("x")
+    raise ValueError("a Python error in the worker")
