@@ -1,5 +1,7 @@
 """DFOLoRA on the tiny model: batched = sequential fitness (the core), forward-only learning, exact resume, refusals."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -194,3 +196,48 @@ def test_split_falls_back_to_full_expansion_when_it_cannot_match(monkeypatch):
     with pytest.warns(UserWarning, match="falling back"):
         _fit(cb, steps=2)
     assert cb.dfo.split is False and cb.generation == 2
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_a_skipped_generation_takes_back_the_tell_run_ahead_of_the_check(static):
+    """CMA-ES's tell runs before the host's all-non-finite check (so its launches overlap the forward); a skipped
+    generation restores the optimizer and the layer's point exactly, in the graph path's static buffers too (the same
+    tensors, written back in place: captured graphs read them)."""
+    cb = DFOLoRA(d=20, population=6, budget=None, stat_batches=1, init_scale=1.0)
+    model, dm, _ = _fit(cb, steps=3, k=16, batch_size=8)
+    batch, dfo = next(iter(dm.train_dataloader())), cb.dfo
+    poison = {"on": False}
+    dfo.logits_fn = lambda ids, mask: model(ids, mask) * (math.nan if poison["on"] else 1.0)
+    if static:  # what cuda_graph=True sets up on a GPU
+        dfo.lora.static_fixed = True
+        for k in range(dfo.lora.n_blocks):
+            dfo.lora.set_z(k, dfo.lora.z[k])
+    dfo.generation_step(batch)
+    k = dfo.layer
+    tensors = [dfo.lora.z[k], *(t for pair in dfo.lora._fixed[k] for t in pair)]
+    before = ([t.clone() for t in tensors], dfo.state_dict())
+    poison["on"] = True
+    fit = dfo.generation_step(batch)
+    assert not fit.isfinite().any() and dfo.layer == k and dfo.guard.skipped_steps == 1
+    after = [dfo.lora.z[k], *(t for pair in dfo.lora._fixed[k] for t in pair)]
+    assert all(torch.equal(a, b) for a, b in zip(before[0], after))
+    assert all(a is b for a, b in zip(tensors, after))  # static: written back in place; else the old tensors again
+    _equal(before[1], dfo.state_dict())
+    poison["on"] = False
+    dfo.generation_step(batch)  # and it goes on from there
+    assert dfo.layer != k and not torch.equal(dfo.lora.z[k], before[0][0])
+
+
+def _equal(a, b) -> None:
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            _equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _equal(x, y)
+    else:
+        assert a == b

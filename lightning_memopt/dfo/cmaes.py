@@ -132,7 +132,7 @@ class CMAES:
         self._fetch()
         z = torch.randn(self.lam, self.n, generator=self.gen, device=self.device, dtype=self.mean.dtype)
         y = (z * self.D) @ self.B.T
-        self._asked = self.mean + self.sigma * y
+        self._asked = self.mean + self._sigma * y  # the device scalar: ``self.sigma`` would sync every generation
         return self._asked
 
     def tell(self, fitness: Tensor | list[float], solutions: Tensor | None = None) -> None:
@@ -166,9 +166,10 @@ class CMAES:
         mahal = (self._invsqrt(y_all) ** 2).sum(1).clamp(min=1e-30)
         wo = torch.where(wa >= 0, wa, wa * n / mahal)
         delta_h = (1 - hsig) * (cc * (2 - cc))
-        self.C.mul_(1 + c1 * delta_h - c1 - cmu * self._weights_sum)
-        self.C.add_(torch.outer(self.pc, self.pc), alpha=c1)
-        self.C.add_((y_all.T * wo) @ y_all, alpha=cmu)
+        # out of place (the same kernels as mul_/add_, the same bits): a snapshot() taken before stays valid
+        C = self.C.mul(1 + c1 * delta_h - c1 - cmu * self._weights_sum)
+        C = C.add(torch.outer(self.pc, self.pc), alpha=c1)
+        self.C = C.add((y_all.T * wo) @ y_all, alpha=cmu)
         self._sigma = self._sigma * torch.exp(((cs / self.ds) * (ps_norm / self.chin - 1)).clamp(max=1.0))
         if self.generation - self.eigen_generation >= self.eigen_gap:
             self._eigen()
@@ -177,6 +178,18 @@ class CMAES:
     def forget_ask(self) -> None:
         """Drop the candidates of the last ``ask`` (a generation that was not evaluated)."""
         self._asked = None
+
+    # what tell() changes; it reassigns each (never writes into one), so references are a snapshot
+    _STEP_STATE = ("mean", "C", "B", "D", "ps", "pc", "best_x", "_sigma", "_best_f", "generation", "eigen_generation",
+                   "evaluations", "_asked")
+
+    def snapshot(self) -> dict[str, Any]:
+        """The state before a ``tell`` that may be taken back (:meth:`restore`): references, no copies."""
+        return {k: getattr(self, k) for k in self._STEP_STATE}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        for k, v in snap.items():
+            setattr(self, k, v)
 
     def _invsqrt(self, y: Tensor) -> Tensor:
         """Rows of ``y`` times C^(-1/2) = B D^-1 B^T (of the last decomposition), without storing that matrix."""

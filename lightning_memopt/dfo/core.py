@@ -298,21 +298,34 @@ class LayerwiseDFO:
         with eval_mode(self.module):  # deterministic fitness (no dropout), as MeZO evaluates
             fit = self._fitness(batch, k, z)
         self.last_fitness = fit.detach()
-        # Every rank holds the same reduced fitness, so every rank decides alike (a host check: tell syncs anyway).
+        # CMA-ES's tell only queues device work: it runs before the host check below (which waits for the
+        # forward), so its launches overlap the forward instead of following it; a skip takes it back
+        ahead = isinstance(opt, CMAES)
+        if ahead:
+            snap, point = opt.snapshot(), self.lora.point(k)
+            self._tell(opt, k, fit)
+        # Every rank holds the same reduced fitness, so every rank decides alike (the generation's one host read).
         skipped = not bool(fit.isfinite().any())
         if skipped:
+            if ahead:
+                opt.restore(snap)
+                self.lora.restore_point(k, point)
             opt.gen.set_state(rng)  # as if never asked: the optimizer's state stays bit-identical
             opt.forget_ask()
             self._park(opt)
         else:
-            opt.tell(fit.to(opt.device))
-            self._park(opt)
-            self.lora.set_z(k, opt.mean)
+            if not ahead:  # fireworks' tell reads the fitness on the host anyway
+                self._tell(opt, k, fit)
             self.evaluations += z.shape[0]
             self.generation += 1
             self.layer = (k + 1) % self.lora.n_blocks
         self.guard.record(skipped, step)
         return fit
+
+    def _tell(self, opt: Optim, k: int, fit: Tensor) -> None:
+        opt.tell(fit.to(opt.device))
+        self._park(opt)
+        self.lora.set_z(k, opt.mean)
 
     def _losses(self, logits: Tensor, batch: Batch) -> Tensor:
         s = self.settings

@@ -326,6 +326,24 @@ class ZLoRA:
         else:
             self._fixed[idx] = new
 
+    def point(self, idx: int) -> tuple[Tensor, list[tuple[Tensor, Tensor]] | None]:
+        """Block ``idx``'s fixed point as :meth:`set_z` left it, for :meth:`restore_point`. Static buffers (graph
+        mode: written in place) are cloned; otherwise ``set_z`` replaces the tensors, so references do."""
+        z, fixed = self.z[idx], self._fixed[idx]
+        if self.static_fixed:
+            return z.clone(), None if fixed is None else [(a.clone(), b.clone()) for a, b in fixed]
+        return z, fixed
+
+    def restore_point(self, idx: int, saved: tuple[Tensor, list[tuple[Tensor, Tensor]] | None]) -> None:
+        z, fixed = saved
+        if self.static_fixed and fixed is not None and self._fixed[idx] is not None:
+            self.z[idx].copy_(z)
+            for (a, b), (sa, sb) in zip(self._fixed[idx], fixed):  # type: ignore[arg-type]
+                a.copy_(sa)
+                b.copy_(sb)
+        else:
+            self.z[idx], self._fixed[idx] = z, fixed
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold every block's current LoRA delta into the target weights (``W += B A``) and remove the hooks, so the
