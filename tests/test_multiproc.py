@@ -4,14 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_memopt.testing import run_distributed
+from lightning_memopt.testing import run_distributed, run_torchrun
 from lightning_memopt.testing.multiproc import RankCrashed
 
 
-def test_a_native_crash_is_relaunched_once_with_a_warning(tmp_path):
+@pytest.mark.parametrize("launcher", ["plain", "torchrun"])
+def test_a_native_crash_is_relaunched_once_with_a_warning(tmp_path, launcher):
     marker = str(tmp_path / "launches")
+    target = "lightning_memopt.testing.workers:abort_once"
+    # torchrun: the agent exits with 1 and names the worker's signal
+    launch = (lambda: run_distributed(target, world_size=1, marker=marker)) if launcher == "plain" else (
+        lambda: run_torchrun(target, nnodes=1, marker=marker))
     with pytest.warns(UserWarning, match="(?s)crashed natively.*Fatal Python error: Aborted"):  # faulthandler's stack
-        assert run_distributed("lightning_memopt.testing.workers:abort_once", world_size=1, marker=marker) == [2]
+        out = launch()
+    assert out == [2]
 
 
 def test_a_python_error_fails_at_once(tmp_path):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -33,11 +34,15 @@ def run_distributed(target: str, world_size: int = 2, timeout: float = 600, **kw
     signal (a native crash, e.g. glibc's heap check aborting inside gloo; never a Python error or a failed
     assertion) is run once more, with a warning that carries the crashed rank's output.
     """
+    return _once_more_after_a_crash(target, lambda: _launch(target, world_size, timeout, kwargs))
+
+
+def _once_more_after_a_crash(target: str, launch: Callable[[], list[Any]]) -> list[Any]:
     try:
-        return _launch(target, world_size, timeout, kwargs)
+        return launch()
     except RankCrashed as e:
-        warnings.warn(f"a rank of {target} crashed natively; running the launch once more:\n{e}", stacklevel=2)
-        return _launch(target, world_size, timeout, kwargs)
+        warnings.warn(f"a rank of {target} crashed natively; running the launch once more:\n{e}", stacklevel=3)
+        return launch()
 
 
 def _launch(target: str, world_size: int, timeout: float, kwargs: dict[str, Any]) -> list[Any]:
@@ -48,11 +53,10 @@ def _launch(target: str, world_size: int, timeout: float, kwargs: dict[str, Any]
             env = dict(os.environ)
             env.update(
                 MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world_size), RANK=str(rank),
-                LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
-                PYTHONWARNINGS="ignore",
+                LOCAL_RANK=str(rank), NODE_RANK="0", LOCAL_WORLD_SIZE=str(world_size), **_WORKER_ENV,
             )
-            cmd = [sys.executable, "-X", "faulthandler", "-m", "lightning_memopt.testing.multiproc", target,
-                   json.dumps(kwargs), tmp, str(world_size)]
+            cmd = [sys.executable, "-m", "lightning_memopt.testing.multiproc", target, json.dumps(kwargs), tmp,
+                   str(world_size)]
             procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
         _collect(procs, timeout)
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
@@ -66,11 +70,16 @@ def run_torchrun(
 
     The function receives ``world_size`` (all processes) and the JSON-able ``kwargs``; it builds its Trainer with
     ``num_nodes=nnodes, devices=nproc_per_node`` (Lightning reads torchrun's variables: TorchElasticEnvironment).
+    A native crash of a worker is handled as in :func:`run_distributed`.
     """
+    return _once_more_after_a_crash(target, lambda: _torchrun(target, nnodes, nproc_per_node, timeout, kwargs))
+
+
+def _torchrun(target: str, nnodes: int, nproc_per_node: int, timeout: float, kwargs: dict[str, Any]) -> list[Any]:
     port = _free_port()
     world = nnodes * nproc_per_node
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+        env = dict(os.environ, **_WORKER_ENV)
         for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
             env.pop(k, None)
         cmd = [
@@ -85,8 +94,16 @@ def run_torchrun(
         return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
+# faulthandler: a native crash prints every thread's Python stack
+_WORKER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
+
+
 class RankCrashed(RuntimeError):
-    """A launched process died from a signal (its return code is negative): a native crash, not a Python error."""
+    """A launched process died from a signal: a native crash, not a Python error. Its return code is negative, or
+    it was a torchrun agent whose worker was (the agent exits with 1 and reports the signal)."""
+
+
+_TORCHRUN_SIGNAL = "traceback : Signal "  # torchrun's summary of a worker killed by a signal
 
 
 def _collect(procs: list[subprocess.Popen], timeout: float) -> None:
@@ -100,7 +117,7 @@ def _collect(procs: list[subprocess.Popen], timeout: float) -> None:
             raise
         outs.append(out.decode(errors="replace"))
         failed |= p.returncode != 0
-        crashed |= p.returncode < 0
+        crashed |= p.returncode < 0 or (p.returncode != 0 and _TORCHRUN_SIGNAL in outs[-1])
     if failed:
         msg = "distributed run failed:\n" + "\n----\n".join(o[-6000:] for o in outs)
         raise RankCrashed(msg) if crashed else RuntimeError(msg)
