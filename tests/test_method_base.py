@@ -258,8 +258,13 @@ def test_a_changed_lr_is_allowed_logged_and_used(tmp_path, caplog):
 def test_dfo_resets_skip_backward_and_keeps_submodule_modes():
     model = Poisoned()
     model.model.model.layers[0].eval()  # a deliberately frozen submodule keeps its mode through DFO's forwards
-    trainer = tiny_trainer(max_steps=2, callbacks=[DFOLoRA(**DFO_KW)])
+    seen: list[bool] = []
+    model.model.model.layers[1].register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    trainer = tiny_trainer(max_steps=2, callbacks=[DFOLoRA(**DFO_KW)], limit_val_batches=0)
     trainer.fit(model, tiny_datamodule(k=8))
+    # eval mode (no dropout) in every statistics and fitness forward; the module's own training_step (once a step,
+    # for train_loss) in its own mode
+    assert len(seen) > 2 and seen.count(True) == 2
     assert _shim.get_skip_backward(trainer) is False
     assert model.model.model.layers[0].training is False and model.model.model.layers[1].training is True
 

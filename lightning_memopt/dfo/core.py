@@ -212,12 +212,15 @@ class LayerwiseDFO:
                 self.lora.set_z(k, self.lora.z[k])
 
     def _population_fitness(self, batch: Any, z: Tensor, k: int) -> Tensor:
-        """Fitness ``[P]`` of candidates ``z`` for layer ``k`` by the module's path (what a graph holds)."""
-        if self.path != "logits":
-            return self.eval_members(batch, k, z)
-        if self.settings.batched:
-            return self.eval_batched(batch, k, z, self.split)
-        return self.eval_sequential(batch, k, z)
+        """Fitness ``[P]`` of candidates ``z`` for layer ``k`` by the module's path (what a graph holds). In eval
+        mode (no dropout), as MeZO evaluates; inside what a graph captures, so a replay skips the mode switch (a
+        Python walk over every submodule)."""
+        with eval_mode(self.module):
+            if self.path != "logits":
+                return self.eval_members(batch, k, z)
+            if self.settings.batched:
+                return self.eval_batched(batch, k, z, self.split)
+            return self.eval_sequential(batch, k, z)
 
     def _fitness(self, batch: Any, k: int, z: Tensor) -> Tensor:
         if self.graph is not None and self.graph.disabled is None:
@@ -295,8 +298,7 @@ class LayerwiseDFO:
         opt = self.opts[k]
         rng = opt.gen.get_state()
         z = opt.ask()
-        with eval_mode(self.module):  # deterministic fitness (no dropout), as MeZO evaluates
-            fit = self._fitness(batch, k, z)
+        fit = self._fitness(batch, k, z)
         self.last_fitness = fit.detach()
         # CMA-ES's tell only queues device work: it runs before the host check below (which waits for the
         # forward), so its launches overlap the forward instead of following it; a skip takes it back
