@@ -100,15 +100,16 @@ class Fireworks:
         """Sparks per firework (fitness-proportional, bounded, summing to M) and amplitudes (EFWA, dynFWA core)."""
         m = self.lam - self.nf - self.ng
         f = self.F
-        if not torch.isfinite(f).all():  # first generation: nothing known yet
-            counts = [m // self.nf + (1 if i < m % self.nf else 0) for i in range(self.nf)]
-            return counts, torch.full((self.nf,), self.amp_core, dtype=f.dtype, device=f.device)
         eps = 1e-12
         share = (f.max() - f + eps) / ((f.max() - f).sum() + eps)
         lo, hi = max(1, round(self.spark_bounds[0] * m)), max(1, round(self.spark_bounds[1] * m))
         raw = (share * m).clamp(lo, hi)
-        counts = raw.floor().long().tolist()
-        frac = (raw - raw.floor()).tolist()
+        # one host read for the finiteness test and the allocation (on a GPU each read is a sync)
+        finite, *rest = torch.cat([torch.isfinite(f).all()[None].to(f.dtype), raw.floor(), raw - raw.floor()]).tolist()
+        if not finite:  # first generation: nothing known yet
+            counts = [m // self.nf + (1 if i < m % self.nf else 0) for i in range(self.nf)]
+            return counts, torch.full((self.nf,), self.amp_core, dtype=f.dtype, device=f.device)
+        counts, frac = [int(c) for c in rest[: self.nf]], rest[self.nf :]
         order = sorted(range(self.nf), key=lambda i: (-frac[i], i))
         k = 0
         while sum(counts) < m:  # largest remainder first, then best fireworks
@@ -165,17 +166,19 @@ class Fireworks:
         if f.numel() != x.shape[0] or x.shape[0] != self.lam:
             raise ValueError(f"Expected {self.lam} fitness values for {x.shape[0]} candidates, got {f.numel()}.")
         self.evaluations += self.lam
-        best = int(torch.argmin(f))
-        core_f = float(f[0])  # the core firework, re-evaluated on this generation's data
-        if float(f[best]) < core_f:
+        fl = f.tolist()  # the one host read (on a GPU a sync): the decisions below are the host's
+        best = min(range(self.lam), key=lambda i: (fl[i], i))  # the first minimum, as torch.argmin
+        core_f = fl[0]  # the core firework, re-evaluated on this generation's data
+        if fl[best] < core_f:
             self.amp_core *= self.ca
         else:
             self.amp_core *= self.cr
-        if float(f[best]) < self.best_f:
-            self.best_f, self.best_x = float(f[best]), x[best].clone()
-        rest = torch.tensor([i for i in range(self.lam) if i != best], device=self.device)
+        if fl[best] < self.best_f:
+            self.best_f, self.best_x = fl[best], x[best].clone()
+        idx = torch.arange(self.lam, device=self.device)  # index tensors made on the device: no host copy
+        rest = torch.cat([idx[:best], idx[best + 1 :]])
         perm = torch.randperm(rest.numel(), generator=self.gen, device=self.device)[: self.nf - 1]
-        keep = torch.cat([torch.tensor([best], device=self.device), rest[perm]])
+        keep = torch.cat([idx[best : best + 1], rest[perm]])
         self.X, self.F = x[keep].clone(), f[keep].clone()
         self.generation += 1
         self._asked = None
