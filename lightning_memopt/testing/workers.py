@@ -309,10 +309,11 @@ def abort_once(world_size: int, marker: str) -> int:
     """Dies from SIGABRT (as a native crash does) on its first launch, returns the launch count on the next: the
     launcher's relaunch-after-a-crash test."""
     import os
+    from pathlib import Path
 
-    launches = len(open(marker).read()) + 1 if os.path.exists(marker) else 1
-    with open(marker, "a") as f:
-        f.write("x")
+    path = Path(marker)
+    launches = (len(path.read_text()) if path.exists() else 0) + 1
+    path.write_text("x" * launches)
     if launches == 1:
         os.abort()
     return launches
@@ -320,6 +321,8 @@ def abort_once(world_size: int, marker: str) -> int:
 
 def raise_error(world_size: int, marker: str) -> None:
     """Counts its launches in ``marker``, then fails as Python code fails (never relaunched)."""
-    with open(marker, "a") as f:
-        f.write("x")
+    from pathlib import Path
+
+    path = Path(marker)
+    path.write_text((path.read_text() if path.exists() else "") + "x")
     raise ValueError("a Python error in the worker")
