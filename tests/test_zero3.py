@@ -44,6 +44,19 @@ def test_zero3_two_processes_equal_one_process_without_deepspeed():
         assert all(not torch.equal(one["state"][k], init[k]) for k in init), name  # every weight moved
 
 
+def test_zero3_on_a_cpu_trainer_uses_deepspeeds_cpu_accelerator_where_it_picked_cuda():
+    """On a GPU machine DeepSpeed picks its CUDA accelerator; a ZeRO-3 fit on a CPU Trainer there switches it to the
+    CPU one and trains as on a CPU-only machine."""
+    from lightning_memopt.testing import run_distributed
+
+    kw = {**KW, "callback": CASES["lomo"], "strategy": "zero3"}
+    (got,) = run_distributed("lightning_memopt.testing.workers:fit_tiny_deepspeed_picked_cuda", world_size=1, **kw)
+    (ref,) = run_distributed(FIT, world_size=1, **kw)
+    assert got["deepspeed_accelerator"] == "cpu" and got["global_step"] == 3
+    for k, v in ref["state"].items():
+        assert torch.equal(got["state"][k], v), k
+
+
 def test_zero3_checkpoint_resumes_exactly_on_another_world_size(tmp_path):
     """A ZeRO-3 checkpoint (one full file: gathered weights, AdaLomo's moments, MeZO's history) saved at 2 processes
     resumes at 1 process at exactly the saved state, and continues like the uninterrupted run within tolerance."""

@@ -84,6 +84,7 @@ class ZeRO3Strategy(DeepSpeedStrategy):
         from lightning.pytorch.accelerators import CPUAccelerator
 
         if isinstance(self.accelerator, CPUAccelerator):  # DeepSpeed's CPU accelerator: Lightning refuses it
+            _deepspeed_on_cpu()
             DDPStrategy.setup_environment(self)
         else:
             super().setup_environment()
@@ -193,3 +194,14 @@ def register_zero3(registry: Any = StrategyRegistry) -> None:
     """Register ``"zero3"``; safe to call any number of times."""
     if "zero3" not in registry:
         registry.register("zero3", ZeRO3Strategy, description="DeepSpeed ZeRO-3 partitioning for LOMO, AdaLomo, MeZO")
+
+
+def _deepspeed_on_cpu() -> None:
+    """DeepSpeed picks its accelerator by what the machine has, CUDA first; a CPU Trainer on a GPU machine needs
+    DeepSpeed's CPU accelerator (its engine places and communicates through it)."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+        set_accelerator(CPU_Accelerator())

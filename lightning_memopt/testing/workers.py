@@ -326,3 +326,15 @@ def raise_error(world_size: int, marker: str) -> None:
     path = Path(marker)
     path.write_text((path.read_text() if path.exists() else "") + "x")
     raise ValueError("a Python error in the worker")
+
+
+def fit_tiny_deepspeed_picked_cuda(world_size: int, **kwargs: Any) -> dict[str, Any]:
+    """:func:`fit_tiny` after DeepSpeed chose its CUDA accelerator, as it does on a GPU machine (a ZeRO-3 fit on a CPU
+    Trainer there); returns the fit's result and the accelerator DeepSpeed ends with."""
+    from deepspeed.accelerator import get_accelerator, set_accelerator
+    from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+    set_accelerator(CUDA_Accelerator())
+    out = fit_tiny(world_size, **kwargs)
+    out["deepspeed_accelerator"] = get_accelerator().device_name()
+    return out
