@@ -83,8 +83,9 @@ class ZeRO3Strategy(DeepSpeedStrategy):
     def setup_environment(self) -> None:
         from lightning.pytorch.accelerators import CPUAccelerator
 
-        if isinstance(self.accelerator, CPUAccelerator):  # DeepSpeed's CPU accelerator: Lightning refuses it
-            _deepspeed_on_cpu()
+        cpu = isinstance(self.accelerator, CPUAccelerator)
+        _deepspeed_accelerator(cpu)
+        if cpu:  # DeepSpeed's CPU accelerator: Lightning refuses it
             DDPStrategy.setup_environment(self)
         else:
             super().setup_environment()
@@ -196,12 +197,19 @@ def register_zero3(registry: Any = StrategyRegistry) -> None:
         registry.register("zero3", ZeRO3Strategy, description="DeepSpeed ZeRO-3 partitioning for LOMO, AdaLomo, MeZO")
 
 
-def _deepspeed_on_cpu() -> None:
-    """DeepSpeed picks its accelerator by what the machine has, CUDA first; a CPU Trainer on a GPU machine needs
-    DeepSpeed's CPU accelerator (its engine places and communicates through it)."""
+def _deepspeed_accelerator(cpu: bool) -> None:
+    """DeepSpeed picks its accelerator once per process by what the machine has, CUDA first; its engine places and
+    communicates through it. A CPU Trainer on a GPU machine needs the CPU one (and a CUDA Trainer after a CPU fit in
+    the same process, the CUDA one)."""
     from deepspeed.accelerator import get_accelerator, set_accelerator
 
-    if get_accelerator().device_name() != "cpu":
+    if (get_accelerator().device_name() == "cpu") == cpu:
+        return
+    if cpu:
         from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
 
         set_accelerator(CPU_Accelerator())
+    else:
+        from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+        set_accelerator(CUDA_Accelerator())
