@@ -217,8 +217,11 @@ def test_a_skipped_generation_takes_back_the_tell_run_ahead_of_the_check(static)
     tensors = [dfo.lora.z[k], *(t for pair in dfo.lora._fixed[k] for t in pair)]
     before = ([t.clone() for t in tensors], dfo.state_dict())
     poison["on"] = True
-    fit = dfo.generation_step(batch)
+    seen = []  # the layer's point each time the after-update work ran
+    fit = dfo.generation_step(batch, after_update=lambda: seen.append(dfo.lora.z[k].clone()))
     assert not fit.isfinite().any() and dfo.layer == k and dfo.guard.skipped_steps == 1
+    # ran at the speculative point, then again at the restored one
+    assert len(seen) == 2 and not torch.equal(seen[0], before[0][0]) and torch.equal(seen[1], before[0][0])
     after = [dfo.lora.z[k], *(t for pair in dfo.lora._fixed[k] for t in pair)]
     assert all(torch.equal(a, b) for a, b in zip(before[0], after))
     assert all(a is b for a, b in zip(tensors, after))  # static: written back in place; else the old tensors again
@@ -241,3 +244,22 @@ def _equal(a, b) -> None:
             _equal(x, y)
     else:
         assert a == b
+
+
+@pytest.mark.parametrize("optimizer", ["cmaes", "fireworks"])
+def test_train_loss_is_the_modules_loss_at_the_new_point(optimizer):
+    """The module's own training_step (train_loss) runs once a generation, after the layer's new point is in place
+    (CMA-ES: queued before the generation's host check)."""
+    calls = []
+    cb = DFOLoRA(optimizer=optimizer, n_fireworks=3, d=20, population=6, budget=None, stat_batches=1, init_scale=1.0)
+    torch.manual_seed(0)
+    model, dm = tiny_model(), tiny_datamodule(k=16, batch_size=8)
+    step = model.training_step
+    model.training_step = lambda *a, **kw: calls.append(1) or step(*a, **kw)
+    trainer = tiny_trainer(max_steps=1, callbacks=[cb], limit_val_batches=0)
+    trainer.fit(model, dm)
+    assert len(calls) == 1 and cb.generation == 1 and bool(cb.lora.z[0].any())  # layer 0 moved in generation 1
+    batch = next(iter(dm.train_dataloader()))
+    with torch.no_grad():
+        own = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+    torch.testing.assert_close(trainer.callback_metrics["train_loss"], own)

@@ -3,7 +3,8 @@
 The step is :class:`~lightning_memopt.dfo.core.LayerwiseDFO`'s; the lifecycle is
 :class:`~lightning_memopt.callbacks.method.MethodCallback`'s. Here: the module's classification contract, the batch,
 the statistics batches (taken without consuming the train loader's epoch), logging and the budget stop. After each
-generation the module's own ``training_step`` runs once under the new z, so ``train_loss`` and the progress bar work.
+generation the module's own ``training_step`` runs under the new z (queued before the generation's host check), so
+``train_loss`` and the progress bar work.
 """
 
 from __future__ import annotations
@@ -257,14 +258,22 @@ class DFOLoRA(MethodCallback):
 
     @override
     def step(self, closure: Any) -> Any:
-        if self.dfo is not None and not self.dfo.exhausted and self._batch is not None:
-            with self.trainer.precision_plugin.forward_context():  # autocast as in training_step
-                self.dfo.generation_step(self._batch, self.step_index)
-            self._logged = False
-        if closure is None:
-            return None
-        with torch.enable_grad():  # the closure expects it; nothing requires grad, so no graph is built
-            return closure()
+        def run_closure() -> Any:
+            if closure is None:
+                return None
+            with torch.enable_grad():  # the closure expects it; nothing requires grad, so no graph is built
+                return closure()
+
+        if self.dfo is None or self.dfo.exhausted or self._batch is None:
+            return run_closure()
+        # the module's own training_step (train_loss, the progress bar) runs under the new point, queued before the
+        # generation's host check: its launches overlap the population forward instead of following it
+        out: list[Any] = []
+        after = None if closure is None else (lambda: out.append(run_closure()))
+        with self.trainer.precision_plugin.forward_context():  # autocast as in training_step
+            self.dfo.generation_step(self._batch, self.step_index, after_update=after)
+        self._logged = False
+        return out[-1] if out else None
 
     @override
     def log_step(self, pl_module: LightningModule) -> None:

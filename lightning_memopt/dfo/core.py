@@ -291,9 +291,13 @@ class LayerwiseDFO:
 
     # ---- the step ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def generation_step(self, batch: Batch, step: int = -1) -> Tensor:
-        """One generation of the current layer's optimizer on this batch; returns the population's fitness."""
-        s = self.settings
+    def generation_step(self, batch: Batch, step: int = -1, after_update: Callable[[], Any] | None = None) -> Tensor:
+        """One generation of the current layer's optimizer on this batch; returns the population's fitness.
+
+        ``after_update`` (e.g. the module's own training step, for its logged loss) runs once the layer's new point
+        is in place. With CMA-ES that is before the generation's host check, so its launches overlap the forward
+        too; a skip takes the update back and runs it again at the restored point.
+        """
         k = self.layer
         opt = self.opts[k]
         rng = opt.gen.get_state()
@@ -306,6 +310,8 @@ class LayerwiseDFO:
         if ahead:
             snap, point = opt.snapshot(), self.lora.point(k)
             self._tell(opt, k, fit)
+            if after_update is not None:
+                after_update()
         # Every rank holds the same reduced fitness, so every rank decides alike (the generation's one host read).
         skipped = not bool(fit.isfinite().any())
         if skipped:
@@ -315,12 +321,14 @@ class LayerwiseDFO:
             opt.gen.set_state(rng)  # as if never asked: the optimizer's state stays bit-identical
             opt.forget_ask()
             self._park(opt)
-        else:
-            if not ahead:  # fireworks' tell reads the fitness on the host anyway
-                self._tell(opt, k, fit)
+        elif not ahead:  # fireworks' tell reads the fitness on the host anyway
+            self._tell(opt, k, fit)
+        if not skipped:
             self.evaluations += z.shape[0]
             self.generation += 1
             self.layer = (k + 1) % self.lora.n_blocks
+        if after_update is not None and (skipped or not ahead):
+            after_update()
         self.guard.record(skipped, step)
         return fit
 
