@@ -177,14 +177,16 @@ def test_task_run_specs_and_table():
     assert "| clora_k16 | clora | 0 | 81.8 |" in table and "error: boom / bad" in table
 
 
-@pytest.mark.parametrize("case", ["dfo_batched_chunk10", "dfo_forward_chunk10_graph"])
-def test_dfo_cases_run_on_cpu(case):
-    """The DFO cases go through the public core (LayerwiseDFO); a CPU smoke run keeps them from drifting."""
+@pytest.mark.parametrize(("module", "case"), [("dfo", "dfo_batched_chunk10"), ("dfo", "dfo_forward_chunk10_graph"),
+                                             ("lightning", "dfo_lightning_graph")])
+def test_dfo_cases_run_on_cpu(module, case):
+    """The DFO cases go through the public core (LayerwiseDFO) and the callback under a Trainer; a CPU smoke run keeps
+    them from drifting."""
     import os
     import subprocess
 
     env = {**os.environ, "DEV": "cpu", "POP": "4"}
-    out = subprocess.run([sys.executable, "-m", "benchmarks.cases.dfo", case, "tiny", "2", "16"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.cases.{module}", case, "tiny", "2", "16"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=300)
     rows = [json.loads(ln[7:]) for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
     assert out.returncode == 0 and rows and rows[0]["step_s"] > 0, out.stderr[-2000:]

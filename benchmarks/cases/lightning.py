@@ -15,6 +15,10 @@ so the figures sit beside the bare-step cases of the other modules and the peers
   ``configs/sst2_smollm2_mezo_pop.yaml`` sets it (``MEZO_POP=16`` directions of rank 4, ``MEZO_POP_CHUNK=8``
   members per forward, MeZO's default; the config's 16 with ``MEZO_POP_CHUNK=16``), on a module whose loader yields the batch and which defines
   ``per_sample_loss``, so the members run batched.
+* ``dfo_lightning`` / ``dfo_lightning_graph``: ``DFOLoRA`` (C-LoRA: population 20, z of 500, 10 candidates per
+  forward) on the same module, fitness batched through ``per_sample_loss``, with the module's own ``training_step``
+  once a generation (train_loss) as in a real fit; the graph case warms up over every layer first, so the timed
+  generations replay.
 
 Usage: ``python -m benchmarks.cases.lightning CASE SIZE [BATCH] [SEQ]``; ``DEV=cpu`` smoke-tests it.
 """
@@ -134,6 +138,13 @@ def _mezo_pop(cuda_graph: bool = False) -> pl.Callback:
                 cuda_graph=cuda_graph)
 
 
+def _dfo(cuda_graph: bool = False) -> pl.Callback:
+    from lightning_memopt import DFOLoRA
+
+    return DFOLoRA(population=int(os.environ.get("POP", "20")), d=500, budget=None, population_chunk=10,
+                   stat_batches=1, cuda_graph=cuda_graph)
+
+
 def _lomo() -> pl.Callback:
     from lightning_memopt import LOMO
 
@@ -149,6 +160,8 @@ CASES: dict[str, Callable[[], pl.Callback | None]] = {
     "lomo_lightning": _lomo,
     "mezo_pop_lightning": _mezo_pop,
     "mezo_pop_lightning_graph": lambda: _mezo_pop(True),
+    "dfo_lightning": _dfo,
+    "dfo_lightning_graph": lambda: _dfo(True),
 }
 
 
@@ -159,6 +172,8 @@ def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5
         model = build(size)
         res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
         x = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEV)
+        if case.startswith("dfo"):  # one generation a layer: warm up over every layer (each captures its graph)
+            warm, reps = max(warm, model.config.num_hidden_layers), min(model.config.num_hidden_layers, 16)
         timer = _Timer(warm, timing)
         method = CASES[case]()
         trainer = pl.Trainer(
@@ -166,7 +181,7 @@ def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5
             precision="bf16-true", callbacks=[c for c in (method, timer) if c is not None], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
-        trainer.fit((_PopModule if case.startswith("mezo_pop") else _Module)(model, x))
+        trainer.fit((_PopModule if case.startswith(("mezo_pop", "dfo")) else _Module)(model, x))
         t = statistics.median(timer.times)
         res.update(step_s=round(t, 4), peak_gib=round(timer.peak, 2), tok_per_s=round(batch * seq / t, 1),
                    peak_reserved_gib=round(timer.peak_reserved, 2), timing=timing)
