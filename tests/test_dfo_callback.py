@@ -227,6 +227,14 @@ def test_a_skipped_generation_takes_back_the_tell_run_ahead_of_the_check(static)
     assert all(a is b for a, b in zip(tensors, after))  # static: written back in place; else the old tensors again
     _equal(before[1], dfo.state_dict())
     poison["on"] = False
+
+    def fail() -> None:
+        raise RuntimeError("the module's step failed")
+
+    with pytest.raises(RuntimeError, match="step failed"):  # an exception there takes the generation back too
+        dfo.generation_step(batch, after_update=fail)
+    assert dfo.layer == k and dfo.guard.skipped_steps == 1
+    _equal(before[1], dfo.state_dict())
     dfo.generation_step(batch)  # and it goes on from there
     assert dfo.layer != k and not torch.equal(dfo.lora.z[k], before[0][0])
 

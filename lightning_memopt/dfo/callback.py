@@ -266,8 +266,8 @@ class DFOLoRA(MethodCallback):
 
         if self.dfo is None or self.dfo.exhausted or self._batch is None:
             return run_closure()
-        # the module's own training_step (train_loss, the progress bar) runs under the new point, queued before the
-        # generation's host check: its launches overlap the population forward instead of following it
+        # the module's own training_step (train_loss, the progress bar) runs under the new point, before the
+        # generation's host check: its launches queue behind the population forward (up to its own first host read)
         out: list[Any] = []
         after = None if closure is None else (lambda: out.append(run_closure()))
         with self.trainer.precision_plugin.forward_context():  # autocast as in training_step

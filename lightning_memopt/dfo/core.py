@@ -295,8 +295,9 @@ class LayerwiseDFO:
         """One generation of the current layer's optimizer on this batch; returns the population's fitness.
 
         ``after_update`` (e.g. the module's own training step, for its logged loss) runs once the layer's new point
-        is in place. With CMA-ES that is before the generation's host check, so its launches overlap the forward
-        too; a skip takes the update back and runs it again at the restored point.
+        is in place. With CMA-ES that is before the generation's host check, so its launches queue behind the
+        forward (up to its own first host read); a skip takes the update back and runs it again at the restored
+        point, and an exception in it takes the whole generation back before it propagates.
         """
         k = self.layer
         opt = self.opts[k]
@@ -311,16 +312,15 @@ class LayerwiseDFO:
             snap, point = opt.snapshot(), self.lora.point(k)
             self._tell(opt, k, fit)
             if after_update is not None:
-                after_update()
+                try:
+                    after_update()
+                except BaseException:
+                    self._take_back(opt, k, rng, snap, point)
+                    raise
         # Every rank holds the same reduced fitness, so every rank decides alike (the generation's one host read).
         skipped = not bool(fit.isfinite().any())
         if skipped:
-            if ahead:
-                opt.restore(snap)
-                self.lora.restore_point(k, point)
-            opt.gen.set_state(rng)  # as if never asked: the optimizer's state stays bit-identical
-            opt.forget_ask()
-            self._park(opt)
+            self._take_back(opt, k, rng, snap if ahead else None, point if ahead else None)
         elif not ahead:  # fireworks' tell reads the fitness on the host anyway
             self._tell(opt, k, fit)
         if not skipped:
@@ -331,6 +331,15 @@ class LayerwiseDFO:
             after_update()
         self.guard.record(skipped, step)
         return fit
+
+    def _take_back(self, opt: Optim, k: int, rng: Tensor, snap: Any, point: Any) -> None:
+        """Layer ``k``'s optimizer (its generator included) and point as before this generation's ask."""
+        if snap is not None:
+            opt.restore(snap)
+            self.lora.restore_point(k, point)
+        opt.gen.set_state(rng)
+        opt.forget_ask()
+        self._park(opt)
 
     def _tell(self, opt: Optim, k: int, fit: Tensor) -> None:
         opt.tell(fit.to(opt.device))
