@@ -9,7 +9,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memopt.dfo.callback import DFOLoRA
 from lightning_memopt.dfo.core import population_fitness
-from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.testing import assert_same, tiny_datamodule, tiny_model, tiny_trainer
 from lightning_memopt.testing.tiny import full_state
 
 
@@ -225,7 +225,7 @@ def test_a_skipped_generation_takes_back_the_tell_run_ahead_of_the_check(static)
     after = [dfo.lora.z[k], *(t for pair in dfo.lora._fixed[k] for t in pair)]
     assert all(torch.equal(a, b) for a, b in zip(before[0], after))
     assert all(a is b for a, b in zip(tensors, after))  # static: written back in place; else the old tensors again
-    _equal(before[1], dfo.state_dict())
+    assert_same(before[1], dfo.state_dict())
     poison["on"] = False
 
     def fail() -> None:
@@ -234,24 +234,9 @@ def test_a_skipped_generation_takes_back_the_tell_run_ahead_of_the_check(static)
     with pytest.raises(RuntimeError, match="step failed"):  # an exception there takes the generation back too
         dfo.generation_step(batch, after_update=fail)
     assert dfo.layer == k and dfo.guard.skipped_steps == 1
-    _equal(before[1], dfo.state_dict())
+    assert_same(before[1], dfo.state_dict())
     dfo.generation_step(batch)  # and it goes on from there
     assert dfo.layer != k and not torch.equal(dfo.lora.z[k], before[0][0])
-
-
-def _equal(a, b) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            _equal(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _equal(x, y)
-    else:
-        assert a == b
 
 
 @pytest.mark.parametrize("optimizer", ["cmaes", "fireworks"])

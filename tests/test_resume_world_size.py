@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_memopt.testing import run_distributed
+from lightning_memopt.testing import assert_same, run_distributed
 
 SAVE, STEPS = 2, 4
 METHODS = {
@@ -36,21 +36,6 @@ def _job(name: str, **kw) -> dict:
     if name == "galore":
         kwargs["model_kwargs"] = {"weight_decay": 0.01}
     return {"target": FIT, "kwargs": kwargs}
-
-
-def _assert_equal(a, b, where: str) -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            _assert_equal(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +70,8 @@ def _moved(a: dict, b: dict) -> bool:
 def test_resume_on_another_world_size_is_exact(runs, method):
     r = runs[method]
     # the state a sharded checkpoint gives at the new world size is the saved one, bit for bit
-    _assert_equal(r["dcp2to1"]["loaded"], r["straight2"]["saved"], "loaded at 1")
-    _assert_equal(r["dcp1to2"][1]["loaded"], r["straight1"]["saved"], "loaded at 2")
+    assert_same(r["dcp2to1"]["loaded"], r["straight2"]["saved"], "loaded at 1")
+    assert_same(r["dcp1to2"][1]["loaded"], r["straight1"]["saved"], "loaded at 2")
     saved = r["straight2"]["saved"]
     assert saved["global_step"] == SAVE and _moved(saved, r["dcp2to1"])  # the runs went on from there
     if method in ("adalomo", "galore"):  # sharded moments (and GaLore's projectors) came back whole
@@ -95,9 +80,9 @@ def test_resume_on_another_world_size_is_exact(runs, method):
         assert saved["method"] and (method != "mezo" or len(saved["method"]["history"]) == SAVE)
     for key in ("dcp2to1", "full2to1"):
         assert r[key]["global_step"] == STEPS
-    _assert_equal(r["dcp2to1"], r["full2to1"], "2->1")
+    assert_same(r["dcp2to1"], r["full2to1"], "2->1")
     for rank in range(2):
-        _assert_equal(r["dcp1to2"][rank], r["full1to2"][rank], f"1->2 rank {rank}")
+        assert_same(r["dcp1to2"][rank], r["full1to2"][rank], f"1->2 rank {rank}")
     # and the continuation is the method's: within the 2-vs-1-process tolerances of the uninterrupted runs
     for resumed, straight in ((r["dcp2to1"], r["straight2"]), (r["dcp1to2"][0], r["straight1"])):
         for k, v in straight["state"].items():

@@ -60,7 +60,7 @@ def test_zero3_on_a_cpu_trainer_uses_deepspeeds_cpu_accelerator_where_it_picked_
 def test_zero3_checkpoint_resumes_exactly_on_another_world_size(tmp_path):
     """A ZeRO-3 checkpoint (one full file: gathered weights, AdaLomo's moments, MeZO's history) saved at 2 processes
     resumes at 1 process at exactly the saved state, and continues like the uninterrupted run within tolerance."""
-    from lightning_memopt.testing import run_distributed
+    from lightning_memopt.testing import assert_same, run_distributed
 
     target, names = "lightning_memopt.testing.workers:fit_resumable", ("adalomo", "mezo")
     kw = {"steps": 4, "strategy_name": "zero3", "dm_kwargs": {"padding": "max_length"}}
@@ -77,21 +77,11 @@ def test_zero3_checkpoint_resumes_exactly_on_another_world_size(tmp_path):
         assert loaded["opt"].keys() == saved["opt"].keys()
         for k, v in saved["opt"].items():
             assert torch.equal(loaded["opt"][k], v) if torch.is_tensor(v) else loaded["opt"][k] == v, f"{name} {k}"
-        assert _same(loaded["method"], saved["method"]), name  # MeZO's history (AdaLomo keeps none here)
+        assert_same(loaded["method"], saved["method"], name)  # MeZO's history (AdaLomo keeps none here)
         assert b["global_step"] == 4
         for k, v in a["state"].items():
             torch.testing.assert_close(b["state"][k], v, rtol=1e-4, atol=1e-5, msg=f"{name} {k}")
     assert any(k.endswith(".row") for k in straight[0]["saved"]["opt"])  # AdaLomo's moments came back
-
-
-def _same(a, b) -> bool:
-    if torch.is_tensor(a):
-        return torch.equal(a, b)
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def _setup(cb, strategy, precision="32-true", clip=None):

@@ -103,3 +103,20 @@ class TinyLMPerSample(TinyLM):
         logits = self.model(input_ids=batch).logits[:, :-1].float()
         tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
         return tok.mean(1)  # every row has the same length: the mean of row means is the token mean
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Nested state (dicts, lists, tuples of tensors and plain values) equal exactly: tensors by ``torch.equal``,
+    the same keys and lengths; ``where`` names the first difference."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
