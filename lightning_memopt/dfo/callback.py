@@ -259,8 +259,6 @@ class DFOLoRA(MethodCallback):
     @override
     def step(self, closure: Any) -> Any:
         def run_closure() -> Any:
-            if closure is None:
-                return None
             with torch.enable_grad():  # the closure expects it; nothing requires grad, so no graph is built
                 return closure()
 
@@ -269,11 +267,10 @@ class DFOLoRA(MethodCallback):
         # the module's own training_step (train_loss, the progress bar) runs under the new point, before the
         # generation's host check: its launches queue behind the population forward (up to its own first host read)
         out: list[Any] = []
-        after = None if closure is None else (lambda: out.append(run_closure()))
         with self.trainer.precision_plugin.forward_context():  # autocast as in training_step
-            self.dfo.generation_step(self._batch, self.step_index, after_update=after)
+            self.dfo.generation_step(self._batch, self.step_index, after_update=lambda: out.append(run_closure()))
         self._logged = False
-        return out[-1] if out else None
+        return out[-1]
 
     @override
     def log_step(self, pl_module: LightningModule) -> None:

@@ -179,10 +179,6 @@ class CMAES:
         """Drop the candidates of the last ``ask`` (a generation that was not evaluated)."""
         self._asked = None
 
-    # what tell() changes; it reassigns each (never writes into one), so references are a snapshot
-    _STEP_STATE = ("mean", "C", "B", "D", "ps", "pc", "best_x", "_sigma", "_best_f", "generation", "eigen_generation",
-                   "evaluations", "_asked")
-
     def snapshot(self) -> dict[str, Any]:
         """The state before a ``tell`` that may be taken back (:meth:`restore`): references, no copies."""
         return {k: getattr(self, k) for k in self._STEP_STATE}
@@ -206,6 +202,8 @@ class CMAES:
     # ---- checkpointing ------------------------------------------------------------------------------------------
     _TENSORS = ("mean", "C", "B", "D", "ps", "pc", "best_x")
     _SCALARS = ("sigma", "generation", "eigen_generation", "evaluations", "best_f", "lam", "n")  # host reads
+    # what tell() changes; it reassigns each (never writes into one), so references are a snapshot
+    _STEP_STATE = (*_TENSORS, "_sigma", "_best_f", "generation", "eigen_generation", "evaluations", "_asked")
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k).to(self.device, copy=True) for k in self._TENSORS}

@@ -308,6 +308,7 @@ class LayerwiseDFO:
         # CMA-ES's tell only queues device work: it runs before the host check below (which waits for the
         # forward), so its launches overlap the forward instead of following it; a skip takes it back
         ahead = isinstance(opt, CMAES)
+        snap = point = None
         if ahead:
             snap, point = opt.snapshot(), self.lora.point(k)
             self._tell(opt, k, fit)
@@ -320,7 +321,7 @@ class LayerwiseDFO:
         # Every rank holds the same reduced fitness, so every rank decides alike (the generation's one host read).
         skipped = not bool(fit.isfinite().any())
         if skipped:
-            self._take_back(opt, k, rng, snap if ahead else None, point if ahead else None)
+            self._take_back(opt, k, rng, snap, point)
         elif not ahead:  # fireworks' tell reads the fitness on the host anyway
             self._tell(opt, k, fit)
         if not skipped:
