@@ -6,6 +6,7 @@ import pytest
 
 from lightning_memopt.testing import run_distributed, run_torchrun
 from lightning_memopt.testing.multiproc import RankCrashed
+from lightning_memopt.testing.multiproc import _excerpt as excerpt
 
 
 @pytest.mark.parametrize("launcher", ["plain", "torchrun"])
@@ -25,3 +26,14 @@ def test_a_python_error_fails_at_once(tmp_path):
     with pytest.raises(RuntimeError, match="a Python error in the worker") as e:
         run_distributed("lightning_memopt.testing.workers:raise_error", world_size=1, marker=str(marker))
     assert not isinstance(e.value, RankCrashed) and marker.read_text() == "x"
+
+
+def test_the_crash_excerpt_keeps_faulthandlers_stack_ahead_of_a_long_module_list():
+    # a GPU image's crashed worker lists ~180 extension modules after its stack (scipy, pandas, sklearn loaded)
+    stack = "Fatal Python error: Aborted\n\nCurrent thread 0x1 (most recent call first):\n  File \"w.py\", line 9 in f\n"
+    modules = "\nExtension modules: " + ", ".join(f"scipy.mod{i}" for i in range(2000)) + " (total: 2000)\n"
+    summary = "\ntraceback : Signal 6 (SIGABRT) received by PID 7\n"
+    out = excerpt(stack + modules + summary)
+    assert out.startswith(stack) and out.endswith(summary) and len(out) < 13000
+    short = "log\n" + stack + summary
+    assert excerpt(short) == short

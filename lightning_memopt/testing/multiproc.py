@@ -119,8 +119,19 @@ def _collect(procs: list[subprocess.Popen], timeout: float) -> None:
         failed |= p.returncode != 0
         crashed |= p.returncode < 0 or (p.returncode != 0 and _TORCHRUN_SIGNAL in outs[-1])
     if failed:
-        msg = "distributed run failed:\n" + "\n----\n".join(o[-6000:] for o in outs)
+        msg = "distributed run failed:\n" + "\n----\n".join(_excerpt(o) for o in outs)
         raise RankCrashed(msg) if crashed else RuntimeError(msg)
+
+
+def _excerpt(out: str, n: int = 6000) -> str:
+    """The output's tail, and faulthandler's stack where the tail misses it: after the stack a crashed process
+    lists its extension modules, which on a machine with scipy, pandas and sklearn loaded is longer than the tail."""
+    tail = out[-n:]
+    i = out.find("Fatal Python error")
+    if not 0 <= i < len(out) - n:
+        return tail
+    j = out.find("\nExtension modules:", i)
+    return out[i:j if j > i else i + n][:n] + "\n[...]\n" + tail
 
 
 def _main() -> None:
