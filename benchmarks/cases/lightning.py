@@ -16,9 +16,11 @@ so the figures sit beside the bare-step cases of the other modules and the peers
   members per forward, MeZO's default; the config's 16 with ``MEZO_POP_CHUNK=16``), on a module whose loader yields the batch and which defines
   ``per_sample_loss``, so the members run batched.
 * ``dfo_lightning`` / ``dfo_lightning_graph``: ``DFOLoRA`` (C-LoRA: population 20, z of 500, 10 candidates per
-  forward) on the same module, fitness batched through ``per_sample_loss``, with the module's own ``training_step``
-  once a generation (train_loss) as in a real fit; the graph case warms up over every layer first, so the timed
-  generations replay.
+  forward) on a prompt classifier like HFCausalLM (label-word logits at the last position), so the fitness is
+  batched with the layers below the current one computed once, as C-LoRA's configs run; the module's own
+  ``training_step`` runs once a generation (train_loss) as in a real fit; the graph case warms up over every layer
+  first, so the timed generations replay. ``benchmarks.cases.dfo``'s ``dfo_forward_chunk10_graph`` is the batched
+  forward they compare with.
 
 Usage: ``python -m benchmarks.cases.lightning CASE SIZE [BATCH] [SEQ]``; ``DEV=cpu`` smoke-tests it.
 """
@@ -65,6 +67,26 @@ class _PopModule(_Module):
 
     def train_dataloader(self) -> Any:
         return torch.utils.data.DataLoader([self.x.cpu()] * 64, batch_size=None, pin_memory=torch.cuda.is_available())
+
+
+class _LabelModule(_Module):
+    """A prompt classifier as :class:`~lightning_memopt.HFCausalLM` is one (label-word logits at the last position,
+    dict batches with labels), so DFOLoRA's fitness takes the path C-LoRA's configs take: batched, the layers below
+    the current one computed once."""
+
+    label_token_ids = (3, 5)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1, list(self.label_token_ids)].float()
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    def train_dataloader(self) -> Any:
+        x = self.x.cpu()
+        batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": torch.arange(len(x)) % 2}
+        return torch.utils.data.DataLoader([batch] * 64, batch_size=None, pin_memory=torch.cuda.is_available())
 
 
 class _Timer(pl.Callback):
@@ -181,7 +203,8 @@ def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5
             precision="bf16-true", callbacks=[c for c in (method, timer) if c is not None], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
-        trainer.fit((_PopModule if case.startswith(("mezo_pop", "dfo")) else _Module)(model, x))
+        module = _LabelModule if case.startswith("dfo") else _PopModule if case.startswith("mezo_pop") else _Module
+        trainer.fit(module(model, x))
         t = statistics.median(timer.times)
         res.update(step_s=round(t, 4), peak_gib=round(timer.peak, 2), tok_per_s=round(batch * seq / t, 1),
                    peak_reserved_gib=round(timer.peak_reserved, 2), timing=timing)
