@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import socket
+import time
+
 import pytest
 
 from lightning_memopt.testing import run_distributed, run_torchrun
+from lightning_memopt.testing import multiproc
 from lightning_memopt.testing.multiproc import RankCrashed
 from lightning_memopt.testing.multiproc import _excerpt as excerpt
 
@@ -37,3 +41,21 @@ def test_the_crash_excerpt_keeps_faulthandlers_stack_ahead_of_a_long_module_list
     assert out.startswith(stack) and out.endswith(summary) and len(out) < 13000
     short = "log\n" + stack + summary
     assert excerpt(short) == short
+
+
+def test_a_taken_port_is_relaunched_and_the_waiting_rank_is_stopped(monkeypatch):
+    """Rank 0 cannot listen on a port taken since it was chosen (EADDRINUSE), while rank 1 connects to the port's
+    owner and waits for a store that never answers: rank 1 is stopped soon after rank 0 failed (not after the
+    launch's timeout), and the launch runs again on a new port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        chosen = iter([taken.getsockname()[1]])
+        free = multiproc._free_port
+        monkeypatch.setattr(multiproc, "_free_port", lambda: next(chosen, None) or free())
+        monkeypatch.setattr(multiproc, "_GRACE_S", 2.0)
+        start = time.monotonic()
+        with pytest.warns(UserWarning, match=r"(?s)EADDRINUSE.*\[stopped: another process had failed\]"):
+            out = run_distributed("lightning_memopt.testing.workers:gloo_sum", world_size=2, timeout=300)
+    assert out == [3.0, 3.0]
+    assert time.monotonic() - start < 120

@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +34,8 @@ def run_distributed(target: str, world_size: int = 2, timeout: float = 600, **kw
     The function receives ``world_size`` and the JSON-able ``kwargs``; it builds its own Trainer with
     ``devices=world_size`` and returns something ``torch.save`` can store. A launch in which a rank died from a
     signal (a native crash, e.g. glibc's heap check aborting inside gloo; never a Python error or a failed
-    assertion) is run once more, with a warning that carries the crashed rank's output.
+    assertion), or whose rendezvous port was taken before rank 0 listened on it, is run once more, with a warning
+    that carries the output. Once a rank failed, the others are stopped after :data:`_GRACE_S` seconds.
     """
     return _once_more_after_a_crash(target, lambda: _launch(target, world_size, timeout, kwargs))
 
@@ -40,8 +43,8 @@ def run_distributed(target: str, world_size: int = 2, timeout: float = 600, **kw
 def _once_more_after_a_crash(target: str, launch: Callable[[], list[Any]]) -> list[Any]:
     try:
         return launch()
-    except RankCrashed as e:
-        warnings.warn(f"a rank of {target} crashed natively; running the launch once more:\n{e}", stacklevel=3)
+    except Relaunchable as e:
+        warnings.warn(f"a rank of {target} {e.reason}; running the launch once more:\n{e}", stacklevel=3)
         return launch()
 
 
@@ -70,7 +73,7 @@ def run_torchrun(
 
     The function receives ``world_size`` (all processes) and the JSON-able ``kwargs``; it builds its Trainer with
     ``num_nodes=nnodes, devices=nproc_per_node`` (Lightning reads torchrun's variables: TorchElasticEnvironment).
-    A native crash of a worker is handled as in :func:`run_distributed`.
+    A native crash of a worker, a taken port and a failed rank are handled as in :func:`run_distributed`.
     """
     return _once_more_after_a_crash(target, lambda: _torchrun(target, nnodes, nproc_per_node, timeout, kwargs))
 
@@ -98,29 +101,73 @@ def _torchrun(target: str, nnodes: int, nproc_per_node: int, timeout: float, kwa
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONFAULTHANDLER": "1"}
 
 
-class RankCrashed(RuntimeError):
+class Relaunchable(RuntimeError):
+    """A launch failed for a reason outside the code under test; the same launch is run once more."""
+
+    reason = "failed"
+
+
+class RankCrashed(Relaunchable):
     """A launched process died from a signal: a native crash, not a Python error. Its return code is negative, or
     it was a torchrun agent whose worker was (the agent exits with 1 and reports the signal)."""
 
+    reason = "crashed natively"
+
+
+class PortTaken(Relaunchable):
+    """The rendezvous port :func:`_free_port` chose was taken before rank 0 could listen on it (another process's
+    connection can get it as its local port in between)."""
+
+    reason = "could not listen on its rendezvous port (EADDRINUSE)"
+
 
 _TORCHRUN_SIGNAL = "traceback : Signal "  # torchrun's summary of a worker killed by a signal
+_GRACE_S = 30.0  # how long the other ranks get to exit once one rank failed
 
 
 def _collect(procs: list[subprocess.Popen], timeout: float) -> None:
-    outs, failed, crashed = [], False, False
+    """Wait for every process; raise with each one's output when one failed.
+
+    Once a process has failed, the others get :data:`_GRACE_S` seconds and are then stopped: a rank left waiting
+    in a collective, or connecting to a store whose host is gone, would otherwise hold the launch for ``timeout``.
+    """
+    outs = [b""] * len(procs)
+
+    def read(i: int) -> None:  # a thread per pipe, so no process blocks on a full one
+        stdout = procs[i].stdout
+        outs[i] = stdout.read() if stdout is not None else b""
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(procs))]
+    for t in readers:
+        t.start()
+    deadline, failed_at, stopped = time.monotonic() + timeout, None, set()
+    while any(p.poll() is None for p in procs):
+        now = time.monotonic()
+        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+            failed_at = now
+        if now > deadline or (failed_at is not None and now > failed_at + _GRACE_S):
+            stopped = {i for i, p in enumerate(procs) if p.poll() is None}
+            for i in stopped:
+                procs[i].kill()
+            break
+        time.sleep(0.05)
     for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        outs.append(out.decode(errors="replace"))
-        failed |= p.returncode != 0
-        crashed |= p.returncode < 0 or (p.returncode != 0 and _TORCHRUN_SIGNAL in outs[-1])
-    if failed:
-        msg = "distributed run failed:\n" + "\n----\n".join(_excerpt(o) for o in outs)
-        raise RankCrashed(msg) if crashed else RuntimeError(msg)
+        p.wait()
+    for t in readers:
+        t.join()
+    text = [o.decode(errors="replace") for o in outs]
+    if failed_at is None and stopped:
+        raise subprocess.TimeoutExpired(procs[0].args, timeout, output="\n----\n".join(map(_excerpt, text)))
+    if all(p.returncode == 0 for p in procs):
+        return
+    own = [i for i in range(len(procs)) if i not in stopped]  # failures of their own, not stopped by us
+    msg = "distributed run failed:\n" + "\n----\n".join(
+        ("[stopped: another process had failed]\n" if i in stopped else "") + _excerpt(o) for i, o in enumerate(text))
+    if any(procs[i].returncode < 0 or (procs[i].returncode != 0 and _TORCHRUN_SIGNAL in text[i]) for i in own):
+        raise RankCrashed(msg)
+    if any("EADDRINUSE" in text[i] for i in own):
+        raise PortTaken(msg)
+    raise RuntimeError(msg)
 
 
 def _excerpt(out: str, n: int = 6000) -> str:

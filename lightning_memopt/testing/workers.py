@@ -319,6 +319,16 @@ def abort_once(world_size: int, marker: str) -> int:
     return launches
 
 
+def gloo_sum(world_size: int) -> float:
+    """One gloo all-reduce of rank + 1 over the launch (the launcher's port test)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return t.item()
+
+
 def raise_error(world_size: int, marker: str) -> None:
     """Counts its launches in ``marker``, then fails as Python code fails (never relaunched)."""
     from pathlib import Path
