@@ -30,11 +30,16 @@ fetch() {  # fetch DIR PKG...: one version of each, nothing else in DIR
 }
 fetch .whl "${BENCH[@]}" "${GGUF[@]}" "${JSONARGPARSE[@]}"
 fetch .whl2 "${GGUF[@]}" "${JSONARGPARSE[@]}" "${XDIST[@]}"
-# .whl3/: DeepSpeed for the zero3 suite. PyPI has only its source (no wheel): the device builds it against its own
-# torch (pip install --no-build-isolation, ops compiled just in time); its small dependencies come as wheels.
+# .whl3/: DeepSpeed for the zero3 suite and the tests' ZeRO-3 cases. PyPI has only its source: build a pure-Python
+# wheel here (no compiled ops; DeepSpeed picks its accelerator at run time, so a wheel built on this CPU machine works
+# on the GPU). Its small dependencies come as wheels; pydantic's in .whl3/pyd, installed only where the image lacks it.
 grep -qx '/.whl3/' .git/info/exclude 2>/dev/null || echo '/.whl3/' >> .git/info/exclude
 fetch .whl3 hjson==3.1.0 ninja==1.13.2 msgpack==1.2.4 einops==0.8.2 py-cpuinfo==9.0.0
+fetch .whl3/pyd pydantic==2.11.9 pydantic-core==2.33.2 annotated-types==0.7.0 typing-inspection==0.4.1
 python3 -m pip download -q --no-deps --no-binary=:all: -d .whl3 deepspeed==0.19.8
+# its setup imports torch: build with the project's environment (PYTHON=.venv/bin/python by default)
+DS_BUILD_OPS=0 "${PYTHON:-.venv/bin/python}" -m pip wheel -q --no-deps --no-build-isolation -w .whl3 \
+  .whl3/deepspeed-0.19.8.tar.gz
 
 ls -la .gpu .gpu/data/sst2 .whl .whl2
 du -sh .gpu/anchors_gpu.py .gpu/data .whl .whl2
@@ -44,7 +49,7 @@ Carry [".whl", ".gpu/anchors_gpu.py"] (benchmarks) or [".whl2", ".gpu/data", ...
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 (with .whl2/*.whl in the first line when carrying .whl2)
-zero3 suite: also carry ".whl3" and add, after the first line:
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl3/*.whl && DS_BUILD_OPS=0 PYTHONPATH=/tmp/site \
-  python3 -m pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .whl3/deepspeed-*.tar.gz || exit
+zero3 suite, and the tests' ZeRO-3 cases: also carry ".whl3" and add, after the first line:
+python3 -c "import pydantic" 2>/dev/null || python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl3/pyd/*.whl
+python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl3/*.whl || exit
 EOF
