@@ -59,3 +59,15 @@ def test_a_taken_port_is_relaunched_and_the_waiting_rank_is_stopped(monkeypatch)
             out = run_distributed("lightning_memopt.testing.workers:gloo_sum", world_size=2, timeout=300)
     assert out == [3.0, 3.0]
     assert time.monotonic() - start < 120
+
+
+def test_a_failed_rank_stops_the_waiting_ones_and_is_not_relaunched(tmp_path, monkeypatch):
+    marker = tmp_path / "launches"
+    monkeypatch.setattr(multiproc, "_GRACE_S", 2.0)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"(?s)a Python error in the worker.*\[stopped: another process had failed\]"
+                       ) as e:
+        run_distributed("lightning_memopt.testing.workers:raise_on_rank0", world_size=2, marker=str(marker),
+                        timeout=300)
+    assert not isinstance(e.value, multiproc.Relaunchable) and marker.read_text() == "x"
+    assert time.monotonic() - start < 120

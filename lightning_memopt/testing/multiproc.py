@@ -140,10 +140,11 @@ def _collect(procs: list[subprocess.Popen], timeout: float) -> None:
     readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(procs))]
     for t in readers:
         t.start()
-    deadline, failed_at, stopped = time.monotonic() + timeout, None, set()
+    deadline, failed_at, stopped, first = time.monotonic() + timeout, None, set(), []
     while any(p.poll() is None for p in procs):
         now = time.monotonic()
-        if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+        first = first or [i for i, p in enumerate(procs) if p.returncode not in (None, 0)]
+        if failed_at is None and first:
             failed_at = now
         if now > deadline or (failed_at is not None and now > failed_at + _GRACE_S):
             stopped = {i for i, p in enumerate(procs) if p.poll() is None}
@@ -160,12 +161,13 @@ def _collect(procs: list[subprocess.Popen], timeout: float) -> None:
         raise subprocess.TimeoutExpired(procs[0].args, timeout, output="\n----\n".join(map(_excerpt, text)))
     if all(p.returncode == 0 for p in procs):
         return
-    own = [i for i in range(len(procs)) if i not in stopped]  # failures of their own, not stopped by us
+    # the cause is whoever failed first: a peer's own error after a crash ("Connection reset by peer") is an effect
+    first = first or [i for i, p in enumerate(procs) if p.returncode != 0]
     msg = "distributed run failed:\n" + "\n----\n".join(
         ("[stopped: another process had failed]\n" if i in stopped else "") + _excerpt(o) for i, o in enumerate(text))
-    if any(procs[i].returncode < 0 or (procs[i].returncode != 0 and _TORCHRUN_SIGNAL in text[i]) for i in own):
+    if any(procs[i].returncode < 0 or _TORCHRUN_SIGNAL in text[i] for i in first):
         raise RankCrashed(msg)
-    if any("EADDRINUSE" in text[i] for i in own):
+    if any("EADDRINUSE" in text[i] for i in first):
         raise PortTaken(msg)
     raise RuntimeError(msg)
 

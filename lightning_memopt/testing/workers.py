@@ -329,6 +329,17 @@ def gloo_sum(world_size: int) -> float:
     return t.item()
 
 
+def raise_on_rank0(world_size: int, marker: str) -> None:
+    """Rank 0 fails as Python code fails while the other ranks are stuck (as one connecting to a store that is gone
+    stays: gloo's own peers notice a closed connection, a store client retries until its timeout)."""
+    import os
+    import time
+
+    if os.environ["RANK"] == "0":
+        raise_error(world_size, marker)
+    time.sleep(3600)
+
+
 def raise_error(world_size: int, marker: str) -> None:
     """Counts its launches in ``marker``, then fails as Python code fails (never relaunched)."""
     from pathlib import Path
