@@ -1,4 +1,5 @@
-"""The multi-process launcher: a native crash is relaunched once, a Python error is not."""
+"""The multi-process launcher: a native crash or a taken rendezvous port is relaunched once, a Python error is not;
+once a process failed, the others are stopped soon after."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import time
 
 import pytest
 
-from lightning_memopt.testing import run_distributed, run_torchrun
-from lightning_memopt.testing import multiproc
+from lightning_memopt.testing import multiproc, run_distributed, run_torchrun
 from lightning_memopt.testing.multiproc import RankCrashed
 from lightning_memopt.testing.multiproc import _excerpt as excerpt
 
