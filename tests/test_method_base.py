@@ -20,7 +20,7 @@ from lightning_memopt.lomo.callback import LOMO, AdaLomo
 from lightning_memopt.mezo.callback import MeZO
 from lightning_memopt.models.configs import llama_config
 from lightning_memopt.models.hf import HFCausalLM
-from lightning_memopt.testing import tiny_datamodule, tiny_trainer
+from lightning_memopt.testing import assert_same, tiny_datamodule, tiny_trainer
 from lightning_memopt.testing.tiny import full_state
 
 DFO_KW = {"d": 20, "population": 6, "budget": None, "stat_batches": 1, "init_scale": 1.0}
@@ -75,23 +75,6 @@ def _state(trainer: pl.Trainer, cb) -> dict:
     return {"callback": copy.deepcopy(st), "optimizer": copy.deepcopy(holder.state_dict()["state"])}
 
 
-def _same(a, b, path="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b) or (a.is_floating_point() and torch.equal(a.nan_to_num(), b.nan_to_num())), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), path
-    else:
-        assert a == b, (path, a, b)
-
-
 class Snapshot(pl.Callback):
     """Weights and method state before and after step ``k``."""
 
@@ -123,7 +106,7 @@ def test_non_finite_loss_skips_the_step_bit_identically(name, value):
     (w0, s0), (w1, s1) = snap.before, snap.after
     for n in w0:
         assert torch.equal(w0[n], w1[n]), n
-    _same(s0, s1)
+    assert_same(s0, s1, nan_equal=True)
     assert cb.skipped_steps == 1 and trainer.global_step == 5
     end = full_state(model) if not isinstance(cb, DFOLoRA) else None
     if end is not None:  # training continued after the skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any
 
@@ -105,18 +106,22 @@ class TinyLMPerSample(TinyLM):
         return tok.mean(1)  # every row has the same length: the mean of row means is the token mean
 
 
-def assert_same(a: Any, b: Any, where: str = "") -> None:
+def assert_same(a: Any, b: Any, where: str = "", nan_equal: bool = False) -> None:
     """Nested state (dicts, lists, tuples of tensors and plain values) equal exactly: tensors by ``torch.equal``,
-    the same keys and lengths; ``where`` names the first difference."""
+    the same keys and lengths; ``where`` names the first difference. ``nan_equal``: NaN equals NaN (state that a
+    non-finite step may hold)."""
     if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
+        assert torch.equal(a, b) or (
+            nan_equal and a.is_floating_point() and torch.equal(a.nan_to_num(), b.nan_to_num())), where
     elif isinstance(a, dict):
         assert a.keys() == b.keys(), where
         for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
+            assert_same(a[k], b[k], f"{where}.{k}", nan_equal)
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
+            assert_same(x, y, f"{where}[{i}]", nan_equal)
+    elif nan_equal and isinstance(a, float) and math.isnan(a):
+        assert math.isnan(b), where
     else:
-        assert a == b, where
+        assert a == b, (where, a, b)
