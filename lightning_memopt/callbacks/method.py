@@ -15,7 +15,8 @@ owns everything around that step:
   to :meth:`start`;
 * the holder's step: :meth:`step`, then the non-finite bookkeeping (:mod:`lightning_memopt.core.nonfinite`) and, for
   methods that keep ``.grad``, releasing the gradients at once (Lightning would keep them through the next forward);
-* ``teardown`` / ``on_exception``: :meth:`uninstall`, and every trainer attribute this callback changed put back.
+* ``teardown`` / ``on_exception``: :meth:`uninstall`, and every trainer attribute this callback changed (and a
+  ``training_step`` it wrapped: :meth:`wrap_training_step`) put back.
 
 A method gives its step and its state: :meth:`install`, :meth:`start`, :meth:`step`, :meth:`uninstall`,
 :meth:`method_state`, :meth:`settings` and the class attributes below. See docs/architecture.md.
@@ -23,6 +24,7 @@ A method gives its step and its state: :meth:`install`, :meth:`start`, :meth:`st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -80,6 +82,7 @@ class MethodCallback(Callback):
         self._saved_settings: dict[str, Any] | None = None
         self._restore: list[tuple[str, Any]] = []
         self._numbers: dict[str, tuple[float, torch.Tensor]] = {}
+        self._wrapped_step: tuple[pl.LightningModule, Any, bool] | None = None
 
     # ---- what a method provides ----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -117,6 +120,24 @@ class MethodCallback(Callback):
     @property
     def skipped_steps(self) -> int:
         return self.guard.skipped_steps
+
+    def wrap_training_step(self, pl_module: pl.LightningModule, make: Callable[[Any], Any]) -> None:
+        """Replace the module's ``training_step`` by ``make(original)`` for this fit; teardown puts it back."""
+        self.restore_training_step()
+        had = "training_step" in pl_module.__dict__  # an instance attribute of the user's is put back as it was
+        original = pl_module.training_step
+        self._wrapped_step = (pl_module, original, had)
+        pl_module.training_step = make(original)  # type: ignore[method-assign]
+
+    def restore_training_step(self) -> None:
+        if self._wrapped_step is None:
+            return
+        module, original, had = self._wrapped_step
+        if had:
+            module.training_step = original  # type: ignore[method-assign]
+        else:
+            module.__dict__.pop("training_step", None)
+        self._wrapped_step = None
 
     def set_trainer_attr(self, trainer: pl.Trainer, attr: str, value: Any) -> None:
         """Change a trainer attribute for this fit; teardown puts the user's value back."""
@@ -214,6 +235,7 @@ class MethodCallback(Callback):
 
     def _cleanup(self, trainer: pl.Trainer) -> None:
         self.uninstall()
+        self.restore_training_step()
         while self._restore:
             attr, value = self._restore.pop()
             if attr == "_skip_backward":

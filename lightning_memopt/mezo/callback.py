@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_memopt.callbacks import _checks
+from lightning_memopt.callbacks.graphed import recording_logs, replay_logs
 from lightning_memopt.callbacks.method import MethodCallback
 from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_mean, is_fsdp2
@@ -169,8 +170,6 @@ class MeZO(MethodCallback):
         self.zo: ZeroOrder | None = None
         self._metric: Any = None
         self._higher_is_better = False
-        self._had_instance_step = False
-        self._original_step: Any = None
         self._per_sample: Any = None
         self._reset_accumulators()
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -233,13 +232,14 @@ class MeZO(MethodCallback):
             rank_zero_info(f"MeZO population: {members} members per step, {c.perturbation} directions, {how}.")
         if self._metric is not None:
             self._metric = self._metric.to(pl_module.device)
-        self._had_instance_step = "training_step" in pl_module.__dict__
-        original = self._original_step = pl_module.training_step
 
-        def training_step(*args: Any, **kwargs: Any) -> Any:
-            return self._zo_training_step(original, pl_module, args, kwargs)
+        def wrap(original: Any) -> Any:
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                return self._zo_training_step(original, pl_module, args, kwargs)
 
-        pl_module.training_step = training_step  # type: ignore[method-assign]
+            return training_step
+
+        self.wrap_training_step(pl_module, wrap)
         if self.record_trajectory and self.trajectory is None:
             self.trajectory = new_trajectory(_base_reference(pl_module), params, self.config, self.seed,
                                              self.zo.scales)
@@ -285,12 +285,6 @@ class MeZO(MethodCallback):
             self._flush_trajectory()  # a fit that stopped early keeps every recorded step
         except Exception:  # noqa: BLE001 - after a device error the original exception is the one to see
             pass
-        if self.module is not None and self._original_step is not None:
-            if not self._had_instance_step:
-                self.module.__dict__.pop("training_step", None)
-            else:
-                self.module.training_step = self._original_step  # type: ignore[method-assign]
-            self._original_step = None
         if self.zo is not None:
             self.zo.close()
         self._graph, self._seed_dev, self._graph_call = None, None, None  # the graphs' memory goes with them
@@ -363,8 +357,7 @@ class MeZO(MethodCallback):
         if directions is not None and self.zo is not None and self.zo.directions is not None:
             cache, captured = directions  # the replay rewrote the captured factors with this step's
             self.zo.directions.adopt(cache, captured, seeds)
-        for name, value, a, kw in logs:  # the module's own logging, with this replay's values
-            pl_module.log(name, value.clone() if isinstance(value, torch.Tensor) else value, *a, **kw)
+        replay_logs(pl_module, logs)  # the module's own logging, with this replay's values
         return g.clone(), loss.clone()  # the graph's outputs are rewritten by the next replay
 
     def _graph_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list, Any]:
@@ -373,22 +366,9 @@ class MeZO(MethodCallback):
         with the seeds it was captured for."""
         assert self.zo is not None and self._graph_call is not None and self._seed_dev is not None
         original, pl_module, rest, kwargs, seeds = self._graph_call
-        logs: list = []
-
-        def record(name: str, value: Any, *a: Any, **kw: Any) -> None:
-            logs.append((name, value, a, kw))
-
-        own = pl_module.__dict__.get("log")
-        pl_module.log = record  # type: ignore[method-assign]
-        try:
-            with eval_mode(pl_module, self.eval_mode):
-                g, loss = self._estimate(lambda: self._objective(original(batch, *rest, **kwargs)), seeds, batch,
-                                         self._seed_dev.tensor)
-        finally:
-            if own is None:
-                del pl_module.__dict__["log"]
-            else:
-                pl_module.log = own  # type: ignore[method-assign]
+        with recording_logs(pl_module) as logs, eval_mode(pl_module, self.eval_mode):
+            g, loss = self._estimate(lambda: self._objective(original(batch, *rest, **kwargs)), seeds, batch,
+                                     self._seed_dev.tensor)
         directions = self.zo.directions
         return g, loss, logs, None if directions is None else (directions.snapshot(), list(seeds))
 
