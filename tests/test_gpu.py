@@ -185,26 +185,35 @@ def test_mezo_graph_step_makes_no_host_sync_of_its_own():
     assert not ours, ours
 
 
-def test_dfo_cuda_graph_equals_eager():
-    """DFOLoRA's population forward replayed from a graph per layer: the same candidates' fitness, so the same
-    adapters after 6 generations (fp32), with one capture per layer and a replay per generation."""
+def test_dfo_cuda_graph_equals_eager(recwarn):
+    """DFOLoRA's population forward replayed from a graph per layer, and the module's training_step after each
+    generation from one graph: the same candidates' fitness, so the same adapters after 6 generations (fp32), and
+    the same train_loss each step; one capture per layer and a replay per generation, one capture of the step."""
     res = {}
     for graphed in (False, True):
         torch.manual_seed(0)
         model = tiny_model()
         cb = DFOLoRA(d=16, population=6, budget=None, stat_batches=1, cuda_graph=graphed, seed=1)
-        counts = {}
+        counts, losses = {}, []
 
         class Peek(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.append(trainer.callback_metrics["train_loss"].item())
+
             def on_train_end(self, trainer, pl_module):
                 if cb.dfo.graph is not None:
-                    counts.update(captures=cb.dfo.graph.captures, replays=cb.dfo.graph.replays)
+                    step = cb._graphed_step.graph
+                    counts.update(captures=cb.dfo.graph.captures, replays=cb.dfo.graph.replays,
+                                  step_captures=step.captures, step_replays=step.replays)
 
         tiny_trainer(accelerator="cuda", precision="32-true", max_steps=6, callbacks=[cb, Peek()]).fit(
             model, tiny_datamodule(k=16, batch_size=8, padding="max_length"))
-        res[graphed] = ([z.detach().cpu().clone() for z in cb.lora.z], counts)
-    assert res[True][1] == {"captures": 2, "replays": 6}  # 2 layers of the tiny model
+        res[graphed] = ([z.detach().cpu().clone() for z in cb.lora.z], counts, losses)
+        assert "training_step" not in model.__dict__  # the wrapper is gone after fit
+    assert not [w for w in recwarn if "cuda_graph" in str(w.message)], [str(w.message) for w in recwarn]
+    assert res[True][1] == {"captures": 2, "replays": 6, "step_captures": 1, "step_replays": 6}  # 2 layers
     assert all(torch.equal(a, b) for a, b in zip(res[False][0], res[True][0]))
+    assert len(res[False][2]) == 6 and res[True][2] == res[False][2]
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")

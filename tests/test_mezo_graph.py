@@ -85,13 +85,13 @@ def test_graph_replay_rules():
     assert a != signature(({"ids": torch.zeros(2, 3)}, 2))  # and other values
 
 
-def _fit_dfo(cuda_graph: bool, **trainer_kw):
+def _fit_dfo(cuda_graph: bool, callbacks_extra=(), **trainer_kw):
     from lightning_memopt import DFOLoRA
 
     torch.manual_seed(0)
     model = tiny_model()
     cb = DFOLoRA(d=16, population=6, budget=None, stat_batches=1, cuda_graph=cuda_graph, seed=1)
-    trainer = tiny_trainer(max_steps=6, callbacks=[cb], **trainer_kw)
+    trainer = tiny_trainer(max_steps=6, callbacks=[cb, *callbacks_extra], **trainer_kw)
     trainer.fit(model, tiny_datamodule(k=16, batch_size=8, padding="max_length"))
     return [z.detach().cpu().clone() for z in cb.lora.z] if cb.lora is not None else cb, cb
 
@@ -108,6 +108,35 @@ def test_dfo_cuda_graph_on_cpu_warns_once_and_trains_as_eager():
         from lightning_memopt import DFOLoRA
 
         DFOLoRA(cuda_graph=True, max_graphs=0)
+
+
+def test_dfo_training_step_through_the_graph_wrapper_equals_eager(monkeypatch):
+    """Where the population forward replays (a GPU; forced here), the module's training_step after each generation
+    goes through GraphedTrainingStep: on a CPU that warns once and runs eagerly, so train_loss each step and the
+    adapters equal the unwrapped fit's; the wrapper is gone after fit."""
+    import lightning.pytorch as pl
+
+    from lightning_memopt.dfo import callback as dfo_callback
+
+    def fit(cuda_graph: bool):
+        losses = []
+
+        class Losses(pl.Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                losses.append(float(trainer.callback_metrics["train_loss"]))
+
+        return _fit_dfo(cuda_graph, callbacks_extra=[Losses()]), losses
+
+    (eager, _), eager_losses = fit(False)
+    monkeypatch.setattr(dfo_callback, "_on_cuda", lambda module: True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        (graphed, cb), graphed_losses = fit(True)
+    msgs = [str(w.message) for w in seen if "cuda_graph" in str(w.message)]
+    assert len(msgs) == 2 and "the module's training_step: CUDA graphs need CUDA tensors" in msgs[1], msgs
+    assert len(eager_losses) == 6 and graphed_losses == eager_losses
+    assert all(torch.equal(a, b) for a, b in zip(eager, graphed))
+    assert "training_step" not in cb.module.__dict__ and cb._graphed_step is not None
 
 
 def test_population_estimate_with_device_seeds_equals_integer_seeds():

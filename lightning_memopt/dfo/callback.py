@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
+from lightning_memopt.callbacks.graphed import GraphedTrainingStep
 from lightning_memopt.callbacks.method import MethodCallback
 from lightning_memopt.core.population import per_sample_fn
 from lightning_memopt.dfo.core import DFOSettings, LayerwiseDFO
@@ -72,8 +73,9 @@ class DFOLoRA(MethodCallback):
             4 MB per layer at d=500; 120 MB for SmolLM2's 30 layers) in host memory, so the GPU holds one layer's.
             Costs a 4 MB copy each way per generation. No effect when the state is on the CPU.
         seed: seed of the random maps and of the optimizers' sampling.
-        cuda_graph: replay the population forward (each layer's, per batch shape) from CUDA graphs; the optimizer's
-            ask/tell stay eager. Needs fixed batch shapes (``padding="max_length"`` or ``"bucket"``); where it
+        cuda_graph: replay the population forward (each layer's, per batch shape) from CUDA graphs, and the
+            module's own ``training_step`` that follows each generation (one graph per batch shape; its ``self.log``
+            calls re-issued with each replay's values); the optimizer's ask/tell stay eager. Needs fixed batch shapes (``padding="max_length"`` or ``"bucket"``); where it
             cannot work (CPU, several processes, one candidate at a time) it warns once with the reason and runs
             eagerly (see docs/mezo.md, the same machinery).
         max_graphs: graphs kept at most with ``cuda_graph`` (default: 4 batch shapes for every layer).
@@ -132,6 +134,8 @@ class DFOLoRA(MethodCallback):
             optimizer_device, offload_idle, seed, cuda_graph, max_graphs,
         )
         self.dfo: LayerwiseDFO | None = None
+        self._graphed_step: GraphedTrainingStep | None = None
+        self._in_generation = False
         self._batch: Any = None
         self._batch_idx = 0
         self._logged = True
@@ -185,15 +189,18 @@ class DFOLoRA(MethodCallback):
         for p in pl_module.parameters():
             p.requires_grad_(False)  # forward-only: the base model is frozen, autograd records nothing
         if self.dfo is not None and self.dfo.module is pl_module:
+            self._graph_training_step(pl_module)
             return  # a second fit of the same module continues with the adapters it has
         if self.dfo is not None:
             self.dfo.remove()
+            self._graphed_step = None  # its graphs read the old module's factors
         try:
             self.dfo = LayerwiseDFO(pl_module, self.config, guard=self.guard, **self._paths(pl_module))
             if self.config.cuda_graph and pl_module.device.type == "cuda":
                 self.warn_dynamic_padding(trainer)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
+        self._graph_training_step(pl_module)
         c = self.config
         t = sum(len(b.targets) for b in self.dfo.lora.blocks)
         rank_zero_info(
@@ -201,6 +208,28 @@ class DFOLoRA(MethodCallback):
             f"z of {c.d} per layer, population {c.population}, budget {c.budget} forwards, "
             f"{self._describe()}."
         )
+
+    def _graph_training_step(self, pl_module: LightningModule) -> None:
+        """Where the population forward replays, the module's training_step after each generation replays too (an
+        eager Hugging Face forward reads its attention mask on the host, and its launches cost as much as the
+        replayed population forward at small batches). Its LoRA factors sit at fixed addresses (``static_fixed``)."""
+        assert self.dfo is not None
+        graph = self.dfo.graph
+        if graph is None or graph.disabled is not None or not _on_cuda(pl_module):
+            return  # the population forward's own warning says why
+        if self._graphed_step is None:
+            shapes = max(1, (self.config.max_graphs or 4 * self.dfo.lora.n_blocks) // self.dfo.lora.n_blocks)
+            self._graphed_step = GraphedTrainingStep("DFOLoRA(cuda_graph=True), the module's training_step", shapes)
+
+        def wrap(original: Any) -> Any:
+            def training_step(*args: Any, **kwargs: Any) -> Any:
+                if self._in_generation and args and self._graphed_step is not None:
+                    return self._graphed_step(original, pl_module, args[0], args[1:], kwargs)
+                return original(*args, **kwargs)
+
+            return training_step
+
+        self.wrap_training_step(pl_module, wrap)
 
     def _describe(self) -> str:
         assert self.dfo is not None
@@ -267,8 +296,16 @@ class DFOLoRA(MethodCallback):
         # the module's own training_step (train_loss, the progress bar) runs under the new point, before the
         # generation's host check: its launches queue behind the population forward (up to its own first host read)
         out: list[Any] = []
+
+        def after_update() -> None:
+            self._in_generation = True  # the wrapped training_step replays (cuda_graph)
+            try:
+                out.append(run_closure())
+            finally:
+                self._in_generation = False
+
         with self.trainer.precision_plugin.forward_context():  # autocast as in training_step
-            self.dfo.generation_step(self._batch, self.step_index, after_update=lambda: out.append(run_closure()))
+            self.dfo.generation_step(self._batch, self.step_index, after_update=after_update)
         self._logged = False
         return out[-1]
 
@@ -298,8 +335,13 @@ class DFOLoRA(MethodCallback):
         if self.dfo is None:
             raise RuntimeError("DFOLoRA.merge(): nothing to merge before fit has run.")
         self.dfo.merge()
+        self._graphed_step = None
 
     # ---- state -----------------------------------------------------------------------------------------------
     @override
     def method_state(self) -> dict[str, Any]:
         return {} if self.dfo is None else self.dfo.state_dict()
+
+
+def _on_cuda(pl_module: LightningModule) -> bool:
+    return pl_module.device.type == "cuda"
