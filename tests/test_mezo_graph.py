@@ -85,6 +85,16 @@ def test_graph_replay_rules():
     assert a != signature(({"ids": torch.zeros(2, 3)}, 2))  # and other values
 
 
+def test_a_host_copy_in_the_step_gets_a_capture_warning_that_names_the_fix():
+    from lightning_memopt.core.graphs import _hint
+
+    # torch 2.11's message on an H200, raised by logits[:, -1, [3, 5]] inside a captured forward
+    err = RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture unless the CPU tensor is "
+                       "pinned. Please use tensor.pin_memory() or allocate the tensor with pin_memory=True.")
+    assert "indexing with a Python list" in _hint(err) and "once on the device" in _hint(err)
+    assert _hint(RuntimeError("operation not permitted when stream is capturing")) == ""
+
+
 def _fit_dfo(cuda_graph: bool, callbacks_extra=(), **trainer_kw):
     from lightning_memopt import DFOLoRA
 

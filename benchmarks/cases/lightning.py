@@ -78,7 +78,12 @@ class _LabelModule(_Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
-        return out.logits[:, -1, list(self.label_token_ids)].float()
+        # the ids on the logits' device, made once (as HFCausalLM does): indexing with a Python list copies it from
+        # the host at every call, which a CUDA graph cannot capture
+        ids = self.__dict__.get("_ids")
+        if ids is None or ids.device != out.logits.device:
+            ids = self.__dict__["_ids"] = torch.tensor(self.label_token_ids, device=out.logits.device)
+        return out.logits[:, -1, ids].float()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])

@@ -27,6 +27,14 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from lightning_memopt.core.validate import at_least
 
 
+def _hint(err: BaseException) -> str:
+    """The usual cause of a capture error, where the message alone does not name it."""
+    if "CPU and CUDA tensors during CUDA graph capture" in str(err):
+        return (". The step copies a host tensor to the GPU: e.g. indexing with a Python list (logits[:, ids_list]) "
+                "or torch.tensor(...) made in each forward. Make such a tensor once on the device (a buffer)")
+    return ""
+
+
 def signature(tree: Any) -> tuple:
     """What a captured graph is specific to: each tensor's shape, dtype and device, and every other leaf's value."""
     leaves, spec = tree_flatten(tree)
@@ -124,7 +132,7 @@ class GraphReplay:
             try:
                 entry = self._capture(inputs)
             except Exception as err:  # noqa: BLE001 - any capture failure: say why, then run eagerly
-                self.disable(f"the step could not be captured in a CUDA graph ({type(err).__name__}: {err})")
+                self.disable(f"the step could not be captured in a CUDA graph ({type(err).__name__}: {err}){_hint(err)}")
                 return self.fn(*inputs)
             self._graphs[sig] = entry
         graph, static, out = entry
