@@ -43,3 +43,60 @@ def test_padded_length_and_bad_values():
     assert padded_length(40, "bucket", 128, [24, 48]) == 48
     with pytest.raises(ValueError, match="padding must be"):
         tiny_datamodule(padding="fixed")
+
+
+def test_length_grouped_sampler_deals_every_example_once_per_epoch_with_less_padding():
+    import random
+
+    from lightning_memopt.data.sampling import LengthGroupedSampler
+
+    lengths = [random.Random(i).choice([5, 8, 12, 30, 60]) for i in range(203)]
+    s = LengthGroupedSampler(lengths, batch_size=16, group=4, seed=3)
+    first = list(s)
+    assert len(first) == len(s) == 192 and len(set(first)) == 192  # 12 whole batches, each example at most once
+    again = LengthGroupedSampler(lengths, batch_size=16, group=4, seed=3)
+    assert list(again) == first  # the seed and epoch fix the order (a resumed run sees the same batches)
+    s.set_epoch(1)
+    assert list(s) != first
+
+    def padded(order: list[int]) -> int:
+        return sum(max(lengths[i] for i in order[b : b + 16]) * 16 for b in range(0, len(order), 16))
+
+    shuffled = torch.randperm(203, generator=torch.Generator().manual_seed(0)).tolist()[:192]
+    assert padded(first) < 0.8 * padded(shuffled)
+
+    # two ranks: each takes its share of every global batch; together the one-process run's batches at 2 x 8
+    ranks = [list(LengthGroupedSampler(lengths, batch_size=8, group=4, num_replicas=2, rank=r, seed=3)) for r in (0, 1)]
+    one = list(LengthGroupedSampler(lengths, batch_size=16, group=4, seed=3))
+    for b in range(0, 96, 8):
+        assert sorted(ranks[0][b : b + 8] + ranks[1][b : b + 8]) == sorted(one[2 * b : 2 * b + 16])
+    small = LengthGroupedSampler(lengths[:10], batch_size=8, group=2, num_replicas=2, rank=1)
+    assert len(list(small)) == len(small) == 5  # smaller than a global batch: one short batch, not none
+    with pytest.raises(ValueError, match="group >= 1"):
+        LengthGroupedSampler(lengths, batch_size=8, group=0)
+
+
+def test_group_by_length_in_the_data_module_and_a_fit():
+    from lightning_memopt import MeZO
+    from lightning_memopt.testing import tiny_trainer
+
+    model = tiny_model()
+    dm = tiny_datamodule(k=32, batch_size=8, shuffle=True, padding="bucket", group_by_length=2)
+    dm.tokenizer = model.tokenizer
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 8 and sum(len(b["labels"]) for b in batches) == 64
+    spread = [int(b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min()) for b in batches]
+    plain = tiny_datamodule(k=32, batch_size=8, shuffle=True, padding="bucket")
+    plain.tokenizer = model.tokenizer
+    plain.setup("fit")
+    torch.manual_seed(0)
+    spread_plain = [int(b["attention_mask"].sum(1).max() - b["attention_mask"].sum(1).min()) for b in plain.train_dataloader()]
+    assert sum(spread) < sum(spread_plain)  # lengths within a batch closer than in a random draw
+    trainer = tiny_trainer(max_steps=3, callbacks=[MeZO(lr=1e-4)])
+    trainer.fit(model, dm)
+    assert trainer.global_step == 3
+    with pytest.raises(ValueError, match="group_by_length must be an integer >= 0"):
+        tiny_datamodule(group_by_length=-1)
+    with pytest.raises(ValueError, match="set shuffle=True, or group_by_length=0"):
+        tiny_datamodule(group_by_length=2, shuffle=False)

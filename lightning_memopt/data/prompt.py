@@ -18,6 +18,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lightning_memopt.data.sampling import LengthGroupedSampler
 from lightning_memopt.data.synthetic import synthetic_sentiment
 from lightning_memopt.data.tables import (
     Quoting,
@@ -181,6 +182,11 @@ class PromptClassificationDataModule(LightningDataModule):
             ``max_length`` (one shape: CUDA-graph capture, and results that do not depend on how a batch is split
             over ranks); ``"bucket"`` pads to the smallest of ``pad_buckets`` that fits (a few shapes).
         pad_buckets: the bucket lengths (default: powers of two from 16 up to ``max_length``).
+        group_by_length: training batches of similar length (0: off). The shuffled examples are sorted by length
+            within windows of this many (global) batches before they are cut into batches, whose order is shuffled
+            (:class:`~lightning_memopt.data.sampling.LengthGroupedSampler`). With ``padding="bucket"`` it cuts the
+            padding: SST-2 at k=512, batch 128, from 73% of the tokens to 47% with 4. Batches then differ in
+            length more than in a random draw, which forward-only methods (one batch per generation) do not mind.
 
     Example::
 
@@ -217,8 +223,13 @@ class PromptClassificationDataModule(LightningDataModule):
         scoring: Scoring = "auto",
         padding: Literal["longest", "max_length", "bucket"] = "longest",
         pad_buckets: Optional[list[int]] = None,
+        group_by_length: int = 0,
     ) -> None:
         super().__init__()
+        if not isinstance(group_by_length, int) or group_by_length < 0:
+            raise ValueError(f"group_by_length must be an integer >= 0 (0: off), got {group_by_length!r}.")
+        if group_by_length and not shuffle:
+            raise ValueError("group_by_length shuffles the training examples; set shuffle=True, or group_by_length=0.")
         padded_length(1, padding, max_length, pad_buckets)  # a bad padding value fails here, not at the first batch
         if pad_buckets is not None and (not pad_buckets or min(pad_buckets) < 1):
             raise ValueError(f"pad_buckets must be positive lengths, got {pad_buckets}.")
@@ -445,6 +456,14 @@ class PromptClassificationDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         loader = self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
         tr = self.trainer
+        if self.hparams.group_by_length:
+            ds = self._splits["train"]
+            world, rank = (tr.world_size, tr.global_rank) if tr is not None else (1, 0)
+            sampler = LengthGroupedSampler([len(x["input_ids"]) for x in ds], self.hparams.batch_size,
+                                           self.hparams.group_by_length, world, rank, self.hparams.seed)
+            # the sampler deals whole batches to each rank (and drops the partial one itself)
+            return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
+                              num_workers=self.hparams.num_workers, pin_memory=pin_memory(self))
         if not self.hparams.shuffle and tr is not None and tr.world_size > 1 and not tr._accelerator_connector.use_distributed_sampler:
             # Deterministic rank-strided shards: the global batch equals a 1-process batch of world_size x batch_size.
             ds = torch.utils.data.Subset(self._splits["train"], range(tr.global_rank, len(self._splits["train"]), tr.world_size))

@@ -1,0 +1,49 @@
+"""Batches of similar length: less padding, so less compute per forward where prompts vary a lot in length."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch.utils.data import DistributedSampler
+
+
+class LengthGroupedSampler(DistributedSampler):
+    """Shuffled indices, sorted by length within windows of ``group`` global batches, cut into global batches whose
+    order is shuffled; each rank takes every ``num_replicas``-th index of a global batch (its share, of similar
+    length). The order depends on ``seed`` and the epoch only, so a resumed run sees the same batches.
+
+    A :class:`~torch.utils.data.DistributedSampler` so that Lightning keeps it under several processes (and calls
+    ``set_epoch``) instead of wrapping it in a sampler that would re-deal the indices. The last partial global batch
+    is dropped, as the training loader drops it; a dataset smaller than one global batch makes one short batch.
+
+    Example::
+
+        sampler = LengthGroupedSampler([len(x["input_ids"]) for x in ds], batch_size=128, group=4)
+        loader = DataLoader(ds, batch_size=128, sampler=sampler, collate_fn=collate)
+    """
+
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, group: int, num_replicas: int = 1, rank: int = 0, seed: int = 0
+    ) -> None:
+        if group < 1 or batch_size < 1:
+            raise ValueError(f"LengthGroupedSampler needs group >= 1 and batch_size >= 1, got {group} and {batch_size}.")
+        super().__init__(range(len(lengths)), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.lengths, self.batch_size, self.group = list(lengths), batch_size, group
+
+    def _global_batches(self) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        size = self.batch_size * self.num_replicas
+        window = size * self.group
+        order = [i for s in range(0, len(order), window) for i in sorted(order[s : s + window], key=self.lengths.__getitem__)]
+        batches = [order[s : s + size] for s in range(0, len(order) - size + 1, size)] or [order]
+        return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([i for b in self._global_batches() for i in b[self.rank :: self.num_replicas]])
+
+    def __len__(self) -> int:
+        size = self.batch_size * self.num_replicas
+        n = len(self.lengths)
+        return (n // size) * self.batch_size if n >= size else len(range(self.rank, n, self.num_replicas))
