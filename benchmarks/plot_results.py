@@ -34,7 +34,7 @@ PANELS = [
                                       ("ours:dfo_sequential", "sequential")]),
 ]
 # the task_results JSON whose curves and peaks docs/results.md shows, and the prefix of their PNGs
-TASK_PLOTS = {"sst2_smollm2.json": "sst2"}
+TASK_PLOTS = {"sst2_smollm2.json": "sst2", "sst2_tta_fastpath.json": "sst2_fastpath"}
 
 
 def gpus() -> str:
