@@ -189,3 +189,27 @@ def test_instruction_data_uses_the_chat_template(tmp_path):
                                          r"\['q', 'r'\]\. Name yours with"):
         path.write_text(json.dumps({"q": 1, "r": 2}) + "\n")
         InstructionDataModule(train_file=str(path), tokenizer="builtin").setup()
+
+
+@needs_squad
+def test_squad_group_by_length_pads_less_and_fits():
+    """Contexts vary a lot in length: grouped batches pad fewer tokens than shuffled ones, and a fit runs on them."""
+
+    def padded(dm) -> tuple[int, int]:
+        dm.setup()
+        dm.trainer = None
+        batches = list(dm.train_dataloader())
+        return sum(b["input_ids"].numel() for b in batches), sum(len(b["answers"]) for b in batches)
+
+    kw = dict(data_file=str(SQUAD), train_articles=[0, 1, 2], test_articles=[3], tokenizer="builtin", batch_size=8,
+              max_length=256, val_size=0)
+    torch.manual_seed(0)
+    plain, n_plain = padded(SQuADDataModule(**kw))
+    grouped, n_grouped = padded(SQuADDataModule(group_by_length=4, **kw))
+    assert n_grouped == n_plain and grouped < 0.9 * plain
+    dm = SQuADDataModule(group_by_length=4, **{**kw, "val_size": 4, "test_limit": 4})
+    trainer = tiny_trainer(max_steps=2, limit_val_batches=1)
+    trainer.fit(tiny_model(objective="generation", max_new_tokens=2), dm)
+    assert trainer.global_step == 2
+    with pytest.raises(ValueError, match="set shuffle=True, or group_by_length=0"):
+        InstructionDataModule(train_file=str(SQUAD), group_by_length=2, shuffle=False)

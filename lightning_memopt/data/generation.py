@@ -15,6 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lightning_memopt.data.prompt import Items, pin_memory
+from lightning_memopt.data.sampling import grouped_loader
 from lightning_memopt.tokenization import load_tokenizer
 
 IGNORE = -100
@@ -97,6 +98,9 @@ class GenerationDataModuleBase(LightningDataModule):
                           pin_memory=pin_memory(self))
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.group_by_length and len(self._splits.get("train", ())):
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            return grouped_loader(self, self._splits["train"], generation_collate(pad), pin_memory(self))
         return self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
 
     def val_dataloader(self) -> Any:

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_memopt.data.generation import GenerationDataModuleBase, make_item
 from lightning_memopt.data.tables import read_table
+from lightning_memopt.data.sampling import check_group_by_length
 
 USER, RESPONSE = "### Instruction:\n", "### Response:\n"
 ROLES = ("system", "user", "assistant")
@@ -35,7 +36,10 @@ class InstructionDataModule(GenerationDataModuleBase):
         use_chat_template: render with the tokenizer's chat template when it has one; ``False``: always the plain
             ``### Instruction:`` / ``### Response:`` format.
         max_length: tokens per conversation; longer ones lose their oldest tokens.
-        seed: the seed of the validation hold-out.
+        seed: the seed of the validation hold-out (and of ``group_by_length``'s order).
+        group_by_length: training batches of similar length (0: off): the shuffled examples sorted by length within
+            windows of this many batches, the batches' order shuffled (less padding; see
+            :class:`~lightning_memopt.data.sampling.LengthGroupedSampler`).
 
     Example::
 
@@ -61,8 +65,10 @@ class InstructionDataModule(GenerationDataModuleBase):
         num_workers: int = 0,
         tokenizer: Optional[str] = None,
         shuffle: bool = True,
+        group_by_length: int = 0,
     ) -> None:
         super().__init__()
+        check_group_by_length(group_by_length, shuffle)
         for p in (train_file, val_file, test_file):
             if p is not None and not os.path.isfile(p):
                 raise FileNotFoundError(f"Data file {p!r} does not exist; give a JSONL file of instructions.")

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_memopt.data.sampling import LengthGroupedSampler
+from lightning_memopt.data.sampling import check_group_by_length, grouped_loader
 from lightning_memopt.data.synthetic import synthetic_sentiment
 from lightning_memopt.data.tables import (
     Quoting,
@@ -226,10 +226,7 @@ class PromptClassificationDataModule(LightningDataModule):
         group_by_length: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(group_by_length, int) or group_by_length < 0:
-            raise ValueError(f"group_by_length must be an integer >= 0 (0: off), got {group_by_length!r}.")
-        if group_by_length and not shuffle:
-            raise ValueError("group_by_length shuffles the training examples; set shuffle=True, or group_by_length=0.")
+        check_group_by_length(group_by_length, shuffle)
         padded_length(1, padding, max_length, pad_buckets)  # a bad padding value fails here, not at the first batch
         if pad_buckets is not None and (not pad_buckets or min(pad_buckets) < 1):
             raise ValueError(f"pad_buckets must be positive lengths, got {pad_buckets}.")
@@ -457,13 +454,7 @@ class PromptClassificationDataModule(LightningDataModule):
         loader = self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
         tr = self.trainer
         if self.hparams.group_by_length:
-            ds = self._splits["train"]
-            world, rank = (tr.world_size, tr.global_rank) if tr is not None else (1, 0)
-            sampler = LengthGroupedSampler([len(x["input_ids"]) for x in ds], self.hparams.batch_size,
-                                           self.hparams.group_by_length, world, rank, self.hparams.seed)
-            # the sampler deals whole batches to each rank (and drops the partial one itself)
-            return DataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler, collate_fn=loader.collate_fn,
-                              num_workers=self.hparams.num_workers, pin_memory=pin_memory(self))
+            return grouped_loader(self, self._splits["train"], loader.collate_fn, pin_memory(self))
         if not self.hparams.shuffle and tr is not None and tr.world_size > 1 and not tr._accelerator_connector.use_distributed_sampler:
             # Deterministic rank-strided shards: the global batch equals a 1-process batch of world_size x batch_size.
             ds = torch.utils.data.Subset(self._splits["train"], range(tr.global_rank, len(self._splits["train"]), tr.world_size))

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_memopt.data.generation import GenerationDataModuleBase, make_item
 from lightning_memopt.data.tables import check_template, template_fields
+from lightning_memopt.data.sampling import check_group_by_length
 
 ArticleRef = Union[int, str]
 QA_FIELDS = ("context", "question", "title")
@@ -80,6 +81,9 @@ class SQuADDataModule(GenerationDataModuleBase):
         max_length: prompt + answer tokens; longer prompts lose their oldest tokens.
         max_answer_tokens: training answers are cut to this many tokens.
         append_eos: end each training answer with the EOS token, so that generation learns to stop.
+        group_by_length: training batches of similar length (0: off): the shuffled examples sorted by length within
+            windows of this many batches, the batches' order shuffled (less padding; see
+            :class:`~lightning_memopt.data.sampling.LengthGroupedSampler`).
 
     Example::
 
@@ -110,8 +114,10 @@ class SQuADDataModule(GenerationDataModuleBase):
         num_workers: int = 0,
         tokenizer: Optional[str] = None,
         shuffle: bool = True,
+        group_by_length: int = 0,
     ) -> None:
         super().__init__()
+        check_group_by_length(group_by_length, shuffle)
         fields = template_fields(template)
         unknown = [f for f in fields if f not in QA_FIELDS]
         if unknown or "question" not in fields:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler
 
 
 class LengthGroupedSampler(DistributedSampler):
@@ -47,3 +48,22 @@ class LengthGroupedSampler(DistributedSampler):
         size = self.batch_size * self.num_replicas
         n = len(self.lengths)
         return (n // size) * self.batch_size if n >= size else len(range(self.rank, n, self.num_replicas))
+
+
+def check_group_by_length(group: int, shuffle: bool) -> None:
+    """The ``group_by_length`` option of the data modules: an integer >= 0, and it shuffles."""
+    if not isinstance(group, int) or isinstance(group, bool) or group < 0:
+        raise ValueError(f"group_by_length must be an integer >= 0 (0: off), got {group!r}.")
+    if group and not shuffle:
+        raise ValueError("group_by_length shuffles the training examples; set shuffle=True, or group_by_length=0.")
+
+
+def grouped_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memory: bool) -> DataLoader:
+    """The training loader of data module ``dm`` with ``group_by_length`` on: the sampler deals whole batches to
+    each rank (and drops the partial global batch itself). Lengths are those of each item's ``input_ids``."""
+    hp, tr = dm.hparams, dm.trainer
+    world, rank = (tr.world_size, tr.global_rank) if tr is not None else (1, 0)
+    sampler = LengthGroupedSampler([len(x["input_ids"]) for x in ds], hp.batch_size, hp.group_by_length, world, rank,
+                                   hp.seed)
+    return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=collate_fn,
+                      num_workers=hp.num_workers, pin_memory=pin_memory)
