@@ -27,6 +27,11 @@ def attached_trainer(module: Any) -> Any:
     return module._trainer
 
 
+def uses_distributed_sampler(trainer: Any) -> bool:
+    """Whether Lightning puts a DistributedSampler into the training loader (``Trainer(use_distributed_sampler=)``)."""
+    return bool(trainer._accelerator_connector.use_distributed_sampler)
+
+
 def resolve_data_parallel_size(strategy: Any) -> None:
     """ModelParallelStrategy's ``data_parallel_size="auto"`` as every process of every node (pure data parallel)."""
     if strategy._data_parallel_size == "auto":

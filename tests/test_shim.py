@@ -110,3 +110,8 @@ def test_closure_loss_is_the_graph_attached_loss():
     (loss,) = seen
     assert isinstance(loss, torch.Tensor) and loss.requires_grad
     assert float(loss.detach()) == pytest.approx(float(trainer.callback_metrics["train_loss"]), rel=1e-5)
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_uses_distributed_sampler_reads_the_trainer_flag(flag):
+    assert _shim.uses_distributed_sampler(tiny_trainer(use_distributed_sampler=flag)) is flag

@@ -18,6 +18,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lightning_memopt._shim import uses_distributed_sampler
 from lightning_memopt.data.sampling import check_group_by_length, grouped_loader
 from lightning_memopt.data.synthetic import synthetic_sentiment
 from lightning_memopt.data.tables import (
@@ -455,7 +456,7 @@ class PromptClassificationDataModule(LightningDataModule):
         tr = self.trainer
         if self.hparams.group_by_length:
             return grouped_loader(self, self._splits["train"], loader.collate_fn, pin_memory(self))
-        if not self.hparams.shuffle and tr is not None and tr.world_size > 1 and not tr._accelerator_connector.use_distributed_sampler:
+        if not self.hparams.shuffle and tr is not None and tr.world_size > 1 and not uses_distributed_sampler(tr):
             # Deterministic rank-strided shards: the global batch equals a 1-process batch of world_size x batch_size.
             ds = torch.utils.data.Subset(self._splits["train"], range(tr.global_rank, len(self._splits["train"]), tr.world_size))
             loader = DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=loader.collate_fn,
