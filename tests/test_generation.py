@@ -201,8 +201,8 @@ def test_squad_group_by_length_pads_less_and_fits():
         batches = list(dm.train_dataloader())
         return sum(b["input_ids"].numel() for b in batches), sum(len(b["answers"]) for b in batches)
 
-    kw = dict(data_file=str(SQUAD), train_articles=[0, 1, 2], test_articles=[3], tokenizer="builtin", batch_size=8,
-              max_length=256, val_size=0)
+    kw = {"data_file": str(SQUAD), "train_articles": [0, 1, 2], "test_articles": [3], "tokenizer": "builtin",
+          "batch_size": 8, "max_length": 256, "val_size": 0}
     torch.manual_seed(0)
     plain, n_plain = padded(SQuADDataModule(**kw))
     grouped, n_grouped = padded(SQuADDataModule(group_by_length=4, **kw))

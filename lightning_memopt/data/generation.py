@@ -98,7 +98,7 @@ class GenerationDataModuleBase(LightningDataModule):
                           pin_memory=pin_memory(self))
 
     def train_dataloader(self) -> DataLoader:
-        if self.hparams.group_by_length and len(self._splits.get("train", ())):
+        if self.hparams.get("group_by_length") and len(self._splits.get("train", ())):
             pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
             return grouped_loader(self, self._splits["train"], generation_collate(pad), pin_memory(self))
         return self._loader("train", self.hparams.batch_size, self.hparams.shuffle)

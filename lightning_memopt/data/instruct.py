@@ -13,8 +13,8 @@ from typing import Any, Optional
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_memopt.data.generation import GenerationDataModuleBase, make_item
-from lightning_memopt.data.tables import read_table
 from lightning_memopt.data.sampling import check_group_by_length
+from lightning_memopt.data.tables import read_table
 
 USER, RESPONSE = "### Instruction:\n", "### Response:\n"
 ROLES = ("system", "user", "assistant")

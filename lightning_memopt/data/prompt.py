@@ -186,8 +186,8 @@ class PromptClassificationDataModule(LightningDataModule):
         group_by_length: training batches of similar length (0: off). The shuffled examples are sorted by length
             within windows of this many (global) batches before they are cut into batches, whose order is shuffled
             (:class:`~lightning_memopt.data.sampling.LengthGroupedSampler`). With ``padding="bucket"`` it cuts the
-            padding: SST-2 at k=512, batch 128, from 73% of the tokens to 47% with 4. Batches then differ in
-            length more than in a random draw, which forward-only methods (one batch per generation) do not mind.
+            padding: SST-2 at k=512, batch 128, from 73% of the tokens to 47% with 4 (C-LoRA's dev accuracy 84.4
+            against 84.5 without, in 74.0 s against 98.7 s on an H200).
 
     Example::
 

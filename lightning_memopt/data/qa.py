@@ -14,8 +14,8 @@ from typing import Any, Optional, Union
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_memopt.data.generation import GenerationDataModuleBase, make_item
-from lightning_memopt.data.tables import check_template, template_fields
 from lightning_memopt.data.sampling import check_group_by_length
+from lightning_memopt.data.tables import check_template, template_fields
 
 ArticleRef = Union[int, str]
 QA_FIELDS = ("context", "question", "title")

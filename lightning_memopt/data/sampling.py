@@ -64,6 +64,6 @@ def grouped_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_m
     hp, tr = dm.hparams, dm.trainer
     world, rank = (tr.world_size, tr.global_rank) if tr is not None else (1, 0)
     sampler = LengthGroupedSampler([len(x["input_ids"]) for x in ds], hp.batch_size, hp.group_by_length, world, rank,
-                                   hp.seed)
+                                   hp.get("seed", 0))
     return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=hp.num_workers, pin_memory=pin_memory)

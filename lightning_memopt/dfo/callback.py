@@ -75,9 +75,10 @@ class DFOLoRA(MethodCallback):
         seed: seed of the random maps and of the optimizers' sampling.
         cuda_graph: replay the population forward (each layer's, per batch shape) from CUDA graphs, and the
             module's own ``training_step`` that follows each generation (one graph per batch shape; its ``self.log``
-            calls re-issued with each replay's values); the optimizer's ask/tell stay eager. Needs fixed batch shapes (``padding="max_length"`` or ``"bucket"``); where it
-            cannot work (CPU, several processes, one candidate at a time) it warns once with the reason and runs
-            eagerly (see docs/mezo.md, the same machinery).
+            calls re-issued with each replay's values); the optimizer's ask/tell stay eager. Needs fixed batch
+            shapes (``padding="max_length"`` or ``"bucket"``); where it cannot work (CPU, several processes, one
+            candidate at a time) it warns once with the reason and runs eagerly (see docs/mezo.md, the same
+            machinery).
         max_graphs: graphs kept at most with ``cuda_graph`` (default: 4 batch shapes for every layer).
         allow_untested: warn instead of raising on strategies other than single device and FSDP2.
         max_consecutive_skips: generations in a row whose every candidate had a non-finite fitness (each skipped,
