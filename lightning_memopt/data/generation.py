@@ -88,19 +88,20 @@ class GenerationDataModuleBase(LightningDataModule):
             tok = self._resolve_tokenizer(self.tokenizer_name)
             self._splits = {k: Items(v) for k, v in self._build(tok).items()}
 
+    def _collate(self) -> Any:
+        return generation_collate(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+
     def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> Any:
         if not len(self._splits.get(split, ())):
             return []  # Lightning skips an empty list quietly
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         ds = self._splits[split]
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=generation_collate(pad),
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self._collate(),
                           num_workers=self.hparams.num_workers, drop_last=split == "train" and len(ds) >= batch_size,
                           pin_memory=pin_memory(self))
 
     def train_dataloader(self) -> DataLoader:
         if self.hparams.get("group_by_length") and len(self._splits.get("train", ())):
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            return grouped_loader(self, self._splits["train"], generation_collate(pad), pin_memory(self))
+            return grouped_loader(self, self._splits["train"], self._collate(), pin_memory(self))
         return self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
 
     def val_dataloader(self) -> Any:

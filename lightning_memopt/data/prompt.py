@@ -443,19 +443,22 @@ class PromptClassificationDataModule(LightningDataModule):
         hp = self.hparams
         return padded_length(n, hp.padding, hp.max_length, hp.pad_buckets)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _collate(self) -> Callable[[list[dict[str, Any]]], dict[str, Any]]:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return left_pad_collate(pad, self._pad_to)
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(
-            self._splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=left_pad_collate(pad, self._pad_to),
+            self._splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self._collate(),
             num_workers=self.hparams.num_workers, drop_last=split == "train" and len(self._splits[split]) >= batch_size,
             pin_memory=pin_memory(self),
         )
 
     def train_dataloader(self) -> DataLoader:
+        if self.hparams.group_by_length:
+            return grouped_loader(self, self._splits["train"], self._collate(), pin_memory(self))
         loader = self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
         tr = self.trainer
-        if self.hparams.group_by_length:
-            return grouped_loader(self, self._splits["train"], loader.collate_fn, pin_memory(self))
         if not self.hparams.shuffle and tr is not None and tr.world_size > 1 and not uses_distributed_sampler(tr):
             # Deterministic rank-strided shards: the global batch equals a 1-process batch of world_size x batch_size.
             ds = torch.utils.data.Subset(self._splits["train"], range(tr.global_rank, len(self._splits["train"]), tr.world_size))
