@@ -199,10 +199,11 @@ def test_split_falls_back_to_full_expansion_when_it_cannot_match(monkeypatch):
 
 
 @pytest.mark.parametrize("static", [False, True])
-def test_a_skipped_generation_takes_back_the_tell_run_ahead_of_the_check(static):
-    """CMA-ES's tell runs before the host's all-non-finite check (so its launches overlap the forward); a skipped
-    generation restores the optimizer and the layer's point exactly, in the graph path's static buffers too (the same
-    tensors, written back in place: captured graphs read them)."""
+def test_a_skipped_generation_is_masked_on_the_device_and_the_turns_go_on(static):
+    """CMA-ES decides a skip (every candidate's fitness non-finite) on the device, with no host read: the tell is
+    masked, so the layer's optimizer and point stay bit for bit as they were (in the graph path's static buffers
+    too, written in place: captured graphs read them), the module's step runs once at that point, the next layer
+    takes its turn, and the host counters and generator are put back once the skip is learnt."""
     cb = DFOLoRA(d=20, population=6, budget=None, stat_batches=1, init_scale=1.0)
     model, dm, _ = _fit(cb, steps=3, k=16, batch_size=8)
     batch, dfo = next(iter(dm.train_dataloader())), cb.dfo
@@ -213,30 +214,61 @@ def test_a_skipped_generation_takes_back_the_tell_run_ahead_of_the_check(static)
         for k in range(dfo.lora.n_blocks):
             dfo.lora.set_z(k, dfo.lora.z[k])
     dfo.generation_step(batch)
-    k = dfo.layer
+    k, n = dfo.layer, dfo.lora.n_blocks
     tensors = [dfo.lora.z[k], *(t for pair in dfo.lora._fixed[k] for t in pair)]
     before = ([t.clone() for t in tensors], dfo.state_dict())
     poison["on"] = True
-    seen = []  # the layer's point each time the after-update work ran
+    seen = []  # the layer's point when the after-update work ran
     fit = dfo.generation_step(batch, after_update=lambda: seen.append(dfo.lora.z[k].clone()))
-    assert not fit.isfinite().any() and dfo.layer == k and dfo.guard.skipped_steps == 1
-    # ran at the speculative point, then again at the restored one
-    assert len(seen) == 2 and not torch.equal(seen[0], before[0][0]) and torch.equal(seen[1], before[0][0])
+    assert not fit.isfinite().any() and dfo.layer == (k + 1) % n
+    assert len(seen) == 1 and torch.equal(seen[0], before[0][0])
     after = [dfo.lora.z[k], *(t for pair in dfo.lora._fixed[k] for t in pair)]
     assert all(torch.equal(a, b) for a, b in zip(before[0], after))
-    assert all(a is b for a, b in zip(tensors, after))  # static: written back in place; else the old tensors again
-    assert_same(before[1], dfo.state_dict())
+    if static:
+        assert all(a is b for a, b in zip(tensors, after))
+    state = dfo.state_dict()  # learns of the skip: counters and generator put back
+    assert dfo.guard.skipped_steps == 1 and state.pop("layer") == (k + 1) % n
+    assert_same({**before[1], "layer": None}, {**state, "layer": None})
     poison["on"] = False
 
     def fail() -> None:
         raise RuntimeError("the module's step failed")
 
-    with pytest.raises(RuntimeError, match="step failed"):  # an exception there takes the generation back too
+    k2, before2 = dfo.layer, dfo.state_dict()
+    with pytest.raises(RuntimeError, match="step failed"):  # an exception there takes the generation back
         dfo.generation_step(batch, after_update=fail)
-    assert dfo.layer == k and dfo.guard.skipped_steps == 1
-    assert_same(before[1], dfo.state_dict())
+    assert dfo.layer == k2 and dfo.guard.skipped_steps == 1
+    assert_same(before2, dfo.state_dict())
+    z2 = dfo.lora.z[k2].clone()
     dfo.generation_step(batch)  # and it goes on from there
-    assert dfo.layer != k and not torch.equal(dfo.lora.z[k], before[0][0])
+    assert dfo.layer == (k2 + 1) % n and not torch.equal(dfo.lora.z[k2], z2)
+
+
+def test_a_layer_s_next_ask_waits_for_its_skip_to_be_known():
+    """The host may run generations ahead of the GPU; a layer's next ask first settles that layer's previous
+    generation, so a skip's generator is put back before it draws again (one layer: every generation)."""
+    from lightning_memopt.dfo.core import DFOSettings, LayerwiseDFO
+
+    model = tiny_model()
+    dm = tiny_datamodule(k=16, batch_size=8)
+    dm.tokenizer = model.tokenizer
+    dm.setup("fit")
+    model.set_label_token_ids(dm.label_token_ids)
+    batch = next(iter(dm.train_dataloader()))
+    one_layer = r"layers\.0\.self_attn\.(q_proj|k_proj)$"
+    dfo = LayerwiseDFO(model, DFOSettings(population=4, d=12, budget=None, target_pattern=one_layer))
+    dfo.collect_stats([batch])
+    dfo.logits_fn = lambda ids, mask: model(ids, mask) * math.nan
+    assert dfo.lora.n_blocks == 1
+    rng = dfo.opts[0].gen.get_state()
+    dfo.generation_step(batch, step=0)
+    with pytest.warns(UserWarning, match="non-finite loss at step 0"):
+        dfo.generation_step(batch, step=1)  # resolves step 0's check first: the generator is put back, then drawn
+    assert dfo.guard.skipped_steps == 1 and len(dfo.guard._pending) == 1  # step 1's check: not yet needed
+    with pytest.warns(UserWarning, match="non-finite loss at step 1"):
+        dfo.state_dict()
+    assert dfo.guard.skipped_steps == 2 and dfo.generation == 0 and dfo.evaluations == 0
+    assert torch.equal(dfo.opts[0].gen.get_state(), rng)
 
 
 @pytest.mark.parametrize("optimizer", ["cmaes", "fireworks"])

@@ -138,3 +138,35 @@ def test_optimizer_errors():
         es.tell(torch.zeros(5))
     with pytest.raises(ValueError, match="n=4"):
         CMAES(torch.zeros(5, dtype=torch.float64), 1.0, 6).load_state_dict(es.state_dict())
+
+
+def test_cmaes_tell_masked_by_a_device_flag():
+    """tell(ok=False) leaves every state tensor bit for bit as it was (an eigendecomposition generation included);
+    tell(ok=True) equals the unmasked tell, eigh's column-major B kept (a matmul on another layout rounds
+    differently); the host counters advance either way, for the caller to put back (counts / set_counts)."""
+    from lightning_memopt.testing import assert_same
+
+    def run(ok):
+        es = CMAES(torch.zeros(12, dtype=torch.float64), sigma=0.5, popsize=8, seed=3)
+        for g in range(2 * es.eigen_gap):
+            x = es.ask()
+            f = (x**2).sum(1)
+            if g == 2 * es.eigen_gap - 1:  # the last: a generation with an eigendecomposition
+                before = {k: v.clone() for k, v in es.snapshot().items() if torch.is_tensor(v)}
+                counts = es.counts()
+            es.tell(f, ok=None if ok is None else torch.tensor(ok))
+        return es, before, counts
+
+    plain, _, counts = run(None)
+    assert plain.eigen_generation == plain.generation  # the last tell decomposed C
+    same, _, _ = run(True)
+    assert_same({k: v for k, v in plain.state_dict().items() if k != "rng"},
+                {k: v for k, v in same.state_dict().items() if k != "rng"})
+    assert same.B.stride() == plain.B.stride()
+    skipped, before, counts = run(False)
+    for k, v in before.items():
+        if k != "_asked":
+            assert torch.equal(getattr(skipped, k), v), k
+    assert skipped.counts() == plain.counts() != counts
+    skipped.set_counts(counts)
+    assert skipped.counts() == counts

@@ -42,6 +42,7 @@ class _Pending:
     step: int
     ok: Tensor  # host (pinned) copy, valid once ``event`` completed
     event: Optional[torch.cuda.Event]
+    seq: int  # the check's number (checks are numbered from 0 in the order made)
     undo: list[Callable[[], None]] = field(default_factory=list)
 
 
@@ -62,6 +63,7 @@ class SkipGuard:
         self.notify = notify or (lambda msg: warnings.warn(msg, stacklevel=3))
         self.skipped_steps = 0
         self.consecutive = 0
+        self.checks = 0  # checks made so far: the next one's number
         self._pending: deque[_Pending] = deque()
 
     def check(
@@ -75,6 +77,11 @@ class SkipGuard:
             okf = ok.to(torch.float32)
             dist.all_reduce(okf, op=dist.ReduceOp.MIN, group=group)
             ok = okf > 0
+        return self.track(ok, step)
+
+    def track(self, ok: Tensor, step: int) -> Tensor:
+        """Register a step's ``ok`` flag decided by the method itself (a 0-d bool, the same on every rank), e.g.
+        DFO's "some candidate's fitness is finite"; :meth:`check` ends here. Its number is ``checks - 1`` after."""
         if ok.device.type == "cuda":
             host = torch.empty((), dtype=torch.bool, pin_memory=True)
             host.copy_(ok, non_blocking=True)
@@ -82,8 +89,13 @@ class SkipGuard:
             event.record()
         else:
             host, event = ok, None
-        self._pending.append(_Pending(int(step), host, event))
+        self._pending.append(_Pending(int(step), host, event, self.checks))
+        self.checks += 1
         return ok
+
+    def drop(self, seq: int) -> None:
+        """Forget check ``seq`` unresolved (its step was taken back some other way, e.g. by an exception)."""
+        self._pending = deque(p for p in self._pending if p.seq != seq)
 
     def on_skip(self, undo: Callable[[], None]) -> None:
         """Run ``undo`` (host bookkeeping of the last checked step) if that step turns out skipped."""
@@ -91,12 +103,14 @@ class SkipGuard:
             raise RuntimeError("SkipGuard.on_skip() needs a check() first.")
         self._pending[-1].undo.append(undo)
 
-    def resolve(self, wait: bool = True) -> list[int]:
-        """Learn the outcome of the checked steps (all of them, or with ``wait=False`` those already finished);
-        undo and count the skipped ones, which are returned."""
+    def resolve(self, wait: bool = True, upto: int | None = None) -> list[int]:
+        """Learn the outcome of the checked steps (all of them, those numbered up to ``upto``, or with
+        ``wait=False`` those already finished); undo and count the skipped ones, which are returned."""
         skipped = []
         while self._pending:
             p = self._pending[0]
+            if upto is not None and p.seq > upto:
+                break
             if p.event is not None and not wait and not p.event.query():
                 break
             if p.event is not None:

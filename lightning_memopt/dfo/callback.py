@@ -3,8 +3,8 @@
 The step is :class:`~lightning_memopt.dfo.core.LayerwiseDFO`'s; the lifecycle is
 :class:`~lightning_memopt.callbacks.method.MethodCallback`'s. Here: the module's classification contract, the batch,
 the statistics batches (taken without consuming the train loader's epoch), logging and the budget stop. After each
-generation the module's own ``training_step`` runs under the new z (queued before the generation's host check), so
-``train_loss`` and the progress bar work.
+generation the module's own ``training_step`` runs under the new z (with CMA-ES queued behind the population forward:
+a generation reads nothing on the host), so ``train_loss`` and the progress bar work.
 """
 
 from __future__ import annotations
@@ -294,8 +294,8 @@ class DFOLoRA(MethodCallback):
 
         if self.dfo is None or self.dfo.exhausted or self._batch is None:
             return run_closure()
-        # the module's own training_step (train_loss, the progress bar) runs under the new point, before the
-        # generation's host check: its launches queue behind the population forward (up to its own first host read)
+        # the module's own training_step (train_loss, the progress bar) runs under the new point; with CMA-ES nothing
+        # has waited for the population forward, so its launches queue behind it (up to its own first host read)
         out: list[Any] = []
 
         def after_update() -> None:

@@ -135,9 +135,15 @@ class CMAES:
         self._asked = self.mean + self._sigma * y  # the device scalar: ``self.sigma`` would sync every generation
         return self._asked
 
-    def tell(self, fitness: Tensor | list[float], solutions: Tensor | None = None) -> None:
-        """Update from the fitness (lower is better) of the last ``ask`` (or of explicit ``solutions``)."""
+    def tell(self, fitness: Tensor | list[float], solutions: Tensor | None = None, ok: Tensor | None = None) -> None:
+        """Update from the fitness (lower is better) of the last ``ask`` (or of explicit ``solutions``).
+
+        ``ok``: a 0-d bool on the state's device. Where it is false the state stays bit for bit as it was (a
+        generation to skip, known on the device only: no host read); the host counters advance anyway, and the caller
+        puts them back (:meth:`counts`, :meth:`set_counts`) once it learns of the skip.
+        """
         self._fetch()
+        before = self.snapshot() if ok is not None else None
         x = self._asked if solutions is None else solutions.to(self.mean)
         if x is None:
             raise RuntimeError("tell() needs the candidates of a previous ask() (or pass solutions=...).")
@@ -174,6 +180,18 @@ class CMAES:
         if self.generation - self.eigen_generation >= self.eigen_gap:
             self._eigen()
         self._asked = None
+        if before is not None:
+            for k in (*self._TENSORS, "_sigma", "_best_f"):
+                new, old = getattr(self, k), before[k]
+                if new is not old:  # into a tensor of new's strides: eigh's B is column-major (see _move)
+                    setattr(self, k, torch.where(ok, new, old, out=torch.empty_like(new)))
+
+    def counts(self) -> tuple[int, int, int]:
+        """The host counters a ``tell`` advances (generation, eigen_generation, evaluations)."""
+        return self.generation, self.eigen_generation, self.evaluations
+
+    def set_counts(self, counts: tuple[int, int, int]) -> None:
+        self.generation, self.eigen_generation, self.evaluations = counts
 
     def forget_ask(self) -> None:
         """Drop the candidates of the last ``ask`` (a generation that was not evaluated)."""

@@ -187,6 +187,7 @@ class LayerwiseDFO:
         self.evaluations = 0
         self.generation = 0
         self.last_fitness: Tensor | None = None
+        self._checked: dict[int, int] = {}  # layer -> the guard's number of the check of its last generation
         self._park_all()
         self.graph: GraphReplay | None = None
         if s.cuda_graph:
@@ -232,7 +233,10 @@ class LayerwiseDFO:
     @property
     def exhausted(self) -> bool:
         b = self.settings.budget
-        return b is not None and self.evaluations + self.settings.population > b
+        if b is None or self.evaluations + self.settings.population <= b:
+            return False
+        self.guard.resolve()  # near the end only: skipped generations not yet taken off the count
+        return self.evaluations + self.settings.population > b
 
     def _make_opt(self, k: int, device: torch.device) -> Optim:
         s = self.settings
@@ -295,43 +299,74 @@ class LayerwiseDFO:
         """One generation of the current layer's optimizer on this batch; returns the population's fitness.
 
         ``after_update`` (e.g. the module's own training step, for its logged loss) runs once the layer's new point
-        is in place. With CMA-ES that is before the generation's host check, so its launches queue behind the
-        forward (up to its own first host read); a skip takes the update back and runs it again at the restored
-        point, and an exception in it takes the whole generation back before it propagates.
+        is in place; an exception in it takes the whole generation back before it propagates.
+
+        A generation whose candidates all have a non-finite fitness is skipped. With CMA-ES that is decided on the
+        device, with no host read: the tell is masked by it (the layer's optimizer and point stay bit for bit as they
+        were, and ``after_update`` runs at that point), the layers' turns go on, and the host counters are put back
+        when the host learns of the skip (:class:`~lightning_memopt.core.nonfinite.SkipGuard`; at the latest before
+        the same layer's next ask). Fireworks' tell reads the fitness on the host, so there the skip is known at
+        once: the layer is taken back and tries again with the next batch.
         """
         k = self.layer
         opt = self.opts[k]
+        last = self._checked.get(k)
+        if last is not None:  # this layer's previous generation is settled (undone if skipped) before its next ask
+            self.guard.resolve(upto=last)
         rng = opt.gen.get_state()
         z = opt.ask()
         fit = self._fitness(batch, k, z)
         self.last_fitness = fit.detach()
-        # CMA-ES's tell only queues device work: it runs before the host check below (which waits for the
-        # forward), so its launches overlap the forward instead of following it; a skip takes it back
-        ahead = isinstance(opt, CMAES)
-        snap = point = None
-        if ahead:
-            snap, point = opt.snapshot(), self.lora.point(k)
-            self._tell(opt, k, fit)
-            if after_update is not None:
-                try:
-                    after_update()
-                except BaseException:
-                    self._take_back(opt, k, rng, snap, point)
-                    raise
-        # Every rank holds the same reduced fitness, so every rank decides alike (the generation's one host read).
+        if isinstance(opt, CMAES):
+            return self._generation_ahead(opt, k, rng, fit, step, after_update)
+        # Every rank holds the same reduced fitness, so every rank decides alike.
         skipped = not bool(fit.isfinite().any())
         if skipped:
-            self._take_back(opt, k, rng, snap, point)
-        elif not ahead:  # fireworks' tell reads the fitness on the host anyway
+            self._take_back(opt, k, rng, None, None)
+        else:
             self._tell(opt, k, fit)
-        if not skipped:
-            self.evaluations += z.shape[0]
-            self.generation += 1
-            self.layer = (k + 1) % self.lora.n_blocks
-        if after_update is not None and (skipped or not ahead):
+            self._advance(k, fit.shape[0])
+        if after_update is not None:
             after_update()
         self.guard.record(skipped, step)
         return fit
+
+    def _generation_ahead(
+        self, opt: CMAES, k: int, rng: Tensor, fit: Tensor, step: int, after_update: Callable[[], Any] | None
+    ) -> Tensor:
+        """CMA-ES's half of :meth:`generation_step`: nothing here waits for the GPU."""
+        ok = self.guard.track(fit.isfinite().any(), step)
+        seq = self._checked[k] = self.guard.checks - 1
+        snap, point, counts = opt.snapshot(), self.lora.point(k), opt.counts()
+        opt.tell(fit.to(opt.device), ok=ok.to(opt.device))
+        self._park(opt)
+        self.lora.set_z(k, opt.mean)
+        n = fit.shape[0]
+
+        def undo() -> None:  # a skip, learnt later: the host's side of the masked tell
+            opt.set_counts(counts)
+            opt.gen.set_state(rng)
+            self.evaluations -= n
+            self.generation -= 1
+
+        self.guard.on_skip(undo)
+        self._advance(k, n)
+        if after_update is not None:
+            try:
+                after_update()
+            except BaseException:
+                self.guard.drop(seq)
+                self._take_back(opt, k, rng, snap, point)
+                self.evaluations -= n
+                self.generation -= 1
+                self.layer = k
+                raise
+        return fit
+
+    def _advance(self, k: int, n: int) -> None:
+        self.evaluations += n
+        self.generation += 1
+        self.layer = (k + 1) % self.lora.n_blocks
 
     def _take_back(self, opt: Optim, k: int, rng: Tensor, snap: Any, point: Any) -> None:
         """Layer ``k``'s optimizer (its generator included) and point as before this generation's ask."""
@@ -406,6 +441,7 @@ class LayerwiseDFO:
 
     # ---- state -------------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        self.guard.resolve()  # the counters and generators as the finished generations left them
         return {
             "layer": self.layer, "evaluations": self.evaluations, "generation": self.generation, "split": self.split,
             "z": [z.detach().cpu() for z in self.lora.z], "stats": self.lora.stats(),
@@ -415,6 +451,8 @@ class LayerwiseDFO:
     def load_state_dict(self, s: dict[str, Any]) -> None:
         if len(s["opts"]) != len(self.opts):
             raise ValueError(f"The checkpoint's DFOLoRA has {len(s['opts'])} layers, this model {len(self.opts)}.")
+        self.guard.resolve()
+        self._checked.clear()
         self.layer, self.evaluations, self.generation = s["layer"], s["evaluations"], s["generation"]
         self.split = s["split"]
         for o, st in zip(self.opts, s["opts"]):
