@@ -218,6 +218,17 @@ def test_dfo_generation_makes_no_host_sync_of_its_own_but_the_lazy_eigh():
     print("syncs in steps 3-9:", sorted(set(syncs)), file=sys.stderr)
     ours = [f"{f}:{n}" for f, n in syncs if "lightning_memopt" in f and not (f.endswith("cmaes.py") and n in eigh)]
     assert not ours, ours
+def test_graph_replay_warms_up_once_where_asked():
+    """warmup_once: eager warm-up calls before the first capture only (DFO's many per-layer, per-shape captures)."""
+    from lightning_memopt.core.graphs import GraphReplay
+
+    for once, calls_expected in ((False, 2 * 3 + 3), (True, 2 + 3)):
+        calls = []
+        replay = GraphReplay(lambda x: calls.append(1) or x * 2 + 1, "demo", warmup=2, warmup_once=once)
+        for n in (4, 8, 16, 8, 4):
+            x = torch.arange(n, dtype=torch.float32, device="cuda")
+            assert torch.equal(replay(x), x * 2 + 1)
+        assert len(calls) == calls_expected and replay.captures == 3 and replay.replays == 5
 
 
 def test_dfo_cuda_graph_equals_eager(recwarn):

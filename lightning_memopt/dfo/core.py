@@ -197,9 +197,10 @@ class LayerwiseDFO:
         """The population forward (per layer and batch shape) replayed from CUDA graphs; ask/tell stay eager."""
         s = self.settings
         # one graph per layer and batch shape: by default room for every layer at 4 shapes
-        # one warm-up call per capture: a DFO run captures a graph per layer, each warm-up is a population forward
+        # a warm-up call before the first capture only: each is a population forward, and a run captures one graph
+        # per layer and shape; nothing is made lazily per layer (the maps exist before any capture, below)
         self.graph = GraphReplay(self._population_fitness, "DFOLoRA(cuda_graph=True)",
-                                 s.max_graphs or 4 * self.lora.n_blocks, warmup=1)
+                                 s.max_graphs or 4 * self.lora.n_blocks, warmup=1, warmup_once=True)
         self.lora.maps_cache = {}  # the maps at fixed addresses, made outside any capture
         if not s.batched or self.path == "step":
             self.graph.disable("the population is evaluated one candidate (or one training_step) at a time")
