@@ -15,7 +15,7 @@ from torch import Tensor
 # Needed by every normal kernel: where it does not import, neither does this module, and the torch path runs.
 from triton.language.extra.cuda import libdevice
 
-BLOCK4 = 256
+BLOCK4 = 512  # 5% faster than 256 for the normal kernels over 1.1B elements on the H200 (equal for the rest)
 # DIST: 0 = Box–Muller with precise log and cos/sin(2πu) from one shared quadrant reduction and two short polynomials
 # (tl.randn4x's numbers within 2 ulps, without rounding the angle 2πu to float32 first), 1 = fast approximate
 # log/cos/sin (equal to float rounding), 2 = Rademacher signs from the top bit of each Philox word.
@@ -35,8 +35,13 @@ def _cos_sin_2pi(u):
     c = 1.0 + x * (-1.2337005138397217 + x * (0.25366950035095215 + x * (-0.020863469690084457 + x * (
         0.000919170503038913 + x * -2.4866163585102186e-05))))
     k = q.to(tl.int32) & 3
-    cos = tl.where(k == 0, c, tl.where(k == 1, -s, tl.where(k == 2, -c, s)))
-    sin = tl.where(k == 0, s, tl.where(k == 1, c, tl.where(k == 2, -s, -c)))
+    # quadrant k: (cos, sin) = (c, s), (-s, c), (-c, -s), (s, -c): swap on odd k, negate cos on k = 1, 2 and sin
+    # on k = 2, 3 (the values of the nested selects this replaced, in fewer instructions: the kernel is ALU-bound)
+    odd = (k & 1) != 0
+    cc = tl.where(odd, s, c)
+    ss = tl.where(odd, c, s)
+    cos = tl.where(((k + 1) & 2) != 0, -cc, cc)
+    sin = tl.where((k & 2) != 0, -ss, ss)
     return cos, sin
 
 
