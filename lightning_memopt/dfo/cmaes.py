@@ -153,10 +153,11 @@ class CMAES:
         f = torch.nan_to_num(f, nan=math.inf)  # NaN ranks last (a no-op where every value is finite)
         order = torch.argsort(f, stable=True)
         self.evaluations += self.lam
-        fb = f[order[0]]
+        best = order[:1]  # a 1-element index: indexing by the 0-d order[0] would read it on the host
+        fb = f.index_select(0, best)[0]
         better = fb < self._best_f
         self._best_f = torch.where(better, fb, self._best_f)
-        self.best_x = torch.where(better, x[order[0]], self.best_x)
+        self.best_x = torch.where(better, x.index_select(0, best)[0], self.best_x)
         n, cs, cc, c1, cmu, w = self.n, self.cs, self.cc, self.c1, self.cmu, self.weights
         y_all = (x[order] - self.mean) / self._sigma  # [lambda, n], best first
         y = y_all[: self.mu]
