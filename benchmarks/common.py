@@ -36,10 +36,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timed(step: Callable[[], Any], warm: int = 2, reps: int = 5) -> tuple[float, float]:
-    """Median seconds per call after ``warm`` calls (CUDA events on GPU), and peak GiB over the timed calls."""
+def timed(step: Callable[[], Any], warm: int = 2, reps: int = 5, last: list | None = None) -> tuple[float, float]:
+    """Median seconds per call after ``warm`` calls (CUDA events on GPU), and peak GiB over the timed calls.
+    ``last``: gets each call's return value (one slot: the last call's, read after the timing)."""
+    if last is None:
+        last = [None]
     for _ in range(warm):
-        step()
+        last[0] = step()
     sync()
     if DEV == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -48,13 +51,13 @@ def timed(step: Callable[[], Any], warm: int = 2, reps: int = 5) -> tuple[float,
         if DEV == "cuda":
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            step()
+            last[0] = step()
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
         else:
             t = time.perf_counter()
-            step()
+            last[0] = step()
             times.append(time.perf_counter() - t)
     peak = torch.cuda.max_memory_allocated() / 2**30 if DEV == "cuda" else 0.0
     return statistics.median(times), peak
@@ -77,8 +80,11 @@ def run_case(method: str, size: str, batch: int, seq: int, make_step: Callable[[
             res["load_peak_x"] = round(torch.cuda.max_memory_allocated() / tensor_bytes(model), 3)
         x = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEV)
         step = make_step(model, x)
-        t, mem = timed(step, warm, reps)
+        out: list = [None]
+        t, mem = timed(step, warm, reps, out)
         res.update(step_s=round(t, 4), peak_gib=round(mem, 2), tok_per_s=round(batch * seq / t, 1))
+        if isinstance(out[0], torch.Tensor) and out[0].numel() == 1:  # the loss of the last step: a real, finite one
+            res["loss"] = round(float(out[0]), 4)
     except torch.OutOfMemoryError:
         res.update(step_s=None, peak_gib="OOM")
     report(res)

@@ -139,7 +139,7 @@ def markdown(suite: Suite, records: list[Record], env: dict[str, Any]) -> str:
         cells = [rec["case"], impl, rec["size"], _fmt(rec.get("params_b"), ".2f"), f"{rec['batch']}×{rec['seq']}",
                  _fmt(step, ".1f"), _fmt(rec.get("peak_gib"), ".2f"), _fmt(rec.get("tok_per_s"), ",.0f"),
                  *[_fmt(rec["ratios"][r.title], ".2f") for r in suite.ratios],
-                 (rec.get("error") or "").replace("|", "/")]
+                 _note(rec)]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if suite.ratios:
         lines += ["", "Ratios (same size, batch and seq; — where either side is missing, OOM or zero):"]
@@ -149,6 +149,15 @@ def markdown(suite: Suite, records: list[Record], env: dict[str, Any]) -> str:
             rows = f" (rows {', '.join(r.rows)})" if r.rows else ""
             lines.append(f"- **{r.title}**: `{r.metric}` of {what}{rows}.")
     return "\n".join(lines) + "\n"
+
+
+def _note(rec: dict[str, Any]) -> str:
+    """The error, else the last step's loss and the build's peak over the weights where the case reports them."""
+    if rec.get("error"):
+        return str(rec["error"]).replace("|", "/")
+    parts = [f"loss {rec['loss']:.3f}" if isinstance(rec.get("loss"), (int, float)) else "",
+             f"load peak {rec['load_peak_x']:.2f}× weights" if isinstance(rec.get("load_peak_x"), (int, float)) else ""]
+    return ", ".join(p for p in parts if p)
 
 
 def environment(dev: str) -> dict[str, Any]:

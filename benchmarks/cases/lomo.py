@@ -32,8 +32,10 @@ def fused(
     groups = [{"params": params, "lr": 1e-3, "weight_decay": 0.0}]
     fs = FusedStep(groups, {}, LomoSettings(rule=rule, clip_grad_norm=clip), check_nonfinite=check)
 
-    def step() -> None:
-        fs.step(model(input_ids=x, labels=x).loss)
+    def step() -> torch.Tensor:
+        loss = model(input_ids=x, labels=x).loss
+        fs.step(loss)
+        return loss.detach()
 
     return step
 

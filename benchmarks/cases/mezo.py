@@ -32,11 +32,12 @@ def mezo(model: torch.nn.Module, x: torch.Tensor, dist: str | None = None, check
     def loss() -> torch.Tensor:
         return model(input_ids=x, labels=x).loss
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with torch.no_grad():
-            g, _ = zo.step(loss, state["t"], lr=1e-6)
+            g, value = zo.step(loss, state["t"], lr=1e-6)
         g.item()  # one host sync per step, as the official loop's .item() on the losses
         state["t"] += 1
+        return value
 
     return step
 
