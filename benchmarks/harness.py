@@ -133,8 +133,11 @@ def markdown(suite: Suite, records: list[Record], env: dict[str, Any]) -> str:
         "| " + " | ".join(head) + " |",
         "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 4) + ["---"]) + "|",
     ]
+    peer_of = {c.key: c.peer_of for c in suite.cases if c.peer_of}
     for rec in records:
         impl = "ours" if rec["impl"] == "ours" else f"peer ({PEER_SOURCE.get(rec['case'], 'anchors')})"
+        if rec["key"] in peer_of:
+            impl = f"peer ({peer_of[rec['key']]})"
         step = rec["step_s"] * 1e3 if isinstance(rec.get("step_s"), (int, float)) else None
         cells = [rec["case"], impl, rec["size"], _fmt(rec.get("params_b"), ".2f"), f"{rec['batch']}×{rec['seq']}",
                  _fmt(step, ".1f"), _fmt(rec.get("peak_gib"), ".2f"), _fmt(rec.get("tok_per_s"), ",.0f"),

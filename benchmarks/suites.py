@@ -39,6 +39,7 @@ class Case:
     batch: int = 8
     seq: int = 512
     smoke: bool = False  # also runs in --smoke mode (DEV=cpu, size tiny)
+    peer_of: str = ""  # ours only: the peer library this case drives (the table's impl column says so)
 
     @property
     def key(self) -> str:
@@ -237,11 +238,11 @@ SUITES: dict[str, Suite] = {
             "lomo-optim's own ZeRO-3 path, same partitioning config (no DeepSpeed optimizer).",
             (
                 ours("zero3", "lomo_zero3", BOTH, smoke=True),
-                ours("zero3", "lomo_optim_zero3", BOTH, smoke=True),
+                ours("zero3", "lomo_optim_zero3", BOTH, smoke=True, peer_of="lomo-optim ZeRO-3"),
                 ours("zero3", "lomo_zero3_ckpt", BOTH),
-                ours("zero3", "lomo_optim_zero3_ckpt", BOTH),
+                ours("zero3", "lomo_optim_zero3_ckpt", BOTH, peer_of="lomo-optim ZeRO-3"),
                 ours("zero3", "adalomo_zero3_ckpt", BOTH),
-                ours("zero3", "adalomo_optim_zero3_ckpt", BOTH),
+                ours("zero3", "adalomo_optim_zero3_ckpt", BOTH, peer_of="lomo-optim ZeRO-3"),
                 ours("zero3", "mezo_zero3", BOTH, smoke=True),
             ),
             (

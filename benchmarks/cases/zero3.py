@@ -92,6 +92,8 @@ def lomo_optim(model: torch.nn.Module, x: torch.Tensor, rule: str, checkpointing
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = _partition(model)
     opt = AdaLomo(model, lr=1e-3) if rule == "adalomo" else Lomo(model, lr=1e-3)
+    if not hasattr(opt, "dp_rank"):  # lomo-optim 0.1.1's AdaLomo ZeRO-3 path reads it but never sets it (Lomo uses get_rank())
+        opt.dp_rank = torch.distributed.get_rank()
     assert opt.zero3_enabled
 
     def step() -> None:
