@@ -21,7 +21,7 @@ def test_check_cli_passes_on_committed_readme(capsys: pytest.CaptureFixture[str]
     assert rt.main(["--check"]) == 0
     out = capsys.readouterr().out
     assert "matches the JSON" in out
-    assert "no JSON source" in out  # the largest-model figures still come from .txt logs
+    assert "no JSON source" not in out and rt.missing_sources() == []  # every figure has its JSON now
 
 
 def test_every_figure_resolves() -> None:
