@@ -15,6 +15,10 @@ so the figures sit beside the bare-step cases of the other modules and the peers
   ``configs/sst2_smollm2_mezo_pop.yaml`` sets it (``MEZO_POP=16`` directions of rank 4, ``MEZO_POP_CHUNK=8``
   members per forward, MeZO's default; the config's 16 with ``MEZO_POP_CHUNK=16``), on a module whose loader yields the batch and which defines
   ``per_sample_loss``, so the members run batched.
+* ``mezo_label_lightning_graph``, ``mezo_pop_label_lightning[_graph]``: plain MeZO (graphed) and the population
+  estimator on the prompt classifier below (the SST-2 configs' objective: label-word logits at the last position,
+  no full-vocabulary logits), the shape to compare directions per second at (e.g. 16 × 32 tokens: SST-2's prompts
+  average 17).
 * ``dfo_lightning`` / ``dfo_lightning_graph``: ``DFOLoRA`` (C-LoRA: population 20, z of 500, 10 candidates per
   forward) on a prompt classifier like HFCausalLM (label-word logits at the last position), so the fitness is
   batched with the layers below the current one computed once, as C-LoRA's configs run; the module's own
@@ -87,6 +91,10 @@ class _LabelModule(_Module):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
+    def per_sample_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        return torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
 
     def train_dataloader(self) -> Any:
         x = self.x.cpu()
@@ -187,6 +195,10 @@ CASES: dict[str, Callable[[], pl.Callback | None]] = {
     "lomo_lightning": _lomo,
     "mezo_pop_lightning": _mezo_pop,
     "mezo_pop_lightning_graph": lambda: _mezo_pop(True),
+    # the same two methods on the prompt classifier (label-word logits at the last position), as the SST-2 configs
+    "mezo_label_lightning_graph": lambda: _mezo(True),
+    "mezo_pop_label_lightning": _mezo_pop,
+    "mezo_pop_label_lightning_graph": lambda: _mezo_pop(True),
     "dfo_lightning": _dfo,
     "dfo_lightning_graph": lambda: _dfo(True),
 }
@@ -208,7 +220,8 @@ def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5
             precision="bf16-true", callbacks=[c for c in (method, timer) if c is not None], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
-        module = _LabelModule if case.startswith("dfo") else _PopModule if case.startswith("mezo_pop") else _Module
+        module = (_LabelModule if case.startswith("dfo") or "_label" in case else
+                  _PopModule if case.startswith("mezo_pop") else _Module)
         trainer.fit(module(model, x))
         t = statistics.median(timer.times)
         res.update(step_s=round(t, 4), peak_gib=round(timer.peak, 2), tok_per_s=round(batch * seq / t, 1),
