@@ -224,7 +224,7 @@ def test_graph_replay_warms_up_once_where_asked():
 
     for once, calls_expected in ((False, 2 * 3 + 3), (True, 2 + 3)):
         calls = []
-        replay = GraphReplay(lambda x: calls.append(1) or x * 2 + 1, "demo", warmup=2, warmup_once=once)
+        replay = GraphReplay(lambda x, calls=calls: calls.append(1) or x * 2 + 1, "demo", warmup=2, warmup_once=once)
         for n in (4, 8, 16, 8, 4):
             x = torch.arange(n, dtype=torch.float32, device="cuda")
             assert torch.equal(replay(x), x * 2 + 1)
