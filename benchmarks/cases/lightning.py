@@ -43,6 +43,7 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.common import DEV, build, parse_case_args, report
+from lightning_memopt.core.population import token_losses
 
 
 class _Module(pl.LightningModule):
@@ -67,8 +68,7 @@ class _PopModule(_Module):
         return self.model(input_ids=batch, labels=batch).loss
 
     def per_sample_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=batch).logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none").mean(1)
+        return token_losses(self.model(input_ids=batch).logits[:, :-1], batch[:, 1:]).mean(1)
 
     def train_dataloader(self) -> Any:
         return torch.utils.data.DataLoader([self.x.cpu()] * 64, batch_size=None, pin_memory=torch.cuda.is_available())

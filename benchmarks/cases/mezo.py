@@ -18,6 +18,7 @@ import torch
 
 from benchmarks.common import parse_case_args, run_case
 from lightning_memopt.core import perturb
+from lightning_memopt.core.population import token_losses
 from lightning_memopt.mezo.core import ZeroOrder, ZOConfig
 
 
@@ -55,8 +56,7 @@ def mezo_pop(model: torch.nn.Module, x: torch.Tensor, n: int = 16) -> Callable[[
     state = {"t": 0}
 
     def per_sample(ids: torch.Tensor) -> torch.Tensor:  # the forward case's loss, one value per row
-        logits = model(input_ids=ids).logits[:, :-1].float()
-        return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
+        return token_losses(model(input_ids=ids).logits[:, :-1], ids[:, 1:]).mean(1)
 
     def step() -> None:
         with torch.no_grad():

@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_memopt import _shim
 from lightning_memopt.core.holder import no_decay
+from lightning_memopt.core.population import token_losses
 from lightning_memopt.tokenization import load_tokenizer, split_gguf
 
 Objective = Literal["classification", "lm", "generation"]
@@ -441,7 +442,7 @@ class HFCausalLM(LightningModule):
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
         ).logits
         target = labels[:, 1:]
-        tok = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+        tok = token_losses(logits[:, :-1], target)
         n = (target != -100).sum().clamp(min=1)
         return tok.sum(1) * (input_ids.shape[0] / n)
 

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_memopt.core.fsdp import full
+from lightning_memopt.core.population import token_losses
 from lightning_memopt.data.prompt import PromptClassificationDataModule
 from lightning_memopt.models.configs import llama_config
 from lightning_memopt.models.hf import HFCausalLM
@@ -101,8 +102,7 @@ class TinyLMPerSample(TinyLM):
     """:class:`TinyLM` with the ``per_sample_loss`` hook, so population methods batch their members."""
 
     def per_sample_loss(self, batch: torch.Tensor) -> torch.Tensor:
-        logits = self.model(input_ids=batch).logits[:, :-1].float()
-        tok = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")
+        tok = token_losses(self.model(input_ids=batch).logits[:, :-1], batch[:, 1:])
         return tok.mean(1)  # every row has the same length: the mean of row means is the token mean
 
 
