@@ -100,3 +100,55 @@ def test_group_by_length_in_the_data_module_and_a_fit():
         tiny_datamodule(group_by_length=-1)
     with pytest.raises(ValueError, match="set shuffle=True, or group_by_length=0"):
         tiny_datamodule(group_by_length=2, shuffle=False)
+
+
+def test_shuffled_order_is_the_seed_and_epoch_s_alone():
+    """The shuffled training order comes from the data module's seed and the epoch, and each rank takes every
+    world_size-th example of it: validating (whose loader draws from torch's global RNG) leaves training unchanged,
+    and two ranks' batches at a step make up the 1-process batch."""
+    from types import SimpleNamespace
+
+    from lightning_memopt import MeZO
+    from lightning_memopt.testing import tiny_trainer
+
+    def order(dm, epoch, world=1, rank=0):
+        dm.trainer = SimpleNamespace(world_size=world, global_rank=rank)
+        loader = dm.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        torch.manual_seed(123 + epoch)  # the global RNG must not matter
+        return [b["input_ids"] for b in loader]
+
+    model = tiny_model()
+    dm = tiny_datamodule(k=32, batch_size=8, shuffle=True)
+    dm.tokenizer = model.tokenizer
+    dm.setup("fit")
+    a, again, b = order(dm, 0), order(dm, 0), order(dm, 1)
+    assert len(a) == 8 and all(torch.equal(x, y) for x, y in zip(a, again))
+    assert not all(torch.equal(x, y) for x, y in zip(a, b))  # a new order each epoch
+    other = tiny_datamodule(k=32, batch_size=8, shuffle=True, seed=1)
+    other.tokenizer = model.tokenizer
+    other._splits = dm._splits  # the same examples, another seed: another order
+    assert not all(torch.equal(x, y) for x, y in zip(a, order(other, 0)))
+    # two ranks of batch 4: step s's two batches are the rows of the 1-process batch s of 8
+    dm.hparams.batch_size = 4
+    r0, r1 = order(dm, 1, 2, 0), order(dm, 1, 2, 1)
+    dm.hparams.batch_size = 8
+    one = order(dm, 1)
+    def rows(*batches: torch.Tensor, width: int) -> list:  # left-padded (as the collate pads) to one width
+        return sorted(tuple(torch.nn.functional.pad(t, (width - t.shape[1], 0))[i].tolist())
+                      for t in batches for i in range(len(t)))
+
+    assert len(r0) == len(r1) == len(one)
+    for x, y, z in zip(r0, r1, one):
+        assert rows(x, y, width=z.shape[1]) == rows(z, width=z.shape[1])
+
+    def fit(validate: bool) -> dict:
+        torch.manual_seed(0)
+        m = tiny_model(lr=1e-2)
+        d = tiny_datamodule(k=32, batch_size=8, shuffle=True, val_k=8)
+        kw = {"limit_val_batches": 1.0, "val_check_interval": 3, "check_val_every_n_epoch": None} if validate else {}
+        tiny_trainer(max_steps=20, callbacks=[MeZO(eps=1e-3)], **kw).fit(m, d)  # 8 steps an epoch
+        return {k: v.clone() for k, v in m.state_dict().items()}
+
+    plain, validated = fit(False), fit(True)
+    assert all(torch.equal(plain[k], validated[k]) for k in plain)

@@ -15,7 +15,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lightning_memopt.data.prompt import Items, pin_memory
-from lightning_memopt.data.sampling import grouped_loader
+from lightning_memopt.data.sampling import shuffled_loader
 from lightning_memopt.tokenization import load_tokenizer
 
 IGNORE = -100
@@ -91,18 +91,18 @@ class GenerationDataModuleBase(LightningDataModule):
     def _collate(self) -> Any:
         return generation_collate(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool = False) -> Any:
+    def _loader(self, split: str, batch_size: int) -> Any:
         if not len(self._splits.get(split, ())):
             return []  # Lightning skips an empty list quietly
         ds = self._splits[split]
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, collate_fn=self._collate(),
+        return DataLoader(ds, batch_size=batch_size, collate_fn=self._collate(),
                           num_workers=self.hparams.num_workers, drop_last=split == "train" and len(ds) >= batch_size,
                           pin_memory=pin_memory(self))
 
     def train_dataloader(self) -> DataLoader:
-        if self.hparams.get("group_by_length") and len(self._splits.get("train", ())):
-            return grouped_loader(self, self._splits["train"], self._collate(), pin_memory(self))
-        return self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
+        if self.hparams.shuffle and len(self._splits.get("train", ())):
+            return shuffled_loader(self, self._splits["train"], self._collate(), pin_memory(self))
+        return self._loader("train", self.hparams.batch_size)
 
     def val_dataloader(self) -> Any:
         return self._loader("val", self.hparams.eval_batch_size)

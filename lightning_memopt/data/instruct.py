@@ -36,7 +36,7 @@ class InstructionDataModule(GenerationDataModuleBase):
         use_chat_template: render with the tokenizer's chat template when it has one; ``False``: always the plain
             ``### Instruction:`` / ``### Response:`` format.
         max_length: tokens per conversation; longer ones lose their oldest tokens.
-        seed: the seed of the validation hold-out (and of ``group_by_length``'s order).
+        seed: the seed of the validation hold-out and of the training order (shuffled per epoch from it).
         group_by_length: training batches of similar length (0: off): the shuffled examples sorted by length within
             windows of this many batches, the batches' order shuffled (less padding; see
             :class:`~lightning_memopt.data.sampling.LengthGroupedSampler`).

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_memopt._shim import uses_distributed_sampler
-from lightning_memopt.data.sampling import check_group_by_length, grouped_loader
+from lightning_memopt.data.sampling import check_group_by_length, shuffled_loader
 from lightning_memopt.data.synthetic import synthetic_sentiment
 from lightning_memopt.data.tables import (
     Quoting,
@@ -163,10 +163,11 @@ class PromptClassificationDataModule(LightningDataModule):
         label_words: one word per class (mind the leading space for BPE tokenizers). Single-token words use the
             label-word logits at the last position; words of several tokens are scored as sequences.
         k: training examples per class; ``val_k`` validation examples per class (default ``k``).
-        seed: sampling seed.
+        seed: the seed of the k-shot sample and of the training order.
         tokenizer: tokenizer name/path; default: the LightningModule's ``tokenizer``.
         test_limit: use only the first N test rows (quick checks).
-        shuffle: shuffle the training set each epoch.
+        shuffle: shuffle the training set each epoch: an order drawn from ``seed`` and the epoch alone (validating,
+            or not, leaves it unchanged), each rank taking every ``world_size``-th example of it.
         columns: template field (or ``label``) -> the file's column, for fields not named like their column, e.g.
             ``{label: Quality, sentence1: "#1 String", sentence2: "#2 String"}`` for GLUE MRPC. Unmapped fields
             use the column of the same name; a lone ``{sentence}`` falls back to the first non-label column.
@@ -447,19 +448,19 @@ class PromptClassificationDataModule(LightningDataModule):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return left_pad_collate(pad, self._pad_to)
 
-    def _loader(self, split: str, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, batch_size: int) -> DataLoader:
         return DataLoader(
-            self._splits[split], batch_size=batch_size, shuffle=shuffle, collate_fn=self._collate(),
+            self._splits[split], batch_size=batch_size, collate_fn=self._collate(),
             num_workers=self.hparams.num_workers, drop_last=split == "train" and len(self._splits[split]) >= batch_size,
             pin_memory=pin_memory(self),
         )
 
     def train_dataloader(self) -> DataLoader:
-        if self.hparams.group_by_length:
-            return grouped_loader(self, self._splits["train"], self._collate(), pin_memory(self))
-        loader = self._loader("train", self.hparams.batch_size, self.hparams.shuffle)
+        if self.hparams.shuffle:
+            return shuffled_loader(self, self._splits["train"], self._collate(), pin_memory(self))
+        loader = self._loader("train", self.hparams.batch_size)
         tr = self.trainer
-        if not self.hparams.shuffle and tr is not None and tr.world_size > 1 and not uses_distributed_sampler(tr):
+        if tr is not None and tr.world_size > 1 and not uses_distributed_sampler(tr):
             # Deterministic rank-strided shards: the global batch equals a 1-process batch of world_size x batch_size.
             ds = torch.utils.data.Subset(self._splits["train"], range(tr.global_rank, len(self._splits["train"]), tr.world_size))
             loader = DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=loader.collate_fn,
@@ -467,9 +468,9 @@ class PromptClassificationDataModule(LightningDataModule):
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.hparams.eval_batch_size, False)
+        return self._loader("val", self.hparams.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         if self._test_missing:
             raise ValueError("No test data: give test_file=... (a .tsv, .csv or .jsonl) along with train_file.")
-        return self._loader("test", self.hparams.eval_batch_size, False)
+        return self._loader("test", self.hparams.eval_batch_size)

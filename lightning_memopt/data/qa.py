@@ -84,6 +84,7 @@ class SQuADDataModule(GenerationDataModuleBase):
         group_by_length: training batches of similar length (0: off): the shuffled examples sorted by length within
             windows of this many batches, the batches' order shuffled (less padding; see
             :class:`~lightning_memopt.data.sampling.LengthGroupedSampler`).
+        seed: the seed of the question sample and of the training order (shuffled per epoch from it).
 
     Example::
 

@@ -58,12 +58,26 @@ def check_group_by_length(group: int, shuffle: bool) -> None:
         raise ValueError("group_by_length shuffles the training examples; set shuffle=True, or group_by_length=0.")
 
 
-def grouped_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memory: bool) -> DataLoader:
-    """The training loader of data module ``dm`` with ``group_by_length`` on: the sampler deals whole batches to
-    each rank (and drops the partial global batch itself). Lengths are those of each item's ``input_ids``."""
+def shuffled_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memory: bool) -> DataLoader:
+    """The shuffled training loader of data module ``dm``: an order drawn from the module's ``seed`` and the epoch
+    only, each rank taking every ``world_size``-th index, so a step's global batch is the 1-process batch.
+
+    With ``group_by_length``, :class:`LengthGroupedSampler` (which deals whole batches and drops the partial global
+    batch itself; lengths are those of each item's ``input_ids``). Otherwise a
+    :class:`~torch.utils.data.DistributedSampler`: not a ``shuffle=True`` loader, whose ``RandomSampler`` draws
+    each epoch's order from torch's global RNG, as every other loader's iterator does, so how often a fit validated
+    changed its later epochs. Lightning keeps either sampler under several processes and calls ``set_epoch``.
+    """
     hp, tr = dm.hparams, dm.trainer
     world, rank = (tr.world_size, tr.global_rank) if tr is not None else (1, 0)
-    sampler = LengthGroupedSampler([len(x["input_ids"]) for x in ds], hp.batch_size, hp.group_by_length, world, rank,
-                                   hp.get("seed", 0))
+    seed = hp.get("seed", 0)
+    if hp.get("group_by_length"):
+        sampler: DistributedSampler = LengthGroupedSampler([len(x["input_ids"]) for x in ds], hp.batch_size,
+                                                           hp.group_by_length, world, rank, seed)
+        drop_last = False
+    else:
+        sampler = DistributedSampler(range(len(ds)), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                     drop_last=len(ds) >= world)
+        drop_last = len(sampler) >= hp.batch_size
     return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=collate_fn,
-                      num_workers=hp.num_workers, pin_memory=pin_memory)
+                      num_workers=hp.num_workers, pin_memory=pin_memory, drop_last=drop_last)
