@@ -152,3 +152,29 @@ def test_shuffled_order_is_the_seed_and_epoch_s_alone():
 
     plain, validated = fit(False), fit(True)
     assert all(torch.equal(plain[k], validated[k]) for k in plain)
+
+
+@pytest.mark.parametrize("group", [0, 2])
+def test_resume_in_the_middle_of_a_shuffled_epoch_sees_the_same_batches(tmp_path, group, recwarn):
+    """The training loader is resumable (Lightning saves and restores its state with the fit): a run restored from a
+    checkpoint taken in the middle of an epoch skips the batches the epoch already took and ends at the weights of
+    the uninterrupted run; Lightning's warning about a loader that is not resumable does not come."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_memopt import MeZO
+    from lightning_memopt.testing import tiny_trainer
+
+    def fit(ckpt_dir=None, resume=None) -> dict:
+        torch.manual_seed(0)
+        m = tiny_model(lr=1e-2)
+        dm = tiny_datamodule(k=32, batch_size=8, shuffle=True, padding="bucket", group_by_length=group)  # 8 batches
+        cbs = [MeZO(eps=1e-3)]
+        if ckpt_dir is not None:
+            cbs.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=5, save_top_k=-1))
+        tiny_trainer(max_steps=14, callbacks=cbs, enable_checkpointing=ckpt_dir is not None).fit(m, dm, ckpt_path=resume)
+        return {k: v.clone() for k, v in m.state_dict().items()}
+
+    straight = fit(tmp_path)
+    resumed = fit(resume=str(next(tmp_path.glob("*step=5.ckpt"))))  # step 5 of an 8-batch epoch
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert not [w for w in recwarn if "not resumable" in str(w.message)]

@@ -1,4 +1,5 @@
-"""Batches of similar length: less padding, so less compute per forward where prompts vary a lot in length."""
+"""The training order: shuffled from (seed, epoch) alone, optionally in batches of similar length (less padding, so
+less compute per forward where prompts vary a lot in length), and resumable in the middle of an epoch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,33 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 
-class LengthGroupedSampler(DistributedSampler):
+class _Resumable:
+    """A sampler whose next pass over epoch ``e`` can start ``n`` indices in (:meth:`resume_at`): a run restored in
+    the middle of an epoch goes on with the batches the uninterrupted run would see, since the order depends on
+    the seed and the epoch only."""
+
+    epoch: int
+    _resume: tuple[int, int] | None = None
+
+    def resume_at(self, epoch: int, start: int) -> None:
+        self._resume = (int(epoch), int(start))
+
+    def _resumed(self, indices: list[int]) -> Iterator[int]:
+        if self._resume is not None and self._resume[0] == self.epoch:
+            indices = indices[self._resume[1] :]
+        self._resume = None
+        return iter(indices)
+
+
+class EpochSampler(_Resumable, DistributedSampler):
+    """``DistributedSampler(shuffle=True)`` (each rank every ``num_replicas``-th index of a permutation of (seed,
+    epoch)) that can resume mid-epoch."""
+
+    def __iter__(self) -> Iterator[int]:
+        return self._resumed(list(super().__iter__()))
+
+
+class LengthGroupedSampler(_Resumable, DistributedSampler):
     """Shuffled indices, sorted by length within windows of ``group`` global batches, cut into global batches whose
     order is shuffled; each rank takes every ``num_replicas``-th index of a global batch (its share, of similar
     length). The order depends on ``seed`` and the epoch only, so a resumed run sees the same batches.
@@ -42,7 +69,7 @@ class LengthGroupedSampler(DistributedSampler):
         return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
     def __iter__(self) -> Iterator[int]:
-        return iter([i for b in self._global_batches() for i in b[self.rank :: self.num_replicas]])
+        return self._resumed([i for b in self._global_batches() for i in b[self.rank :: self.num_replicas]])
 
     def __len__(self) -> int:
         size = self.batch_size * self.num_replicas
@@ -58,6 +85,26 @@ def check_group_by_length(group: int, shuffle: bool) -> None:
         raise ValueError("group_by_length shuffles the training examples; set shuffle=True, or group_by_length=0.")
 
 
+class ResumableLoader(DataLoader):
+    """A training loader Lightning saves and restores with the fit (it calls ``state_dict``/``load_state_dict`` on
+    loaders that have them): the state is the epoch and the batches its training has taken, read from the trainer's
+    progress, not counted here (Lightning fetches a batch ahead); a restored run's next pass skips those batches."""
+
+    def __init__(self, *args: Any, trainer: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trainer = trainer
+
+    def state_dict(self) -> dict[str, int]:
+        t = self.trainer
+        if t is None:
+            return {}
+        return {"epoch": int(t.current_epoch), "batches": int(t.fit_loop.epoch_loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state and isinstance(self.sampler, _Resumable):
+            self.sampler.resume_at(state["epoch"], state["batches"] * int(self.batch_size or 1))
+
+
 def shuffled_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memory: bool) -> DataLoader:
     """The shuffled training loader of data module ``dm``: an order drawn from the module's ``seed`` and the epoch
     only, each rank taking every ``world_size``-th index, so a step's global batch is the 1-process batch.
@@ -66,7 +113,8 @@ def shuffled_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_
     batch itself; lengths are those of each item's ``input_ids``). Otherwise a
     :class:`~torch.utils.data.DistributedSampler`: not a ``shuffle=True`` loader, whose ``RandomSampler`` draws
     each epoch's order from torch's global RNG, as every other loader's iterator does, so how often a fit validated
-    changed its later epochs. Lightning keeps either sampler under several processes and calls ``set_epoch``.
+    changed its later epochs. Lightning keeps either sampler under several processes and calls ``set_epoch``, and
+    the loader resumes in the middle of an epoch (:class:`ResumableLoader`).
     """
     hp, tr = dm.hparams, dm.trainer
     world, rank = (tr.world_size, tr.global_rank) if tr is not None else (1, 0)
@@ -76,8 +124,8 @@ def shuffled_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_
                                                            hp.group_by_length, world, rank, seed)
         drop_last = False
     else:
-        sampler = DistributedSampler(range(len(ds)), num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                                     drop_last=len(ds) >= world)
+        sampler = EpochSampler(range(len(ds)), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                               drop_last=len(ds) >= world)
         drop_last = len(sampler) >= hp.batch_size
-    return DataLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=collate_fn,
-                      num_workers=hp.num_workers, pin_memory=pin_memory, drop_last=drop_last)
+    return ResumableLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=collate_fn,
+                           num_workers=hp.num_workers, pin_memory=pin_memory, drop_last=drop_last, trainer=tr)
