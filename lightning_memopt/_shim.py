@@ -32,6 +32,11 @@ def uses_distributed_sampler(trainer: Any) -> bool:
     return bool(trainer._accelerator_connector.use_distributed_sampler)
 
 
+def epoch_batches_taken(trainer: Any) -> int:
+    """Training batches the current epoch has processed (what a loader resumed in the middle of it skips)."""
+    return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+
+
 def resolve_data_parallel_size(strategy: Any) -> None:
     """ModelParallelStrategy's ``data_parallel_size="auto"`` as every process of every node (pure data parallel)."""
     if strategy._data_parallel_size == "auto":

@@ -115,3 +115,15 @@ def test_closure_loss_is_the_graph_attached_loss():
 @pytest.mark.parametrize("flag", [True, False])
 def test_uses_distributed_sampler_reads_the_trainer_flag(flag):
     assert _shim.uses_distributed_sampler(tiny_trainer(use_distributed_sampler=flag)) is flag
+
+
+def test_epoch_batches_taken_counts_the_current_epoch_s_batches():
+    seen = []
+
+    class Watch(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append((batch_idx, _shim.epoch_batches_taken(trainer)))
+
+    trainer = tiny_trainer(max_steps=10, callbacks=[Watch()])
+    trainer.fit(tiny_model(), tiny_datamodule(k=32, batch_size=8))  # 8 batches an epoch
+    assert seen == [(i % 8, i % 8 + 1) for i in range(10)]

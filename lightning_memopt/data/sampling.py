@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_memopt import _shim
+
 
 class _Resumable:
     """A sampler whose next pass over epoch ``e`` can start ``n`` indices in (:meth:`resume_at`): a run restored in
@@ -98,7 +100,7 @@ class ResumableLoader(DataLoader):
         t = self.trainer
         if t is None:
             return {}
-        return {"epoch": int(t.current_epoch), "batches": int(t.fit_loop.epoch_loop.batch_progress.current.processed)}
+        return {"epoch": int(t.current_epoch), "batches": _shim.epoch_batches_taken(t)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         if state and isinstance(self.sampler, _Resumable):
@@ -110,8 +112,8 @@ def shuffled_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_
     only, each rank taking every ``world_size``-th index, so a step's global batch is the 1-process batch.
 
     With ``group_by_length``, :class:`LengthGroupedSampler` (which deals whole batches and drops the partial global
-    batch itself; lengths are those of each item's ``input_ids``). Otherwise a
-    :class:`~torch.utils.data.DistributedSampler`: not a ``shuffle=True`` loader, whose ``RandomSampler`` draws
+    batch itself; lengths are those of each item's ``input_ids``). Otherwise :class:`EpochSampler` (a
+    :class:`~torch.utils.data.DistributedSampler`), not a ``shuffle=True`` loader, whose ``RandomSampler`` draws
     each epoch's order from torch's global RNG, as every other loader's iterator does, so how often a fit validated
     changed its later epochs. Lightning keeps either sampler under several processes and calls ``set_epoch``, and
     the loader resumes in the middle of an epoch (:class:`ResumableLoader`).
