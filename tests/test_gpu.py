@@ -155,10 +155,10 @@ def test_mezo_cuda_graph_replays_and_falls_back_with_a_reason():
                   metric_kwargs={"num_classes": 2})
 
 
-def test_mezo_graph_step_makes_no_host_sync_of_its_own():
-    """Between logging steps a fit with cuda_graph=True syncs nowhere in lightning_memopt (torch's sync debug mode
-    flags every synchronising call; the warning names the Python line that made it)."""
-    seen: list = []
+def _syncs_in_steps_3_to_9(method: pl.Callback) -> list[tuple[str, int]]:
+    """(file, line) of every synchronising call in steps 3-9 of a 10-step bf16 fit of the tiny model with ``method``
+    (no logging step among them): torch's sync debug mode warns at each, naming the Python line that made it."""
+    import warnings
 
     class SyncWatch(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -172,16 +172,21 @@ def test_mezo_graph_step_makes_no_host_sync_of_its_own():
     torch.manual_seed(0)
     model, dm = tiny_model(), tiny_datamodule(k=16, batch_size=8, padding="max_length")
     trainer = tiny_trainer(accelerator="cuda", precision="bf16-true", max_steps=10, log_every_n_steps=50,
-                           callbacks=[MeZO(lr=1e-3, cuda_graph=True), SyncWatch()])
-    import warnings
-
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        trainer.fit(model, dm)
-    torch.cuda.set_sync_debug_mode("default")
-    syncs = [f"{w.filename}:{w.lineno}" for w in seen if "synchronizing" in str(w.message)]
+                           callbacks=[method, SyncWatch()])
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            trainer.fit(model, dm)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [(w.filename, w.lineno) for w in seen if "synchronizing" in str(w.message)]
     print("syncs in steps 3-9:", len(syncs), sorted(set(syncs)), file=sys.stderr)
-    ours = [s for s in syncs if "lightning_memopt" in s]
+    return syncs
+
+
+def test_mezo_graph_step_makes_no_host_sync_of_its_own():
+    """Between logging steps a fit with cuda_graph=True syncs nowhere in lightning_memopt."""
+    ours = [f"{f}:{n}" for f, n in _syncs_in_steps_3_to_9(MeZO(lr=1e-3, cuda_graph=True)) if "lightning_memopt" in f]
     assert not ours, ours
 
 
@@ -190,32 +195,12 @@ def test_dfo_generation_makes_no_host_sync_of_its_own_but_the_lazy_eigh():
     between logging steps lightning_memopt syncs only in CMA-ES's lazy eigendecomposition (torch's sync debug mode
     names the Python line of every synchronising call)."""
     import inspect
-    import warnings
 
     from lightning_memopt.dfo.cmaes import CMAES
 
-    class SyncWatch(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 3:
-                torch.cuda.set_sync_debug_mode("warn")
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if trainer.global_step == 9:
-                torch.cuda.set_sync_debug_mode("default")
-
-    torch.manual_seed(0)
-    model, dm = tiny_model(), tiny_datamodule(k=16, batch_size=8, padding="max_length")
-    cb = DFOLoRA(d=16, population=6, budget=None, stat_batches=1, cuda_graph=True, seed=1)
-    trainer = tiny_trainer(accelerator="cuda", precision="bf16-true", max_steps=10, log_every_n_steps=50,
-                           callbacks=[cb, SyncWatch()])
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        trainer.fit(model, dm)
-    torch.cuda.set_sync_debug_mode("default")
+    syncs = _syncs_in_steps_3_to_9(DFOLoRA(d=16, population=6, budget=None, stat_batches=1, cuda_graph=True, seed=1))
     lines, first = inspect.getsourcelines(CMAES._eigen)
     eigh = range(first, first + len(lines))
-    syncs = [(w.filename, w.lineno) for w in seen if "synchronizing" in str(w.message)]
-    print("syncs in steps 3-9:", sorted(set(syncs)), file=sys.stderr)
     ours = [f"{f}:{n}" for f, n in syncs if "lightning_memopt" in f and not (f.endswith("cmaes.py") and n in eigh)]
     assert not ours, ours
 def test_graph_replay_warms_up_once_where_asked():

@@ -216,7 +216,7 @@ class DFOLoRA(MethodCallback):
         replayed population forward at small batches). Its LoRA factors sit at fixed addresses (``static_fixed``)."""
         assert self.dfo is not None
         graph = self.dfo.graph
-        if graph is None or graph.disabled is not None or not _on_cuda(pl_module):
+        if graph is None or graph.disabled is not None or pl_module.device.type != "cuda":
             return  # the population forward's own warning says why
         if self._graphed_step is None:
             shapes = max(1, (self.config.max_graphs or 4 * self.dfo.lora.n_blocks) // self.dfo.lora.n_blocks)
@@ -342,7 +342,3 @@ class DFOLoRA(MethodCallback):
     @override
     def method_state(self) -> dict[str, Any]:
         return {} if self.dfo is None else self.dfo.state_dict()
-
-
-def _on_cuda(pl_module: LightningModule) -> bool:
-    return pl_module.device.type == "cuda"

@@ -339,16 +339,13 @@ class LayerwiseDFO:
         ok = self.guard.track(fit.isfinite().any(), step)
         seq = self._checked[k] = self.guard.checks - 1
         snap, point, counts = opt.snapshot(), self.lora.point(k), opt.counts()
-        opt.tell(fit.to(opt.device), ok=ok.to(opt.device))
-        self._park(opt)
-        self.lora.set_z(k, opt.mean)
+        self._tell(opt, k, fit, ok=ok.to(opt.device))
         n = fit.shape[0]
 
         def undo() -> None:  # a skip, learnt later: the host's side of the masked tell
             opt.set_counts(counts)
             opt.gen.set_state(rng)
-            self.evaluations -= n
-            self.generation -= 1
+            self._retreat(n)
 
         self.guard.on_skip(undo)
         self._advance(k, n)
@@ -358,8 +355,7 @@ class LayerwiseDFO:
             except BaseException:
                 self.guard.drop(seq)
                 self._take_back(opt, k, rng, snap, point)
-                self.evaluations -= n
-                self.generation -= 1
+                self._retreat(n)
                 self.layer = k
                 raise
         return fit
@@ -368,6 +364,11 @@ class LayerwiseDFO:
         self.evaluations += n
         self.generation += 1
         self.layer = (k + 1) % self.lora.n_blocks
+
+    def _retreat(self, n: int) -> None:
+        """:meth:`_advance`'s counters taken back (the layers' turn stays where it is unless the caller moves it)."""
+        self.evaluations -= n
+        self.generation -= 1
 
     def _take_back(self, opt: Optim, k: int, rng: Tensor, snap: Any, point: Any) -> None:
         """Layer ``k``'s optimizer (its generator included) and point as before this generation's ask."""
@@ -378,8 +379,8 @@ class LayerwiseDFO:
         opt.forget_ask()
         self._park(opt)
 
-    def _tell(self, opt: Optim, k: int, fit: Tensor) -> None:
-        opt.tell(fit.to(opt.device))
+    def _tell(self, opt: Optim, k: int, fit: Tensor, **kw: Any) -> None:
+        opt.tell(fit.to(opt.device), **kw)
         self._park(opt)
         self.lora.set_z(k, opt.mean)
 
