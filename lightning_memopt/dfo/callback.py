@@ -216,7 +216,7 @@ class DFOLoRA(MethodCallback):
         replayed population forward at small batches). Its LoRA factors sit at fixed addresses (``static_fixed``)."""
         assert self.dfo is not None
         graph = self.dfo.graph
-        if graph is None or graph.disabled is not None or pl_module.device.type != "cuda":
+        if graph is None or graph.disabled is not None or not _on_cuda(pl_module):
             return  # the population forward's own warning says why
         if self._graphed_step is None:
             shapes = max(1, (self.config.max_graphs or 4 * self.dfo.lora.n_blocks) // self.dfo.lora.n_blocks)
@@ -342,3 +342,8 @@ class DFOLoRA(MethodCallback):
     @override
     def method_state(self) -> dict[str, Any]:
         return {} if self.dfo is None else self.dfo.state_dict()
+
+
+def _on_cuda(pl_module: LightningModule) -> bool:
+    """Whether the module's training_step may be graphed (a function of its own: a CPU test forces the wrapper)."""
+    return pl_module.device.type == "cuda"
