@@ -98,6 +98,15 @@ def lowrank_delta(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
     return out.reshape(*x.shape[:-1], right.shape[-1])
 
 
+def add_lowrank_delta(out: Tensor, x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+    """``out + lowrank_delta(x, left, right)`` in ``out``'s dtype, the add fused into the second matmul (one launch
+    and one pass over ``out`` fewer; the sum is rounded once)."""
+    p = left.shape[0]
+    xv = torch.bmm(x.reshape(p, -1, x.shape[-1]), left.to(x.dtype))
+    o = out.reshape(p, -1, out.shape[-1])
+    return torch.baddbmm(o, xv.to(o.dtype), right.to(o.dtype)).reshape(out.shape)
+
+
 def token_losses(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Per-token cross-entropy ``[B, T]`` (float32) of ``logits [B, T, V]`` against ``targets [B, T]``: the piece a
     causal LM's ``per_sample_loss`` sums per row.
@@ -163,11 +172,18 @@ class DeltaSource(Protocol):
     def lowrank(self, index: int) -> bool:
         """Whether the parameter (2-D) takes low-rank deltas ``U Vᵀ``; else dense deltas of its shape."""
 
-    def factors(self, index: int, members: Sequence[Any]) -> tuple[Tensor, Tensor]:
-        """``(U [P, m, r], V [P, n, r])`` float32, the member's scale folded into U: delta_j = U_j V_jᵀ."""
+    def factors(self, index: int, members: Sequence[Any], dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+        """``(U [P, m, r], V [P, n, r])`` float32 (or ``dtype``, when the source can give it without a cast per
+        call), the member's scale folded into U: delta_j = U_j V_jᵀ."""
 
     def dense(self, index: int, members: Sequence[Any]) -> Tensor:
         """``[P, *shape]`` float32 deltas (scale folded in)."""
+
+    def begin(self, members: Sequence[Any]) -> None:
+        """These members' forward starts (a source may prepare all their deltas at once here)."""
+
+    def end(self) -> None:
+        """That forward is over."""
 
 
 class PopulationEngine:
@@ -198,8 +214,13 @@ class PopulationEngine:
                 seen.update(i for _, i in entries)
         if len(seen) != len({i for _, _, i in params}):
             raise ValueError("Some trained parameters belong to no submodule of the given module.")
+        self._stash: dict[int, tuple] = {}
         for mod, entries in owners:
-            self._handles.append(mod.register_forward_hook(self._make_hook(mod, entries), with_kwargs=True))
+            names = dict(entries)
+            if set(names) == {"weight"} and not self.source.lowrank(names["weight"]) and _is_llama_rmsnorm(mod):
+                self._handles += self._rmsnorm_hooks(mod, names)
+            else:
+                self._handles.append(mod.register_forward_hook(self._make_hook(mod, entries), with_kwargs=True))
         self._nested = {id(m) for m, _ in owners if any(id(c) in {id(o) for o, _ in owners} for c in m.modules()
                                                            if c is not m)}
 
@@ -210,8 +231,6 @@ class PopulationEngine:
             fast = self._linear
         elif isinstance(mod, nn.Embedding) and set(names) == {"weight"} and self.source.lowrank(names["weight"]):
             fast = self._embedding
-        elif set(names) == {"weight"} and not self.source.lowrank(names["weight"]) and _is_llama_rmsnorm(mod):
-            fast = self._rmsnorm
 
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
             if self.members is None:
@@ -221,6 +240,29 @@ class PopulationEngine:
             return self._per_member(module, names, args, kwargs, out)
 
         return hook
+
+    def _rmsnorm_hooks(self, mod: nn.Module, names: dict) -> list[Any]:
+        """LlamaRMSNorm, while members are active: the module's own forward runs on no rows (no kernels: its input is
+        stashed and swapped for an empty slice) and :meth:`_rmsnorm` gives the output; a plain forward hook would
+        compute the plain output first only to replace it. (Not a replaced ``forward``: Hugging Face's kernel
+        layers drop an instance ``forward`` when the model changes mode.)"""
+
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+            if self.members is None:
+                return None
+            self._stash[id(module)] = (args, kwargs)
+            if args:
+                return (args[0][:0], *args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"][:0]}
+
+        def post(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
+            stashed = self._stash.pop(id(module), None)
+            if self.members is None or stashed is None:
+                return None
+            return self._rmsnorm(module, names, *stashed, None)
+
+        return [mod.register_forward_pre_hook(pre, with_kwargs=True),
+                mod.register_forward_hook(post, with_kwargs=True)]
 
     def _rows(self, x: Tensor, module: nn.Module) -> int:
         p = len(self.members)  # type: ignore[arg-type]
@@ -237,10 +279,10 @@ class PopulationEngine:
         members = self.members
         rows = getattr(module, "_memopt_label_ids", None)
         if "weight" in names:
-            u, v = self.source.factors(names["weight"], members)  # [P, out, r], [P, in, r]
+            u, v = self.source.factors(names["weight"], members, x.dtype)  # [P, out, r], [P, in, r]
             if rows is not None:
                 u = u.index_select(1, rows.to(u.device))
-            out = out + lowrank_delta(x, v, u.transpose(1, 2)).to(out.dtype)
+            out = add_lowrank_delta(out, x, v, u.transpose(1, 2))
         if "bias" in names:
             b = self.source.dense(names["bias"], members)  # [P, out]
             if rows is not None:
@@ -270,7 +312,7 @@ class PopulationEngine:
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
         h = h.to(x.dtype).reshape(ws.shape[0], n, *x.shape[1:])
-        return (ws.reshape(ws.shape[0], *([1] * (x.ndim - 1)), -1) * h).reshape(out.shape)
+        return (ws.reshape(ws.shape[0], *([1] * (x.ndim - 1)), -1) * h).reshape(x.shape)
 
     def _per_member(self, module: nn.Module, names: dict, args: tuple, kwargs: dict, out: Any) -> Any:
         members = self.members
@@ -315,10 +357,12 @@ class PopulationEngine:
     def active(self, members: Sequence[Any]) -> Iterator[None]:
         """Forwards inside see member j's deltas on their rows ``[j·n, (j+1)·n)`` (n = rows / P)."""
         self.members = list(members)
+        self.source.begin(self.members)
         try:
             yield
         finally:
             self.members = None
+            self.source.end()
 
     def remove(self) -> None:
         for h in self._handles:

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from lightning_memopt.core import perturb
+from lightning_memopt.core.axpby import axpby_
 from lightning_memopt.core.fsdp import all_reduce_sum, global_offset, is_dtensor, local, reshard_all
 from lightning_memopt.core.population import member_losses
 
@@ -71,6 +72,25 @@ class Directions:
         self._keep: set[int] | None = None
         self._zeros: Tensor | None = None  # the zero source of the one-launch factor generation (CUDA)
         self._signs: dict[tuple[float, ...], Tensor] = {}
+        # The seeds' rows: every tensor's direction of seed j in row j, U parts and dense z first (the part a member
+        # scales), then the V parts; the cache's tensors are views of it. A chunk's members gather their rows into
+        # one bank (:meth:`begin`), so each layer's factors are views, not a stack and a scaling per layer.
+        self._cols: dict[int, tuple[int, int]] = {}  # index -> (offset of U or z, offset of V)
+        ns = 0
+        for i in self.shapes:
+            self._cols[i] = (ns, 0)
+            ns += self.shapes[i][0] * self.rank if self._lowrank[i] else _prod(self.shapes[i])
+        nv = ns
+        for i in self.shapes:
+            if self._lowrank[i]:
+                self._cols[i] = (self._cols[i][0], nv)
+                nv += self.shapes[i][1] * self.rank
+        self._ns, self._width = ns, nv
+        self._rows: Tensor | None = None
+        self._row_of: dict[int, int] = {}
+        self._ridx: dict[tuple[int, ...], Tensor] = {}
+        self._pcoef: tuple[tuple, Tensor] | None = None
+        self._bank: tuple[list, Tensor, dict] | None = None  # (members, fp32 bank, its casts by dtype)
 
     def lowrank(self, index: int) -> bool:
         return self._lowrank[index]
@@ -95,7 +115,15 @@ class Directions:
         self._cache = {} if seed_t is not None else {k: v for k, v in self._cache.items() if k[0] in self._keep}
         idx = [i for i in self.shapes if seed_t is not None or self._lowrank[i] or _prod(self.shapes[i]) <= 1 << 16]
         triton = perturb.use_triton(torch.empty(0, device=self.device))
-        for j, s in enumerate(int(x) for x in seeds):
+        ints = [int(x) for x in seeds]
+        if len(idx) == len(self.shapes) and (seed_t is not None or self._rows is None or list(self._row_of) != ints):
+            # every tensor's direction is drawn: into new rows (eagerly, a repeated seed list keeps them)
+            self._cache, self._bank = {}, None
+            self._rows = torch.empty(len(ints), self._width, dtype=torch.float32, device=self.device)
+            self._row_of = {}
+        elif len(idx) != len(self.shapes):
+            self._rows, self._row_of, self._bank = None, {}, None
+        for j, s in enumerate(ints):
             todo = [i for i in idx if (s, i) not in self._cache]  # empty for a repeated seed
             if not todo:
                 continue
@@ -108,12 +136,35 @@ class Directions:
                 flats = [f.reshape(-1) for f in flats]
             else:
                 flats = perturb.normal_many([perturb.key(s, i) for i in todo], numels, self.device, self.distribution)
+            if self._rows is not None and len(todo) == len(self.shapes):
+                self._into_row(j, s, todo, flats)
+                continue
             for i, flat in zip(todo, flats):
                 if self._lowrank[i]:
                     m, n = self.shapes[i]
                     self._cache[(s, i)] = (flat[: m * self.rank].view(m, self.rank), flat[m * self.rank :].view(n, -1))
                 else:
                     self._cache[(s, i)] = flat
+
+    def _into_row(self, j: int, seed: int, todo: Sequence[int], flats: Sequence[Tensor]) -> None:
+        """Copy seed ``seed``'s directions into row ``j`` (one cat) and cache them as views of it."""
+        row = self._rows[j]  # type: ignore[index]
+        cols = []
+        for i, flat in zip(todo, flats):
+            k = self.shapes[i][0] * self.rank if self._lowrank[i] else flat.numel()
+            cols.append((self._cols[i][0], flat[:k]))
+            if self._lowrank[i]:
+                cols.append((self._cols[i][1], flat[k:]))
+        torch.cat([t for _, t in sorted(cols, key=lambda c: c[0])], out=row)
+        self._row_of[seed] = j
+        for i in todo:
+            a, b = self._cols[i]
+            if self._lowrank[i]:
+                m, n = self.shapes[i]
+                self._cache[(seed, i)] = (row[a : a + m * self.rank].view(m, self.rank),
+                                          row[b : b + n * self.rank].view(n, self.rank))
+            else:
+                self._cache[(seed, i)] = row[a : a + _prod(self.shapes[i])]
 
     def snapshot(self) -> dict[tuple[int, int], Any]:
         """The cache as it is (a CUDA graph's capture keeps it: its tensors are the ones each replay rewrites)."""
@@ -170,19 +221,72 @@ class Directions:
         """``[P]`` float32: each member's ``sign·ε·S_i`` (over ``sqrt(r)`` for low-rank), one multiply on a device
         tensor of the signs, which is made once per sign pattern (the same every step: a graph's capture finds it
         made by its warm-up)."""
+        return self._signs_of(members) * self._coef((0, 1.0), index)
+
+    def begin(self, members: Sequence[Member]) -> None:
+        """A chunk of members starts (:meth:`PopulationEngine.active`): gather their rows into one bank and scale its
+        signed part, a few launches for every tensor, so that :meth:`factors` and :meth:`dense` return views."""
+        self._bank = None
+        if self._rows is None or any(int(m[0]) not in self._row_of for m in members):
+            return
+        rows = tuple(self._row_of[int(m[0])] for m in members)
+        ridx = self._ridx.get(rows)
+        if ridx is None:  # made once per pattern, like the signs (a graph's capture finds it made by its warm-up)
+            ridx = self._ridx[rows] = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        bank = self._rows.index_select(0, ridx)
+        # sign first (exact), then one rounding by the tensor's coefficient: what `u * (sign·coef)` gives
+        bank[:, : self._ns].mul_(self._signs_of(members)[:, None]).mul_(self._coef_row())
+        self._bank = (list(members), bank, {})
+
+    def end(self) -> None:
+        self._bank = None
+
+    def _coef_row(self) -> Tensor:
+        """``[ns]`` float32: each element's ``ε·S_i`` (over ``sqrt(r)`` in a U part), rebuilt when the scales change."""
+        key = (self.eps, tuple(sorted(self.scales.items())))
+        if self._pcoef is None or self._pcoef[0] != key:
+            coefs = [self._coef((0, 1.0), i) for i in self.shapes]
+            counts = [self.shapes[i][0] * self.rank if self._lowrank[i] else _prod(self.shapes[i]) for i in self.shapes]
+            row = torch.repeat_interleave(torch.tensor(coefs, dtype=torch.float32), torch.tensor(counts))
+            self._pcoef = (key, row.to(self.device))
+        return self._pcoef[1]
+
+    def _banked(self, members: Sequence[Member], dtype: torch.dtype | None) -> Tensor | None:
+        if self._bank is None or self._bank[0] != list(members):
+            return None
+        _, bank, casts = self._bank
+        if dtype is None or dtype == bank.dtype:
+            return bank
+        if dtype not in casts:
+            casts[dtype] = bank.to(dtype)
+        return casts[dtype]
+
+    def _signs_of(self, members: Sequence[Member]) -> Tensor:
         key = tuple(float(m[1]) for m in members)
         signs = self._signs.get(key)
         if signs is None:
             signs = self._signs[key] = torch.tensor(key, dtype=torch.float32, device=self.device)
-        return signs * self._coef((0, 1.0), index)
+        return signs
 
-    def factors(self, index: int, members: Sequence[Member]) -> tuple[Tensor, Tensor]:
+    def factors(
+        self, index: int, members: Sequence[Member], dtype: torch.dtype | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(U [P, m, r], V [P, n, r])``, each member's ``sign·ε·S/sqrt(r)`` folded into U; float32, or ``dtype``
+        where the members' bank is active (views of it, cast once per chunk)."""
+        bank = self._banked(members, dtype)
+        if bank is not None:
+            (m, n), r, (a, b) = self.shapes[index], self.rank, self._cols[index]
+            return bank[:, a : a + m * r].view(len(members), m, r), bank[:, b : b + n * r].view(len(members), n, r)
         # one stack and one multiply for all members (not one scaling per member): kernels, not numbers, cost here;
         # the unperturbed member's coefficient is 0, so its factors of a cached seed give a zero delta
         us, vs = zip(*(self.uv(int(mem[0]), index) for mem in members))
         return torch.stack(us) * self._coefs(members, index)[:, None, None], torch.stack(vs)
 
     def dense(self, index: int, members: Sequence[Member]) -> Tensor:
+        bank = self._banked(members, None)
+        if bank is not None:
+            a = self._cols[index][0]
+            return bank[:, a : a + _prod(self.shapes[index])]
         return torch.stack([self.z(int(mem[0]), index) for mem in members]) * self._coefs(members, index)[:, None]
 
 
@@ -259,9 +363,13 @@ def apply_update_population(
     ok: Tensor | None = None,
 ) -> None:
     """``θ ← (1 − lr·wd)·θ − lr·S·Δ`` with ``Δ = Σ_j a_j D_j`` (or Adam's ``m / (sqrt(v) + adam_eps)``) over the
-    window's directions ``D_j``, written in place to each rank's local rows; a no-op where ``ok`` is false."""
+    window's directions ``D_j``, written in place to each rank's local rows; a no-op where ``ok`` is false.
+
+    Without Adam, tensors of one local shape are updated together (:func:`_grouped_update_`): a few launches per
+    shape instead of a dozen per tensor, since on a GPU the launches, not the arithmetic, bound this step."""
     if module is not None:
         reshard_all(module)
+    groups: dict[tuple, list[_Item]] = {}
     for zp in params:
         lr = float(lrs[zp.group])
         wd = float(wds[zp.group]) if zp.decay else 0.0
@@ -270,7 +378,11 @@ def apply_update_population(
         t = local(zp.param).detach()
         if t.numel() == 0:
             continue
-        if directions.lowrank(zp.index):
+        item = _Item(t, zp.index, start, tuple(shape), lr * s, 1.0 - lr * wd)
+        lowrank = directions.lowrank(zp.index)
+        if adam_eps is None and t.is_contiguous() and (lowrank or _dense_groupable(directions, item, seed_ints)):
+            groups.setdefault((lowrank, tuple(t.shape), t.dtype, t.device), []).append(item)
+        elif lowrank:
             _lowrank_update_(t, start // shape[1], directions, zp.index, seed_ints, a, b, lr, s, 1.0 - lr * wd,
                              adam_eps, ok)
         else:
@@ -279,6 +391,72 @@ def apply_update_population(
                 zs = [directions.z(int(x), zp.index)[start : start + t.numel()] for x in seed_ints]
             perturb.update_(t, zp.index, seeds, a, b, lr * s, 1.0 - lr * wd, start, adam_eps, zs=zs,
                             dist=directions.distribution, seed_ints=seed_ints, ok=ok)
+    for (lowrank, _, _, _), items in groups.items():
+        _grouped_update_(items, lowrank, directions, seed_ints, a, ok)
+
+
+class _Item(NamedTuple):
+    t: Tensor  # the local tensor (contiguous)
+    index: int
+    start: int  # its first element's offset in the full parameter
+    shape: tuple[int, ...]  # the full parameter's shape
+    coef: float  # lr·S
+    decay: float  # 1 − lr·wd
+
+
+def _dense_groupable(directions: Directions, item: _Item, seed_ints: Sequence[int]) -> bool:
+    """A dense tensor joins a group when every direction's z is cached and its J rows fit one update chunk."""
+    return item.t.numel() * len(seed_ints) <= _UPDATE_ELEMS and all(
+        directions.cached(int(x), item.index) for x in seed_ints
+    )
+
+
+def _grouped_update_(
+    items: Sequence[_Item], lowrank: bool, directions: Directions, seed_ints: Sequence[int], a: Tensor,
+    ok: Tensor | None,
+) -> None:
+    """SGD/momentum update of tensors of one local shape: ``Δ_i = Σ_j a_j D_ij`` for a chunk of tensors at once (a
+    batched matmul over the stacked factors, or over the stacked cached z), then ``t_i ← round(decay_i·t_i −
+    coef_i·Δ_i)`` in fp32 with :func:`~lightning_memopt.core.axpby.axpby_` (one pass, a no-op where ``ok`` is
+    false). At most ``_UPDATE_ELEMS`` elements of Δ exist at a time; a larger tensor is done in row chunks."""
+    t0 = items[0].t
+    dev, j = t0.device, len(seed_ints)
+    okd = None if ok is None else ok.to(dev)
+    if not lowrank:
+        a32 = a.to(device=dev, dtype=torch.float32)[:j]
+        n = t0.numel()
+        per = max(1, _UPDATE_ELEMS // max(1, n * j))
+        for lo in range(0, len(items), per):
+            part = items[lo : lo + per]
+            z = torch.stack([_rows(directions.z(int(x), it.index), it.start, n) for it in part for x in seed_ints])
+            delta = torch.bmm(a32.view(1, 1, j).expand(len(part), 1, j), z.view(len(part), j, n))
+            for k, it in enumerate(part):
+                axpby_(it.t.view(-1), delta[k, 0], -it.coef, it.decay, okd)
+        return
+    rows, n = t0.shape
+    r = directions.rank
+    a32 = (a.to(device=dev, dtype=torch.float32) * (1.0 / math.sqrt(r)))[:j]
+    per = max(1, _UPDATE_ELEMS // max(1, rows * n))
+    step = _UPDATE_ELEMS // max(1, n) if per == 1 else rows
+    for lo in range(0, len(items), per):
+        part = items[lo : lo + per]
+        uvs = [(directions.uv(int(x), it.index), it.start // it.shape[1]) for it in part for x in seed_ints]
+        # [L, rows, J·r] (block j of tensor i = a_j U_ij) and [L, n, J·r]: one stack, one scale, one copy each
+        us = torch.stack([_rows(u, r0, rows) for (u, _), r0 in uvs]).view(len(part), j, rows, r)
+        ucat = (us * a32.view(1, j, 1, 1)).transpose(1, 2).reshape(len(part), rows, j * r)
+        vcat = torch.stack([v for (_, v), _ in uvs]).view(len(part), j, n, r).transpose(1, 2).reshape(
+            len(part), n, j * r)
+        for r_lo in range(0, rows, max(1, step)):
+            r_hi = min(rows, r_lo + max(1, step))
+            delta = torch.bmm(ucat[:, r_lo:r_hi], vcat.transpose(1, 2))
+            for k, it in enumerate(part):
+                axpby_(it.t[r_lo:r_hi], delta[k], -it.coef, it.decay, okd)
+
+
+def _rows(x: Tensor, lo: int, n: int) -> Tensor:
+    """``x[lo : lo + n]``, without a slice where that is all of ``x`` (a slice costs host time; there are J per
+    tensor)."""
+    return x if lo == 0 and n == x.shape[0] else x[lo : lo + n]
 
 
 def _lowrank_update_(
