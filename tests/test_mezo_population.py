@@ -136,8 +136,9 @@ def test_batched_member_equals_materialised_weights(build):
     zo.close()
 
 
+@pytest.mark.parametrize("precondition", ["none", "layer"])  # "layer": each tensor its own coefficient
 @pytest.mark.parametrize("pert", ["lowrank", "dense"])
-def test_update_equals_the_materialised_sum_of_directions(pert, monkeypatch):
+def test_update_equals_the_materialised_sum_of_directions(pert, precondition, monkeypatch):
     # θ ← decay·θ − lr·S·Σ_j a_j D_j, written densely per tensor, against the grouped update (tensors of one shape
     # together; the chunk made small so the embedding and the grouped tensors are split as large ones are)
     import lightning_memopt.mezo.population as pop
@@ -147,7 +148,7 @@ def test_update_equals_the_materialised_sum_of_directions(pert, monkeypatch):
     torch.manual_seed(0)
     module = tiny_model()
     cfg = ZOConfig(eps=1e-2, n_spsa=3, perturbation=pert, perturbation_rank=2, batched=True, variant="momentum",
-                   window=2, precondition="layer")
+                   window=2, precondition=precondition)
     zo = ZeroOrder(module, cfg)
     d = zo.directions
     lr, wd = 0.3, 0.1

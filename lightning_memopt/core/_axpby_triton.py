@@ -53,3 +53,38 @@ def axpby_(d: Tensor, u: Tensor, a, b, ok: Tensor | None, clamp: float | None) -
         d, u, n, 1.0 if a_t else float(a), 1.0 if b_t else float(b), a_ptr, b_ptr, ok_ptr,
         float(clamp or 0.0), A_T=a_t, B_T=b_t, HAS_OK=ok is not None, CLAMP=clamp is not None, BLOCK=BLOCK,
     )
+
+
+@triton.jit(do_not_specialize=["a", "b"])
+def _axpby_many_kernel(ref_ptr, rel_ptr, u_ptr, n, a, b, ok_ptr, HAS_OK: tl.constexpr, BLOCK: tl.constexpr):
+    t = tl.program_id(1)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    d_ptr = ref_ptr + tl.load(rel_ptr + t)
+    d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + t.to(tl.int64) * n + offs, mask=mask, other=0.0).to(tl.float32)
+    new = b * d + a * u
+    if HAS_OK:
+        new = tl.where(tl.load(ok_ptr) != 0, new, d)
+    tl.store(d_ptr + offs, new.to(ref_ptr.dtype.element_ty), mask=mask)
+
+
+_REL: dict[tuple[int, ...], Tensor] = {}
+
+
+def axpby_many_(ds: list[Tensor], u: Tensor, a: float, b: float, ok: Tensor | None) -> None:
+    n = ds[0].numel()
+    if n == 0:
+        return
+    ptrs = tuple(d.data_ptr() for d in ds)
+    rel = _REL.get(ptrs)
+    if rel is None:  # the same parameters every step: made once (a host-to-device copy)
+        if len(_REL) > 256:
+            _REL.clear()
+        esize = ds[0].element_size()
+        rel = _REL[ptrs] = torch.tensor([(p - ptrs[0]) // esize for p in ptrs], dtype=torch.int64,
+                                        device=ds[0].device)
+    ok_ptr = _flag(ok, ds[0]) if ok is not None else ds[0]
+    _axpby_many_kernel[(triton.cdiv(n, BLOCK), len(ds))](
+        ds[0], rel, u, n, float(a), float(b), ok_ptr, HAS_OK=ok is not None, BLOCK=BLOCK
+    )

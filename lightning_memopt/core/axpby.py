@@ -10,6 +10,8 @@ the same fp32 arithmetic with one rounding at the end, so both give the same res
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch import Tensor
 
 from lightning_memopt.core._triton import kernels
@@ -42,3 +44,16 @@ def axpby_(
         new = new.where(ok, old)
     d.copy_(new)
     return d
+
+
+def axpby_many_(ds: Sequence[Tensor], u: Tensor, a: float, b: float = 1.0, ok: Tensor | None = None) -> None:
+    """:func:`axpby_` for tensors of one shape, dtype and device at once: ``ds[i] ← round(b·ds[i] + a·u[i])`` with
+    ``u`` one contiguous tensor ``[len(ds), *shape]`` (host ``a`` and ``b``). One launch on CUDA with Triton."""
+    if not ds:
+        return
+    if (ds[0].device.type == "cuda" and u.is_contiguous() and all(d.is_contiguous() for d in ds)
+            and _kernels() is not None):
+        _kernels().axpby_many_(list(ds), u, a, b, ok)  # type: ignore[union-attr]
+        return
+    for d, ui in zip(ds, u.unbind(0)):
+        axpby_(d, ui, a, b, ok)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from lightning_memopt.core import perturb
-from lightning_memopt.core.axpby import axpby_
+from lightning_memopt.core.axpby import axpby_, axpby_many_
 from lightning_memopt.core.fsdp import all_reduce_sum, global_offset, is_dtensor, local, reshard_all
 from lightning_memopt.core.population import member_losses
 
@@ -430,8 +430,7 @@ def _grouped_update_(
             part = items[lo : lo + per]
             z = torch.stack([_rows(directions.z(int(x), it.index), it.start, n) for it in part for x in seed_ints])
             delta = torch.bmm(a32.view(1, 1, j).expand(len(part), 1, j), z.view(len(part), j, n))
-            for k, it in enumerate(part):
-                axpby_(it.t.view(-1), delta[k, 0], -it.coef, it.decay, okd)
+            _apply(part, [it.t.view(-1) for it in part], delta.view(len(part), n), okd)
         return
     rows, n = t0.shape
     r = directions.rank
@@ -449,8 +448,17 @@ def _grouped_update_(
         for r_lo in range(0, rows, max(1, step)):
             r_hi = min(rows, r_lo + max(1, step))
             delta = torch.bmm(ucat[:, r_lo:r_hi], vcat.transpose(1, 2))
-            for k, it in enumerate(part):
-                axpby_(it.t[r_lo:r_hi], delta[k], -it.coef, it.decay, okd)
+            _apply(part, [it.t[r_lo:r_hi] for it in part], delta, okd)
+
+
+def _apply(items: Sequence[_Item], ts: Sequence[Tensor], delta: Tensor, ok: Tensor | None) -> None:
+    """``t_i ← round(decay·t_i − coef·delta[i])``: one launch for all where they share lr, decay and scale (the
+    usual case), else one per tensor."""
+    if len({(it.coef, it.decay) for it in items}) == 1:
+        axpby_many_(ts, delta, -items[0].coef, items[0].decay, ok)
+        return
+    for k, (it, t) in enumerate(zip(items, ts)):
+        axpby_(t, delta[k], -it.coef, it.decay, ok)
 
 
 def _rows(x: Tensor, lo: int, n: int) -> Tensor:
