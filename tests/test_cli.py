@@ -132,7 +132,7 @@ def test_main_returns_none_for_the_console_script(tmp_path, in_repo, capsys):
 @pytest.mark.parametrize(
     ("config", "needs"),
     [*[(f"mrpc_smollm2_{m}.yaml", MRPC / "train.tsv")
-       for m in ("adamw", "mezo", "lomo", "adalomo", "galore", "clora", "flora")],
+       for m in ("adamw", "mezo", "mezo_pop", "lomo", "adalomo", "galore", "clora", "flora")],
      *[(f"squad_smollm2_{m}.yaml", SQUAD) for m in ("adamw", "mezo", "mezo_f1", "adalomo")],
      ("sst2_smollm2_mezo_pop.yaml", SST2 / "train.tsv"),
      ("instruct_smollm2.yaml", None)],
