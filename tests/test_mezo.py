@@ -211,3 +211,15 @@ def test_grouped_perturbation_equals_per_module(build):
     with torch.no_grad():
         plain = loss()
     assert out[0] == out[64 << 20] and out[0] != plain
+
+
+@pytest.mark.parametrize(("precision", "lr", "warns"), [("bf16-true", 1e-6, True), ("32-true", 1e-6, False),
+                                                         ("bf16-true", 0.5, False)])
+def test_warns_when_updates_round_away_in_low_precision_weights(precision, lr, warns, recwarn):
+    # MeZO's lr·g·z (≈ 1e-6 here) is below a bf16 weight's resolution: the fit would run and learn nothing
+    model, dm = tiny_model(), tiny_datamodule(batch_size=4)
+    tiny_trainer(max_steps=3, precision=precision, callbacks=[MeZO(lr=lr, eps=1e-2)]).fit(model, dm)
+    hits = [w for w in recwarn if "round away" in str(w.message)]
+    assert len(hits) == (1 if warns else 0), [str(w.message) for w in recwarn]
+    if warns:
+        assert "precision='bf16-mixed'" in str(hits[0].message)

@@ -23,14 +23,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_memopt.callbacks import _checks
 from lightning_memopt.callbacks.graphed import recording_logs, replay_logs
 from lightning_memopt.callbacks.method import MethodCallback
 from lightning_memopt.core import validate
-from lightning_memopt.core.fsdp import all_reduce_mean, is_fsdp2
+from lightning_memopt.core.fsdp import all_reduce_mean, is_fsdp2, local
 from lightning_memopt.core.graphs import DeviceValues, GraphReplay
 from lightning_memopt.core.holder import decays
 from lightning_memopt.core.modes import eval_mode
@@ -174,6 +174,7 @@ class MeZO(MethodCallback):
         self._reset_accumulators()
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._evaluations = 0
+        self._rounding_checked = False
 
     @property
     def evaluations(self) -> int:
@@ -385,7 +386,10 @@ class MeZO(MethodCallback):
         lrs = [float(grp["lr"]) for grp in groups]
         wd = self.weight_decay
         wds = [float(wd if wd is not None else grp.get("weight_decay", 0.0)) for grp in groups]
-        self.zo.update(self._seeds, g, lrs, wds, loss=loss, step=self.step_index)
+        sample = self._low_precision_sample(lrs)
+        ok = self.zo.update(self._seeds, g, lrs, wds, loss=loss, step=self.step_index)
+        if sample is not None:
+            self._warn_if_rounded_away(sample, ok, g, lrs)
         if self.trajectory is not None:
             entry = {"step": self.step_index, "seeds": list(self._seeds), "g": None, "lr": lrs, "wd": wds}
             self.trajectory["steps"].append(entry)
@@ -398,6 +402,41 @@ class MeZO(MethodCallback):
         self._last = (g[: self.config.n_spsa].mean(), loss)  # curvature's g also holds the n curvatures
         self._reset_accumulators()
         return result
+
+    def _low_precision_sample(self, lrs: list[float]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Before the first update with lr > 0: copies of up to 64k elements of the three largest bf16/fp16 trained
+        tensors, to see whether the update moved them (None once checked, or with fp32 weights: no cost then)."""
+        if self._rounding_checked or self.zo is None or max(lrs, default=0.0) <= 0.0:
+            return None
+        low = [local(zp.param).detach() for zp in self.zo.params if zp.param.dtype in (torch.bfloat16, torch.float16)]
+        low = sorted((t for t in low if t.numel()), key=lambda t: -t.numel())[:3]
+        if not low:
+            self._rounding_checked = True
+            return None
+        return [(t, t.reshape(-1)[: 1 << 16].clone()) for t in low]
+
+    def _warn_if_rounded_away(
+        self, sample: list[tuple[torch.Tensor, torch.Tensor]], ok: torch.Tensor | None, g: torch.Tensor,
+        lrs: list[float],
+    ) -> None:
+        """MeZO's updates (lr·g·z ≈ 1e-6) are far below a bf16 weight's resolution (≈ 2⁻⁸ relative): they round away
+        and the model never trains, silently. One host read, at the first update that should move the weights."""
+        same = torch.stack([(t.reshape(-1)[: b.numel()] == b).sum() for t, b in sample]).sum().float()
+        moved = (g != 0).any().to(same.device)  # g = 0 (equal losses) moves nothing whatever the dtype
+        if ok is not None:
+            moved = moved & ok.to(same.device)
+        flags = torch.stack([same, moved.float()]).tolist()
+        if not flags[1]:  # a skipped step (non-finite loss) or g = 0 leaves the weights: look at the next one
+            return
+        self._rounding_checked = True
+        total = sum(b.numel() for _, b in sample)
+        if flags[0] / total > 0.9:
+            rank_zero_warn(
+                f"MeZO: an update at lr={max(lrs):.3g} left {flags[0] / total:.0%} of the sampled "
+                f"{sample[0][1].dtype} weights unchanged: lr·g·z is below their resolution, so the updates round "
+                "away and the model does not train. Keep the trained weights in fp32 (precision='bf16-mixed' or "
+                "'32-true'), or raise lr if a schedule starts it low."
+            )
 
     @override
     def log_step(self, pl_module: pl.LightningModule) -> None:
