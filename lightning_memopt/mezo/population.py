@@ -176,6 +176,8 @@ class Directions:
         relabel = {int(a): int(b) for a, b in zip(old, new)}
         self._cache = {(relabel[s], i): v for (s, i), v in cache.items() if s in relabel}
         self._keep = set(relabel.values())
+        # the rows of the last capture (maybe another graph's) no longer describe the cache; the next estimate draws
+        self._rows, self._row_of, self._bank = None, {}, None
 
     def cached(self, seed: int, index: int) -> bool:
         return (int(seed), index) in self._cache
