@@ -419,8 +419,8 @@ def _grouped_update_(
 ) -> None:
     """SGD/momentum update of tensors of one local shape: ``Δ_i = Σ_j a_j D_ij`` for a chunk of tensors at once (a
     batched matmul over the stacked factors, or over the stacked cached z), then ``t_i ← round(decay_i·t_i −
-    coef_i·Δ_i)`` in fp32 with :func:`~lightning_memopt.core.axpby.axpby_` (one pass, a no-op where ``ok`` is
-    false). At most ``_UPDATE_ELEMS`` elements of Δ exist at a time; a larger tensor is done in row chunks."""
+    coef_i·Δ_i)`` in fp32 (:func:`_apply`: one pass, a no-op where ``ok`` is false). At most ``_UPDATE_ELEMS``
+    elements of Δ exist at a time; a larger tensor is done in row chunks."""
     t0 = items[0].t
     dev, j = t0.device, len(seed_ints)
     okd = None if ok is None else ok.to(dev)
