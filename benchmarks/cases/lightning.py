@@ -9,7 +9,9 @@ so the figures sit beside the bare-step cases of the other modules and the peers
 * ``galore_lightning_keepgrads``: the same with the gradients left to Lightning (the behaviour before they were
   freed: Lightning zeroes them after the next forward, so they live through it);
 * ``adamw_lightning``: the module's AdamW as Lightning runs it (gradients set to None by Lightning's zero_grad);
-* ``mezo_lightning`` / ``lomo_lightning``: ``MeZO(lr=1e-6)`` and ``LOMO(lr=1e-3)``;
+* ``mezo_lightning`` / ``lomo_lightning``: ``MeZO(lr=1e-6)`` and ``LOMO(lr=1e-3)``; ``lomo_lightning_ckpt`` and
+  ``adalomo_lightning_ckpt``: ``LOMO(lr=1e-3)`` and ``AdaLomo(lr=1e-3)`` with Hugging Face's activation checkpointing
+  (the bare ``lomo_ckpt`` / ``adalomo_ckpt`` cases' and lomo-optim's setting);
 * ``mezo_lightning_graph``: ``MeZO(lr=1e-6, cuda_graph=True)`` (the perturbed forwards replayed from a CUDA graph);
 * ``mezo_pop_lightning`` / ``mezo_pop_lightning_graph``: the population estimator as
   ``configs/sst2_smollm2_mezo_pop.yaml`` sets it (``MEZO_POP=16`` directions of rank 4, ``MEZO_POP_CHUNK=8``
@@ -187,6 +189,12 @@ def _lomo() -> pl.Callback:
     return LOMO(lr=1e-3)
 
 
+def _adalomo() -> pl.Callback:
+    from lightning_memopt import AdaLomo
+
+    return AdaLomo(lr=1e-3)
+
+
 CASES: dict[str, Callable[[], pl.Callback | None]] = {
     "galore_lightning": lambda: _galore(False),
     "galore_lightning_keepgrads": lambda: _galore(True),
@@ -194,6 +202,9 @@ CASES: dict[str, Callable[[], pl.Callback | None]] = {
     "mezo_lightning": _mezo,
     "mezo_lightning_graph": lambda: _mezo(True),
     "lomo_lightning": _lomo,
+    # with Hugging Face's activation checkpointing, as the bare ``lomo_ckpt`` / ``adalomo_ckpt`` cases and lomo-optim's
+    "lomo_lightning_ckpt": _lomo,
+    "adalomo_lightning_ckpt": _adalomo,
     "mezo_pop_lightning": _mezo_pop,
     "mezo_pop_lightning_graph": lambda: _mezo_pop(True),
     # the same two methods on the prompt classifier (label-word logits at the last position), as the SST-2 configs
@@ -210,6 +221,8 @@ def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5
     res: dict[str, Any] = dict(method=case, size=size, batch=batch, seq=seq, impl="lightning_memopt (Trainer)")
     try:
         model = build(size)
+        if case.endswith("_ckpt"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         res["params_b"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
         x = torch.randint(0, model.config.vocab_size, (batch, seq), device=DEV)
         if case.startswith("dfo"):  # one generation a layer: warm up over every layer (each captures its graph)
