@@ -259,7 +259,7 @@ class PopulationEngine:
             stashed = self._stash.pop(id(module), None)
             if self.members is None or stashed is None:
                 return None
-            return self._rmsnorm(module, names, *stashed, None)
+            return self._rmsnorm(module, names, *stashed)
 
         return [mod.register_forward_pre_hook(pre, with_kwargs=True),
                 mod.register_forward_hook(post, with_kwargs=True)]
@@ -302,7 +302,7 @@ class PopulationEngine:
         delta = torch.bmm(picked, v.transpose(1, 2))  # [P, n, d]
         return out + delta.reshape(out.shape).to(out.dtype)
 
-    def _rmsnorm(self, module: nn.Module, names: dict, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
+    def _rmsnorm(self, module: nn.Module, names: dict, args: tuple, kwargs: dict) -> Tensor:
         """LlamaRMSNorm's forward for all members at once, each row block scaled by its member's weight (formed as
         the per-member fallback forms it): a few kernels instead of a forward per member."""
         x = args[0] if args else kwargs["hidden_states"]

@@ -79,7 +79,7 @@ class Directions:
         ns = 0
         for i in self.shapes:
             self._cols[i] = (ns, 0)
-            ns += self.shapes[i][0] * self.rank if self._lowrank[i] else _prod(self.shapes[i])
+            ns += self._signed_numel(i)
         nv = ns
         for i in self.shapes:
             if self._lowrank[i]:
@@ -101,6 +101,10 @@ class Directions:
     def _numel(self, index: int) -> int:
         shape = self.shapes[index]
         return (shape[0] + shape[1]) * self.rank if self._lowrank[index] else _prod(shape)
+
+    def _signed_numel(self, index: int) -> int:
+        """The numbers of parameter ``index``'s direction that a member's sign and scale multiply: U, or dense z."""
+        return self.shapes[index][0] * self.rank if self._lowrank[index] else _prod(self.shapes[index])
 
     def retain(self, seeds: Sequence[int], seed_t: Tensor | None = None) -> None:
         """Cache the directions of these seeds from now on and drop every other; each new seed's factors and small
@@ -151,7 +155,7 @@ class Directions:
         row = self._rows[j]  # type: ignore[index]
         cols = []
         for i, flat in zip(todo, flats):
-            k = self.shapes[i][0] * self.rank if self._lowrank[i] else flat.numel()
+            k = self._signed_numel(i)
             cols.append((self._cols[i][0], flat[:k]))
             if self._lowrank[i]:
                 cols.append((self._cols[i][1], flat[k:]))
@@ -248,7 +252,7 @@ class Directions:
         key = (self.eps, tuple(sorted(self.scales.items())))
         if self._pcoef is None or self._pcoef[0] != key:
             coefs = [self._coef((0, 1.0), i) for i in self.shapes]
-            counts = [self.shapes[i][0] * self.rank if self._lowrank[i] else _prod(self.shapes[i]) for i in self.shapes]
+            counts = [self._signed_numel(i) for i in self.shapes]
             row = torch.repeat_interleave(torch.tensor(coefs, dtype=torch.float32), torch.tensor(counts))
             self._pcoef = (key, row.to(self.device))
         return self._pcoef[1]
