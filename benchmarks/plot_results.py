@@ -9,7 +9,8 @@
 runs: compare within a method's group, not across groups.
 
 ``<prefix>_acc_vs_{step,wall_s,forwards}.png`` and ``<prefix>_peak_memory.png``: ``benchmarks.task_results.plot`` on
-each task JSON in ``TASK_PLOTS`` (a second JSON of the same task takes its own prefix).
+each task JSON in ``TASK_PLOTS`` (a second JSON of the same task takes its own prefix; JSONs joined by commas
+share one set of axes).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ PANELS = [
                                       ("ours:dfo_batched_chunk10", "batched, chunk 10 (default)"),
                                       ("ours:dfo_sequential", "sequential")]),
 ]
-# the task_results JSON whose curves and peaks docs/results.md shows, and the prefix of their PNGs
-TASK_PLOTS = {"sst2_smollm2.json": "sst2", "sst2_tta_fastpath.json": "sst2_fastpath"}
+# the task_results JSON (several, comma-separated, share one set of axes) whose curves and peaks docs/results.md
+# shows, and the prefix of their PNGs
+TASK_PLOTS = {"sst2_smollm2.json": "sst2", "sst2_tta_fastpath.json": "sst2_fastpath",
+              "sst2_tta_pop_vs_plain_h200.json,sst2_tta_mezo_pop10k_h200.json": "sst2_pop"}
 
 
 def gpus() -> str:
@@ -98,7 +101,7 @@ def main(out_dir: str = str(ROOT / "docs" / "img")) -> list[str]:
     from benchmarks.task_results import plot as task_plot
 
     for fname, prefix in TASK_PLOTS.items():
-        files += task_plot(str(RESULTS / fname), out_dir, prefix)
+        files += task_plot(",".join(str(RESULTS / f) for f in fname.split(",")), out_dir, prefix)
     return files
 
 

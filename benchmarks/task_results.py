@@ -232,15 +232,16 @@ def write(records: list[dict[str, Any]], out: str) -> None:
     Path(out + ".md").write_text(table(records))
 
 
-def plot(json_path: str, out_dir: str, prefix: str | None = None) -> list[str]:
+def plot(json_paths: str, out_dir: str, prefix: str | None = None) -> list[str]:
     """Validation metric against steps, training wall time and forward passes, and peak-memory bars, as PNGs named
-    ``<prefix>_acc_vs_<x>.png`` (``prefix`` defaults to the task). Eager and k=16 runs are drawn dashed."""
+    ``<prefix>_acc_vs_<x>.png`` (``prefix`` defaults to the task), from one results JSON or several, comma-separated.
+    Each run's dev result is a star at its last point. Eager and k=16 runs are drawn dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for r in json.loads(Path(json_path).read_text()) if "error" not in r]
+    records = [r for f in json_paths.split(",") for r in json.loads(Path(f).read_text()) if "error" not in r]
     task = records[0].get("task", "sst2") if records else "sst2"
     os.makedirs(out_dir, exist_ok=True)
     files = []
@@ -254,14 +255,18 @@ def plot(json_path: str, out_dir: str, prefix: str | None = None) -> list[str]:
             if pts:
                 xs = [p.get("train_s", p["wall_s"]) if x == "wall_s" else p[x] for p in pts]
                 run = r.get("label", r["method"])
-                ax.plot(xs, [100 * p.get("val", p.get("val_acc")) for p in pts], marker=".",
-                        ls="--" if "k16" in run or "eager" in run else "-", label=f"{run} (seed {r['seed']})")
+                line, = ax.plot(xs, [100 * p.get("val", p.get("val_acc")) for p in pts], marker=".",
+                                ls="--" if "k16" in run or "eager" in run else "-", label=f"{run} (seed {r['seed']})")
+                dev = r.get("dev_acc", r.get("dev_f1"))
+                if dev is not None and r["method"] != "zero_shot":
+                    ax.plot(xs[-1], dev, marker="*", ms=11, color=line.get_color(), ls="")
         zs = [r.get("dev_acc", r.get("dev_f1")) for r in records if r["method"] == "zero_shot"]
         if zs:
             ax.axhline(zs[0], color="gray", ls="--", label="zero-shot (dev)")
         ax.set_xscale("log")  # short backprop runs beside long zeroth-order runs
         ax.set_xlabel(f"{label} (log scale)")
-        ax.set_ylabel(f"validation {records[0].get('val_metric', 'val_acc')[4:] if records else 'acc'} (%)")
+        metric = records[0].get("val_metric", "val_acc")[4:] if records else "acc"
+        ax.set_ylabel(f"validation {metric} (%); ★ dev {metric} at the end")
         ax.set_title(f"SmolLM2-135M on {task.upper()}: validation vs {label}")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -302,14 +307,15 @@ def main() -> None:
                          "official runs do; the record then holds dev_acc_best_val and best_val_step")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
-    ap.add_argument("--plot", metavar="JSON", help="make PNG plots from a results JSON into --plot_dir")
+    ap.add_argument("--plot", metavar="JSON[,JSON...]", help="make PNG plots from results JSONs into --plot_dir")
     ap.add_argument("--plot_dir", default=str(ROOT / "docs" / "img"))
+    ap.add_argument("--plot_prefix", help="the PNGs' name prefix (default: the task)")
     ap.add_argument("extra", nargs="*", help="extra CLI overrides after --, e.g. --trainer.max_steps=100")
     args = ap.parse_args()
     args.data = args.data or str(TASKS[args.task][0])
     args.out = args.out or str(ROOT / "benchmarks" / "results" / f"{args.task}_smollm2")
     if args.plot:
-        print("\n".join(plot(args.plot, args.plot_dir)))
+        print("\n".join(plot(args.plot, args.plot_dir, args.plot_prefix)))
     elif args.one:
         rec = _one(args.task, args.one, args.seed, args.model, args.data, args.extra, args.best_val)
         rec["label"] = args.label or args.one
