@@ -73,6 +73,7 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
     import lightning.pytorch as pl
     import torch
 
+    from lightning_memopt.callbacks.best_weights import BestWeights
     from lightning_memopt.cli import run_cli
 
     _, data_key, val_key, test_keys = TASKS[task]
@@ -92,7 +93,6 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
             self._v0 = 0.0
             self.points: list[dict[str, float]] = []
             self.forwards = 0
-            self.best: tuple[float, int, dict[str, Any]] | None = None
 
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             def count(*_: Any) -> None:
@@ -118,14 +118,13 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
                 self.points.append(dict(step=trainer.global_step, wall_s=round(wall, 2),
                                         train_s=round(wall - self.val_s, 2), val=float(value),
                                         forwards=self.count(trainer)))
-                if best_val and (self.best is None or float(value) > self.best[0]):
-                    # the trained weights in host memory (MeZO's official runs keep the best-validation model)
-                    weights = {n: p.detach().to("cpu", copy=True) for n, p in pl_module.named_parameters()
-                               if p.requires_grad}
-                    self.best = (float(value), trainer.global_step, weights)
 
     curve = Curve()
     trainer.callbacks.append(curve)
+    # the weights of the best validation, in host memory (MeZO's official runs keep the best-validation model)
+    best = BestWeights(monitor=val_key, restore=False) if best_val and method != "zero_shot" else None
+    if best is not None:
+        trainer.callbacks.append(best)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -140,14 +139,11 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
                wall_s=round(fit_s, 1), train_s=round(fit_s - curve.val_s, 1),
                peak_gib=None if peak is None else round(peak, 3), val_metric=val_key, curve=curve.points)
     rec.update({f"dev_{k[5:]}": round(100 * test.get(k, float("nan")), 2) for k in test_keys})
-    if curve.best is not None:
-        params = dict(module.named_parameters())
-        with torch.no_grad():
-            for n, w in curve.best[2].items():
-                params[n].copy_(w)
-        best = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
-        rec.update({f"dev_{k[5:]}_best_val": round(100 * best.get(k, float("nan")), 2) for k in test_keys})
-        rec.update(best_val_step=curve.best[1], best_val=round(100 * curve.best[0], 2))
+    if best is not None and best.best_weights is not None:
+        best.restore(module)
+        test = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
+        rec.update({f"dev_{k[5:]}_best_val": round(100 * test.get(k, float("nan")), 2) for k in test_keys})
+        rec.update(best_val_step=best.best_step, best_val=round(100 * best.best_score, 2))
     return rec
 
 

@@ -15,6 +15,7 @@ _LAZY = {
     "AdaLomo": "lightning_memopt.lomo.callback",
     "GaLore": "lightning_memopt.galore.callback",
     "DFOLoRA": "lightning_memopt.dfo.callback",
+    "BestWeights": "lightning_memopt.callbacks.best_weights",
     "MemoryReport": "lightning_memopt.callbacks.memory_report",
     "MemoptProgressBar": "lightning_memopt.callbacks.progress",
     "MemoptRichProgressBar": "lightning_memopt.callbacks.progress",

@@ -28,7 +28,7 @@ _PKG_DIR = os.path.dirname(os.path.abspath(lightning_memopt.__file__))
 # What `memopt --help` lists. jsonargparse resolves a short class name (--trainer.callbacks+=MeZO) among the
 # subclasses it can see, so the CLI imports these lazily exported classes before it parses.
 METHODS = ("MeZO", "LOMO", "AdaLomo", "GaLore", "DFOLoRA")
-CALLBACKS = ("MemoryReport", "MemoptProgressBar", "MemoptRichProgressBar")
+CALLBACKS = ("BestWeights", "MemoryReport", "MemoptProgressBar", "MemoptRichProgressBar")
 COMPONENTS = ("HFCausalLM", "PromptClassificationDataModule")
 SHORT_NAMES = (*METHODS, *CALLBACKS, *COMPONENTS)
 

@@ -171,3 +171,14 @@ def test_mrpc_two_field_template_and_columns_on_the_command_line(tmp_path, in_re
     assert cli.trainer.global_step == 2 and len(dm._splits["train"]) == 16
     assert dm.hparams.columns == {"label": "Quality", "sentence1": "#1 String", "sentence2": "#2 String"}
     assert len(dm._splits["test"]) == 256 and "test_acc" in cli.trainer.callback_metrics  # test_limit of the config
+
+
+def test_best_weights_by_short_name_ends_fit_at_the_best_validation(tmp_path, in_repo):
+    from lightning_memopt import BestWeights
+
+    cli = run_cli(["fit", "--config", "configs/full_ft_adamw.yaml", *short(tmp_path, steps=3), "--data.init_args.k=4",
+                   "--trainer.callbacks=[]", "--trainer.val_check_interval=1", "--trainer.callbacks+=BestWeights",
+                   "--trainer.callbacks.monitor=val_loss", "--trainer.callbacks.mode=min"])
+    (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, BestWeights)]
+    assert (cb.monitor, cb.mode) == ("val_loss", "min") and cb.best_step in (1, 2, 3)
+    assert cb.best_weights is not None and torch.isfinite(torch.tensor(cb.best_score))

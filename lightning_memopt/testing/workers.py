@@ -24,6 +24,26 @@ class LossRecorder(pl.Callback):
             self.losses.append(float(v))
 
 
+class ScriptedScore(pl.Callback):
+    """Logs the next of ``scores`` as ``score`` at each validation, and records the full weights each one saw."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = list(scores)
+        self.seen: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        pl_module.log("score", self.scores[len(self.seen)], sync_dist=True)
+        self.seen[trainer.global_step] = full_state(pl_module)
+
+
+def best_weights_result(trainer: pl.Trainer, model: torch.nn.Module) -> dict[str, Any]:
+    from lightning_memopt.callbacks.best_weights import BestWeights
+
+    best = next(c for c in trainer.callbacks if isinstance(c, BestWeights))
+    seen = next(c for c in trainer.callbacks if isinstance(c, ScriptedScore)).seen
+    return {"best_step": best.best_step, "seen": seen}
+
+
 def build_callback(spec: Optional[dict[str, Any]]) -> list[pl.Callback]:
     if not spec:
         return []

@@ -1,0 +1,175 @@
+"""BestWeights: keep the trained weights of the best validation score in host memory, and load them when fit ends."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from typing_extensions import override
+
+from lightning_memopt.core.fsdp import local, reshard_all
+
+
+class BestWeights(Callback):
+    """Keeps a host copy of the trained weights at the best value of a validation metric and loads it back into the
+    module when fit ends, so that ``trainer.test``, a saved model and anything after fit see the best weights, not the
+    last ones. MeZO's official runs select their model this way; few-shot runs of the population estimator
+    overfit when trained too long.
+
+    Only trained parameters (``requires_grad``) are copied, into pinned host memory allocated at the first
+    improvement. A copy costs one device-to-host pass over them and one sync, only when validation improves. Under
+    FSDP2 (or DeepSpeed ZeRO-3) each rank keeps its own shards. Rank zero's metric decides whether a validation
+    improved, so every rank keeps the same step.
+
+    Checkpoints hold the best score and step. On one process they hold the weights too, so a resumed fit still ends
+    at the best weights from before the resume. A multi-process checkpoint does not hold them (they are per-rank
+    shards). After such a resume the callback warns and tracks the best from the resume on. A method's own record
+    of the run (MeZO's trajectory, optimizer state) stays that of the last step: replaying a trajectory gives the
+    last weights, not the best.
+
+    Args:
+        monitor: a metric the module logs in validation, e.g. ``"val_acc"``.
+        mode: ``"max"`` or ``"min"``.
+        restore: load the best weights when fit ends. False: keep them (``best_weights``) and call :meth:`restore`.
+
+    Example::
+
+        trainer = Trainer(max_steps=5000, val_check_interval=500,
+                          callbacks=[MeZO(n_spsa=16, batched=True, ...), BestWeights(monitor="val_acc")])
+        trainer.fit(model, datamodule)  # the module now holds the weights of the best validation
+        trainer.test(model, datamodule)
+    """
+
+    def __init__(self, monitor: str = "val_acc", mode: str = "max", restore: bool = True):
+        if mode not in ("max", "min"):
+            raise ValueError(f"mode must be 'max' or 'min', got {mode!r}.")
+        if not monitor:
+            raise ValueError("monitor must name a metric the module logs in validation, e.g. 'val_acc'.")
+        self.monitor = monitor
+        self.mode = mode
+        self.restore_at_end = restore
+        self.best_score: Optional[float] = None
+        self.best_step: Optional[int] = None
+        self.best_weights: Optional[dict[str, torch.Tensor]] = None  # parameter name -> host copy of its local part
+        self._world_size = 1
+        self._dropped_step: Optional[int] = None  # a resumed multi-process run's best, whose weights it lacks
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._world_size = trainer.world_size
+        if not is_overridden("validation_step", pl_module):
+            raise MisconfigurationException(
+                f"BestWeights keeps the weights of the best {self.monitor!r}, but {type(pl_module).__name__} has no "
+                "validation_step; add one, or remove BestWeights to keep the last weights."
+            )
+        if trainer.limit_val_batches == 0:
+            raise MisconfigurationException(
+                f"BestWeights keeps the weights of the best {self.monitor!r}, but limit_val_batches=0 turns validation "
+                "off; set limit_val_batches above 0, or remove BestWeights to keep the last weights."
+            )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not any(p.requires_grad for p in pl_module.parameters()):
+            raise MisconfigurationException(
+                "BestWeights keeps the module's trained parameters, and none has requires_grad=True (DFOLoRA, for "
+                "one, trains adapters held by its callback); remove BestWeights."
+            )
+        if self._dropped_step is not None:
+            rank_zero_warn(
+                f"BestWeights: the checkpoint of this {self._world_size}-process run does not hold the best weights "
+                f"from before the resume (step {self._dropped_step}); the best is tracked from the resume on."
+            )
+            self._dropped_step = None
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise MisconfigurationException(
+                f"BestWeights monitors {self.monitor!r}, which validation did not log; logged: "
+                f"{sorted(trainer.callback_metrics) or 'nothing'}. Set monitor= to one of them."
+            )
+        score = float(value)
+        improved = not math.isnan(score) and (
+            self.best_score is None or (score > self.best_score if self.mode == "max" else score < self.best_score)
+        )
+        # one decision for all ranks: each keeps its own shards of the same step
+        if trainer.strategy.broadcast(improved, src=0):
+            self.best_score = trainer.strategy.broadcast(score, src=0)
+            self.best_step = trainer.global_step
+            self._snapshot(pl_module)
+
+    @torch.no_grad()
+    def _snapshot(self, pl_module: pl.LightningModule) -> None:
+        weights = self.best_weights or {}
+        cuda = False
+        reshard_all(pl_module)  # FSDP2's root stays unsharded after a forward: keep shards, as restore writes them
+        for name, p in pl_module.named_parameters():
+            if not p.requires_grad:
+                continue
+            t = local(p.detach())
+            buf = weights.get(name)
+            if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
+                weights[name] = buf
+            buf.copy_(t, non_blocking=t.is_cuda)
+            cuda = cuda or t.is_cuda
+        if cuda:
+            torch.cuda.current_stream().synchronize()  # the copies read weights the next step changes in place
+        self.best_weights = weights
+
+    @torch.no_grad()
+    def restore(self, pl_module: pl.LightningModule) -> None:
+        """Load the best weights into ``pl_module`` (the module they were taken from, or one of the same layout)."""
+        if self.best_weights is None:
+            raise RuntimeError(f"BestWeights has no weights yet: no validation reported {self.monitor!r} in fit.")
+        params = dict(pl_module.named_parameters())
+        missing = sorted(set(self.best_weights) - set(params))
+        if missing:
+            raise RuntimeError(f"BestWeights: the module lacks parameters the best weights hold: {missing[:5]}.")
+        reshard_all(pl_module)  # writes to FSDP2 shards must not be shadowed by a stale unsharded copy
+        for name, w in self.best_weights.items():
+            local(params[name].detach()).copy_(w)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.restore_at_end:
+            return
+        if self.best_weights is None:
+            rank_zero_warn(f"BestWeights: no validation reported {self.monitor!r} during fit; the last weights stay.")
+            return
+        self.restore(pl_module)
+        rank_zero_info(
+            f"BestWeights: loaded the weights of step {self.best_step} ({self.monitor} = {self.best_score:.4f})."
+        )
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"best_score": self.best_score, "best_step": self.best_step}
+        if self._world_size == 1 and self.best_weights is not None:
+            state["weights"] = self.best_weights
+        return state
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best_score, self.best_step = state_dict["best_score"], state_dict["best_step"]
+        self.best_weights = state_dict.get("weights")
+        if self.best_weights is None and self.best_step is not None:
+            # without its weights, the old best would only block later ones: start again from the resume
+            self._dropped_step, self.best_score, self.best_step = self.best_step, None, None

@@ -1,0 +1,110 @@
+"""BestWeights: the module ends fit at the weights of its best validation, through resume and with MeZO."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_memopt import BestWeights
+from lightning_memopt.mezo.callback import MeZO
+from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.testing import run_distributed
+from lightning_memopt.testing.tiny import full_state
+from lightning_memopt.testing.workers import ScriptedScore as Scripted
+
+
+def _fit(callbacks: list, max_steps: int = 12, model=None, **kw):
+    pl.seed_everything(0)
+    model = model or tiny_model()
+    trainer = tiny_trainer(max_steps=max_steps, val_check_interval=3, limit_val_batches=1, callbacks=callbacks, **kw)
+    trainer.fit(model, tiny_datamodule(batch_size=8))
+    return model, trainer
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("mode, best_step", [("max", 6), ("min", 3)])
+def test_fit_ends_at_the_best_validation(mode, best_step):
+    probe = Scripted([0.5, 0.9, 0.7, 0.6])
+    cb = BestWeights(monitor="score", mode=mode)
+    model, _ = _fit([probe, cb])
+    assert (cb.best_step, cb.best_score) == (best_step, pytest.approx(0.9 if mode == "max" else 0.5))
+    assert _equal(probe.seen[best_step], full_state(model))
+    assert not _equal(probe.seen[12], full_state(model))  # training moved on after the best
+
+
+def test_restore_false_keeps_the_last_weights_until_asked():
+    probe = Scripted([0.5, 0.9, 0.7, 0.6])
+    cb = BestWeights(monitor="score", restore=False)
+    model, _ = _fit([probe, cb])
+    assert _equal(probe.seen[12], full_state(model))
+    cb.restore(model)
+    assert _equal(probe.seen[6], full_state(model))
+
+
+def test_with_mezo_only_trained_weights_are_kept():
+    model = tiny_model()
+    model.model.model.embed_tokens.weight.requires_grad_(False)
+    probe = Scripted([0.2, 0.8, 0.1, 0.3])
+    cb = BestWeights(monitor="score")
+    model, _ = _fit([MeZO(eps=1e-3, lr=5e-3, seed=1), probe, cb], model=model)
+    assert "model.model.embed_tokens.weight" not in cb.best_weights
+    assert _equal(probe.seen[6], full_state(model))
+
+
+def test_resume_keeps_the_best_from_before_the_checkpoint(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=9)
+    probe = Scripted([0.5, 0.9, 0.7, 0.6])
+    _fit([probe, BestWeights(monitor="score"), ckpt_cb], enable_checkpointing=True)
+    ckpt = str(next(tmp_path.glob("*step=9.ckpt")))
+
+    pl.seed_everything(0)
+    model = tiny_model()  # fresh weights: the checkpoint brings the best weights of step 6 with it
+    cb = BestWeights(monitor="score")
+    trainer = tiny_trainer(max_steps=12, val_check_interval=3, limit_val_batches=1,
+                           callbacks=[Scripted([0.6]), cb])
+    trainer.fit(model, tiny_datamodule(batch_size=8), ckpt_path=ckpt)
+    assert (cb.best_step, cb.best_score) == (6, pytest.approx(0.9))
+    assert _equal(probe.seen[6], full_state(model))
+
+
+def test_a_metric_validation_does_not_log_is_named():
+    with pytest.raises(MisconfigurationException, match="'val_loss_typo'.*logged: .*score"):
+        _fit([Scripted([0.5] * 4), BestWeights(monitor="val_loss_typo")])
+
+
+def test_validation_turned_off_is_refused_at_setup():
+    pl.seed_everything(0)
+    trainer = tiny_trainer(max_steps=2, callbacks=[BestWeights()])  # limit_val_batches=0
+    with pytest.raises(MisconfigurationException, match="limit_val_batches=0"):
+        trainer.fit(tiny_model(), tiny_datamodule(batch_size=8))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="'max' or 'min'"):
+        BestWeights(mode="maximum")
+    with pytest.raises(ValueError, match="monitor"):
+        BestWeights(monitor="")
+
+
+def _spec(path: str, **kw) -> dict:
+    return {"class_path": path, "init_args": kw}
+
+
+def test_fsdp2_two_processes_end_at_the_best_shards():
+    callbacks = [_spec("lightning_memopt.mezo.callback.MeZO", eps=1e-3, lr=5e-3, seed=1),
+                 _spec("lightning_memopt.testing.workers.ScriptedScore", scores=[0.2, 0.8, 0.1, 0.3]),
+                 _spec("lightning_memopt.BestWeights", monitor="score")]
+    ranks = run_distributed("lightning_memopt.testing.workers:fit_tiny", world_size=2, steps=12, global_batch=16,
+                            callbacks=callbacks, inspect="lightning_memopt.testing.workers:best_weights_result",
+                            trainer_kwargs={"val_check_interval": 3, "limit_val_batches": 1})
+    for r in ranks:
+        assert r["best_step"] == 6 and r["mesh"] is not None  # sharded: each rank kept and restored its shards
+        last = max(r["seen"])
+        assert _equal(r["seen"][6], r["state"]) and not _equal(r["seen"][last], r["state"])
