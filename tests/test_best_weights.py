@@ -108,3 +108,13 @@ def test_fsdp2_two_processes_end_at_the_best_shards():
         assert r["best_step"] == 6 and r["mesh"] is not None  # sharded: each rank kept and restored its shards
         last = max(r["seen"])
         assert _equal(r["seen"][6], r["state"]) and not _equal(r["seen"][last], r["state"])
+
+
+def test_a_checkpoint_without_the_weights_starts_the_best_again_and_says_so():
+    cb = BestWeights(monitor="score")
+    cb.load_state_dict({"best_score": 0.99, "best_step": 6})  # as a multi-process checkpoint holds it
+    assert cb.best_score is None and cb.best_weights is None
+    probe = Scripted([0.5, 0.9, 0.7, 0.6])
+    with pytest.warns(UserWarning, match=r"does not hold the best weights from before the resume \(step 6\)"):
+        model, _ = _fit([probe, cb])
+    assert cb.best_step == 6 and _equal(probe.seen[6], full_state(model))  # 0.9 counts, though below 0.99
