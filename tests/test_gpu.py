@@ -298,3 +298,23 @@ def test_population_mezo_cuda_graph_equals_eager(recwarn):
     assert not [w for w in recwarn if "cuda_graph" in str(w.message)], [str(w.message) for w in recwarn]
     for n in eager:
         assert torch.equal(eager[n], graphed[n]), n
+
+
+def test_best_weights_with_graphed_mezo_on_cuda():
+    """BestWeights' pinned, non-blocking copies on a GPU: fit ends at the weights the best validation saw, while the
+    graphed MeZO step kept writing the same storage in place."""
+    from lightning_memopt import BestWeights
+    from lightning_memopt.testing.tiny import full_state
+    from lightning_memopt.testing.workers import ScriptedScore
+
+    pl.seed_everything(0)
+    model = tiny_model()
+    probe = ScriptedScore([0.2, 0.8, 0.1, 0.3])
+    best = BestWeights(monitor="score")
+    trainer = tiny_trainer(accelerator="cuda", max_steps=12, val_check_interval=3, limit_val_batches=1,
+                           callbacks=[MeZO(lr=1e-3, eps=1e-2, cuda_graph=True, seed=3), probe, best])
+    trainer.fit(model, tiny_datamodule(batch_size=8, padding="max_length"))
+    assert best.best_step == 6 and all(w.is_pinned() for w in best.best_weights.values())
+    final = full_state(model)
+    assert all(torch.equal(probe.seen[6][n], final[n]) for n in final)
+    assert not all(torch.equal(probe.seen[12][n], final[n]) for n in final)
