@@ -141,8 +141,8 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
     rec.update({f"dev_{k[5:]}": round(100 * test.get(k, float("nan")), 2) for k in test_keys})
     if best is not None and best.best_weights is not None:
         best.restore(module)
-        test = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
-        rec.update({f"dev_{k[5:]}_best_val": round(100 * test.get(k, float("nan")), 2) for k in test_keys})
+        best_test = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
+        rec.update({f"dev_{k[5:]}_best_val": round(100 * best_test.get(k, float("nan")), 2) for k in test_keys})
         rec.update(best_val_step=best.best_step, best_val=round(100 * best.best_score, 2))
     return rec
 
