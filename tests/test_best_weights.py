@@ -79,6 +79,12 @@ def test_a_metric_validation_does_not_log_is_named():
         _fit([Scripted([0.5] * 4), BestWeights(monitor="val_loss_typo")])
 
 
+def test_the_sanity_check_warns_of_a_missing_metric_before_training():
+    with pytest.warns(UserWarning, match="'val_loss_typo'.*Seen in the sanity check"):
+        with pytest.raises(MisconfigurationException, match="'val_loss_typo'"):
+            _fit([Scripted([0.5] * 5), BestWeights(monitor="val_loss_typo")], num_sanity_val_steps=1)
+
+
 def test_validation_turned_off_is_refused_at_setup():
     pl.seed_everything(0)
     trainer = tiny_trainer(max_steps=2, callbacks=[BestWeights()])  # limit_val_batches=0

@@ -97,14 +97,18 @@ class BestWeights(Callback):
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
+        if trainer.state.fn != "fit":
             return
         value = trainer.callback_metrics.get(self.monitor)
         if value is None:
-            raise MisconfigurationException(
-                f"BestWeights monitors {self.monitor!r}, which validation did not log; logged: "
-                f"{sorted(trainer.callback_metrics) or 'nothing'}. Set monitor= to one of them."
-            )
+            msg = (f"BestWeights monitors {self.monitor!r}, which validation did not log; logged: "
+                   f"{sorted(trainer.callback_metrics) or 'nothing'}. Set monitor= to one of them.")
+            if not trainer.sanity_checking:
+                raise MisconfigurationException(msg)
+            # a warning before any training (a module may log only outside the sanity check)
+            rank_zero_warn(msg + " (Seen in the sanity check; fit stops at the first validation if it persists.)")
+        if trainer.sanity_checking:
+            return
         score = float(value)
         improved = not math.isnan(score) and (
             self.best_score is None or (score > self.best_score if self.mode == "max" else score < self.best_score)
