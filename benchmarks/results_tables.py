@@ -170,6 +170,33 @@ class Range:
 
 
 @dataclass(frozen=True)
+class MeanStd:
+    """The mean and sample standard deviation over every record the selector matches (one per seed), as
+    ``mean ± std``; fewer than ``min_n`` records is an error, so a cell never claims seeds it lacks."""
+
+    src: Sel
+    fmt: str = "{:.1f}"
+    min_n: int = 3
+
+    def sources(self) -> list[Sel]:
+        return [self.src]
+
+    def render(self, ld: Loader) -> str:
+        vals = ld.values(self.src)
+        if len(vals) < self.min_n:
+            raise LookupError(f"{self.src.describe()} matches {len(vals)} records, expected at least {self.min_n}")
+        mean, std = mean_std(vals)
+        return f"{self.fmt.format(mean)} ± {self.fmt.format(std)}"
+
+
+def mean_std(vals: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    mean = sum(vals) / len(vals)
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else 0.0
+    return mean, var**0.5
+
+
+@dataclass(frozen=True)
 class Missing:
     """A figure that no committed JSON holds: rendered as the README has it, reported as "no JSON source"."""
 
@@ -183,7 +210,7 @@ class Missing:
         return self.text
 
 
-Figure = Union[Value, Ratio, Range, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
+Figure = Union[Value, Ratio, Range, MeanStd, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,8 @@ rerun timed curves alone.
 ``--best_val`` also tests the weights that had the best validation metric (validation is on held-out training
 examples, never on dev), as the MeZO paper's runs select their final model; both dev results are recorded.
 
-Writes ``<out>.json`` (one record per run) and ``<out>.md``; ``--plot`` makes PNGs from an existing JSON.
+Writes ``<out>.json`` (one record per run) and ``<out>.md`` (with ``--seeds`` of more than one, a second table of
+each run's dev metrics as mean ± sample std over its seeds); ``--plot`` makes PNGs from existing JSONs.
 """
 
 from __future__ import annotations
@@ -222,10 +223,39 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def summary(records: list[dict[str, Any]]) -> str:
+    """Per run label over its seeds: dev (and F1, and the best-validation weights' dev where recorded) as mean ± sample
+    std, with the mean training time and forwards; empty when no label has two seeds. Failed runs are counted."""
+    from benchmarks.results_tables import mean_std
+
+    by: dict[str, list[dict[str, Any]]] = {}
+    for r in records:
+        by.setdefault(r.get("label", r["method"]), []).append(r)
+    if all(len(rs) < 2 for rs in by.values()):
+        return ""
+
+    def cell(rs: list[dict[str, Any]], key: str) -> str:
+        vals = [r[key] for r in rs if key in r]
+        return "—" if not vals else "{:.1f} ± {:.1f}".format(*mean_std(vals))
+
+    rows = ["| run | seeds | failed | dev | dev F1 | dev of the best-val weights | train s (mean) | train forwards "
+            "(mean) |", "|---|---|---|---|---|---|---|---|"]
+    for label, rs in by.items():
+        ok = [r for r in rs if "error" not in r]
+        main = "dev_acc" if any("dev_acc" in r for r in ok) else "dev_em"
+        # records from before train_s was recorded have only the fit's wall time
+        train_s, forwards = (f"{sum(r.get(k, r.get('wall_s', 0)) for r in ok) / len(ok):.1f}" if ok else "—"
+                             for k in ("train_s", "forwards"))
+        rows.append(f"| {label} | {len(ok)} | {len(rs) - len(ok)} | {cell(ok, main)} | {cell(ok, 'dev_f1')} | "
+                    f"{cell(ok, main + '_best_val')} | {train_s} | {forwards} |")
+    return "\n".join(rows) + "\n"
+
+
 def write(records: list[dict[str, Any]], out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps(records, indent=1))
-    Path(out + ".md").write_text(table(records))
+    seeds = summary(records)
+    Path(out + ".md").write_text(table(records) + (f"\nOver seeds (mean ± sample std):\n\n{seeds}" if seeds else ""))
 
 
 def plot(json_paths: str, out_dir: str, prefix: str | None = None) -> list[str]:
@@ -318,7 +348,7 @@ def main() -> None:
         print("TASKRESULT " + json.dumps(rec), flush=True)
     else:
         records = run_all(args)
-        print(table(records))
+        print(table(records) + summary(records))
 
 
 if __name__ == "__main__":

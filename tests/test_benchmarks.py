@@ -175,6 +175,19 @@ def test_task_run_specs_and_table():
     ]
     table = S.table(rows)
     assert "| clora_k16 | clora | 0 | 81.8 |" in table and "error: boom / bad" in table
+    assert S.summary(rows) == ""  # one seed per run: no summary
+
+
+def test_task_summary_over_seeds():
+    from benchmarks import task_results as S
+
+    def rec(seed: int, acc: float, best: float) -> dict:
+        return {"method": "mezo", "label": "pop", "seed": seed, "dev_acc": acc, "dev_f1": acc - 1,
+                "dev_acc_best_val": best, "train_s": 10.0 * (seed + 1), "forwards": 100}
+
+    failed = {"method": "mezo", "label": "pop", "seed": 3, "error": "timeout"}
+    rows = [rec(0, 85.0, 86.0), rec(1, 86.0, 86.0), rec(2, 87.5, 87.0), failed]
+    assert S.summary(rows).splitlines()[-1] == "| pop | 3 | 1 | 86.2 ± 1.3 | 85.2 ± 1.3 | 86.3 ± 0.6 | 20.0 | 100.0 |"
 
 
 @pytest.mark.parametrize(("module", "case"), [("dfo", "dfo_batched_chunk10"), ("dfo", "dfo_forward_chunk10_graph"),

@@ -96,3 +96,13 @@ def test_provenance_of_harness_shape() -> None:
     """A harness JSON: commit and GPU in the file's ``environment``, the command in each record's ``cmd``."""
     data = {"environment": {"gpu": "NVIDIA H200", "commit": None}, "records": [{"key": "ours:x", "cmd": "-m x"}]}
     assert rt.provenance(data, data["records"][0]) == {"commit": None, "gpu": "NVIDIA H200", "command": "-m x"}
+
+
+def test_mean_and_std_over_seeds(tmp_path: Path) -> None:
+    recs = [{"label": "m", "seed": i, "dev_acc": v} for i, v in enumerate([85.0, 86.0, 87.5])]
+    (tmp_path / "seeds.json").write_text(json.dumps(recs))
+    ld = rt.Loader(tmp_path)
+    assert rt.MeanStd(rt.sel("seeds.json", "dev_acc", label="m")).render(ld) == "86.2 ± 1.3"
+    assert rt.mean_std([2.0]) == (2.0, 0.0)
+    with pytest.raises(LookupError, match="matches 2 records, expected at least 3"):
+        rt.MeanStd(rt.sel("seeds.json", "dev_acc", label="m", seed=(0, 1))).render(ld)
