@@ -9,8 +9,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memopt import BestWeights
 from lightning_memopt.mezo.callback import MeZO
-from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
-from lightning_memopt.testing import run_distributed
+from lightning_memopt.testing import run_distributed, tiny_datamodule, tiny_model, tiny_trainer
 from lightning_memopt.testing.tiny import full_state
 from lightning_memopt.testing.workers import ScriptedScore as Scripted
 
