@@ -4,15 +4,15 @@ A *population* of P members (MeZO's antithetic directions, DFO's candidates) is 
 by repeating the batch member-major (row ``j * B + i`` is example i under member j) and letting each layer add the
 member's own delta to its output. Nothing parameter-sized is formed per member:
 
-* ``nn.Linear`` with a low-rank delta ``W + U_j V_jᵀ``: ``y = x Wᵀ + (x V_j) U_jᵀ`` (:func:`lowrank_delta`, two batched
-  matmuls of rank r);
+* ``nn.Linear`` with a low-rank delta ``W + U_j V_jᵀ``: ``y = x Wᵀ + (x V_j) U_jᵀ`` (:func:`add_lowrank_delta`,
+  two batched matmuls of rank r);
 * ``nn.Embedding`` with a low-rank row delta: ``E[t] + U_j[t] V_jᵀ``;
 * anything else (norm weights, biases of other modules, weights of other module types): the module runs once per
   member on that member's rows with a temporary ``W + Δ_j`` (cheap for vectors; the correct fallback otherwise).
 
 Two clients: :class:`PopulationEngine` (MeZO's population estimator: every trained parameter gets a delta from a
 :class:`DeltaSource`) and DFO's :class:`~lightning_memopt.dfo.lora.ZLoRA` (per-candidate LoRA on its targets: it
-calls :func:`repeat_rows` and :func:`lowrank_delta` from its own hooks).
+calls :func:`repeat_rows` and :func:`add_lowrank_delta` from its own hooks).
 
 Per-member losses (:func:`member_losses`) come one of two ways, and both methods use the same function:
 
@@ -87,20 +87,10 @@ def expand_batch(batch: Any, p: int) -> Any:
     return repeat_rows(batch, p, batch_size(batch)) if p > 1 else batch
 
 
-def lowrank_delta(x: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """``(x_j · left_j) · right_j`` for each member j of the member-major rows of ``x`` (``[P·n, ..., in]``).
-
-    ``left``: ``[P, in, r]``, ``right``: ``[P, r, out]``; returns ``[P·n, ..., out]`` in ``x``'s dtype.
-    """
-    p = left.shape[0]
-    xv = x.reshape(p, -1, x.shape[-1])
-    out = torch.bmm(torch.bmm(xv, left.to(x.dtype)), right.to(x.dtype))
-    return out.reshape(*x.shape[:-1], right.shape[-1])
-
-
 def add_lowrank_delta(out: Tensor, x: Tensor, left: Tensor, right: Tensor) -> Tensor:
-    """``out + lowrank_delta(x, left, right)`` in ``out``'s dtype, the add fused into the second matmul (one launch
-    and one pass over ``out`` fewer; the sum is rounded once)."""
+    """``out_j + (x_j · left_j) · right_j`` for each member j of the member-major rows of ``x`` (``[P·n, ..., in]``)
+    and ``out`` (``[P·n, ..., out]``), in ``out``'s dtype: the add fused into the second matmul, so the sum is rounded
+    once. ``left``: ``[P, in, r]``, ``right``: ``[P, r, out]``."""
     p = left.shape[0]
     xv = torch.bmm(x.reshape(p, -1, x.shape[-1]), left.to(x.dtype))
     o = out.reshape(p, -1, out.shape[-1])

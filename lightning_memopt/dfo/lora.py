@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memopt.core.fsdp import is_dtensor
-from lightning_memopt.core.population import lowrank_delta, repeat_rows
+from lightning_memopt.core.population import add_lowrank_delta, repeat_rows
 
 DEFAULT_PATTERN = r"(^|\.)(q_proj|k_proj|query|key|q_lin|k_lin)$"
 
@@ -191,7 +191,7 @@ class ZLoRA:
                 a, b = self._pop[2][j]  # [P, r, in], [P, out, r]
                 if x.shape[0] % p:
                     raise RuntimeError(f"DFOLoRA: {x.shape[0]} rows at a target, not a multiple of {p} candidates.")
-                return out + lowrank_delta(x, a.transpose(1, 2), b.transpose(1, 2)).to(out.dtype)
+                return add_lowrank_delta(out, x, a.transpose(1, 2), b.transpose(1, 2))
             fixed = self._fixed[idx]
             if fixed is None:
                 return None
