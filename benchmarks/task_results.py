@@ -17,6 +17,8 @@ rerun timed curves alone.
 
 ``--best_val`` also tests the weights that had the best validation metric (validation is on held-out training
 examples, never on dev), as the MeZO paper's runs select their final model; both dev results are recorded.
+``--dev_curve`` (classification) adds dev accuracy to every validation point, timed as validation: the time a run
+takes to reach a dev accuracy, where otherwise only the end of a run is tested on dev.
 
 Writes ``<out>.json`` (one record per run) and ``<out>.md`` (with ``--seeds`` of more than one, a second table of
 each run's dev metrics as mean ± sample std over its seeds); ``--plot`` makes PNGs from existing JSONs.
@@ -69,8 +71,26 @@ def environment(argv: list[str]) -> dict[str, Any]:
     return env
 
 
+def dev_accuracy(trainer: Any, module: Any, datamodule: Any) -> float:
+    """Accuracy of the current weights on the test split (a classification task's dev set), for a dev curve.
+
+    A curve to read time to accuracy from, never a model selection: ``--best_val`` selects on validation only.
+    """
+    import torch
+
+    from lightning_memopt.core.modes import eval_mode
+
+    right = total = 0
+    with torch.no_grad(), eval_mode(module), trainer.precision_plugin.forward_context():
+        for batch in datamodule.test_dataloader():
+            out = module._step(trainer.strategy.batch_to_device(batch))
+            right += int((out["logits"].argmax(-1) == out["labels"]).sum())
+            total += out["labels"].numel()
+    return right / max(total, 1)
+
+
 def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[str],
-         best_val: bool = False) -> dict[str, Any]:
+         best_val: bool = False, dev_curve: bool = False) -> dict[str, Any]:
     import lightning.pytorch as pl
     import torch
 
@@ -112,13 +132,16 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
             self._v0 = time.perf_counter()
 
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            self.val_s += time.perf_counter() - self._v0
             value = trainer.callback_metrics.get(val_key)
+            dev = None
+            if dev_curve and value is not None and not trainer.sanity_checking:
+                dev = dev_accuracy(trainer, pl_module, cli.datamodule)  # timed as validation, not training
+            self.val_s += time.perf_counter() - self._v0
             if value is not None and not trainer.sanity_checking:
                 wall = time.perf_counter() - self.t0
                 self.points.append(dict(step=trainer.global_step, wall_s=round(wall, 2),
                                         train_s=round(wall - self.val_s, 2), val=float(value),
-                                        forwards=self.count(trainer)))
+                                        forwards=self.count(trainer), **({} if dev is None else {"dev": dev})))
 
     curve = Curve()
     trainer.callbacks.append(curve)
@@ -166,7 +189,8 @@ def _launch(run: Run, args: argparse.Namespace) -> tuple[subprocess.Popen, float
     cap = [f"--trainer.max_time=00:00:{args.max_minutes:02d}:00"] if args.max_minutes else []
     cmd = [sys.executable, "-u", "-m", "benchmarks.task_results", "--task", args.task, "--one", method, "--label",
            label, "--seed", str(seed), "--model", args.model, "--data", args.data,
-           *(["--best_val"] if args.best_val else []), "--", *args.extra, *cap, *overrides]
+           *(["--best_val"] if args.best_val else []), *(["--dev_curve"] if args.dev_curve else []), "--", *args.extra,
+           *cap, *overrides]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.perf_counter()
 
 
@@ -283,6 +307,10 @@ def plot(json_paths: str, out_dir: str, prefix: str | None = None) -> list[str]:
                 run = r.get("label", r["method"])
                 line, = ax.plot(xs, [100 * p.get("val", p.get("val_acc")) for p in pts], marker=".",
                                 ls="--" if "k16" in run or "eager" in run else "-", label=f"{run} (seed {r['seed']})")
+                devs = [p for p in pts if "dev" in p]  # --dev_curve
+                if devs:
+                    ax.plot([xs[pts.index(p)] for p in devs], [100 * p["dev"] for p in devs], ls=":",
+                            color=line.get_color(), label=f"{run}: dev")
                 dev = r.get("dev_acc", r.get("dev_f1"))
                 if dev is not None and r["method"] != "zero_shot":
                     ax.plot(xs[-1], dev, marker="*", ms=11, color=line.get_color(), ls="")
@@ -292,7 +320,7 @@ def plot(json_paths: str, out_dir: str, prefix: str | None = None) -> list[str]:
         ax.set_xscale("log")  # short backprop runs beside long zeroth-order runs
         ax.set_xlabel(f"{label} (log scale)")
         metric = records[0].get("val_metric", "val_acc")[4:] if records else "acc"
-        ax.set_ylabel(f"validation {metric} (%); ★ dev {metric} at the end")
+        ax.set_ylabel(f"validation {metric} (%; dotted: dev); ★ dev {metric} at the end")
         ax.set_title(f"SmolLM2-135M on {task.upper()}: validation vs {label}")
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -331,6 +359,9 @@ def main() -> None:
     ap.add_argument("--best_val", action="store_true",
                     help="also test the weights of the best validation accuracy (kept in host memory), as MeZO's "
                          "official runs do; the record then holds dev_acc_best_val and best_val_step")
+    ap.add_argument("--dev_curve", action="store_true",
+                    help="classification tasks: also measure dev accuracy at every validation (timed as validation), "
+                         "so the curves give time to a dev accuracy; nothing is selected on it")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--plot", metavar="JSON[,JSON...]", help="make PNG plots from results JSONs into --plot_dir")
@@ -338,12 +369,14 @@ def main() -> None:
     ap.add_argument("--plot_prefix", help="the PNGs' name prefix (default: the task)")
     ap.add_argument("extra", nargs="*", help="extra CLI overrides after --, e.g. --trainer.max_steps=100")
     args = ap.parse_args()
+    if args.dev_curve and args.task == "squad":
+        ap.error("--dev_curve measures accuracy: sst2 and mrpc only")
     args.data = args.data or str(TASKS[args.task][0])
     args.out = args.out or str(ROOT / "benchmarks" / "results" / f"{args.task}_smollm2")
     if args.plot:
         print("\n".join(plot(args.plot, args.plot_dir, args.plot_prefix)))
     elif args.one:
-        rec = _one(args.task, args.one, args.seed, args.model, args.data, args.extra, args.best_val)
+        rec = _one(args.task, args.one, args.seed, args.model, args.data, args.extra, args.best_val, args.dev_curve)
         rec["label"] = args.label or args.one
         print("TASKRESULT " + json.dumps(rec), flush=True)
     else:

@@ -206,8 +206,8 @@ def test_dfo_cases_run_on_cpu(module, case):
 
 
 def test_task_run_tests_the_best_validation_weights_too(tmp_path, in_repo):
-    """``--best_val`` tests the final weights, then those of the best validation (BestWeights), on a CPU run of the
-    population config with the tiny model in place of SmolLM2."""
+    """``--best_val`` tests the final weights, then those of the best validation (BestWeights), and ``--dev_curve``
+    scores dev at each validation, on a CPU run of the population config with the tiny model in place of SmolLM2."""
     from conftest import SST2
     from test_cli import TINY_MODEL, short
 
@@ -216,9 +216,11 @@ def test_task_run_tests_the_best_validation_weights_too(tmp_path, in_repo):
     if not (SST2 / "train.tsv").is_file():
         pytest.skip(f"{SST2} not found")
     extra = [*TINY_MODEL, *short(tmp_path, steps=4), "--trainer.val_check_interval=2", "--data.init_args.k=16",
-             "--trainer.callbacks.init_args.cuda_graph=false"]
-    rec = S._one("sst2", "mezo_pop", 0, "unused", str(SST2), extra, best_val=True)
+             "--trainer.callbacks.init_args.cuda_graph=false", "--trainer.limit_test_batches=1.0"]
+    rec = S._one("sst2", "mezo_pop", 0, "unused", str(SST2), extra, best_val=True, dev_curve=True)
     assert rec["steps"] == 4 and [p["step"] for p in rec["curve"]] == [2, 4]
+    # --dev_curve: the last validation saw the final weights, which the test then scores on the same dev set
+    assert round(100 * rec["curve"][-1]["dev"], 2) == rec["dev_acc"]
     best = max(rec["curve"], key=lambda p: p["val"])
     assert (rec["best_val_step"], rec["best_val"]) == (best["step"], round(100 * best["val"], 2))
     assert 0 <= rec["dev_acc_best_val"] <= 100 and 0 <= rec["dev_acc"] <= 100
