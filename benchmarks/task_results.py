@@ -133,15 +133,14 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
 
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
             value = trainer.callback_metrics.get(val_key)
-            dev = None
-            if dev_curve and value is not None and not trainer.sanity_checking:
-                dev = dev_accuracy(trainer, pl_module, cli.datamodule)  # timed as validation, not training
-            self.val_s += time.perf_counter() - self._v0
-            if value is not None and not trainer.sanity_checking:
+            point = value is not None and not trainer.sanity_checking
+            extra = {"dev": dev_accuracy(trainer, pl_module, cli.datamodule)} if point and dev_curve else {}
+            self.val_s += time.perf_counter() - self._v0  # the dev curve's time counts as validation
+            if point:
                 wall = time.perf_counter() - self.t0
                 self.points.append(dict(step=trainer.global_step, wall_s=round(wall, 2),
                                         train_s=round(wall - self.val_s, 2), val=float(value),
-                                        forwards=self.count(trainer), **({} if dev is None else {"dev": dev})))
+                                        forwards=self.count(trainer), **extra))
 
     curve = Curve()
     trainer.callbacks.append(curve)
@@ -275,11 +274,16 @@ def summary(records: list[dict[str, Any]]) -> str:
     return "\n".join(rows) + "\n"
 
 
+def report(records: list[dict[str, Any]]) -> str:
+    """The per-run table, then the summary over seeds where a run has several."""
+    seeds = summary(records)
+    return table(records) + (f"\nOver seeds (mean ± sample std):\n\n{seeds}" if seeds else "")
+
+
 def write(records: list[dict[str, Any]], out: str) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps(records, indent=1))
-    seeds = summary(records)
-    Path(out + ".md").write_text(table(records) + (f"\nOver seeds (mean ± sample std):\n\n{seeds}" if seeds else ""))
+    Path(out + ".md").write_text(report(records))
 
 
 def plot(json_paths: str, out_dir: str, prefix: str | None = None) -> list[str]:
@@ -381,7 +385,7 @@ def main() -> None:
         print("TASKRESULT " + json.dumps(rec), flush=True)
     else:
         records = run_all(args)
-        print(table(records) + summary(records))
+        print(report(records))
 
 
 if __name__ == "__main__":
