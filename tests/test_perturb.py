@@ -99,3 +99,22 @@ def test_triton_kernel_matches_torch_interpreted():
         check=False,
     )
     assert "ALL_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_perturbed_many_writes_stream_ranges_where_asked():
+    # parts of two streams (one from an offset) written into one buffer at given offsets: what the population's
+    # rows take, U and V of a tensor apart
+    zeros = torch.zeros(40)
+    out = torch.full((100,), 7.0)
+    got = P.perturbed_many([zeros[:12], zeros[:20], zeros[:8]], [3, 3, 5], 11, 1.0, starts=[0, 12, 0], out=out,
+                           dst=[60, 0, 30])
+    full3 = P.normal(P.key(11, 3), 0, 32)
+    torch.testing.assert_close(out[60:72], full3[:12], rtol=0, atol=0)
+    torch.testing.assert_close(out[0:20], full3[12:32], rtol=0, atol=0)
+    torch.testing.assert_close(out[30:38], P.normal(P.key(11, 5), 0, 8), rtol=0, atol=0)
+    assert torch.equal(out[20:30], torch.full((10,), 7.0))  # untouched between the ranges
+    assert got[1].data_ptr() == out.data_ptr()
+    with pytest.raises(ValueError, match="both out and dst"):
+        P.perturbed_many([zeros[:4]], [0], 1, 1.0, out=out)
+    with pytest.raises(ValueError, match="hold every dst range"):
+        P.perturbed_many([zeros[:4]], [0], 1, 1.0, out=out, dst=[98])

@@ -254,7 +254,8 @@ class _Tables:
     keys, block map), cached by their pointers."""
 
     def __init__(
-        self, ptrs: list[int], numels: list[int], starts: list[int], indices: list[int], esize: int, device
+        self, ptrs: list[int], numels: list[int], starts: list[int], indices: list[int], esize: int, device,
+        dst: list[int] | None = None,
     ) -> None:
         blk_t, blk_b = [], []
         for j, (n, s) in enumerate(zip(numels, starts)):
@@ -265,6 +266,8 @@ class _Tables:
         for n in numels:  # outputs packed into one buffer, each 64-element aligned (16-byte and beyond for GEMMs)
             offs.append(o)
             o += (n + 63) // 64 * 64
+        if dst is not None:  # the caller's layout
+            offs, o = list(dst), max((d + n for d, n in zip(dst, numels)), default=0)
         self.total = o
         self.offs = offs
         t = lambda v: torch.tensor(v, dtype=torch.int64, device=device)
@@ -274,32 +277,39 @@ class _Tables:
         self.dst_offs = t(offs)
         self.blk_t, self.blk_b = t(blk_t), t(blk_b)
         self.grid = (len(blk_t),)
-        # the kernels' vectorisation hint (dst offsets are multiples of 64 elements already)
-        self.aligned = all(v % 4 == 0 for v in (*numels, *starts, *rel))
+        # the kernels' vectorisation hint
+        self.aligned = all(v % 4 == 0 for v in (*numels, *starts, *rel, *offs))
 
 
 _TABLES: dict[tuple, _Tables] = {}
 
 
-def _tables(ts, starts, indices) -> _Tables:
-    key = (tuple(t.data_ptr() for t in ts), tuple(t.numel() for t in ts), tuple(starts), tuple(indices))
+def _tables(ts, starts, indices, dst=None) -> _Tables:
+    key = (tuple(t.data_ptr() for t in ts), tuple(t.numel() for t in ts), tuple(starts), tuple(indices),
+           None if dst is None else tuple(dst))
     tab = _TABLES.get(key)
     if tab is None:
         if len(_TABLES) > 256:  # parameters moved or re-allocated many times: drop stale tables
             _TABLES.clear()
         tab = _TABLES[key] = _Tables(
-            list(key[0]), list(key[1]), list(starts), list(indices), ts[0].element_size(), ts[0].device
+            list(key[0]), list(key[1]), list(starts), list(indices), ts[0].element_size(), ts[0].device,
+            None if dst is None else list(dst),
         )
     return tab
 
 
-def perturbed_many(ws: list[Tensor], indices: list[int], seed: Tensor, scale: float, dist: int = 0) -> list[Tensor]:
-    """``[round(w + scale·z(key(seed, i)))]`` for full, contiguous tensors of one dtype: one launch, one buffer.
+def perturbed_many(
+    ws: list[Tensor], indices: list[int], seed: Tensor, scale: float, dist: int = 0,
+    starts: list[int] | None = None, out: Tensor | None = None, dst: list[int] | None = None,
+) -> list[Tensor]:
+    """``[round(w + scale·z(key(seed, i)))]`` for contiguous tensors of one dtype: one launch, one buffer.
 
-    ``seed`` is a device int64 scalar holding the 32-bit step seed (no host-to-device copy per call).
+    ``seed`` is a device int64 scalar holding the 32-bit step seed (no host-to-device copy per call). ``starts``:
+    each ``w``'s first element's offset in its stream (default 0); ``out`` and ``dst``: write ``w_k``'s result to
+    ``out[dst[k]:]`` instead of a new packed buffer.
     """
-    tab = _tables(ws, [0] * len(ws), indices)
-    buf = torch.empty(tab.total, dtype=ws[0].dtype, device=ws[0].device)
+    tab = _tables(ws, [0] * len(ws) if starts is None else list(starts), indices, dst)
+    buf = torch.empty(tab.total, dtype=ws[0].dtype, device=ws[0].device) if out is None else out
     if tab.grid[0]:
         _perturb_multi_kernel[tab.grid](
             ws[0],

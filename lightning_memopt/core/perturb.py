@@ -287,19 +287,39 @@ def perturbed_many(
     scale: float,
     dist: str = "normal",
     seed_t: Tensor | None = None,
+    starts: Sequence[int] | None = None,
+    out: Tensor | None = None,
+    dst: Sequence[int] | None = None,
 ) -> list[Tensor]:
-    """``[perturbed(w, key(step_seed, i), scale)]`` for full tensors, in one launch per call on the GPU.
+    """``[perturbed(w, key(step_seed, i), scale, start)]``, in one launch per call on the GPU.
 
-    The outputs are views of one new buffer. ``seed_t`` (from :func:`seed_tensor`) saves a launch when reused.
+    ``w_k`` holds elements ``[starts[k], starts[k] + numel)`` of its stream (default: from 0). The outputs are views
+    of one new buffer, or, with ``out`` (contiguous, ``w``'s dtype) and ``dst``, written to ``out[dst[k]:]``.
+    ``seed_t`` (from :func:`seed_tensor`) saves a launch when reused.
     """
     ws = [w.detach() for w in ws]
+    if (out is None) != (dst is None):
+        raise ValueError("perturbed_many: give both out and dst, or neither.")
+    if out is not None and (not out.is_contiguous() or any(out.dtype != w.dtype for w in ws)
+                            or any(int(d) < 0 or int(d) + w.numel() > out.numel() for d, w in zip(dst, ws))):
+        raise ValueError("perturbed_many: out must be contiguous, of the tensors' dtype, and hold every dst range.")
+    starts = [0] * len(ws) if starts is None else [int(x) for x in starts]
     if _one_launch(ws):
         seed_t = seed_tensor(step_seed, ws[0].device) if seed_t is None else seed_t
         return _triton_kernels().perturbed_many(  # type: ignore[union-attr]
-            ws, [int(i) for i in indices], seed_t, scale, _kernel_dist(dist)
+            ws, [int(i) for i in indices], seed_t, scale, _kernel_dist(dist), starts, out,
+            None if dst is None else [int(d) for d in dst],
         )
     seed = step_seed if seed_t is None else seed_t
-    return [perturbed(w, key(seed, i), scale, dist=dist) for w, i in zip(ws, indices)]
+    res = [perturbed(w, key(seed, i), scale, st, dist=dist) for w, i, st in zip(ws, indices, starts)]
+    if out is None:
+        return res
+    views = []
+    for r, d in zip(res, dst):  # type: ignore[arg-type]
+        v = out[int(d) : int(d) + r.numel()]
+        v.copy_(r.reshape(-1))
+        views.append(v.view(r.shape))
+    return views
 
 
 def update1_many(

@@ -136,6 +136,14 @@ class Directions:
                 if self._zeros is None or self._zeros.numel() < max(numels) or self._zeros.device != self.device:
                     self._zeros = torch.zeros(max(numels), dtype=torch.float32, device=self.device)
                 st = None if seed_t is None else seed_t[j]
+                if self._rows is not None and len(todo) == len(self.shapes):
+                    # straight into row j, U and V parts where the row keeps them (no copy)
+                    parts = self._row_parts(todo)
+                    perturb.perturbed_many([self._zeros[:n] for _, n, _, _ in parts], [i for i, _, _, _ in parts],
+                                           s, 1.0, self.distribution, st, starts=[p[2] for p in parts],
+                                           out=self._rows[j], dst=[p[3] for p in parts])
+                    self._cache_row(j, s, todo)
+                    continue
                 flats = perturb.perturbed_many([self._zeros[:n] for n in numels], todo, s, 1.0, self.distribution, st)
                 flats = [f.reshape(-1) for f in flats]
             else:
@@ -150,6 +158,19 @@ class Directions:
                 else:
                     self._cache[(s, i)] = flat
 
+    def _row_parts(self, todo: Sequence[int]) -> list[tuple[int, int, int, int]]:
+        """(index, numel, offset in its stream, offset in the row) of each part of these tensors' directions: a
+        low-rank tensor's U and V, a dense tensor's z."""
+        parts = []
+        for i in todo:
+            a, b = self._cols[i]
+            if self._lowrank[i]:
+                m, n = self.shapes[i]
+                parts += [(i, m * self.rank, 0, a), (i, n * self.rank, m * self.rank, b)]
+            else:
+                parts.append((i, _prod(self.shapes[i]), 0, a))
+        return parts
+
     def _into_row(self, j: int, seed: int, todo: Sequence[int], flats: Sequence[Tensor]) -> None:
         """Copy seed ``seed``'s directions into row ``j`` (one cat) and cache them as views of it."""
         row = self._rows[j]  # type: ignore[index]
@@ -160,6 +181,11 @@ class Directions:
             if self._lowrank[i]:
                 cols.append((self._cols[i][1], flat[k:]))
         torch.cat([t for _, t in sorted(cols, key=lambda c: c[0])], out=row)
+        self._cache_row(j, seed, todo)
+
+    def _cache_row(self, j: int, seed: int, todo: Sequence[int]) -> None:
+        """Cache seed ``seed``'s directions as views of row ``j``, which holds them."""
+        row = self._rows[j]  # type: ignore[index]
         self._row_of[seed] = j
         for i in todo:
             a, b = self._cols[i]
