@@ -389,3 +389,28 @@ def test_rmsnorm_runs_all_members_at_once_as_the_per_member_forward_does(monkeyp
         if batched_norms:
             assert len(calls) > 0
     torch.testing.assert_close(losses[True], losses[False], rtol=0, atol=1e-6)
+
+
+def test_stacked_left_factors_give_the_members_losses_of_the_batched_matmuls(monkeypatch):
+    # MEMOPT_POP_XV=gemm (an experiment pending a GPU measurement): x·V_j for all members as one matmul
+    from lightning_memopt.core import population as core_pop
+
+    model, dm = tiny_model(), tiny_datamodule(batch_size=4)
+    dm.tokenizer = model.tokenizer
+    dm.setup("fit")
+    model.set_label_token_ids(dm.label_token_ids)
+    model.eval()
+    batch = next(iter(dm.train_dataloader()))
+    calls = []
+    stacked = core_pop.add_lowrank_delta_stacked
+    monkeypatch.setattr(core_pop, "add_lowrank_delta_stacked", lambda *a: calls.append(1) or stacked(*a))
+    out = {}
+    for mode in ("bmm", "gemm"):
+        monkeypatch.setenv("MEMOPT_POP_XV", mode)
+        zo = ZeroOrder(model, ZOConfig(eps=1e-2, n_spsa=3, perturbation="lowrank", batched=True, one_sided=True),
+                       seed=5)
+        with torch.no_grad():
+            out[mode] = zo.estimate(None, zo.seeds(2), per_sample=model.per_sample_loss, batch=batch)
+        zo.close()
+    assert calls
+    torch.testing.assert_close(out["gemm"], out["bmm"], rtol=1e-5, atol=1e-6)

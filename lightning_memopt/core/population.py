@@ -25,6 +25,7 @@ Per-member losses (:func:`member_losses`) come one of two ways, and both methods
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -93,6 +94,19 @@ def add_lowrank_delta(out: Tensor, x: Tensor, left: Tensor, right: Tensor) -> Te
     once. ``left``: ``[P, in, r]``, ``right``: ``[P, r, out]``."""
     p = left.shape[0]
     xv = torch.bmm(x.reshape(p, -1, x.shape[-1]), left.to(x.dtype))
+    o = out.reshape(p, -1, out.shape[-1])
+    return torch.baddbmm(o, xv.to(o.dtype), right.to(o.dtype)).reshape(out.shape)
+
+
+def add_lowrank_delta_stacked(out: Tensor, x: Tensor, vcat: Tensor, right: Tensor) -> Tensor:
+    """:func:`add_lowrank_delta` with every member's left factor side by side in ``vcat`` ``[in, P'·r]``: ``x·vcat``
+    is one matmul for all rows (P' times the few FLOPs of the per-member products, in a well-shaped GEMM instead of
+    a batch of r-column ones), and member j's ``x_j·V_j`` is a strided view of its diagonal block."""
+    p, r = right.shape[0], right.shape[1]
+    x2 = x.reshape(-1, x.shape[-1])
+    full = x2 @ vcat.to(x.dtype)
+    rows, w = x2.shape[0] // p, full.shape[1]
+    xv = full.as_strided((p, rows, r), (rows * w + r, w, 1))  # [j, t, k] = full[j·rows + t, j·r + k]
     o = out.reshape(p, -1, out.shape[-1])
     return torch.baddbmm(o, xv.to(o.dtype), right.to(o.dtype)).reshape(out.shape)
 
@@ -205,6 +219,8 @@ class PopulationEngine:
         if len(seen) != len({i for _, _, i in params}):
             raise ValueError("Some trained parameters belong to no submodule of the given module.")
         self._stash: dict[int, tuple] = {}
+        # experiment (pending a GPU measurement): x·V_j for all members as one matmul
+        self._xv_gemm = os.environ.get("MEMOPT_POP_XV", "bmm") == "gemm"
         for mod, entries in owners:
             names = dict(entries)
             if set(names) == {"weight"} and not self.source.lowrank(names["weight"]) and _is_llama_rmsnorm(mod):
@@ -272,7 +288,12 @@ class PopulationEngine:
             u, v = self.source.factors(names["weight"], members, x.dtype)  # [P, out, r], [P, in, r]
             if rows is not None:
                 u = u.index_select(1, rows.to(u.device))
-            out = add_lowrank_delta(out, x, v, u.transpose(1, 2))
+            stacked = getattr(self.source, "stacked_v", None) if self._xv_gemm else None
+            vcat = stacked(names["weight"], members, x.dtype) if stacked is not None else None
+            if vcat is not None:
+                out = add_lowrank_delta_stacked(out, x, vcat, u.transpose(1, 2))
+            else:
+                out = add_lowrank_delta(out, x, v, u.transpose(1, 2))
         if "bias" in names:
             b = self.source.dense(names["bias"], members)  # [P, out]
             if rows is not None:

@@ -283,6 +283,25 @@ class Directions:
             self._pcoef = (key, row.to(self.device))
         return self._pcoef[1]
 
+    def stacked_v(self, index: int, members: Sequence[Member], dtype: torch.dtype | None = None) -> Tensor | None:
+        """``[n, P'·r]``: every member's V of parameter ``index`` side by side (P' = P rounded up to even, the rest
+        zero), so ``x·V_j`` for all members is one matmul (:func:`~lightning_memopt.core.population.
+        add_lowrank_delta_stacked`); None without an active bank. The V parts of the whole bank are laid out this
+        way once per chunk (one copy)."""
+        bank = self._banked(members, dtype)
+        if bank is None or not self._lowrank[index]:
+            return None
+        casts = self._bank[2]  # type: ignore[index]
+        key = ("vT", bank.dtype)
+        vt = casts.get(key)
+        if vt is None:
+            p, r = bank.shape[0], self.rank
+            vt = torch.zeros((self._width - self._ns) // r, p + p % 2, r, dtype=bank.dtype, device=bank.device)
+            vt[:, :p].copy_(bank[:, self._ns :].view(p, -1, r).transpose(0, 1))
+            casts[key] = vt
+        n, row = self.shapes[index][1], (self._cols[index][1] - self._ns) // self.rank
+        return vt[row : row + n].view(n, -1)
+
     def _banked(self, members: Sequence[Member], dtype: torch.dtype | None) -> Tensor | None:
         if self._bank is None or self._bank[0] != list(members):
             return None
