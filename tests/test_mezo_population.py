@@ -391,9 +391,12 @@ def test_rmsnorm_runs_all_members_at_once_as_the_per_member_forward_does(monkeyp
     torch.testing.assert_close(losses[True], losses[False], rtol=0, atol=1e-6)
 
 
-def test_stacked_left_factors_give_the_members_losses_of_the_batched_matmuls(monkeypatch):
-    # MEMOPT_POP_XV=gemm (an experiment pending a GPU measurement): x·V_j for all members as one matmul
+@pytest.mark.parametrize("n_spsa", [3, 16])
+def test_stacked_left_factors_give_the_members_losses_of_the_batched_matmuls(monkeypatch, n_spsa):
+    # x·V_j for all members as one matmul; with 16 directions (18 x rank 4 = 72 columns) the layers narrower than
+    # that keep the batched matmuls
     from lightning_memopt.core import population as core_pop
+    from lightning_memopt.mezo.population import Directions
 
     model, dm = tiny_model(), tiny_datamodule(batch_size=4)
     dm.tokenizer = model.tokenizer
@@ -403,14 +406,19 @@ def test_stacked_left_factors_give_the_members_losses_of_the_batched_matmuls(mon
     batch = next(iter(dm.train_dataloader()))
     calls = []
     stacked = core_pop.add_lowrank_delta_stacked
-    monkeypatch.setattr(core_pop, "add_lowrank_delta_stacked", lambda *a: calls.append(1) or stacked(*a))
+    monkeypatch.setattr(core_pop, "add_lowrank_delta_stacked", lambda *a: calls.append(a[2].shape[1]) or stacked(*a))
+    linears = [m.weight.shape[0] for m in model.modules() if isinstance(m, torch.nn.Linear)]
     out = {}
-    for mode in ("bmm", "gemm"):
-        monkeypatch.setenv("MEMOPT_POP_XV", mode)
-        zo = ZeroOrder(model, ZOConfig(eps=1e-2, n_spsa=3, perturbation="lowrank", batched=True, one_sided=True),
-                       seed=5)
+    for mode in ("stacked", "batched"):
+        if mode == "batched":
+            monkeypatch.setattr(Directions, "stacked_v", lambda *a, **k: None)
+        cfg = ZOConfig(eps=1e-2, n_spsa=n_spsa, perturbation="lowrank", batched=True, one_sided=True,
+                       population_chunk=n_spsa + 1)  # all members in one forward
+        zo = ZeroOrder(model, cfg, seed=5)
         with torch.no_grad():
             out[mode] = zo.estimate(None, zo.seeds(2), per_sample=model.per_sample_loss, batch=batch)
         zo.close()
-    assert calls
-    torch.testing.assert_close(out["gemm"], out["bmm"], rtol=1e-5, atol=1e-6)
+    width = (n_spsa + 2) // 2 * 2 * 4
+    assert calls and set(calls) == {width}
+    assert len(calls) == sum(w >= width for w in linears)
+    torch.testing.assert_close(out["stacked"], out["batched"], rtol=1e-5, atol=1e-6)
