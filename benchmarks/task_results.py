@@ -141,6 +141,8 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
                 self.points.append(dict(step=trainer.global_step, wall_s=round(wall, 2),
                                         train_s=round(wall - self.val_s, 2), val=float(value),
                                         forwards=self.count(trainer), **extra))
+                # the parent keeps these if the run is killed before it reports
+                print("TASKPOINT " + json.dumps(self.points[-1]), flush=True)
 
     curve = Curve()
     trainer.callbacks.append(curve)
@@ -197,12 +199,15 @@ def _collect(run: Run, proc: subprocess.Popen, t0: float, timeout: float, jobs: 
     label, method, overrides, seed = run
     try:
         out, err = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
-        lines = [ln for ln in out.splitlines() if ln.startswith("TASKRESULT ")]
-        rec = json.loads(lines[-1][11:]) if lines else dict(method=method, seed=seed, error=(err or out)[-1500:])
+        error = (err or out)[-1500:]
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
-        rec = dict(method=method, seed=seed, error=f"timeout after {timeout}s")
+        out, _ = proc.communicate()  # what it printed before the kill
+        error = f"timeout after {timeout}s"
+    lines = [ln for ln in out.splitlines() if ln.startswith("TASKRESULT ")]
+    rec = json.loads(lines[-1][11:]) if lines else dict(method=method, seed=seed, error=error)
+    if "error" in rec:  # a failed run keeps the validations it made
+        rec["curve"] = [json.loads(ln[10:]) for ln in out.splitlines() if ln.startswith("TASKPOINT ")]
     rec.update(label=label, overrides=overrides, process_s=round(time.perf_counter() - t0, 1))
     if jobs > 1:
         rec["note"] = f"ran beside up to {jobs - 1} other runs on the GPU: wall times include the sharing"
@@ -235,6 +240,10 @@ def table(records: list[dict[str, Any]]) -> str:
         label, over = r.get("label", r["method"]), " ".join(r.get("overrides", [])).replace("|", "/")
         if "error" in r:
             err = (r["error"].splitlines() or [""])[-1][:80].replace("|", "/")
+            if r.get("curve"):
+                last = r["curve"][-1]
+                err += f"; kept its curve to step {last['step']}" + (
+                    f" (dev {100 * last['dev']:.1f})" if "dev" in last else "")
             rows.append(f"| {label} | {r['method']} | {r['seed']} | error: {err} | | | | | | | {over} |")
             continue
         main = r.get("dev_acc", r.get("dev_em"))
@@ -295,7 +304,9 @@ def plot(json_paths: str, out_dir: str, prefix: str | None = None) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [r for f in json_paths.split(",") for r in json.loads(Path(f).read_text()) if "error" not in r]
+    # a failed run's kept curve is drawn, without a dev star
+    records = [r for f in json_paths.split(",") for r in json.loads(Path(f).read_text())
+               if "error" not in r or r.get("curve")]
     task = records[0].get("task", "sst2") if records else "sst2"
     os.makedirs(out_dir, exist_ok=True)
     files = []

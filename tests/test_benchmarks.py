@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -176,6 +177,32 @@ def test_task_run_specs_and_table():
     table = S.table(rows)
     assert "| clora_k16 | clora | 0 | 81.8 |" in table and "error: boom / bad" in table
     assert S.summary(rows) == ""  # one seed per run: no summary
+
+
+def test_a_timed_out_task_run_keeps_its_curve(tmp_path):
+    """A run killed at its timeout (or failing) keeps the validation points it printed; the table and the plots
+    show them."""
+    import subprocess
+    import time
+
+    from benchmarks import task_results as S
+
+    points = [{"step": 2, "wall_s": 1.0, "train_s": 0.5, "val": 0.7, "forwards": 4, "dev": 0.69},
+              {"step": 4, "wall_s": 2.0, "train_s": 1.0, "val": 0.8, "forwards": 8, "dev": 0.81}]
+    code = ("import json, time\n" + "".join(f"print('TASKPOINT ' + json.dumps({p!r}), flush=True)\n" for p in points)
+            + "time.sleep(60)\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rec = S._collect(("pop", "mezo_pop", [], 0), proc, time.perf_counter(), timeout=5.0)
+    assert rec["error"] == "timeout after 5.0s" and rec["curve"] == points and proc.returncode is not None
+    assert "error: timeout after 5.0s; kept its curve to step 4 (dev 81.0)" in S.table([rec])
+    # a run that fails keeps its points too, with its error
+    proc = subprocess.Popen([sys.executable, "-c", code.replace("time.sleep(60)", "raise SystemExit('boom')")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    failed = S._collect(("pop", "mezo_pop", [], 0), proc, time.perf_counter(), timeout=30.0)
+    assert "boom" in failed["error"] and failed["curve"] == points
+    pytest.importorskip("matplotlib")
+    (tmp_path / "r.json").write_text(json.dumps([rec]))
+    assert all(os.path.getsize(f) > 0 for f in S.plot(str(tmp_path / "r.json"), str(tmp_path / "img")))
 
 
 def test_task_summary_over_seeds():
