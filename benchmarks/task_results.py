@@ -362,7 +362,9 @@ def plot(json_paths: str, out_dir: str, prefix: str | None = None) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated run specs (see the module doc)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once on the one GPU")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once on the one GPU (processes take turns on it: this helps host-bound runs, not "
+                         "graph-replayed ones)")
     ap.add_argument("--label", help=argparse.SUPPRESS)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--model", default=os.path.expanduser("~/smol/SmolLM2-135M-Instruct.Q4_1.gguf"))
