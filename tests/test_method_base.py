@@ -386,3 +386,52 @@ def test_mezo_trajectory_leaves_out_a_skipped_step_and_still_replays():
     replay_trajectory(start, cb.trajectory)
     trained, replayed = full_state(model), full_state(start)
     assert all(torch.equal(trained[n], replayed[n]) for n in trained)
+
+
+@pytest.mark.parametrize("name", ["mezo_sgd", "mezo_population", "lomo", "adalomo", "galore"])
+def test_lightnings_weight_averaging_averages_what_the_method_trains(name):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    def fit(*extra):
+        pl.seed_everything(0, verbose=False)
+        model = Poisoned()
+        trainer = tiny_trainer(max_steps=3, callbacks=[METHODS[name](), *extra])
+        trainer.fit(model, tiny_datamodule(k=8))
+        assert trainer.global_step == 3
+        return model
+
+    last = full_state(fit())
+    ema = EMAWeightAveraging(decay=0.5)
+    averaged = fit(ema)
+    # the fit ends on the average (copied in at train end), which is not the last iterate
+    assert_same(full_state(averaged), full_state(ema._average_model.module))
+    assert any(not torch.equal(v, last[k]) for k, v in full_state(averaged).items())
+
+
+@pytest.mark.parametrize("name", ["mezo_sgd", "mezo_population", "lomo", "adalomo"])
+def test_stochastic_weight_averaging_is_refused_where_lightnings_backward_is_skipped(name):
+    # it turns the backward back on after every epoch; GaLore keeps Lightning's backward and trains with it
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    trainer = tiny_trainer(max_steps=2, callbacks=[METHODS[name](), StochasticWeightAveraging(swa_lrs=1e-3)])
+    with pytest.raises(MisconfigurationException, match=r"cannot run with StochasticWeightAveraging.*EMAWeightAveraging"):
+        trainer.fit(Poisoned(), tiny_datamodule(k=8))
+
+
+def test_galore_trains_under_stochastic_weight_averaging():
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    trainer = tiny_trainer(max_steps=4, callbacks=[METHODS["galore"](), StochasticWeightAveraging(swa_lrs=1e-3,
+                                                                                                  swa_epoch_start=1)])
+    trainer.fit(Poisoned(), tiny_datamodule(k=8))
+    assert trainer.global_step == 4 and trainer.current_epoch >= 1
+
+
+@pytest.mark.parametrize("averaging", ["EMAWeightAveraging", "WeightAveraging", "StochasticWeightAveraging"])
+def test_weight_averaging_is_refused_with_dfo_whose_adapters_are_not_parameters(averaging):
+    from lightning.pytorch import callbacks
+
+    cb = getattr(callbacks, averaging)(**({"swa_lrs": 1e-3} if averaging == "StochasticWeightAveraging" else {}))
+    trainer = tiny_trainer(max_steps=2, callbacks=[METHODS["clora"](), cb])
+    with pytest.raises(MisconfigurationException, match=rf"outside the module's parameters, so {averaging} .*Remove it"):
+        trainer.fit(Poisoned(), tiny_datamodule(k=8))

@@ -91,3 +91,26 @@ def check_automatic_optimization(pl_module: Any, method: str) -> None:
             f"{method} adapts automatic-optimization LightningModules; this one sets automatic_optimization=False. "
             f"Remove that (let Lightning call the optimizer), or drive the method's core functions yourself."
         )
+
+
+def check_weight_averaging(trainer: Any, method: str, skip_backward: bool, trains_parameters: bool = True) -> None:
+    """Lightning's ``StochasticWeightAveraging`` sets the fit loop's skip-backward flag back to False after every
+    epoch (a method that skips Lightning's backward then gets one); ``WeightAveraging`` averages module parameters,
+    which a method that trains none leaves untouched."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+
+    callbacks = getattr(trainer, "callbacks", ())
+    if not trains_parameters:
+        found = [cb for cb in callbacks if isinstance(cb, (StochasticWeightAveraging, WeightAveraging))]
+        if found:
+            raise MisconfigurationException(
+                f"{method} trains adapters held outside the module's parameters, so {type(found[0]).__name__} "
+                f"would average only the frozen weights it never changes. Remove it from Trainer(callbacks=[...])."
+            )
+    if skip_backward and any(isinstance(cb, StochasticWeightAveraging) for cb in callbacks):
+        raise MisconfigurationException(
+            f"{method} cannot run with StochasticWeightAveraging: at each epoch's end it turns Lightning's backward "
+            f"back on, which {method} replaces. Use lightning.pytorch.callbacks.EMAWeightAveraging, or "
+            f"WeightAveraging (an equal average, the default), which average after each step and leave the backward "
+            f"alone."
+        )

@@ -52,6 +52,7 @@ class MethodCallback(Callback):
     Class attributes a method sets:
         name: shown in messages, logs and checkpoints.
         skip_backward: Lightning's backward is skipped (the method runs forwards only, or its own backward).
+        trains_parameters: the method changes the module's parameters (weight averaging has something to average).
         keeps_grads: the method reads ``.grad`` after Lightning's backward; they are released after its step.
         strategies: the tested strategy allow-list.
         accumulation_fix / clipping_fix: None accepts ``accumulate_grad_batches`` / ``gradient_clip_val``; a string
@@ -63,6 +64,7 @@ class MethodCallback(Callback):
 
     name: ClassVar[str] = "method"
     skip_backward: ClassVar[bool] = True
+    trains_parameters: ClassVar[bool] = True
     keeps_grads: ClassVar[bool] = False
     strategies: ClassVar[tuple[str, ...]] = (_checks.SINGLE, _checks.FSDP2)
     accumulation_fix: ClassVar[str | None] = None
@@ -163,6 +165,7 @@ class MethodCallback(Callback):
         _checks.check_automatic_optimization(pl_module, self.name)
         _checks.check_strategy(trainer, self.name, self.strategies, self.allow_untested)
         _checks.check_no_grad_scaler(trainer, self.name, self.scaler_fix)
+        _checks.check_weight_averaging(trainer, self.name, self.skip_backward, self.trains_parameters)
         if self.accumulation_fix is not None:
             _checks.check_no_accumulation(trainer, self.name, self.accumulation_fix)
         if self.clipping_fix is not None:

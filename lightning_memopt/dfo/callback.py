@@ -92,6 +92,7 @@ class DFOLoRA(MethodCallback):
     """
 
     name = "DFOLoRA"
+    trains_parameters = False  # the adapters live in hooks; the module's own weights stay frozen
     accumulation_fix = "Each generation is evaluated on one batch; raise the batch size instead."
     clipping_fix = "DFOLoRA computes no gradients; remove gradient_clip_val."
     state_settings = (
