@@ -91,6 +91,14 @@ def test_validation_turned_off_is_refused_at_setup():
         trainer.fit(tiny_model(), tiny_datamodule(batch_size=8))
 
 
+def test_weight_averaging_beside_it_is_refused_at_setup():
+    # validation scores the averaged weights; BestWeights would copy the training weights
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    with pytest.raises(MisconfigurationException, match="cannot run beside EMAWeightAveraging.*Keep one of them"):
+        _fit([MeZO(lr=1e-3), BestWeights(), EMAWeightAveraging()], max_steps=3)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="'max' or 'min'"):
         BestWeights(mode="maximum")

@@ -80,6 +80,16 @@ class BestWeights(Callback):
                 f"BestWeights keeps the weights of the best {self.monitor!r}, but limit_val_batches=0 turns validation "
                 "off; set limit_val_batches above 0, or remove BestWeights to keep the last weights."
             )
+        from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+
+        averaging = [cb for cb in trainer.callbacks if isinstance(cb, (WeightAveraging, StochasticWeightAveraging))]
+        if averaging:
+            # validation scores the averaged weights, swapped in and out around it: the copy would be the others
+            raise MisconfigurationException(
+                f"BestWeights cannot run beside {type(averaging[0]).__name__}: validation scores the averaged weights, "
+                "and BestWeights would keep the training weights. Keep one of them: the averaging callback ends the "
+                "fit on the average."
+            )
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
