@@ -130,11 +130,18 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
 
         def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
             self._v0 = time.perf_counter()
+            self._dev: float | None = None
+
+        def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+            # here, first of the callbacks, the weights are still those validated (a weight-averaging callback
+            # swaps its average back out after this)
+            if dev_curve and not trainer.sanity_checking:
+                self._dev = dev_accuracy(trainer, pl_module, cli.datamodule)
 
         def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-            value = trainer.callback_metrics.get(val_key)
+            value = trainer.callback_metrics.get(val_key)  # final only after the epoch-end hooks
             point = value is not None and not trainer.sanity_checking
-            extra = {"dev": dev_accuracy(trainer, pl_module, cli.datamodule)} if point and dev_curve else {}
+            extra = {"dev": self._dev} if point and self._dev is not None else {}
             self.val_s += time.perf_counter() - self._v0  # the dev curve's time counts as validation
             if point:
                 wall = time.perf_counter() - self.t0
@@ -145,7 +152,7 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
                 print("TASKPOINT " + json.dumps(self.points[-1]), flush=True)
 
     curve = Curve()
-    trainer.callbacks.append(curve)
+    trainer.callbacks.insert(0, curve)
     # the weights of the best validation, in host memory (MeZO's official runs keep the best-validation model)
     best = BestWeights(monitor=val_key, restore=False) if best_val and method != "zero_shot" else None
     if best is not None:

@@ -251,3 +251,22 @@ def test_task_run_tests_the_best_validation_weights_too(tmp_path, in_repo):
     best = max(rec["curve"], key=lambda p: p["val"])
     assert (rec["best_val_step"], rec["best_val"]) == (best["step"], round(100 * best["val"], 2))
     assert 0 <= rec["dev_acc_best_val"] <= 100 and 0 <= rec["dev_acc"] <= 100
+
+
+def test_the_dev_curve_scores_the_weights_validation_scored(tmp_path, in_repo):
+    """With Lightning's EMAWeightAveraging the validations score the average, and so does each dev point; the fit
+    ends on the average, so the last dev point equals the final test."""
+    from conftest import SST2
+    from test_cli import TINY_MODEL, short
+
+    from benchmarks import task_results as S
+
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"{SST2} not found")
+    extra = [*TINY_MODEL, *short(tmp_path, steps=4), "--trainer.val_check_interval=2", "--data.init_args.k=16",
+             "--trainer.callbacks.init_args.cuda_graph=false", "--trainer.limit_test_batches=1.0",
+             "--model.init_args.lr=0.05", "--trainer.callbacks+=EMAWeightAveraging", "--trainer.callbacks.decay=0.5"]
+    rec = S._one("sst2", "mezo_pop", 0, "unused", str(SST2), extra, dev_curve=True)
+    assert [p["step"] for p in rec["curve"]] == [2, 4]
+    assert round(100 * rec["curve"][-1]["dev"], 2) == rec["dev_acc"]
+
