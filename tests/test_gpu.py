@@ -318,3 +318,29 @@ def test_best_weights_with_graphed_mezo_on_cuda():
     final = full_state(model)
     assert all(torch.equal(probe.seen[6][n], final[n]) for n in final)
     assert not all(torch.equal(probe.seen[12][n], final[n]) for n in final)
+
+
+def test_ema_weight_averaging_with_graphed_mezo_on_cuda():
+    """Lightning's EMAWeightAveraging beside the graphed population step: the average is copied in and out of the
+    storage the graphs read (never rebound), and the fit ends on it."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from lightning_memopt.testing.tiny import full_state
+
+    pl.seed_everything(0)
+    model = tiny_model()
+    ema = EMAWeightAveraging(decay=0.5)
+    zo = MeZO(lr=1e-3, eps=1e-2, cuda_graph=True, seed=3, n_spsa=4, perturbation="lowrank", batched=True,
+              one_sided=True)
+    replays = []
+
+    class Peek(pl.Callback):
+        def on_train_end(self, trainer, pl_module):
+            replays.append(zo._graph.replays)
+
+    trainer = tiny_trainer(accelerator="cuda", max_steps=8, val_check_interval=4, limit_val_batches=1,
+                           callbacks=[zo, ema, Peek()])
+    trainer.fit(model, tiny_datamodule(batch_size=8, padding="max_length"))
+    assert trainer.global_step == 8 and replays == [8]
+    final, average = full_state(model), full_state(ema._average_model.module)
+    assert all(torch.equal(final[n], average[n].to(final[n].device)) for n in final)
