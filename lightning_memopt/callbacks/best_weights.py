@@ -84,7 +84,7 @@ class BestWeights(Callback):
 
         averaging = [cb for cb in trainer.callbacks if isinstance(cb, (WeightAveraging, StochasticWeightAveraging))]
         if averaging:
-            # validation scores the averaged weights, swapped in and out around it: the copy would be the others
+            # the average is swapped in for validation and out after it, so the copy would be the training weights
             raise MisconfigurationException(
                 f"BestWeights cannot run beside {type(averaging[0]).__name__}: validation scores the averaged weights, "
                 "and BestWeights would keep the training weights. Keep one of them: the averaging callback ends the "
