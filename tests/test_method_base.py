@@ -435,3 +435,16 @@ def test_weight_averaging_is_refused_with_dfo_whose_adapters_are_not_parameters(
     trainer = tiny_trainer(max_steps=2, callbacks=[METHODS["clora"](), cb])
     with pytest.raises(MisconfigurationException, match=rf"outside the module's parameters, so {averaging} .*Remove it"):
         trainer.fit(Poisoned(), tiny_datamodule(k=8))
+
+
+@pytest.mark.parametrize("name", ["mezo_sgd", "lomo", "galore"])
+def test_weight_averaging_of_a_sharded_model_is_refused_at_setup(name):
+    # Lightning copies the module before FSDP2 shards it; its first update then failed on DTensors (2 processes)
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from lightning_memopt.strategies import FSDP2Strategy
+
+    trainer = tiny_trainer(max_steps=2, strategy=FSDP2Strategy(save_distributed_checkpoint=False),
+                           callbacks=[METHODS[name](), EMAWeightAveraging()])
+    with pytest.raises(MisconfigurationException, match=r"cannot average a sharded model \(fsdp2\).*one device"):
+        trainer.fit(Poisoned(), tiny_datamodule(k=8))
