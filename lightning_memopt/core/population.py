@@ -87,25 +87,22 @@ def expand_batch(batch: Any, p: int) -> Any:
     return repeat_rows(batch, p, batch_size(batch)) if p > 1 else batch
 
 
-def add_lowrank_delta(out: Tensor, x: Tensor, left: Tensor, right: Tensor) -> Tensor:
+def add_lowrank_delta(out: Tensor, x: Tensor, left: Tensor, right: Tensor, stacked: Tensor | None = None) -> Tensor:
     """``out_j + (x_j · left_j) · right_j`` for each member j of the member-major rows of ``x`` (``[P·n, ..., in]``)
     and ``out`` (``[P·n, ..., out]``), in ``out``'s dtype: the add fused into the second matmul, so the sum is rounded
-    once. ``left``: ``[P, in, r]``, ``right``: ``[P, r, out]``."""
-    p = left.shape[0]
-    xv = torch.bmm(x.reshape(p, -1, x.shape[-1]), left.to(x.dtype))
-    o = out.reshape(p, -1, out.shape[-1])
-    return torch.baddbmm(o, xv.to(o.dtype), right.to(o.dtype)).reshape(out.shape)
+    once. ``left``: ``[P, in, r]``, ``right``: ``[P, r, out]``.
 
-
-def add_lowrank_delta_stacked(out: Tensor, x: Tensor, vcat: Tensor, right: Tensor) -> Tensor:
-    """:func:`add_lowrank_delta` with every member's left factor side by side in ``vcat`` ``[in, P'·r]``: ``x·vcat``
-    is one matmul for all rows (P' times the few FLOPs of the per-member products, in a well-shaped GEMM instead of
-    a batch of r-column ones), and member j's ``x_j·V_j`` is a strided view of its diagonal block."""
-    p, r = right.shape[0], right.shape[1]
-    x2 = x.reshape(-1, x.shape[-1])
-    full = x2 @ vcat.to(x.dtype)
-    rows, w = x2.shape[0] // p, full.shape[1]
-    xv = full.as_strided((p, rows, r), (rows * w + r, w, 1))  # [j, t, k] = full[j·rows + t, j·r + k]
+    ``stacked`` (``[in, P'·r]``, P' >= P): every member's left factor side by side, in place of ``left``. ``x·stacked``
+    is then one matmul for all rows (P' times the few FLOPs of the per-member products, in a well-shaped GEMM instead
+    of a batch of r-column ones), and member j's ``x_j·left_j`` is a strided view of its diagonal block."""
+    p = right.shape[0]
+    if stacked is None:
+        xv = torch.bmm(x.reshape(p, -1, x.shape[-1]), left.to(x.dtype))
+    else:
+        r, x2 = right.shape[1], x.reshape(-1, x.shape[-1])
+        full = x2 @ stacked.to(x.dtype)
+        rows, w = x2.shape[0] // p, full.shape[1]
+        xv = full.as_strided((p, rows, r), (rows * w + r, w, 1))  # [j, t, k] = full[j·rows + t, j·r + k]
     o = out.reshape(p, -1, out.shape[-1])
     return torch.baddbmm(o, xv.to(o.dtype), right.to(o.dtype)).reshape(out.shape)
 
@@ -291,10 +288,7 @@ class PopulationEngine:
             vcat = stacked(names["weight"], members, x.dtype) if stacked is not None and not wide else None
             if rows is not None:
                 u = u.index_select(1, rows.to(u.device))
-            if vcat is not None:
-                out = add_lowrank_delta_stacked(out, x, vcat, u.transpose(1, 2))
-            else:
-                out = add_lowrank_delta(out, x, v, u.transpose(1, 2))
+            out = add_lowrank_delta(out, x, v, u.transpose(1, 2), stacked=vcat)
         if "bias" in names:
             b = self.source.dense(names["bias"], members)  # [P, out]
             if rows is not None:

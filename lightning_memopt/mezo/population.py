@@ -285,8 +285,8 @@ class Directions:
 
     def stacked_v(self, index: int, members: Sequence[Member], dtype: torch.dtype | None = None) -> Tensor | None:
         """``[n, P'·r]``: every member's V of parameter ``index`` side by side (P' = P rounded up to even, the rest
-        zero), so ``x·V_j`` for all members is one matmul (:func:`~lightning_memopt.core.population.
-        add_lowrank_delta_stacked`); None without an active bank. The V parts of the whole bank are laid out this
+        zero), so ``x·V_j`` for all members is one matmul (``stacked`` of :func:`~lightning_memopt.core.population.
+        add_lowrank_delta`); None without an active bank. The V parts of the whole bank are laid out this
         way once per chunk (one copy)."""
         bank = self._banked(members, dtype)
         if bank is None or not self._lowrank[index]:
