@@ -93,29 +93,35 @@ def check_automatic_optimization(pl_module: Any, method: str) -> None:
         )
 
 
+def weight_averaging(trainer: Any) -> list[Any]:
+    """Lightning's weight-averaging callbacks on ``trainer`` (WeightAveraging, its EMA, StochasticWeightAveraging)."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+
+    kinds = (WeightAveraging, StochasticWeightAveraging)
+    return [cb for cb in getattr(trainer, "callbacks", ()) if isinstance(cb, kinds)]
+
+
 def check_weight_averaging(trainer: Any, method: str, skip_backward: bool, trains_parameters: bool = True) -> None:
     """Lightning's ``StochasticWeightAveraging`` sets the fit loop's skip-backward flag back to False after every
     epoch (a method that skips Lightning's backward then gets one); ``WeightAveraging`` averages module parameters,
     which a method that trains none leaves untouched, and cannot update its copy from sharded ones."""
-    from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
 
-    callbacks = getattr(trainer, "callbacks", ())
-    if not trains_parameters:
-        found = [cb for cb in callbacks if isinstance(cb, (StochasticWeightAveraging, WeightAveraging))]
-        if found:
-            raise MisconfigurationException(
-                f"{method} trains adapters held outside the module's parameters, so {type(found[0]).__name__} "
-                f"would average only the frozen weights it never changes. Remove it from Trainer(callbacks=[...])."
-            )
+    found = weight_averaging(trainer)
+    if found and not trains_parameters:
+        raise MisconfigurationException(
+            f"{method} trains adapters held outside the module's parameters, so {type(found[0]).__name__} "
+            f"would average only the frozen weights it never changes. Remove it from Trainer(callbacks=[...])."
+        )
     kind = strategy_kind(trainer)
-    averaging = [cb for cb in callbacks if isinstance(cb, WeightAveraging)]
+    averaging = [cb for cb in found if not isinstance(cb, StochasticWeightAveraging)]
     if averaging and kind in (FSDP2, ZERO3):
         # its copy is made from the unsharded module at setup, then fed sharded parameters at the first step
         raise MisconfigurationException(
             f"{type(averaging[0]).__name__} cannot average a sharded model ({kind}): Lightning copies the module "
             f"before it is sharded and fails at the first step. Remove it, or train on one device."
         )
-    if skip_backward and any(isinstance(cb, StochasticWeightAveraging) for cb in callbacks):
+    if skip_backward and any(isinstance(cb, StochasticWeightAveraging) for cb in found):
         raise MisconfigurationException(
             f"{method} cannot run with StochasticWeightAveraging: at each epoch's end it turns Lightning's backward "
             f"back on, which {method} replaces. Use lightning.pytorch.callbacks.EMAWeightAveraging, or "

@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
+from lightning_memopt.callbacks._checks import weight_averaging
 from lightning_memopt.core.fsdp import local, reshard_all
 
 
@@ -80,9 +81,7 @@ class BestWeights(Callback):
                 f"BestWeights keeps the weights of the best {self.monitor!r}, but limit_val_batches=0 turns validation "
                 "off; set limit_val_batches above 0, or remove BestWeights to keep the last weights."
             )
-        from lightning.pytorch.callbacks import StochasticWeightAveraging, WeightAveraging
-
-        averaging = [cb for cb in trainer.callbacks if isinstance(cb, (WeightAveraging, StochasticWeightAveraging))]
+        averaging = weight_averaging(trainer)
         if averaging:
             # the average is swapped in for validation and out after it, so the copy would be the training weights
             raise MisconfigurationException(
