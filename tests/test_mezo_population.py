@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -180,6 +183,45 @@ def _fit_lm(steps, lr_override=2e-3, **kw):
     cb = MeZO(eps=1e-3, lr=lr_override, **kw)
     tiny_trainer(max_steps=steps, callbacks=[cb]).fit(model, dm)
     return mean_loss(tiny_model(objective="lm"), dm), mean_loss(model, dm), cb
+
+
+@pytest.mark.parametrize("variant", ["momentum", "adam"])
+def test_window_update_draws_earlier_directions_a_seed_at_a_time(variant, monkeypatch):
+    # a window's earlier directions are drawn one vectorised pass per seed for a part of the tensors (not one
+    # stream per seed and tensor: 2,300 launch pairs a step on SmolLM2), dropped after the update, same weights
+    import lightning_memopt.mezo.population as pop
+
+    monkeypatch.setattr(pop, "_UPDATE_ELEMS", 2000)  # a budget below the window's directions: several parts
+    cfg = ZOConfig(eps=1e-2, n_spsa=4, perturbation="lowrank", perturbation_rank=2, batched=True, variant=variant,
+                   window=3)
+    weights = []
+    for drawn in (True, False):
+        torch.manual_seed(0)
+        module = tiny_model()
+        zo = ZeroOrder(module, cfg)
+        d = zo.directions
+        if not drawn:  # the reference: every earlier direction streamed per (seed, tensor) as the update asks
+            monkeypatch.setattr(d, "drawn", lambda seeds, indices: contextlib.nullcontext())
+        calls = {"stream": 0, "draw": 0}
+        for name in calls:
+            fn = getattr(d, f"_{name}")
+            monkeypatch.setattr(d, f"_{name}", lambda *a, _fn=fn, _n=name, **k: (calls.__setitem__(_n, calls[_n] + 1),
+                                                                               _fn(*a, **k))[1])
+        for step in range(3):
+            seeds = zo.seeds(step)
+            d.retain(seeds)
+            calls.update(stream=0, draw=0)
+            zo.update(seeds, torch.randn(cfg.n_spsa, generator=torch.Generator().manual_seed(step)), [0.1], [0.0])
+        assert {s for s, _ in d._cache} == set(seeds)  # the earlier directions are gone again
+        if drawn:
+            parts = math.ceil(8 * sum(d.drawn_numel(i) for i in d.shapes) / 2000)
+            assert calls["stream"] == 0 and 8 <= calls["draw"] <= 8 * (parts + 1)
+        else:
+            assert calls["stream"] >= 8 * sum(map(d.lowrank, d.shapes))
+        weights.append(full_state(module))
+        zo.close()
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 def test_eight_batched_lowrank_directions_beat_one_in_150_steps():

@@ -23,8 +23,9 @@ diagonal preconditioner ``P = S²`` (so ``E[update] = −lr·S²·∇L``).
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
@@ -117,7 +118,7 @@ class Directions:
         # With seed_t every direction is drawn here, from the device seeds: a graph's capture must not find the
         # tensors of its own warm-up cached (it would replay those directions forever).
         self._cache = {} if seed_t is not None else {k: v for k, v in self._cache.items() if k[0] in self._keep}
-        idx = [i for i in self.shapes if seed_t is not None or self._lowrank[i] or _prod(self.shapes[i]) <= 1 << 16]
+        idx = [i for i in self.shapes if seed_t is not None or self.drawable(i)]
         triton = perturb.use_triton(torch.empty(0, device=self.device))
         ints = [int(x) for x in seeds]
         if len(idx) == len(self.shapes) and (seed_t is not None or self._rows is None or list(self._row_of) != ints):
@@ -131,32 +132,81 @@ class Directions:
             todo = [i for i in idx if (s, i) not in self._cache]  # empty for a repeated seed
             if not todo:
                 continue
-            numels = [self._numel(i) for i in todo]
-            if triton or seed_t is not None:  # one launch for every tensor of this seed: z = 0 + 1·z
-                if self._zeros is None or self._zeros.numel() < max(numels) or self._zeros.device != self.device:
-                    self._zeros = torch.zeros(max(numels), dtype=torch.float32, device=self.device)
-                st = None if seed_t is None else seed_t[j]
-                if self._rows is not None and len(todo) == len(self.shapes):
-                    # straight into row j, U and V parts where the row keeps them (no copy)
-                    parts = self._row_parts(todo)
-                    perturb.perturbed_many([self._zeros[:n] for _, n, _, _ in parts], [i for i, _, _, _ in parts],
-                                           s, 1.0, self.distribution, st, starts=[p[2] for p in parts],
-                                           out=self._rows[j], dst=[p[3] for p in parts])
-                    self._cache_row(j, s, todo)
-                    continue
-                flats = perturb.perturbed_many([self._zeros[:n] for n in numels], todo, s, 1.0, self.distribution, st)
-                flats = [f.reshape(-1) for f in flats]
-            else:
-                flats = perturb.normal_many([perturb.key(s, i) for i in todo], numels, self.device, self.distribution)
+            st = None if seed_t is None else seed_t[j]
+            if (triton or st is not None) and self._rows is not None and len(todo) == len(self.shapes):
+                # straight into row j, U and V parts where the row keeps them (no copy)
+                parts = self._row_parts(todo)
+                zeros = self._zeros_for([n for _, n, _, _ in parts])
+                perturb.perturbed_many([zeros[:n] for _, n, _, _ in parts], [i for i, _, _, _ in parts], s, 1.0,
+                                       self.distribution, st, starts=[p[2] for p in parts], out=self._rows[j],
+                                       dst=[p[3] for p in parts])
+                self._cache_row(j, s, todo)
+                continue
+            flats = self._draw(s, todo, st)
             if self._rows is not None and len(todo) == len(self.shapes):
                 self._into_row(j, s, todo, flats)
                 continue
             for i, flat in zip(todo, flats):
-                if self._lowrank[i]:
-                    m, n = self.shapes[i]
-                    self._cache[(s, i)] = (flat[: m * self.rank].view(m, self.rank), flat[m * self.rank :].view(n, -1))
-                else:
-                    self._cache[(s, i)] = flat
+                self._cache[(s, i)] = self._split(i, flat)
+
+    def _zeros_for(self, numels: Sequence[int]) -> Tensor:
+        """The zero source of the one-launch generation (``z = 0 + 1·z``), at least ``max(numels)`` long."""
+        n = max(numels)
+        if self._zeros is None or self._zeros.numel() < n or self._zeros.device != self.device:
+            self._zeros = torch.zeros(n, dtype=torch.float32, device=self.device)
+        return self._zeros
+
+    def _draw(self, seed: int, todo: Sequence[int], seed_t: Tensor | None = None) -> list[Tensor]:
+        """Seed ``seed``'s directions of parameters ``todo``, flat float32: one launch for all of them on the GPU
+        (from ``seed_t`` where given), one vectorised torch emulation on the CPU."""
+        numels = [self._numel(i) for i in todo]
+        if seed_t is not None or perturb.use_triton(torch.empty(0, device=self.device)):
+            zeros = self._zeros_for(numels)
+            flats = perturb.perturbed_many([zeros[:n] for n in numels], todo, seed, 1.0, self.distribution, seed_t)
+            return [f.reshape(-1) for f in flats]
+        return perturb.normal_many([perturb.key(seed, i) for i in todo], numels, self.device, self.distribution)
+
+    def _split(self, index: int, flat: Tensor) -> Any:
+        """A drawn direction as the cache keeps it: ``(U, V)`` views of a low-rank tensor's, dense z as it is."""
+        if not self._lowrank[index]:
+            return flat
+        m, n = self.shapes[index]
+        return flat[: m * self.rank].view(m, self.rank), flat[m * self.rank :].view(n, -1)
+
+    def drawable(self, index: int) -> bool:
+        """Whether the update reads parameter ``index``'s directions from the cache (low-rank factors, small dense
+        z); a large dense tensor's z is regenerated inside the update's kernel instead."""
+        return self._lowrank[index] or _prod(self.shapes[index]) <= 1 << 16
+
+    @contextlib.contextmanager
+    def drawn(self, seeds: Sequence[int], indices: Sequence[int]) -> Iterator[None]:
+        """The directions of ``seeds`` for parameters ``indices`` that the cache lacks (a momentum or Adam window's
+        earlier steps), drawn one launch per seed and dropped on exit. Drawing them one (seed, tensor) at a time
+        cost a launch pair each: 2,300 per step on SmolLM2 with 16 directions and a window of 10."""
+        added = []
+        for s in dict.fromkeys(int(x) for x in seeds):
+            todo = [i for i in indices if (s, i) not in self._cache]
+            if todo:
+                for i, flat in zip(todo, self._draw(s, todo)):
+                    self._cache[(s, i)] = self._split(i, flat)
+                added += [(s, i) for i in todo]
+        try:
+            yield
+        finally:
+            for k in added:
+                self._cache.pop(k, None)
+
+    def drawn_numel(self, index: int) -> int:
+        """Numbers :meth:`drawn` holds for one seed of parameter ``index`` (none where the update's kernel draws)."""
+        return self._numel(index) if self.drawable(index) else 0
+
+    def footprint(self) -> int:
+        """Numbers the step's own cached directions take."""
+        return len(self._keep or ()) * sum(self.drawn_numel(i) for i in self.shapes)
+
+    def missing(self, seeds: Sequence[int], index: int) -> int:
+        """How many of ``seeds`` lack parameter ``index``'s direction in the cache."""
+        return sum((int(s), index) not in self._cache for s in dict.fromkeys(int(x) for x in seeds))
 
     def _row_parts(self, todo: Sequence[int]) -> list[tuple[int, int, int, int]]:
         """(index, numel, offset in its stream, offset in the row) of each part of these tensors' directions: a
@@ -417,33 +467,64 @@ def apply_update_population(
     window's directions ``D_j``, written in place to each rank's local rows; a no-op where ``ok`` is false.
 
     Without Adam, tensors of one local shape are updated together (:func:`_grouped_update_`): a few launches per
-    shape instead of a dozen per tensor, since on a GPU the launches, not the arithmetic, bound this step."""
+    shape instead of a dozen per tensor, since on a GPU the launches, not the arithmetic, bound this step.
+
+    The step's own directions are cached (:meth:`Directions.retain`). A window's earlier ones are drawn for a part
+    of the tensors at a time (:meth:`Directions.drawn`), at most as many numbers as the step's own directions take,
+    so momentum and Adam hold no more than SGD does."""
     if module is not None:
         reshard_all(module)
-    groups: dict[tuple, list[_Item]] = {}
+    budget = max(_UPDATE_ELEMS, directions.footprint())
+    part: list[ZOParam] = []
+    size = 0
     for zp in params:
-        lr = float(lrs[zp.group])
-        wd = float(wds[zp.group]) if zp.decay else 0.0
-        s = directions.scale(zp.index)
-        start, shape = global_offset(zp.param)
-        t = local(zp.param).detach()
-        if t.numel() == 0:
-            continue
-        item = _Item(t, zp.index, start, tuple(shape), lr * s, 1.0 - lr * wd)
-        lowrank = directions.lowrank(zp.index)
-        if adam_eps is None and t.is_contiguous() and (lowrank or _dense_groupable(directions, item, seed_ints)):
-            groups.setdefault((lowrank, tuple(t.shape), t.dtype, t.device), []).append(item)
-        elif lowrank:
-            _lowrank_update_(t, start // shape[1], directions, zp.index, seed_ints, a, b, lr, s, 1.0 - lr * wd,
-                             adam_eps, ok)
-        else:
-            zs = None  # cached z of this step (CPU speed), else regenerated by the kernel
-            if all(directions.cached(int(x), zp.index) for x in seed_ints):
-                zs = [directions.z(int(x), zp.index)[start : start + t.numel()] for x in seed_ints]
-            perturb.update_(t, zp.index, seeds, a, b, lr * s, 1.0 - lr * wd, start, adam_eps, zs=zs,
-                            dist=directions.distribution, seed_ints=seed_ints, ok=ok)
-    for (lowrank, _, _, _), items in groups.items():
-        _grouped_update_(items, lowrank, directions, seed_ints, a, ok)
+        need = directions.missing(seed_ints, zp.index) * directions.drawn_numel(zp.index)
+        if part and size + need > budget:
+            _update_part(part, directions, seeds, seed_ints, a, b, lrs, wds, adam_eps, ok)
+            part, size = [], 0
+        part.append(zp)
+        size += need
+    if part:
+        _update_part(part, directions, seeds, seed_ints, a, b, lrs, wds, adam_eps, ok)
+
+
+def _update_part(
+    params: Sequence[ZOParam],
+    directions: Directions,
+    seeds: Tensor,
+    seed_ints: Sequence[int],
+    a: Tensor,
+    b: Tensor | None,
+    lrs: Sequence[float],
+    wds: Sequence[float],
+    adam_eps: float | None,
+    ok: Tensor | None,
+) -> None:
+    with directions.drawn(seed_ints, [zp.index for zp in params if directions.drawable(zp.index)]):
+        groups: dict[tuple, list[_Item]] = {}
+        for zp in params:
+            lr = float(lrs[zp.group])
+            wd = float(wds[zp.group]) if zp.decay else 0.0
+            s = directions.scale(zp.index)
+            start, shape = global_offset(zp.param)
+            t = local(zp.param).detach()
+            if t.numel() == 0:
+                continue
+            item = _Item(t, zp.index, start, tuple(shape), lr * s, 1.0 - lr * wd)
+            lowrank = directions.lowrank(zp.index)
+            if adam_eps is None and t.is_contiguous() and (lowrank or _dense_groupable(directions, item, seed_ints)):
+                groups.setdefault((lowrank, tuple(t.shape), t.dtype, t.device), []).append(item)
+            elif lowrank:
+                _lowrank_update_(t, start // shape[1], directions, zp.index, seed_ints, a, b, lr, s, 1.0 - lr * wd,
+                                 adam_eps, ok)
+            else:
+                zs = None  # cached z of this step (CPU speed), else regenerated by the kernel
+                if all(directions.cached(int(x), zp.index) for x in seed_ints):
+                    zs = [directions.z(int(x), zp.index)[start : start + t.numel()] for x in seed_ints]
+                perturb.update_(t, zp.index, seeds, a, b, lr * s, 1.0 - lr * wd, start, adam_eps, zs=zs,
+                                dist=directions.distribution, seed_ints=seed_ints, ok=ok)
+        for (lowrank, _, _, _), items in groups.items():
+            _grouped_update_(items, lowrank, directions, seed_ints, a, ok)
 
 
 class _Item(NamedTuple):
