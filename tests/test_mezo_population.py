@@ -188,7 +188,7 @@ def _fit_lm(steps, lr_override=2e-3, **kw):
 @pytest.mark.parametrize("variant", ["momentum", "adam"])
 def test_window_update_draws_earlier_directions_a_seed_at_a_time(variant, monkeypatch):
     # a window's earlier directions are drawn one vectorised pass per seed for a part of the tensors (not one
-    # stream per seed and tensor: 2,300 launch pairs a step on SmolLM2), dropped after the update, same weights
+    # stream per seed and tensor: about 30,000 a step on SmolLM2), dropped after the update, same weights
     import lightning_memopt.mezo.population as pop
 
     monkeypatch.setattr(pop, "_UPDATE_ELEMS", 2000)  # a budget below the window's directions: several parts
