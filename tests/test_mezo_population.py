@@ -185,6 +185,14 @@ def _fit_lm(steps, lr_override=2e-3, **kw):
     return mean_loss(tiny_model(objective="lm"), dm), mean_loss(model, dm), cb
 
 
+def _counted(fn, calls: dict, name: str):
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 @pytest.mark.parametrize("variant", ["momentum", "adam"])
 def test_window_update_draws_earlier_directions_a_seed_at_a_time(variant, monkeypatch):
     # a window's earlier directions are drawn one vectorised pass per seed for a part of the tensors (not one
@@ -204,9 +212,7 @@ def test_window_update_draws_earlier_directions_a_seed_at_a_time(variant, monkey
             monkeypatch.setattr(d, "drawn", lambda seeds, indices: contextlib.nullcontext())
         calls = {"stream": 0, "draw": 0}
         for name in calls:
-            fn = getattr(d, f"_{name}")
-            monkeypatch.setattr(d, f"_{name}", lambda *a, _fn=fn, _n=name, **k: (calls.__setitem__(_n, calls[_n] + 1),
-                                                                               _fn(*a, **k))[1])
+            monkeypatch.setattr(d, f"_{name}", _counted(getattr(d, f"_{name}"), calls, name))
         for step in range(3):
             seeds = zo.seeds(step)
             d.retain(seeds)
