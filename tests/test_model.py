@@ -116,6 +116,35 @@ def test_lora_targets_that_match_nothing_name_the_fix():
         tiny_model(lora_rank=-1)
 
 
+@pytest.mark.parametrize("method", ["adamw", "mezo_population"])
+def test_frozen_parameters_stay_as_they_were(method):
+    # the input embedding frozen by pattern: no method perturbs or updates it, the rest trains
+    from lightning_memopt.mezo.callback import MeZO
+
+    m = tiny_model(frozen=["model.embed_tokens.*"])
+    assert [n for n, p in m.named_parameters() if not p.requires_grad] == ["model.model.embed_tokens.weight"]
+    cbs = [] if method == "adamw" else [MeZO(lr=1e-2, seed=0, n_spsa=4, batched=True, perturbation="lowrank")]
+    before = full_state(m)
+    tiny_trainer(max_steps=3, callbacks=cbs).fit(m, tiny_datamodule())
+    after = full_state(m)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert "model.model.embed_tokens.weight" not in changed and len(changed) > len(before) // 2
+
+
+def test_frozen_patterns_that_match_nothing_or_everything_are_errors():
+    with pytest.raises(ValueError, match=r"'embed_tokens' matches no parameter.*'model.embed_tokens.\*'"):
+        tiny_model(frozen=["embed_tokens"])
+    with pytest.raises(ValueError, match="freezes every trained parameter"):
+        tiny_model(frozen=["*"])
+
+
+def test_a_frozen_tied_head_freezes_its_embedding():
+    from lightning_memopt.models import llama_config
+
+    m = HFCausalLM(model_config={**llama_config("tiny"), "tie_word_embeddings": True}, frozen=["lm_head.weight"])
+    assert m.model.lm_head.weight is m.model.model.embed_tokens.weight and not m.model.lm_head.weight.requires_grad
+
+
 def test_model_name_or_path_with_model_config_is_an_error(tmp_path):
     # it used to build the random-init model and ignore the (even missing) path without a word
     from lightning_memopt.models import llama_config

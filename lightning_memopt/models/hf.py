@@ -6,9 +6,11 @@ library must adapt to a module like this one without changing it.
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import os
 import types
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, Optional
 
@@ -116,6 +118,25 @@ def _with_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[st
         raise ValueError(f"lora_targets={targets}: {err} Name modules of this model, e.g. q_proj, v_proj.") from None
 
 
+def _freeze(module: torch.nn.Module, patterns: Sequence[str]) -> None:
+    """``requires_grad=False`` on the parameters whose names match a pattern; a pattern matching nothing, or
+    patterns leaving nothing to train, is an error (a typo would otherwise train the whole model)."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    for pat in patterns:
+        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+            raise ValueError(
+                f"frozen={list(patterns)}: {pat!r} matches no parameter. Patterns are fnmatch patterns of the "
+                f"Hugging Face model's named_parameters(), e.g. {names[0]!r} or 'model.embed_tokens.*'."
+            )
+    for n, p in module.named_parameters(remove_duplicate=False):
+        if any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
+            p.requires_grad_(False)
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ValueError(f"frozen={list(patterns)} freezes every trained parameter; nothing would train.")
+
+
 class HFCausalLM(LightningModule):
     """A Hugging Face causal LM as a LightningModule, for prompt classification or causal-LM loss.
 
@@ -136,6 +157,9 @@ class HFCausalLM(LightningModule):
         lora_rank: above 0, wrap the model with peft LoRA adapters of this rank on ``lora_targets`` and train
             only them (needs ``pip install lightning_memopt[peft]``). 0 trains every weight.
         lora_alpha, lora_targets: the adapters' scale numerator (``lora_alpha / lora_rank``) and target modules.
+        frozen: parameters left untrained, as ``fnmatch`` patterns of their names in the Hugging Face model (e.g.
+            ``["model.embed_tokens.*"]``; a tied output head is frozen with its input embedding). Every method
+            trains what the optimizer's groups hold, so none of them perturbs or updates these.
         choice_reduction: how a multi-token candidate's score combines its tokens' log-probabilities: ``"sum"``
             (the sequence log-probability) or ``"mean"`` (per token, which favours long candidates less).
         max_new_tokens: generation: the most tokens generated per answer (greedy).
@@ -170,6 +194,7 @@ class HFCausalLM(LightningModule):
         lora_rank: int = 0,
         lora_alpha: float = 16.0,
         lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+        frozen: tuple[str, ...] = (),
         choice_reduction: Reduction = "sum",
         max_new_tokens: int = 32,
         stop_text: Optional[str] = "\n",
@@ -201,6 +226,8 @@ class HFCausalLM(LightningModule):
             raise ValueError(f"lora_rank must be >= 0 (0 trains every weight), got {lora_rank}.")
         if lora_rank:
             self.model = _with_lora(self.model, lora_rank, lora_alpha, list(lora_targets))
+        if frozen:
+            _freeze(self.model, frozen)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
