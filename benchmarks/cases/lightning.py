@@ -16,8 +16,8 @@ so the figures sit beside the bare-step cases of the other modules and the peers
 * ``mezo_pop_lightning`` / ``mezo_pop_lightning_graph``: the population estimator as
   ``configs/sst2_smollm2_mezo_pop.yaml`` sets it (``MEZO_POP=16`` directions of rank 4, ``MEZO_POP_CHUNK=8``
   members per forward, MeZO's default; the config's 16 with ``MEZO_POP_CHUNK=16``; ``MEZO_ONE_SIDED=1``: n + 1
-  members instead of 2n), on a module whose loader yields the batch and which defines ``per_sample_loss``, so the
-  members run batched.
+  members instead of 2n; ``MEZO_VARIANT=momentum`` or ``adam`` with ``MEZO_WINDOW`` steps, default 10), on a module
+  whose loader yields the batch and which defines ``per_sample_loss``, so the members run batched.
 * ``mezo_label_lightning_graph``, ``mezo_pop_label_lightning[_graph]``: plain MeZO (graphed) and the population
   estimator on the prompt classifier below (the SST-2 configs' objective: label-word logits at the last position,
   no full-vocabulary logits), the shape to compare directions per second at (e.g. 16 × 32 tokens: SST-2's prompts
@@ -173,7 +173,8 @@ def _mezo_pop(cuda_graph: bool = False) -> pl.Callback:
     chunk = int(os.environ.get("MEZO_POP_CHUNK", "8")) or None  # 8: MeZO's default; 0: all members in one forward
     return MeZO(lr=1e-6, eps=1e-3, n_spsa=int(os.environ.get("MEZO_POP", "16")), perturbation="lowrank",
                 perturbation_rank=int(os.environ.get("MEZO_RANK", "4")), batched=True, population_chunk=chunk,
-                one_sided=os.environ.get("MEZO_ONE_SIDED", "0") == "1", cuda_graph=cuda_graph)
+                one_sided=os.environ.get("MEZO_ONE_SIDED", "0") == "1", cuda_graph=cuda_graph,
+                variant=os.environ.get("MEZO_VARIANT", "sgd"), window=int(os.environ.get("MEZO_WINDOW", "10")))
 
 
 def _dfo(cuda_graph: bool = False) -> pl.Callback:
