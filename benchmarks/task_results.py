@@ -128,6 +128,14 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
             own = [cb.evaluations for cb in trainer.callbacks if isinstance(getattr(cb, "evaluations", None), int)]
             return sum(own) if own else self.forwards
 
+        def on_train_batch_end(self, trainer: Any, *_: Any) -> None:
+            # a run killed before its first validation still tells how far it got (every 100 steps; no sync)
+            step = trainer.global_step
+            if step and step % 100 == 0 and step != getattr(self, "_told", None):
+                self._told = step
+                wall = time.perf_counter() - self.t0
+                print("TASKSTEP " + json.dumps(dict(step=step, train_s=round(wall - self.val_s, 2))), flush=True)
+
         def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
             self._v0 = time.perf_counter()
             self._dev: float | None = None
@@ -202,7 +210,9 @@ def _launch(run: Run, args: argparse.Namespace) -> tuple[subprocess.Popen, float
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), time.perf_counter()
 
 
-def _collect(run: Run, proc: subprocess.Popen, t0: float, timeout: float, jobs: int = 1) -> dict[str, Any]:
+def _collect(
+    run: Run, proc: subprocess.Popen, t0: float, timeout: float, jobs: int = 1, task: str | None = None
+) -> dict[str, Any]:
     label, method, overrides, seed = run
     try:
         out, err = proc.communicate(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
@@ -212,9 +222,12 @@ def _collect(run: Run, proc: subprocess.Popen, t0: float, timeout: float, jobs: 
         out, _ = proc.communicate()  # what it printed before the kill
         error = f"timeout after {timeout}s"
     lines = [ln for ln in out.splitlines() if ln.startswith("TASKRESULT ")]
-    rec = json.loads(lines[-1][11:]) if lines else dict(method=method, seed=seed, error=error)
-    if "error" in rec:  # a failed run keeps the validations it made
+    rec = json.loads(lines[-1][11:]) if lines else dict(task=task, method=method, seed=seed, error=error)
+    if "error" in rec:  # a failed run keeps the validations it made, and the last step it told of
         rec["curve"] = [json.loads(ln[10:]) for ln in out.splitlines() if ln.startswith("TASKPOINT ")]
+        steps = [json.loads(ln[9:]) for ln in out.splitlines() if ln.startswith("TASKSTEP ")]
+        if steps:
+            rec["last_step"] = steps[-1]
     rec.update(label=label, overrides=overrides, process_s=round(time.perf_counter() - t0, 1))
     if jobs > 1:
         rec["note"] = f"ran beside up to {jobs - 1} other runs on the GPU: wall times include the sharing"
@@ -233,7 +246,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             run = todo.pop(0)
             running.append((run, *_launch(run, args)))
         run, proc, t0 = running.pop(0)  # the oldest: a fair wait, since all share one deadline per run
-        rec = _collect(run, proc, t0, args.timeout, args.jobs)
+        rec = _collect(run, proc, t0, args.timeout, args.jobs, args.task)
         records.append(rec)
         print("RUN " + json.dumps({k: v for k, v in rec.items() if k != "curve"}), flush=True)
         write(records, args.out)
@@ -251,6 +264,8 @@ def table(records: list[dict[str, Any]]) -> str:
                 last = r["curve"][-1]
                 err += f"; kept its curve to step {last['step']}" + (
                     f" (dev {100 * last['dev']:.1f})" if "dev" in last else "")
+            if r.get("last_step"):
+                err += f"; reached step {r['last_step']['step']} in {r['last_step']['train_s']} s of training"
             rows.append(f"| {label} | {r['method']} | {r['seed']} | error: {err} | | | | | | | {over} |")
             continue
         main = r.get("dev_acc", r.get("dev_em"))

@@ -190,11 +190,14 @@ def test_a_timed_out_task_run_keeps_its_curve(tmp_path):
     points = [{"step": 2, "wall_s": 1.0, "train_s": 0.5, "val": 0.7, "forwards": 4, "dev": 0.69},
               {"step": 4, "wall_s": 2.0, "train_s": 1.0, "val": 0.8, "forwards": 8, "dev": 0.81}]
     code = ("import json, time\n" + "".join(f"print('TASKPOINT ' + json.dumps({p!r}), flush=True)\n" for p in points)
+            + "print('TASKSTEP ' + json.dumps({'step': 5, 'train_s': 1.3}), flush=True)\n"
             + "time.sleep(60)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    rec = S._collect(("pop", "mezo_pop", [], 0), proc, time.perf_counter(), timeout=5.0)
+    rec = S._collect(("pop", "mezo_pop", [], 0), proc, time.perf_counter(), timeout=5.0, task="sst2")
     assert rec["error"] == "timeout after 5.0s" and rec["curve"] == points and proc.returncode is not None
-    assert "error: timeout after 5.0s; kept its curve to step 4 (dev 81.0)" in S.table([rec])
+    assert rec["task"] == "sst2" and rec["last_step"] == {"step": 5, "train_s": 1.3}
+    assert ("error: timeout after 5.0s; kept its curve to step 4 (dev 81.0); reached step 5 in 1.3 s of training"
+            in S.table([rec]))
     # a run that fails keeps its points too, with its error
     proc = subprocess.Popen([sys.executable, "-c", code.replace("time.sleep(60)", "raise SystemExit('boom')")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
