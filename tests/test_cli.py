@@ -133,7 +133,8 @@ def test_main_returns_none_for_the_console_script(tmp_path, in_repo, capsys):
     ("config", "needs"),
     [*[(f"mrpc_smollm2_{m}.yaml", MRPC / "train.tsv")
        for m in ("adamw", "mezo", "mezo_pop", "lomo", "adalomo", "galore", "clora", "flora")],
-     *[(f"squad_smollm2_{m}.yaml", SQUAD) for m in ("adamw", "mezo", "mezo_f1", "adalomo")],
+     *[(f"squad_smollm2_{m}.yaml", SQUAD)
+       for m in ("adamw", "mezo", "mezo_f1", "mezo_pop", "lomo", "adalomo", "galore", "clora", "flora")],
      ("sst2_smollm2_mezo_pop.yaml", SST2 / "train.tsv"),
      ("instruct_smollm2.yaml", None)],
 )
