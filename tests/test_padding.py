@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import SQUAD, needs_squad
+
 from lightning_memopt.data.prompt import default_buckets, padded_length
 from lightning_memopt.testing import tiny_datamodule, tiny_model
 
@@ -178,3 +180,38 @@ def test_resume_in_the_middle_of_a_shuffled_epoch_sees_the_same_batches(tmp_path
     resumed = fit(resume=str(next(tmp_path.glob("*step=5.ckpt"))))  # step 5 of an 8-batch epoch
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+@needs_squad
+@pytest.mark.parametrize("padding", ["bucket", "max_length"])
+def test_squad_padding_gives_the_losses_and_answers_of_dynamic_padding(padding):
+    # the generation path (SQuAD, instruction data) pads to a few shapes too, for MeZO(cuda_graph=True)
+    from lightning_memopt.data.qa import SQuADDataModule
+
+    def run(pad: str) -> tuple[torch.Tensor, list[str], set[int]]:
+        torch.manual_seed(0)
+        model = tiny_model(objective="generation", max_new_tokens=4)
+        dm = SQuADDataModule(data_file=str(SQUAD), train_articles=[0], test_articles=[3], batch_size=4,
+                             eval_batch_size=4, test_limit=8, val_size=0, max_length=256, shuffle=False,
+                             padding=pad)
+        dm.tokenizer = model.tokenizer
+        dm.setup("fit")
+        model.eval()
+        losses, answers, lengths = [], [], set()
+        with torch.no_grad():
+            for i, b in enumerate(dm.train_dataloader()):
+                if i == 3:
+                    break
+                lengths.add(b["input_ids"].shape[1])
+                losses.append(model.per_sample_loss(b))
+            for b in dm.test_dataloader():
+                answers += model.generate_text(b["prompt_ids"], b["prompt_mask"])
+        return torch.cat(losses), answers, lengths
+
+    dynamic, dyn_answers, _ = run("longest")
+    padded, pad_answers, lengths = run(padding)
+    assert lengths <= ({256} if padding == "max_length" else set(default_buckets(256)))
+    torch.testing.assert_close(padded, dynamic, atol=1e-5, rtol=1e-5)
+    assert pad_answers == dyn_answers
+    with pytest.raises(ValueError, match="padding must be"):
+        SQuADDataModule(data_file=str(SQUAD), padding="fixed")

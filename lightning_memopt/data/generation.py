@@ -8,13 +8,14 @@ answer tokens: ``HFCausalLM.lm_loss`` uses them), ``prompt_ids``/``prompt_mask``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
-from lightning_memopt.data.prompt import Items, pin_memory
+from lightning_memopt.data.prompt import Items, padded_length, pin_memory
 from lightning_memopt.data.sampling import shuffled_loader
 from lightning_memopt.tokenization import load_tokenizer
 
@@ -39,8 +40,11 @@ def make_item(segments: list[tuple[list[int], bool]], answers: list[str], max_le
     return {"input_ids": ids, "lm_labels": labels, "prompt_ids": prompt, "answers": answers}
 
 
-def _left_pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(
+    seqs: list[list[int]], value: int, pad_to: Callable[[int], int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     n = max(1, max(len(s) for s in seqs))
+    n = n if pad_to is None else pad_to(n)
     out = torch.full((len(seqs), n), value, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     for j, s in enumerate(seqs):
@@ -50,11 +54,13 @@ def _left_pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Te
     return out, mask
 
 
-def generation_collate(pad_id: int):
+def generation_collate(pad_id: int, pad_to: Callable[[int], int] | None = None):
+    """Left-padded batches, each padded to ``pad_to(longest)`` (the longest by default)."""
+
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-        ids, mask = _left_pad([it["input_ids"] for it in items], pad_id)
-        labels, _ = _left_pad([it["lm_labels"] for it in items], IGNORE)
-        prompt, prompt_mask = _left_pad([it["prompt_ids"] for it in items], pad_id)
+        ids, mask = _left_pad([it["input_ids"] for it in items], pad_id, pad_to)
+        labels, _ = _left_pad([it["lm_labels"] for it in items], IGNORE, pad_to)
+        prompt, prompt_mask = _left_pad([it["prompt_ids"] for it in items], pad_id, pad_to)
         return {"input_ids": ids, "attention_mask": mask, "lm_labels": labels, "prompt_ids": prompt,
                 "prompt_mask": prompt_mask, "answers": [list(it["answers"]) for it in items]}
 
@@ -89,7 +95,10 @@ class GenerationDataModuleBase(LightningDataModule):
             self._splits = {k: Items(v) for k, v in self._build(tok).items()}
 
     def _collate(self) -> Any:
-        return generation_collate(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+        hp = self.hparams
+        pad_to = None if hp.padding == "longest" else (
+            lambda n: padded_length(n, hp.padding, hp.max_length, hp.pad_buckets))
+        return generation_collate(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0, pad_to)
 
     def _loader(self, split: str, batch_size: int) -> Any:
         if not len(self._splits.get(split, ())):

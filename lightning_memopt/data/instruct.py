@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_memopt.data.generation import GenerationDataModuleBase, make_item
+from lightning_memopt.data.prompt import check_padding
 from lightning_memopt.data.sampling import check_group_by_length
 from lightning_memopt.data.tables import read_table
 
@@ -41,6 +42,10 @@ class InstructionDataModule(GenerationDataModuleBase):
             windows of this many batches, the batches' order shuffled (less padding; see
             :class:`~lightning_memopt.data.sampling.LengthGroupedSampler`).
 
+        padding: ``"longest"`` pads each batch to its longest example; ``"max_length"`` to ``max_length`` (one
+            shape); ``"bucket"`` to the smallest of ``pad_buckets`` that fits (a few shapes: what
+            ``MeZO(cuda_graph=True)`` needs, one graph per shape). Left padding: results do not change.
+        pad_buckets: the bucket lengths (default: powers of two from 16 up to ``max_length``).
     Example::
 
         dm = InstructionDataModule(train_file="data/alpaca_1k.jsonl", val_size=64)
@@ -66,9 +71,12 @@ class InstructionDataModule(GenerationDataModuleBase):
         tokenizer: Optional[str] = None,
         shuffle: bool = True,
         group_by_length: int = 0,
+        padding: Literal["longest", "max_length", "bucket"] = "longest",
+        pad_buckets: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
         check_group_by_length(group_by_length, shuffle)
+        check_padding(padding, max_length, pad_buckets)
         for p in (train_file, val_file, test_file):
             if p is not None and not os.path.isfile(p):
                 raise FileNotFoundError(f"Data file {p!r} does not exist; give a JSONL file of instructions.")

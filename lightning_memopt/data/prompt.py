@@ -111,6 +111,13 @@ def padded_length(n: int, padding: str, max_length: int, buckets: Optional[list[
     return n
 
 
+def check_padding(padding: str, max_length: int, pad_buckets: Optional[list[int]]) -> None:
+    """A DataModule's padding settings, checked when it is built (not at the first batch)."""
+    padded_length(1, padding, max_length, pad_buckets)
+    if pad_buckets is not None and (not pad_buckets or min(pad_buckets) < 1):
+        raise ValueError(f"pad_buckets must be positive lengths, got {pad_buckets}.")
+
+
 def default_buckets(max_length: int) -> list[int]:
     out, b = [], 16
     while b < max_length:
@@ -229,9 +236,7 @@ class PromptClassificationDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         check_group_by_length(group_by_length, shuffle)
-        padded_length(1, padding, max_length, pad_buckets)  # a bad padding value fails here, not at the first batch
-        if pad_buckets is not None and (not pad_buckets or min(pad_buckets) < 1):
-            raise ValueError(f"pad_buckets must be positive lengths, got {pad_buckets}.")
+        check_padding(padding, max_length, pad_buckets)
         self.fields = template_fields(template)
         if not self.fields:
             raise ValueError(

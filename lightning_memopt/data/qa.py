@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_memopt.data.generation import GenerationDataModuleBase, make_item
+from lightning_memopt.data.prompt import check_padding
 from lightning_memopt.data.sampling import check_group_by_length
 from lightning_memopt.data.tables import check_template, template_fields
 
@@ -84,6 +85,10 @@ class SQuADDataModule(GenerationDataModuleBase):
         group_by_length: training batches of similar length (0: off): the shuffled examples sorted by length within
             windows of this many batches, the batches' order shuffled (less padding; see
             :class:`~lightning_memopt.data.sampling.LengthGroupedSampler`).
+        padding: ``"longest"`` pads each batch to its longest example; ``"max_length"`` to ``max_length`` (one
+            shape); ``"bucket"`` to the smallest of ``pad_buckets`` that fits (a few shapes: what
+            ``MeZO(cuda_graph=True)`` needs, one graph per shape). Left padding: results do not change.
+        pad_buckets: the bucket lengths (default: powers of two from 16 up to ``max_length``).
         seed: the seed of the question sample and of the training order (shuffled per epoch from it).
 
     Example::
@@ -116,9 +121,12 @@ class SQuADDataModule(GenerationDataModuleBase):
         tokenizer: Optional[str] = None,
         shuffle: bool = True,
         group_by_length: int = 0,
+        padding: Literal["longest", "max_length", "bucket"] = "longest",
+        pad_buckets: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
         check_group_by_length(group_by_length, shuffle)
+        check_padding(padding, max_length, pad_buckets)
         fields = template_fields(template)
         unknown = [f for f in fields if f not in QA_FIELDS]
         if unknown or "question" not in fields:
