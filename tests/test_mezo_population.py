@@ -193,8 +193,10 @@ def _counted(fn, calls: dict, name: str):
     return wrapper
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU"))])
 @pytest.mark.parametrize("variant", ["momentum", "adam"])
-def test_window_update_draws_earlier_directions_a_seed_at_a_time(variant, monkeypatch):
+def test_window_update_draws_earlier_directions_a_seed_at_a_time(variant, device, monkeypatch):
     # a window's earlier directions are drawn one vectorised pass per seed for a part of the tensors (not one
     # stream per seed and tensor: about 30,000 a step on SmolLM2), dropped after the update, same weights
     import lightning_memopt.mezo.population as pop
@@ -205,7 +207,7 @@ def test_window_update_draws_earlier_directions_a_seed_at_a_time(variant, monkey
     weights = []
     for drawn in (True, False):
         torch.manual_seed(0)
-        module = tiny_model()
+        module = tiny_model().to(device)  # on CUDA the draws are the Triton kernels' one launch per seed
         zo = ZeroOrder(module, cfg)
         d = zo.directions
         if not drawn:  # the reference: every earlier direction streamed per (seed, tensor) as the update asks
@@ -217,7 +219,8 @@ def test_window_update_draws_earlier_directions_a_seed_at_a_time(variant, monkey
             seeds = zo.seeds(step)
             d.retain(seeds)
             calls.update(stream=0, draw=0)
-            zo.update(seeds, torch.randn(cfg.n_spsa, generator=torch.Generator().manual_seed(step)), [0.1], [0.0])
+            g = torch.randn(cfg.n_spsa, generator=torch.Generator().manual_seed(step)).to(device)
+            zo.update(seeds, g, [0.1], [0.0])
         assert {s for s, _ in d._cache} == set(seeds)  # the earlier directions are gone again
         if drawn:
             parts = math.ceil(8 * sum(d.drawn_numel(i) for i in d.shapes) / 2000)
