@@ -41,11 +41,11 @@ class InstructionDataModule(GenerationDataModuleBase):
         group_by_length: training batches of similar length (0: off): the shuffled examples sorted by length within
             windows of this many batches, the batches' order shuffled (less padding; see
             :class:`~lightning_memopt.data.sampling.LengthGroupedSampler`).
-
         padding: ``"longest"`` pads each batch to its longest example; ``"max_length"`` to ``max_length`` (one
             shape); ``"bucket"`` to the smallest of ``pad_buckets`` that fits (a few shapes: what
             ``MeZO(cuda_graph=True)`` needs, one graph per shape). Left padding: results do not change.
         pad_buckets: the bucket lengths (default: powers of two from 16 up to ``max_length``).
+
     Example::
 
         dm = InstructionDataModule(train_file="data/alpaca_1k.jsonl", val_size=64)
