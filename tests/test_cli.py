@@ -157,6 +157,8 @@ def test_real_task_configs_on_the_tiny_model(config, needs, tmp_path, in_repo):
         assert {"test_em", "test_f1"} <= set(metrics)
     else:
         assert torch.isfinite(metrics["test_loss"])
+    if config == "sst2_smollm2_mezo_pop.yaml":  # the config freezes the input embedding
+        assert not cli.model.model.get_input_embeddings().weight.requires_grad
 
 
 @needs_mrpc
