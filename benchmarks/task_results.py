@@ -21,7 +21,8 @@ examples, never on dev), as the MeZO paper's runs select their final model; both
 takes to reach a dev accuracy, where otherwise only the end of a run is tested on dev.
 
 Writes ``<out>.json`` (one record per run) and ``<out>.md`` (with ``--seeds`` of more than one, a second table of
-each run's dev metrics as mean ± sample std over its seeds); ``--plot`` makes PNGs from existing JSONs.
+each run's dev metrics as mean ± sample std over its seeds); ``--plot`` makes PNGs from existing JSONs; ``--merge
+A.json,B.json --out X`` joins the JSONs of one task's separate calls (seeds run apart) into one, with its table.
 """
 
 from __future__ import annotations
@@ -317,6 +318,26 @@ def write(records: list[dict[str, Any]], out: str) -> None:
     Path(out + ".md").write_text(report(records))
 
 
+def merge(json_paths: str, out: str) -> list[dict[str, Any]]:
+    """The records of several results JSONs (a grid's device calls) in one ``<out>.json`` and ``<out>.md``, in the
+    order given. Records of two tasks, or a (run, seed) in two files, are an error: nothing is silently replaced."""
+    records: list[dict[str, Any]] = []
+    seen: dict[tuple[str, int], str] = {}
+    for f in json_paths.split(","):
+        for r in json.loads(Path(f).read_text()):
+            key = (r.get("label", r["method"]), r["seed"])
+            if key in seen:
+                raise SystemExit(f"--merge: run {key[0]!r} seed {key[1]} is in both {seen[key]} and {f}; "
+                                 "drop one of the files or relabel a run")
+            seen[key] = f
+            records.append(r)
+    tasks = {r.get("task") for r in records} - {None}
+    if len(tasks) > 1:
+        raise SystemExit(f"--merge: the files hold several tasks ({', '.join(sorted(tasks))}); merge one task at a time")
+    write(records, out)
+    return records
+
+
 def plot(json_paths: str, out_dir: str, prefix: str | None = None) -> list[str]:
     """Validation metric against steps, training wall time and forward passes, and peak-memory bars, as PNGs named
     ``<prefix>_acc_vs_<x>.png`` (``prefix`` defaults to the task), from one results JSON or several, comma-separated.
@@ -404,15 +425,21 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--plot", metavar="JSON[,JSON...]", help="make PNG plots from results JSONs into --plot_dir")
+    ap.add_argument("--merge", metavar="JSON[,JSON...]",
+                    help="write the records of these JSONs (one task) as one JSON and table at --out (required)")
     ap.add_argument("--plot_dir", default=str(ROOT / "docs" / "img"))
     ap.add_argument("--plot_prefix", help="the PNGs' name prefix (default: the task)")
     ap.add_argument("extra", nargs="*", help="extra CLI overrides after --, e.g. --trainer.max_steps=100")
     args = ap.parse_args()
     if args.dev_curve and args.task == "squad":
         ap.error("--dev_curve measures accuracy: sst2 and mrpc only")
+    if args.merge and not args.out:
+        ap.error("--merge needs --out (it would otherwise replace benchmarks/results/<task>_smollm2)")
     args.data = args.data or str(TASKS[args.task][0])
     args.out = args.out or str(ROOT / "benchmarks" / "results" / f"{args.task}_smollm2")
-    if args.plot:
+    if args.merge:
+        print(report(merge(args.merge, args.out)))
+    elif args.plot:
         print("\n".join(plot(args.plot, args.plot_dir, args.plot_prefix)))
     elif args.one:
         rec = _one(args.task, args.one, args.seed, args.model, args.data, args.extra, args.best_val, args.dev_curve)

@@ -179,6 +179,28 @@ def test_task_run_specs_and_table():
     assert S.summary(rows) == ""  # one seed per run: no summary
 
 
+def test_merge_joins_one_tasks_calls_and_refuses_a_run_twice(tmp_path):
+    from benchmarks import task_results as S
+
+    def rec(seed, dev, task="sst2"):
+        return {"task": task, "method": "mezo_pop", "label": "pop", "seed": seed, "dev_acc": dev, "dev_f1": dev,
+                "steps": 5, "forwards": 85, "wall_s": 1.2, "train_s": 1.0, "peak_gib": 1.0}
+
+    a, b, c = (tmp_path / f"{n}.json" for n in "abc")
+    a.write_text(json.dumps([rec(0, 86.0)]))
+    b.write_text(json.dumps([rec(1, 84.0), rec(2, 85.0)]))
+    merged = S.merge(f"{a},{b}", str(tmp_path / "all"))
+    assert [r["seed"] for r in merged] == [0, 1, 2]
+    assert json.loads((tmp_path / "all.json").read_text()) == merged
+    assert "| pop | 3 | 0 | 85.0 ± 1.0 |" in (tmp_path / "all.md").read_text()
+    with pytest.raises(SystemExit, match="run 'pop' seed 1 is in both"):
+        S.merge(f"{b},{b}", str(tmp_path / "twice"))
+    c.write_text(json.dumps([rec(3, 80.0, task="mrpc")]))
+    with pytest.raises(SystemExit, match="several tasks"):
+        S.merge(f"{a},{c}", str(tmp_path / "tasks"))
+    assert not (tmp_path / "twice.json").exists() and not (tmp_path / "tasks.json").exists()
+
+
 def test_a_timed_out_task_run_keeps_its_curve(tmp_path):
     """A run killed at its timeout (or failing) keeps the validation points it printed; the table and the plots
     show them."""
