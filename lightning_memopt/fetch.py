@@ -89,7 +89,7 @@ def dequantize_gguf(gguf_path: os.PathLike | str, dest: os.PathLike | str | None
     transformers dequantizes a GGUF file on every load (SmolLM2-135M: about 18 s for the weights and 5 s for the
     tokenizer on one CPU core); the folder loads in well under a second, without the ``gguf`` package. Its weights
     are the GGUF load's, bit for bit (checked before the folder takes its name). ``dest`` defaults to the file's
-    path without ``.gguf``.
+    path without ``.gguf``. It holds the float model twice in host memory while it saves (SmolLM2: 1 GB).
     """
     src = Path(gguf_path)
     if src.suffix != ".gguf" or not src.is_file():
