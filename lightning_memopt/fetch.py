@@ -102,6 +102,9 @@ def dequantize_gguf(gguf_path: os.PathLike | str, dest: os.PathLike | str | None
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from lightning_memopt.tokenization import require_gguf
+
+    require_gguf()
     quantized = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     # a model built from the config without its GGUF quantization marker saves like any other (transformers
@@ -135,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m lightning_
         path = download_smollm2(args.dest)
         if args.dequantize:
             path = dequantize_gguf(path)
-    except (RuntimeError, ValueError, FileNotFoundError, FileExistsError) as err:
+    except (RuntimeError, ValueError, ImportError, FileNotFoundError, FileExistsError) as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         sys.exit(1)
     print(path)

@@ -26,6 +26,14 @@ TEMPLATE_WORDS = "review sentiment label text input answer positive negative neu
 SPECIALS = ("[PAD]", "[UNK]", "[EOS]")
 
 
+def require_gguf() -> None:
+    """transformers reads GGUF files with the gguf package; without it, say which extra installs it."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ImportError("Loading a GGUF checkpoint needs the gguf package: pip install 'lightning_memopt[gguf]'.")
+
+
 def split_gguf(path: str, gguf_file: Optional[str] = None) -> tuple[str, Optional[str]]:
     """``("dir", "file.gguf")`` for a path to a ``.gguf`` file (transformers wants the folder and the file name)."""
     if gguf_file is None and path.endswith(".gguf"):

@@ -174,7 +174,9 @@ def test_dequantized_folder_gives_the_gguf_models_losses_and_tokens(tmp_path):
     assert dequantize_gguf(src) == out  # done once: an existing folder is returned as it is
 
 
-def test_dequantize_errors_name_the_fix(tmp_path):
+def test_dequantize_errors_name_the_fix(tmp_path, monkeypatch):
+    import sys
+
     from lightning_memopt.fetch import dequantize_gguf
 
     with pytest.raises(FileNotFoundError, match="not a .gguf file"):
@@ -183,6 +185,9 @@ def test_dequantize_errors_name_the_fix(tmp_path):
     (tmp_path / "m").mkdir()
     with pytest.raises(FileExistsError, match="holds no config.json; give another dest"):
         dequantize_gguf(tmp_path / "m.gguf")
+    monkeypatch.setitem(sys.modules, "gguf", None)  # not installed
+    with pytest.raises(ImportError, match=r"pip install 'lightning_memopt\[gguf\]'"):
+        dequantize_gguf(tmp_path / "m.gguf", tmp_path / "other")
 
 
 def test_memopt_download_smollm2_dequantize_prints_the_folder(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,7 @@ from torch import Tensor
 from lightning_memopt import _shim
 from lightning_memopt.core.holder import no_decay
 from lightning_memopt.core.population import token_losses
-from lightning_memopt.tokenization import load_tokenizer, split_gguf
+from lightning_memopt.tokenization import load_tokenizer, require_gguf, split_gguf
 
 Objective = Literal["classification", "lm", "generation"]
 Schedule = Literal["constant", "linear", "cosine"]
@@ -83,10 +83,7 @@ def load_hf_model(
         kwargs["gguf_file"] = gguf_file
         if not os.path.exists(os.path.join(path, gguf_file)):
             raise FileNotFoundError(f"GGUF file {os.path.join(path, gguf_file)!r} does not exist; check the path.")
-        try:
-            import gguf  # noqa: F401
-        except ImportError:
-            raise ImportError("Loading a GGUF checkpoint needs the gguf package: pip install 'lightning_memopt[gguf]'.")
+        require_gguf()
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as err:
