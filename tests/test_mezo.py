@@ -213,6 +213,23 @@ def test_grouped_perturbation_equals_per_module(build):
     assert out[0] == out[64 << 20] and out[0] != plain
 
 
+def test_callback_group_bytes_reaches_the_perturber_and_leaves_the_weights_alone():
+    # the launch grouping is a speed knob: the same z and weights with every grouping
+    weights, roots = [], []
+    for gb in (0, 64 << 20):
+        torch.manual_seed(0)
+        model, cb = tiny_model(), MeZO(lr=1e-3, eps=1e-2, group_bytes=gb)
+        tiny_trainer(max_steps=3, callbacks=[cb]).fit(model, tiny_datamodule(batch_size=4))
+        roots.append(len(cb.zo.perturber._group_roots))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    torch.manual_seed(0)
+    init = torch.cat([p.detach().flatten() for p in tiny_model().parameters()])
+    assert roots[0] == 0 < roots[1]
+    assert torch.equal(weights[0], weights[1]) and not torch.equal(weights[0], init)
+    with pytest.raises(ValueError, match="group_bytes must be an integer >= 0"):
+        MeZO(group_bytes=-1)
+
+
 @pytest.mark.parametrize(("precision", "lr", "warns"), [("bf16-true", 1e-6, True), ("32-true", 1e-6, False),
                                                          ("bf16-true", 0.5, False)])
 def test_warns_when_updates_round_away_in_low_precision_weights(precision, lr, warns, recwarn):

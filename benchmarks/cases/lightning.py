@@ -13,6 +13,8 @@ so the figures sit beside the bare-step cases of the other modules and the peers
   ``adalomo_lightning_ckpt``: ``LOMO(lr=1e-3)`` and ``AdaLomo(lr=1e-3)`` with Hugging Face's activation checkpointing
   (the bare ``lomo_ckpt`` / ``adalomo_ckpt`` cases' and lomo-optim's setting);
 * ``mezo_lightning_graph``: ``MeZO(lr=1e-6, cuda_graph=True)`` (the perturbed forwards replayed from a CUDA graph);
+  ``MEZO_GROUP_MB`` sets both plain cases' ``group_bytes`` (default 64: at 1.1B a decoder layer's 88 MB is not one
+  launch but six);
 * ``mezo_pop_lightning`` / ``mezo_pop_lightning_graph``: the population estimator as
   ``configs/sst2_smollm2_mezo_pop.yaml`` sets it (``MEZO_POP=16`` directions of rank 4, ``MEZO_POP_CHUNK=8``
   members per forward, MeZO's default; the config's 16 with ``MEZO_POP_CHUNK=16``; ``MEZO_ONE_SIDED=1``: n + 1
@@ -164,7 +166,8 @@ def _galore(keep_grads: bool) -> pl.Callback:
 def _mezo(cuda_graph: bool = False) -> pl.Callback:
     from lightning_memopt import MeZO
 
-    return MeZO(lr=1e-6, eps=1e-3, cuda_graph=cuda_graph, distribution=os.environ.get("MEZO_DIST", "normal"))
+    return MeZO(lr=1e-6, eps=1e-3, cuda_graph=cuda_graph, distribution=os.environ.get("MEZO_DIST", "normal"),
+                group_bytes=int(os.environ.get("MEZO_GROUP_MB", "64")) << 20)
 
 
 def _mezo_pop(cuda_graph: bool = False) -> pl.Callback:

@@ -86,6 +86,9 @@ class MeZO(MethodCallback):
             arguments are taken as at capture). Where it cannot work (CPU, several processes, a ``metric``
             objective, a capture that fails) it warns once with the reason and runs the eager step.
         max_graphs: batch shapes captured at most with ``cuda_graph`` (each keeps one forward's activations).
+        group_bytes: the plain estimator perturbs a submodule's weights in one kernel launch when they total at most
+            this many bytes (a decoder layer of a small model); its perturbed copies exist during that submodule's
+            forward. Larger: fewer launches, that much more memory inside a layer. 0: one launch per weight's module.
 
     Example::
 
@@ -134,10 +137,12 @@ class MeZO(MethodCallback):
         max_consecutive_skips: int = 10,
         cuda_graph: bool = False,
         max_graphs: int = 8,
+        group_bytes: int = 64 << 20,
     ) -> None:
         super().__init__(allow_untested, max_consecutive_skips)
         self.cuda_graph = bool(cuda_graph)
         self.max_graphs = validate.at_least(max_graphs, 1, "max_graphs")
+        self.group_bytes = validate.at_least(group_bytes, 0, "group_bytes")
         self._graph: GraphReplay | None = None
         self._seed_dev: DeviceValues | None = None
         self._graph_call: tuple | None = None
@@ -217,7 +222,7 @@ class MeZO(MethodCallback):
         params = make_params(pl_module, [g["params"] for g in self.holder.param_groups], decay_fn)
         if not params:
             raise MisconfigurationException("MeZO found no trainable parameter in the optimizer's param groups.")
-        self.zo = ZeroOrder(pl_module, self.config, self.seed, params, guard=self.guard)
+        self.zo = ZeroOrder(pl_module, self.config, self.seed, params, group_bytes=self.group_bytes, guard=self.guard)
         self._per_sample = None
         c = self.config
         if c.population:
