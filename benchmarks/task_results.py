@@ -11,7 +11,8 @@ fit), peak memory, and the validation curve against steps, training wall time an
         --methods zero_shot,adamw,mezo --seeds 0,1,2 --max_minutes 10 --out benchmarks/results/sst2_smollm2
 
 A run spec is a method, or ``LABEL=METHOD`` followed by ``@``-separated CLI overrides for that run alone, e.g.
-``clora_k16=clora@--data.k=16@--data.batch_size=32``. ``--max_minutes`` caps every run's fit alike (Lightning's
+``clora_k16=clora@--data.k=16@--data.batch_size=32``; a comma inside brackets or quotes stays in its override
+(``lower=mezo_pop@--model.init_args.frozen=["model.embed_tokens.*","model.layers.[0-9].*"]``). ``--max_minutes`` caps every run's fit alike (Lightning's
 ``max_time``). ``--jobs N`` runs N processes at once: their wall times then include the sharing (the record says so);
 rerun timed curves alone.
 
@@ -188,6 +189,29 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
     return rec
 
 
+def split_specs(methods: str) -> list[str]:
+    """``--methods`` split at its top-level commas: a comma inside brackets or quotes belongs to an override's value
+    (``x=mezo_pop@--model.init_args.frozen=["a.*","b.*"]``)."""
+    specs, cur, depth, quote = [], [], 0, ""
+    for ch in methods:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            specs.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    if depth or quote:
+        raise SystemExit(f"unbalanced brackets or quotes in --methods {methods!r}")
+    return [*specs, "".join(cur)]
+
+
 def parse_spec(spec: str) -> tuple[str, str, list[str]]:
     """``LABEL=METHOD@OVERRIDE@...`` (or a bare method) -> (label, method, overrides)."""
     head, *overrides = spec.split("@")
@@ -239,7 +263,8 @@ def _collect(
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (spec, seed) in its own process, ``args.jobs`` at a time; results in the order given."""
     # every spec parsed before anything is launched, so a typo fails at once
-    todo: list[Run] = [(*parse_spec(spec), int(s)) for spec in args.methods.split(",") for s in args.seeds.split(",")]
+    todo: list[Run] = [(*parse_spec(spec), int(s)) for spec in split_specs(args.methods)
+                       for s in args.seeds.split(",")]
     records: list[dict[str, Any]] = []
     running: list[tuple[Run, subprocess.Popen, float]] = []
     while todo or running:

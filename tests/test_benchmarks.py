@@ -169,6 +169,11 @@ def test_task_run_specs_and_table():
     assert (label, method, over) == ("clora_k16", "clora", ["--data.k=16", "--data.batch_size=32"])
     with pytest.raises(SystemExit, match="unknown method"):
         S.parse_spec("x=nosuch")
+    lower = 'lower=mezo_pop@--model.init_args.frozen=["model.embed_tokens.*","model.layers.[0-9].*"]'
+    assert S.split_specs(f"adamw,{lower},mezo") == ["adamw", lower, "mezo"]
+    assert S.parse_spec(lower)[2] == ['--model.init_args.frozen=["model.embed_tokens.*","model.layers.[0-9].*"]']
+    with pytest.raises(SystemExit, match="unbalanced brackets or quotes"):
+        S.split_specs("x=mezo@--a=[1,2")
     rows = [
         {"method": "clora", "label": "clora_k16", "overrides": over, "seed": 0, "dev_acc": 81.8, "dev_f1": 81.7,
          "steps": 400, "forwards": 803, "wall_s": 1.0, "peak_gib": 1.1},
