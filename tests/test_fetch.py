@@ -102,7 +102,6 @@ def test_smollm2_extra_does_not_install_llm():
     assert "\"llm" not in line and "llama" not in line and "gguf" in line
 
 
-
 def tiny_gguf(path: Path) -> Path:
     """A 2-layer Llama GGUF (float32 tensors) with a byte-level BPE tokenizer, written with the gguf package."""
     gguf = pytest.importorskip("gguf")
@@ -163,8 +162,7 @@ def test_dequantized_folder_gives_the_gguf_models_losses_and_tokens(tmp_path):
     assert not (tmp_path / "tiny.Q.part").exists() and "quantization_config" not in (out / "config.json").read_text()
     a, b = HFCausalLM(model_name_or_path=str(src)), HFCausalLM(model_name_or_path=str(out))
     text = ["the test", "est these"]
-    ids_a, ids_b = a.tokenizer(text, padding=True, return_tensors="pt"), b.tokenizer(text, padding=True,
-                                                                                       return_tensors="pt")
+    ids_a, ids_b = (m.tokenizer(text, padding=True, return_tensors="pt") for m in (a, b))
     assert torch.equal(ids_a.input_ids, ids_b.input_ids) and torch.equal(ids_a.attention_mask, ids_b.attention_mask)
     assert a.tokenizer.eos_token_id == b.tokenizer.eos_token_id and a.tokenizer.pad_token_id == b.tokenizer.pad_token_id
     with torch.no_grad():
