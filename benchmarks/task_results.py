@@ -5,7 +5,8 @@ from its configs ``configs/<task>_smollm2_<method>.yaml`` (the same configs a us
 the model path and data given here. Each (method, seed) runs in its own process. For each run it records the dev
 metrics, optimizer steps, training forward passes, wall time (training only, validation excluded, beside the whole
 fit), peak memory, and the validation curve against steps, training wall time and forward passes: time to accuracy.
-``zero_shot`` evaluates the untouched model. Every record names the commit, the GPU and the command.
+``zero_shot`` evaluates the untouched model. Every record names the commit, the GPU and the command. A ``.gguf``
+model is dequantized once into a folder beside it, which every run loads (``--keep_gguf``: the file in every run).
 
     python -m benchmarks.task_results --task sst2 --model ~/smol/SmolLM2-135M-Instruct.Q4_1.gguf \
         --methods zero_shot,adamw,mezo --seeds 0,1,2 --max_minutes 10 --out benchmarks/results/sst2_smollm2
@@ -260,6 +261,18 @@ def _collect(
     return rec
 
 
+def model_for_runs(model: str, keep_gguf: bool = False) -> str:
+    """The model path every run loads: a ``.gguf`` file is dequantized once into a Hugging Face folder beside it
+    (the same weights; ~20 s a run saved on SmolLM2), unless ``keep_gguf``."""
+    if keep_gguf or not model.endswith(".gguf"):
+        return model
+    from lightning_memopt.fetch import dequantize_gguf
+
+    folder = str(dequantize_gguf(model))
+    print(f"runs load {folder} (dequantized once from {model}; --keep_gguf loads the file in every run)", flush=True)
+    return folder
+
+
 def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (spec, seed) in its own process, ``args.jobs`` at a time; results in the order given."""
     # every spec parsed before anything is launched, so a typo fails at once
@@ -436,6 +449,8 @@ def main() -> None:
     ap.add_argument("--label", help=argparse.SUPPRESS)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--model", default=os.path.expanduser("~/smol/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--keep_gguf", action="store_true",
+                    help="load the .gguf file in every run instead of a folder dequantized once beside it")
     ap.add_argument("--task", choices=sorted(TASKS), default="sst2")
     ap.add_argument("--data", help="the task's data folder or file (default: ../shared/data/<task>)")
     ap.add_argument("--max_minutes", type=int, default=0, help="cap every run's fit at this many minutes")
@@ -471,6 +486,7 @@ def main() -> None:
         rec["label"] = args.label or args.one
         print("TASKRESULT " + json.dumps(rec), flush=True)
     else:
+        args.model = model_for_runs(args.model, args.keep_gguf)
         records = run_all(args)
         print(report(records))
 

@@ -184,6 +184,17 @@ def test_task_run_specs_and_table():
     assert S.summary(rows) == ""  # one seed per run: no summary
 
 
+def test_runs_load_a_gguf_dequantized_once_unless_kept(tmp_path, monkeypatch):
+    from benchmarks import task_results as S
+    from lightning_memopt import fetch
+
+    calls = []
+    monkeypatch.setattr(fetch, "dequantize_gguf", lambda p: calls.append(p) or Path(p[:-5]))
+    assert S.model_for_runs(str(tmp_path / "m.gguf")) == str(tmp_path / "m") and len(calls) == 1
+    assert S.model_for_runs(str(tmp_path / "m.gguf"), keep_gguf=True) == str(tmp_path / "m.gguf")
+    assert S.model_for_runs(str(tmp_path / "folder")) == str(tmp_path / "folder") and len(calls) == 1
+
+
 def test_merge_joins_one_tasks_calls_and_refuses_a_run_twice(tmp_path):
     from benchmarks import task_results as S
 
