@@ -13,8 +13,8 @@ so the figures sit beside the bare-step cases of the other modules and the peers
   ``adalomo_lightning_ckpt``: ``LOMO(lr=1e-3)`` and ``AdaLomo(lr=1e-3)`` with Hugging Face's activation checkpointing
   (the bare ``lomo_ckpt`` / ``adalomo_ckpt`` cases' and lomo-optim's setting);
 * ``mezo_lightning_graph``: ``MeZO(lr=1e-6, cuda_graph=True)`` (the perturbed forwards replayed from a CUDA graph);
-  ``MEZO_GROUP_MB`` sets both plain cases' ``group_bytes`` (default 64: at 1.1B a decoder layer's 88 MB is not one
-  launch but six);
+  ``MEZO_GROUP_MB`` sets both plain cases' ``group_bytes`` (default 64: at 1.1B, 16 decoder layers of 116 MiB, a
+  perturbed forward takes 99 launches; 19 at 128);
 * ``mezo_pop_lightning`` / ``mezo_pop_lightning_graph``: the population estimator as
   ``configs/sst2_smollm2_mezo_pop.yaml`` sets it (``MEZO_POP=16`` directions of rank 4, ``MEZO_POP_CHUNK=8``
   members per forward, MeZO's default; the config's 16 with ``MEZO_POP_CHUNK=16``; ``MEZO_ONE_SIDED=1``: n + 1
