@@ -311,3 +311,45 @@ def test_the_dev_curve_scores_the_weights_validation_scored(tmp_path, in_repo):
     assert [p["step"] for p in rec["curve"]] == [2, 4]
     assert round(100 * rec["curve"][-1]["dev"], 2) == rec["dev_acc"]
 
+
+
+def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, capsys):
+    from benchmarks import grid
+
+    h200, h100 = {"gpu": "NVIDIA H200"}, {"gpu": "NVIDIA H100 80GB HBM3"}
+
+    def rec(method, seed, env=h200, **kw):
+        return dict(task="sst2", method=method, seed=seed, dev_acc=80.0 + seed, process_s=100.0, env=env, **kw)
+
+    (tmp_path / "sst2_grid_h200_s0_0.json").write_text(json.dumps([
+        rec("adamw", 0),  # a cell
+        rec("lomo", 0, env=h100),  # not on the H200
+        rec("galore", 0, note="ran beside up to 2 other runs on the GPU"),  # shared
+        rec("mezo", 0, error="timeout after 580s"),
+        rec("mezo_pop", 0, overrides=["--model.init_args.lr=2e-4"], label="lr2"),  # not the config
+    ]))
+    (tmp_path / "sst2_grid_h200.json").write_text(json.dumps([rec("adamw", 0), rec("adamw", 1)]))  # a merge
+    (tmp_path / "sst2_other.json").write_text(json.dumps([  # estimates only
+        dict(task="sst2", method="lomo", seed=0, process_s=300.0, env=h200, overrides=["--x=1"]),
+        dict(task="sst2", method="lomo", seed=0, process_s=900.0, env=h200, note="shared"),
+        dict(task="mrpc", method="flora", seed=0, process_s=250.0, env=h200),
+    ]))
+    cells = grid.done_cells(tmp_path)
+    assert set(cells) == {("sst2", "adamw", 0), ("sst2", "adamw", 1)}
+    est = grid.estimates(tmp_path, default_s=600)
+    assert est[("sst2", "adamw")] == 100.0  # its own task, alone, no overrides
+    assert est[("sst2", "lomo")] == 300.0  # alone with overrides beats the shared run
+    assert est[("sst2", "flora")] == 250.0  # another task's record where its own has none
+    assert est[("squad", "zero_shot")] == 600  # never run: the default
+
+    missing = [(t, m, s) for s in grid.SEEDS for t in grid.TASKS for m in grid.METHODS if (t, m, s) not in cells]
+    calls = grid.plan_calls(missing, est, budget=540)
+    assert [c["seed"] for c in calls] == sorted(c["seed"] for c in calls)  # seed 0 of every task first
+    assert sorted((c["task"], m, c["seed"]) for c in calls for m in c["methods"]) == sorted(missing)
+    for c in calls:  # within the budget, or one cell alone
+        assert c["est_s"] <= 540 or len(c["methods"]) == 1
+        assert c["command"].startswith(f"bash benchmarks/device_run.sh task {c['task']} {c['seed']} ")
+        assert ("--dev_curve" in c["command"]) == (c["task"] != "squad")  # task_results refuses it on squad
+    grid.main(["--results", str(tmp_path), "--calls"])
+    out = capsys.readouterr().out
+    assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "2 of 81 cells measured; 79 left" in out

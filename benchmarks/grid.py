@@ -1,0 +1,137 @@
+"""Issue 17's quality grid on the H200: which (task, method, seed) cells are measured, which are left, and the
+device calls that would run the rest.
+
+A cell is done when a committed ``benchmarks/results/<task>_grid_h200*.json`` (``task_results``' output, one file
+per device call, or their ``--merge``) holds a record of that method and seed that ran on an H200, alone on the GPU,
+without error. The estimate of a missing cell is the median ``process_s`` of the method's earlier H200 records on
+that task in any committed task JSON (see :func:`estimates`), else ``--default_s``. The calls group one
+task and one seed, seed 0 of every task first (its curves are the timed ones), within ``--budget`` seconds each:
+
+    python -m benchmarks.grid                  # the grid: dev per cell, or its estimate if missing
+    python -m benchmarks.grid --calls          # the next device calls (benchmarks/device_run.sh task ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TASKS = ("sst2", "mrpc", "squad")
+METHODS = ("zero_shot", "adamw", "lomo", "adalomo", "galore", "mezo", "mezo_pop", "clora", "flora")
+SEEDS = (0, 1, 2)
+SETUP_S = 20  # a call's wheel install and the join of the model halves
+
+
+def _records(pattern: str, results: Path) -> list[dict[str, Any]]:
+    out = []
+    for path in sorted(results.glob(pattern)):
+        data = json.loads(path.read_text())
+        for rec in data if isinstance(data, list) else []:
+            if isinstance(rec, dict) and "method" in rec:
+                out.append({**rec, "_file": path.name})
+    return out
+
+
+def _alone_on_h200(rec: dict[str, Any]) -> bool:
+    return "H200" in str((rec.get("env") or {}).get("gpu")) and "note" not in rec and "error" not in rec
+
+
+def done_cells(results: Path = RESULTS) -> dict[tuple[str, str, int], dict[str, Any]]:
+    """(task, method, seed) -> its record, from the grid's JSON; a run with overrides is not a grid cell."""
+    cells: dict[tuple[str, str, int], dict[str, Any]] = {}
+    for task in TASKS:
+        for rec in _records(f"{task}_grid_h200*.json", results):
+            if _alone_on_h200(rec) and not rec.get("overrides") and rec.get("label", rec["method"]) == rec["method"]:
+                cells.setdefault((task, rec["method"], int(rec["seed"])), rec)
+    return cells
+
+
+def estimates(results: Path = RESULTS, default_s: float = 600.0) -> dict[tuple[str, str], float]:
+    """(task, method) -> seconds a run takes as a process, from earlier H200 records: the median of the best kind
+    there is, in this order: the same task alone on the GPU without overrides, with overrides, beside other runs
+    (an upper bound: the sharing is in it), then the same for the other tasks."""
+    kinds: dict[tuple[str, str], dict[int, list[float]]] = {}
+    for rec in _records("*.json", results):
+        task, gpu = rec.get("task"), str((rec.get("env") or {}).get("gpu"))
+        if task not in TASKS or "H200" not in gpu or "error" in rec or not rec.get("process_s"):
+            continue
+        rank = 2 if "note" in rec else 1 if rec.get("overrides") else 0
+        kinds.setdefault((task, rec["method"]), {}).setdefault(rank, []).append(float(rec["process_s"]))
+    est = {}
+    for task in TASKS:
+        for m in METHODS:
+            own = kinds.get((task, m), {})
+            other: dict[int, list[float]] = {}
+            for (t, mm), by_rank in kinds.items():
+                if mm == m and t != task:
+                    for r, v in by_rank.items():
+                        other.setdefault(r, []).extend(v)
+            pick = [own[r] for r in sorted(own)] + [other[r] for r in sorted(other)] + [[default_s]]
+            est[(task, m)] = round(statistics.median(pick[0]), 1)
+    return est
+
+
+def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], float],
+               budget: float) -> list[dict[str, Any]]:
+    """Missing cells packed into calls of one task and seed, each within ``budget`` seconds (a cell longer than
+    the budget gets a call of its own), seed 0 of every task first."""
+    calls: list[dict[str, Any]] = []
+    for seed in SEEDS:
+        for task in TASKS:
+            cur: dict[str, Any] | None = None
+            for t, m, s in missing:
+                if (t, s) != (task, seed):
+                    continue
+                if cur is None or cur["est_s"] + est[(t, m)] > budget:
+                    cur = dict(task=t, seed=s, methods=[], est_s=float(SETUP_S))
+                    calls.append(cur)
+                cur["methods"].append(m)
+                cur["est_s"] += est[(t, m)]
+    for i, c in enumerate(calls):
+        dev_curve = " --dev_curve" if c["task"] != "squad" else ""
+        name = f"{c['task']}_grid_h200_s{c['seed']}_{i}"
+        c["command"] = (f"bash benchmarks/device_run.sh task {c['task']} {c['seed']} {','.join(c['methods'])} {name}"
+                        f"{dev_curve} --max_minutes 10 --timeout 580")
+        c["est_s"] = round(c["est_s"])
+    return calls
+
+
+def grid_table(cells: dict[tuple[str, str, int], dict[str, Any]], est: dict[tuple[str, str], float]) -> str:
+    metric = {"sst2": "dev_acc", "mrpc": "dev_acc", "squad": "dev_f1"}
+    rows = ["| task | method | " + " | ".join(f"seed {s}" for s in SEEDS) + " |", "|---|---|" + "---|" * len(SEEDS)]
+    for task in TASKS:
+        for m in METHODS:
+            vals = []
+            for s in SEEDS:
+                rec = cells.get((task, m, s))
+                vals.append(f"{rec.get(metric[task])}" if rec else f"(~{est[(task, m)]:.0f} s)")
+            rows.append(f"| {task} | {m} | " + " | ".join(vals) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--calls", action="store_true", help="print the device calls that would run the missing cells")
+    ap.add_argument("--budget", type=float, default=540, help="estimated seconds per device call")
+    ap.add_argument("--default_s", type=float, default=600, help="the estimate of a method never run on the H200")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    cells, est = done_cells(args.results), estimates(args.results, args.default_s)
+    missing = [(t, m, s) for s in SEEDS for t in TASKS for m in METHODS if (t, m, s) not in cells]
+    left = sum(est[(t, m)] for t, m, _ in missing)
+    print(grid_table(cells, est))
+    print(f"\n{len(cells)} of {len(TASKS) * len(METHODS) * len(SEEDS)} cells measured; "
+          f"{len(missing)} left, about {left / 60:.0f} minutes of runs.")
+    if args.calls:
+        print("\nEach call carries [\".whl2\", \".gpu/data\"] (the first on a machine also \".models/b\", after a "
+              "`device_run.sh smol-a` call carrying \".models/a\"):")
+        for c in plan_calls(missing, est, args.budget):
+            print(f"  ~{c['est_s']:>4} s  {c['command']}")
+
+
+if __name__ == "__main__":
+    main()
