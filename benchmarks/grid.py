@@ -91,9 +91,9 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
                     calls.append(cur)
                 cur["methods"].append(m)
                 cur["est_s"] += est[(t, m)]
-    for i, c in enumerate(calls):
+    for c in calls:
         dev_curve = " --dev_curve" if c["task"] != "squad" else ""
-        name = f"{c['task']}_grid_h200_s{c['seed']}_{i}"
+        name = f"{c['task']}_grid_h200_s{c['seed']}_{'-'.join(c['methods'])}"  # unique by content, not by order
         c["command"] = (f"bash benchmarks/device_run.sh task {c['task']} {c['seed']} {','.join(c['methods'])} {name}"
                         f"{dev_curve} --max_minutes 10 --timeout 580")
         c["est_s"] = round(c["est_s"])
