@@ -87,7 +87,7 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
                 if (t, s) != (task, seed):
                     continue
                 if cur is None or cur["est_s"] + est[(t, m)] > budget:
-                    cur = dict(task=t, seed=s, methods=[], est_s=float(SETUP_S))
+                    cur = {"task": t, "seed": s, "methods": [], "est_s": float(SETUP_S)}
                     calls.append(cur)
                 cur["methods"].append(m)
                 cur["est_s"] += est[(t, m)]

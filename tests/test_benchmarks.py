@@ -330,9 +330,9 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     ]))
     (tmp_path / "sst2_grid_h200.json").write_text(json.dumps([rec("adamw", 0), rec("adamw", 1)]))  # a merge
     (tmp_path / "sst2_other.json").write_text(json.dumps([  # estimates only
-        dict(task="sst2", method="lomo", seed=0, process_s=300.0, env=h200, overrides=["--x=1"]),
-        dict(task="sst2", method="lomo", seed=0, process_s=900.0, env=h200, note="shared"),
-        dict(task="mrpc", method="flora", seed=0, process_s=250.0, env=h200),
+        {"task": "sst2", "method": "lomo", "seed": 0, "process_s": 300.0, "env": h200, "overrides": ["--x=1"]},
+        {"task": "sst2", "method": "lomo", "seed": 0, "process_s": 900.0, "env": h200, "note": "shared"},
+        {"task": "mrpc", "method": "flora", "seed": 0, "process_s": 250.0, "env": h200},
     ]))
     cells = grid.done_cells(tmp_path)
     assert set(cells) == {("sst2", "adamw", 0), ("sst2", "adamw", 1)}
