@@ -228,6 +228,10 @@ class MemoptArgumentParser(LightningArgumentParser):
                     hints += [f"{option}: did you mean {close[0]}?"] if close else []
             if hints:
                 message += "\n" + "\n".join(hints) + " (options are never abbreviated)"
+        # YAML reads an unquoted [0-9] inside a list as a nested list (or fails on it)
+        if re.search(r"while parsing a flow sequence|Got value: \[[^\]]*[\w.*?]\[", message):
+            message += ('\nIf a list item holds brackets, such as the fnmatch class in model.layers.[0-9].*, quote it: '
+                        'frozen: ["model.layers.[0-9].*"]')
         super().error(message, ex)
 
     def _check_value_key(self, action: argparse.Action, value: Any, key: str, cfg: Any, *args: Any, **kw: Any) -> Any:

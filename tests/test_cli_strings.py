@@ -114,6 +114,20 @@ def test_abbreviated_options_are_refused(bad, in_repo, capsys):
         assert "Option 'l' is not accepted" in err
 
 
+@pytest.mark.parametrize("where", ["option", "config"])
+def test_an_unquoted_bracket_pattern_gets_the_quoting_hint(where, tmp_path, in_repo, capsys):
+    value = "[model.embed_tokens.*, model.layers.[0-9].*]"
+    if where == "option":
+        extra = [f"--model.init_args.frozen={value}"]
+    else:
+        (tmp_path / "bad.yaml").write_text(f"model:\n  init_args:\n    frozen: {value}\n")
+        extra = ["--config", str(tmp_path / "bad.yaml")]
+    with pytest.raises(SystemExit) as exc:
+        run_cli(["fit", *BASE, *extra, "--print_config"])
+    assert exc.value.code == 2
+    assert 'quote it: frozen: ["model.layers.[0-9].*"]' in capsys.readouterr().err
+
+
 def test_helpers():
     assert accepts_str(str) and accepts_str(str | None) and not accepts_str(int)
     assert yaml_unquote("'a: b'") == "a: b" and yaml_unquote('"a\\tb"') == "a\tb"
