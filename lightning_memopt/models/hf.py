@@ -156,7 +156,8 @@ class HFCausalLM(LightningModule):
         lora_alpha, lora_targets: the adapters' scale numerator (``lora_alpha / lora_rank``) and target modules.
         frozen: parameters left untrained, as ``fnmatch`` patterns of their names in the Hugging Face model (e.g.
             ``["model.embed_tokens.*"]``; a tied output head is frozen with its input embedding). Every method
-            trains what the optimizer's groups hold, so none of them perturbs or updates these.
+            trains what the optimizer's groups hold, so none of them perturbs or updates these. In YAML, quote a
+            pattern with brackets (``["model.layers.[0-9].*"]``), or it reads as a nested list.
         choice_reduction: how a multi-token candidate's score combines its tokens' log-probabilities: ``"sum"``
             (the sequence log-probability) or ``"mean"`` (per token, which favours long candidates less).
         max_new_tokens: generation: the most tokens generated per answer (greedy).
