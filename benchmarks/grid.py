@@ -32,7 +32,7 @@ def _records(pattern: str, results: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
         for rec in data if isinstance(data, list) else []:
             if isinstance(rec, dict) and "method" in rec:
-                out.append({**rec, "_file": path.name})
+                out.append(rec)
     return out
 
 

@@ -312,7 +312,6 @@ def test_the_dev_curve_scores_the_weights_validation_scored(tmp_path, in_repo):
     assert round(100 * rec["curve"][-1]["dev"], 2) == rec["dev_acc"]
 
 
-
 def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, capsys):
     from benchmarks import grid
 
