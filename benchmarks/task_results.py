@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ["zero_shot", "adamw", "mezo", "mezo_lora", "mezo_pop", "mezo_pop32", "mezo_f1", "lomo", "adalomo", "galore", "clora", "flora"]
+METHODS = ["zero_shot", "adamw", "mezo", "mezo_lora", "mezo_pop", "mezo_f1", "lomo", "adalomo", "galore", "clora", "flora"]
 DATA = ROOT.parent / "shared" / "data"
 # task: (default data path, CLI key the path goes to, the validation metric the curve follows, the test metrics)
 TASKS = {
