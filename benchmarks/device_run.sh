@@ -8,9 +8,11 @@
 #                                                           the README's test command into $OUT/pytest_h200_<commit>.txt
 #   bash benchmarks/device_run.sh harness ARGS...             carry .whl, .gpu/anchors_gpu.py: benchmarks.harness
 # The machine goes back after 30 s idle: have the next call ready before this one returns.
+# The device copy's git HEAD can lag a commit made since the machine started (it did on 2026-12-04): prefix a call
+# with MEMOPT_COMMIT=$(git rev-parse --short HEAD), from this side, so the records name what ran.
 set -u
 cd "$(dirname "$0")/.."
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+commit=${MEMOPT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 
 setup() {  # the carried wheels into /tmp/site; ../shared pointed at the carried copies
   local d

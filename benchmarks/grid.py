@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -128,9 +129,12 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(missing)} left, about {left / 60:.0f} minutes of runs.")
     if args.calls:
         print("\nEach call carries [\".whl2\", \".gpu/data\"] (the first on a machine also \".models/b\", after a "
-              "`device_run.sh smol-a` call carrying \".models/a\"):")
+              "`device_run.sh smol-a` call carrying \".models/a\"). MEMOPT_COMMIT names this side's HEAD, as the "
+              "device copy's git HEAD can lag it:")
+        head = subprocess.run(["git", "-C", str(RESULTS), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=False).stdout.strip() or "unknown"
         for c in plan_calls(missing, est, args.budget):
-            print(f"  ~{c['est_s']:>4} s  {c['command']}")
+            print(f"  ~{c['est_s']:>4} s  MEMOPT_COMMIT={head} {c['command']}")
 
 
 if __name__ == "__main__":
