@@ -9,6 +9,8 @@ task and one seed, seed 0 of every task first (its curves are the timed ones), w
 
     python -m benchmarks.grid                  # the grid: dev per cell, or its estimate if missing
     python -m benchmarks.grid --calls          # the next device calls (benchmarks/device_run.sh task ...)
+    python -m benchmarks.grid --write          # docs/results.md's grid summary from the committed JSON
+    python -m benchmarks.grid --check          # exit 1 if docs/results.md's grid summary differs from the JSON
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,11 @@ TASKS = ("sst2", "mrpc", "squad")
 METHODS = ("zero_shot", "adamw", "lomo", "adalomo", "galore", "mezo", "mezo_pop", "clora", "flora")
 SEEDS = (0, 1, 2)
 SETUP_S = 20  # a call's wheel install and the join of the model halves
+# task: (the dev metric a cell reports, its name in tables, the task as tables name it)
+METRIC = {"sst2": ("dev_acc", "SST-2 dev acc", "SST-2"), "mrpc": ("dev_acc", "MRPC dev acc", "MRPC"),
+          "squad": ("dev_f1", "SQuAD dev F1", "SQuAD")}
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+START, END = "<!-- grid-summary:start (python -m benchmarks.grid --write) -->", "<!-- grid-summary:end -->"
 
 
 def _records(pattern: str, results: Path) -> list[dict[str, Any]]:
@@ -102,26 +110,79 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
 
 
 def grid_table(cells: dict[tuple[str, str, int], dict[str, Any]], est: dict[tuple[str, str], float]) -> str:
-    metric = {"sst2": "dev_acc", "mrpc": "dev_acc", "squad": "dev_f1"}
     rows = ["| task | method | " + " | ".join(f"seed {s}" for s in SEEDS) + " |", "|---|---|" + "---|" * len(SEEDS)]
     for task in TASKS:
         for m in METHODS:
             vals = []
             for s in SEEDS:
                 rec = cells.get((task, m, s))
-                vals.append(f"{rec.get(metric[task])}" if rec else f"(~{est[(task, m)]:.0f} s)")
+                vals.append(f"{rec.get(METRIC[task][0])}" if rec else f"(~{est[(task, m)]:.0f} s)")
             rows.append(f"| {task} | {m} | " + " | ".join(vals) + " |")
     return "\n".join(rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _over_seeds(recs: list[dict[str, Any]], field: str, fmt: str = "{:.1f}") -> str:
+    """``mean ± std`` over the seeds measured, naming them when fewer than all; ``—`` when none."""
+    vals = [(int(r["seed"]), float(r[field])) for r in recs if isinstance(r.get(field), (int, float))]
+    if not vals:
+        return "—"
+    xs = [v for _, v in vals]
+    text = fmt.format(statistics.mean(xs))
+    if len(xs) > 1:
+        text += " ± " + fmt.format(statistics.stdev(xs))
+    if len(xs) < len(SEEDS):
+        text += f" (seed{'s' if len(xs) > 1 else ''} {', '.join(str(s) for s, _ in sorted(vals))})"
+    return text
+
+
+def summary_table(cells: dict[tuple[str, str, int], dict[str, Any]]) -> str:
+    """Per method and task: the task's dev metric and training seconds over the measured seeds (mean ± sample
+    std), and the largest peak; what docs/results.md shows."""
+    head = ["method"] + [METRIC[t][1] for t in TASKS] + [f"{METRIC[t][2]} train s" for t in TASKS] + ["peak GiB (max)"]
+    rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for m in METHODS:
+        by_task = {t: [cells[(t, m, s)] for s in SEEDS if (t, m, s) in cells] for t in TASKS}
+        if not any(by_task.values()):
+            continue
+        peaks = [r["peak_gib"] for recs in by_task.values() for r in recs if isinstance(r.get("peak_gib"), (int, float))]
+        row = [f"`{m}`"] + [_over_seeds(by_task[t], METRIC[t][0]) for t in TASKS]
+        row += ["—" if m == "zero_shot" else _over_seeds(by_task[t], "train_s", "{:.0f}") for t in TASKS]
+        row.append(f"{max(peaks):.2f}" if peaks else "—")
+        rows.append("| " + " | ".join(row) + " |")
+    n = len(cells)
+    rows.append(f"\n{n} of {len(TASKS) * len(METHODS) * len(SEEDS)} cells measured.")
+    return "\n".join(rows)
+
+
+def render_docs(text: str, table: str) -> str:
+    if START not in text or END not in text:
+        raise SystemExit(f"{DOCS} lacks the grid-summary markers ({START} ... {END})")
+    before, rest = text.split(START, 1)
+    return before + START + "\n" + table + "\n" + END + rest.split(END, 1)[1]
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", action="store_true", help="print the device calls that would run the missing cells")
     ap.add_argument("--budget", type=float, default=540, help="estimated seconds per device call")
     ap.add_argument("--default_s", type=float, default=600, help="the estimate of a method never run on the H200")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--docs", type=Path, default=DOCS)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--write", action="store_true", help="rewrite the docs' grid summary from the JSON")
+    mode.add_argument("--check", action="store_true", help="exit 1 if the docs' grid summary differs from the JSON")
     args = ap.parse_args(argv)
     cells, est = done_cells(args.results), estimates(args.results, args.default_s)
+    if args.write or args.check:
+        old = args.docs.read_text()
+        new = render_docs(old, summary_table(cells))
+        if args.write and new != old:
+            args.docs.write_text(new)
+        if args.check and new != old:
+            print(f"{args.docs}'s grid summary differs from the JSON; run `python -m benchmarks.grid --write`")
+            return 1
+        print(f"{args.docs}: {'rewritten' if args.write and new != old else 'matches the JSON'}")
+        return 0
     missing = [(t, m, s) for s in SEEDS for t in TASKS for m in METHODS if (t, m, s) not in cells]
     left = sum(est[(t, m)] for t, m, _ in missing)
     print(grid_table(cells, est))
@@ -135,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                               text=True, check=False).stdout.strip() or "unknown"
         for c in plan_calls(missing, est, args.budget):
             print(f"  ~{c['est_s']:>4} s  MEMOPT_COMMIT={head} {c['command']}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

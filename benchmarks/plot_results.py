@@ -103,6 +103,22 @@ def main(out_dir: str = str(ROOT / "docs" / "img")) -> list[str]:
 
     for fname, prefix in TASK_PLOTS.items():
         files += task_plot(",".join(str(RESULTS / f) for f in fname.split(",")), out_dir, prefix)
+    files += grid_plots(out_dir)
+    return files
+
+
+def grid_plots(out_dir: str, results: Path = RESULTS) -> list[str]:
+    """Issue 17's grid, one figure set per task: every method's seed-0 cell (the timed curves), as
+    ``<task>_grid_acc_vs_<x>.png``; a task without a measured cell gets none."""
+    from benchmarks import grid
+    from benchmarks.task_results import plot_records
+
+    cells = grid.done_cells(results)
+    files = []
+    for task in grid.TASKS:
+        recs = [cells[(task, m, 0)] for m in grid.METHODS if (task, m, 0) in cells]
+        if recs:
+            files += plot_records(recs, out_dir, f"{task}_grid")
     return files
 
 

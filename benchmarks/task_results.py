@@ -380,24 +380,29 @@ def plot(json_paths: str, out_dir: str, prefix: str | None = None) -> list[str]:
     """Validation metric against steps, training wall time and forward passes, and peak-memory bars, as PNGs named
     ``<prefix>_acc_vs_<x>.png`` (``prefix`` defaults to the task), from one results JSON or several, comma-separated.
     Each run's dev result is a star at its last point. Eager and k=16 runs are drawn dashed."""
+    # a failed run's kept curve is drawn, without a dev star
+    records = [r for f in json_paths.split(",") for r in json.loads(Path(f).read_text())
+               if "error" not in r or r.get("curve")]
+    return plot_records(records, out_dir, prefix)
+
+
+def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None = None) -> list[str]:
+    """:func:`plot` on records already read (one task's)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # a failed run's kept curve is drawn, without a dev star
-    records = [r for f in json_paths.split(",") for r in json.loads(Path(f).read_text())
-               if "error" not in r or r.get("curve")]
     task = records[0].get("task", "sst2") if records else "sst2"
     os.makedirs(out_dir, exist_ok=True)
     files = []
     axes = (("step", "optimizer steps"), ("wall_s", "training wall time (s)"), ("forwards", "training forward passes"))
     for x, label in axes:
-        if x == "wall_s" and any("train_s" not in p for r in records for p in r["curve"]):
+        if x == "wall_s" and any("train_s" not in p for r in records for p in r.get("curve") or []):
             label = "fit wall time, incl. validation (s)"  # records from before train_s was recorded
         fig, ax = plt.subplots(figsize=(7, 4.2))
         for r in records:
-            pts = [p for p in r["curve"] if x in p or (x == "wall_s" and "wall_s" in p)]
+            pts = [p for p in r.get("curve") or [] if x in p or (x == "wall_s" and "wall_s" in p)]
             if pts:
                 xs = [p.get("train_s", p["wall_s"]) if x == "wall_s" else p[x] for p in pts]
                 run = r.get("label", r["method"])

@@ -352,3 +352,49 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     grid.main(["--results", str(tmp_path), "--calls"])
     out = capsys.readouterr().out
     assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "2 of 81 cells measured; 79 left" in out
+
+
+def test_grid_summary_over_seeds_into_the_docs(tmp_path):
+    from benchmarks import grid
+
+    h200 = {"gpu": "NVIDIA H200"}
+    recs = [dict(task="sst2", method="adamw", seed=s, dev_acc=v, train_s=60.0 + s, peak_gib=3.0, env=h200,
+                 curve=[{"step": 10, "train_s": 5.0, "forwards": 10, "val": 0.8, "dev": 0.8}])
+            for s, v in [(0, 86.0), (1, 87.0), (2, 88.0)]]
+    recs += [dict(task="mrpc", method="adamw", seed=1, dev_acc=70.0, train_s=50.0, peak_gib=3.5, env=h200),
+             dict(task="sst2", method="zero_shot", seed=0, dev_acc=77.0, train_s=0.0, peak_gib=0.6, env=h200),
+             dict(task="squad", method="lomo", seed=0, dev_f1=40.0, train_s=90.0, env=h200),
+             dict(task="squad", method="lomo", seed=2, dev_f1=44.0, train_s=110.0, env=h200)]
+    for task in grid.TASKS:
+        (tmp_path / f"{task}_grid_h200_x.json").write_text(json.dumps([r for r in recs if r["task"] == task]))
+    table = grid.summary_table(grid.done_cells(tmp_path))
+    # three seeds: mean ± sample std; fewer: named; zero-shot trains for no seconds; the largest peak
+    assert "| `adamw` | 87.0 ± 1.0 | 70.0 (seed 1) | — | 61 ± 1 | 50 (seed 1) | — | 3.50 |" in table
+    assert "| `zero_shot` | 77.0 (seed 0) | — | — | — | — | — | 0.60 |" in table
+    assert "| `lomo` | — | — | 42.0 ± 2.8 (seeds 0, 2) | — | — | 100 ± 14 (seeds 0, 2) | — |" in table
+    assert "`galore`" not in table and "7 of 81 cells measured." in table
+
+    docs = tmp_path / "results.md"
+    docs.write_text(f"intro\n{grid.START}\nstale\n{grid.END}\nafter\n")
+    args = ["--results", str(tmp_path), "--docs", str(docs)]
+    assert grid.main([*args, "--check"]) == 1
+    assert grid.main([*args, "--write"]) == 0
+    assert grid.main([*args, "--check"]) == 0
+    assert docs.read_text() == f"intro\n{grid.START}\n{table}\n{grid.END}\nafter\n"
+    docs.write_text("no markers\n")
+    with pytest.raises(SystemExit, match="markers"):
+        grid.main([*args, "--check"])
+
+    pytest.importorskip("matplotlib")
+    from benchmarks.plot_results import grid_plots
+
+    files = grid_plots(str(tmp_path / "img"), results=tmp_path)  # seed-0 cells: SST-2 and SQuAD, not MRPC
+    names = sorted(os.path.basename(f) for f in files)
+    assert "sst2_grid_acc_vs_wall_s.png" in names and "squad_grid_peak_memory.png" in names
+    assert not any(n.startswith("mrpc") for n in names) and all(os.path.getsize(f) > 0 for f in files)
+
+
+def test_docs_grid_summary_matches_committed_json():
+    from benchmarks import grid
+
+    assert grid.main(["--check"]) == 0, "run `python -m benchmarks.grid --write`"
