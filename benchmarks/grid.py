@@ -2,10 +2,16 @@
 device calls that would run the rest.
 
 A cell is done when a committed ``benchmarks/results/<task>_grid_h200*.json`` (``task_results``' output, one file
-per device call, or their ``--merge``) holds a record of that method and seed that ran on an H200, alone on the GPU,
-without error. The estimate of a missing cell is the median ``process_s`` of the method's earlier H200 records on
-that task in any committed task JSON (see :func:`estimates`), else ``--default_s``. The calls group one
-task and one seed, seed 0 of every task first (its curves are the timed ones), within ``--budget`` seconds each:
+per device call, or their ``--merge``) holds a record of that method and seed that ran on an H200, without error or
+overrides, and either alone on the GPU or, for seeds 1 and 2, beside other runs (``task_results --jobs``) without
+the time cap ending its fit (``time_capped: false``). A shared run that finished its steps trains as a solo run
+would (a solo run is faster, so the cap would not have ended it either); only its wall times include the sharing,
+so the timed curves, and every training time the summary reports, are seed 0's or other solo runs'.
+
+The estimate of a missing cell is the median ``process_s`` of the method's earlier H200 records on that task in any
+committed task JSON (see :func:`estimates`), else ``--default_s``. The calls group one task and one seed, seed 0
+of every task first (its curves are the timed ones), within ``--budget`` seconds each; with ``--jobs J`` the calls
+of seeds 1 and 2 run J cells at a time (see :func:`plan_calls`):
 
     python -m benchmarks.grid                  # the grid: dev per cell, or its estimate if missing
     python -m benchmarks.grid --calls          # the next device calls (benchmarks/device_run.sh task ...)
@@ -28,6 +34,7 @@ TASKS = ("sst2", "mrpc", "squad")
 METHODS = ("zero_shot", "adamw", "lomo", "adalomo", "galore", "mezo", "mezo_pop", "clora", "flora")
 SEEDS = (0, 1, 2)
 SETUP_S = 20  # a call's wheel install and the join of the model halves
+RUN_TIMEOUT_S = 580  # task_results --timeout: one run's process, within a 600 s device call
 # task: (the dev metric a cell reports, its name in tables, the task as tables name it)
 METRIC = {"sst2": ("dev_acc", "SST-2 dev acc", "SST-2"), "mrpc": ("dev_acc", "MRPC dev acc", "MRPC"),
           "squad": ("dev_f1", "SQuAD dev F1", "SQuAD")}
@@ -45,16 +52,25 @@ def _records(pattern: str, results: Path) -> list[dict[str, Any]]:
     return out
 
 
-def _alone_on_h200(rec: dict[str, Any]) -> bool:
-    return "H200" in str((rec.get("env") or {}).get("gpu")) and "note" not in rec and "error" not in rec
+def alone(rec: dict[str, Any]) -> bool:
+    """The run had the GPU to itself (``task_results`` notes a run that shared it), so its times count."""
+    return "note" not in rec
+
+
+def _cell(rec: dict[str, Any]) -> bool:
+    if "H200" not in str((rec.get("env") or {}).get("gpu")) or "error" in rec or rec.get("overrides"):
+        return False
+    if rec.get("label", rec["method"]) != rec["method"]:
+        return False
+    return alone(rec) or (int(rec["seed"]) != 0 and rec.get("time_capped") is False)
 
 
 def done_cells(results: Path = RESULTS) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """(task, method, seed) -> its record, from the grid's JSON; a run with overrides is not a grid cell."""
+    """(task, method, seed) -> its record, from the grid's JSON (a solo run before a shared one)."""
     cells: dict[tuple[str, str, int], dict[str, Any]] = {}
     for task in TASKS:
-        for rec in _records(f"{task}_grid_h200*.json", results):
-            if _alone_on_h200(rec) and not rec.get("overrides") and rec.get("label", rec["method"]) == rec["method"]:
+        for rec in sorted(_records(f"{task}_grid_h200*.json", results), key=lambda r: not alone(r)):
+            if _cell(rec):
                 cells.setdefault((task, rec["method"], int(rec["seed"])), rec)
     return cells
 
@@ -84,27 +100,34 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0) -> dict[tuple[s
     return est
 
 
-def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], float],
-               budget: float) -> list[dict[str, Any]]:
+def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], float], budget: float,
+               jobs: int = 1, speedup: float = 1.0, run_timeout: float = RUN_TIMEOUT_S) -> list[dict[str, Any]]:
     """Missing cells packed into calls of one task and seed, each within ``budget`` seconds (a cell longer than
-    the budget gets a call of its own), seed 0 of every task first."""
+    the budget gets a call of its own), seed 0 of every task first.
+
+    With ``jobs`` > 1, seeds 1 and 2 run ``jobs`` cells at a time, without dev curves. ``speedup`` is what that gains
+    in throughput over one at a time, so a call's estimate is its cells' sum over ``speedup``; 1.0 (nothing) until a
+    shared call has measured it. A cell whose run, slowed ``jobs / speedup`` times, would near its timeout (or the
+    10-minute cap, which would leave it uncounted) keeps a solo call."""
     calls: list[dict[str, Any]] = []
     for seed in SEEDS:
         for task in TASKS:
-            cur: dict[str, Any] | None = None
-            for t, m, s in missing:
-                if (t, s) != (task, seed):
-                    continue
-                if cur is None or cur["est_s"] + est[(t, m)] > budget:
-                    cur = {"task": t, "seed": s, "methods": [], "est_s": float(SETUP_S)}
-                    calls.append(cur)
-                cur["methods"].append(m)
-                cur["est_s"] += est[(t, m)]
+            cells = [m for t, m, s in missing if (t, s) == (task, seed)]
+            shared = [m for m in cells if seed != 0 and jobs > 1 and est[(task, m)] * jobs / speedup
+                      <= 0.8 * min(run_timeout, 600)]
+            for group, j, rate in ((shared, jobs, speedup), ([m for m in cells if m not in shared], 1, 1.0)):
+                cur: dict[str, Any] | None = None
+                for m in group:
+                    if cur is None or cur["est_s"] + est[(task, m)] / rate > budget:
+                        cur = {"task": task, "seed": seed, "methods": [], "jobs": j, "est_s": float(SETUP_S)}
+                        calls.append(cur)
+                    cur["methods"].append(m)
+                    cur["est_s"] += est[(task, m)] / rate
     for c in calls:
-        dev_curve = " --dev_curve" if c["task"] != "squad" else ""
+        opts = " --dev_curve" if c["task"] != "squad" and c["jobs"] == 1 else ""
+        opts += f" --max_minutes 10 --timeout {run_timeout:.0f}" + (f" --jobs {c['jobs']}" if c["jobs"] > 1 else "")
         name = f"{c['task']}_grid_h200_s{c['seed']}_{'-'.join(c['methods'])}"  # unique by content, not by order
-        c["command"] = (f"bash benchmarks/device_run.sh task {c['task']} {c['seed']} {','.join(c['methods'])} {name}"
-                        f"{dev_curve} --max_minutes 10 --timeout 580")
+        c["command"] = f"bash benchmarks/device_run.sh task {c['task']} {c['seed']} {','.join(c['methods'])} {name}{opts}"
         c["est_s"] = round(c["est_s"])
     return calls
 
@@ -136,8 +159,8 @@ def _over_seeds(recs: list[dict[str, Any]], field: str, fmt: str = "{:.1f}") -> 
 
 
 def summary_table(cells: dict[tuple[str, str, int], dict[str, Any]]) -> str:
-    """Per method and task: the task's dev metric and training seconds over the measured seeds (mean ± sample
-    std), and the largest peak; what docs/results.md shows."""
+    """Per method and task: the task's dev metric over the measured seeds and the training seconds over the solo
+    ones (mean ± sample std), and the largest peak; what docs/results.md shows."""
     head = ["method"] + [METRIC[t][1] for t in TASKS] + [f"{METRIC[t][2]} train s" for t in TASKS] + ["peak GiB (max)"]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m in METHODS:
@@ -146,7 +169,8 @@ def summary_table(cells: dict[tuple[str, str, int], dict[str, Any]]) -> str:
             continue
         peaks = [r["peak_gib"] for recs in by_task.values() for r in recs if isinstance(r.get("peak_gib"), (int, float))]
         row = [f"`{m}`"] + [_over_seeds(by_task[t], METRIC[t][0]) for t in TASKS]
-        row += ["—" if m == "zero_shot" else _over_seeds(by_task[t], "train_s", "{:.0f}") for t in TASKS]
+        row += ["—" if m == "zero_shot" else _over_seeds([r for r in by_task[t] if alone(r)], "train_s", "{:.0f}")
+                for t in TASKS]
         row.append(f"{max(peaks):.2f}" if peaks else "—")
         rows.append("| " + " | ".join(row) + " |")
     n = len(cells)
@@ -166,6 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--calls", action="store_true", help="print the device calls that would run the missing cells")
     ap.add_argument("--budget", type=float, default=540, help="estimated seconds per device call")
     ap.add_argument("--default_s", type=float, default=600, help="the estimate of a method never run on the H200")
+    ap.add_argument("--jobs", type=int, default=1, help="cells at a time in the calls of seeds 1 and 2")
+    ap.add_argument("--speedup", type=float, default=1.0,
+                    help="throughput of --jobs cells at once over one at a time (1.0 until a shared call measures it)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--docs", type=Path, default=DOCS)
     mode = ap.add_mutually_exclusive_group()
@@ -194,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
               "device copy's git HEAD can lag it:")
         head = subprocess.run(["git", "-C", str(RESULTS), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=False).stdout.strip() or "unknown"
-        for c in plan_calls(missing, est, args.budget):
+        for c in plan_calls(missing, est, args.budget, args.jobs, args.speedup):
             print(f"  ~{c['est_s']:>4} s  MEMOPT_COMMIT={head} {c['command']}")
     return 0
 

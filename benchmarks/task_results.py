@@ -175,12 +175,17 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
         trainer.fit(module, datamodule=cli.datamodule)
     fit_s = time.perf_counter() - t
     forwards = curve.count(trainer)
+    # whether --max_minutes (Lightning's Timer) ended the fit: a run that shared the GPU counts in the grid only if not
+    timer = next((cb for cb in trainer.callbacks if isinstance(cb, pl.callbacks.Timer)), None)
+    left = timer.time_remaining() if timer is not None and method != "zero_shot" else None
+    time_capped = left is not None and left <= 0
     test = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
     # Over fit and test (zero-shot has only the test); test forwards are no larger than training's.
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
     rec = dict(task=task, method=method, seed=seed, steps=trainer.global_step, forwards=forwards,
                wall_s=round(fit_s, 1), train_s=round(fit_s - curve.val_s, 1),
-               peak_gib=None if peak is None else round(peak, 3), val_metric=val_key, curve=curve.points)
+               peak_gib=None if peak is None else round(peak, 3), val_metric=val_key, curve=curve.points,
+               time_capped=time_capped)
     rec.update({f"dev_{k[5:]}": round(100 * test.get(k, float("nan")), 2) for k in test_keys})
     if best is not None and best.best_weights is not None:
         best.restore(module)
@@ -423,7 +428,8 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
         metric = records[0].get("val_metric", "val_acc")[4:] if records else "acc"
         ax.set_ylabel(f"validation {metric} (%; dotted: dev); ★ dev {metric} at the end")
         ax.set_title(f"SmolLM2-135M on {task.upper()}: validation vs {label}")
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         fig.tight_layout()
         f = os.path.join(out_dir, f"{prefix or task}_acc_vs_{x}.png")
         fig.savefig(f, dpi=110)

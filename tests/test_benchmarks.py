@@ -286,12 +286,27 @@ def test_task_run_tests_the_best_validation_weights_too(tmp_path, in_repo):
     extra = [*TINY_MODEL, *short(tmp_path, steps=4), "--trainer.val_check_interval=2", "--data.init_args.k=16",
              "--trainer.callbacks.init_args.cuda_graph=false", "--trainer.limit_test_batches=1.0"]
     rec = S._one("sst2", "mezo_pop", 0, "unused", str(SST2), extra, best_val=True, dev_curve=True)
-    assert rec["steps"] == 4 and [p["step"] for p in rec["curve"]] == [2, 4]
+    assert rec["steps"] == 4 and [p["step"] for p in rec["curve"]] == [2, 4] and rec["time_capped"] is False
     # --dev_curve: the last validation saw the final weights, which the test then scores on the same dev set
     assert round(100 * rec["curve"][-1]["dev"], 2) == rec["dev_acc"]
     best = max(rec["curve"], key=lambda p: p["val"])
     assert (rec["best_val_step"], rec["best_val"]) == (best["step"], round(100 * best["val"], 2))
     assert 0 <= rec["dev_acc_best_val"] <= 100 and 0 <= rec["dev_acc"] <= 100
+
+
+def test_a_task_run_says_whether_the_time_cap_ended_it(tmp_path, in_repo):
+    """``time_capped``: Lightning's Timer (``--max_minutes``) stopped the fit before its max_steps."""
+    from conftest import SST2
+    from test_cli import TINY_MODEL, short
+
+    from benchmarks import task_results as S
+
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"{SST2} not found")
+    extra = [*TINY_MODEL, *short(tmp_path, steps=10**6), "--data.init_args.k=16", "--trainer.max_time=00:00:00:01",
+             "--trainer.callbacks.init_args.cuda_graph=false", "--trainer.val_check_interval=null"]
+    rec = S._one("sst2", "mezo", 0, "unused", str(SST2), extra)
+    assert rec["time_capped"] is True and 0 < rec["steps"] < 10**6
 
 
 def test_the_dev_curve_scores_the_weights_validation_scored(tmp_path, in_repo):
@@ -323,7 +338,10 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     (tmp_path / "sst2_grid_h200_s0_0.json").write_text(json.dumps([
         rec("adamw", 0),  # a cell
         rec("lomo", 0, env=h100),  # not on the H200
-        rec("galore", 0, note="ran beside up to 2 other runs on the GPU"),  # shared
+        rec("galore", 0, note="ran beside up to 2 other runs on the GPU", time_capped=False),  # seed 0 shared
+        rec("galore", 1, note="shared", time_capped=False),  # a cell: seeds 1 and 2 may share, if the cap did not end them
+        rec("galore", 2, note="shared", time_capped=True),  # the cap ended it: fewer steps than a solo run
+        rec("lomo", 1, note="shared"),  # from before time_capped was recorded
         rec("mezo", 0, error="timeout after 580s"),
         rec("mezo_pop", 0, overrides=["--model.init_args.lr=2e-4"], label="lr2"),  # not the config
     ]))
@@ -334,7 +352,7 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
         {"task": "mrpc", "method": "flora", "seed": 0, "process_s": 250.0, "env": h200},
     ]))
     cells = grid.done_cells(tmp_path)
-    assert set(cells) == {("sst2", "adamw", 0), ("sst2", "adamw", 1)}
+    assert set(cells) == {("sst2", "adamw", 0), ("sst2", "adamw", 1), ("sst2", "galore", 1)}
     est = grid.estimates(tmp_path, default_s=600)
     assert est[("sst2", "adamw")] == 100.0  # its own task, alone, no overrides
     assert est[("sst2", "lomo")] == 300.0  # alone with overrides beats the shared run
@@ -351,7 +369,24 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
         assert ("--dev_curve" in c["command"]) == (c["task"] != "squad")  # task_results refuses it on squad
     grid.main(["--results", str(tmp_path), "--calls"])
     out = capsys.readouterr().out
-    assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "2 of 81 cells measured; 79 left" in out
+    assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "3 of 81 cells measured; 78 left" in out
+
+    # --jobs: seeds 1 and 2 share the GPU J at a time (no dev curve), a call's estimate its sum over the speedup;
+    # a cell too long to share safely keeps a solo call; seed 0 is always solo
+    est[("sst2", "mezo")] = 400.0
+    calls = grid.plan_calls(missing, est, budget=540, jobs=3, speedup=2.0)
+    assert sorted((c["task"], m, c["seed"]) for c in calls for m in c["methods"]) == sorted(missing)
+    for c in calls:
+        shared = c["jobs"] > 1
+        assert c["command"].endswith(" --jobs 3") == shared
+        assert ("--dev_curve" in c["command"]) == (not shared and c["task"] != "squad")
+        if shared:
+            assert c["seed"] != 0 and c["est_s"] <= 540
+            assert c["est_s"] == round(grid.SETUP_S + sum(est[(c["task"], m)] for m in c["methods"]) / 2.0)
+    assert all(c["jobs"] == 1 for c in calls if c["seed"] == 0)
+    assert any(c["jobs"] == 3 for c in calls)
+    # 400 s slowed 3/2 times would run 600 s: past 0.8 of the 580 s timeout, so alone
+    assert all(c["jobs"] == 1 for c in calls if c["task"] == "sst2" and "mezo" in c["methods"])
 
 
 def test_grid_summary_over_seeds_into_the_docs(tmp_path):
