@@ -7,6 +7,7 @@
 #   bash benchmarks/device_run.sh tests                       carry .whl, .whl2, .whl3, .gpu/data, .gpu/anchors_gpu.py:
 #                                                           the README's test command into $OUT/pytest_h200_<commit>.txt
 #   bash benchmarks/device_run.sh harness ARGS...             carry .whl, .gpu/anchors_gpu.py: benchmarks.harness
+#   bash benchmarks/device_run.sh bench MODULE ARGS...        python -m benchmarks.MODULE ARGS (e.g. overlap_probe)
 # The machine goes back after 30 s idle: have the next call ready before this one returns.
 # The device copy's git HEAD can lag a commit made since the machine started (it did on 2026-12-04): prefix a call
 # with MEMOPT_COMMIT=$(git rev-parse --short HEAD), from this side, so the records name what ran.
@@ -58,6 +59,10 @@ case "${1:-}" in
   harness)
     shift; setup
     python3 -u -m benchmarks.harness "$@" ;;
+  bench)
+    [ $# -ge 2 ] || { echo "usage: bench MODULE [ARGS]"; exit 2; }
+    module=$2; shift 2; setup
+    python3 -u -m "benchmarks.$module" "$@" ;;
   *)
-    sed -n 2,12p "$0"; exit 2 ;;
+    sed -n '2,/^set -u/p' "$0" | grep '^#'; exit 2 ;;
 esac

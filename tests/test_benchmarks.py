@@ -433,3 +433,23 @@ def test_docs_grid_summary_matches_committed_json():
     from benchmarks import grid
 
     assert grid.main(["--check"]) == 0, "run `python -m benchmarks.grid --write`"
+
+
+@pytest.mark.parametrize("dev", ["cpu", "cuda"])
+def test_overlap_probe_leaves_the_weights_and_logits_of_the_serial_order(dev, tmp_path):
+    """benchmarks/overlap_probe.py (issue 18): the pass on a side stream, each layer's forward waiting for its own
+    layer only, gives the serial order's weights and logits (on CPU the order runs inline: the plumbing only)."""
+    import subprocess
+
+    import torch
+
+    if dev == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no GPU")
+    env = {**os.environ, "DEV": dev, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "benchmarks.overlap_probe", "--size", "tiny", "--batch", "2",
+                          "--seq", "16", "--reps", "1", "--out", str(tmp_path / "p")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert res["same_weights"] is True and res["max_logit_diff"] == 0.0
+    assert set(res["ms"]) == {"forward", "pass", "serial", "pipelined"}
