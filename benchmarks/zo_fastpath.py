@@ -9,6 +9,8 @@ runs them (``throughput``: no sync per step, a step is the time between two step
 times ±1 directions. ``--population N`` adds the population estimator (N rank-4 directions, batched through
 ``per_sample_loss``; ``MEZO_POP_CHUNK`` members per forward, default 8) eager and graphed, with its cost over the
 plain graphed step, directions per second, and its peak over one forward of the base batch and of the chunk's rows.
+``--overlap`` adds the plain step with ``overlap=True`` (each group's copies one ahead on a side stream), eager and
+graphed, beside the same step without it.
 Peaks: allocated and reserved (a graph's activations sit in its pool, which only the
 reserved figure shows). Prints a table, writes JSON:
 
@@ -42,7 +44,7 @@ def weight_pass_s(nbytes: int, reps: int = 10) -> float:
     return t
 
 
-def one(size: str, batch: int, seq: int, reps: int, population: int = 0) -> dict[str, Any]:
+def one(size: str, batch: int, seq: int, reps: int, population: int = 0, overlap: bool = False) -> dict[str, Any]:
     model = build(size).eval()
     x = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
     nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -76,11 +78,14 @@ def one(size: str, batch: int, seq: int, reps: int, population: int = 0) -> dict
     torch.cuda.empty_cache()
     rec["weight_pass_ms"] = round(1e3 * weight_pass_s(nbytes), 3)
     cases = [("mezo_lightning", "step_eager"), ("mezo_lightning_graph", "step_graph")]
+    if overlap:
+        cases += [("mezo_lightning", "step_eager_overlap"), ("mezo_lightning_graph", "step_graph_overlap")]
     if population:
         os.environ["MEZO_POP"] = str(population)
         cases += [("mezo_pop_lightning", "pop_eager"), ("mezo_pop_lightning_graph", "pop_graph")]
     for case, key in cases:
         torch.cuda.reset_peak_memory_stats()
+        os.environ["MEZO_OVERLAP"] = "1" if key.endswith("_overlap") else "0"
         r = lcases.run(case, size, batch, seq, warm=3, reps=reps, timing="throughput")
         rec[f"{key}_ms"] = None if r.get("step_s") is None else round(1e3 * r["step_s"], 3)
         rec[f"{key}_peak_gib"] = r.get("peak_gib")
@@ -97,6 +102,11 @@ def one(size: str, batch: int, seq: int, reps: int, population: int = 0) -> dict
                    eager_peak_over_forward=round(rec["step_eager_peak_gib"] / rec["forward_peak_gib"], 3),
                    graph_reserved_over_forward_reserved=round(
                        rec["step_graph_peak_reserved_gib"] / rec["forward_peak_reserved_gib"], 3))
+    o, g = rec.get("step_graph_overlap_ms"), rec["step_graph_ms"]
+    if overlap and o and g:
+        rec.update(graph_overlap_over_graph=round(o / g, 3), graph_overlap_over_floor=round(o / floor, 3),
+                   graph_overlap_peak_reserved_over_graph=round(
+                       rec["step_graph_overlap_peak_reserved_gib"] / rec["step_graph_peak_reserved_gib"], 3))
     p, g = rec.get("pop_graph_ms"), rec["step_graph_ms"]
     if population and p and g:
         rec.update(population=population, pop_graph_over_step_graph=round(p / g, 3),
@@ -111,6 +121,7 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--sizes", default="smol:16:128,1b:8:512", help="SIZE:BATCH:SEQ,...")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--population", type=int, default=0, help="also time the population estimator, N directions")
+    ap.add_argument("--overlap", action="store_true", help="also time the plain step with overlap=True")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -118,7 +129,7 @@ def main(argv: list[str]) -> None:
     rows = []
     for spec in args.sizes.split(","):
         size, b, s = spec.split(":")
-        rows.append(one(size, int(b), int(s), args.reps, args.population))
+        rows.append(one(size, int(b), int(s), args.reps, args.population, args.overlap))
         print("ROW " + json.dumps(rows[-1]), flush=True)
     env = environment(sys.argv)
     env["distribution"] = os.environ.get("MEZO_DIST", "normal")
@@ -126,6 +137,9 @@ def main(argv: list[str]) -> None:
             "graph_over_forward_graph", "eager_over_graph", "floor_ms", "graph_over_floor", "eager_over_floor",
             "forward_peak_gib", "eager_peak_over_forward", "forward_peak_reserved_gib",
             "step_graph_peak_reserved_gib", "graph_reserved_over_forward_reserved"]
+    if args.overlap:
+        cols += ["step_eager_overlap_ms", "step_graph_overlap_ms", "graph_overlap_over_graph", "graph_overlap_over_floor",
+                 "graph_overlap_peak_reserved_over_graph"]
     if args.population:
         env["population_chunk"] = int(os.environ.get("MEZO_POP_CHUNK", "8")) or None
         cols += ["pop_eager_ms", "pop_graph_ms", "pop_graph_over_step_graph", "directions_per_s_pop",

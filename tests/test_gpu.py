@@ -136,6 +136,19 @@ def test_mezo_cuda_graph_equals_eager(precision, recwarn):
         assert torch.equal(eager[n], graphed[n]), n
 
 
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_mezo_overlap_equals_the_serial_copies(cuda_graph, recwarn):
+    """overlap=True makes each group's copies one ahead on a side stream, the forward waiting per group: the same
+    kernels on the same inputs, so bit-identical weights to the eager step without it, eager or captured (a race
+    between the streams would show here). The copies made ahead were used (at capture, for the graph)."""
+    serial, _, _ = _mezo_fit(False, "bf16-true")
+    overlapped, mezo, _ = _mezo_fit(cuda_graph, "bf16-true", overlap=True)
+    assert not [w for w in recwarn if "overlap" in str(w.message)], [str(w.message) for w in recwarn]
+    assert mezo.zo.perturber.ahead_used > 0  # internal: the one way to see that the side stream ran
+    for n in serial:
+        assert torch.equal(serial[n], overlapped[n]), n
+
+
 def test_mezo_cuda_graph_replays_and_falls_back_with_a_reason():
     """Counted replays (one capture for a fixed shape); a metric objective warns with its reason and trains."""
     torch.manual_seed(0)

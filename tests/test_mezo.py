@@ -213,6 +213,70 @@ def test_grouped_perturbation_equals_per_module(build):
     assert out[0] == out[64 << 20] and out[0] != plain
 
 
+class _Skipping(torch.nn.Module):
+    """Three blocks; every other forward skips the middle one, so the order recorded first is not always run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Tanh()) for _ in range(3))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        for i, b in enumerate(self.blocks):
+            if not (i == 1 and self.calls % 3 == 0):
+                x = b(x)
+        return x.square().mean()
+
+
+@pytest.mark.parametrize("build", ["llama", "skipping"])
+@pytest.mark.parametrize("group_bytes", [0, 64 << 20])
+def test_overlap_makes_copies_ahead_and_the_same_weights(build, group_bytes):
+    """overlap=True (copies one unit ahead; inline on CPU) gives bit-identical steps, also where a forward skips a
+    unit of the recorded order (its copies made ahead go unused), and uses the copies it made ahead."""
+    weights, used = [], []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        if build == "llama":
+            model, x = tiny_model().model.eval(), torch.randint(0, 64, (2, 8))
+            loss = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
+        else:
+            model, x = _Skipping(), torch.randn(4, 6)
+            loss = lambda: model(x)  # noqa: E731
+        zo = ZeroOrder(model, ZOConfig(eps=1e-2, n_spsa=2), cache_z=False, group_bytes=group_bytes, overlap=overlap)
+        with torch.no_grad():
+            for t in range(4):
+                zo.step(loss, t, lr=1e-2)
+        used.append(zo.perturber.ahead_used)
+        zo.close()
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+    assert used[0] == 0 < used[1]
+
+
+def test_overlap_is_for_the_plain_estimator():
+    model = tiny_model().model
+    with pytest.raises(ValueError, match="population estimator"):
+        ZeroOrder(model, ZOConfig(n_spsa=4, perturbation="lowrank"), overlap=True)
+    with pytest.raises(MisconfigurationException, match="Drop overlap=True"):
+        MeZO(overlap=True, n_spsa=4, perturbation="lowrank")
+
+
+def test_callback_overlap_on_cpu_warns_and_trains_as_without():
+    weights = []
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        model, cb = tiny_model(), MeZO(lr=1e-3, eps=1e-2, overlap=overlap)
+        if overlap:
+            with pytest.warns(UserWarning, match=r"overlap=True\): it needs CUDA streams \(this run is on cpu\)"):
+                tiny_trainer(max_steps=3, callbacks=[cb]).fit(model, tiny_datamodule(batch_size=4))
+            assert cb.zo.perturber.overlap is False and cb.settings()["overlap"] is True
+        else:
+            tiny_trainer(max_steps=3, callbacks=[cb]).fit(model, tiny_datamodule(batch_size=4))
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(weights[0], weights[1])
+
+
 def test_callback_group_bytes_reaches_the_perturber_and_leaves_the_weights_alone():
     # the launch grouping is a speed knob: the same z and weights with every grouping
     weights, roots = [], []

@@ -167,7 +167,8 @@ def _mezo(cuda_graph: bool = False) -> pl.Callback:
     from lightning_memopt import MeZO
 
     return MeZO(lr=1e-6, eps=1e-3, cuda_graph=cuda_graph, distribution=os.environ.get("MEZO_DIST", "normal"),
-                group_bytes=int(os.environ.get("MEZO_GROUP_MB", "64")) << 20)
+                group_bytes=int(os.environ.get("MEZO_GROUP_MB", "64")) << 20,
+                overlap=os.environ.get("MEZO_OVERLAP", "0") == "1")
 
 
 def _mezo_pop(cuda_graph: bool = False) -> pl.Callback:

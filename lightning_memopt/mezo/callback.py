@@ -35,6 +35,7 @@ from lightning_memopt.core.graphs import DeviceValues, GraphReplay
 from lightning_memopt.core.holder import decays
 from lightning_memopt.core.modes import eval_mode
 from lightning_memopt.core.population import per_sample_fn
+from lightning_memopt.core.zero3 import is_zero3
 from lightning_memopt.mezo.core import Perturbation, Precondition, Variant, ZeroOrder, ZOConfig, make_params
 from lightning_memopt.mezo.trajectory import new_trajectory, save_trajectory
 
@@ -89,6 +90,11 @@ class MeZO(MethodCallback):
         group_bytes: the plain estimator perturbs a submodule's weights in one kernel launch when they total at most
             this many bytes (a decoder layer of a small model); its perturbed copies exist during that submodule's
             forward. Larger: fewer launches, that much more memory inside a layer. 0: one launch per weight's module.
+        overlap: the plain estimator makes each layer's (or group's) perturbed copies one ahead, on a side CUDA
+            stream, while the one before runs its forward: the Gaussian pass is compute-bound and can share the GPU
+            with the forward's GEMMs. The same weights either way; one more group's copies at a time. Experimental:
+            not yet measured on a GPU (benchmarks/overlap_probe.py). Not for the population estimator (an error);
+            on CPU, under FSDP2 or DeepSpeed ZeRO-3 it warns once and makes the copies as without it.
 
     Example::
 
@@ -138,6 +144,7 @@ class MeZO(MethodCallback):
         cuda_graph: bool = False,
         max_graphs: int = 8,
         group_bytes: int = 64 << 20,
+        overlap: bool = False,
     ) -> None:
         super().__init__(allow_untested, max_consecutive_skips)
         self.cuda_graph = bool(cuda_graph)
@@ -162,6 +169,13 @@ class MeZO(MethodCallback):
             population_chunk=population_chunk,
             precondition=precondition,
         )
+        self.overlap = bool(overlap)
+        if self.overlap and self.config.population:
+            raise MisconfigurationException(
+                "MeZO(overlap=True) makes the plain estimator's per-layer perturbed copies ahead; the population "
+                "estimator (perturbation='lowrank', batched=True or a precondition) makes none. "
+                "Drop overlap=True."
+            )
         self.lr = validate.optional_lr(lr)
         self.weight_decay = None if weight_decay is None else validate.nonnegative(weight_decay, "weight_decay")
         self.seed = int(seed)
@@ -198,7 +212,7 @@ class MeZO(MethodCallback):
         from dataclasses import asdict
 
         return {**asdict(self.config), "seed": self.seed, "lr": self.lr, "weight_decay": self.weight_decay,
-                "cuda_graph": self.cuda_graph}
+                "cuda_graph": self.cuda_graph, "overlap": self.overlap}
 
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -222,7 +236,17 @@ class MeZO(MethodCallback):
         params = make_params(pl_module, [g["params"] for g in self.holder.param_groups], decay_fn)
         if not params:
             raise MisconfigurationException("MeZO found no trainable parameter in the optimizer's param groups.")
-        self.zo = ZeroOrder(pl_module, self.config, self.seed, params, group_bytes=self.group_bytes, guard=self.guard)
+        overlap = self.overlap
+        if overlap:
+            why = (f"it needs CUDA streams (this run is on {pl_module.device.type})" if pl_module.device.type != "cuda"
+                   else "under FSDP2 the weights are sharded until each unit's own forward" if is_fsdp2(pl_module)
+                   else "DeepSpeed ZeRO-3 perturbs in place" if any(is_zero3(zp.param) for zp in params)
+                   else None)
+            if why is not None:
+                rank_zero_warn(f"MeZO(overlap=True): {why}; the perturbed copies are made as without overlap.")
+                overlap = False
+        self.zo = ZeroOrder(pl_module, self.config, self.seed, params, group_bytes=self.group_bytes, guard=self.guard,
+                            overlap=overlap)
         self._per_sample = None
         c = self.config
         if c.population:

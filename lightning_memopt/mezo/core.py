@@ -301,6 +301,8 @@ class ZeroOrder:
         guard: the :class:`~lightning_memopt.core.nonfinite.SkipGuard` that counts steps skipped for a non-finite
             loss (default: a new one).
         check_nonfinite: False leaves the update unguarded (only to measure what the guard costs).
+        overlap: make each layer's perturbed copies one layer ahead, on a side CUDA stream, while the layer before
+            runs (see :class:`Perturber`); the plain estimator only, the same numbers.
 
     Example::
 
@@ -320,6 +322,7 @@ class ZeroOrder:
         guard: SkipGuard | None = None,
         check_nonfinite: bool = True,
         scales: dict[int, float] | None = None,
+        overlap: bool = False,
     ) -> None:
         self.module = module
         self.guard = guard or SkipGuard("MeZO")
@@ -344,6 +347,9 @@ class ZeroOrder:
         self.directions: Directions | None = None
         self.engine: PopulationEngine | None = None
         zero3 = self.zero3 = any(is_zero3(zp.param) for zp in self.params)
+        if overlap and (zero3 or cfg.population):
+            raise ValueError("overlap makes the plain estimator's perturbed copies ahead; the population estimator "
+                             "and DeepSpeed ZeRO-3 (in place) make none.")
         if zero3 and cfg.population:
             raise ValueError("The population estimator does not run under DeepSpeed ZeRO-3; use strategy='fsdp2'.")
         if zero3:  # DeepSpeed ZeRO-3: in place, on the partitions
@@ -351,7 +357,7 @@ class ZeroOrder:
             return
         if not cfg.population:
             self.perturber = Perturber(module, self.params, self._z if self.cache_z else None, cfg.distribution,
-                                       group_bytes)
+                                       group_bytes, overlap)
             return
         if cfg.precondition == "layer" and scales is None:
             scales = layer_scales(self.params)

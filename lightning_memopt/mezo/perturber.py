@@ -38,6 +38,13 @@ class Perturber:
 
     A parameter that a module reads outside its own ``forward`` (e.g. ``F.linear(x, other.weight)``) would be seen
     unperturbed; Hugging Face models do not do that.
+
+    ``overlap=True`` makes each unit's copies (a group's, or an ungrouped owner's) one unit ahead, on a side CUDA
+    stream, while the unit before runs its forward: the Gaussian pass is compute-bound and the forward's GEMMs run on
+    the tensor cores, so the two can share the GPU. The first :meth:`active` forward records the order the units
+    run in, and later ones follow it. A copy is used only by its own unit, in the same activation, with every member
+    still unswapped; otherwise the unit makes its copies as without overlap. So the numbers are the same either way.
+    One more unit's copies are alive at a time. On CPU the copies are made one unit early, inline.
     """
 
     def __init__(
@@ -47,8 +54,17 @@ class Perturber:
         z_for: Callable[[int, int], Any] | None = None,
         distribution: str = "normal",
         group_bytes: int = 64 << 20,
+        overlap: bool = False,
     ) -> None:
         self.distribution = distribution
+        self.overlap = bool(overlap)
+        self._units: list[list[tuple[torch.nn.Module, list[tuple[str, int]]]]] = []  # per pre-hook, its members
+        self._order: list[int] | None = None  # units in the order they made copies (the first activation's)
+        self._trace: list[int] = []
+        self._next: dict[int, int] = {}
+        self._ahead: dict[int, tuple[dict[int, Tensor], Any]] = {}  # unit -> (its copies, the side stream's event)
+        self._side: Any = None
+        self.ahead_used = 0  # units that used copies made ahead (what the tests read)
         self.z_for = z_for  # optional cache: (seed, index) -> full-tensor z, or None to generate
         self.seed: int | None = None
         self.scale = 0.0
@@ -95,6 +111,9 @@ class Perturber:
             self._plan(child, owners, cap, False, seen)
 
     def _make_pre(self, members: list[tuple[torch.nn.Module, list[tuple[str, int]]]]) -> Callable:
+        unit = len(self._units)
+        self._units.append(members)
+
         def pre(mod: torch.nn.Module, args: Any) -> None:
             if self.seed is None:
                 return
@@ -113,7 +132,19 @@ class Perturber:
                         )
                     saved.append((m, name, p))
                     tensors.setdefault(idx, p)
-            new = self._perturbed(tensors)
+            ahead = self._ahead.pop(unit, None)
+            if ahead is not None and len(todo) == len(members):
+                new, event = ahead
+                if event is not None:  # made on the side stream: this unit's forward waits for it
+                    torch.cuda.current_stream(next(iter(new.values())).device).wait_event(event)
+                self.ahead_used += 1
+            else:
+                new = self._perturbed(tensors)
+            if self.overlap:
+                if self._order is None:
+                    self._trace.append(unit)
+                elif unit in self._next:
+                    self._make_ahead(self._next[unit])
             for m, es in todo:
                 for name, idx in es:
                     m._parameters[name] = new[idx]
@@ -149,6 +180,35 @@ class Perturber:
             out.update(zip(idx, perturb.perturbed_many(ws, idx, seed, self.scale, self.distribution, seed_t)))
         return out
 
+    def _make_ahead(self, unit: int) -> None:
+        """Start ``unit``'s copies now: on the side stream after everything queued so far on the current one."""
+        members = self._units[unit]
+        if unit in self._ahead or any(id(m) in self._live for m, _ in members):
+            return
+        tensors: dict[int, Tensor] = {}
+        for m, es in members:
+            for name, idx in es:
+                p = m._parameters[name]
+                if is_dtensor(p):  # sharded until its own forward: nothing to copy ahead
+                    return
+                tensors.setdefault(idx, p)
+        dev = next(iter(tensors.values())).device
+        if dev.type != "cuda":
+            self._ahead[unit] = (self._perturbed(tensors), None)
+            return
+        if self._seed_t is None:  # made on the current stream, which the side stream waits for
+            self._seed_t = perturb.seed_tensor(int(self.seed), dev)  # type: ignore[arg-type]
+        if self._side is None:
+            self._side = torch.cuda.Stream(dev)
+        # The copies come from the side stream's pool. Every side launch first waits for all work queued on the
+        # current stream, so a block the side reuses was last read by work that has finished.
+        self._side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(self._side):
+            new = self._perturbed(tensors)
+            event = torch.cuda.Event()
+            event.record(self._side)
+        self._ahead[unit] = (new, event)
+
     def _post(self, mod: torch.nn.Module, args: Any, out: Any) -> None:
         if self.seed is None:
             return
@@ -172,12 +232,21 @@ class Perturber:
         """
         self.seed, self.scale, self._seed_t = int(seed), float(scale), seed_t
         self._device_seed = seed_t is not None
+        self._trace = []
+        done = False
         try:
             yield
+            done = True
         finally:
             while self._stack:  # a forward that raised midway: put every original back
                 self._restore(self._stack.pop()[1])
             self._live.clear()
+            if self._side is not None:  # the side stream joins back (a CUDA graph's capture needs it too)
+                torch.cuda.current_stream(self._side.device).wait_stream(self._side)
+            self._ahead.clear()  # copies made ahead and not used
+            if self.overlap and self._order is None and done and self._trace:
+                self._order = list(self._trace)
+                self._next = {u: v for u, v in zip(self._order, self._order[1:])}
             self.seed, self._seed_t, self._device_seed = None, None, False
 
     def remove(self) -> None:
