@@ -178,9 +178,9 @@ def summary_table(cells: dict[tuple[str, str, int], dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def render_docs(text: str, table: str) -> str:
+def render_docs(text: str, table: str, path: Path = DOCS) -> str:
     if START not in text or END not in text:
-        raise SystemExit(f"{DOCS} lacks the grid-summary markers ({START} ... {END})")
+        raise SystemExit(f"{path} lacks the grid-summary markers ({START} ... {END})")
     before, rest = text.split(START, 1)
     return before + START + "\n" + table + "\n" + END + rest.split(END, 1)[1]
 
@@ -199,10 +199,12 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true", help="rewrite the docs' grid summary from the JSON")
     mode.add_argument("--check", action="store_true", help="exit 1 if the docs' grid summary differs from the JSON")
     args = ap.parse_args(argv)
+    if args.jobs < 1 or args.speedup <= 0:
+        ap.error(f"--jobs must be >= 1 and --speedup > 0 (got {args.jobs} and {args.speedup})")
     cells, est = done_cells(args.results), estimates(args.results, args.default_s)
     if args.write or args.check:
         old = args.docs.read_text()
-        new = render_docs(old, summary_table(cells))
+        new = render_docs(old, summary_table(cells), args.docs)
         if args.write and new != old:
             args.docs.write_text(new)
         if args.check and new != old:

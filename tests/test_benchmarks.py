@@ -387,6 +387,9 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     assert any(c["jobs"] == 3 for c in calls)
     # 400 s slowed 3/2 times would run 600 s: past 0.8 of the 580 s timeout, so alone
     assert all(c["jobs"] == 1 for c in calls if c["task"] == "sst2" and "mezo" in c["methods"])
+    with pytest.raises(SystemExit):
+        grid.main(["--results", str(tmp_path), "--calls", "--jobs", "0"])
+    assert "--jobs must be >= 1" in capsys.readouterr().err
 
 
 def test_grid_summary_over_seeds_into_the_docs(tmp_path):
