@@ -86,9 +86,14 @@ def _num(rec: Record | None, metric: str) -> float | None:
 
 def ratio_value(rec: Record, ratio: Ratio, records: list[Record]) -> float | None:
     """``ratio.metric`` of ``rec`` over that of its reference row (same size, batch, seq); None where undefined."""
-    if ratio.rows and rec["key"] not in ratio.rows:
+    if ratio.pairs:
+        ref_key = dict(ratio.pairs).get(rec["key"])
+        if ref_key is None:
+            return None
+    elif ratio.rows and rec["key"] not in ratio.rows:
         return None
-    ref_key = ratio.ref or (f"peer:{rec['case']}" if rec["impl"] == "ours" else None)
+    else:
+        ref_key = ratio.ref or (f"peer:{rec['case']}" if rec["impl"] == "ours" else None)
     ref = next((r for r in records if r["key"] == ref_key and all(r[k] == rec[k] for k in ("size", "batch", "seq"))),
                None)
     a, b = _num(rec, ratio.metric), _num(ref, ratio.metric)
@@ -147,6 +152,10 @@ def markdown(suite: Suite, records: list[Record], env: dict[str, Any]) -> str:
     if suite.ratios:
         lines += ["", "Ratios (same size, batch and seq; — where either side is missing, OOM or zero):"]
         for r in suite.ratios:
+            if r.pairs:
+                pairs = "; ".join(f"{row} ÷ {ref}" for row, ref in r.pairs)
+                lines.append(f"- **{r.title}**: `{r.metric}`, row ÷ its reference ({pairs}).")
+                continue
             ref = r.ref or "the peer case of the same name"
             what = f"{ref} ÷ row" if r.invert else f"row ÷ {ref}"
             rows = f" (rows {', '.join(r.rows)})" if r.rows else ""

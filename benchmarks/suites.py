@@ -55,6 +55,7 @@ class Ratio:
     ref: str | None = None  # reference case key, e.g. "peer:forward"; None: the peer case of the row's own name
     invert: bool = False  # reference / row instead (a speed-up)
     rows: tuple[str, ...] = ()  # case keys that get a value; empty: every row
+    pairs: tuple[tuple[str, str], ...] = ()  # (row, its reference) per row, in place of ``ref`` and ``rows``
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,14 @@ def ours(module: str, name: str, sizes: tuple[str, ...] = ("1b",), **kw: object)
 
 BOTH = ("1b", "7b")
 DFO = {"batch": 4, "seq": 128, "smoke": True, "sizes": ("smol", "1b")}  # few-shot classification prompts
+# each method through a LightningModule under a Trainer, and the bare step of the same method and shape
+THROUGH_TRAINER = (
+    ("ours:galore_lightning", "ours:galore"), ("ours:galore_lightning_keepgrads", "ours:galore"),
+    ("ours:adamw_lightning", "peer:adamw"), ("ours:lomo_lightning_ckpt", "ours:lomo_ckpt"),
+    ("ours:adalomo_lightning_ckpt", "ours:adalomo_ckpt"), ("ours:mezo_lightning", "ours:mezo"),
+    ("ours:mezo_lightning_graph", "ours:mezo"), ("ours:dfo_lightning", "ours:dfo_batched_chunk10"),
+    ("ours:dfo_lightning_graph", "ours:dfo_batched_chunk10_graph"),
+)
 
 SUITES: dict[str, Suite] = {
     s.name: s
@@ -202,7 +211,9 @@ SUITES: dict[str, Suite] = {
             "lightning",
             "Methods through a LightningModule under a Trainer (as users run them), beside the bare step and the peer:"
             " GaLore's peak with the gradients freed after the step and left to Lightning; LOMO and AdaLomo (with"
-            " activation checkpointing) beside lomo-optim; MeZO, eager and graphed, beside the official-style step.",
+            " activation checkpointing) beside lomo-optim; MeZO, eager and graphed, beside the official-style step;"
+            " DFO-LoRA (C-LoRA, population 20, chunk 10; batch per candidate), eager and graphed, beside its bare"
+            " generation. The Trainer / bare columns set each Trainer row against its own method's bare step.",
             (
                 peer("galore"),
                 peer("adamw", smoke=True),
@@ -220,6 +231,10 @@ SUITES: dict[str, Suite] = {
                 ours("mezo", "mezo", smoke=True),
                 ours("lightning", "mezo_lightning", smoke=True),
                 ours("lightning", "mezo_lightning_graph"),
+                ours("dfo", "dfo_batched_chunk10", **{**DFO, "smoke": False}),
+                ours("dfo", "dfo_batched_chunk10_graph", **{**DFO, "smoke": False}),
+                ours("lightning", "dfo_lightning", **{**DFO, "smoke": False}),
+                ours("lightning", "dfo_lightning_graph", **{**DFO, "smoke": False}),
             ),
             (
                 Ratio("step / galore-torch", "step_s", "peer:galore",
@@ -239,6 +254,8 @@ SUITES: dict[str, Suite] = {
                       rows=("ours:mezo", "ours:mezo_lightning", "ours:mezo_lightning_graph")),
                 Ratio("peak / MeZO official", "peak_gib", "peer:mezo_official",
                       rows=("ours:mezo", "ours:mezo_lightning", "ours:mezo_lightning_graph")),
+                Ratio("Trainer / bare step", "step_s", pairs=THROUGH_TRAINER),
+                Ratio("Trainer / bare peak", "peak_gib", pairs=THROUGH_TRAINER),
             ),
         ),
         Suite(

@@ -49,6 +49,22 @@ def test_ratios_pair_by_reference_and_size():
     assert r["peer:lomo", "1b"]["peak / peer"] is None  # a peer row has no same-name peer
 
 
+def test_ratios_with_a_reference_per_row():
+    """``pairs``: each row against its own reference (a method through the Trainer against its bare step)."""
+    suite = Suite("fake", "d", (), (Ratio("Trainer / bare step", "step_s",
+                                          pairs=(("ours:a_lightning", "ours:a"), ("ours:b_lightning", "peer:b"))),))
+    records = [rec("ours:a", step=1.0), rec("ours:a_lightning", step=1.5), rec("peer:b", step=2.0),
+               rec("ours:b_lightning", step=1.0), rec("ours:c", step=3.0)]
+    harness.add_ratios(records, suite)
+    got = {x["key"]: x["ratios"]["Trainer / bare step"] for x in records}
+    assert got == {"ours:a": None, "ours:a_lightning": 1.5, "peer:b": None, "ours:b_lightning": 0.5, "ours:c": None}
+    text = harness.markdown(suite, records, {})
+    assert "row ÷ its reference (ours:a_lightning ÷ ours:a; ours:b_lightning ÷ peer:b)" in text
+    lightning = SUITES["lightning"]
+    keys = {c.key for c in lightning.cases}
+    assert all(row in keys and ref in keys for r in lightning.ratios for row, ref in r.pairs)
+
+
 def test_ratios_skip_oom_errors_and_zero():
     records = [rec("peer:forward", step=None, peak="OOM"), rec("ours:lomo", step=1.0, peak=0.0),
                rec("peer:lomo", step=None, peak=None, error="boom")]
