@@ -9,13 +9,13 @@ selects. Needs Triton and a GPU; prints a table, writes JSON:
 
 import argparse
 import json
-import statistics
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import libdevice
 
+from benchmarks.common import timed
 from lightning_memopt.core._perturb_triton import _cos_sin_2pi
 
 
@@ -70,17 +70,8 @@ def _kern(w_ptr, n, seed, scale, BLOCK4: tl.constexpr, OUT: tl.constexpr, LOG: t
 
 
 def bench(f, reps=10):
-    for _ in range(3):
-        f()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        f()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
+    """Median ms of ``reps`` calls after 3 warm-up calls (CUDA events)."""
+    return 1e3 * timed(f, warm=3, reps=reps)[0]
 
 
 VARIANTS = [  # (OUT, LOG, TRIG, ROUNDS, label)

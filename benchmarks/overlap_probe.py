@@ -25,14 +25,12 @@ import argparse
 import contextlib
 import itertools
 import json
-import statistics
-import time
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from benchmarks.common import DEV, build
+from benchmarks.common import DEV, build, timed
 from lightning_memopt.core.perturb import seed_tensor, update1_many
 
 
@@ -86,27 +84,6 @@ def pipelined(model, gs, ids, seed_t, a, eps):
 _SIDE: Any = None
 
 
-def timed(f: Callable[[], Any], warm: int, reps: int) -> float:
-    for _ in range(warm):
-        f()
-    if DEV == "cuda":
-        torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        if DEV == "cuda":
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            f()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b))
-        else:
-            t = time.perf_counter()
-            f()
-            ts.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(ts)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     global _SIDE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -137,10 +114,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         logit_diff = float((out_p.float() - out_s.float()).abs().max())
         del ref, w_s, out_s, out_p
         signs = itertools.cycle([eps, -eps])  # each timed pass undoes the one before: the weights stay put
-        rows["forward"] = timed(lambda: model(ids).logits, 2, args.reps)
-        rows["pass"] = timed(lambda: [apply_pass(p, seed_t, a, next(signs)) for _, p in gs], 2, args.reps)
-        rows["serial"] = timed(lambda: serial(model, gs, ids, seed_t, a, next(signs)), 2, args.reps)
-        rows["pipelined"] = timed(lambda: pipelined(model, gs, ids, seed_t, a, next(signs)), 2, args.reps)
+        cases: dict[str, Callable[[], Any]] = {
+            "forward": lambda: model(ids).logits,
+            "pass": lambda: [apply_pass(p, seed_t, a, next(signs)) for _, p in gs],
+            "serial": lambda: serial(model, gs, ids, seed_t, a, next(signs)),
+            "pipelined": lambda: pipelined(model, gs, ids, seed_t, a, next(signs)),
+        }
+        for name, f in cases.items():
+            rows[name] = 1e3 * timed(f, warm=2, reps=args.reps)[0]  # ms
     hidden = (rows["serial"] - rows["pipelined"]) / rows["pass"]
     res = {"size": args.size, "batch": args.batch, "seq": args.seq, "ms": {k: round(v, 3) for k, v in rows.items()},
            "hidden": round(hidden, 3), "same_weights": same_w, "max_logit_diff": logit_diff,
