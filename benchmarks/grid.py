@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.results_tables import mean_std
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("sst2", "mrpc", "squad")
 METHODS = ("zero_shot", "adamw", "lomo", "adalomo", "galore", "mezo", "mezo_pop", "clora", "flora")
@@ -150,9 +152,8 @@ def _over_seeds(recs: list[dict[str, Any]], field: str, fmt: str = "{:.1f}") -> 
     if not vals:
         return "—"
     xs = [v for _, v in vals]
-    text = fmt.format(statistics.mean(xs))
-    if len(xs) > 1:
-        text += " ± " + fmt.format(statistics.stdev(xs))
+    mean, std = mean_std(xs)
+    text = fmt.format(mean) + (" ± " + fmt.format(std) if len(xs) > 1 else "")
     if len(xs) < len(SEEDS):
         text += f" (seed{'s' if len(xs) > 1 else ''} {', '.join(str(s) for s, _ in sorted(vals))})"
     return text
