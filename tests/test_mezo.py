@@ -187,17 +187,22 @@ class _Bypass(torch.nn.Module):
         return self.head(self.inner[1](torch.tanh(self.inner[0](x)))).square().mean()
 
 
+def _model_and_loss(build: str):
+    """The tiny Llama's backbone with an LM loss on a fixed batch, or one of the small odd-shaped models above/below."""
+    if build == "llama":
+        model, x = tiny_model().model.eval(), torch.randint(0, 64, (2, 8))
+        return model, lambda: model(input_ids=x, labels=x).loss
+    model = {"bypass": _Bypass, "skipping": _Skipping}[build]()
+    x = torch.randn(4, 6)
+    return model, lambda: model(x)
+
+
 @pytest.mark.parametrize("build", ["llama", "bypass"])
 def test_grouped_perturbation_equals_per_module(build):
     """One launch per submodule group sees exactly what per-module perturbation sees, also when a model skips the
     group root's forward; afterwards every original Parameter is back in place."""
     torch.manual_seed(0)
-    if build == "llama":
-        model, x = tiny_model().model.eval(), torch.randint(0, 64, (2, 8))
-        loss = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
-    else:
-        model, x = _Bypass(), torch.randn(4, 6)
-        loss = lambda: model(x)  # noqa: E731
+    model, loss = _model_and_loss(build)
     before = {n: p for n, p in model.named_parameters()}
     out = {}
     for gb in (0, 64 << 20):
@@ -237,12 +242,7 @@ def test_overlap_makes_copies_ahead_and_the_same_weights(build, group_bytes):
     weights, used = [], []
     for overlap in (False, True):
         torch.manual_seed(0)
-        if build == "llama":
-            model, x = tiny_model().model.eval(), torch.randint(0, 64, (2, 8))
-            loss = lambda: model(input_ids=x, labels=x).loss  # noqa: E731
-        else:
-            model, x = _Skipping(), torch.randn(4, 6)
-            loss = lambda: model(x)  # noqa: E731
+        model, loss = _model_and_loss(build)
         zo = ZeroOrder(model, ZOConfig(eps=1e-2, n_spsa=2), cache_z=False, group_bytes=group_bytes, overlap=overlap)
         with torch.no_grad():
             for t in range(4):
