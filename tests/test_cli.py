@@ -135,7 +135,8 @@ def test_main_returns_none_for_the_console_script(tmp_path, in_repo, capsys):
        for m in ("adamw", "mezo", "mezo_pop", "lomo", "adalomo", "galore", "clora", "flora")],
      *[(f"squad_smollm2_{m}.yaml", SQUAD)
        for m in ("adamw", "mezo", "mezo_f1", "mezo_pop", "lomo", "adalomo", "galore", "clora", "flora")],
-     ("sst2_smollm2_mezo_pop.yaml", SST2 / "train.tsv"),
+     *[(f"sst2_smollm2_{m}.yaml", SST2 / "train.tsv")
+       for m in ("adamw", "mezo", "mezo_pop", "mezo_lora", "lomo", "adalomo", "galore", "clora", "flora")],
      ("instruct_smollm2.yaml", None)],
 )
 def test_real_task_configs_on_the_tiny_model(config, needs, tmp_path, in_repo):

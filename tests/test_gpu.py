@@ -16,6 +16,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
 
 from lightning_memopt import LOMO, AdaLomo, DFOLoRA, GaLore, MeZO
 from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
@@ -357,3 +358,36 @@ def test_ema_weight_averaging_with_graphed_mezo_on_cuda():
     assert trainer.global_step == 8 and replays == [8]
     final, average = full_state(model), full_state(ema._average_model.module)
     assert all(torch.equal(final[n], average[n].to(final[n].device)) for n in final)
+
+
+GRAPHED_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*_smollm2_*.yaml") if "cuda_graph: true" in p.read_text())
+
+
+@pytest.mark.parametrize("config", GRAPHED_CONFIGS)
+def test_graphed_task_configs_capture_on_the_tiny_model(config, tmp_path, in_repo, monkeypatch, recwarn):
+    """Each shipped config with ``cuda_graph: true`` (its data, padding, objective and precision; the tiny model):
+    4 steps on the GPU capture and replay graphs, with no fallback to the eager step."""
+    from conftest import MRPC, SQUAD, SST2
+    from test_cli import TINY_MODEL, short
+
+    from lightning_memopt.cli import run_cli
+    from lightning_memopt.core import graphs
+
+    needs = {"sst2": SST2 / "train.tsv", "mrpc": MRPC / "train.tsv", "squad": SQUAD}[config.split("_")[0]]
+    if not needs.is_file():
+        pytest.skip(f"{needs} not found")
+    made: list[graphs.GraphReplay] = []
+    init = graphs.GraphReplay.__init__
+
+    def record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(graphs.GraphReplay, "__init__", record)
+    precision = yaml.safe_load((ROOT / "configs" / config).read_text())["trainer"]["precision"]  # TINY_MODEL's is fp32
+    cli = run_cli(["fit", "--config", f"configs/{config}", *TINY_MODEL, *short(tmp_path, steps=4),
+                   "--trainer.accelerator=cuda", f"--trainer.precision={precision}"])
+    assert cli.trainer.global_step == 4
+    assert not [w for w in recwarn if "cuda_graph" in str(w.message)], [str(w.message) for w in recwarn]
+    assert made and sum(g.captures for g in made) >= 1 and sum(g.replays for g in made) >= 4, [
+        (g.captures, g.replays) for g in made]
