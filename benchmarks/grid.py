@@ -4,7 +4,8 @@ device calls that would run the rest.
 A cell is done when a committed ``benchmarks/results/<task>_grid_h200*.json`` (``task_results``' output, one file
 per device call, or their ``--merge``) holds a record of that method and seed that ran on an H200, without error or
 overrides, and either alone on the GPU or, for seeds 1 and 2, beside other runs (``task_results --jobs``) without
-the time cap ending its fit (``time_capped: false``). A shared run that finished its steps trains as a solo run
+the time cap ending its fit (``time_capped: false``); :data:`ADOPTED` names the few other files whose runs count,
+as a config's runs under its earlier name. A shared run that finished its steps trains as a solo run
 would (a solo run is faster, so the cap would not have ended it either); only its wall times include the sharing,
 so the timed curves, and every training time the summary reports, are seed 0's or other solo runs'.
 
@@ -41,6 +42,11 @@ RUN_TIMEOUT_S = 580  # task_results --timeout: one run's process, within a 600 s
 METRIC = {"sst2": ("dev_acc", "SST-2 dev acc", "SST-2"), "mrpc": ("dev_acc", "MRPC dev acc", "MRPC"),
           "squad": ("dev_f1", "SQuAD dev F1", "SQuAD")}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+# Committed runs outside the grid's files that ran a grid config as it is today, under the config's earlier name:
+# file -> {method as recorded: the grid's name}. sst2_pop_best_h200.json's mezo_pop32 runs (seeds 0 and 2, alone,
+# 3f91527) ran configs/sst2_smollm2_mezo_pop32.yaml, which became sst2_smollm2_mezo_pop.yaml at e35ac55 with the
+# same settings (only its logger's and trajectory's names changed). Its seed-1 run had overrides: not a cell.
+ADOPTED = {"sst2_pop_best_h200.json": {"mezo_pop32": "mezo_pop"}}
 START, END = "<!-- grid-summary:start (python -m benchmarks.grid --write) -->", "<!-- grid-summary:end -->"
 
 
@@ -67,11 +73,25 @@ def _cell(rec: dict[str, Any]) -> bool:
     return alone(rec) or (int(rec["seed"]) != 0 and rec.get("time_capped") is False)
 
 
+def _adopted(results: Path) -> list[dict[str, Any]]:
+    """The :data:`ADOPTED` records under the grid's method names (``adopted_from`` says where they come from)."""
+    out = []
+    for name, renamed in ADOPTED.items():
+        for rec in _records(name, results):
+            if rec["method"] in renamed and rec.get("label", rec["method"]) == rec["method"]:
+                new = renamed[rec["method"]]
+                out.append(dict(rec, method=new, label=new, adopted_from=f"{name}: {rec['method']}"))
+    return out
+
+
 def done_cells(results: Path = RESULTS) -> dict[tuple[str, str, int], dict[str, Any]]:
-    """(task, method, seed) -> its record, from the grid's JSON (a solo run before a shared one)."""
+    """(task, method, seed) -> its record, from the grid's JSON and :data:`ADOPTED` (a solo run before a shared
+    one)."""
     cells: dict[tuple[str, str, int], dict[str, Any]] = {}
+    adopted = _adopted(results)
     for task in TASKS:
-        for rec in sorted(_records(f"{task}_grid_h200*.json", results), key=lambda r: not alone(r)):
+        recs = _records(f"{task}_grid_h200*.json", results) + [r for r in adopted if r.get("task") == task]
+        for rec in sorted(recs, key=lambda r: not alone(r)):
             if _cell(rec):
                 cells.setdefault((task, rec["method"], int(rec["seed"])), rec)
     return cells

@@ -367,8 +367,12 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
         {"task": "sst2", "method": "lomo", "seed": 0, "process_s": 900.0, "env": h200, "note": "shared"},
         {"task": "mrpc", "method": "flora", "seed": 0, "process_s": 250.0, "env": h200},
     ]))
+    assert "sst2_pop_best_h200.json" in grid.ADOPTED  # a config's runs under its earlier name
+    (tmp_path / "sst2_pop_best_h200.json").write_text(json.dumps([
+        rec("mezo_pop32", 2), rec("mezo_pop", 1, overrides=["--x=1"], label="f10n32")]))
     cells = grid.done_cells(tmp_path)
-    assert set(cells) == {("sst2", "adamw", 0), ("sst2", "adamw", 1), ("sst2", "galore", 1)}
+    assert set(cells) == {("sst2", "adamw", 0), ("sst2", "adamw", 1), ("sst2", "galore", 1), ("sst2", "mezo_pop", 2)}
+    assert cells[("sst2", "mezo_pop", 2)]["adopted_from"] == "sst2_pop_best_h200.json: mezo_pop32"
     est = grid.estimates(tmp_path, default_s=600)
     assert est[("sst2", "adamw")] == 100.0  # its own task, alone, no overrides
     assert est[("sst2", "lomo")] == 300.0  # alone with overrides beats the shared run
@@ -385,7 +389,7 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
         assert ("--dev_curve" in c["command"]) == (c["task"] != "squad")  # task_results refuses it on squad
     grid.main(["--results", str(tmp_path), "--calls"])
     out = capsys.readouterr().out
-    assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "3 of 81 cells measured; 78 left" in out
+    assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "4 of 81 cells measured; 77 left" in out
 
     # --jobs: seeds 1 and 2 share the GPU J at a time (no dev curve), a call's estimate its sum over the speedup;
     # a cell too long to share safely keeps a solo call; seed 0 is always solo
