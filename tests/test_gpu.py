@@ -391,3 +391,13 @@ def test_graphed_task_configs_capture_on_the_tiny_model(config, tmp_path, in_rep
     assert not [w for w in recwarn if "cuda_graph" in str(w.message)], [str(w.message) for w in recwarn]
     assert made and sum(g.captures for g in made) >= 1 and sum(g.replays for g in made) >= 4, [
         (g.captures, g.replays) for g in made]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton")
+def test_adalomo_triton_kernels_equal_the_torch_version(monkeypatch):
+    """AdaLomo's compiled kernels against its torch version in the same FusedStep runs (tests/_adalomo_check.py):
+    fp32 within 1e-6 with clipping by norm and by value and a skipped step, bf16 within one ulp after a step."""
+    from _adalomo_check import check
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert check("cuda") == []

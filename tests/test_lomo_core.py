@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -248,3 +253,13 @@ def test_invalid_arguments():
         LomoSettings(clip_grad_norm=0.0)
     with pytest.raises(ValueError, match="clip_grad_value"):
         LomoSettings(clip_grad_value=-1.0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (GPU wheels)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, tests/test_gpu.py runs the compiled kernels")
+def test_adalomo_triton_kernels_equal_the_torch_version_interpreted():
+    """AdaLomo's Triton kernels under Triton's interpreter against the torch version (tests/_adalomo_check.py):
+    fp32 steps with clipping by norm and by value, a skipped step, a tall lone matrix, fp16 unscaling."""
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("_adalomo_check.py"))], capture_output=True,
+                       text=True, timeout=900, check=False, env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert r.stdout.strip().endswith("ALL_OK"), r.stdout[-3000:] + r.stderr[-3000:]

@@ -10,10 +10,11 @@ _MODULES: dict[str, ModuleType | None] = {}
 
 
 def kernels(name: str) -> ModuleType | None:
-    """``lightning_memopt.core.<name>`` if it imports (Triton present), else None."""
+    """``lightning_memopt.core.<name>`` (or the module ``name`` where it has a dot) if it imports (Triton present),
+    else None."""
     if name not in _MODULES:
         try:
-            _MODULES[name] = importlib.import_module(f"lightning_memopt.core.{name}")
+            _MODULES[name] = importlib.import_module(name if "." in name else f"lightning_memopt.core.{name}")
         except Exception:  # noqa: BLE001 - no usable Triton: the torch fallback gives the same results
             _MODULES[name] = None
     return _MODULES[name]

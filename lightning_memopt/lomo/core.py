@@ -33,6 +33,8 @@ column statistics and RMS values are all-reduced over the shard group, so the re
 from __future__ import annotations
 
 import math
+import os
+import warnings
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lightning_memopt.core import validate
+from lightning_memopt.core._triton import kernels
 from lightning_memopt.core.axpby import axpby_
 from lightning_memopt.core.fsdp import all_reduce_, is_dtensor, local, shard_group, sharded_zeros
 from lightning_memopt.core.fused_backward import FusedBackward
@@ -326,6 +329,15 @@ class FusedStep:
         lr, wd = float(group["lr"]), self._decay(p, group)
         pg = self._pg[p]
         d, g = self._local(p)
+        st = self.state.get(p)
+        if not st:
+            st = self.state[p] = new_adalomo_state(p)
+        t = st["step"] + 1
+        st["step"] = t
+        self._counted.append(p)
+        beta = 1.0 - math.pow(t, s.decay_rate)
+        if pg is None and not is_zero3(p) and self._adalomo_fused(d, g, st, beta, lr, wd):
+            return
         if self._inv_scale != 1.0 or s.clip_grad_value is not None or self._clip_coef is not None:
             g = g.float()  # fp32 params: the grad itself, modified in place (it is freed after the hook)
             if self._inv_scale != 1.0:
@@ -334,13 +346,6 @@ class FusedStep:
                 g.clamp_(-s.clip_grad_value, s.clip_grad_value)
             if self._clip_coef is not None:
                 g.mul_(self._clip_coef)
-        st = self.state.get(p)
-        if not st:
-            st = self.state[p] = new_adalomo_state(p)
-        t = st["step"] + 1
-        st["step"] = t
-        self._counted.append(p)
-        beta = 1.0 - math.pow(t, s.decay_rate)
         eps0 = s.eps_sq
         f32 = torch.float32
         ok = self._ok
@@ -380,6 +385,47 @@ class FusedStep:
         step_size = lr_t / (rms[0] / s.clip_threshold).clamp_(min=1.0)
         d, u = self._target(p, d, u)
         axpby_(d, u, -step_size, (1.0 - lr_t * wd) if wd else 1.0, ok)
+
+
+    def _adalomo_fused(self, d: Tensor, g: Tensor, st: dict[str, Any], beta: float, lr: float, wd: float) -> bool:
+        """AdaLomo's step for ``d`` by the Triton kernels (4 launches for a matrix, 1 for a vector, against ~30);
+        False where they do not apply (CPU, no Triton, ``MEMOPT_ADALOMO=torch``, sharded rows, other shapes)."""
+        kern = _adalomo_kernels(d)
+        if kern is None or d.shape != g.shape or not (d.is_contiguous() and g.is_contiguous()):
+            return False
+        s = self.settings
+        kw = dict(beta=beta, eps0=s.eps_sq, lr=lr, wd=wd, eps_scale=s.eps_scale, clip_threshold=s.clip_threshold,
+                  ok=self._ok, gscale=self._inv_scale, clamp=s.clip_grad_value, coef=self._clip_coef)
+        if d.ndim == 2 and d.numel():
+            state = local(st["row"]), st["col"]
+            fn = kern.adalomo_matrix_
+        elif d.ndim == 1 and 0 < d.numel() <= kern.VEC_MAX:
+            state = (local(st["sq"]),)
+            fn = kern.adalomo_vector_
+        else:
+            return False
+        if not all(m.is_contiguous() and m.dtype == torch.float32 for m in state):
+            return False
+        try:
+            fn(d, g, *state, **kw)
+        except Exception as err:  # noqa: BLE001 - a compile failure on this Triton/GPU: the torch version computes it
+            _ADALOMO_KERNELS["failed"] = True  # nothing but scratch was written (see _adalomo_triton)
+            warnings.warn(f"AdaLomo's Triton kernels failed ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                          f"running the torch version from now on.", stacklevel=2)
+            return False
+        return True
+
+
+_ADALOMO_KERNELS: dict[str, bool] = {"failed": False}
+
+
+def _adalomo_kernels(d: Tensor):
+    """The Triton AdaLomo kernels for ``d``'s device, or None (``MEMOPT_ADALOMO=torch`` forces the torch version)."""
+    if _ADALOMO_KERNELS["failed"] or os.environ.get("MEMOPT_ADALOMO", "auto") == "torch":
+        return None
+    if d.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return None
+    return kernels("lightning_memopt.lomo._adalomo_triton")
 
 
 def _commit(dst: Tensor, new: Tensor, ok: Tensor | None) -> None:
