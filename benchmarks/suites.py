@@ -138,6 +138,10 @@ SUITES: dict[str, Suite] = {
                 ours("lomo", "lomo", smoke=True),
                 ours("lomo", "lomo_ckpt", BOTH),
                 ours("lomo", "adalomo_ckpt", BOTH, smoke=True),
+                ours("lomo", "adalomo_torch_ckpt", BOTH),  # the torch version of the same step
+                # SmolLM2's shape at SST-2's batch, no checkpointing (configs/sst2_smollm2_adalomo.yaml): host-bound
+                ours("lomo", "adalomo", ("smol",), batch=16, seq=128),
+                ours("lomo", "adalomo_torch", ("smol",), batch=16, seq=128),
                 ours("lomo", "lomo_clip_ckpt"),  # global-norm clipping; lomo-optim has no such case
                 ours("lomo", "backward_floor_ckpt", BOTH),  # forward + backward, grads dropped, no update
             ),
@@ -147,6 +151,10 @@ SUITES: dict[str, Suite] = {
                 Ratio("step / AdamW", "step_s", "peer:adamw"),
                 Ratio("step / backward floor", "step_s", "ours:backward_floor_ckpt",
                       rows=("peer:lomo_ckpt", "peer:adalomo_ckpt", "ours:lomo_ckpt", "ours:adalomo_ckpt")),
+                Ratio("kernels / torch version", "step_s",
+                      pairs=(("ours:adalomo_ckpt", "ours:adalomo_torch_ckpt"), ("ours:adalomo", "ours:adalomo_torch"))),
+                Ratio("kernels / torch version peak", "peak_gib",
+                      pairs=(("ours:adalomo_ckpt", "ours:adalomo_torch_ckpt"), ("ours:adalomo", "ours:adalomo_torch"))),
             ),
         ),
         Suite(

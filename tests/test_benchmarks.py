@@ -106,9 +106,10 @@ def test_plan_orders_sizes_filters_and_smoke():
     suite = SUITES["lomo"]
     todo = harness.plan(suite, None, None, smoke=False)
     sizes = [s for _, s in todo]
-    assert sizes == sorted(sizes, key=["1b", "7b"].index) and ("7b" in sizes)
+    assert sizes == sorted(sizes, key=["smol", "1b", "7b"].index) and ("7b" in sizes)
     assert {c.key for c, s in todo if s == "7b"} == {"peer:lomo_ckpt", "peer:adalomo_ckpt", "ours:lomo_ckpt",
-                                                     "ours:adalomo_ckpt", "ours:backward_floor_ckpt"}
+                                                     "ours:adalomo_ckpt", "ours:adalomo_torch_ckpt",
+                                                     "ours:backward_floor_ckpt"}
     assert [(c.key, s) for c, s in harness.plan(suite, ["7b"], ["lomo_ckpt"], False)] == [
         ("peer:lomo_ckpt", "7b"), ("ours:lomo_ckpt", "7b")]
     smoke = harness.plan(SUITES["foundation"], None, None, smoke=True)

@@ -360,7 +360,8 @@ def test_ema_weight_averaging_with_graphed_mezo_on_cuda():
     assert all(torch.equal(final[n], average[n].to(final[n].device)) for n in final)
 
 
-GRAPHED_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*_smollm2_*.yaml") if "cuda_graph: true" in p.read_text())
+GRAPHED_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*_smollm2_*.yaml")
+                         if "cuda_graph: true" in p.read_text())
 
 
 @pytest.mark.parametrize("config", GRAPHED_CONFIGS)

@@ -4,13 +4,15 @@
 ``model(input_ids=x, labels=x).loss``, lr 1e-3, no clipping, bf16 weights: the anchors' cases of the same names. Also
 ``lomo_clip_ckpt`` (exact two-pass global-norm clipping) to price the second backward, and ``backward_floor_ckpt``:
 the checkpointed forward and backward with each gradient dropped in its hook and no update, the floor of any
-fused-backward step.
+fused-backward step. ``adalomo_torch`` and ``adalomo_torch_ckpt`` run AdaLomo's torch version
+(``MEMOPT_ADALOMO=torch``) where the others run its Triton kernels on CUDA: the two side by side.
 Usage: ``python -m benchmarks.cases.lomo CASE SIZE [BATCH] [SEQ]`` with any size of
 ``lightning_memopt.models.configs.LLAMA_SIZES``; ``DEV=cpu`` smoke-tests it on the tiny model.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -23,8 +25,10 @@ from lightning_memopt.lomo.core import FusedStep, LomoSettings
 
 def fused(
     model: torch.nn.Module, x: torch.Tensor, rule: str, checkpointing: bool, clip: float | None = None,
-    check: bool = True,
+    check: bool = True, torch_version: bool = False,
 ) -> Callable[[], Any]:
+    if torch_version:  # one process per case: this run only
+        os.environ["MEMOPT_ADALOMO"] = "torch"
     model.train()
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -59,6 +63,8 @@ CASES: dict[str, Callable[[torch.nn.Module, torch.Tensor], Callable[[], Any]]] =
     "lomo_ckpt": lambda m, x: fused(m, x, "sgd", True),
     "adalomo_ckpt": lambda m, x: fused(m, x, "adalomo", True),
     "adalomo": lambda m, x: fused(m, x, "adalomo", False),
+    "adalomo_torch_ckpt": lambda m, x: fused(m, x, "adalomo", True, torch_version=True),
+    "adalomo_torch": lambda m, x: fused(m, x, "adalomo", False, torch_version=True),
     "lomo_clip_ckpt": lambda m, x: fused(m, x, "sgd", True, clip=1.0),
     "backward_floor_ckpt": backward_floor,
 }

@@ -121,7 +121,8 @@ def _norms_kernel(g_ptr, d_ptr, R, C, n_ct, n_tiles, nprog, nr_ptr, nc_ptr, avgp
 
 @triton.jit
 def _step(su, sd, lr, wd, eps_scale, inv_sqrt_n, clip_threshold, HAS_WD: tl.constexpr):
-    """(−step size, weight factor): ``lr_t = lr·max(RMS(θ), eps_scale)``, ``step = lr_t / max(1, RMS(u)/threshold)``."""
+    """(−step size, weight factor): ``lr_t = lr·max(RMS(θ), eps_scale)``,
+    ``step = lr_t / max(1, RMS(u) / threshold)``."""
     lr_t = tl.maximum(tl.sqrt(sd) * inv_sqrt_n, eps_scale) * lr
     step = lr_t / tl.maximum(tl.sqrt(su) * inv_sqrt_n / clip_threshold, 1.0)
     b = 1.0
