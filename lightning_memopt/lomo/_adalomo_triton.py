@@ -219,7 +219,7 @@ def adalomo_matrix_(d: Tensor, g: Tensor, row: Tensor, col: Tensor, *, beta: flo
     rowpart, colpart, nr, nc, avgpart, part = scratch.split([n_cb * R, n_seg * C, R, C, n_rv, 2 * nprog])
     okt, coeft, gs, cv, flags = _common(g, ok, gscale, clamp, coef)
     g_flags = dict(CLAMP=flags["CLAMP"], COEF=flags["COEF"])
-    bavg = triton.next_power_of_2(n_rv)
+    bavg = max(16, triton.next_power_of_2(n_rv))  # the block of a small sum: no tl.arange shorter than 16
     _sq_kernel[(n_seg, n_cb)](g, R, C, rs, rowpart, colpart, gs, cv, coeft, **g_flags, BR=BR, BC=BC)
     _moments_kernel[(n_rv + triton.cdiv(C, BV),)](
         rowpart, colpart, R, C, n_cb, n_seg, row, col, nr, nc, avgpart, n_rv, float(beta), (1.0 - beta) / C,
@@ -230,7 +230,7 @@ def adalomo_matrix_(d: Tensor, g: Tensor, row: Tensor, col: Tensor, *, beta: flo
     _apply_kernel[(n_rt, n_ct)](
         g, d, R, C, nr, nc, avgpart, n_rv, part, nprog, row, col, okt, float(lr), float(wd), float(eps_scale),
         1.0 / (R * C) ** 0.5, float(clip_threshold), gs, cv, coeft, **flags, HAS_WD=bool(wd), BR=BR, BC=BC,
-        BAVG=bavg, BP=triton.next_power_of_2(nprog))
+        BAVG=bavg, BP=max(16, triton.next_power_of_2(nprog)))
 
 
 def adalomo_vector_(d: Tensor, g: Tensor, sq: Tensor, *, beta: float, eps0: float, lr: float, wd: float,
