@@ -213,3 +213,23 @@ def test_squad_group_by_length_pads_less_and_fits():
     assert trainer.global_step == 2
     with pytest.raises(ValueError, match="set shuffle=True, or group_by_length=0"):
         InstructionDataModule(train_file=str(SQUAD), group_by_length=2, shuffle=False)
+
+
+@needs_squad
+def test_greedy_answers_under_fsdp2_equal_one_process():
+    """Two FSDP2 processes decode their rows in lockstep (each forward all-gathers) and stop together, with rows
+    ending at other steps (the stop word is one the model generates mid-answer in some rows): the answers of one
+    process, split over the two."""
+    from lightning_memopt.testing import run_distributed
+    from lightning_memopt.testing.workers import squad_test_metrics
+    from lightning_memopt.tokenization import builtin_tokenizer
+
+    free = squad_test_metrics(1, str(SQUAD))["ids"]
+    mid = collections.Counter(t for ids in free for t in set(ids[1:-1]))
+    word = builtin_tokenizer().decode([next(t for t, n in mid.most_common() if n < len(free))])
+    one = squad_test_metrics(1, str(SQUAD), stop_text=word)
+    assert 1 < min(map(len, one["ids"])) < max(map(len, one["ids"])) == 6  # some rows stop early, others do not
+    two = run_distributed("lightning_memopt.testing.workers:squad_test_metrics", world_size=2, data_file=str(SQUAD),
+                          stop_text=word)
+    assert sorted(two[0]["ids"] + two[1]["ids"]) == sorted(one["ids"])
+    assert two[0]["em"] == two[1]["em"] == one["em"] and two[0]["f1"] == pytest.approx(one["f1"], abs=1e-6)

@@ -379,12 +379,12 @@ class HFCausalLM(LightningModule):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         n_new = int(max_new_tokens or self.hparams.max_new_tokens)
-        stop = torch.tensor(sorted(self._stop_ids()), dtype=torch.long, device=input_ids.device)
+        stop = self._stop_ids()
         B = input_ids.shape[0]
         mask = attention_mask.long()
         pos = position_ids_from_mask(mask)
         out_ids: list[list[int]] = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        done = [False] * B
         was_training = self.model.training
         self.model.eval()  # HF turns the cache off in training mode under gradient checkpointing
         try:
@@ -392,10 +392,11 @@ class HFCausalLM(LightningModule):
                              logits_to_keep=1)
             for step in range(n_new):
                 nxt = out.logits[:, -1].argmax(-1)
-                for b in (~done).nonzero().flatten().tolist():
-                    out_ids[b].append(int(nxt[b]))
-                done |= torch.isin(nxt, stop)
-                if step == n_new - 1 or self._all_done(done):
+                for b, tok in enumerate(nxt.tolist()):  # one device-to-host copy per token, not one per row
+                    if not done[b]:
+                        out_ids[b].append(tok)
+                        done[b] = tok in stop
+                if step == n_new - 1 or self._all_done(done, nxt.device):
                     break
                 mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
                 pos = pos[:, -1:] + 1
@@ -428,11 +429,12 @@ class HFCausalLM(LightningModule):
         return ids
 
     @staticmethod
-    def _all_done(done: Tensor) -> bool:
+    def _all_done(done: list[bool], device: torch.device) -> bool:
         # Under FSDP every rank must run the same number of forwards (each all-gathers): stop together.
-        flag = done.all().to(torch.int32)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return all(done)
+        flag = torch.tensor(int(all(done)), dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         return bool(flag)
 
     # ---- steps -------------------------------------------------------------------------------------------------

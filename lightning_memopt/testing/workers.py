@@ -379,3 +379,31 @@ def fit_tiny_deepspeed_picked_cuda(world_size: int, **kwargs: Any) -> dict[str, 
     out = fit_tiny(world_size, **kwargs)
     out["deepspeed_accelerator"] = get_accelerator().device_name()
     return out
+
+
+def squad_test_metrics(world_size: int = 1, data_file: str = "", max_new_tokens: int = 6,
+                       stop_text: Optional[str] = None) -> dict[str, Any]:
+    """The tiny generation model's greedy test answers on a SQuAD-format file, on ``world_size`` CPU processes (FSDP2
+    when > 1: every rank runs the same number of decoding steps, its rows stopping apart): test EM and F1, and the
+    token ids this rank generated."""
+    from lightning_memopt.data.qa import SQuADDataModule
+    from lightning_memopt.strategies import FSDP2Strategy
+
+    pl.seed_everything(0, verbose=False)
+    model = tiny_model(objective="generation", max_new_tokens=max_new_tokens, stop_text=stop_text)
+    made: list[list[int]] = []
+    generate = model.generate_ids
+
+    def recorded(*args: Any, **kwargs: Any) -> list[list[int]]:
+        out = generate(*args, **kwargs)
+        made.extend(out)
+        return out
+
+    model.generate_ids = recorded  # type: ignore[method-assign]
+    dm = SQuADDataModule(data_file=data_file, train_articles=[0], test_articles=[3, 4], test_limit=8, val_size=4,
+                         eval_batch_size=8 // world_size, max_length=256)
+    kw: dict[str, Any] = {}
+    if world_size > 1:
+        kw.update(devices=world_size, strategy=FSDP2Strategy(save_distributed_checkpoint=False))
+    res = tiny_trainer(**kw).test(model, dm, verbose=False)[0]
+    return {"em": float(res["test_em"]), "f1": float(res["test_f1"]), "ids": made}
