@@ -57,27 +57,29 @@ def _sq_kernel(g_ptr, R, C, RS, rowpart_ptr, colpart_ptr, gscale, clampv, coef_p
     tl.store(colpart_ptr + s.to(tl.int64) * C + cols, acc, mask=cmask)
 
 
+@triton.jit
+def _moment(part_ptr, n_parts, L, blk, old_ptr, new_ptr, beta, v, ve, BV: tl.constexpr):
+    """Block ``blk`` of a moment of length L: ``beta·old + v·Σ(its n_parts partial squared sums) + ve`` into
+    ``new_ptr``; returns the block's sum."""
+    i = blk * BV + tl.arange(0, BV)
+    m = i < L
+    sq = tl.zeros([BV], dtype=tl.float32)
+    for j in range(0, n_parts):
+        sq += tl.load(part_ptr + j * L + i, mask=m, other=0.0)
+    new = tl.load(old_ptr + i, mask=m, other=0.0) * beta + v * sq + ve
+    tl.store(new_ptr + i, new, mask=m)
+    return tl.sum(tl.where(m, new, 0.0))
+
+
 @triton.jit(do_not_specialize=["beta", "vr", "vc", "ve"])
 def _moments_kernel(rowpart_ptr, colpart_ptr, R, C, n_cb, n_seg, row_ptr, col_ptr, nr_ptr, nc_ptr, avgpart_ptr,
                     n_rv, beta, vr, vc, ve, BV: tl.constexpr):
+    """Rows ``beta·m + (1 - beta)/C·Σ_c g² + (1 - beta)·eps`` (and their block sums, for the mean), columns alike."""
     pid = tl.program_id(0)
-    if pid < n_rv:  # rows: new = beta·m + (1 - beta)/C·Σ_c g² + (1 - beta)·eps
-        i = pid * BV + tl.arange(0, BV)
-        m = i < R
-        sq = tl.zeros([BV], dtype=tl.float32)
-        for j in range(0, n_cb):
-            sq += tl.load(rowpart_ptr + j * R + i, mask=m, other=0.0)
-        new = tl.load(row_ptr + i, mask=m, other=0.0) * beta + vr * sq + ve
-        tl.store(nr_ptr + i, new, mask=m)
-        tl.store(avgpart_ptr + pid, tl.sum(tl.where(m, new, 0.0)))
+    if pid < n_rv:
+        tl.store(avgpart_ptr + pid, _moment(rowpart_ptr, n_cb, R, pid, row_ptr, nr_ptr, beta, vr, ve, BV))
     else:
-        i = (pid - n_rv) * BV + tl.arange(0, BV)
-        m = i < C
-        sq = tl.zeros([BV], dtype=tl.float32)
-        for j in range(0, n_seg):
-            sq += tl.load(colpart_ptr + j * C + i, mask=m, other=0.0)
-        new = tl.load(col_ptr + i, mask=m, other=0.0) * beta + vc * sq + ve
-        tl.store(nc_ptr + i, new, mask=m)
+        _moment(colpart_ptr, n_seg, C, pid - n_rv, col_ptr, nc_ptr, beta, vc, ve, BV)
 
 
 @triton.jit
