@@ -5,7 +5,8 @@ A cell is done when a committed ``benchmarks/results/<task>_grid_h200*.json`` (`
 per device call, or their ``--merge``) holds a record of that method and seed that ran on an H200, without error or
 overrides, and either alone on the GPU or, for seeds 1 and 2, beside other runs (``task_results --jobs``) without
 the time cap ending its fit (``time_capped: false``); :data:`ADOPTED` names the few other files whose runs count,
-as a config's runs under its earlier name. A shared run that finished its steps trains as a solo run
+as a config's runs under its earlier name, and :data:`SUPERSEDED` the methods whose earlier records no longer
+count because their code has changed since. A shared run that finished its steps trains as a solo run
 would (a solo run is faster, so the cap would not have ended it either); only its wall times include the sharing,
 so the timed curves, and every training time the summary reports, are seed 0's or other solo runs'.
 
@@ -23,6 +24,7 @@ of seeds 1 and 2 run J cells at a time (see :func:`plan_calls`):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import subprocess
@@ -47,6 +49,9 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 # 3f91527) ran configs/sst2_smollm2_mezo_pop32.yaml, which became sst2_smollm2_mezo_pop.yaml at e35ac55 with the
 # same settings (only its logger's and trajectory's names changed). Its seed-1 run had overrides: not a cell.
 ADOPTED = {"sst2_pop_best_h200.json": {"mezo_pop32": "mezo_pop"}}
+# Methods whose code changed since some cells ran, in a way that changes their time: method -> (the first commit of
+# the code as it is, why). A record of an earlier commit no longer counts, so the grid runs it again.
+SUPERSEDED = {"adalomo": ("2f63a56", "AdaLomo's update runs as Triton kernels on CUDA (its torch version before)")}
 START, END = "<!-- grid-summary:start (python -m benchmarks.grid --write) -->", "<!-- grid-summary:end -->"
 
 
@@ -65,8 +70,25 @@ def alone(rec: dict[str, Any]) -> bool:
     return "note" not in rec
 
 
+@functools.lru_cache(maxsize=None)
+def _descends(commit: str, since: str) -> bool:
+    """``commit`` is ``since`` or comes after it in this repository's history."""
+    r = subprocess.run(["git", "-C", str(RESULTS), "merge-base", "--is-ancestor", since, commit],
+                       capture_output=True, check=False)
+    return r.returncode == 0
+
+
+def current(rec: dict[str, Any]) -> bool:
+    """The record ran its method's code as it is now (see :data:`SUPERSEDED`)."""
+    if rec["method"] not in SUPERSEDED:
+        return True
+    return _descends(str((rec.get("env") or {}).get("commit")), SUPERSEDED[rec["method"]][0])
+
+
 def _cell(rec: dict[str, Any]) -> bool:
     if "H200" not in str((rec.get("env") or {}).get("gpu")) or "error" in rec or rec.get("overrides"):
+        return False
+    if not current(rec):
         return False
     if rec.get("label", rec["method"]) != rec["method"]:
         return False

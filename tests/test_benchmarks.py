@@ -361,6 +361,9 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
         rec("lomo", 1, note="shared"),  # from before time_capped was recorded
         rec("mezo", 0, error="timeout after 580s"),
         rec("mezo_pop", 0, overrides=["--model.init_args.lr=2e-4"], label="lr2"),  # not the config
+        # before and since the code change grid.SUPERSEDED names (git history decides)
+        rec("adalomo", 0, env={"gpu": "NVIDIA H200", "commit": "3f91527"}),
+        rec("adalomo", 2, env={"gpu": "NVIDIA H200", "commit": grid.SUPERSEDED["adalomo"][0]}),
     ]))
     (tmp_path / "sst2_grid_h200.json").write_text(json.dumps([rec("adamw", 0), rec("adamw", 1)]))  # a merge
     (tmp_path / "sst2_other.json").write_text(json.dumps([  # estimates only
@@ -372,7 +375,8 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     (tmp_path / "sst2_pop_best_h200.json").write_text(json.dumps([
         rec("mezo_pop32", 2), rec("mezo_pop", 1, overrides=["--x=1"], label="f10n32")]))
     cells = grid.done_cells(tmp_path)
-    assert set(cells) == {("sst2", "adamw", 0), ("sst2", "adamw", 1), ("sst2", "galore", 1), ("sst2", "mezo_pop", 2)}
+    assert set(cells) == {("sst2", "adamw", 0), ("sst2", "adamw", 1), ("sst2", "galore", 1), ("sst2", "mezo_pop", 2),
+                          ("sst2", "adalomo", 2)}
     assert cells[("sst2", "mezo_pop", 2)]["adopted_from"] == "sst2_pop_best_h200.json: mezo_pop32"
     est = grid.estimates(tmp_path, default_s=600)
     assert est[("sst2", "adamw")] == 100.0  # its own task, alone, no overrides
@@ -390,7 +394,7 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
         assert ("--dev_curve" in c["command"]) == (c["task"] != "squad")  # task_results refuses it on squad
     grid.main(["--results", str(tmp_path), "--calls"])
     out = capsys.readouterr().out
-    assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "4 of 81 cells measured; 77 left" in out
+    assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "5 of 81 cells measured; 76 left" in out
 
     # --jobs: seeds 1 and 2 share the GPU J at a time (no dev curve), a call's estimate its sum over the speedup;
     # a cell too long to share safely keeps a solo call; seed 0 is always solo
