@@ -1,8 +1,9 @@
 """Triton kernels for AdaLomo's per-parameter update (imported lazily; needs Triton and, normally, CUDA).
 
 The torch version in :meth:`lightning_memopt.lomo.core.FusedStep._adalomo` launches about 30 kernels per parameter,
-each from Python: on small models (SmolLM2's 272 tensors) those launches, not the GPU, set AdaLomo's step. Here a
-matrix takes four launches and a vector one, and no fp32 copy of the gradient is made:
+each from Python. On small models they, not GPU work, look to set AdaLomo's step: SmolLM2 (272 tensors) through a
+Trainer took 355 ms a step against AdamW's 177 ms on an H200. Here a matrix takes four launches and a vector one,
+and no fp32 copy of the gradient is made:
 
 1. squared sums of each row (partial, per column block) and each column (partial, per row segment);
 2. the row and column moments ``beta·m + (1 - beta)·(mean g² + eps)`` into scratch;

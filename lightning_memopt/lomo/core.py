@@ -19,7 +19,8 @@ Update rules (``rule``):
 * ``"adalomo"`` (arXiv 2310.10195, after lomo-optim's ``AdaLomo``): Adafactor-style factored second moment (row and
   column means of ``g^2 + eps_sq``), ``beta2_t = 1 - t^decay_rate``, update ``g / sqrt(v)`` scaled down to RMS
   ``<= clip_threshold`` (per-tensor update clipping), relative step ``lr_t = lr * max(eps_scale, RMS(p))``,
-  decoupled weight decay ``p <- p * (1 - lr_t * wd)``. No momentum.
+  decoupled weight decay ``p <- p * (1 - lr_t * wd)``. No momentum. On CUDA with Triton a tensor's update takes four
+  kernel launches (one for a vector) instead of about 30 (:mod:`lightning_memopt.lomo._adalomo_triton`).
 
 A non-finite loss (or, with clipping, gradient norm) is found on the device before backward; every hook's update is
 then a no-op there, so the step is skipped with weights and moments bit-identical and no host sync
@@ -385,7 +386,6 @@ class FusedStep:
         step_size = lr_t / (rms[0] / s.clip_threshold).clamp_(min=1.0)
         d, u = self._target(p, d, u)
         axpby_(d, u, -step_size, (1.0 - lr_t * wd) if wd else 1.0, ok)
-
 
     def _adalomo_fused(self, d: Tensor, g: Tensor, st: dict[str, Any], beta: float, lr: float, wd: float) -> bool:
         """AdaLomo's step for ``d`` by the Triton kernels (4 launches for a matrix, 1 for a vector, against ~30);
