@@ -25,6 +25,8 @@ from torch import Tensor
 BR, BC = 32, 128  # matrix tiles
 BV = 1024  # moment vectors
 NPROG = 256  # programs of the norm pass at most (its partial sums: a fixed split for a given shape)
+# Integer arguments other than the row length C are not specialized on (their divisibility does not vectorize any
+# load): one compile per dtype and flags, not one per matrix shape.
 VEC_MAX = 1 << 16  # vectors up to this size in one program; longer ones take the torch path
 
 
@@ -39,7 +41,7 @@ def _g(g_ptr, offs, mask, gscale, clampv, coef_ptr, CLAMP: tl.constexpr, COEF: t
     return g
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "RS", "gscale", "clampv"])
 def _sq_kernel(g_ptr, R, C, RS, rowpart_ptr, colpart_ptr, gscale, clampv, coef_ptr,
                CLAMP: tl.constexpr, COEF: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
     s, cb = tl.program_id(0), tl.program_id(1)
@@ -72,7 +74,7 @@ def _moment(part_ptr, n_parts, L, blk, old_ptr, new_ptr, beta, v, ve, BV: tl.con
     return tl.sum(tl.where(m, new, 0.0))
 
 
-@triton.jit(do_not_specialize=["beta", "vr", "vc", "ve"])
+@triton.jit(do_not_specialize=["R", "C", "n_cb", "n_seg", "n_rv", "beta", "vr", "vc", "ve"])
 def _moments_kernel(rowpart_ptr, colpart_ptr, R, C, n_cb, n_seg, row_ptr, col_ptr, nr_ptr, nc_ptr, avgpart_ptr,
                     n_rv, beta, vr, vc, ve, BV: tl.constexpr):
     """Rows ``beta·m + (1 - beta)/C·Σ_c g² + (1 - beta)·eps`` (and their block sums, for the mean), columns alike."""
@@ -104,7 +106,7 @@ def _u_tile(g_ptr, R, C, rt, ct, nr_ptr, nc_ptr, avg, gscale, clampv, coef_ptr,
     return g * fr[:, None] * fc[None, :], offs, m
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["R", "n_ct", "n_tiles", "nprog", "n_rv", "gscale", "clampv"])
 def _norms_kernel(g_ptr, d_ptr, R, C, n_ct, n_tiles, nprog, nr_ptr, nc_ptr, avgpart_ptr, n_rv, part_ptr, gscale,
                   clampv, coef_ptr, CLAMP: tl.constexpr, COEF: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
                   BAVG: tl.constexpr):
@@ -134,7 +136,8 @@ def _step(su, sd, lr, wd, eps_scale, inv_sqrt_n, clip_threshold, HAS_WD: tl.cons
     return -step, b
 
 
-@triton.jit(do_not_specialize=["lr", "wd", "eps_scale", "inv_sqrt_n", "clip_threshold"])
+@triton.jit(do_not_specialize=["R", "n_rv", "nprog", "lr", "wd", "eps_scale", "inv_sqrt_n", "clip_threshold",
+                              "gscale", "clampv"])
 def _apply_kernel(g_ptr, d_ptr, R, C, nr_ptr, nc_ptr, avgpart_ptr, n_rv, part_ptr, nprog, row_ptr, col_ptr, ok_ptr,
                   lr, wd, eps_scale, inv_sqrt_n, clip_threshold, gscale, clampv, coef_ptr,
                   CLAMP: tl.constexpr, COEF: tl.constexpr, HAS_OK: tl.constexpr, HAS_WD: tl.constexpr,
@@ -162,7 +165,8 @@ def _apply_kernel(g_ptr, d_ptr, R, C, nr_ptr, nc_ptr, avgpart_ptr, n_rv, part_pt
             tl.store(col_ptr + cols, tl.load(nc_ptr + cols, mask=cols < C), mask=cols < C)
 
 
-@triton.jit(do_not_specialize=["beta", "vg", "ve", "lr", "wd", "eps_scale", "inv_sqrt_n", "clip_threshold"])
+@triton.jit(do_not_specialize=["N", "beta", "vg", "ve", "lr", "wd", "eps_scale", "inv_sqrt_n", "clip_threshold",
+                              "gscale", "clampv"])
 def _vector_kernel(g_ptr, d_ptr, sq_ptr, ns_ptr, N, beta, vg, ve, ok_ptr, lr, wd, eps_scale, inv_sqrt_n,
                    clip_threshold, gscale, clampv, coef_ptr, CLAMP: tl.constexpr, COEF: tl.constexpr,
                    HAS_OK: tl.constexpr, HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
