@@ -131,25 +131,34 @@ def _consolidated(root, tmp_path) -> dict[str, torch.Tensor]:
 def test_memopt_fit_on_two_nodes_with_torchrun_and_with_lightning_variables(tmp_path, in_repo):
     """``memopt fit --trainer.num_nodes=2`` as users launch it: two torchrun agents, and two processes with
     MASTER_ADDR/MASTER_PORT/NODE_RANK/WORLD_SIZE (Lightning's own environment). Both equal one process."""
+    import shutil
     import sys
 
     from lightning_memopt.cli import run_cli
-    from lightning_memopt.testing.multiproc import _collect, _free_port
+    from lightning_memopt.testing.multiproc import _collect, _free_port, _once_more_after_a_crash
 
     # Lightning's DistributedSampler shuffles any training set; the data module's own rank-strided shards
     # (use_distributed_sampler=false, shuffle=false) make the global batch the 1-process batch
     multi = ["--trainer.num_nodes=2", "--trainer.devices=1", "--trainer.strategy=fsdp2",
              "--trainer.use_distributed_sampler=false"]
-    port = _free_port()
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=memopt{port}",
-                "-m", "lightning_memopt.cli", *_cli_args(tmp_path / "torchrun", 8), *multi]
-    procs = _start(torchrun, [{}, {}], in_repo)
-    port = _free_port()
-    plain = [sys.executable, "-m", "lightning_memopt.cli", *_cli_args(tmp_path / "env", 8), *multi]
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
-    procs += _start(plain, [{**env, "NODE_RANK": "0"}, {**env, "NODE_RANK": "1"}], in_repo)  # at the same time
-    _collect(procs, timeout=600)
+
+    def launch() -> None:
+        for d in ("torchrun", "env"):  # a launch run again starts clean: one checkpoint each
+            shutil.rmtree(tmp_path / d, ignore_errors=True)
+        port = _free_port()
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                    "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", f"--rdzv-id=memopt{port}",
+                    "-m", "lightning_memopt.cli", *_cli_args(tmp_path / "torchrun", 8), *multi]
+        procs = _start(torchrun, [{}, {}], in_repo)
+        port = _free_port()
+        plain = [sys.executable, "-m", "lightning_memopt.cli", *_cli_args(tmp_path / "env", 8), *multi]
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+        procs += _start(plain, [{**env, "NODE_RANK": "0"}, {**env, "NODE_RANK": "1"}], in_repo)  # at the same time
+        _collect(procs, timeout=600)
+
+    # a native crash at a worker's exit (gloo's threads: "terminate called without an active exception", seen once
+    # in CI on 2 busy cores) is outside the code under test: run_distributed's rule, the launch runs once more
+    _once_more_after_a_crash("memopt fit on two nodes", launch)
 
     one = run_cli([*_cli_args(tmp_path / "one", 16), "--trainer.enable_checkpointing=false"])
     assert one.trainer.global_step == 3
