@@ -147,7 +147,8 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0) -> dict[tuple[s
 def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], float], budget: float,
                jobs: int = 1, speedup: float = 1.0, run_timeout: float = RUN_TIMEOUT_S) -> list[dict[str, Any]]:
     """Missing cells packed into calls of one task and seed, each within ``budget`` seconds (a cell longer than
-    the budget gets a call of its own), seed 0 of every task first.
+    the budget gets a call of its own; longest first, each into the first call with room), seed 0 of every task
+    first.
 
     With ``jobs`` > 1, seeds 1 and 2 run ``jobs`` cells at a time, without dev curves. ``speedup`` is what that gains
     in throughput over one at a time, so a call's estimate is its cells' sum over ``speedup``; 1.0 (nothing) until a
@@ -160,13 +161,18 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
             shared = [m for m in cells if seed != 0 and jobs > 1 and est[(task, m)] * jobs / speedup
                       <= 0.8 * min(run_timeout, 600)]
             for group, j, rate in ((shared, jobs, speedup), ([m for m in cells if m not in shared], 1, 1.0)):
-                cur: dict[str, Any] | None = None
-                for m in group:
-                    if cur is None or cur["est_s"] + est[(task, m)] / rate > budget:
+                # first fit, longest first: fewer calls than filling them in the grid's order
+                bins: list[dict[str, Any]] = []
+                for m in sorted(group, key=lambda m: -est[(task, m)]):
+                    cur = next((b for b in bins if b["est_s"] + est[(task, m)] / rate <= budget), None)
+                    if cur is None:
                         cur = {"task": task, "seed": seed, "methods": [], "jobs": j, "est_s": float(SETUP_S)}
-                        calls.append(cur)
+                        bins.append(cur)
                     cur["methods"].append(m)
                     cur["est_s"] += est[(task, m)] / rate
+                for b in bins:  # each call's methods in the grid's order
+                    b["methods"].sort(key=METHODS.index)
+                calls += bins
     for c in calls:
         opts = " --dev_curve" if c["task"] != "squad" and c["jobs"] == 1 else ""
         opts += f" --max_minutes 10 --timeout {run_timeout:.0f}" + (f" --jobs {c['jobs']}" if c["jobs"] > 1 else "")
