@@ -481,3 +481,17 @@ def test_overlap_probe_leaves_the_weights_and_logits_of_the_serial_order(dev, tm
     res = json.loads((tmp_path / "p.json").read_text())
     assert res["same_weights"] is True and res["max_logit_diff"] == 0.0
     assert set(res["ms"]) == {"forward", "pass", "serial", "pipelined"}
+
+
+def test_grid_packs_the_longest_cells_first():
+    from benchmarks import grid
+
+    # 520 s of room per call: in the grid's order 100 + 300, then 200, then 400 (three calls); longest first,
+    # 400 + 100 and 300 + 200 (two)
+    est = {(t, m): 1.0 for t in grid.TASKS for m in grid.METHODS}
+    est.update({("mrpc", "adamw"): 100.0, ("mrpc", "lomo"): 300.0, ("mrpc", "adalomo"): 200.0,
+                ("mrpc", "galore"): 400.0})
+    missing = [("mrpc", m, 0) for m in ("adamw", "lomo", "adalomo", "galore")]
+    calls = grid.plan_calls(missing, est, budget=540)
+    assert [c["methods"] for c in calls] == [["adamw", "galore"], ["lomo", "adalomo"]]
+    assert all(c["est_s"] <= 540 for c in calls)
