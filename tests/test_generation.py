@@ -233,3 +233,26 @@ def test_greedy_answers_under_fsdp2_equal_one_process():
                           stop_text=word)
     assert sorted(two[0]["ids"] + two[1]["ids"]) == sorted(one["ids"])
     assert two[0]["em"] == two[1]["em"] == one["em"] and two[0]["f1"] == pytest.approx(one["f1"], abs=1e-6)
+
+
+@needs_squad
+def test_graph_batch_drops_the_answers_training_does_not_read():
+    """A captured step's graph is specific to the batch's non-tensor values: HFCausalLM.graph_batch sets a generation
+    batch's answers to None (training reads them only with train_generate), so batches of one padded shape share a
+    signature, with the same loss."""
+    from lightning_memopt.core.graphs import graph_batch, signature
+
+    dm = SQuADDataModule(data_file=str(SQUAD), train_articles=[0, 1, 2], test_articles=[3, 4], batch_size=4,
+                         max_length=256, padding="max_length", val_size=8)
+    m = tiny_model(objective="generation", max_new_tokens=4)
+    dm.trainer = None
+    dm.tokenizer = m.tokenizer
+    dm.setup("fit")
+    it = iter(dm.train_dataloader())
+    a, b = next(it), next(it)
+    assert signature(a) != signature(b) and a["input_ids"].shape == b["input_ids"].shape
+    assert signature(graph_batch(m, a)) == signature(graph_batch(m, b))
+    torch.testing.assert_close(m.lm_loss(graph_batch(m, a)), m.lm_loss(a))
+    assert m.graph_batch(a)["answers"] is None and graph_batch(torch.nn.Linear(1, 1), a) is a
+    m2 = tiny_model(objective="generation", max_new_tokens=4, train_generate=True)
+    assert m2.graph_batch(a) is a  # its training step generates and scores answers

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils._pytree import tree_map
 
-from lightning_memopt.core.graphs import GraphReplay
+from lightning_memopt.core.graphs import GraphReplay, graph_batch
 
 LogCall = tuple[str, Any, tuple, dict]
 
@@ -68,7 +68,7 @@ class GraphedTrainingStep:
     def __call__(self, step: Callable[..., Any], pl_module: pl.LightningModule, batch: Any, rest: tuple,
                  kwargs: dict) -> Any:
         self._call = (step, pl_module, rest, kwargs)
-        out, logs = self.graph(batch)
+        out, logs = self.graph(graph_batch(pl_module, batch))
         replay_logs(pl_module, logs)
         return _clone(out)
 

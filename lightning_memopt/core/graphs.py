@@ -51,6 +51,14 @@ def signature(tree: Any) -> tuple:
     return tuple(sig)
 
 
+def graph_batch(module: Any, batch: Any) -> Any:
+    """``batch`` as a captured step should see it: ``module.graph_batch(batch)`` where the module defines it (say, to
+    drop non-tensor fields its training step does not read, which would make every batch a new signature), else
+    ``batch`` itself."""
+    hook = getattr(module, "graph_batch", None)
+    return hook(batch) if callable(hook) else batch
+
+
 class DeviceValues:
     """A static device tensor that a graph reads, rewritten before each replay from pinned host memory.
 

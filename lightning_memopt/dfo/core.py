@@ -29,7 +29,7 @@ from torch import Tensor
 
 from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_sum
-from lightning_memopt.core.graphs import GraphReplay
+from lightning_memopt.core.graphs import GraphReplay, graph_batch
 from lightning_memopt.core.modes import eval_mode
 from lightning_memopt.core.nonfinite import SkipGuard
 from lightning_memopt.core.population import member_losses
@@ -228,7 +228,7 @@ class LayerwiseDFO:
         if self.graph is not None and self.graph.disabled is None:
             # the candidates on the weights' device (a graph reads its inputs there); the output is rewritten by
             # the next replay, so it is cloned
-            return self.graph(batch, z.to(self.lora.device), k).clone()
+            return self.graph(graph_batch(self.module, batch), z.to(self.lora.device), k).clone()
         return self._population_fitness(batch, z, k)
 
     @property

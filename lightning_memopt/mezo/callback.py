@@ -31,7 +31,7 @@ from lightning_memopt.callbacks.graphed import recording_logs, replay_logs
 from lightning_memopt.callbacks.method import MethodCallback
 from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_mean, is_fsdp2, local
-from lightning_memopt.core.graphs import DeviceValues, GraphReplay
+from lightning_memopt.core.graphs import DeviceValues, GraphReplay, graph_batch
 from lightning_memopt.core.holder import decays
 from lightning_memopt.core.modes import eval_mode
 from lightning_memopt.core.population import per_sample_fn
@@ -383,7 +383,7 @@ class MeZO(MethodCallback):
         assert self._graph is not None and self._seed_dev is not None
         self._seed_dev.set(seeds)  # read by the replay: this step's directions
         self._graph_call = (original, pl_module, args[1:], kwargs, seeds)
-        g, loss, logs, directions = self._graph(args[0])
+        g, loss, logs, directions = self._graph(graph_batch(pl_module, args[0]))
         if directions is not None and self.zo is not None and self.zo.directions is not None:
             cache, captured = directions  # the replay rewrote the captured factors with this step's
             self.zo.directions.adopt(cache, captured, seeds)

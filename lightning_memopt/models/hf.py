@@ -473,6 +473,14 @@ class HFCausalLM(LightningModule):
         n = (target != -100).sum().clamp(min=1)
         return tok.sum(1) * (input_ids.shape[0] / n)
 
+    def graph_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch as a step captured in a CUDA graph sees it (``MeZO``/``DFOLoRA(cuda_graph=True)``). A generation
+        batch's reference answers, which training reads only with ``train_generate``, become None: a graph is
+        specific to its inputs' non-tensor values, so with them every batch would be a new graph."""
+        if self.hparams.train_generate or not isinstance(batch, dict) or batch.get("answers") is None:
+            return batch
+        return {**batch, "answers": None}
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         out = self._step(batch)
         self.log("train_loss", out["loss"].detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
