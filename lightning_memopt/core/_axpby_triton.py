@@ -7,6 +7,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_memopt.core._triton import ok_flag
+
 BLOCK = 2048
 
 
@@ -33,13 +35,6 @@ def _axpby_kernel(
     tl.store(d_ptr + offs, new.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-def _flag(ok: Tensor, like: Tensor) -> Tensor:
-    """The bool flag as bytes the kernel reads: a free view when it is on the device already (no cast kernel)."""
-    if ok.dtype == torch.bool and ok.device == like.device:
-        return ok.view(torch.uint8)
-    return ok.to(device=like.device, dtype=torch.uint8)
-
-
 def axpby_(d: Tensor, u: Tensor, a, b, ok: Tensor | None, clamp: float | None) -> None:
     n = d.numel()
     if n == 0:
@@ -48,7 +43,7 @@ def axpby_(d: Tensor, u: Tensor, a, b, ok: Tensor | None, clamp: float | None) -
     f32 = torch.float32
     a_ptr = a.to(device=d.device, dtype=f32) if a_t else d
     b_ptr = b.to(device=d.device, dtype=f32) if b_t else d
-    ok_ptr = _flag(ok, d) if ok is not None else d
+    ok_ptr = ok_flag(ok, d)
     _axpby_kernel[(triton.cdiv(n, BLOCK),)](
         d, u, n, 1.0 if a_t else float(a), 1.0 if b_t else float(b), a_ptr, b_ptr, ok_ptr,
         float(clamp or 0.0), A_T=a_t, B_T=b_t, HAS_OK=ok is not None, CLAMP=clamp is not None, BLOCK=BLOCK,
@@ -84,7 +79,7 @@ def axpby_many_(ds: list[Tensor], u: Tensor, a: float, b: float, ok: Tensor | No
         esize = ds[0].element_size()
         rel = _REL[ptrs] = torch.tensor([(p - ptrs[0]) // esize for p in ptrs], dtype=torch.int64,
                                         device=ds[0].device)
-    ok_ptr = _flag(ok, ds[0]) if ok is not None else ds[0]
+    ok_ptr = ok_flag(ok, ds[0])
     _axpby_many_kernel[(triton.cdiv(n, BLOCK), len(ds))](
         ds[0], rel, u, n, float(a), float(b), ok_ptr, HAS_OK=ok is not None, BLOCK=BLOCK
     )

@@ -15,6 +15,8 @@ from torch import Tensor
 # Needed by every normal kernel: where it does not import, neither does this module, and the torch path runs.
 from triton.language.extra.cuda import libdevice
 
+from lightning_memopt.core._triton import ok_flag
+
 BLOCK4 = 512  # 5% faster than 256 for the normal kernels over 1.1B elements on the H200 (equal for the rest)
 # DIST: 0 = Box–Muller with precise log and cos/sin(2πu) from one shared quadrant reduction and two short polynomials
 # (tl.randn4x's numbers within 2 ulps, without rounding the angle 2πu to float32 first), 1 = fast approximate
@@ -357,7 +359,7 @@ def update1_many(
             a.to(device=ts[0].device, dtype=torch.float32),
             float(lr),
             float(decay),
-            _ok_arg(ok, a),
+            ok_flag(ok, a),
             BLOCK4=BLOCK4,
             DIST=dist,
             ALIGNED=tab.aligned,
@@ -366,15 +368,6 @@ def update1_many(
 
 
 _ONE_OK = [True]  # the one-direction kernel compiled fine (else use the window kernel)
-
-
-def _ok_arg(ok: Tensor | None, like: Tensor) -> Tensor:
-    """The skip flag as the kernels read it (any tensor stands in when there is none: HAS_OK=False ignores it)."""
-    if ok is None:
-        return like
-    if ok.dtype == torch.bool and ok.device == like.device:
-        return ok.view(torch.uint8)  # a free view: no cast kernel per launch
-    return ok.to(device=like.device, dtype=torch.uint8)
 
 
 def _grid(start: int, n: int) -> tuple[int]:
@@ -408,7 +401,7 @@ def update_(
 ) -> None:
     """``seed_ints`` (the seeds as Python ints, when known on the host) enables the one-direction SGD kernel."""
     a = a.to(device=t.device, dtype=torch.float32)
-    okt = _ok_arg(ok, a)
+    okt = ok_flag(ok, a)
     if seed_ints is not None and len(seed_ints) == 1 and adam_eps is None and _ONE_OK[0]:
         key = (int(seed_ints[0]) & 0xFFFFFFFF) | (int(index) << 32)
         try:

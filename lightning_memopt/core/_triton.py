@@ -6,6 +6,9 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+import torch
+from torch import Tensor
+
 _MODULES: dict[str, ModuleType | None] = {}
 
 
@@ -18,3 +21,13 @@ def kernels(name: str) -> ModuleType | None:
         except Exception:  # noqa: BLE001 - no usable Triton: the torch fallback gives the same results
             _MODULES[name] = None
     return _MODULES[name]
+
+
+def ok_flag(ok: Tensor | None, like: Tensor) -> Tensor:
+    """The skip flag as the kernels read it: bytes on ``like``'s device, a free view where it is a bool there already
+    (no cast kernel per launch); ``like`` stands in when there is none (the kernels' HAS_OK=False ignores it)."""
+    if ok is None:
+        return like
+    if ok.dtype == torch.bool and ok.device == like.device:
+        return ok.view(torch.uint8)
+    return ok.to(device=like.device, dtype=torch.uint8)

@@ -22,6 +22,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lightning_memopt.core._triton import ok_flag
+
 BR, BC = 32, 128  # matrix tiles
 BV = 1024  # moment vectors
 NPROG = 256  # programs of the norm pass at most (its partial sums: a fixed split for a given shape)
@@ -202,7 +204,7 @@ def _vector_kernel(g_ptr, d_ptr, sq_ptr, ns_ptr, N, beta, vg, ve, ok_ptr, lr, wd
 
 
 def _common(g: Tensor, ok: Tensor | None, gscale: float, clamp: float | None, coef: Tensor | None):
-    okt = g if ok is None else (ok.view(torch.uint8) if ok.dtype == torch.bool else ok.to(torch.uint8))
+    okt = ok_flag(ok, g)
     coeft = g if coef is None else coef.to(device=g.device, dtype=torch.float32)
     flags = dict(CLAMP=clamp is not None, COEF=coef is not None, HAS_OK=ok is not None)
     return okt, coeft, float(gscale), float(clamp or 0.0), flags
