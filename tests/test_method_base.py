@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -21,7 +22,7 @@ from lightning_memopt.mezo.callback import MeZO
 from lightning_memopt.models.configs import llama_config
 from lightning_memopt.models.hf import HFCausalLM
 from lightning_memopt.testing import assert_same, tiny_datamodule, tiny_trainer
-from lightning_memopt.testing.tiny import full_state
+from lightning_memopt.testing.tiny import TinyLM, full_state
 
 DFO_KW = {"d": 20, "population": 6, "budget": None, "stat_batches": 1, "init_scale": 1.0}
 GAP = {"rank": 4, "update_proj_gap": 2}
@@ -453,3 +454,66 @@ def test_weight_averaging_of_a_sharded_model_is_refused_at_setup(name):
                               accumulate_grad_batches=1, gradient_clip_val=None, callbacks=[cb, EMAWeightAveraging()])
     with pytest.raises(MisconfigurationException, match=r"cannot average a sharded model \(fsdp2\).*one device"):
         cb.setup(trainer, model, "fit")
+
+
+class SkipsBatches(HFCausalLM):
+    """The tiny model whose training_step returns None (Lightning's "skip this batch") at the steps in ``skip``."""
+
+    def __init__(self, skip: tuple[int, ...] = (), **kw):
+        kw.setdefault("lr", 1e-3)
+        super().__init__(model_config=llama_config("tiny", vocab_size=256), tokenizer="builtin", **kw)
+        self.skip = tuple(skip)
+
+    def training_step(self, batch, batch_idx):
+        trainer = _shim.attached_trainer(self)
+        if trainer is not None and trainer.global_step in self.skip:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_training_step_returning_none_skips_the_step(name):
+    # Lightning's contract: None skips the batch. Every method makes no update then, and training goes on.
+    k = 2
+    cb = METHODS[name]()
+    snap = Snapshot(cb, k)
+    pl.seed_everything(0, verbose=False)
+    model = SkipsBatches((k,))
+    trainer = tiny_trainer(max_steps=5, callbacks=[cb, snap])
+    trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
+    (w0, s0), (w1, s1) = snap.before, snap.after
+    for n in w0:
+        assert torch.equal(w0[n], w1[n]), n
+    assert_same(s0, s1)
+    assert trainer.global_step == 5 and cb.skipped_steps == 0  # not a non-finite skip: nothing counts it
+    if isinstance(cb, DFOLoRA):
+        assert cb.generation == 4
+    else:
+        end = full_state(model)
+        assert any(not torch.equal(end[n], w1[n]) for n in end)
+
+
+class TinyLMSkips(TinyLM):
+    def training_step(self, batch, batch_idx):
+        return None if self.trainer.global_step == 1 else super().training_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("make", [lambda: MeZO(lr=1e-3), METHODS["flora"]])
+def test_an_ordinary_module_may_skip_a_batch_by_returning_none(make):
+    # the paths that get each loss from training_step itself (DFO's fitness here too: TinyLM has no label words)
+    cb = make()
+    snap = Snapshot(cb, 1)
+    torch.manual_seed(0)
+    trainer = tiny_trainer(max_steps=3, callbacks=[cb, snap])
+    trainer.fit(TinyLMSkips())
+    assert_same(snap.before, snap.after)
+    assert trainer.global_step == 3
+
+
+def test_none_under_several_processes_is_refused_naming_the_fix():
+    cb = MeZO()
+    cb.trainer = SimpleNamespace(world_size=2)
+    with pytest.raises(MisconfigurationException, match="filter such batches out"):
+        cb.loss_of(None)
+    with pytest.raises(MisconfigurationException, match="or None to skip"):
+        cb.loss_of("loss")

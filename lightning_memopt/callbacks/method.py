@@ -46,6 +46,11 @@ _WEIGHTS_ONLY = (
 )
 
 
+class SkipBatch(Exception):
+    """``training_step`` returned None, Lightning's "skip this batch": a forward-only method's step ends without an
+    update (:meth:`MethodCallback.loss_of`)."""
+
+
 class MethodCallback(Callback):
     """Base of the method callbacks (MeZO, LOMO, AdaLomo, GaLore, DFOLoRA); see the module docstring.
 
@@ -140,6 +145,30 @@ class MethodCallback(Callback):
         else:
             module.__dict__.pop("training_step", None)
         self._wrapped_step = None
+
+    def loss_of(self, out: Any) -> torch.Tensor:
+        """The loss in what ``training_step`` returned: a tensor, or a dict with ``'loss'``.
+
+        None is Lightning's "skip this batch": it raises :class:`SkipBatch`, which a forward-only method's step turns
+        into a step without an update (Lightning still counts the step, as it does for a backprop method). Under
+        several processes it is refused, as Lightning documents: the other ranks would wait in a collective.
+        """
+        if out is None:
+            if self.trainer is not None and self.trainer.world_size > 1:
+                raise MisconfigurationException(
+                    f"{self.name}: training_step returned None (skip this batch) under {self.trainer.world_size} "
+                    "processes, where the other ranks would wait for this one in a collective. Lightning does not "
+                    "support it with several processes either: filter such batches out in the data instead."
+                )
+            raise SkipBatch("training_step returned None (skip this batch): a CUDA graph replays one fixed step, "
+                            "so it cannot skip some batches only")
+        loss = out.get("loss") if isinstance(out, dict) else out
+        if not isinstance(loss, torch.Tensor):
+            raise MisconfigurationException(
+                f"{self.name} needs training_step to return a loss tensor, a dict with 'loss', or None to skip the "
+                f"batch; got {type(out).__name__}."
+            )
+        return loss
 
     def set_trainer_attr(self, trainer: pl.Trainer, attr: str, value: Any) -> None:
         """Change a trainer attribute for this fit; teardown puts the user's value back."""

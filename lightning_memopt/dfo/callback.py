@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from typing_extensions import override
 
 from lightning_memopt.callbacks.graphed import GraphedTrainingStep
-from lightning_memopt.callbacks.method import MethodCallback
+from lightning_memopt.callbacks.method import MethodCallback, SkipBatch
 from lightning_memopt.core.population import per_sample_fn
 from lightning_memopt.dfo.core import DFOSettings, LayerwiseDFO
 from lightning_memopt.dfo.lora import DEFAULT_PATTERN
@@ -178,13 +178,7 @@ class DFOLoRA(MethodCallback):
 
     def _step_loss(self, batch: Any) -> torch.Tensor:
         assert self.module is not None
-        out = self.module.training_step(batch, self._batch_idx)
-        loss = out.get("loss") if isinstance(out, dict) else out
-        if not isinstance(loss, torch.Tensor):
-            raise MisconfigurationException(
-                f"DFOLoRA needs training_step to return a loss tensor or a dict with 'loss'; got {type(out).__name__}."
-            )
-        return loss
+        return self.loss_of(self.module.training_step(batch, self._batch_idx))
 
     @override
     def install(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -305,9 +299,14 @@ class DFOLoRA(MethodCallback):
                 out.append(run_closure())
             finally:
                 self._in_generation = False
+            if out[-1] is None:  # training_step returned None (skip this batch): the generation is taken back
+                self.loss_of(None)
 
-        with self.trainer.precision_plugin.forward_context():  # autocast as in training_step
-            self.dfo.generation_step(self._batch, self.step_index, after_update=after_update)
+        try:
+            with self.trainer.precision_plugin.forward_context():  # autocast as in training_step
+                self.dfo.generation_step(self._batch, self.step_index, after_update=after_update)
+        except SkipBatch:  # training_step returned None for this batch: no generation
+            return out[-1] if out else run_closure()
         self._logged = False
         return out[-1]
 

@@ -316,19 +316,31 @@ class LayerwiseDFO:
             self.guard.resolve(upto=last)
         rng = opt.gen.get_state()
         z = opt.ask()
-        fit = self._fitness(batch, k, z)
+        try:
+            fit = self._fitness(batch, k, z)
+        except BaseException:  # e.g. a skipped batch (training_step returned None): as if never asked
+            self._take_back(opt, k, rng, None, None)
+            raise
         self.last_fitness = fit.detach()
         if isinstance(opt, CMAES):
             return self._generation_ahead(opt, k, rng, fit, step, after_update)
         # Every rank holds the same reduced fitness, so every rank decides alike.
         skipped = not bool(fit.isfinite().any())
+        snap, point = (opt.snapshot(), self.lora.point(k)) if after_update is not None else (None, None)
         if skipped:
             self._take_back(opt, k, rng, None, None)
         else:
             self._tell(opt, k, fit)
             self._advance(k, fit.shape[0])
         if after_update is not None:
-            after_update()
+            try:
+                after_update()
+            except BaseException:
+                if not skipped:
+                    self._take_back(opt, k, rng, snap, point)
+                    self._retreat(fit.shape[0])
+                    self.layer = k
+                raise
         self.guard.record(skipped, step)
         return fit
 

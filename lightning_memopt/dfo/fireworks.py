@@ -187,6 +187,15 @@ class Fireworks:
         """Drop the candidates of the last ``ask`` (a generation that was not evaluated)."""
         self._asked = None
 
+    def snapshot(self) -> dict[str, Any]:
+        """The state before a ``tell`` that may be taken back (:meth:`restore`): references, no copies (``tell``
+        assigns new tensors, it writes none in place)."""
+        return {k: getattr(self, k) for k in ("X", "F", "amp_core", "best_f", "best_x", "generation", "evaluations")}
+
+    def restore(self, snap: dict[str, Any]) -> None:
+        for k, v in snap.items():
+            setattr(self, k, v)
+
     # ---- checkpointing ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -28,7 +28,7 @@ from typing_extensions import override
 
 from lightning_memopt.callbacks import _checks
 from lightning_memopt.callbacks.graphed import recording_logs, replay_logs
-from lightning_memopt.callbacks.method import MethodCallback
+from lightning_memopt.callbacks.method import MethodCallback, SkipBatch
 from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_mean, is_fsdp2, local
 from lightning_memopt.core.graphs import DeviceValues, GraphReplay, graph_batch
@@ -328,7 +328,7 @@ class MeZO(MethodCallback):
 
     # ---- the step --------------------------------------------------------------------------------------------
     def _objective(self, out: Any) -> torch.Tensor:
-        if self._metric is not None:
+        if self._metric is not None and out is not None:
             if isinstance(out, dict) and "preds" in out and "target" in out:
                 args = (out["preds"], out["target"])
             elif isinstance(out, dict) and "logits" in out and "labels" in out:
@@ -344,24 +344,22 @@ class MeZO(MethodCallback):
             value = torch.as_tensor(self._metric(*args)).float().to(self.module.device)
             self._metric.reset()
             return -value if self._higher_is_better else value
-        loss = out.get("loss") if isinstance(out, dict) else out
-        if not isinstance(loss, torch.Tensor):
-            raise MisconfigurationException(
-                f"MeZO needs training_step to return a loss tensor or a dict with 'loss'; got {type(out).__name__}."
-            )
-        return loss
+        return self.loss_of(out)
 
     def _zo_training_step(self, original: Any, pl_module: pl.LightningModule, args: tuple, kwargs: dict) -> Any:
         assert self.zo is not None
         seeds = self.zo.seeds(pl_module.trainer.global_step)
         if self._seeds is not None and self._seeds != seeds:  # a new step without an update: should not happen
             self._reset_accumulators()
-        if self._graph is not None and self._graph.disabled is None and args:
-            g, loss = self._graphed_estimate(original, pl_module, args, kwargs, seeds)
-        else:
-            with eval_mode(pl_module, self.eval_mode):
-                g, loss = self._estimate(lambda: self._objective(original(*args, **kwargs)), seeds,
-                                         args[0] if args else kwargs.get("batch"))
+        try:
+            if self._graph is not None and self._graph.disabled is None and args:
+                g, loss = self._graphed_estimate(original, pl_module, args, kwargs, seeds)
+            else:
+                with eval_mode(pl_module, self.eval_mode):
+                    g, loss = self._estimate(lambda: self._objective(original(*args, **kwargs)), seeds,
+                                             args[0] if args else kwargs.get("batch"))
+        except SkipBatch:
+            return None  # this batch adds nothing to the step (with no other micro-batch, no update)
         self._seeds = seeds
         self._evaluations += self.zo.forwards_per_estimate
         self._g_sum = g if self._g_sum is None else self._g_sum + g
