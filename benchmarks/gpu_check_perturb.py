@@ -1,7 +1,7 @@
 """Check the Triton perturbation kernels against the torch emulation, and time them (GPU; or CPU with
 ``TRITON_INTERPRET=1`` for a slow logic check).
 
-Usage: ``python -m benchmarks.gpu_check_perturb [--quick] [--profile SIZE]``. Prints one ``CHECK {json}`` line per
+Usage: ``python -m benchmarks.gpu_check_perturb [--quick] [--dists 0,1,2] [--profile SIZE]``. Prints one ``CHECK {json}`` line per
 comparison (kernel DIST 0 = precise normals, 1 = fast-math normals, 2 = Rademacher; the update's loop kernel and its
 one-direction kernel), ``PROF {json}`` lines with a MeZO step's parts timed (GPU time by CUDA events, and the host's
 enqueue time: when they are close the step is launch-bound), and exits non-zero if any comparison is off.
@@ -217,7 +217,9 @@ def _profile_variant(model, loss, emit, distname: str, tag: dict) -> None:
 
 
 if __name__ == "__main__":
-    good = True if "--nocheck" in sys.argv else check(quick="--quick" in sys.argv)
+    dists = tuple(int(d) for d in sys.argv[sys.argv.index("--dists") + 1].split(",")) if "--dists" in sys.argv else (
+        0, 1, 2)
+    good = True if "--nocheck" in sys.argv else check(quick="--quick" in sys.argv, dists=dists)
     print("ALL_OK" if good else "MISMATCH", flush=True)
     if "--profile" in sys.argv and DEV == "cuda":
         profile(sys.argv[sys.argv.index("--profile") + 1])

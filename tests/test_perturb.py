@@ -85,12 +85,26 @@ def test_update_matches_formula_and_cache():
     assert torch.equal(shard, full[100:600])
 
 
+_LIBDEVICE_PROBE = """
+import torch, triton, triton.language as tl
+from triton.language.extra.cuda import libdevice
+@triton.jit
+def k(x_ptr):
+    tl.store(x_ptr + tl.arange(0, 4), libdevice.log(tl.load(x_ptr + tl.arange(0, 4))))
+k[(1,)](torch.ones(4))
+"""
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (GPU wheels)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, tests/test_gpu.py runs the compiled kernels")
 def test_triton_kernel_matches_torch_interpreted():
     env = dict(os.environ, TRITON_INTERPRET="1")
+    # Some Triton versions' interpreters cannot run libdevice calls (3.9 cannot): the normal kernels then run only
+    # compiled, in tests/test_gpu.py, and the ±1 kernels (the same layout and keying) are checked here.
+    probe = subprocess.run([sys.executable, "-c", _LIBDEVICE_PROBE], env=env, capture_output=True, timeout=120)
+    dists = [] if probe.returncode == 0 else ["--dists", "2"]
     r = subprocess.run(
-        [sys.executable, "-m", "benchmarks.gpu_check_perturb"],
+        [sys.executable, "-m", "benchmarks.gpu_check_perturb", *dists],
         cwd=Path(__file__).resolve().parents[1],
         env=env,
         capture_output=True,
