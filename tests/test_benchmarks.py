@@ -383,6 +383,13 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     assert est[("sst2", "lomo")] == 300.0  # alone with overrides beats the shared run
     assert est[("sst2", "flora")] == 250.0  # another task's record where its own has none
     assert est[("squad", "zero_shot")] == 600  # never run: the default
+    assert est[("sst2", "clora")] == 600  # never run, nor its proxy's stand-in
+    only = tmp_path / "only_adamw"
+    only.mkdir()
+    (only / "sst2_grid_h200_s0_0.json").write_text(json.dumps([rec("adamw", 0)]))
+    est2 = grid.estimates(only, default_s=600)
+    assert est2[("sst2", "lomo")] == 100.0 * grid.PROXY["lomo"][1]  # never run anywhere: from its proxy, scaled
+    assert est2[("sst2", "flora")] == 600  # its proxy was never run either
 
     missing = [(t, m, s) for s in grid.SEEDS for t in grid.TASKS for m in grid.METHODS if (t, m, s) not in cells]
     calls = grid.plan_calls(missing, est, budget=540)
