@@ -142,8 +142,11 @@ def test_mezo_overlap_equals_the_serial_copies(cuda_graph, recwarn):
     """overlap=True makes each group's copies one ahead on a side stream, the forward waiting per group: the same
     kernels on the same inputs, so bit-identical weights to the eager step without it, eager or captured (a race
     between the streams would show here). The copies made ahead were used (at capture, for the graph)."""
-    serial, _, _ = _mezo_fit(False, "bf16-true")
-    overlapped, mezo, _ = _mezo_fit(cuda_graph, "bf16-true", overlap=True)
+    # a cap of 128 KiB makes each of the tiny model's decoder layers (74 KB in bf16) a group, as a real model's
+    # are at the default 64 MiB; the default would make the whole tiny model one group, with nothing to make ahead
+    serial, _, _ = _mezo_fit(False, "bf16-true", group_bytes=1 << 17)
+    overlapped, mezo, _ = _mezo_fit(cuda_graph, "bf16-true", overlap=True, group_bytes=1 << 17)
+    assert len(mezo.zo.perturber._group_roots) == 2
     assert not [w for w in recwarn if "overlap" in str(w.message)], [str(w.message) for w in recwarn]
     assert mezo.zo.perturber.ahead_used > 0  # internal: the one way to see that the side stream ran
     for n in serial:
