@@ -255,11 +255,29 @@ def test_invalid_arguments():
         LomoSettings(clip_grad_value=-1.0)
 
 
+_RUNTIME_LOOP_PROBE = """
+import torch, triton, triton.language as tl
+@triton.jit
+def k(x_ptr, n):
+    acc = tl.zeros([4], dtype=tl.float32)
+    for i in range(0, n):
+        acc += tl.load(x_ptr + i * 4 + tl.arange(0, 4))
+    tl.store(x_ptr + tl.arange(0, 4), acc)
+x = torch.ones(12)
+k[(1,)](x, 3)
+assert x[:4].tolist() == [3.0] * 4
+"""
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (GPU wheels)")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, tests/test_gpu.py runs the compiled kernels")
 def test_adalomo_triton_kernels_equal_the_torch_version_interpreted():
     """AdaLomo's Triton kernels under Triton's interpreter against the torch version (tests/_adalomo_check.py):
     fp32 steps with clipping by norm and by value, a skipped step, a tall lone matrix, fp16 unscaling."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    probe = subprocess.run([sys.executable, "-c", _RUNTIME_LOOP_PROBE], env=env, capture_output=True, timeout=120)
+    if probe.returncode != 0:  # Triton 3.6's interpreter under numpy 2; the GPU runs them compiled (tests/test_gpu.py)
+        pytest.skip("this Triton's interpreter cannot run a loop with runtime bounds, as the kernels have")
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("_adalomo_check.py"))], capture_output=True,
-                       text=True, timeout=900, check=False, env=dict(os.environ, TRITON_INTERPRET="1"))
+                       text=True, timeout=900, check=False, env=env)
     assert r.stdout.strip().endswith("ALL_OK"), r.stdout[-3000:] + r.stderr[-3000:]
