@@ -66,3 +66,27 @@ def test_graphed_training_step_on_cpu_warns_once_and_equals_the_step():
     assert calls == [0, 1, 2]  # eagerly, once per call, with each call's other arguments
     assert all(float(o["loss"]) == 12.0 and o["n"] == 2 for o in outs)
     assert [(n, float(v), kw) for n, v, _, kw in seen.calls] == [("train_loss", 12.0, {"prog_bar": True})] * 3
+
+
+def test_a_step_that_returned_none_at_capture_is_not_replayed():
+    # a graph of a step that skipped its batch would give None for every later batch of its shape: run eagerly then
+    # (the capture is stood in for on the CPU by calling the step, as a capture does)
+    module = tiny_model()
+    graphed = GraphedTrainingStep("test")
+    reasons = []
+
+    class Capturing:
+        disabled = None
+
+        def __call__(self, batch):
+            return graphed._run(batch)
+
+        def disable(self, reason):
+            self.disabled = reason
+            reasons.append(reason)
+
+    graphed.graph = Capturing()
+    assert graphed(lambda batch, i: None, module, {"x": torch.ones(2)}, (0,), {}) is None
+    assert reasons == ["training_step returned None (skip this batch) at capture"]
+    out = graphed(lambda batch, i: {"loss": batch["x"].sum()}, module, {"x": torch.ones(2)}, (1,), {})
+    assert float(out["loss"]) == 2.0 and len(reasons) == 1

@@ -69,6 +69,8 @@ class GraphedTrainingStep:
                  kwargs: dict) -> Any:
         self._call = (step, pl_module, rest, kwargs)
         out, logs = self.graph(graph_batch(pl_module, batch))
+        if out is None and self.graph.disabled is None:  # its replays would return None for every batch of the shape
+            self.graph.disable("training_step returned None (skip this batch) at capture")
         replay_logs(pl_module, logs)
         return _clone(out)
 
