@@ -6,7 +6,8 @@ loads.
 torch.distributed.checkpoint file per rank plus ``meta.pt``) written by any number of processes, or a full ``.ckpt``
 file. It runs in one process without a process group: the model is built on the meta device from the checkpoint's
 hyperparameters, and each weight is read once into its final tensor (one copy of the weights in host memory).
-Optimizer and method state are not read. peft LoRA adapters (``lora_rank > 0``) are merged into the weights.
+Optimizer state is not read. peft LoRA adapters (``lora_rank > 0``) are merged into the weights, and so are
+DFOLoRA's (C-LoRA/F-LoRA), which live in its callback state: rebuilt from their z's, statistics and seeded maps.
 
 Example::
 
@@ -120,9 +121,9 @@ def consolidate(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: Opti
         model.tie_weights()
     if int(hp.get("lora_rank") or 0) > 0:
         model = model.merge_and_unload()
+    _merge_dfo_adapters(model, meta)
     if dtype is not None:
         model = model.to(getattr(torch, dtype))
-    _warn_adapters(meta)
     model.eval()
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(str(out_dir))
@@ -136,15 +137,38 @@ def _is_tied(model: torch.nn.Module, key: str) -> bool:
     return bool(getattr(cfg, "tie_word_embeddings", False)) and key.endswith("lm_head.weight")
 
 
-def _warn_adapters(meta: dict[str, Any]) -> None:
-    states = meta.get("callbacks") or {}
-    if any(isinstance(v, dict) and v.get("memopt_method") == "DFOLoRA" for v in states.values()):
+def _merge_dfo_adapters(model: torch.nn.Module, meta: dict[str, Any]) -> bool:
+    """Fold the checkpoint's DFOLoRA adapters into the model's target weights (``W += B A`` per target, as
+    ``DFOLoRA.merge()`` does after a fit); False where the checkpoint has none."""
+    states = [v for v in (meta.get("callbacks") or {}).values()
+              if isinstance(v, dict) and v.get("memopt_method") == "DFOLoRA"]
+    if not states or not states[0].get("state"):
+        return False
+    settings, state = states[0]["settings"], states[0]["state"]
+    if state.get("maps", "device") != "philox":
         warnings.warn(
-            "This checkpoint has DFOLoRA state: its LoRA adapters live in the callback state, not in the weights, "
-            "so the consolidated model is the base model. Call DFOLoRA.merge() after fit and save the module to "
-            "keep them.",
+            "This checkpoint's DFOLoRA adapters were made with random maps drawn by the training device's own "
+            "generator (checkpoints from before the maps were keyed), which this machine cannot redraw: the "
+            "consolidated model is the base model. Resume the fit with DFOLoRA on the same kind of device, call "
+            "DFOLoRA.merge() and save the module to keep them.",
             stacklevel=3,
         )
+        return False
+    from lightning_memopt.dfo.lora import ZLoRA
+
+    root = torch.nn.Module()
+    root.model = model  # the module names the callback matched its target_pattern on (HFCausalLM's)
+    lora = ZLoRA(root, settings["rank"], settings["d"], settings["target_pattern"], settings["seed"],
+                 settings["sigma"], settings["init_scale"])
+    lora.maps = state["maps"]
+    if len(state["z"]) != lora.n_blocks:
+        raise ValueError(f"The checkpoint's DFOLoRA has {len(state['z'])} layers, this model {lora.n_blocks}.")
+    if state.get("stats_ready"):
+        lora.load_stats(state["stats"])
+    for k, z in enumerate(state["z"]):
+        lora.set_z(k, z)
+    lora.merge()
+    return True
 
 
 def _save_tokenizer(hp: dict[str, Any], out_dir: str | os.PathLike) -> None:

@@ -61,6 +61,11 @@ def test_batched_split_full_and_sequential_give_the_same_fitness():
             assert not a.any() and not b.any()
 
 
+# The least each lowers the mean loss by over map seeds 0-3: CMA-ES 0.032, fireworks 0.007 (fireworks moves less in
+# 60 generations of 10 here; with the maps drawn by torch's own generator before, it ranged from -0.002 to 0.017).
+DROP = {"cmaes": 0.015, "fireworks": 0.005}
+
+
 @pytest.mark.parametrize("optimizer", ["cmaes", "fireworks"])
 def test_tiny_run_lowers_the_loss_forward_only(optimizer):
     # A random-init tiny model has no pretrained behaviour to protect: larger adapters learn faster here.
@@ -75,7 +80,7 @@ def test_tiny_run_lowers_the_loss_forward_only(optimizer):
     trainer.fit(model, dm)
     assert trainer.global_step == 60 and cb.evaluations == 600  # the budget (forwards) ended the run
     after = _mean_loss(model, dm)
-    assert after < before - 0.015, (before, after)
+    assert after < before - DROP[optimizer], (before, after)
     assert all(p.grad is None and not p.requires_grad for p in model.parameters())
     for n, w in full_state(model).items():
         assert torch.equal(w, weights[n])  # the base model is untouched: everything is in the hooks
@@ -288,3 +293,46 @@ def test_train_loss_is_the_modules_loss_at_the_new_point(optimizer):
     with torch.no_grad():
         own = F.cross_entropy(model(batch["input_ids"], batch["attention_mask"]), batch["labels"])
     torch.testing.assert_close(trainer.callback_metrics["train_loss"], own)
+
+
+@pytest.mark.parametrize("optimizer", ["cmaes", "fireworks"])
+def test_consolidate_merges_the_adapters_of_a_checkpoint(optimizer, tmp_path):
+    """memopt consolidate of a DFOLoRA fit: the adapters (callback state, not weights) rebuilt and folded into the
+    q/k weights, so the saved Hugging Face model gives the adapted module's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_memopt.cli import main
+
+    cb = DFOLoRA(optimizer=optimizer, d=40, population=6, budget=None, stat_batches=2, init_scale=1.0,
+                 **({"n_fireworks": 3} if optimizer == "fireworks" else {}))
+    model, _, trainer = _fit(cb, steps=3)
+    assert all(bool(z.any()) for z in cb.lora.z)
+    trainer.save_checkpoint(tmp_path / "dfo.ckpt")
+    main(["consolidate", str(tmp_path / "dfo.ckpt"), str(tmp_path / "hf"), "--no-tokenizer"])
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        adapted = model.model.eval()(ids).logits  # the hooks still add each layer's B A x
+        cb.lora.remove()
+        base = model.model(ids).logits
+    torch.testing.assert_close(hf(ids).logits, adapted, rtol=1e-5, atol=1e-5)
+    assert (adapted - base).abs().max() > 1e-3  # the adapters change the logits: merging them is not a no-op
+
+
+def test_a_checkpoint_from_before_keyed_maps_resumes_with_the_device_generator():
+    """States without "maps" drew their random maps from the device's generator; loading one keeps that, so an
+    old checkpoint resumes on the maps it was trained with."""
+    cb = DFOLoRA(d=40, population=6, budget=None, stat_batches=2, init_scale=1.0)
+    _fit(cb, steps=2)
+    state = cb.dfo.state_dict()
+    assert state["maps"] == "philox"
+    keyed = [a.clone() for a, _ in cb.lora.factors(0, cb.lora.z[0][None])]
+    del state["maps"]
+    cb.dfo.load_state_dict(state)
+    assert cb.lora.maps == "device"
+    gen = torch.Generator().manual_seed(cb.lora.seed * 1_000_003)  # block 0, target 0: ma is the first draw
+    t = cb.lora.blocks[0].targets[0]
+    ma = torch.randn(cb.lora.rank * t.in_features, 10, generator=gen)  # d=40 over 2 targets: chunks of 10
+    legacy = cb.lora._maps(0)[0][0]
+    torch.testing.assert_close(legacy / legacy.std(), ma / ma.std())
+    assert not torch.allclose(cb.lora.factors(0, cb.lora.z[0][None])[0][0], keyed[0])

@@ -458,7 +458,7 @@ class LayerwiseDFO:
         self.guard.resolve()  # the counters and generators as the finished generations left them
         return {
             "layer": self.layer, "evaluations": self.evaluations, "generation": self.generation, "split": self.split,
-            "z": [z.detach().cpu() for z in self.lora.z], "stats": self.lora.stats(),
+            "z": [z.detach().cpu() for z in self.lora.z], "stats": self.lora.stats(), "maps": self.lora.maps,
             "stats_ready": self.lora.stats_ready, "opts": [o.state_dict() for o in self.opts],
         }
 
@@ -472,6 +472,9 @@ class LayerwiseDFO:
         for o, st in zip(self.opts, s["opts"]):
             o.load_state_dict(st)
         self._park_all()
+        self.lora.maps = s.get("maps", "device")  # a checkpoint from before "maps" was saved drew them so
+        if self.lora.maps_cache is not None:
+            self.lora.maps_cache.clear()
         if s["stats_ready"]:
             self.lora.load_stats(s["stats"])
         for k, z in enumerate(s["z"]):

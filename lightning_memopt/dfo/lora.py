@@ -7,7 +7,8 @@ fixed random linear map of its chunk (BBTv2-style). Both factors are linear in z
 Map scale (BBTv2: std = alpha * observed_std / (sqrt(d) * sigma)), from hidden-state statistics collected on a
 few training batches: with z ~ N(0, sigma^2 I), A's entries get std ``1 / (sqrt(in) * rms(x))`` (so ``A x`` has unit
 scale) and B's entries get ``init_scale * std(W x) / sqrt(r)``, so ``B A x`` is about ``init_scale`` times the
-projection output's std. The maps are regenerated from a seed when needed (never stored).
+projection output's std. The maps are regenerated from a seed when needed (never stored), by core.perturb's keyed
+generator: the same numbers on any device, so a checkpoint's adapters can be rebuilt (and merged) anywhere.
 
 Population evaluation: in ``population`` mode the current block's targets add a different delta per candidate.
 The batch is expanded by the population size ``P`` (candidate-major: row ``p * b + i``) only at the current block's
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memopt.core.fsdp import is_dtensor
+from lightning_memopt.core.perturb import key, perturbed
 from lightning_memopt.core.population import add_lowrank_delta, repeat_rows
 
 DEFAULT_PATTERN = r"(^|\.)(q_proj|k_proj|query|key|q_lin|k_lin)$"
@@ -149,6 +151,11 @@ class ZLoRA:
         # place, a zero point keeps its zero factors), since a captured forward reads them there
         self.static_fixed = False
         self.stats_ready = False
+        # How the random maps are drawn: "philox", from core.perturb's keyed generator (the same numbers on every
+        # device, up to float rounding, so a checkpoint's adapters can be rebuilt anywhere: memopt consolidate merges
+        # them on a CPU); "device", the device's own torch generator, as checkpoints from before kept them (CUDA and
+        # CPU draw different numbers from one seed).
+        self.maps = "philox"
 
     @property
     def n_blocks(self) -> int:
@@ -281,19 +288,29 @@ class ZLoRA:
     def _make_maps(self, idx: int) -> list[tuple[Tensor, Tensor]]:
         blk = self.blocks[idx]
         sizes = [c.numel() for c in torch.arange(self.d).tensor_split(2 * len(blk.targets))]
-        gen = torch.Generator(device=self.device)
+        gen = torch.Generator(device=self.device) if self.maps == "device" else None
         out = []
         for j, t in enumerate(blk.targets):
             da, db = sizes[2 * j], sizes[2 * j + 1]
-            gen.manual_seed(self.seed * 1_000_003 + idx * 1009 + j)
+            seed = self.seed * 1_000_003 + idx * 1009 + j
             std_a = 1.0 / (math.sqrt(t.in_features) * t.in_rms) / (math.sqrt(da) * self.sigma)
             std_b = self.init_scale * t.out_std / math.sqrt(self.rank) / (math.sqrt(db) * self.sigma)
+            shape_a, shape_b = (self.rank * t.in_features, da), (t.out_features * self.rank, db)
+            if gen is None:
+                out.append((self._normal(seed, 0, shape_a) * std_a, self._normal(seed, 1, shape_b) * std_b))
+                continue
+            gen.manual_seed(seed)
             # float32 explicitly: under precision="bf16-true" Lightning makes bf16 the default dtype
-            f32 = torch.float32
-            ma = torch.randn(self.rank * t.in_features, da, generator=gen, device=self.device, dtype=f32) * std_a
-            mb = torch.randn(t.out_features * self.rank, db, generator=gen, device=self.device, dtype=f32) * std_b
+            ma = torch.randn(*shape_a, generator=gen, device=self.device, dtype=torch.float32) * std_a
+            mb = torch.randn(*shape_b, generator=gen, device=self.device, dtype=torch.float32) * std_b
             out.append((ma, mb))
         return out
+
+    def _normal(self, seed: int, which: int, shape: tuple[int, int]) -> Tensor:
+        """Standard normals keyed by ``(seed, which)`` (core.perturb: one kernel launch on a GPU, its torch
+        emulation elsewhere), float32."""
+        zeros = torch.zeros(shape[0] * shape[1], dtype=torch.float32, device=self.device)
+        return perturbed(zeros, key(seed & 0xFFFFFFFF, which), 1.0).view(shape)
 
     def factors(self, idx: int, z: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per target ``(A [P, r, in], B [P, out, r])`` for candidates ``z [P, d]`` of block ``idx``."""
