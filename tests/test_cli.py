@@ -187,3 +187,18 @@ def test_best_weights_by_short_name_ends_fit_at_the_best_validation(tmp_path, in
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, BestWeights)]
     assert (cb.monitor, cb.mode) == ("val_loss", "min") and cb.best_step in (1, 2, 3)
     assert cb.best_weights is not None and torch.isfinite(torch.tensor(cb.best_score))
+
+
+def test_a_finished_run_destroys_the_process_group(tmp_path, in_repo):
+    # left to interpreter teardown, gloo's threads have aborted finished ranks (exit -6): memopt ends it itself
+    import torch.distributed as dist
+
+    from lightning_memopt.cli import main
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        main(["fit", "--config", "configs/quickstart.yaml", *short(tmp_path, steps=1), "--data.init_args.k=8"])
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
