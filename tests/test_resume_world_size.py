@@ -108,3 +108,28 @@ def test_consolidate_gives_a_from_pretrained_folder_with_the_same_logits(runs, t
     with torch.no_grad():
         assert torch.equal(hf(ids).logits, ref.eval()(ids).logits)
     assert not torch.equal(ref.model.embed_tokens.weight, tiny_model().model.model.embed_tokens.weight)
+
+
+def test_consolidate_merges_dfo_adapters_of_a_sharded_checkpoint(runs, tmp_path):
+    """C-LoRA's 2-process sharded checkpoint -> consolidate: its adapters (callback state in meta.pt) merged, so the
+    folder's logits are the adapted module's at the checkpoint's step."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_memopt.consolidate import consolidate
+    from lightning_memopt.dfo.lora import ZLoRA
+    from lightning_memopt.testing import tiny_model
+
+    consolidate(runs["dir"] / "clora" / "2" / "dcp", tmp_path / "hf", tokenizer=False)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    saved = runs["clora"]["straight2"]["saved"]
+    ref = tiny_model()
+    ref.load_state_dict(saved["state"])
+    lora = ZLoRA(ref, d=METHODS["clora"]["init_args"]["d"])  # the callback's other settings are the defaults
+    lora.install()
+    lora.load_stats(saved["method"]["stats"])
+    for k, z in enumerate(saved["method"]["z"]):
+        lora.set_z(k, z)
+    assert all(bool(z.any()) for z in saved["method"]["z"])
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ref.model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
