@@ -429,7 +429,11 @@ class LayerwiseDFO:
 
         @contextmanager
         def activate(members: Any) -> Iterator[None]:
-            self.lora.begin_population(k, z[list(members)], 0, expand=False)
+            # members are consecutive (a chunk of range(P)): a slice, as indexing by a host list copies the index
+            # to the device, which a CUDA graph's capture refuses
+            lo = members[0]
+            assert list(members) == list(range(lo, lo + len(members)))
+            self.lora.begin_population(k, z[lo : lo + len(members)], 0, expand=False)
             try:
                 yield
             finally:
