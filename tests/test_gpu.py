@@ -392,7 +392,8 @@ def test_graphed_task_configs_capture_on_the_tiny_model(config, tmp_path, in_rep
     cli = run_cli(["fit", "--config", f"configs/{config}", *TINY_MODEL, *short(tmp_path, steps=4),
                    "--trainer.accelerator=cuda", f"--trainer.precision={precision}"])
     assert cli.trainer.global_step == 4
-    assert not [w for w in recwarn if "cuda_graph" in str(w.message)], [str(w.message) for w in recwarn]
+    fallbacks = [str(w.message) for w in recwarn if "cuda_graph" in str(w.message)]
+    assert not fallbacks, fallbacks  # the fallback's own text (the reason), not every warning of the run
     assert made and sum(g.captures for g in made) >= 1 and sum(g.replays for g in made) >= 4, [
         (g.captures, g.replays) for g in made]
 
