@@ -160,13 +160,7 @@ def _merge_dfo_adapters(model: torch.nn.Module, meta: dict[str, Any]) -> bool:
     root.model = model  # the module names the callback matched its target_pattern on (HFCausalLM's)
     lora = ZLoRA(root, settings["rank"], settings["d"], settings["target_pattern"], settings["seed"],
                  settings["sigma"], settings["init_scale"])
-    lora.maps = state["maps"]
-    if len(state["z"]) != lora.n_blocks:
-        raise ValueError(f"The checkpoint's DFOLoRA has {len(state['z'])} layers, this model {lora.n_blocks}.")
-    if state.get("stats_ready"):
-        lora.load_stats(state["stats"])
-    for k, z in enumerate(state["z"]):
-        lora.set_z(k, z)
+    lora.restore(state)
     lora.merge()
     return True
 

@@ -476,13 +476,7 @@ class LayerwiseDFO:
         for o, st in zip(self.opts, s["opts"]):
             o.load_state_dict(st)
         self._park_all()
-        self.lora.maps = s.get("maps", "device")  # a checkpoint from before "maps" was saved drew them so
-        if self.lora.maps_cache is not None:
-            self.lora.maps_cache.clear()
-        if s["stats_ready"]:
-            self.lora.load_stats(s["stats"])
-        for k, z in enumerate(s["z"]):
-            self.lora.set_z(k, z)
+        self.lora.restore(s)
 
     def merge(self) -> None:
         """Fold the learned LoRA into the module's q/k weights and remove the hooks."""

@@ -276,6 +276,19 @@ class ZLoRA:
         if self.maps_cache is not None:
             self.maps_cache.clear()  # the maps scale with the statistics
 
+    def restore(self, state: dict[str, Any]) -> None:
+        """The adapters of a saved DFO state (its ``maps``, ``stats``, ``stats_ready`` and ``z``): what a resume and
+        ``memopt consolidate`` rebuild. A state without ``maps`` predates the keyed maps: the device generator."""
+        if len(state["z"]) != self.n_blocks:
+            raise ValueError(f"The checkpoint's DFOLoRA has {len(state['z'])} layers, this model {self.n_blocks}.")
+        self.maps = state.get("maps", "device")
+        if self.maps_cache is not None:
+            self.maps_cache.clear()
+        if state["stats_ready"]:
+            self.load_stats(state["stats"])
+        for k, z in enumerate(state["z"]):
+            self.set_z(k, z)
+
     def _maps(self, idx: int) -> list[tuple[Tensor, Tensor]]:
         """The fixed random maps of block ``idx``: per target ``(M_A [r*in, dA], M_B [out*r, dB])``."""
         if self.maps_cache is not None:
