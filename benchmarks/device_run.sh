@@ -5,7 +5,7 @@
 #                                                           carry .models/b (first time), .whl2, .gpu/data: joins
 #                                                           SmolLM2 once, then benchmarks.task_results into $OUT/NAME
 #   bash benchmarks/device_run.sh tests                       carry .whl, .whl2, .whl3, .gpu/data, .gpu/anchors_gpu.py:
-#                                                           the README's test command into $OUT/pytest_h200_<commit>.txt
+#                                                           the README's test command into $OUT/pytest_<h100|h200>_<commit>.txt
 #   bash benchmarks/device_run.sh harness ARGS...             carry .whl, .gpu/anchors_gpu.py: benchmarks.harness
 #   bash benchmarks/device_run.sh bench MODULE ARGS...        python -m benchmarks.MODULE ARGS (e.g. overlap_probe)
 # The machine goes back after 30 s idle: have the next call ready before this one returns.
@@ -53,7 +53,8 @@ case "${1:-}" in
       --out "$OUT/$name" "$@" 2>&1 | grep -v -i "warn" | tail -60 ;;
   tests)
     setup
-    log=$OUT/pytest_h200_$commit.txt
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -o -m1 'H[0-9]\+' | tr H h)
+    log=$OUT/pytest_${gpu:-gpu}_$commit.txt
     timeout 540 python3 -m pytest -q -rs -n auto tests -p no:cacheprovider > "$log" 2>&1; echo "RC=$?" >> "$log"
     tail -15 "$log" ;;
   harness)
