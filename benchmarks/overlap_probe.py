@@ -25,12 +25,14 @@ import argparse
 import contextlib
 import itertools
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from benchmarks.common import DEV, build, timed
+from benchmarks.task_results import environment
 from lightning_memopt.core.perturb import seed_tensor, update1_many
 
 
@@ -125,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     hidden = (rows["serial"] - rows["pipelined"]) / rows["pass"]
     res = {"size": args.size, "batch": args.batch, "seq": args.seq, "ms": {k: round(v, 3) for k, v in rows.items()},
            "hidden": round(hidden, 3), "same_weights": same_w, "max_logit_diff": logit_diff,
-           "env": {"gpu": torch.cuda.get_device_name() if DEV == "cuda" else "cpu", "torch": torch.__version__}}
+           "env": {**environment(sys.argv), "torch": torch.__version__}}
     print(f"{args.size} {args.batch}x{args.seq}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in rows.items())
           + f"; hidden {hidden:.2f} of a pass; same weights {same_w}, max logit diff {logit_diff:.3g}", flush=True)
     if args.out:

@@ -488,6 +488,7 @@ def test_overlap_probe_leaves_the_weights_and_logits_of_the_serial_order(dev, tm
     res = json.loads((tmp_path / "p.json").read_text())
     assert res["same_weights"] is True and res["max_logit_diff"] == 0.0
     assert set(res["ms"]) == {"forward", "pass", "serial", "pipelined"}
+    assert res["env"]["commit"] and "overlap_probe" in res["env"]["command"]  # results name what made them
 
 
 def test_grid_packs_the_longest_cells_first():
