@@ -36,7 +36,7 @@ PANELS = [
 ]
 # the task_results JSON (several, comma-separated, share one set of axes) whose curves and peaks docs/results.md
 # shows, and the prefix of their PNGs
-TASK_PLOTS = {"sst2_smollm2.json": "sst2", "sst2_tta_fastpath.json": "sst2_fastpath",
+TASK_PLOTS = {"sst2_smollm2.json": "sst2", "sst2_tta_eager_vs_graph_h100.json": "sst2_fastpath",
               # plain MeZO, the 16-direction population at three lengths, the config's three seeds
               "sst2_tta_pop_vs_plain_h200.json,sst2_tta_mezo_pop10k_h200.json,sst2_pop_best_h200.json": "sst2_pop"}
 
