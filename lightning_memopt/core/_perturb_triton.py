@@ -18,49 +18,86 @@ from triton.language.extra.cuda import libdevice
 from lightning_memopt.core._triton import ok_flag
 
 BLOCK4 = 512  # 5% faster than 256 for the normal kernels over 1.1B elements on the H200 (equal for the rest)
-# DIST: 0 = Box–Muller with precise log and cos/sin(2πu) from one shared quadrant reduction and two short polynomials
-# (tl.randn4x's numbers within 2 ulps, without rounding the angle 2πu to float32 first), 1 = fast approximate
-# log/cos/sin (equal to float rounding), 2 = Rademacher signs from the top bit of each Philox word.
+# DIST: 0 = Box–Muller with -2·ln(u) within 4 and cos/sin(2πu) within 2 float32 ulps of the exact values (polynomials
+# after exact range reductions; the angle 2πu is never rounded to float32), 1 = fast approximate log/cos/sin (equal
+# to float rounding), 2 = Rademacher signs from the top bit of each Philox word. The normal kernels are bound by
+# instruction issue, not memory (benchmarks/results/normal_kernels_h200.md): each instruction saved here counts.
 
 
 @triton.jit
-def _cos_sin_2pi(u):
-    """cos(2πu), sin(2πu) for u in [0, 1], within 2 float32 ulps: one quadrant reduction shared by both (exact:
-    4u, its nearest integer q and r = 4u - q are exact) and least-squares polynomials of cos, sin(π/2·r) on |r| <= 1/2
-    (1.6 ulp worst case over a 200k-point grid, float32 Horner)."""
-    t = 4.0 * u
-    q = tl.floor(t + 0.5)
-    r = t - q
-    x = r * r
-    s = r * (1.5707963705062866 + x * (-0.6459640860557556 + x * (0.07969258725643158 + x * (
-        -0.004681318998336792 + x * 0.00015832345525268465))))
-    c = 1.0 + x * (-1.2337005138397217 + x * (0.25366950035095215 + x * (-0.020863469690084457 + x * (
-        0.000919170503038913 + x * -2.4866163585102186e-05))))
-    k = q.to(tl.int32) & 3
-    # quadrant k: (cos, sin) = (c, s), (-s, c), (-c, -s), (s, -c): swap on odd k, negate cos on k = 1, 2 and sin
-    # on k = 2, 3 (the values of the nested selects this replaced, in fewer instructions: the kernel is ALU-bound)
-    odd = (k & 1) != 0
-    cc = tl.where(odd, s, c)
-    ss = tl.where(odd, c, s)
-    cos = tl.where(((k + 1) & 2) != 0, -cc, cc)
-    sin = tl.where((k & 2) != 0, -ss, ss)
-    return cos, sin
+def _philox4(seed, c):
+    """``tl.randint4x(seed, c)``: Philox4x32-10 on ``(c, c >> 32, 0, 0)`` with key ``(seed, seed >> 32)``, the same
+    numbers, with each 32x32-bit product written as one 64-bit multiply so that the compiler emits one wide multiply
+    for both halves instead of two (Triton's own does umulhi and mul separately: 20 of ~220 instructions per
+    counter)."""
+    seed = seed.to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = c.to(tl.uint32)
+    zero = c0 * 0
+    if c.dtype.primitive_bitwidth > 32:
+        c1 = (c >> 32).to(tl.uint32)
+    else:
+        c1 = zero
+    c2 = zero
+    c3 = zero
+    for _ in tl.static_range(10):
+        pb = c2.to(tl.uint64) * 0xCD9E8D57
+        pa = c0.to(tl.uint64) * 0xD2511F53
+        c0 = (pb >> 32).to(tl.uint32) ^ c1 ^ k0
+        c2 = (pa >> 32).to(tl.uint32) ^ c3 ^ k1
+        c1 = pb.to(tl.uint32)
+        c3 = pa.to(tl.uint32)
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _neg2log(u):
+    """-2·ln(u) for u in [1e-7, 1), within 4 float32 ulps (3.1 at worst in a float32 emulation over 20M draws).
+
+    u = 2^e·m with m in [2/3, 4/3) by libdevice's exponent split, without its special cases (u is never 0, subnormal
+    or infinite here); ln(m) = 2·atanh(s) with s = (m - 1)/(m + 1), |s| <= 1/5, from a minimax polynomial in s²
+    (2.4e-9 relative). 15 instructions, where libdevice's logf and the product take 21."""
+    i = u.to(tl.int32, bitcast=True)
+    t = (i - 0x3F2AAAAB) & -8388608  # e·2^23 (0xFF800000)
+    m = (i - t).to(tl.float32, bitcast=True)
+    s = libdevice.fast_dividef(m - 1.0, m + 1.0)
+    w = s * s
+    p = -4.0 + w * (-1.333341 + w * (-0.7990535 + w * -0.6086985))
+    return t.to(tl.float32) * -1.6525916589735634e-07 + s * p  # -2·ln(2)·2^-23
+
+
+@triton.jit
+def _polar(r, u):
+    """(r·cos 2πu, r·sin 2πu) for u in [0, 1], cos and sin within 2 float32 ulps of the float64 angle's.
+
+    The angle is π/2·(q + x) with q = round(4u) and x = 4u - q, both exact: adding 1.5·2^23 rounds 4u to an integer
+    that sits in the sum's last bits. sin(π/2·x) comes from a minimax polynomial on |x| <= 1/2 (3.2e-9 relative) and
+    cos from sqrt(1 - sin²), well conditioned there (cos >= 0.7). The quadrant's sign flips are xors of sign bits:
+    odd q negates x (sin is odd, cos even) before the swap, q >= 2 negates r."""
+    y = u * 4.0 + 12582912.0
+    x = u * 4.0 - (y - 12582912.0)
+    q = y.to(tl.int32, bitcast=True)  # q's low bits = round(4u)'s
+    w = x * x
+    x = (x.to(tl.int32, bitcast=True) ^ (q << 31)).to(tl.float32, bitcast=True)
+    s = x * (1.5707964 + w * (-0.6459635 + w * (0.07968003 + w * -0.004601658)))
+    c = tl.sqrt(1.0 - s * s)
+    r = (r.to(tl.int32, bitcast=True) ^ ((q << 30) & -2147483648)).to(tl.float32, bitcast=True)
+    odd = (q & 1) != 0
+    return r * tl.where(odd, s, c), r * tl.where(odd, c, s)
 
 
 @triton.jit
 def _z4(seed, c, DIST: tl.constexpr):
+    i1, i2, i3, i4 = _philox4(seed, c)
     if DIST == 0:
-        i1, i2, i3, i4 = tl.randint4x(seed, c)
         u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
         u3 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i3))
-        r1 = tl.sqrt(-2.0 * libdevice.log(u1))
-        r3 = tl.sqrt(-2.0 * libdevice.log(u3))
-        c2, s2 = _cos_sin_2pi(tl.uint_to_uniform_float(i2))
-        c4, s4 = _cos_sin_2pi(tl.uint_to_uniform_float(i4))
-        n1, n2 = r1 * c2, r1 * s2
-        n3, n4 = r3 * c4, r3 * s4
+        n1, n2 = _polar(tl.sqrt(_neg2log(u1)), tl.uint_to_uniform_float(i2))
+        n3, n4 = _polar(tl.sqrt(_neg2log(u3)), tl.uint_to_uniform_float(i4))
     elif DIST == 1:
-        i1, i2, i3, i4 = tl.randint4x(seed, c)
         u1 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i1))
         u3 = tl.maximum(1.0e-7, tl.uint_to_uniform_float(i3))
         t2 = 6.283185307179586 * tl.uint_to_uniform_float(i2)
@@ -70,7 +107,6 @@ def _z4(seed, c, DIST: tl.constexpr):
         n1, n2 = r1 * libdevice.fast_cosf(t2), r1 * libdevice.fast_sinf(t2)
         n3, n4 = r3 * libdevice.fast_cosf(t4), r3 * libdevice.fast_sinf(t4)
     else:
-        i1, i2, i3, i4 = tl.randint4x(seed, c)
         n1 = 1.0 - 2.0 * (i1 >> 31).to(tl.float32)
         n2 = 1.0 - 2.0 * (i2 >> 31).to(tl.float32)
         n3 = 1.0 - 2.0 * (i3 >> 31).to(tl.float32)
@@ -177,8 +213,9 @@ def _multi_block(blk_t, blk_b, numels, starts, keyhi, seed_ptr, BLOCK4: tl.const
     """
     pid = tl.program_id(0)
     j = tl.load(blk_t + pid)
-    n = tl.load(numels + j)
-    start = tl.load(starts + j)
+    # int32 (sizes stay below MAX_NUMEL): 64-bit offsets and masks cost ~12 instructions a counter
+    n = tl.load(numels + j).to(tl.int32)
+    start = tl.load(starts + j).to(tl.int32)
     if ALIGNED:
         n = tl.multiple_of(n, 4)
         start = tl.multiple_of(start, 4)

@@ -2,7 +2,7 @@
 
 Element ``e`` of parameter ``i`` under step seed ``s`` gets ``randn4x(key, e // 4)[e % 4]`` where ``randn4x`` is
 Triton's ``tl.randn4x`` (Philox4x32-10 on counter ``(e // 4, 0, 0, 0)``, then Box–Muller on pairs, here with the
-angle 2πu kept exact: cos/sin of the float64 angle; the kernel reduces 4u exactly and evaluates two polynomials) and
+angle 2πu kept exact: cos/sin of the float64 angle; the kernel reduces 4u exactly and evaluates polynomials) and
 the 64-bit key is ``s + (i << 32)``: the low word is the step seed, the high word the parameter's index in a fixed
 by-name order. Because z depends only on the element's position in the *full* tensor, any sharding (FSDP2 dim-0
 shards, one module at a time) sees the same numbers, and a 2-process run perturbs exactly like a 1-process run.
