@@ -10,7 +10,8 @@ owns everything around that step:
 * ``on_load_checkpoint`` / ``load_state_dict``: a checkpoint of another method, of a plain optimizer, or with
   settings that change the meaning of the saved state is refused with both names and how to start from the weights;
 * ``on_fit_start``: the holder swap (with an owner check), the lr and weight-decay overrides, skip-backward, then
-  :meth:`install`;
+  :meth:`install`, and the module's ``prog_bar`` logging made free of a host sync per step
+  (:mod:`lightning_memopt.callbacks.pbar_values`);
 * ``on_train_start``: the one deferred-state slot (under FSDP callback state arrives after ``on_fit_start``) handed
   to :meth:`start`;
 * the holder's step: :meth:`step`, then the non-finite bookkeeping (:mod:`lightning_memopt.core.nonfinite`) and, for
@@ -36,6 +37,7 @@ from typing_extensions import override
 
 from lightning_memopt import _shim
 from lightning_memopt.callbacks import _checks
+from lightning_memopt.callbacks.pbar_values import ProgressBarValues
 from lightning_memopt.core.holder import HolderOptimizer, set_base_lr, swap_in_holder, weight_decays
 from lightning_memopt.core.nonfinite import SkipGuard
 
@@ -90,6 +92,7 @@ class MethodCallback(Callback):
         self._restore: list[tuple[str, Any]] = []
         self._numbers: dict[str, tuple[float, torch.Tensor]] = {}
         self._wrapped_step: tuple[pl.LightningModule, Any, bool] | None = None
+        self._pbar = ProgressBarValues()
 
     # ---- what a method provides ----------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -210,6 +213,7 @@ class MethodCallback(Callback):
             self._restore.append(("_skip_backward", _shim.get_skip_backward(trainer)))
             _shim.set_skip_backward(trainer, True)
         self.install(trainer, pl_module)
+        self._pbar.install(trainer, pl_module)  # prog_bar values without a sync per step
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -255,6 +259,7 @@ class MethodCallback(Callback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.guard.resolve()
+        self._pbar.flush()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -267,6 +272,7 @@ class MethodCallback(Callback):
 
     def _cleanup(self, trainer: pl.Trainer) -> None:
         self.uninstall()
+        self._pbar.uninstall()
         self.restore_training_step()
         while self._restore:
             attr, value = self._restore.pop()
