@@ -60,6 +60,7 @@ def test_calls_it_cannot_serve_unchanged_are_left_to_lightning():
         model.log("per_epoch", torch.tensor(1.0), prog_bar=True, on_epoch=True)
         model.log("synced", torch.tensor(2.0), prog_bar=True, sync_dist=True)
         model.log("number", 3.0, prog_bar=True)  # Lightning makes the device tensor: left to it
+        model.log("positional", torch.tensor(4.0), True, True, True, False, "mean")
         return out
 
     model.training_step = training_step
@@ -67,7 +68,7 @@ def test_calls_it_cannot_serve_unchanged_are_left_to_lightning():
     trainer = tiny_trainer(max_steps=2, callbacks=[MeZO(lr=1e-3, eps=1e-2), metas])
     trainer.fit(model, tiny_datamodule(k=8, batch_size=4))
     metas = metas.metas
-    assert metas["per_epoch"].prog_bar and metas["synced"].prog_bar and metas["number"].prog_bar
+    assert all(metas[k].prog_bar for k in ("per_epoch", "synced", "number", "positional"))
     assert metas["train_loss"].prog_bar is False
 
 
