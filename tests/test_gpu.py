@@ -151,11 +151,13 @@ class _SyncWatch(pl.Callback):
             torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.parametrize("cuda_graph", [False, True])
-def test_mezo_steps_make_no_host_sync_between_logging_steps(cuda_graph):
-    """As a fit runs them, with the module logging its loss to the progress bar and a bar drawn every step, MeZO's
-    steps make no host sync between logging steps (a sync would idle the GPU while the host runs Lightning's loop:
-    1.4-2 ms a step at 1.1B on the H200). Lightning itself would read every prog_bar tensor each step."""
+def test_graphed_mezo_steps_make_no_host_sync_between_logging_steps():
+    """As a fit runs them, with the module logging its loss to the progress bar and a bar drawn every step, graphed
+    MeZO steps make no host sync between logging steps (a sync idles the GPU while the host runs Lightning's loop:
+    2.8 ms of a profiled 54.5 ms step at 1.1B on the H200). Lightning itself would read every prog_bar tensor each
+    step. Eager steps run the module's own forward, which may sync: transformers' mask code checks masks on the host
+    (seen on an H100 at 45a1bf1); the capture leaves that out of the replayed step."""
+    cuda_graph = True
     import warnings
 
     from lightning.pytorch.callbacks import TQDMProgressBar
