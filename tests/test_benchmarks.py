@@ -503,3 +503,12 @@ def test_grid_packs_the_longest_cells_first():
     calls = grid.plan_calls(missing, est, budget=540)
     assert [c["methods"] for c in calls] == [["adamw", "galore"], ["lomo", "adalomo"]]
     assert all(c["est_s"] <= 540 for c in calls)
+
+
+def test_step_profile_counts_busy_time_and_gaps_over_overlapping_intervals():
+    from benchmarks.zo_step_profile import _union_ms
+
+    # µs: two overlapping kernels, one nested, a gap of 5, then one more; what the profile sums per step
+    busy, gaps = _union_ms([(10.0, 20.0), (15.0, 30.0), (16.0, 18.0), (35.0, 45.0)])
+    assert busy == pytest.approx(0.030) and gaps == [5.0]
+    assert _union_ms([]) == (0.0, [])

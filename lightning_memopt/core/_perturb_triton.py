@@ -28,8 +28,8 @@ BLOCK4 = 512  # 5% faster than 256 for the normal kernels over 1.1B elements on 
 def _philox4(seed, c):
     """``tl.randint4x(seed, c)``: Philox4x32-10 on ``(c, c >> 32, 0, 0)`` with key ``(seed, seed >> 32)``, the same
     numbers, with each 32x32-bit product written as one 64-bit multiply so that the compiler emits one wide multiply
-    for both halves instead of two (Triton's own does umulhi and mul separately: 20 of ~220 instructions per
-    counter)."""
+    for both halves instead of two (Triton's own does umulhi and mul separately: 14 more of the normal kernel's
+    ~190 instructions per counter, sm_90 SASS)."""
     seed = seed.to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
