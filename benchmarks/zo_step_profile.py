@@ -1,7 +1,7 @@
 """Where a graphed MeZO step's time goes, as a fit runs it: ``MeZO(cuda_graph=True)`` through Lightning on a
 random-init Llama (the ``mezo_lightning_graph`` case of ``benchmarks/cases/lightning.py``), profiled for a few steps
 after warm-up. Prints the wall-clock per step (between step starts, as ``zo_fastpath`` times it), the GPU's busy time
-per step (the union of kernel and copy intervals) and its idle gaps, the kernels by total time, and every host sync
+per step (the union of kernel and copy intervals, annotations left out) and its idle gaps, the kernels by total time, and every host sync
 the step makes (``torch.cuda.set_sync_debug_mode``, with the Python frames that made it). Needs a CUDA GPU:
 
     python -m benchmarks.zo_step_profile --size 1b --batch 8 --seq 512 --out benchmarks/results/zo_step_profile_h200
@@ -101,7 +101,9 @@ def main(argv: list[str]) -> None:
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(lcases._Module(model, x))
     walls = [a.elapsed_time(b) for a, b in zip(prof.starts, prof.starts[1:])]
-    events = [e for e in prof.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # GPU work only: a user annotation (Lightning's "Optimizer.step#...") spans the whole step and would hide gaps
+    events = [e for e in prof.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+              and not getattr(e, "is_user_annotation", False) and not e.name.startswith("Optimizer.")]
     busy, gaps = _union_ms([(e.time_range.start, e.time_range.end) for e in events])
     kernels: Counter = Counter()
     calls: Counter = Counter()
