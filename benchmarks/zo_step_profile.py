@@ -1,8 +1,9 @@
 """Where a graphed MeZO step's time goes, as a fit runs it: ``MeZO(cuda_graph=True)`` through Lightning on a
 random-init Llama (the ``mezo_lightning_graph`` case of ``benchmarks/cases/lightning.py``), profiled for a few steps
-after warm-up. Prints the wall-clock per step (between step starts, as ``zo_fastpath`` times it), the GPU's busy time
-per step (the union of kernel and copy intervals, annotations left out) and its idle gaps, the kernels by total time, and every host sync
-the step makes (``torch.cuda.set_sync_debug_mode``, with the Python frames that made it). Needs a CUDA GPU:
+after warm-up. Prints the wall-clock per step (between step starts, as ``zo_fastpath`` times it), the GPU's busy
+time per step (the union of kernel and copy intervals, annotations left out) and its idle gaps, the kernels by total
+time, and every host sync the step makes (``torch.cuda.set_sync_debug_mode``, with the Python frames that made
+it). Needs a CUDA GPU:
 
     python -m benchmarks.zo_step_profile --size 1b --batch 8 --seq 512 --out benchmarks/results/zo_step_profile_h200
 """
@@ -21,7 +22,6 @@ import lightning.pytorch as pl
 import torch
 
 from benchmarks.cases import lightning as lcases
-from benchmarks.common import build
 from benchmarks.task_results import environment
 
 
@@ -88,18 +88,18 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--case", default="mezo_lightning_graph", choices=sorted(lcases.CASES))
+    ap.add_argument("--case", default="mezo_lightning_graph",
+                    choices=sorted(c for c in lcases.CASES if c.startswith("mezo")))
     ap.add_argument("--out", default=None, help="JSON path prefix")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("needs a CUDA GPU")
-    model = build(args.size)
-    x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
     prof = _Profile(args.warm, args.steps)
-    trainer = pl.Trainer(accelerator="cuda", devices=1, max_steps=args.warm + args.steps + 1, precision="bf16-true",
-                         callbacks=[lcases.CASES[args.case](), prof], logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False)
-    trainer.fit(lcases._Module(model, x))
+    # the case as zo_fastpath runs it (its module, precision, Trainer), one step past the profiled ones
+    lcases.run(args.case, args.size, args.batch, args.seq, warm=args.warm, reps=args.steps + 1, timing="throughput",
+               callbacks=(prof,))
+    if prof.prof is None or len(prof.starts) < args.steps + 1:
+        raise SystemExit("the fit ended before the profiled steps did (out of memory?): see the RESULT line above")
     walls = [a.elapsed_time(b) for a, b in zip(prof.starts, prof.starts[1:])]
     # GPU work only: a user annotation (Lightning's "Optimizer.step#...") spans the whole step and would hide gaps
     events = [e for e in prof.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA

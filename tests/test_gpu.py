@@ -157,7 +157,6 @@ def test_graphed_mezo_steps_make_no_host_sync_between_logging_steps():
     2.8 ms of a profiled 54.5 ms step at 1.1B on the H200). Lightning itself would read every prog_bar tensor each
     step. Eager steps run the module's own forward, which may sync: transformers' mask code checks masks on the host
     (seen on an H100 at 45a1bf1); the capture leaves that out of the replayed step."""
-    cuda_graph = True
     import warnings
 
     from lightning.pytorch.callbacks import TQDMProgressBar
@@ -166,7 +165,7 @@ def test_graphed_mezo_steps_make_no_host_sync_between_logging_steps():
     model, watch = tiny_model(), _SyncWatch(3, 9)
     trainer = tiny_trainer(accelerator="cuda", precision="bf16-true", max_steps=10, log_every_n_steps=100,
                            enable_progress_bar=True,
-                           callbacks=[MeZO(lr=1e-3, eps=1e-2, cuda_graph=cuda_graph, seed=3), watch,
+                           callbacks=[MeZO(lr=1e-3, eps=1e-2, cuda_graph=True, seed=3), watch,
                                       TQDMProgressBar(refresh_rate=1)])
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -175,7 +174,8 @@ def test_graphed_mezo_steps_make_no_host_sync_between_logging_steps():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     # the sync warnings' own text (switching the mode on warns once too, with "synchronizing" in it)
-    syncs = [f"{w.filename}:{w.lineno} {w.message}" for w in caught if "synchronizing CUDA operation" in str(w.message)]
+    syncs = [f"{w.filename}:{w.lineno} {w.message}" for w in caught
+             if "synchronizing CUDA operation" in str(w.message)]
     assert syncs == [], syncs
     assert isinstance(trainer.progress_bar_metrics["mezo/loss"], float)
     assert math.isfinite(trainer.progress_bar_metrics["train_loss"])

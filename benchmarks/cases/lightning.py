@@ -222,7 +222,8 @@ CASES: dict[str, Callable[[], pl.Callback | None]] = {
 
 
 def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5,
-        timing: str = "latency") -> dict[str, Any]:
+        timing: str = "latency", callbacks: tuple[pl.Callback, ...] = ()) -> dict[str, Any]:
+    """One case through a Trainer; ``callbacks`` join the method and the timer (a profiler, for one)."""
     res: dict[str, Any] = dict(method=case, size=size, batch=batch, seq=seq, impl="lightning_memopt (Trainer)")
     try:
         model = build(size)
@@ -236,7 +237,7 @@ def run(case: str, size: str, batch: int, seq: int, warm: int = 2, reps: int = 5
         method = CASES[case]()
         trainer = pl.Trainer(
             accelerator="cuda" if DEV == "cuda" else "cpu", devices=1, max_steps=warm + reps,
-            precision="bf16-true", callbacks=[c for c in (method, timer) if c is not None], logger=False,
+            precision="bf16-true", callbacks=[c for c in (method, timer, *callbacks) if c is not None], logger=False,
             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         )
         module = (_LabelModule if case.startswith("dfo") or "_label" in case else
