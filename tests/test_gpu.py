@@ -450,3 +450,44 @@ def test_adalomo_triton_kernels_equal_the_torch_version(monkeypatch):
 
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert check("cuda") == []
+
+
+@pytest.mark.parametrize("n", [64, 192])
+def test_left_padded_training_forward_gives_the_math_backends_gradient(n, capsys):
+    """A left-padded batch of length 64 (mod 128) gets cuDNN attention's NaN query gradient on torch >= 2.11 on
+    Hopper (models/attention.py); HFCausalLM's forward gives finite gradients equal to the math backend's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from lightning_memopt.models.configs import llama_config
+    from lightning_memopt.models.hf import HFCausalLM, position_ids_from_mask
+
+    torch.manual_seed(0)
+    cfg = llama_config("tiny", vocab_size=256, hidden_size=128, num_attention_heads=2, num_key_value_heads=2)
+    model = HFCausalLM(model_config=cfg, tokenizer="builtin").cuda()
+    model.set_label_token_ids([5, 6])
+    ids = torch.randint(8, 200, (8, n), device="cuda")
+    mask = torch.ones_like(ids)
+    for r in range(0, 8, 2):
+        mask[r, : n - 5 - r] = 0  # left padding: fully masked query rows
+
+    def grads(call):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", torch.bfloat16):
+            logits = call()
+        torch.nn.functional.cross_entropy(logits.float(), torch.arange(8, device="cuda") % 2).backward()
+        return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+
+    ours = grads(lambda: model(ids, mask))
+    with sdpa_kernel([SDPBackend.MATH]):
+        ref = grads(lambda: model(ids, mask))
+    def unguarded():
+        with model._label_only():
+            out = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                              use_cache=False, logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    bare = grads(unguarded)
+    with capsys.disabled():
+        print(f"\nlength {n}: the default backend's gradient is finite: {bool(torch.isfinite(bare).all())}")
+    assert torch.isfinite(ours).all()
+    torch.testing.assert_close(ours, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())

@@ -24,6 +24,7 @@ from torch import Tensor
 from lightning_memopt import _shim
 from lightning_memopt.core.holder import no_decay
 from lightning_memopt.core.population import token_losses
+from lightning_memopt.models.attention import sdpa_without_cudnn_where_unsafe
 from lightning_memopt.tokenization import load_tokenizer, require_gguf, split_gguf
 
 Objective = Literal["classification", "lm", "generation"]
@@ -294,6 +295,12 @@ class HFCausalLM(LightningModule):
             head._memopt_label_ids = None
 
     # ---- forward -----------------------------------------------------------------------------------------------
+    def _lm(self, *, input_ids: Tensor, attention_mask: Tensor, **kwargs: Any) -> Any:
+        """The wrapped model's forward; one that records a backward avoids cuDNN attention where its gradient can
+        be NaN (:mod:`lightning_memopt.models.attention`)."""
+        with sdpa_without_cudnn_where_unsafe(input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
     def forward(
         self,
         input_ids: Tensor,
@@ -316,12 +323,12 @@ class HFCausalLM(LightningModule):
                     "attention_mask), such as DFOLoRA, needs single-token label words."
                 )
             with self._label_only():
-                out = self.model(
+                out = self._lm(
                     input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                     use_cache=False, logits_to_keep=1,
                 )
             return out.logits[:, -1, :].float()
-        return self.model(
+        return self._lm(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).logits
 
@@ -340,7 +347,7 @@ class HFCausalLM(LightningModule):
             choice_mask = torch.ones_like(choice_ids)
         ids = torch.cat([input_ids.unsqueeze(1).expand(B, C, T), choice_ids], dim=-1).reshape(B * C, T + L)
         mask = torch.cat([attention_mask.unsqueeze(1).expand(B, C, T), choice_mask], dim=-1).reshape(B * C, T + L)
-        out = self.model(
+        out = self._lm(
             input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
             logits_to_keep=L + 1,
         )
@@ -365,7 +372,7 @@ class HFCausalLM(LightningModule):
 
     def lm_loss(self, batch: dict[str, Tensor]) -> Tensor:
         input_ids, mask, labels = self._lm_inputs(batch)
-        out = self.model(
+        out = self._lm(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), labels=labels,
             use_cache=False,
         )
@@ -465,7 +472,7 @@ class HFCausalLM(LightningModule):
         if self.hparams.objective == "classification":
             return F.cross_entropy(self._class_logits(batch).float(), batch["labels"], reduction="none")
         input_ids, mask, labels = self._lm_inputs(batch)
-        logits = self.model(
+        logits = self._lm(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
         ).logits
         target = labels[:, 1:]

@@ -1,0 +1,63 @@
+"""Training forwards kept clear of a cuDNN attention bug that makes gradients NaN.
+
+On Hopper GPUs, torch 2.11 and later pick cuDNN for ``scaled_dot_product_attention`` with a mask, and its backward
+returns NaN in the query gradient when the sequence length is 64 more than a multiple of 128 and a query row's
+logsumexp is very negative, as a fully masked row (a left-padded position) makes it
+(pytorch/pytorch#196678). One such batch turns every weight NaN. We measured it on an H100 (torch 2.11, cuDNN 9.19):
+NaN gradients at lengths 64 and 192 with any left padding, none at the other lengths from 1 to 299. The
+memory-efficient kernel that runs instead was no slower there: 350 against 625 us for forward and backward at 16 x 9
+heads x 64. :func:`sdpa_without_cudnn_where_unsafe` turns cuDNN off for exactly those forwards.
+
+Example::
+
+    with sdpa_without_cudnn_where_unsafe(input_ids, attention_mask):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def cudnn_sdpa_unsafe(seq_len: int, masked: bool) -> bool:
+    """Whether cuDNN attention's backward can return NaN for this query length (see the module docstring)."""
+    return masked and seq_len % 128 == 64
+
+
+def _backends_but_cudnn() -> list:
+    from torch.nn.attention import SDPBackend
+
+    on = [(SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
+          (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
+          (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())]
+    return [b for b, enabled in on if enabled]
+
+
+@contextmanager
+def without_cudnn_sdpa() -> Iterator[None]:
+    """Attention backends as they are, cuDNN's off; unchanged where cuDNN is the only one left on."""
+    from torch.nn.attention import sdpa_kernel
+
+    backends = _backends_but_cudnn()
+    if not backends or not torch.backends.cuda.cudnn_sdp_enabled():
+        yield
+        return
+    with sdpa_kernel(backends):
+        yield
+
+
+@contextmanager
+def sdpa_without_cudnn_where_unsafe(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Iterator[None]:
+    """:func:`without_cudnn_sdpa` for a CUDA forward that records a backward on a length cuDNN gets wrong."""
+    unsafe = (torch.is_grad_enabled() and input_ids.is_cuda
+              and cudnn_sdpa_unsafe(input_ids.shape[-1], attention_mask is not None))
+    if not unsafe:
+        yield
+        return
+    with without_cudnn_sdpa():
+        yield
