@@ -512,3 +512,20 @@ def test_step_profile_counts_busy_time_and_gaps_over_overlapping_intervals():
     busy, gaps = _union_ms([(10.0, 20.0), (15.0, 30.0), (16.0, 18.0), (35.0, 45.0)])
     assert busy == pytest.approx(0.030) and gaps == [5.0]
     assert _union_ms([]) == (0.0, [])
+
+
+def test_attention_widths_finds_the_batches_of_cudnns_nan_lengths():
+    from conftest import SST2
+    from test_cli import TINY_MODEL
+
+    from benchmarks.attention_widths import unsafe_steps
+
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"{SST2} not found")
+    # padded to max_length: every batch is that wide, and padded
+    for width, unsafe in ((64, True), (65, False), (192, True)):
+        extra = (*TINY_MODEL, "--data.init_args.k=32", "--trainer.max_steps=6", "--data.init_args.padding=max_length",
+                 f"--data.init_args.max_length={width}")
+        rec = unsafe_steps("sst2", "adamw", 1, "unused", str(SST2), extra)
+        assert rec["steps"] == 6 and rec["widths"] == {width: 6}
+        assert rec["unsafe"] == ([{"step": i, "width": width} for i in range(6)] if unsafe else [])
