@@ -1,10 +1,13 @@
-"""Issue 17's quality grid on the H200: which (task, method, seed) cells are measured, which are left, and the
-device calls that would run the rest.
+"""Issue 17's quality grid (seed 0 timed on the H200): which (task, method, seed) cells are measured, which are left,
+and the device calls that would run the rest.
 
-A cell is done when a committed ``benchmarks/results/<task>_grid_h200*.json`` (``task_results``' output, one file
-per device call, or their ``--merge``) holds a record of that method and seed that ran on an H200, without error or
-overrides, and either alone on the GPU or, for seeds 1 and 2, beside other runs (``task_results --jobs``) without
-the time cap ending its fit (``time_capped: false``); :data:`ADOPTED` names the few other files whose runs count,
+A cell is done when a committed ``benchmarks/results/<task>_grid_*.json`` (``task_results``' output, one file
+per device call, or their ``--merge``) holds a record of that method and seed without error or overrides that ran
+either alone on an H200 or, for seeds 1 and 2, on an H200 or H100 (:data:`GPUS`), alone or beside other runs
+(``task_results --jobs``) without the time cap ending its fit (``time_capped: false``). Seed 0 gives the timed
+curves, so it runs on the H200 alone. Seeds 1 and 2 give dev figures only, and an H100 computes the same ones:
+:data:`EQUIVALENCE` holds seed-0 runs on an H100 that match the H200's every validation, dev figure and peak.
+:data:`ADOPTED` names the few other files whose runs count,
 as a config's runs under its earlier name, and :data:`SUPERSEDED` the methods whose earlier records no longer
 count because their code has changed since. A shared run that finished its steps trains as a solo run
 would (a solo run is faster, so the cap would not have ended it either); only its wall times include the sharing,
@@ -51,6 +54,10 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 ADOPTED = {"sst2_pop_best_h200.json": {"mezo_pop32": "mezo_pop"}}
 # Methods whose code changed since some cells ran, in a way that changes their time: method -> (the first commit of
 # the code as it is, why). A record of an earlier commit no longer counts, so the grid runs it again.
+# The GPUs whose records count, by seed. An H100 (the same sm_90 kernels on as many SMs) reproduced the H200's
+# seed-0 SST-2 zero-shot, AdamW and GaLore cells exactly (every validation and dev point, and the peak) at 7344dfd:
+GPUS = {0: ("H200",), 1: ("H200", "H100"), 2: ("H200", "H100")}
+EQUIVALENCE = "sst2_gpu_equivalence_h100_s0.json"
 SUPERSEDED = {"adalomo": ("2f63a56", "AdaLomo's update runs as Triton kernels on CUDA (its torch version before)")}
 START, END = "<!-- grid-summary:start (python -m benchmarks.grid --write) -->", "<!-- grid-summary:end -->"
 
@@ -86,7 +93,8 @@ def current(rec: dict[str, Any]) -> bool:
 
 
 def _cell(rec: dict[str, Any]) -> bool:
-    if "H200" not in str((rec.get("env") or {}).get("gpu")) or "error" in rec or rec.get("overrides"):
+    gpu = str((rec.get("env") or {}).get("gpu"))
+    if not any(g in gpu for g in GPUS.get(int(rec["seed"]), ())) or "error" in rec or rec.get("overrides"):
         return False
     if not current(rec):
         return False
@@ -112,7 +120,7 @@ def done_cells(results: Path = RESULTS) -> dict[tuple[str, str, int], dict[str, 
     cells: dict[tuple[str, str, int], dict[str, Any]] = {}
     adopted = _adopted(results)
     for task in TASKS:
-        recs = _records(f"{task}_grid_h200*.json", results) + [r for r in adopted if r.get("task") == task]
+        recs = _records(f"{task}_grid_*.json", results) + [r for r in adopted if r.get("task") == task]
         for rec in sorted(recs, key=lambda r: not alone(r)):
             if _cell(rec):
                 cells.setdefault((task, rec["method"], int(rec["seed"])), rec)
@@ -191,7 +199,9 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
     for c in calls:
         opts = " --dev_curve" if c["task"] != "squad" and c["jobs"] == 1 else ""
         opts += f" --max_minutes 10 --timeout {run_timeout:.0f}" + (f" --jobs {c['jobs']}" if c["jobs"] > 1 else "")
-        name = f"{c['task']}_grid_h200_s{c['seed']}_{'-'.join(c['methods'])}"  # unique by content, not by order
+        # unique by content, not by order; seeds 1 and 2 may run on an H100, and the record says which
+        gpu = "h200_" if c["seed"] == 0 else ""
+        name = f"{c['task']}_grid_{gpu}s{c['seed']}_{'-'.join(c['methods'])}"
         c["command"] = f"bash benchmarks/device_run.sh task {c['task']} {c['seed']} {','.join(c['methods'])} {name}{opts}"
         c["est_s"] = round(c["est_s"])
     return calls
@@ -284,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls:
         print("\nEach call carries [\".whl2\", \".gpu/data\"] (the first on a machine also \".models/b\", after a "
               "`device_run.sh smol-a` call carrying \".models/a\"). MEMOPT_COMMIT names this side's HEAD, as the "
-              "device copy's git HEAD can lag it:")
+              "device copy's git HEAD can lag it. Seed 0 needs an H200 (kind nvidia-h200); seeds 1 and 2 run on "
+              "an H100 or H200:")
         head = subprocess.run(["git", "-C", str(RESULTS), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=False).stdout.strip() or "unknown"
         for c in plan_calls(missing, est, args.budget, args.jobs, args.speedup):

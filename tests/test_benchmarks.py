@@ -354,7 +354,9 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
 
     (tmp_path / "sst2_grid_h200_s0_0.json").write_text(json.dumps([
         rec("adamw", 0),  # a cell
-        rec("lomo", 0, env=h100),  # not on the H200
+        rec("lomo", 0, env=h100),  # seed 0 (the timed curves) counts on the H200 only
+        rec("lomo", 2, env=h100, note="shared", time_capped=False),  # a cell: seeds 1 and 2 count on an H100 too
+        rec("clora", 1, env={"gpu": "NVIDIA A100-SXM4-80GB"}),  # nor another GPU
         rec("galore", 0, note="ran beside up to 2 other runs on the GPU", time_capped=False),  # seed 0 shared
         rec("galore", 1, note="shared", time_capped=False),  # a cell: seeds 1 and 2 may share, if the cap did not end them
         rec("galore", 2, note="shared", time_capped=True),  # the cap ended it: fewer steps than a solo run
@@ -366,6 +368,7 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
         rec("adalomo", 2, env={"gpu": "NVIDIA H200", "commit": grid.SUPERSEDED["adalomo"][0]}),
     ]))
     (tmp_path / "sst2_grid_h200.json").write_text(json.dumps([rec("adamw", 0), rec("adamw", 1)]))  # a merge
+    (tmp_path / "sst2_gpu_check.json").write_text(json.dumps([rec("clora", 2, env=h100)]))  # not a grid file
     (tmp_path / "sst2_other.json").write_text(json.dumps([  # estimates only
         {"task": "sst2", "method": "lomo", "seed": 0, "process_s": 300.0, "env": h200, "overrides": ["--x=1"]},
         {"task": "sst2", "method": "lomo", "seed": 0, "process_s": 900.0, "env": h200, "note": "shared"},
@@ -376,7 +379,8 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
         rec("mezo_pop32", 2), rec("mezo_pop", 1, overrides=["--x=1"], label="f10n32")]))
     cells = grid.done_cells(tmp_path)
     assert set(cells) == {("sst2", "adamw", 0), ("sst2", "adamw", 1), ("sst2", "galore", 1), ("sst2", "mezo_pop", 2),
-                          ("sst2", "adalomo", 2)}
+                          ("sst2", "adalomo", 2), ("sst2", "lomo", 2)}
+    assert (tmp_path / "sst2_gpu_check.json").exists() and grid.EQUIVALENCE.startswith("sst2_gpu_")
     assert cells[("sst2", "mezo_pop", 2)]["adopted_from"] == "sst2_pop_best_h200.json: mezo_pop32"
     est = grid.estimates(tmp_path, default_s=600)
     assert est[("sst2", "adamw")] == 100.0  # its own task, alone, no overrides
@@ -398,10 +402,12 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     for c in calls:  # within the budget, or one cell alone
         assert c["est_s"] <= 540 or len(c["methods"]) == 1
         assert c["command"].startswith(f"bash benchmarks/device_run.sh task {c['task']} {c['seed']} ")
+        # the output's name: seed 0 runs on the H200; seeds 1 and 2 on either, and the record names it
+        assert (f" {c['task']}_grid_h200_s0_" in c["command"]) == (c["seed"] == 0)
         assert ("--dev_curve" in c["command"]) == (c["task"] != "squad")  # task_results refuses it on squad
     grid.main(["--results", str(tmp_path), "--calls"])
     out = capsys.readouterr().out
-    assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "5 of 81 cells measured; 76 left" in out
+    assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "6 of 81 cells measured; 75 left" in out
 
     # --jobs: seeds 1 and 2 share the GPU J at a time (no dev curve), a call's estimate its sum over the speedup;
     # a cell too long to share safely keeps a solo call; seed 0 is always solo
