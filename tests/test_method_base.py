@@ -44,8 +44,21 @@ METHODS = {
 }
 
 
+class _NaNGrad(torch.autograd.Function):
+    """The value as it is; its gradient NaN (a backward kernel's bug, under a finite loss)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * math.nan
+
+
 class Poisoned(HFCausalLM):
-    """The tiny model with a non-finite loss (or, for DFO, non-finite logits) at the steps in ``bad_steps``."""
+    """The tiny model with a non-finite loss (or, for DFO, non-finite logits; with ``where="grad"`` a finite loss
+    whose gradient is NaN) at the steps in ``bad_steps``."""
 
     def __init__(self, value: float = math.nan, bad_steps: tuple[int, ...] = (), where: str = "loss", **kw):
         kw.setdefault("lr", 1e-3)
@@ -64,6 +77,8 @@ class Poisoned(HFCausalLM):
         out = super()._step(batch)
         if self.where == "loss" and self._bad():
             out["loss"] = out["loss"] * self.value
+        if self.where == "grad" and self._bad():
+            out["loss"] = _NaNGrad.apply(out["loss"])
         return out
 
 
@@ -132,6 +147,23 @@ def test_eleven_consecutive_non_finite_steps_stop_the_fit(make):
         trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
     assert trainer.global_step <= 13  # stopped at the 11th skip (the host learns of a skip at most a step later)
     assert _shim.get_skip_backward(trainer) is False  # on_exception put the trainer back
+
+
+@pytest.mark.parametrize("make", [lambda: AdaLomo(lr=0.01), lambda: GaLore(**GAP)])
+def test_the_error_says_when_a_nan_gradient_reached_the_weights(make):
+    """A finite loss whose gradient is NaN gets past the loss check; the weights go NaN, the losses after it too, and
+    the error says so and names a known cause (cuDNN attention, models/attention.py)."""
+    pl.seed_everything(0, verbose=False)
+    model = Poisoned(bad_steps=(1,), where="grad")
+    trainer = tiny_trainer(max_steps=20, callbacks=[make()])
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(NonFiniteLossError) as err:
+        trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
+    assert "The weights are no longer finite" in str(err.value) and "enable_cudnn_sdp(False)" in str(err.value)
+    # a loss that is itself not finite leaves the weights finite, and the error says nothing of them
+    model = Poisoned(math.nan, tuple(range(1, 30)))
+    with pytest.warns(UserWarning), pytest.raises(NonFiniteLossError) as err:
+        tiny_trainer(max_steps=20, callbacks=[make()]).fit(model, tiny_datamodule(k=32, batch_size=8))
+    assert "no longer finite" not in str(err.value)
 
 
 def test_two_method_callbacks_are_refused():

@@ -39,7 +39,7 @@ from lightning_memopt import _shim
 from lightning_memopt.callbacks import _checks
 from lightning_memopt.callbacks.pbar_values import ProgressBarValues
 from lightning_memopt.core.holder import HolderOptimizer, set_base_lr, swap_in_holder, weight_decays
-from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.core.nonfinite import SkipGuard, nonfinite_weights_note
 
 _WEIGHTS_ONLY = (
     "To start from its weights only, load them into the module and fit without ckpt_path, e.g. "
@@ -214,6 +214,7 @@ class MethodCallback(Callback):
             _shim.set_skip_backward(trainer, True)
         self.install(trainer, pl_module)
         self._pbar.install(trainer, pl_module)  # prog_bar values without a sync per step
+        self.guard.diagnose = lambda: nonfinite_weights_note(pl_module)
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

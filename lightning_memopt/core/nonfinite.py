@@ -65,6 +65,8 @@ class SkipGuard:
         self.consecutive = 0
         self.checks = 0  # checks made so far: the next one's number
         self._pending: deque[_Pending] = deque()
+        # what the error adds (a method callback sets it: whether the weights are still finite, and why not)
+        self.diagnose: Callable[[], str] | None = None
 
     def check(
         self, *values: Tensor, step: int, reduce: bool = False, group: Optional[dist.ProcessGroup] = None
@@ -141,11 +143,13 @@ class SkipGuard:
             f"skipped_steps={self.skipped_steps}."
         )
         if self.consecutive > self.max_consecutive:
+            extra = self.diagnose() if self.diagnose is not None else ""
             raise NonFiniteLossError(
                 f"{self.method}: the loss was not finite for {self.consecutive} steps in a row (up to step {step}; "
                 f"max_consecutive_skips={self.max_consecutive}); every one was skipped with the weights untouched. "
                 f"Likely causes: a learning rate (or eps) too high, fp16 overflow (use bf16), or bad data (a batch "
                 f"whose labels or inputs produce inf/NaN). Lower lr, check the data, or raise max_consecutive_skips."
+                + (f" {extra}" if extra else "")
             )
 
     def state_dict(self) -> dict[str, int]:
@@ -155,3 +159,21 @@ class SkipGuard:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive = int(state.get("consecutive", 0))
+
+
+def nonfinite_weights_note(module: torch.nn.Module) -> str:
+    """What :class:`NonFiniteLossError` adds when ``module``'s weights (this rank's shards) are no longer finite: an
+    earlier update wrote them from a gradient that was not finite while its loss was; "" while they are finite."""
+    bad = [name for name, p in module.named_parameters()
+           if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p.detach()).all())]
+    if not bad:
+        return ""
+    return (
+        f"The weights are no longer finite ({len(bad)} tensors, {bad[0]} first), so an earlier step updated them from "
+        f"a gradient that was not finite while its loss was. One known cause: on an H100 or H200, torch 2.11 and later "
+        f"return NaN gradients from cuDNN attention for a masked batch of length 64 mod 128 (pytorch#196678). "
+        f"HFCausalLM avoids it; in your own module, wrap the forward in "
+        f"lightning_memopt.models.attention.sdpa_without_cudnn_where_unsafe(input_ids, attention_mask), or call "
+        f"torch.backends.cuda.enable_cudnn_sdp(False)."
+    )
+
