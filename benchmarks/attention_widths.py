@@ -53,9 +53,10 @@ def unsafe_steps(task: str, method: str, seed: int, model: str, data: str, extra
             width = batch["input_ids"].shape[-1]
             widths[width] += 1
             if cudnn_sdpa_unsafe(width, masked=True) and bool((batch["attention_mask"] == 0).any()):
-                bad.append(dict(step=step, width=width))
+                bad.append({"step": step, "width": width})
             step += 1
-    return dict(task=task, method=method, seed=seed, steps=step, unsafe=bad, widths=dict(sorted(widths.items())))
+    return {"task": task, "method": method, "seed": seed, "steps": step, "unsafe": bad,
+            "widths": dict(sorted(widths.items()))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         env = environment(sys.argv)
         env["gpu"] = None  # the data alone: no GPU ran
-        Path(args.out + ".json").write_text(json.dumps(dict(records=recs, env=env), indent=1))
+        Path(args.out + ".json").write_text(json.dumps({"records": recs, "env": env}, indent=1))
     return 0
 
 

@@ -9,7 +9,9 @@ import torch
 
 from lightning_memopt.models import attention
 from lightning_memopt.models.attention import (
-    cudnn_sdpa_unsafe, sdpa_without_cudnn_where_unsafe, without_cudnn_sdpa,
+    cudnn_sdpa_unsafe,
+    sdpa_without_cudnn_where_unsafe,
+    without_cudnn_sdpa,
 )
 from lightning_memopt.testing import tiny_model
 
@@ -88,3 +90,27 @@ def test_hf_module_forwards_go_through_the_guard(monkeypatch):
     lm.lm_loss({"input_ids": ids, "attention_mask": mask}).backward()
     lm.per_sample_loss({"input_ids": ids, "attention_mask": mask})
     assert seen == [((3, 10), True, True)] * 3
+
+
+def test_checkpointed_forwards_recompute_with_the_forwards_backends(monkeypatch):
+    """Activation checkpointing recomputes attention during backward, after the guard has ended: HFCausalLM's
+    ``context_fn`` gives the recomputation the backends the forward had, so cuDNN stays off there too."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    # the guard as it acts on an unsafe CUDA forward (this test runs on any device)
+    monkeypatch.setattr("lightning_memopt.models.hf.sdpa_without_cudnn_where_unsafe", lambda *_: without_cudnn_sdpa())
+    for checkpointing in (False, True):
+        seen.clear()
+        model = tiny_model(gradient_checkpointing=checkpointing)
+        model.set_label_token_ids([5, 6])
+        ids = torch.randint(8, 200, (3, 10))
+        model(ids, torch.ones_like(ids)).sum().backward()
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # as it was, once the forward ended
+        layers = model.model.config.num_hidden_layers
+        assert seen == [False] * (layers * (2 if checkpointing else 1)), seen

@@ -8,6 +8,9 @@ NaN gradients at lengths 64 and 192 with any left padding, none at the other len
 memory-efficient kernel that runs instead was no slower there: 350 against 625 us for forward and backward at 16 x 9
 heads x 64. :func:`sdpa_without_cudnn_where_unsafe` turns cuDNN off for exactly those forwards.
 
+Activation checkpointing recomputes the forward during backward, after that context has ended:
+:func:`recompute_with_forward_sdpa_backends` is the ``context_fn`` that gives the recomputation the forward's backends.
+
 Example::
 
     with sdpa_without_cudnn_where_unsafe(input_ids, attention_mask):
@@ -17,8 +20,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Optional
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import Tensor
@@ -27,6 +29,34 @@ from torch import Tensor
 def cudnn_sdpa_unsafe(seq_len: int, masked: bool) -> bool:
     """Whether cuDNN attention's backward can return NaN for this query length (see the module docstring)."""
     return masked and seq_len % 128 == 64
+
+
+def _flags() -> tuple[bool, bool, bool, bool]:
+    b = torch.backends.cuda
+    return b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()
+
+
+def _set_flags(flags: tuple[bool, bool, bool, bool]) -> None:
+    b = torch.backends.cuda
+    for enable, on in zip((b.enable_cudnn_sdp, b.enable_flash_sdp, b.enable_mem_efficient_sdp, b.enable_math_sdp),
+                          flags):
+        enable(on)
+
+
+@contextmanager
+def _with_flags(flags: tuple[bool, bool, bool, bool]) -> Iterator[None]:
+    saved = _flags()
+    _set_flags(flags)
+    try:
+        yield
+    finally:
+        _set_flags(saved)
+
+
+def recompute_with_forward_sdpa_backends() -> tuple[AbstractContextManager, AbstractContextManager]:
+    """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: the recomputed forward runs with the attention
+    backends that were on when the forward ran, not those on during backward."""
+    return nullcontext(), _with_flags(_flags())
 
 
 def _backends_but_cudnn() -> list:
@@ -52,7 +82,7 @@ def without_cudnn_sdpa() -> Iterator[None]:
 
 
 @contextmanager
-def sdpa_without_cudnn_where_unsafe(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Iterator[None]:
+def sdpa_without_cudnn_where_unsafe(input_ids: Tensor, attention_mask: Tensor | None) -> Iterator[None]:
     """:func:`without_cudnn_sdpa` for a CUDA forward that records a backward on a length cuDNN gets wrong."""
     unsafe = (torch.is_grad_enabled() and input_ids.is_cuda
               and cudnn_sdpa_unsafe(input_ids.shape[-1], attention_mask is not None))

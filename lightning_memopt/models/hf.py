@@ -24,7 +24,7 @@ from torch import Tensor
 from lightning_memopt import _shim
 from lightning_memopt.core.holder import no_decay
 from lightning_memopt.core.population import token_losses
-from lightning_memopt.models.attention import sdpa_without_cudnn_where_unsafe
+from lightning_memopt.models.attention import recompute_with_forward_sdpa_backends, sdpa_without_cudnn_where_unsafe
 from lightning_memopt.tokenization import load_tokenizer, require_gguf, split_gguf
 
 Objective = Literal["classification", "lm", "generation"]
@@ -229,7 +229,9 @@ class HFCausalLM(LightningModule):
             _freeze(self.model, frozen)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # the recomputed forward keeps the forward's attention backends (models/attention.py)
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False, "context_fn": recompute_with_forward_sdpa_backends})
         self.label_token_ids: Optional[list[int]] = None
         self.num_choices: Optional[int] = None
         self._metrics_ready = False
