@@ -452,10 +452,12 @@ def test_adalomo_triton_kernels_equal_the_torch_version(monkeypatch):
     assert check("cuda") == []
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
 @pytest.mark.parametrize("n", [64, 192])
-def test_left_padded_training_forward_gives_the_math_backends_gradient(n, capsys):
+def test_left_padded_training_forward_gives_the_math_backends_gradient(n, checkpointing, capsys):
     """A left-padded batch of length 64 (mod 128) gets cuDNN attention's NaN query gradient on torch >= 2.11 on
-    Hopper (models/attention.py); HFCausalLM's forward gives finite gradients equal to the math backend's."""
+    Hopper (models/attention.py); HFCausalLM's forward gives finite gradients equal to the math backend's, also when
+    activation checkpointing recomputes the forward during backward."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lightning_memopt.models.configs import llama_config
@@ -463,7 +465,7 @@ def test_left_padded_training_forward_gives_the_math_backends_gradient(n, capsys
 
     torch.manual_seed(0)
     cfg = llama_config("tiny", vocab_size=256, hidden_size=128, num_attention_heads=2, num_key_value_heads=2)
-    model = HFCausalLM(model_config=cfg, tokenizer="builtin").cuda()
+    model = HFCausalLM(model_config=cfg, tokenizer="builtin", gradient_checkpointing=checkpointing).cuda()
     model.set_label_token_ids([5, 6])
     ids = torch.randint(8, 200, (8, n), device="cuda")
     mask = torch.ones_like(ids)
@@ -488,6 +490,7 @@ def test_left_padded_training_forward_gives_the_math_backends_gradient(n, capsys
 
     bare = grads(unguarded)
     with capsys.disabled():
-        print(f"\nlength {n}: the default backend's gradient is finite: {bool(torch.isfinite(bare).all())}")
+        print(f"\nlength {n} (checkpointing {checkpointing}): the default backend's gradient is finite: "
+              f"{bool(torch.isfinite(bare).all())}")
     assert torch.isfinite(ours).all()
     torch.testing.assert_close(ours, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
