@@ -5,8 +5,8 @@ A cell is done when a committed ``benchmarks/results/<task>_grid_*.json`` (``tas
 per device call, or their ``--merge``) holds a record of that method and seed without error or overrides that ran
 either alone on an H200 or, for seeds 1 and 2, on an H200 or H100 (:data:`GPUS`), alone or beside other runs
 (``task_results --jobs``) without the time cap ending its fit (``time_capped: false``). Seed 0 gives the timed
-curves, so it runs on the H200 alone. Seeds 1 and 2 give dev figures only, and an H100 computes the same ones:
-:data:`EQUIVALENCE` holds seed-0 runs on an H100 that match the H200's every validation, dev figure and peak.
+curves, so it runs on the H200 alone. Seeds 1 and 2 give dev figures only, and an H100 gave the same ones where
+checked: :data:`EQUIVALENCE` holds seed-0 runs on an H100 that match the H200's every validation, dev figure and peak.
 :data:`ADOPTED` names the few other files whose runs count,
 as a config's runs under its earlier name, and :data:`SUPERSEDED` the methods whose earlier records no longer
 count because their code has changed since. A shared run that finished its steps trains as a solo run
@@ -52,12 +52,12 @@ DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 # 3f91527) ran configs/sst2_smollm2_mezo_pop32.yaml, which became sst2_smollm2_mezo_pop.yaml at e35ac55 with the
 # same settings (only its logger's and trajectory's names changed). Its seed-1 run had overrides: not a cell.
 ADOPTED = {"sst2_pop_best_h200.json": {"mezo_pop32": "mezo_pop"}}
-# Methods whose code changed since some cells ran, in a way that changes their time: method -> (the first commit of
-# the code as it is, why). A record of an earlier commit no longer counts, so the grid runs it again.
 # The GPUs whose records count, by seed. An H100 (the same sm_90 kernels on as many SMs) reproduced the H200's
 # seed-0 SST-2 zero-shot, AdamW and GaLore cells exactly (every validation and dev point, and the peak) at 7344dfd:
 GPUS = {0: ("H200",), 1: ("H200", "H100"), 2: ("H200", "H100")}
 EQUIVALENCE = "sst2_gpu_equivalence_h100_s0.json"
+# Methods whose code changed since some cells ran, in a way that changes their time: method -> (the first commit of
+# the code as it is, why). A record of an earlier commit no longer counts, so the grid runs it again.
 SUPERSEDED = {"adalomo": ("2f63a56", "AdaLomo's update runs as Triton kernels on CUDA (its torch version before)")}
 START, END = "<!-- grid-summary:start (python -m benchmarks.grid --write) -->", "<!-- grid-summary:end -->"
 

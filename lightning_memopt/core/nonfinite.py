@@ -176,4 +176,3 @@ def nonfinite_weights_note(module: torch.nn.Module) -> str:
         f"lightning_memopt.models.attention.sdpa_without_cudnn_where_unsafe(input_ids, attention_mask), or call "
         f"torch.backends.cuda.enable_cudnn_sdp(False)."
     )
-
