@@ -43,20 +43,26 @@ def _set_flags(flags: tuple[bool, bool, bool, bool]) -> None:
         enable(on)
 
 
-@contextmanager
-def _with_flags(flags: tuple[bool, bool, bool, bool]) -> Iterator[None]:
-    saved = _flags()
-    _set_flags(flags)
-    try:
-        yield
-    finally:
-        _set_flags(saved)
+class _Backends(AbstractContextManager):
+    """The attention backends set to ``flags`` while entered; enterable again, as a second backward over the same
+    graph (LOMO's clipping pass) recomputes the forward again."""
+
+    def __init__(self, flags: tuple[bool, bool, bool, bool]) -> None:
+        self.flags = flags
+        self._saved: list[tuple[bool, bool, bool, bool]] = []
+
+    def __enter__(self) -> None:
+        self._saved.append(_flags())
+        _set_flags(self.flags)
+
+    def __exit__(self, *exc: object) -> None:
+        _set_flags(self._saved.pop())
 
 
 def recompute_with_forward_sdpa_backends() -> tuple[AbstractContextManager, AbstractContextManager]:
     """``context_fn`` for non-reentrant ``torch.utils.checkpoint``: the recomputed forward runs with the attention
     backends that were on when the forward ran, not those on during backward."""
-    return nullcontext(), _with_flags(_flags())
+    return nullcontext(), _Backends(_flags())
 
 
 def _backends_but_cudnn() -> list:
