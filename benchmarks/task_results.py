@@ -186,6 +186,10 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
                wall_s=round(fit_s, 1), train_s=round(fit_s - curve.val_s, 1),
                peak_gib=None if peak is None else round(peak, 3), val_metric=val_key, curve=curve.points,
                time_capped=time_capped)
+    # steps a method skipped for a non-finite loss (or LOMO's clipped gradient norm): only warnings tell otherwise
+    skipped = [cb.skipped_steps for cb in trainer.callbacks if isinstance(getattr(cb, "skipped_steps", None), int)]
+    if skipped:
+        rec["skipped_steps"] = sum(skipped)
     rec.update({f"dev_{k[5:]}": round(100 * test.get(k, float("nan")), 2) for k in test_keys})
     if best is not None and best.best_weights is not None:
         best.restore(module)
@@ -315,7 +319,8 @@ def table(records: list[dict[str, Any]]) -> str:
         main = r.get("dev_acc", r.get("dev_em"))
         best_key = "dev_acc_best_val" if "dev_acc" in r else "dev_em_best_val"
         best = f"{r[best_key]:.1f} ({r['best_val_step']})" if best_key in r else "—"
-        rows.append(f"| {label} | {r['method']} | {r['seed']} | {main:.1f} | {r['dev_f1']:.1f} | "
+        skips = f" ({r['skipped_steps']} steps skipped)" if r.get("skipped_steps") else ""
+        rows.append(f"| {label} | {r['method']} | {r['seed']} | {main:.1f}{skips} | {r['dev_f1']:.1f} | "
                     f"{r['steps']} | {r['forwards']} | {r.get('train_s', r['wall_s'])} | {r['peak_gib']} | {best} | "
                     f"{over} |")
     return "\n".join(rows) + "\n"
