@@ -538,3 +538,30 @@ def test_attention_widths_finds_the_batches_of_cudnns_nan_lengths():
         rec = unsafe_steps("sst2", "adamw", 1, "unused", str(SST2), extra)
         assert rec["steps"] == 6 and rec["widths"] == {width: 6}
         assert rec["unsafe"] == ([{"step": i, "width": width} for i in range(6)] if unsafe else [])
+
+
+def test_nan_grad_probe_finds_the_first_non_finite_gradient(monkeypatch, capsys):
+    import torch
+    from conftest import SST2
+    from test_cli import TINY_MODEL
+
+    from benchmarks import nan_grad_probe
+    from lightning_memopt.models.hf import HFCausalLM
+
+    if not (SST2 / "train.tsv").is_file():
+        pytest.skip(f"{SST2} not found")
+    extra = (*TINY_MODEL, "--data.init_args.k=16")
+    assert nan_grad_probe.fit("sst2", "adamw", 1, "unused", str(SST2), 3, extra)
+    assert "3 steps, every gradient finite" in capsys.readouterr().out
+
+    class NaNGrad(torch.autograd.Function):
+        forward = staticmethod(lambda ctx, x: x.clone())
+        backward = staticmethod(lambda ctx, g: g * float("nan"))
+
+    step = HFCausalLM._step
+    monkeypatch.setattr(HFCausalLM, "_step", lambda self, batch: {**step(self, batch),
+                                                                  "loss": NaNGrad.apply(step(self, batch)["loss"])})
+    assert not nan_grad_probe.fit("sst2", "adamw", 1, "unused", str(SST2), 3, extra)
+    out = capsys.readouterr().out
+    assert "step 0: gradient norm nan" in out and "stopped at the first non-finite gradient" in out
+    assert "rows whose gradient alone is not finite: [0, 1, 2, 3, 4, 5, 6, 7" in out

@@ -6,7 +6,8 @@ logsumexp is very negative, as a fully masked row (a left-padded position) makes
 (pytorch/pytorch#196678). One such batch turns every weight NaN. We measured it on an H100 (torch 2.11, cuDNN 9.19):
 NaN gradients at lengths 64 and 192 with any left padding, none at the other lengths from 1 to 299. The
 memory-efficient kernel that runs instead was no slower there: 350 against 625 us for forward and backward at 16 x 9
-heads x 64. :func:`sdpa_without_cudnn_where_unsafe` turns cuDNN off for exactly those forwards.
+heads x 64 (benchmarks/results/nan_grad_probe_h100.txt). :func:`sdpa_without_cudnn_where_unsafe` turns cuDNN off for
+exactly those forwards.
 
 Activation checkpointing recomputes the forward during backward, after that context has ended:
 :func:`recompute_with_forward_sdpa_backends` is the ``context_fn`` that gives the recomputation the forward's backends.
