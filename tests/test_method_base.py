@@ -118,7 +118,7 @@ def test_non_finite_loss_skips_the_step_bit_identically(name, value):
     pl.seed_everything(0, verbose=False)
     model = Poisoned(value, (k,), where)
     trainer = tiny_trainer(max_steps=5, callbacks=[cb, snap])
-    with pytest.warns(UserWarning, match=f"non-finite loss at step {k}"):
+    with pytest.warns(UserWarning, match=f"non-finite loss( or gradient)? at step {k}"):
         trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
     (w0, s0), (w1, s1) = snap.before, snap.after
     for n in w0:
@@ -149,7 +149,7 @@ def test_eleven_consecutive_non_finite_steps_stop_the_fit(make):
     assert _shim.get_skip_backward(trainer) is False  # on_exception put the trainer back
 
 
-@pytest.mark.parametrize("make", [lambda: AdaLomo(lr=0.01), lambda: GaLore(**GAP)])
+@pytest.mark.parametrize("make", [lambda: AdaLomo(lr=0.01), lambda: GaLore(**GAP, layerwise=True)])
 def test_the_error_says_when_a_nan_gradient_reached_the_weights(make):
     """A finite loss whose gradient is NaN gets past the loss check; the weights go NaN, the losses after it too, and
     the error says so and names a known cause (cuDNN attention, models/attention.py)."""
@@ -164,6 +164,26 @@ def test_the_error_says_when_a_nan_gradient_reached_the_weights(make):
     with pytest.warns(UserWarning), pytest.raises(NonFiniteLossError) as err:
         tiny_trainer(max_steps=20, callbacks=[make()]).fit(model, tiny_datamodule(k=32, batch_size=8))
     assert "no longer finite" not in str(err.value)
+
+
+def test_galore_skips_a_step_whose_gradient_is_not_finite():
+    """GaLore (not layer-wise) has the whole gradient before it writes: a NaN one under a finite loss is skipped
+    like a NaN loss, weights and state bit-identical, and training goes on."""
+    k = 2
+    cb = GaLore(**GAP)
+    snap = Snapshot(cb, k)
+    pl.seed_everything(0, verbose=False)
+    model = Poisoned(bad_steps=(k,), where="grad")
+    trainer = tiny_trainer(max_steps=5, callbacks=[cb, snap])
+    with pytest.warns(UserWarning, match=f"GaLore: non-finite loss or gradient at step {k}"):
+        trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
+    (w0, s0), (w1, s1) = snap.before, snap.after
+    assert all(torch.equal(w0[n], w1[n]) for n in w0)
+    s0["callback"].pop("layer"), s1["callback"].pop("layer")
+    assert_same(s0, s1, nan_equal=True)
+    assert cb.skipped_steps == 1 and trainer.global_step == 5
+    end = full_state(model)
+    assert all(torch.isfinite(v).all() for v in end.values()) and any(not torch.equal(end[n], w1[n]) for n in end)
 
 
 def test_two_method_callbacks_are_refused():

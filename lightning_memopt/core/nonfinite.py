@@ -67,6 +67,7 @@ class SkipGuard:
         self._pending: deque[_Pending] = deque()
         # what the error adds (a method callback sets it: whether the weights are still finite, and why not)
         self.diagnose: Callable[[], str] | None = None
+        self.checked = "loss"  # what check() looks at, as messages name it
 
     def check(
         self, *values: Tensor, step: int, reduce: bool = False, group: Optional[dist.ProcessGroup] = None
@@ -139,15 +140,15 @@ class SkipGuard:
         self.skipped_steps += 1
         self.consecutive += int(consecutive)
         self.notify(
-            f"{self.method}: non-finite loss at step {step}; the step was skipped (weights and state untouched). "
-            f"skipped_steps={self.skipped_steps}."
+            f"{self.method}: non-finite {self.checked} at step {step}; the step was skipped (weights and state "
+            f"untouched). skipped_steps={self.skipped_steps}."
         )
         if self.consecutive > self.max_consecutive:
             extra = self.diagnose() if self.diagnose is not None else ""
             raise NonFiniteLossError(
-                f"{self.method}: the loss was not finite for {self.consecutive} steps in a row (up to step {step}; "
-                f"max_consecutive_skips={self.max_consecutive}); every one was skipped with the weights untouched. "
-                f"Likely causes: a learning rate (or eps) too high, fp16 overflow (use bf16), or bad data (a batch "
+                f"{self.method}: the {self.checked} was not finite for {self.consecutive} steps in a row (up to step "
+                f"{step}; max_consecutive_skips={self.max_consecutive}); every one was skipped with the weights "
+                f"untouched. Likely causes: a learning rate (or eps) too high, fp16 overflow (use bf16), or bad data (a batch "
                 f"whose labels or inputs produce inf/NaN). Lower lr, check the data, or raise max_consecutive_skips."
                 + (f" {extra}" if extra else "")
             )

@@ -18,7 +18,7 @@ from typing_extensions import override
 
 from lightning_memopt.callbacks import _checks
 from lightning_memopt.callbacks.method import MethodCallback
-from lightning_memopt.core.fsdp import reshard_all
+from lightning_memopt.core.fsdp import local, reshard_all
 from lightning_memopt.core.fused_backward import FusedBackward
 from lightning_memopt.galore.optim import GaLoreOptimizer, GaLoreSettings, select_targets
 
@@ -113,6 +113,8 @@ class GaLore(MethodCallback):
         self.target_modules = target_modules
         self.exclude_modules = exclude_modules
         self.layerwise = layerwise
+        if not layerwise:  # the whole step's gradient is there before any write: it is checked too
+            self.guard.checked = "loss or gradient"
         self.galore: GaLoreOptimizer | None = None
         self._fused: FusedBackward | None = None
         self._group_of: dict[int, dict[str, Any]] = {}
@@ -238,10 +240,16 @@ class GaLore(MethodCallback):
             with torch.enable_grad():
                 loss = closure()
         self.guard.resolve()  # earlier steps (long done on the device): put back counters of skipped ones first
-        ok = None if loss is None else self.guard.check(loss, step=self.step_index, reduce=True)
+        # a finite loss can come with a NaN gradient (a backward kernel's bug): that step is skipped too
+        ok = None if loss is None else self.guard.check(loss, self._grad_norm(), step=self.step_index, reduce=True)
         reshard_all(self.module)  # FSDP2 root stays unsharded after forward; write to the shards it will use
         self.galore.step(ok)
         return loss
+
+    def _grad_norm(self) -> torch.Tensor:
+        """The gradients' total norm (this rank's shards), on the device: not finite where any element is not."""
+        grads = [local(p.grad) for g in self.holder.param_groups for p in g["params"] if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
     def _step_layerwise(self, closure: Any) -> Any:
         self._group_of = {id(p): g for g in self.holder.param_groups for p in g["params"]}
