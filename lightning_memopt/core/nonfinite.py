@@ -148,8 +148,9 @@ class SkipGuard:
             raise NonFiniteLossError(
                 f"{self.method}: the {self.checked} was not finite for {self.consecutive} steps in a row (up to step "
                 f"{step}; max_consecutive_skips={self.max_consecutive}); every one was skipped with the weights "
-                f"untouched. Likely causes: a learning rate (or eps) too high, fp16 overflow (use bf16), or bad data (a batch "
-                f"whose labels or inputs produce inf/NaN). Lower lr, check the data, or raise max_consecutive_skips."
+                f"untouched. Likely causes: a learning rate (or eps) too high, fp16 overflow (use bf16), or bad data "
+                f"(a batch whose labels or inputs produce inf/NaN). Lower lr, check the data, or raise "
+                f"max_consecutive_skips."
                 + (f" {extra}" if extra else "")
             )
 
