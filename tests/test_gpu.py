@@ -482,6 +482,7 @@ def test_left_padded_training_forward_gives_the_math_backends_gradient(n, checkp
     ours = grads(lambda: model(ids, mask))
     with sdpa_kernel([SDPBackend.MATH]):
         ref = grads(lambda: model(ids, mask))
+
     def unguarded():
         with model._label_only():
             out = model.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask),
