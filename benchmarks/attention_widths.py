@@ -19,7 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from benchmarks.task_results import TASKS, config_path, environment
+from benchmarks.task_results import TASKS, environment, run_args
 from lightning_memopt.models.attention import cudnn_sdpa_unsafe
 
 
@@ -29,10 +29,7 @@ def unsafe_steps(task: str, method: str, seed: int, model: str, data: str, extra
     (``extra``: more CLI arguments, as in ``task_results``)."""
     from lightning_memopt.cli import run_cli
 
-    _, data_key, _, _ = TASKS[task]
-    cli = run_cli(["--config", str(config_path(task, method)), "--seed_everything", str(seed), "--data.seed",
-                   str(seed), f"--data.{data_key}", data, "--model.model_name_or_path", model,
-                   "--trainer.logger", "false", "--trainer.accelerator", "cpu", *extra], run=False)
+    cli = run_cli([*run_args(task, method, seed, model, data), "--trainer.accelerator", "cpu", *extra], run=False)
     dm, trainer = cli.datamodule, cli.trainer
     dm.tokenizer = cli.model.tokenizer
     dm.prepare_data()

@@ -22,12 +22,11 @@ from typing import Any
 
 import torch
 
-from benchmarks.task_results import TASKS, config_path, environment
+from benchmarks.task_results import TASKS, environment, run_args
 
 
 def _norm(params: Any) -> float:
-    grads = [p.grad.float() for p in params if p.grad is not None]
-    return math.sqrt(sum(float((g * g).sum()) for g in grads))
+    return float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
 
 
 def fit(task: str, method: str, seed: int, model: str, data: str, max_steps: int, extra: tuple[str, ...] = ()
@@ -38,12 +37,8 @@ def fit(task: str, method: str, seed: int, model: str, data: str, max_steps: int
 
     from lightning_memopt.cli import run_cli
 
-    _, data_key, _, _ = TASKS[task]
-    cli = run_cli(["--config", str(config_path(task, method)), "--seed_everything", str(seed), "--data.seed", str(seed),
-                   f"--data.{data_key}", data, "--model.model_name_or_path", model, "--trainer.logger", "false",
-                   "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar", "false",
-                   "--trainer.limit_val_batches", "0", "--trainer.max_steps", str(max_steps),
-                   "--test_after_fit", "false", *extra], run=False)
+    cli = run_cli([*run_args(task, method, seed, model, data), "--trainer.limit_val_batches", "0",
+                   "--trainer.max_steps", str(max_steps), "--test_after_fit", "false", *extra], run=False)
 
     class Probe(pl.Callback):
         found = False

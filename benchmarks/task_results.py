@@ -92,6 +92,17 @@ def dev_accuracy(trainer: Any, module: Any, datamodule: Any) -> float:
     return right / max(total, 1)
 
 
+def run_args(task: str, method: str, seed: int, model: str, data: str) -> list[str]:
+    """The CLI arguments of one run of a task config: its data and model, ``seed`` as both the global and the data
+    seed, no logger, checkpoints or progress bar (``_one``, ``attention_widths`` and ``nan_grad_probe`` start here)."""
+    return [
+        "--config", str(config_path(task, method)), "--seed_everything", str(seed),
+        "--model.model_name_or_path", model, f"--data.{TASKS[task][1]}", data, "--data.seed", str(seed),
+        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar",
+        "false",
+    ]
+
+
 def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[str],
          best_val: bool = False, dev_curve: bool = False) -> dict[str, Any]:
     import lightning.pytorch as pl
@@ -100,14 +111,8 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
     from lightning_memopt.callbacks.best_weights import BestWeights
     from lightning_memopt.cli import run_cli
 
-    _, data_key, val_key, test_keys = TASKS[task]
-    args = [
-        "--config", str(config_path(task, method)), "--seed_everything", str(seed),
-        "--model.model_name_or_path", model, f"--data.{data_key}", data, "--data.seed", str(seed),
-        "--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.enable_progress_bar",
-        "false", *extra,
-    ]
-    cli = run_cli(args, run=False)
+    _, _, val_key, test_keys = TASKS[task]
+    cli = run_cli([*run_args(task, method, seed, model, data), *extra], run=False)
     trainer, module = cli.trainer, cli.model
 
     class Curve(pl.Callback):

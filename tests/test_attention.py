@@ -9,6 +9,7 @@ import torch
 
 from lightning_memopt.models import attention
 from lightning_memopt.models.attention import (
+    _flags,
     cudnn_sdpa_unsafe,
     sdpa_without_cudnn_where_unsafe,
     without_cudnn_sdpa,
@@ -25,11 +26,6 @@ def test_lengths_64_past_a_multiple_of_128_are_unsafe_with_a_mask(n):
 @pytest.mark.parametrize("n", [1, 32, 63, 65, 128, 256, 299])
 def test_other_lengths_are_safe(n):
     assert not cudnn_sdpa_unsafe(n, masked=True)
-
-
-def _flags():
-    b = torch.backends.cuda
-    return b.cudnn_sdp_enabled(), b.flash_sdp_enabled(), b.mem_efficient_sdp_enabled(), b.math_sdp_enabled()
 
 
 def test_without_cudnn_turns_only_cudnn_off_and_restores_it():

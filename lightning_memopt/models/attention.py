@@ -69,9 +69,8 @@ def recompute_with_forward_sdpa_backends() -> tuple[AbstractContextManager, Abst
 def _backends_but_cudnn() -> list:
     from torch.nn.attention import SDPBackend
 
-    on = [(SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled()),
-          (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled()),
-          (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled())]
+    _, flash, efficient, math = _flags()
+    on = [(SDPBackend.FLASH_ATTENTION, flash), (SDPBackend.EFFICIENT_ATTENTION, efficient), (SDPBackend.MATH, math)]
     return [b for b, enabled in on if enabled]
 
 
