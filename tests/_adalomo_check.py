@@ -28,9 +28,16 @@ def _llama(device: str, dtype: torch.dtype) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype)
 
 
-def _fit(fused: bool, device: str, dtype: torch.dtype, nan_step: int | None = None, steps: int = 4, **settings):
+def _fit(fused: bool, device: str, dtype: torch.dtype, nan_step: int | None = None, steps: int = 4,
+         nan_grad_step: int | None = None, **settings):
+    """``nan_step``: that step's loss is NaN; ``nan_grad_step``: that step's gradient of one matrix and one vector
+    is NaN under a finite loss (the step must leave out those two tensors only)."""
     os.environ["MEMOPT_ADALOMO"] = "auto" if fused else "torch"
     model = _llama(device, dtype)
+    at = {"step": -1}
+    bad = [model.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].input_layernorm.weight]
+    for b in bad:
+        b.register_hook(lambda g: g * float("nan") if at["step"] == nan_grad_step else g)
     mats = [p for p in model.parameters() if p.ndim == 2]
     vecs = [p for p in model.parameters() if p.ndim == 1]
     state: dict = {}
@@ -38,10 +45,18 @@ def _fit(fused: bool, device: str, dtype: torch.dtype, nan_step: int | None = No
     fs = FusedStep(groups, state, LomoSettings(rule="adalomo", **settings))
     gen = torch.Generator().manual_seed(1)
     for i in range(steps):
+        at["step"] = i
         x = torch.randint(0, 300, (2, 10), generator=gen).to(device)
         loss = model(input_ids=x, labels=x).loss
+        before = [b.detach().clone() for b in bad]
         fs.step(loss * float("nan") if i == nan_step else loss)
+        if i == nan_grad_step:
+            assert all(torch.equal(b, c) for b, c in zip(bad, before)), "a tensor with a NaN gradient was updated"
     fs.remove()
+    fs.guard.resolve()
+    if nan_grad_step is not None:
+        assert (fs.guard.partial_steps, fs.guard.skipped_tensors) == (1, 2), vars(fs.guard)
+        assert [st["step"] for p, st in state.items() if any(p is b for b in bad)] == [steps - 1] * 2
     return [p.detach().float().cpu() for p in model.parameters()], [
         {k: v.cpu() for k, v in st.items() if k != "step"} for st in state.values()]
 
@@ -91,7 +106,8 @@ def check(device: str) -> list[str]:
     bad: list[str] = []
     try:
         cases = {"plain": {}, "clip_grad_norm": {"clip_grad_norm": 0.5}, "clip_grad_value": {"clip_grad_value": 1e-3},
-                 "skipped step": {"nan_step": 1}}
+                 "skipped step": {"nan_step": 1}, "NaN gradient": {"nan_grad_step": 1},
+                 "NaN gradient, clip_grad_value": {"nan_grad_step": 2, "clip_grad_value": 1e-3}}
         for name, kw in cases.items():
             ref, ref_state = _fit(False, device, torch.float32, **kw)
             got, got_state = _fit(True, device, torch.float32, **kw)

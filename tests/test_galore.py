@@ -326,3 +326,50 @@ def test_eager_state_equals_lazy_state():
         results.append({n: p.detach().clone() for n, p in m.named_parameters()})
     for n in results[0]:
         torch.testing.assert_close(results[0][n], results[1][n], atol=1e-7, rtol=0, msg=n)
+
+
+def _layerwise_run(poison: bool):
+    """Layer-wise GaLore (updates from the gradient hooks) for 4 steps; with ``poison``, step 3's gradient of one
+    target and one plain parameter is NaN under a finite loss. Returns the parameters after each step, the state
+    of the poisoned ones and the guard."""
+    from lightning_memopt.core.fused_backward import FusedBackward
+    from lightning_memopt.core.nonfinite import SkipGuard
+
+    m, targets, _ = _tiny()
+    holder = HolderOptimizer(torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1))
+    names = {id(p): n for n, p in m.named_parameters()}
+    guard = SkipGuard("GaLore", notify=lambda msg: None)
+    galore = GaLoreOptimizer(holder, targets, GaLoreSettings(rank=2, update_proj_gap=2), guard=guard, names=names)
+    group = holder.param_groups[0]
+    fused = FusedBackward([p for p in m.parameters()], update=lambda p: galore.step_param(p, group))
+    bad = [targets[3], m.model.norm.weight]
+    at = {"step": -1}
+    for b in bad:
+        b.register_hook(lambda g: g * float("nan") if poison and at["step"] == 3 else g)
+    gen = torch.Generator().manual_seed(1)
+    after, states = [], []
+    for i in range(4):
+        at["step"] = i
+        x = torch.randint(0, 256, (4, 16), generator=gen)
+        loss = m(input_ids=x, labels=x).loss
+        guard.resolve()
+        galore.begin(guard.check(loss, step=i), per_tensor=True)
+        loss.backward()
+        galore.end()
+        guard.resolve()  # the host learns of a left-out tensor here (a step later, on a GPU) and puts its n back
+        after.append({n: p.detach().clone() for n, p in m.named_parameters()})
+        states.append([{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in holder.state[b].items()}
+                       for b in bad])
+    fused.remove()
+    return after, states, guard, [names[id(b)] for b in bad]
+
+
+def test_layerwise_leaves_out_a_parameter_whose_gradient_is_not_finite():
+    clean, _, _, _ = _layerwise_run(False)
+    after, states, guard, bad = _layerwise_run(True)
+    assert (guard.skipped_steps, guard.partial_steps, guard.skipped_tensors) == (0, 1, 2)
+    assert [n for n in clean[3] if not torch.equal(clean[3][n], after[3][n])] == sorted(bad, key=list(clean[3]).index)
+    assert all(torch.equal(after[3][n], after[2][n]) for n in bad)  # left as step 2 made them
+    for s2, s3 in zip(states[2], states[3]):  # moments, device step counts and the host's n as well
+        assert s2.keys() == s3.keys()
+        assert all(torch.equal(s2[k], s3[k]) if isinstance(s2[k], torch.Tensor) else s2[k] == s3[k] for k in s2)

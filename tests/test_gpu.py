@@ -350,6 +350,31 @@ def test_axpby_many_kernel_equals_the_torch_version():
     assert all(torch.equal(d, b) for d, b in zip(ds, before))
 
 
+@pytest.mark.parametrize("clamp", [None, 0.5])
+def test_axpby_kernel_leaves_out_non_finite_elements_as_the_torch_version(clamp):
+    """LOMO's update with a tensor flag: the kernel leaves out NaN and inf elements (NaN also through the clamp,
+    which a plain min/max would turn into the bound on the GPU), flags the tensor, and otherwise computes the torch
+    version's numbers."""
+    from lightning_memopt.core import axpby
+
+    torch.manual_seed(0)
+    d0 = torch.randn(5000, device="cuda").to(torch.bfloat16)
+    u = torch.randn(5000, device="cuda")
+    u[7], u[4000], u[10] = math.nan, math.inf, -math.inf
+    d, flag = d0.clone(), torch.ones((), dtype=torch.int32, device="cuda")
+    axpby.axpby_(d, u, -0.1, 0.99, None, clamp, finite=flag)
+    ref, ref_flag = d0.cpu(), torch.ones((), dtype=torch.int32)
+    axpby.axpby_(ref, u.cpu(), -0.1, 0.99, None, clamp, finite=ref_flag)  # the torch version
+    assert int(flag) == int(ref_flag) == 0
+    left_out = [7] if clamp is not None else [7, 4000, 10]
+    assert all(torch.equal(d[i], d0[i]) for i in left_out)
+    assert torch.isfinite(d).all()
+    torch.testing.assert_close(d.cpu().float(), ref.float(), rtol=2**-7, atol=0)  # CPU and GPU: one bf16 ulp
+    flag.fill_(1)
+    axpby.axpby_(d, torch.randn(5000, device="cuda"), -0.1, 0.99, None, clamp, finite=flag)
+    assert int(flag) == 1
+
+
 def test_population_mezo_cuda_graph_equals_eager(recwarn):
     """The population estimator (low-rank, batched through per_sample_loss) replayed from a graph: the factors come
     from the device seeds inside the replay and the update reads them; the weights equal the eager path's."""

@@ -281,3 +281,101 @@ def test_adalomo_triton_kernels_equal_the_torch_version_interpreted():
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("_adalomo_check.py"))], capture_output=True,
                        text=True, timeout=900, check=False, env=env)
     assert r.stdout.strip().endswith("ALL_OK"), r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def _poison(p: torch.Tensor, at: dict, step: int, rows: slice = slice(None)) -> None:
+    """``p``'s gradient is NaN in ``rows`` at ``step`` (a backward kernel's bug under a finite loss)."""
+
+    def hook(g):
+        if at["step"] != step:
+            return g
+        g = g.clone()
+        g[rows] = float("nan")
+        return g
+
+    p.register_hook(hook)
+
+
+def test_lomo_leaves_out_the_non_finite_elements_of_a_gradient_and_says_which_tensor():
+    model = tiny_llama()
+    ref = copy.deepcopy(model)
+    w = model.model.layers[1].mlp.up_proj.weight
+    at = {"step": -1}
+    _poison(w, at, 1, rows=slice(0, 3))
+    msgs = []
+    fs = FusedStep(groups_of(model, 0.05, 0.1), {}, LomoSettings(rule="sgd"), names={id(w): "up"})
+    fs.guard.notify = msgs.append
+    ref_opt = torch.optim.SGD(groups_of(ref, 0.05, 0.1), lr=0.05)
+    for i, x in enumerate(batches(3)):
+        at["step"] = i
+        before = w.detach().clone()
+        fs.step(loss_of(model, x), step=i)
+        ref_opt.zero_grad()
+        loss_of(ref, x).backward()
+        ref_w = ref.model.layers[1].mlp.up_proj.weight
+        kept = ref_w.detach()[:3].clone()
+        ref_opt.step()
+        if i == 1:  # the rows whose gradient was NaN stay as they were (no decay either); the rest take SGD's step
+            ref_w.data[:3] = kept
+            assert torch.equal(w[:3], before[:3]) and not torch.equal(w[3:], before[3:])
+        assert rel(model, ref) < 1e-6, i
+    fs.guard.resolve()
+    assert (fs.guard.skipped_steps, fs.guard.partial_steps, fs.guard.skipped_tensors) == (0, 1, 1)
+    assert msgs == [("LOMO: non-finite gradient at step 1 in 1 of 21 tensors (up first) under a finite loss; their "
+                     "non-finite elements were not applied, the rest were. partial_steps=1.")]
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_adalomo_leaves_out_a_tensor_whose_gradient_is_not_finite_with_its_moments_and_step():
+    """AdaLomo's update of a tensor depends on that tensor's gradient only: the others step as in a clean run."""
+    os.environ["MEMOPT_ADALOMO"] = "torch"  # the Triton kernels: tests/_adalomo_check.py (GPU, or interpreted)
+    try:
+        runs = []
+        for poisoned in (False, True):
+            model = tiny_llama()
+            w = model.model.layers[0].self_attn.k_proj.weight
+            at = {"step": -1}
+            if poisoned:
+                _poison(w, at, 1, rows=slice(5, 6))
+            state: dict = {}
+            fs = FusedStep(groups_of(model, 0.01, 0.1), state, LomoSettings(rule="adalomo"))
+            fs.guard.notify = lambda msg: None
+            snaps = []
+            for i, x in enumerate(batches(3)):
+                at["step"] = i
+                snaps.append((w.detach().clone(), {k: v.clone() for k, v in state[w].items() if k != "step"}
+                              if state.get(w) else None))
+                fs.step(loss_of(model, x), step=i)
+                if i == 1:
+                    after_1 = {n: p.detach().clone() for n, p in model.named_parameters()}
+            fs.guard.resolve()
+            runs.append((after_1, w, state, fs.guard, snaps))
+        (clean, _, _, _, _), (after_1, w, state, guard, snaps) = runs
+        assert (guard.partial_steps, guard.skipped_tensors) == (1, 1)
+        assert state[w]["step"] == 2  # three steps, one left out: its count was put back
+        after = {k: v for k, v in state[w].items() if k != "step"}
+        # step 1 left w and its moments as step 0 made them; step 2 moved them on
+        w1 = snaps[2][0]
+        assert torch.equal(w1, snaps[1][0]) and all(torch.equal(snaps[2][1][k], snaps[1][1][k]) for k in after)
+        assert not torch.equal(w, w1) and all(torch.isfinite(v).all() for v in after.values())
+        # after step 1, every other tensor is where the clean run put it
+        assert [n for n in clean if not torch.equal(clean[n], after_1[n])] == ["model.layers.0.self_attn.k_proj.weight"]
+    finally:
+        os.environ.pop("MEMOPT_ADALOMO", None)
+
+
+def test_a_skipped_step_is_not_also_counted_as_partial():
+    """A NaN loss skips every tensor already; its per-tensor flags (all 0 too) do not count again."""
+    model = tiny_llama()
+    fs = FusedStep(groups_of(model, 0.05, 0.0), {}, LomoSettings(rule="sgd"))
+    fs.guard.notify = lambda msg: None
+    x = batches(1)[0]
+    fs.step(loss_of(model, x) * float("nan"), step=0)
+    fs.step(loss_of(model, x), step=1)
+    fs.guard.resolve()
+    assert (fs.guard.skipped_steps, fs.guard.partial_steps, fs.guard.consecutive) == (1, 0, 0)
+    state = fs.guard.state_dict()
+    fs.guard.load_state_dict({})
+    fs.guard.load_state_dict(state)
+    assert fs.guard.state_dict() == state == {"skipped_steps": 1, "consecutive": 0, "partial_steps": 0,
+                                              "skipped_tensors": 0}

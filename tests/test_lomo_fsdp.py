@@ -41,3 +41,24 @@ def test_fsdp2_two_processes_equal_one(case):
     assert rel(two[0]["state"], one["state"]) <= 1e-5
     for k in two[0]["state"]:
         assert torch.equal(two[0]["state"][k], two[1]["state"][k])
+
+
+NAN_AT_1 = {"class_path": "lightning_memopt.testing.workers.NaNGradAt",
+            "init_args": {"module": "model.model.layers.1.mlp.down_proj", "step": 1}}
+
+
+@pytest.mark.parametrize("case", ["lomo", "adalomo"])
+def test_fsdp2_a_nan_gradient_on_one_shard_is_left_out_alike_on_every_rank(case):
+    """Step 1's gradient is NaN in down_proj's first rows (the first rank's shard only) and in every tensor before
+    it. Each rank leaves out what its shard holds of them (LOMO the NaN elements, AdaLomo the tensors, decided from
+    all-reduced norms), every rank counts the same tensors, and the result equals one process."""
+    cb = {"class_path": "lightning_memopt.lomo.callback.LOMO", "init_args": {"lr": 0.5}} if case == "lomo" \
+        else CASES["adalomo"]
+    kw = {"steps": 3, "global_batch": 16, "callback": cb, "callbacks": [NAN_AT_1],
+          "inspect": "lightning_memopt.testing.workers:skip_counts"}
+    two = run_distributed("lightning_memopt.testing.workers:fit_tiny", world_size=2, **kw)
+    one = fit_tiny(1, **kw)
+    assert one["skips"][:2] == (0, 1) and 10 < one["skips"][2] < len(one["state"])
+    assert two[0]["skips"] == two[1]["skips"] == one["skips"]
+    assert all(torch.isfinite(v).all() for v in one["state"].values())
+    assert rel(two[0]["state"], one["state"]) <= 1e-5

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memopt import _shim
-from lightning_memopt.core.nonfinite import NonFiniteLossError
+from lightning_memopt.core.nonfinite import NonFiniteLossError, nonfinite_weights_note
 from lightning_memopt.dfo.callback import DFOLoRA
 from lightning_memopt.galore.callback import GaLore
 from lightning_memopt.lomo.callback import LOMO, AdaLomo
@@ -149,21 +149,61 @@ def test_eleven_consecutive_non_finite_steps_stop_the_fit(make):
     assert _shim.get_skip_backward(trainer) is False  # on_exception put the trainer back
 
 
-@pytest.mark.parametrize("make", [lambda: AdaLomo(lr=0.01), lambda: GaLore(**GAP, layerwise=True)])
-def test_the_error_says_when_a_nan_gradient_reached_the_weights(make):
-    """A finite loss whose gradient is NaN gets past the loss check; the weights go NaN, the losses after it too, and
-    the error says so and names a known cause (cuDNN attention, models/attention.py)."""
+IN_BACKWARD = {
+    # LOMO leaves out the non-finite elements only (SGD is elementwise): the embedding rows of absent tokens, whose
+    # gradient is 0, would take weight decay, so none here keeps the step bit-identical
+    "lomo": lambda: LOMO(lr=0.05),
+    "adalomo": lambda: AdaLomo(lr=0.01, weight_decay=0.1),
+    "galore_layerwise": lambda: GaLore(**GAP, layerwise=True),
+}
+
+
+@pytest.mark.parametrize("name", list(IN_BACKWARD))
+def test_in_backward_methods_leave_out_tensors_whose_gradient_is_not_finite(name):
+    """LOMO, AdaLomo and layer-wise GaLore write inside backward, before the whole gradient exists. A NaN gradient
+    under a finite loss (a backward kernel's bug; here it reaches every tensor) leaves each tensor out: weights and
+    state bit-identical, the host counters put back, the step counted in partial_steps, and training goes on."""
+    k = 3  # not a GaLore refresh step (gap 2): a refresh from a NaN gradient is retried, which changes its counters
+    cb = IN_BACKWARD[name]()
+    snap = Snapshot(cb, k)
     pl.seed_everything(0, verbose=False)
-    model = Poisoned(bad_steps=(1,), where="grad")
-    trainer = tiny_trainer(max_steps=20, callbacks=[make()])
-    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(NonFiniteLossError) as err:
+    model = Poisoned(bad_steps=(k,), where="grad")
+    n = sum(1 for p in model.parameters() if p.requires_grad)
+    trainer = tiny_trainer(max_steps=6, callbacks=[cb, snap])
+    with pytest.warns(UserWarning, match=f"non-finite gradient at step {k} in {n} of {n} tensors"):
         trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
-    assert "The weights are no longer finite" in str(err.value) and "enable_cudnn_sdp(False)" in str(err.value)
-    # a loss that is itself not finite leaves the weights finite, and the error says nothing of them
-    model = Poisoned(math.nan, tuple(range(1, 30)))
-    with pytest.warns(UserWarning), pytest.raises(NonFiniteLossError) as err:
-        tiny_trainer(max_steps=20, callbacks=[make()]).fit(model, tiny_datamodule(k=32, batch_size=8))
-    assert "no longer finite" not in str(err.value)
+    (w0, s0), (w1, s1) = snap.before, snap.after
+    assert all(torch.equal(w0[m], w1[m]) for m in w0)
+    s0["callback"].pop("layer"), s1["callback"].pop("layer")
+    assert_same(s0, s1, nan_equal=True)
+    assert (cb.skipped_steps, cb.guard.partial_steps, cb.guard.skipped_tensors) == (0, 1, n)
+    assert trainer.global_step == 6
+    end = full_state(model)
+    assert all(torch.isfinite(v).all() for v in end.values()) and any(not torch.equal(end[m], w1[m]) for m in end)
+    assert cb.state_dict()["skips"]["partial_steps"] == 1
+
+
+@pytest.mark.parametrize("name", list(IN_BACKWARD))
+def test_eleven_steps_with_nan_gradients_in_a_row_stop_the_fit(name):
+    pl.seed_everything(0, verbose=False)
+    model = Poisoned(bad_steps=tuple(range(1, 30)), where="grad")
+    trainer = tiny_trainer(max_steps=20, callbacks=[IN_BACKWARD[name]()])
+    with pytest.warns(UserWarning, match="non-finite gradient"), pytest.raises(NonFiniteLossError) as err:
+        trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
+    assert "some tensors' gradient was not finite for 11 steps in a row" in str(err.value)
+    assert "no longer finite" not in str(err.value)  # every update from a NaN gradient was left out
+    assert all(torch.isfinite(v).all() for v in full_state(model).values())
+    assert trainer.global_step <= 13
+
+
+def test_the_error_says_when_the_weights_are_no_longer_finite():
+    """The note NonFiniteLossError adds names the first non-finite weight and a known cause (cuDNN attention)."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 2))
+    assert nonfinite_weights_note(model) == ""
+    with torch.no_grad():
+        model[1].weight[0, 0] = math.nan
+    note = nonfinite_weights_note(model)
+    assert "no longer finite (1 tensors, 1.weight first)" in note and "enable_cudnn_sdp(False)" in note
 
 
 def test_galore_skips_a_step_whose_gradient_is_not_finite():

@@ -10,19 +10,21 @@ from torch import Tensor
 from lightning_memopt.core._triton import ok_flag
 
 BLOCK = 2048
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # |x| <= FLT_MAX: finite (false for NaN and inf)
 
 
 @triton.jit(do_not_specialize=["a_host", "b_host", "bound"])
 def _axpby_kernel(
-    d_ptr, u_ptr, n, a_host, b_host, a_ptr, b_ptr, ok_ptr, bound,
-    A_T: tl.constexpr, B_T: tl.constexpr, HAS_OK: tl.constexpr, CLAMP: tl.constexpr, BLOCK: tl.constexpr,
+    d_ptr, u_ptr, n, a_host, b_host, a_ptr, b_ptr, ok_ptr, bound, fin_ptr,
+    A_T: tl.constexpr, B_T: tl.constexpr, HAS_OK: tl.constexpr, CLAMP: tl.constexpr, FIN: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     d = tl.load(d_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    if CLAMP:
-        u = tl.minimum(tl.maximum(u, -bound), bound)
+    if CLAMP:  # NaN stays NaN, as torch.clamp (a plain min/max on the GPU returns the bound)
+        u = tl.clamp(u, -bound, bound, propagate_nan=tl.PropagateNan.ALL)
     a = a_host
     if A_T:
         a = a * tl.load(a_ptr).to(tl.float32)
@@ -32,10 +34,15 @@ def _axpby_kernel(
     new = b * d + a * u
     if HAS_OK:  # a skipped step (non-finite loss) writes the weight back unchanged, whatever u holds
         new = tl.where(tl.load(ok_ptr) != 0, new, d)
+    if FIN:  # a non-finite element of u is not applied, and the tensor's flag says so
+        fin = tl.abs(u) <= FLT_MAX
+        new = tl.where(fin, new, d)
+        if tl.sum(tl.where(mask & ~fin, 1, 0)) > 0:
+            tl.store(fin_ptr, 0)
     tl.store(d_ptr + offs, new.to(d_ptr.dtype.element_ty), mask=mask)
 
 
-def axpby_(d: Tensor, u: Tensor, a, b, ok: Tensor | None, clamp: float | None) -> None:
+def axpby_(d: Tensor, u: Tensor, a, b, ok: Tensor | None, clamp: float | None, finite: Tensor | None = None) -> None:
     n = d.numel()
     if n == 0:
         return
@@ -46,7 +53,8 @@ def axpby_(d: Tensor, u: Tensor, a, b, ok: Tensor | None, clamp: float | None) -
     ok_ptr = ok_flag(ok, d)
     _axpby_kernel[(triton.cdiv(n, BLOCK),)](
         d, u, n, 1.0 if a_t else float(a), 1.0 if b_t else float(b), a_ptr, b_ptr, ok_ptr,
-        float(clamp or 0.0), A_T=a_t, B_T=b_t, HAS_OK=ok is not None, CLAMP=clamp is not None, BLOCK=BLOCK,
+        float(clamp or 0.0), d if finite is None else finite, A_T=a_t, B_T=b_t, HAS_OK=ok is not None,
+        CLAMP=clamp is not None, FIN=finite is not None, BLOCK=BLOCK,
     )
 
 

@@ -4,6 +4,10 @@ The in-backward methods apply each gradient with this (LOMO's SGD step, AdaLomo'
 was not finite leaves the weights bit-identical without a host sync: the flag is read by the kernel. ``a`` and ``b``
 may be host floats or 0-d device tensors (a clip coefficient, AdaLomo's relative step), multiplied in on the device.
 
+With ``finite`` (a 0-d int32 slot of :class:`~lightning_memopt.core.nonfinite.TensorFlags`), an element of ``u``
+that is not finite (after clamping) is not applied, and the slot is set to 0: an update inside backward cannot wait
+for the whole gradient's check, and for an elementwise rule (SGD) leaving out those elements is exact.
+
 On CUDA with Triton one kernel does it (no more memory traffic than ``d.add_(u)``); elsewhere a torch version computes
 the same fp32 arithmetic with one rounding at the end, so both give the same result.
 """
@@ -29,19 +33,26 @@ def axpby_(
     b: Scalar = 1.0,
     ok: Tensor | None = None,
     clamp: float | None = None,
+    finite: Tensor | None = None,
 ) -> Tensor:
     """In place ``d ← round(b·d + a·clamp(u, -clamp, clamp))`` computed in fp32; ``d`` unchanged where ``ok`` (a 0-d
-    bool tensor) is false, whatever ``u`` holds. ``d`` and ``u`` are contiguous tensors of the same shape."""
+    bool tensor) is false, whatever ``u`` holds. ``d`` and ``u`` are contiguous tensors of the same shape. With
+    ``finite``, elements whose clamped ``u`` is not finite keep their value, and ``finite`` becomes 0 if any did."""
     if d.device.type == "cuda" and d.is_contiguous() and u.is_contiguous() and _kernels() is not None:
-        _kernels().axpby_(d, u, a, b, ok, clamp)  # type: ignore[union-attr]
+        _kernels().axpby_(d, u, a, b, ok, clamp, finite)  # type: ignore[union-attr]
         return d
     old = d.float()
     uf = u.float()
     if clamp is not None:
-        uf = uf.clamp(-clamp, clamp)
+        uf = uf.clamp(-clamp, clamp)  # NaN stays NaN (the kernel's clamp propagates it too)
     new = old * b + uf * a if isinstance(a, Tensor) else old * b + a * uf
-    if ok is not None:
-        new = new.where(ok, old)
+    keep = ok
+    if finite is not None:
+        fin = uf.isfinite()
+        finite.mul_(fin.all())
+        keep = fin if ok is None else fin & ok
+    if keep is not None:
+        new = new.where(keep, old)
     d.copy_(new)
     return d
 

@@ -7,7 +7,13 @@ bit-identical and no host sync is needed on the hot path. Host-side bookkeeping 
 counters, a history entry) is registered with :meth:`SkipGuard.on_skip` and undone when the host learns the
 outcome: :meth:`SkipGuard.resolve` reads the flags of earlier steps, long finished on the GPU, from pinned memory.
 
-After ``max_consecutive`` skips in a row, :meth:`resolve` raises :class:`NonFiniteLossError`.
+Updates made inside backward (LOMO, AdaLomo, layer-wise GaLore) cannot wait for the whole gradient: a tensor whose
+gradient is not finite while the loss is (a backward kernel's bug) is left out on its own. Its kernel writes 0 into its
+slot of :class:`TensorFlags` and skips the tensor (AdaLomo, GaLore) or the non-finite elements (LOMO's SGD, which is
+elementwise); :meth:`SkipGuard.attach` hands the flags to the step's check, and :meth:`resolve` counts such a step in
+``partial_steps`` and calls the method's undo for the host state of the tensors left out.
+
+After ``max_consecutive`` skipped or partial steps in a row, :meth:`resolve` raises :class:`NonFiniteLossError`.
 
 Example::
 
@@ -38,12 +44,53 @@ class NonFiniteLossError(RuntimeError):
 
 
 @dataclass
+class _Attached:
+    flags: Tensor  # host copy, valid once the step's event completed
+    event: torch.cuda.Event | None
+    names: list[str]
+    undo: Callable[[list[int]], None] | None
+    effect: str
+
+
+@dataclass
 class _Pending:
     step: int
     ok: Tensor  # host (pinned) copy, valid once ``event`` completed
     event: Optional[torch.cuda.Event]
     seq: int  # the check's number (checks are numbered from 0 in the order made)
     undo: list[Callable[[], None]] = field(default_factory=list)
+    tensors: _Attached | None = None  # per-tensor flags of an in-backward step (see TensorFlags)
+
+
+class TensorFlags:
+    """One slot per tensor, 1 while its gradient is finite; update kernels write 0 (on the device) where it is not.
+
+    Args:
+        names: the tensors' names, for messages, in slot order.
+
+    Example::
+
+        flags = TensorFlags(["w", "b"])
+        flags.begin(device)                    # all slots 1, before backward
+        axpby_(w, w.grad, -lr, finite=flags.slot(0))   # 0 if w.grad held a NaN; those elements not applied
+        guard.attach(flags, undo=None, effect="...")   # after backward
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.flags: Tensor | None = None
+        self._slots: list[Tensor] = []
+
+    def begin(self, device: torch.device) -> None:
+        """Set every slot to 1 (one fill kernel; the buffer is made once)."""
+        if self.flags is None or self.flags.device != torch.device(device):
+            self.flags = torch.ones(len(self.names), dtype=torch.int32, device=device)
+            self._slots = list(self.flags.unbind(0))  # 0-d views, made once: a hook indexes a list, not the tensor
+        else:
+            self.flags.fill_(1)
+
+    def slot(self, i: int) -> Tensor:
+        return self._slots[i]
 
 
 class SkipGuard:
@@ -62,6 +109,8 @@ class SkipGuard:
         self.max_consecutive = at_least(max_consecutive, 0, "max_consecutive_skips")
         self.notify = notify or (lambda msg: warnings.warn(msg, stacklevel=3))
         self.skipped_steps = 0
+        self.partial_steps = 0  # steps that left out tensors whose gradient was not finite (TensorFlags)
+        self.skipped_tensors = 0  # tensors left out over those steps
         self.consecutive = 0
         self.checks = 0  # checks made so far: the next one's number
         self._pending: deque[_Pending] = deque()
@@ -96,6 +145,34 @@ class SkipGuard:
         self.checks += 1
         return ok
 
+    def attach(
+        self,
+        flags: TensorFlags,
+        undo: Callable[[list[int]], None] | None,
+        effect: str,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        """Hand the last checked step's :class:`TensorFlags` (written during its backward) to the guard; where the
+        step was not skipped as a whole and some slot is 0, :meth:`resolve` calls ``undo(slots)`` (host state of
+        those tensors) and says ``effect`` (what happened to them). Under torch.distributed the flags are reduced
+        (MIN) over ``group``, so every rank counts, undoes and raises alike."""
+        if not self._pending:
+            raise RuntimeError("SkipGuard.attach() needs a check() first.")
+        f = flags.flags
+        if f is None:
+            raise RuntimeError("TensorFlags.begin() was not called for this step.")
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+            f = f.clone()
+            dist.all_reduce(f, op=dist.ReduceOp.MIN, group=group)
+        if f.device.type == "cuda":
+            host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
+            host.copy_(f, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = f.clone(), None  # the buffer is refilled next step
+        self._pending[-1].tensors = _Attached(host, event, flags.names, undo, effect)
+
     def drop(self, seq: int) -> None:
         """Forget check ``seq`` unresolved (its step was taken back some other way, e.g. by an exception)."""
         self._pending = deque(p for p in self._pending if p.seq != seq)
@@ -119,10 +196,31 @@ class SkipGuard:
             if p.event is not None:
                 p.event.synchronize()
             self._pending.popleft()
-            self.record(not bool(p.ok), p.step, p.undo)
+            bad: list[int] = []
+            if p.tensors is not None and bool(p.ok):
+                if p.tensors.event is not None:
+                    p.tensors.event.synchronize()
+                bad = (p.tensors.flags == 0).nonzero().flatten().tolist()
+            if bad:
+                self._partial(p.step, bad, p.tensors)
+            else:
+                self.record(not bool(p.ok), p.step, p.undo)
             if not bool(p.ok):
                 skipped.append(p.step)
         return skipped
+
+    def _partial(self, step: int, bad: list[int], att: _Attached) -> None:
+        """A step whose loss was finite but whose gradient was not in the tensors ``bad``."""
+        if att.undo is not None:
+            att.undo(bad)
+        self.partial_steps += 1
+        self.skipped_tensors += len(bad)
+        self.consecutive += 1
+        self.notify(
+            f"{self.method}: non-finite gradient at step {step} in {len(bad)} of {len(att.names)} tensors "
+            f"({att.names[bad[0]]} first) under a finite loss; {att.effect}. partial_steps={self.partial_steps}."
+        )
+        self._raise_if_too_many(step)
 
     def record(
         self, skipped: bool, step: int, undo: list[Callable[[], None]] = (), consecutive: bool = True
@@ -143,24 +241,31 @@ class SkipGuard:
             f"{self.method}: non-finite {self.checked} at step {step}; the step was skipped (weights and state "
             f"untouched). skipped_steps={self.skipped_steps}."
         )
-        if self.consecutive > self.max_consecutive:
-            extra = self.diagnose() if self.diagnose is not None else ""
-            raise NonFiniteLossError(
-                f"{self.method}: the {self.checked} was not finite for {self.consecutive} steps in a row (up to step "
-                f"{step}; max_consecutive_skips={self.max_consecutive}); every one was skipped with the weights "
-                f"untouched. Likely causes: a learning rate (or eps) too high, fp16 overflow (use bf16), or bad data "
-                f"(a batch whose labels or inputs produce inf/NaN). Lower lr, check the data, or raise "
-                f"max_consecutive_skips."
-                + (f" {extra}" if extra else "")
-            )
+        self._raise_if_too_many(step)
+
+    def _raise_if_too_many(self, step: int) -> None:
+        if self.consecutive <= self.max_consecutive:
+            return
+        extra = self.diagnose() if self.diagnose is not None else ""
+        what = self.checked + (" or some tensors' gradient" if self.partial_steps else "")
+        raise NonFiniteLossError(
+            f"{self.method}: the {what} was not finite for {self.consecutive} steps in a row (up to step {step}; "
+            f"max_consecutive_skips={self.max_consecutive}); no update was made from a non-finite value. Likely "
+            f"causes: a learning rate (or eps) too high, fp16 overflow (use bf16), or bad data (a batch whose labels "
+            f"or inputs produce inf/NaN). Lower lr, check the data, or raise max_consecutive_skips."
+            + (f" {extra}" if extra else "")
+        )
 
     def state_dict(self) -> dict[str, int]:
         self.resolve()
-        return {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive}
+        return {"skipped_steps": self.skipped_steps, "consecutive": self.consecutive,
+                "partial_steps": self.partial_steps, "skipped_tensors": self.skipped_tensors}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive = int(state.get("consecutive", 0))
+        self.partial_steps = int(state.get("partial_steps", 0))
+        self.skipped_tensors = int(state.get("skipped_tensors", 0))
 
 
 def nonfinite_weights_note(module: torch.nn.Module) -> str:

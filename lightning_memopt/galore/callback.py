@@ -196,7 +196,8 @@ class GaLore(MethodCallback):
                 f"{len(missing)} GaLore target weights are not in the optimizer from configure_optimizers; add them "
                 f"to it or narrow target_modules."
             )
-        self.galore = GaLoreOptimizer(self.holder, targets, self.config, guard=self.guard)
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        self.galore = GaLoreOptimizer(self.holder, targets, self.config, guard=self.guard, names=names)
         if _checks.strategy_kind(trainer) == _checks.FSDP2:
             self.galore.init_state()  # the checkpoint loader needs the state as a template
         if self.layerwise:
@@ -266,7 +267,7 @@ class GaLore(MethodCallback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self.layerwise and self._fused is not None and self._fused.mode == "update":
-            self.galore.begin(self.guard.check(loss, step=self.step_index, reduce=True))
+            self.galore.begin(self.guard.check(loss, step=self.step_index, reduce=True), per_tensor=True)
 
     def _update_one(self, p: torch.Tensor) -> None:
         self.galore.step_param(p, self._group_of[id(p)])

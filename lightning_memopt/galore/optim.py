@@ -19,6 +19,10 @@ For a target 2-D weight W with gradient G and a rank-r orthonormal basis P (left
 A step whose loss was not finite (``step(ok)`` with ``ok`` false on the device) is a no-op there: fused Adam's
 ``found_inf`` keeps weights, moments and step counts, no refresh is taken, and the host's per-parameter counters are
 put back once the guard learns of the skip. The update rules (AdamW, 8-bit AdamW, Adafactor) are in :mod:`.rules`.
+In layer-wise mode (``begin(ok, per_tensor=True)``, then :meth:`step_param` from each gradient's hook) the whole
+gradient never exists, so each parameter's update also waits on its own gradient being finite (the projected one
+for a target, smaller): a NaN gradient under a finite loss leaves that parameter, its moments and counters as they
+were, and :class:`~lightning_memopt.core.nonfinite.TensorFlags` tells the guard which.
 
 Non-target parameters get a plain fused AdamW step with their group's settings. All state lives in
 ``optimizer.state[p]`` as tensors and ints, so checkpoints carry projectors and moments and resume is exact on any
@@ -42,7 +46,7 @@ from torch import Tensor
 
 from lightning_memopt.core import validate
 from lightning_memopt.core.axpby import axpby_
-from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.core.nonfinite import SkipGuard, TensorFlags
 from lightning_memopt.core.fsdp import all_reduce_sum, is_dtensor, local, shard_group, sharded_zeros
 from lightning_memopt.galore import rules
 from lightning_memopt.galore.projector import LEFT, RIGHT, Method, compute_bases, side_for, subspace_overlap
@@ -163,6 +167,7 @@ class GaLoreOptimizer:
         targets: the 2-D weights to project, in a fixed order (the order seeds each one's random sketch).
         settings: rank, gap, scale, projection type, refresh method, moments policy, lazy refresh, seed, rule.
         guard: the :class:`~lightning_memopt.core.nonfinite.SkipGuard` that learns of skipped steps (optional).
+        names: parameter names by ``id``, for messages about tensors left out in layer-wise mode.
 
     ``step(ok)`` with a device flag ``ok`` false (a non-finite loss) leaves weights and state bit-identical: fused
     Adam's ``found_inf`` on the device, the host's step counters put back through ``guard``, and no refresh.
@@ -177,7 +182,12 @@ class GaLoreOptimizer:
     """
 
     def __init__(
-        self, optimizer: Any, targets: Iterable[Tensor], settings: GaLoreSettings, guard: SkipGuard | None = None
+        self,
+        optimizer: Any,
+        targets: Iterable[Tensor],
+        settings: GaLoreSettings,
+        guard: SkipGuard | None = None,
+        names: dict[int, str] | None = None,
     ) -> None:
         self.opt = optimizer
         self.settings = settings
@@ -187,7 +197,13 @@ class GaLoreOptimizer:
         self.skipped_refreshes = 0
         self._update = rules.RULES[settings.optimizer]
         self._ok: Tensor | None = None
-        self._touched: list[dict[str, Any]] = []
+        self._touched: list[tuple[dict[str, Any], dict[str, int]]] = []
+        self._names = names or {}
+        self._flags: TensorFlags | None = None  # layer-wise: per-parameter "gradient finite" (made on first use)
+        self._slots: dict[int, int] = {}
+        self._fin: TensorFlags | None = None  # this step's flags (layer-wise with a guard)
+        self._slot = -1  # the parameter step_param is updating
+        self._slot_touched: dict[int, list[tuple[dict[str, Any], dict[str, int]]]] = {}
 
     def ranks(self) -> dict[int, int]:
         """The rank each target is projected to, by ``id``: ``rank`` clamped to the smaller side of its matrix."""
@@ -209,23 +225,56 @@ class GaLoreOptimizer:
             self._galore(group, [p for p in params if id(p) in self.index])
         self.end()
 
-    def begin(self, ok: Tensor | None) -> None:
-        """Start a step whose updates ``ok`` guards (layer-wise mode calls :meth:`step_param` in between)."""
-        self._ok, self._touched = ok, []
+    def begin(self, ok: Tensor | None, per_tensor: bool = False) -> None:
+        """Start a step whose updates ``ok`` guards (layer-wise mode calls :meth:`step_param` in between). With
+        ``per_tensor`` (layer-wise, with a guard that checked ``ok``) each parameter's update also needs its own
+        gradient finite, and :meth:`end` tells the guard which were not."""
+        self._ok, self._touched, self._fin, self._slot_touched = ok, [], None, {}
+        if per_tensor and self.guard is not None and ok is not None:
+            if self._flags is None:
+                params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
+                self._slots = {id(p): i for i, p in enumerate(params)}
+                self._flags = TensorFlags([self._names.get(id(p), f"param{i}") for i, p in enumerate(params)])
+            self._flags.begin(ok.device)
+            self._fin = self._flags
 
     def end(self) -> None:
         """Finish the step: if the guard later finds it skipped, the host-side counters it advanced are put back."""
         if self.guard is not None and self._ok is not None and self._touched:
             saved = [(s, {k: v for k, v in snap.items()}) for s, snap in self._touched]
             self.guard.on_skip(lambda: [s.update(snap) for s, snap in saved])
-        self._ok, self._touched = None, []
+        if self._fin is not None and self.guard is not None:
+            by_slot = self._slot_touched
+            self.guard.attach(
+                self._fin, lambda bad: [s.update(snap) for i in bad for s, snap in by_slot.get(i, [])],
+                "those tensors were left as they were (weights, moments and counters)")
+        self._ok, self._touched, self._fin, self._slot_touched = None, [], None, {}
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
         """Update one parameter (layer-wise mode: called from its post-accumulate-grad hook)."""
         if p.grad is None:
             return
-        (self._galore if id(p) in self.index else self._plain)(group, [p])
+        update = self._galore if id(p) in self.index else self._plain
+        if self._fin is None:
+            update(group, [p])
+            return
+        ok, first = self._ok, len(self._touched)
+        self._slot = self._slots[id(p)]
+        try:
+            update(group, [p])
+        finally:
+            self._ok = ok  # _gate narrowed it to this parameter
+            self._slot_touched[self._slot] = self._touched[first:]
+
+    def _gate(self, t: Tensor) -> None:
+        """Layer-wise, per tensor: the current parameter's update also needs ``t`` (its gradient, or the projected
+        gradient) finite; its flag records whether it was. A no-op otherwise."""
+        if self._fin is None:
+            return
+        fin = torch.isfinite(t).all()
+        self._fin.slot(self._slot).mul_(fin)
+        self._ok = fin if self._ok is None else self._ok & fin
 
     def init_state(self) -> None:
         """Create every parameter's state now, zero, with a placeholder basis due for refresh on the first step.
@@ -268,6 +317,7 @@ class GaLoreOptimizer:
             if "exp_avg" not in s and self.settings.optimizer == "adamw":
                 s.update(_zero_adam_state(p, tuple(p.shape)))
             states.append(s)
+        self._gate(local(ps[0].grad))
         self._snapshot(states)
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         if self.settings.hf_adamw:
@@ -290,15 +340,18 @@ class GaLoreOptimizer:
         if not ps:
             return
         states = [st[p] for p in ps]
-        self._snapshot(states)
         lr, wd = float(group["lr"]), float(group["weight_decay"])
         if self.settings.hf_adamw:
+            self._gate(local(ps[0].grad))
+            self._snapshot(states)
             for p, s in zip(ps, states):
                 rules.hf_adamw(group, local(p), local(p.grad), s, lr, wd, self.settings.scale, ok=self._ok)
                 s["n"] += 1
             return
         grads = [local(p.grad) for p in ps]
         low = [s["proj"].mT @ g if s["side"] == LEFT else g @ s["proj"] for s, g in zip(states, grads)]
+        self._gate(low[0])  # a non-finite G makes its projection so (r columns: cheaper to check than G)
+        self._snapshot(states)
         out = [torch.zeros_like(g) for g in low]
         self._update(group, out, low, states, 1.0, 0.0, self._ok)  # out = -(Adam direction); stays 0 if skipped
         alpha = lr * self.settings.scale

@@ -29,6 +29,7 @@ BV = 1024  # moment vectors
 NPROG = 256  # programs of the norm pass at most (its partial sums: a fixed split for a given shape)
 # Integer arguments other than the row length C are not specialized on (their divisibility does not vectorize any
 # load): one compile per dtype and flags, not one per matrix shape.
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # x <= FLT_MAX: finite (false for NaN and inf)
 VEC_MAX = 1 << 16  # vectors up to this size in one program; longer ones take the torch path
 
 
@@ -36,8 +37,8 @@ VEC_MAX = 1 << 16  # vectors up to this size in one program; longer ones take th
 def _g(g_ptr, offs, mask, gscale, clampv, coef_ptr, CLAMP: tl.constexpr, COEF: tl.constexpr):
     """The gradient as the update sees it: fp32, unscaled (fp16), value-clipped, times the global-norm clip."""
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * gscale
-    if CLAMP:
-        g = tl.minimum(tl.maximum(g, -clampv), clampv)
+    if CLAMP:  # NaN stays NaN, as torch.clamp (a plain min/max on the GPU returns the bound)
+        g = tl.clamp(g, -clampv, clampv, propagate_nan=tl.PropagateNan.ALL)
     if COEF:
         g = g * tl.load(coef_ptr)
     return g
@@ -141,9 +142,9 @@ def _step(su, sd, lr, wd, eps_scale, inv_sqrt_n, clip_threshold, HAS_WD: tl.cons
 @triton.jit(do_not_specialize=["R", "n_rv", "nprog", "lr", "wd", "eps_scale", "inv_sqrt_n", "clip_threshold",
                               "gscale", "clampv"])
 def _apply_kernel(g_ptr, d_ptr, R, C, nr_ptr, nc_ptr, avgpart_ptr, n_rv, part_ptr, nprog, row_ptr, col_ptr, ok_ptr,
-                  lr, wd, eps_scale, inv_sqrt_n, clip_threshold, gscale, clampv, coef_ptr,
+                  lr, wd, eps_scale, inv_sqrt_n, clip_threshold, gscale, clampv, coef_ptr, fin_ptr,
                   CLAMP: tl.constexpr, COEF: tl.constexpr, HAS_OK: tl.constexpr, HAS_WD: tl.constexpr,
-                  BR: tl.constexpr, BC: tl.constexpr, BAVG: tl.constexpr, BP: tl.constexpr):
+                  FIN: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, BAVG: tl.constexpr, BP: tl.constexpr):
     rt, ct = tl.program_id(0), tl.program_id(1)
     avg = _row_avg(avgpart_ptr, n_rv, R, BAVG)
     p = tl.arange(0, BP)
@@ -156,6 +157,12 @@ def _apply_kernel(g_ptr, d_ptr, R, C, nr_ptr, nc_ptr, avgpart_ptr, n_rv, part_pt
     ok = 1
     if HAS_OK:  # a skipped step (non-finite loss) leaves weights and moments as they were
         ok = tl.load(ok_ptr)
+    if FIN:  # so does a gradient that is not finite (||u||² is not then): this tensor only, and its flag says so
+        fin = su <= FLT_MAX
+        ok = tl.where(fin, ok, 0)
+        if (rt == 0) & (ct == 0):
+            tl.store(fin_ptr, tl.where(fin, tl.load(fin_ptr), 0))
+    if HAS_OK or FIN:
         new = tl.where(ok != 0, new, d)
     tl.store(d_ptr + offs, new.to(d_ptr.dtype.element_ty), mask=m)
     if ok != 0:  # the moments, once: by the first tile column (rows) and the first tile row (columns)
@@ -170,8 +177,8 @@ def _apply_kernel(g_ptr, d_ptr, R, C, nr_ptr, nc_ptr, avgpart_ptr, n_rv, part_pt
 @triton.jit(do_not_specialize=["N", "beta", "vg", "ve", "lr", "wd", "eps_scale", "inv_sqrt_n", "clip_threshold",
                               "gscale", "clampv"])
 def _vector_kernel(g_ptr, d_ptr, sq_ptr, ns_ptr, N, beta, vg, ve, ok_ptr, lr, wd, eps_scale, inv_sqrt_n,
-                   clip_threshold, gscale, clampv, coef_ptr, CLAMP: tl.constexpr, COEF: tl.constexpr,
-                   HAS_OK: tl.constexpr, HAS_WD: tl.constexpr, BLOCK: tl.constexpr):
+                   clip_threshold, gscale, clampv, coef_ptr, fin_ptr, CLAMP: tl.constexpr, COEF: tl.constexpr,
+                   HAS_OK: tl.constexpr, HAS_WD: tl.constexpr, FIN: tl.constexpr, BLOCK: tl.constexpr):
     """A whole vector in one program: its moment ``beta·m + (1 - beta)·(g² + eps)``, then the step."""
     su = tl.zeros([BLOCK], dtype=tl.float32)
     sd = tl.zeros([BLOCK], dtype=tl.float32)
@@ -185,10 +192,15 @@ def _vector_kernel(g_ptr, d_ptr, sq_ptr, ns_ptr, N, beta, vg, ve, ok_ptr, lr, wd
         d = tl.load(d_ptr + i, mask=m, other=0.0).to(tl.float32)
         su += tl.where(m, u * u, 0.0)
         sd += d * d
-    a, b = _step(tl.sum(su), tl.sum(sd), lr, wd, eps_scale, inv_sqrt_n, clip_threshold, HAS_WD)
+    su = tl.sum(su)
+    a, b = _step(su, tl.sum(sd), lr, wd, eps_scale, inv_sqrt_n, clip_threshold, HAS_WD)
     ok = 1
     if HAS_OK:
         ok = tl.load(ok_ptr)
+    if FIN:
+        fin = su <= FLT_MAX
+        ok = tl.where(fin, ok, 0)
+        tl.store(fin_ptr, tl.where(fin, tl.load(fin_ptr), 0))
     for o in range(0, N, BLOCK):
         i = o + tl.arange(0, BLOCK)
         m = i < N
@@ -196,26 +208,29 @@ def _vector_kernel(g_ptr, d_ptr, sq_ptr, ns_ptr, N, beta, vg, ve, ok_ptr, lr, wd
         new = tl.load(ns_ptr + i, mask=m, other=1.0)
         d = tl.load(d_ptr + i, mask=m, other=0.0).to(tl.float32)
         w = b * d + a * (g * tl.rsqrt(new))
-        if HAS_OK:
+        if HAS_OK or FIN:
             w = tl.where(ok != 0, w, d)
         tl.store(d_ptr + i, w.to(d_ptr.dtype.element_ty), mask=m)
         if ok != 0:
             tl.store(sq_ptr + i, new, mask=m)
 
 
-def _common(g: Tensor, ok: Tensor | None, gscale: float, clamp: float | None, coef: Tensor | None):
+def _common(g: Tensor, ok: Tensor | None, gscale: float, clamp: float | None, coef: Tensor | None,
+            finite: Tensor | None):
     okt = ok_flag(ok, g)
     coeft = g if coef is None else coef.to(device=g.device, dtype=torch.float32)
-    flags = dict(CLAMP=clamp is not None, COEF=coef is not None, HAS_OK=ok is not None)
-    return okt, coeft, float(gscale), float(clamp or 0.0), flags
+    flags = dict(CLAMP=clamp is not None, COEF=coef is not None, HAS_OK=ok is not None, FIN=finite is not None)
+    return okt, coeft, float(gscale), float(clamp or 0.0), g if finite is None else finite, flags
 
 
 def adalomo_matrix_(d: Tensor, g: Tensor, row: Tensor, col: Tensor, *, beta: float, eps0: float, lr: float,
                     wd: float, eps_scale: float, clip_threshold: float, ok: Tensor | None = None,
-                    gscale: float = 1.0, clamp: float | None = None, coef: Tensor | None = None) -> None:
+                    gscale: float = 1.0, clamp: float | None = None, coef: Tensor | None = None,
+                    finite: Tensor | None = None) -> None:
     """AdaLomo's step for a contiguous 2-D weight ``d`` with gradient ``g``, in place, moments included (fp32
     ``row`` of ``d.shape[0]``, ``col`` of ``d.shape[1]``). ``gscale``, ``clamp`` and ``coef`` act on ``g`` as it is
-    read (fp16 unscaling, value clipping, the global-norm clip coefficient); ``ok`` false skips the step."""
+    read (fp16 unscaling, value clipping, the global-norm clip coefficient); ``ok`` false skips the step. With
+    ``finite`` (an int32 flag), a gradient that is not finite skips this tensor and sets the flag to 0."""
     R, C = d.shape
     n_cb = triton.cdiv(C, BC)
     n_seg = min(triton.cdiv(R, BR), max(1, 512 // n_cb))  # about 512 programs for the squared sums
@@ -226,7 +241,7 @@ def adalomo_matrix_(d: Tensor, g: Tensor, row: Tensor, col: Tensor, *, beta: flo
     nprog = min(n_tiles, NPROG)
     scratch = torch.empty(n_cb * R + n_seg * C + R + C + n_rv + 2 * nprog, dtype=torch.float32, device=d.device)
     rowpart, colpart, nr, nc, avgpart, part = scratch.split([n_cb * R, n_seg * C, R, C, n_rv, 2 * nprog])
-    okt, coeft, gs, cv, flags = _common(g, ok, gscale, clamp, coef)
+    okt, coeft, gs, cv, fin, flags = _common(g, ok, gscale, clamp, coef, finite)
     g_flags = dict(CLAMP=flags["CLAMP"], COEF=flags["COEF"])
     bavg = max(16, triton.next_power_of_2(n_rv))  # the block of a small sum: no tl.arange shorter than 16
     _sq_kernel[(n_seg, n_cb)](g, R, C, rs, rowpart, colpart, gs, cv, coeft, **g_flags, BR=BR, BC=BC)
@@ -238,17 +253,17 @@ def adalomo_matrix_(d: Tensor, g: Tensor, row: Tensor, col: Tensor, *, beta: flo
         BAVG=bavg)
     _apply_kernel[(n_rt, n_ct)](
         g, d, R, C, nr, nc, avgpart, n_rv, part, nprog, row, col, okt, float(lr), float(wd), float(eps_scale),
-        1.0 / (R * C) ** 0.5, float(clip_threshold), gs, cv, coeft, **flags, HAS_WD=bool(wd), BR=BR, BC=BC,
+        1.0 / (R * C) ** 0.5, float(clip_threshold), gs, cv, coeft, fin, **flags, HAS_WD=bool(wd), BR=BR, BC=BC,
         BAVG=bavg, BP=max(16, triton.next_power_of_2(nprog)))
 
 
 def adalomo_vector_(d: Tensor, g: Tensor, sq: Tensor, *, beta: float, eps0: float, lr: float, wd: float,
                     eps_scale: float, clip_threshold: float, ok: Tensor | None = None, gscale: float = 1.0,
-                    clamp: float | None = None, coef: Tensor | None = None) -> None:
+                    clamp: float | None = None, coef: Tensor | None = None, finite: Tensor | None = None) -> None:
     """:func:`adalomo_matrix_` for a contiguous vector of at most ``VEC_MAX`` elements (fp32 moment ``sq``)."""
     n = d.numel()
     ns = torch.empty(n, dtype=torch.float32, device=d.device)
-    okt, coeft, gs, cv, flags = _common(g, ok, gscale, clamp, coef)
+    okt, coeft, gs, cv, fin, flags = _common(g, ok, gscale, clamp, coef, finite)
     _vector_kernel[(1,)](
         g, d, sq, ns, n, float(beta), 1.0 - beta, eps0 * (1.0 - beta), okt, float(lr), float(wd), float(eps_scale),
-        1.0 / n ** 0.5, float(clip_threshold), gs, cv, coeft, **flags, HAS_WD=bool(wd), BLOCK=1024)
+        1.0 / n ** 0.5, float(clip_threshold), gs, cv, coeft, fin, **flags, HAS_WD=bool(wd), BLOCK=1024)

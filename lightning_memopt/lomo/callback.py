@@ -127,6 +127,7 @@ class _Lomo(MethodCallback):
             backward=self._backward,
             weight_decays=self.weight_decays(pl_module),
             guard=self.guard,
+            names={id(p): n for n, p in pl_module.named_parameters()},
         )
 
     @override

@@ -24,7 +24,11 @@ Update rules (``rule``):
 
 A non-finite loss (or, with clipping, gradient norm) is found on the device before backward; every hook's update is
 then a no-op there, so the step is skipped with weights and moments bit-identical and no host sync
-(:mod:`lightning_memopt.core.nonfinite`). fp16 keeps its host check: the scaler needs the answer at once.
+(:mod:`lightning_memopt.core.nonfinite`). fp16 keeps its host check: the scaler needs the answer at once. Without a
+measure pass, a gradient can still be non-finite under a finite loss (a backward kernel's bug), and the hooks see it
+one tensor at a time: LOMO leaves out its non-finite elements (SGD is elementwise), AdaLomo leaves out the tensor
+(weights and moments; ``||u||²``, which the step computes anyway, is not finite then), each in the kernel that
+updates, and :class:`~lightning_memopt.core.nonfinite.TensorFlags` tells the guard which tensors.
 
 Cheaper clipping: ``clip_grad_value`` (clamp each gradient element; one pass) and AdaLomo's per-tensor update
 clipping. Under FSDP2 each hook sees the reduced, sharded DTensor gradient and updates the local shard; AdaLomo's
@@ -49,7 +53,7 @@ from lightning_memopt.core._triton import kernels
 from lightning_memopt.core.axpby import axpby_
 from lightning_memopt.core.fsdp import all_reduce_, is_dtensor, local, shard_group, sharded_zeros
 from lightning_memopt.core.fused_backward import FusedBackward
-from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.core.nonfinite import SkipGuard, TensorFlags
 from lightning_memopt.core.zero3 import average_grad_, full_shape, is_zero3, partition
 
 BackwardFn = Callable[[Tensor, bool], None]
@@ -160,6 +164,7 @@ class FusedStep:
             :func:`lightning_memopt.core.holder.weight_decays`.
         guard: the :class:`~lightning_memopt.core.nonfinite.SkipGuard` counting skipped steps (default: a new one).
         check_nonfinite: False leaves the updates unguarded (only to measure what the guard costs).
+        names: parameter names by ``id``, for messages about tensors left out (default: ``param<i>``).
 
     A non-finite loss makes every hook's update a no-op on the device (no host sync): the weights and moments stay
     bit-identical, and AdaLomo's host-side step counters are put back once the guard learns of the skip.
@@ -181,6 +186,7 @@ class FusedStep:
         weight_decays: dict[int, float] | None = None,
         guard: SkipGuard | None = None,
         check_nonfinite: bool = True,
+        names: dict[int, str] | None = None,
     ) -> None:
         self.settings = s = settings or LomoSettings()
         self.check_nonfinite = check_nonfinite
@@ -219,6 +225,9 @@ class FusedStep:
         self._value_bound: float | None = None
         self._ok: Tensor | None = None  # this step's non-finite flag (device)
         self._counted: list[Tensor] = []  # AdaLomo: parameters whose step counter this step advanced
+        self._slot = {p: i for i, p in enumerate(params)}
+        self._flags = TensorFlags([(names or {}).get(id(p), f"param{i}") for i, p in enumerate(params)])
+        self._fin: TensorFlags | None = None  # this step's per-tensor flags (a plain update pass only)
         update = {"sgd": self._sgd, "adalomo": self._adalomo}[s.rule]
         self.fused = FusedBackward(params, update=update, measure=self._measure)
 
@@ -244,7 +253,7 @@ class FusedStep:
         scaled = loss * scale if self.scaler is not None else loss
         self._inv_scale = 1.0 / scale
         self._value_bound = None if s.clip_grad_value is None else s.clip_grad_value * scale
-        self._coef = self._clip_coef = self._ok = None
+        self._coef = self._clip_coef = self._ok = self._fin = None
         self._counted = []
         if s.clip_grad_norm is not None or self.scaler is not None:
             norm = self._measure_pass(scaled) * self._inv_scale
@@ -266,11 +275,21 @@ class FusedStep:
         if self.scaler is None and self.check_nonfinite:
             values = (loss,) if info.grad_norm is None else (loss, info.grad_norm)
             self._ok = self.guard.check(*values, step=step, reduce=True)
+            if info.grad_norm is None and self.params:  # no measure pass saw the gradient: each hook checks its own
+                self._fin = self._flags
+                self._fin.begin(local(self.params[0]).device)
         self.fused.mode = "update"
         self.backward(scaled, False)
         if self._counted and self._ok is not None:
             counted = self._counted
             self.guard.on_skip(lambda: self._uncount(counted))
+        if self._fin is not None:
+            if s.rule == "adalomo":
+                params = self.params
+                self.guard.attach(self._fin, lambda bad: self._uncount([params[i] for i in bad]),
+                                  "those tensors were left as they were (weights and moments)")
+            else:
+                self.guard.attach(self._fin, None, "their non-finite elements were not applied, the rest were")
         if self.scaler is not None:
             self.scaler.update(overflow=False)
         return info
@@ -322,7 +341,11 @@ class FusedStep:
         d, g = self._target(p, *self._local(p))
         # p·(1 − lr·wd) − lr·coef·clamp(g) in one pass, rounded once; a no-op where the step is skipped
         a: float | Tensor = -lr if self._coef is None else self._coef * -lr
-        axpby_(d, g, a, 1.0 - lr * wd, self._ok, self._value_bound)
+        axpby_(d, g, a, 1.0 - lr * wd, self._ok, self._value_bound, self._slot_of(p))
+
+    def _slot_of(self, p: Tensor) -> Tensor | None:
+        """``p``'s slot of this step's :class:`TensorFlags`, or None (a measure pass checked the gradient)."""
+        return None if self._fin is None else self._fin.slot(self._slot[p])
 
     def _adalomo(self, p: Tensor) -> None:
         s = self.settings
@@ -337,7 +360,7 @@ class FusedStep:
         st["step"] = t
         self._counted.append(p)
         beta = 1.0 - math.pow(t, s.decay_rate)
-        if pg is None and not is_zero3(p) and self._adalomo_fused(d, g, st, beta, lr, wd):
+        if pg is None and not is_zero3(p) and self._adalomo_fused(d, g, st, beta, lr, wd, self._slot_of(p)):
             return
         if self._inv_scale != 1.0 or s.clip_grad_value is not None or self._clip_coef is not None:
             g = g.float()  # fp32 params: the grad itself, modified in place (it is freed after the hook)
@@ -367,19 +390,25 @@ class FusedStep:
             else:
                 row_avg = new_row.mean(dim=-1, keepdim=True)
                 new_col = (col * beta).addcmul_(cn, cn, value=(1.0 - beta) / rows_total).add_((1.0 - beta) * eps0)
-            _commit(row, new_row, ok)  # small vectors: the moments keep their values on a skipped step
-            _commit(col, new_col, ok)
+            moments = [(row, new_row), (col, new_col)]
             fr = torch.rsqrt(new_row / row_avg).unsqueeze_(-1)
             # u in fp32: in place when g is fp32 already, else one new fp32 tensor (no separate upcast pass)
             u = (g.mul_(fr) if g.dtype == f32 else torch.mul(g, fr)).mul_(new_col.rsqrt().unsqueeze_(-2))
         else:
             sq = local(st["sq"])
             new_sq = (sq * beta).addcmul_(g, g, value=1.0 - beta).add_(eps0 * (1.0 - beta))
-            _commit(sq, new_sq, ok)
+            moments = [(sq, new_sq)]
             u = g.mul_(new_sq.rsqrt()) if g.dtype == f32 else torch.mul(g, new_sq.rsqrt())
         norms = torch.stack([torch.linalg.vector_norm(u, 2, dtype=f32), torch.linalg.vector_norm(d, 2, dtype=f32)])
         if pg is not None:
             norms = all_reduce_(norms.square_(), pg).sqrt_()
+        slot = self._slot_of(p)
+        if slot is not None:  # a gradient that is not finite makes ||u|| so (the same on every shard): skip the tensor
+            fin = torch.isfinite(norms[0])
+            slot.mul_(fin)
+            ok = fin if ok is None else ok & fin
+        for dst, new in moments:  # small vectors: the moments keep their values on a skipped step
+            _commit(dst, new, ok)
         rms = norms.mul_(1.0 / math.sqrt(p.numel()))
         # lr_t = lr·max(rms(θ), eps1); the update is u / max(1, rms(u) / threshold): one scalar, one pass over θ
         lr_t = rms[1].clamp(min=s.eps_scale).mul_(lr)
@@ -387,7 +416,9 @@ class FusedStep:
         d, u = self._target(p, d, u)
         axpby_(d, u, -step_size, (1.0 - lr_t * wd) if wd else 1.0, ok)
 
-    def _adalomo_fused(self, d: Tensor, g: Tensor, st: dict[str, Any], beta: float, lr: float, wd: float) -> bool:
+    def _adalomo_fused(
+        self, d: Tensor, g: Tensor, st: dict[str, Any], beta: float, lr: float, wd: float, finite: Tensor | None
+    ) -> bool:
         """AdaLomo's step for ``d`` by the Triton kernels (4 launches for a matrix, 1 for a vector, against ~30);
         False where they do not apply (CPU, no Triton, ``MEMOPT_ADALOMO=torch``, sharded rows, other shapes)."""
         kern = _adalomo_kernels(d)
@@ -395,7 +426,8 @@ class FusedStep:
             return False
         s = self.settings
         kw = dict(beta=beta, eps0=s.eps_sq, lr=lr, wd=wd, eps_scale=s.eps_scale, clip_threshold=s.clip_threshold,
-                  ok=self._ok, gscale=self._inv_scale, clamp=s.clip_grad_value, coef=self._clip_coef)
+                  ok=self._ok, gscale=self._inv_scale, clamp=s.clip_grad_value, coef=self._clip_coef,
+                  finite=finite)
         if d.ndim == 2 and d.numel():
             state = local(st["row"]), st["col"]
             fn = kern.adalomo_matrix_

@@ -121,6 +121,50 @@ def mesh_of(model: torch.nn.Module) -> Optional[dict[str, Any]]:
             "shard_group_size": _world(shard_group(p)) if shard_group(p) is not None else 1}
 
 
+class _NaNGradColumns(torch.autograd.Function):
+    """The value as it is; its gradient NaN in the last dim's first ``n`` entries."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, n: int) -> torch.Tensor:
+        ctx.n = n
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        g = g.clone()
+        g[..., : ctx.n] = float("nan")
+        return g, None
+
+
+class NaNGradAt(pl.Callback):
+    """At training step ``step``, the gradient of ``module``'s output is NaN in its first ``n`` features: that
+    Linear's weight gradient is NaN in its first ``n`` rows (under FSDP2, on the first rank's shard only) and every
+    tensor before it is NaN all through; the loss stays finite (a backward kernel's bug)."""
+
+    def __init__(self, module: str, step: int, n: int = 2) -> None:
+        self.module, self.step, self.n = module, step, n
+        self._handle: Any = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        def hook(mod: torch.nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
+            if pl_module.training and trainer.global_step == self.step and torch.is_grad_enabled():
+                return _NaNGradColumns.apply(out, self.n)
+            return out
+
+        self._handle = pl_module.get_submodule(self.module).register_forward_hook(hook)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._handle.remove()
+
+
+def skip_counts(trainer: pl.Trainer, model: torch.nn.Module) -> dict[str, Any]:
+    """The method callback's counts of skipped steps and of tensors left out (``fit_tiny``'s ``inspect``)."""
+    from lightning_memopt.callbacks.method import MethodCallback
+
+    guard = next(c for c in trainer.callbacks if isinstance(c, MethodCallback)).guard
+    return {"skips": (guard.skipped_steps, guard.partial_steps, guard.skipped_tensors)}
+
+
 class FitnessRecorder(pl.Callback):
     """Records DFOLoRA's population fitness after each step."""
 
