@@ -195,6 +195,9 @@ def _one(task: str, method: str, seed: int, model: str, data: str, extra: list[s
     skipped = [cb.skipped_steps for cb in trainer.callbacks if isinstance(getattr(cb, "skipped_steps", None), int)]
     if skipped:
         rec["skipped_steps"] = sum(skipped)
+    partial = [cb.guard.partial_steps for cb in trainer.callbacks if hasattr(getattr(cb, "guard", None), "partial_steps")]
+    if any(partial):  # steps that left out tensors whose gradient was not finite (LOMO, AdaLomo, layer-wise GaLore)
+        rec["partial_steps"] = sum(partial)
     rec.update({f"dev_{k[5:]}": round(100 * test.get(k, float("nan")), 2) for k in test_keys})
     if best is not None and best.best_weights is not None:
         best.restore(module)
@@ -324,7 +327,9 @@ def table(records: list[dict[str, Any]]) -> str:
         main = r.get("dev_acc", r.get("dev_em"))
         best_key = "dev_acc_best_val" if "dev_acc" in r else "dev_em_best_val"
         best = f"{r[best_key]:.1f} ({r['best_val_step']})" if best_key in r else "—"
-        skips = f" ({r['skipped_steps']} steps skipped)" if r.get("skipped_steps") else ""
+        notes = [f"{r[k]} steps {what}" for k, what in (("skipped_steps", "skipped"),
+                                                           ("partial_steps", "left tensors out")) if r.get(k)]
+        skips = f" ({', '.join(notes)})" if notes else ""
         rows.append(f"| {label} | {r['method']} | {r['seed']} | {main:.1f}{skips} | {r['dev_f1']:.1f} | "
                     f"{r['steps']} | {r['forwards']} | {r.get('train_s', r['wall_s'])} | {r['peak_gib']} | {best} | "
                     f"{over} |")

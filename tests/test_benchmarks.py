@@ -324,8 +324,9 @@ def test_a_task_run_says_whether_the_time_cap_ended_it(tmp_path, in_repo):
              "--trainer.callbacks.init_args.cuda_graph=false", "--trainer.val_check_interval=null"]
     rec = S._one("sst2", "mezo", 0, "unused", str(SST2), extra)
     assert rec["time_capped"] is True and 0 < rec["steps"] < 10**6
-    assert rec["skipped_steps"] == 0  # a method's skipped steps are recorded, none here
+    assert rec["skipped_steps"] == 0 and "partial_steps" not in rec  # recorded where a method had any; none here
     assert "skipped" not in S.table([rec]) and "(3 steps skipped)" in S.table([dict(rec, skipped_steps=3)])
+    assert "(3 steps skipped, 2 steps left tensors out)" in S.table([dict(rec, skipped_steps=3, partial_steps=2)])
 
 
 def test_the_dev_curve_scores_the_weights_validation_scored(tmp_path, in_repo):

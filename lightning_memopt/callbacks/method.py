@@ -233,6 +233,9 @@ class MethodCallback(Callback):
         self.guard.resolve(wait=False)
         self.log_step(pl_module)
         self.log_number(pl_module, "skipped_steps", self.guard.skipped_steps, on_step=True, on_epoch=False, batch_size=1)
+        if self.guard.partial_steps:  # steps that left out tensors with a non-finite gradient (in-backward methods)
+            self.log_number(pl_module, "partial_steps", self.guard.partial_steps, on_step=True, on_epoch=False,
+                            batch_size=1)
 
     def warn_dynamic_padding(self, trainer: pl.Trainer) -> None:
         """With ``cuda_graph``: a data module padding each batch to its own longest prompt makes a new batch shape
