@@ -1,11 +1,20 @@
-"""What the non-finite guard costs a MeZO step, measured in one process with guarded and unguarded steps interleaved.
+"""What the non-finite checks cost a method's step, measured in one process with checked and unchecked steps
+interleaved.
 
 The `guard` suite times each case in its own process (5 steps); MeZO's step then varies by more than the guard
 could cost (63 vs 73 ms between two processes of the same step). Here one model and one input serve both steps,
 which alternate in blocks of ``--block`` steps for ``--rounds`` rounds, each step timed by CUDA events, so drift
-hits both alike. Prints a table and writes JSON:
+hits both alike. ``--method`` picks what is checked, as the callbacks check it:
+
+* ``mezo``: the projected gradient and the loss;
+* ``lomo`` / ``adalomo``: the loss, and each tensor's gradient inside the kernel that updates it (TensorFlags);
+* ``galore``: the loss and the gradients' total norm (``get_total_norm``) before the step;
+* ``galore_layerwise``: the loss, and each parameter's (projected) gradient in its hook.
+
+Prints a table and writes JSON:
 
     python -m benchmarks.guard_interleaved --size 1b --out benchmarks/results/guard_interleaved_h200
+    python -m benchmarks.guard_interleaved --method adalomo --size 1b --out benchmarks/results/guard_adalomo_h200
 """
 
 from __future__ import annotations
@@ -14,17 +23,81 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from benchmarks.cases.mezo import mezo
 from benchmarks.common import build
 from benchmarks.task_results import environment
+from lightning_memopt.core.fused_backward import FusedBackward
+from lightning_memopt.core.holder import HolderOptimizer
+from lightning_memopt.core.nonfinite import SkipGuard
+from lightning_memopt.galore.optim import GaLoreOptimizer, GaLoreSettings, select_targets
+from lightning_memopt.lomo.core import FusedStep, LomoSettings
+
+Step = Callable[[], Any]
+
+
+def lomo_steps(model: torch.nn.Module, x: torch.Tensor, rule: str) -> dict[str, Step]:
+    """One FusedStep (its hooks serve both), its checks switched per step."""
+    model.train()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-5, "weight_decay": 0.0}]
+    fs = FusedStep(groups, {}, LomoSettings(rule=rule))
+
+    def run(check: bool) -> Step:
+        def step() -> None:
+            fs.check_nonfinite = check
+            fs.step(model(input_ids=x, labels=x).loss)
+        return step
+
+    return {"checked": run(True), "unchecked": run(False)}
+
+
+def galore_steps(model: torch.nn.Module, x: torch.Tensor, layerwise: bool) -> dict[str, Step]:
+    """GaLore as its callback steps it (benchmarks/cases/galore.py's settings), with and without the checks."""
+    model.train()
+    rank = 128 if model.config.hidden_size >= 512 else 8
+    holder = HolderOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5))
+    guard = SkipGuard("GaLore", notify=lambda msg: None)
+    galore = GaLoreOptimizer(holder, select_targets(model), GaLoreSettings(rank=rank, update_proj_gap=200,
+                                                                           scale=0.25), guard=guard)
+    group = holder.param_groups[0]
+    if layerwise:
+        FusedBackward(group["params"], update=lambda p: galore.step_param(p, group))
+
+    def run(check: bool) -> Step:
+        def step() -> None:
+            guard.resolve()
+            loss = model(input_ids=x, labels=x).loss
+            if layerwise:
+                galore.begin(guard.check(loss, step=0) if check else None, per_tensor=check)
+                loss.backward()
+                galore.end()
+                return
+            loss.backward()
+            grads = [p.grad for p in group["params"] if p.grad is not None]
+            galore.step(guard.check(loss, torch.nn.utils.get_total_norm(grads), step=0) if check else None)
+            holder.zero_grad(set_to_none=True)
+        return step
+
+    return {"checked": run(True), "unchecked": run(False)}
+
+
+METHODS: dict[str, Callable[[torch.nn.Module, torch.Tensor, argparse.Namespace], dict[str, Step]]] = {
+    "mezo": lambda m, x, a: {"checked": mezo(m, x, a.dist, check=True), "unchecked": mezo(m, x, a.dist, check=False)},
+    "lomo": lambda m, x, a: lomo_steps(m, x, "sgd"),
+    "adalomo": lambda m, x, a: lomo_steps(m, x, "adalomo"),
+    "galore": lambda m, x, a: galore_steps(m, x, layerwise=False),
+    "galore_layerwise": lambda m, x, a: galore_steps(m, x, layerwise=True),
+}
 
 
 def main(argv: list[str]) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", default="mezo", choices=list(METHODS))
     ap.add_argument("--size", default="1b")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=512)
@@ -37,7 +110,7 @@ def main(argv: list[str]) -> None:
         raise SystemExit("needs a CUDA GPU: the guard's cost is a GPU timing")
     model = build(args.size)
     x = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), device="cuda")
-    steps = {"guarded": mezo(model, x, args.dist, check=True), "unguarded": mezo(model, x, args.dist, check=False)}
+    steps = METHODS[args.method](model, x, args)
     for step in steps.values():  # warm-up: Triton compiles, allocator settles
         for _ in range(3):
             step()
@@ -56,25 +129,26 @@ def main(argv: list[str]) -> None:
     rows = [dict(case=k, steps=len(v), median_ms=round(med[k], 3), mean_ms=round(statistics.fmean(v), 3),
                  p10_ms=round(sorted(v)[len(v) // 10], 3), p90_ms=round(sorted(v)[len(v) * 9 // 10], 3))
             for k, v in times.items()]
-    ratio = med["guarded"] / med["unguarded"]
+    ratio = med["checked"] / med["unchecked"]
     # per round: the ratio of the two blocks' medians, for a spread of the ratio itself
-    per_round = [statistics.median(times["guarded"][i:i + args.block]) /
-                 statistics.median(times["unguarded"][i:i + args.block])
-                 for i in range(0, len(times["guarded"]), args.block)]
-    rec = dict(size=args.size, batch=args.batch, seq=args.seq, dist=args.dist, rounds=args.rounds, block=args.block,
+    per_round = [statistics.median(times["checked"][i:i + args.block]) /
+                 statistics.median(times["unchecked"][i:i + args.block])
+                 for i in range(0, len(times["checked"]), args.block)]
+    rec = dict(method=args.method, size=args.size, batch=args.batch, seq=args.seq, dist=args.dist, rounds=args.rounds, block=args.block,
                params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3), rows=rows,
-               guarded_over_unguarded=round(ratio, 4),
+               checked_over_unchecked=round(ratio, 4),
                per_round_ratio_p10_p50_p90=[round(sorted(per_round)[int(q * (len(per_round) - 1))], 4)
                                            for q in (0.1, 0.5, 0.9)],
                env=environment(sys.argv))
-    lines = [f"# MeZO step with and without the non-finite guard, interleaved in one process",
+    lines = [f"# {args.method} step with and without the non-finite checks, interleaved in one process",
              "", f"GPU {rec['env']['gpu']}, commit {rec['env']['commit']}; Llama {args.size} "
-             f"({rec['params_b']} B params) bf16, {args.batch}x{args.seq}, z {args.dist}; {args.rounds} rounds of "
+             f"({rec['params_b']} B params) bf16, {args.batch}x{args.seq}"
+             f"{f', z {args.dist}' if args.method == 'mezo' else ''}; {args.rounds} rounds of "
              f"{args.block} steps each, alternating.", "",
              "| case | steps | median ms | mean ms | p10 ms | p90 ms |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['case']} | {r['steps']} | {r['median_ms']} | {r['mean_ms']} | {r['p10_ms']} | {r['p90_ms']} |"
               for r in rows]
-    lines += ["", f"guarded / unguarded (medians): **{ratio:.4f}**; per-round ratio p10/p50/p90: "
+    lines += ["", f"checked / unchecked (medians): **{ratio:.4f}**; per-round ratio p10/p50/p90: "
               f"{rec['per_round_ratio_p10_p50_p90']}"]
     print("\n".join(lines))
     if args.out:

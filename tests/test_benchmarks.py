@@ -566,3 +566,23 @@ def test_nan_grad_probe_finds_the_first_non_finite_gradient(monkeypatch, capsys)
     out = capsys.readouterr().out
     assert "step 0: gradient norm nan" in out and "stopped at the first non-finite gradient" in out
     assert "rows whose gradient alone is not finite: [0, 1, 2, 3, 4, 5, 6, 7" in out
+
+
+@pytest.mark.parametrize("method", ["lomo", "adalomo", "galore", "galore_layerwise"])
+def test_guard_interleaved_steps_train_checked_and_unchecked(method):
+    """benchmarks/guard_interleaved.py's steps (timed on a GPU) run on CPU, checked and unchecked, and train."""
+    import argparse
+
+    import torch
+
+    from benchmarks import guard_interleaved as G
+    from benchmarks.common import build
+
+    model = build("tiny", dtype=torch.float32)
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    steps = G.METHODS[method](model, x, argparse.Namespace(dist="normal"))
+    before = [p.detach().clone() for p in model.parameters()]
+    for name in ("checked", "unchecked", "checked"):
+        steps[name]()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert sum(not torch.equal(a, p) for a, p in zip(before, model.parameters())) > len(before) // 2
