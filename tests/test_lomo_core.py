@@ -379,3 +379,32 @@ def test_a_skipped_step_is_not_also_counted_as_partial():
     fs.guard.load_state_dict(state)
     assert fs.guard.state_dict() == state == {"skipped_steps": 1, "consecutive": 0, "partial_steps": 0,
                                               "skipped_tensors": 0}
+
+
+def test_the_guard_learns_of_left_out_tensors_only_once_their_flags_arrived():
+    """resolve(wait=False) (after each batch) must not block on a step's per-tensor flags, copied after backward:
+    the step stays pending until their event completed (a stand-in event here; CUDA events on a GPU)."""
+    from lightning_memopt.core.nonfinite import SkipGuard, TensorFlags
+
+    class Event:
+        done = False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            assert self.done, "resolve(wait=False) blocked"
+
+    guard = SkipGuard("LOMO", notify=lambda msg: None)
+    flags = TensorFlags(["a", "b", "c"])
+    flags.begin(torch.device("cpu"))
+    guard.check(torch.tensor(1.0), step=4)
+    flags.slot(1).zero_()
+    guard.attach(flags, None, "left out")
+    event = guard._pending[-1].tensors.event = Event()
+    assert guard.resolve(wait=False) == [] and guard.partial_steps == 0 and len(guard._pending) == 1
+    event.done = True
+    guard.resolve(wait=False)
+    assert (guard.partial_steps, guard.skipped_tensors, guard.consecutive, len(guard._pending)) == (1, 1, 1, 0)
+    with pytest.raises(RuntimeError, match="needs its step's check"):
+        guard.attach(flags, None, "left out")  # its step was resolved already

@@ -156,8 +156,8 @@ class SkipGuard:
         step was not skipped as a whole and some slot is 0, :meth:`resolve` calls ``undo(slots)`` (host state of
         those tensors) and says ``effect`` (what happened to them). Under torch.distributed the flags are reduced
         (MIN) over ``group``, so every rank counts, undoes and raises alike."""
-        if not self._pending:
-            raise RuntimeError("SkipGuard.attach() needs a check() first.")
+        if not self._pending or self._pending[-1].seq != self.checks - 1:
+            raise RuntimeError("SkipGuard.attach() needs its step's check() first, unresolved.")
         f = flags.flags
         if f is None:
             raise RuntimeError("TensorFlags.begin() was not called for this step.")
@@ -191,15 +191,15 @@ class SkipGuard:
             p = self._pending[0]
             if upto is not None and p.seq > upto:
                 break
-            if p.event is not None and not wait and not p.event.query():
+            # the step's flags: its loss check, then (in-backward methods) its per-tensor flags, recorded after backward
+            events = [e for e in (p.event, p.tensors.event if p.tensors is not None else None) if e is not None]
+            if not wait and not all(e.query() for e in events):
                 break
-            if p.event is not None:
-                p.event.synchronize()
+            for e in events:
+                e.synchronize()
             self._pending.popleft()
             bad: list[int] = []
             if p.tensors is not None and bool(p.ok):
-                if p.tensors.event is not None:
-                    p.tensors.event.synchronize()
                 bad = (p.tensors.flags == 0).nonzero().flatten().tolist()
             if bad:
                 self._partial(p.step, bad, p.tensors)
