@@ -350,7 +350,7 @@ class GaLoreOptimizer:
             return
         grads = [local(p.grad) for p in ps]
         low = [s["proj"].mT @ g if s["side"] == LEFT else g @ s["proj"] for s, g in zip(states, grads)]
-        self._gate(low[0])  # a non-finite G makes its projection so (r columns: cheaper to check than G)
+        self._gate(low[0])  # a non-finite G makes its projection so (rank r: cheaper to check than G)
         self._snapshot(states)
         out = [torch.zeros_like(g) for g in low]
         self._update(group, out, low, states, 1.0, 0.0, self._ok)  # out = -(Adam direction); stays 0 if skipped
