@@ -272,7 +272,7 @@ class GaLoreOptimizer:
         gradient) finite; its flag records whether it was. A no-op otherwise."""
         if self._fin is None:
             return
-        fin = torch.isfinite(t).all()
+        fin = torch.isfinite(t.sum())  # NaN and inf carry into the sum; no bool copy of t (an embedding: 28M elements)
         self._fin.slot(self._slot).mul_(fin)
         self._ok = fin if self._ok is None else self._ok & fin
 
