@@ -56,3 +56,9 @@ def closure_loss(closure: Any) -> Any:
         obj = obj.keywords.get("closure", obj.args[-1] if obj.args else None)
     result = getattr(obj, "_result", None)
     return getattr(result, "closure_loss", None)
+
+
+def set_progress_bar_value(trainer: Any, name: str, value: float) -> None:
+    """Show ``value`` under ``name`` in the progress bar without logging it: Lightning keeps the bar's values in
+    this dict (``trainer.progress_bar_metrics`` returns it after adding the prog_bar results)."""
+    trainer._logger_connector._progress_bar_metrics[name] = value

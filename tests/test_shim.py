@@ -127,3 +127,14 @@ def test_epoch_batches_taken_counts_the_current_epoch_s_batches():
     trainer = tiny_trainer(max_steps=10, callbacks=[Watch()])
     trainer.fit(tiny_model(), tiny_datamodule(k=32, batch_size=8))  # 8 batches an epoch
     assert seen == [(i % 8, i % 8 + 1) for i in range(10)]
+
+
+def test_a_progress_bar_value_set_through_the_shim_shows_in_the_bar():
+    class Show(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            _shim.set_progress_bar_value(trainer, "shown", 2.5)
+
+    trainer = tiny_trainer(max_steps=2, callbacks=[Show()])
+    trainer.fit(tiny_model(), tiny_datamodule(k=16, batch_size=8))
+    assert trainer.progress_bar_metrics["shown"] == 2.5
+    assert "shown" not in trainer.callback_metrics and "shown" not in trainer.logged_metrics

@@ -22,6 +22,8 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
+from lightning_memopt import _shim
+
 
 class ProgressBarValues:
     """Installed on a LightningModule for one fit: its training-time ``log(..., prog_bar=True)`` calls of one-element
@@ -102,7 +104,5 @@ class ProgressBarValues:
         self._publish(name, float(buf))
 
     def _publish(self, name: str, value: float) -> None:
-        # Lightning keeps the bar's values in this dict (trainer.progress_bar_metrics returns it after adding the
-        # prog_bar results, which these no longer are); pinned by tests/test_progress.py
-        if self._trainer is not None:
-            self._trainer._logger_connector._progress_bar_metrics[name] = value
+        if self._trainer is not None:  # pinned by tests/test_progress.py
+            _shim.set_progress_bar_value(self._trainer, name, value)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_memopt.core.fsdp import local
 from lightning_memopt.core.validate import at_least
 
 
@@ -272,7 +273,7 @@ def nonfinite_weights_note(module: torch.nn.Module) -> str:
     """What :class:`NonFiniteLossError` adds when ``module``'s weights (this rank's shards) are no longer finite: an
     earlier update wrote them from a gradient that was not finite while its loss was; "" while they are finite."""
     bad = [name for name, p in module.named_parameters()
-           if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p.detach()).all())]
+           if not bool(torch.isfinite(local(p).detach()).all())]
     if not bad:
         return ""
     return (
