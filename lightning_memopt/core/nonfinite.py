@@ -26,11 +26,10 @@ Example::
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-import warnings
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -57,7 +56,7 @@ class _Attached:
 class _Pending:
     step: int
     ok: Tensor  # host (pinned) copy, valid once ``event`` completed
-    event: Optional[torch.cuda.Event]
+    event: torch.cuda.Event | None
     seq: int  # the check's number (checks are numbered from 0 in the order made)
     undo: list[Callable[[], None]] = field(default_factory=list)
     tensors: _Attached | None = None  # per-tensor flags of an in-backward step (see TensorFlags)
@@ -120,7 +119,7 @@ class SkipGuard:
         self.checked = "loss"  # what check() looks at, as messages name it
 
     def check(
-        self, *values: Tensor, step: int, reduce: bool = False, group: Optional[dist.ProcessGroup] = None
+        self, *values: Tensor, step: int, reduce: bool = False, group: dist.ProcessGroup | None = None
     ) -> Tensor:
         """``ok``: every element of every value is finite (and, with ``reduce``, on every rank of ``group``)."""
         ok = torch.isfinite(values[0].detach()).all()
