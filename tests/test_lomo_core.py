@@ -408,3 +408,32 @@ def test_the_guard_learns_of_left_out_tensors_only_once_their_flags_arrived():
     assert (guard.partial_steps, guard.skipped_tensors, guard.consecutive, len(guard._pending)) == (1, 1, 1, 0)
     with pytest.raises(RuntimeError, match="needs its step's check"):
         guard.attach(flags, None, "left out")  # its step was resolved already
+
+
+def test_a_step_waits_for_earlier_flags_only_where_it_has_state_to_put_back():
+    """resolve(lazy=True) (FusedStep's, at each step) blocks on an earlier step's per-tensor flags only where that
+    step registered host state to put back (AdaLomo's counts); LOMO's flags only count, and wait their turn."""
+    from lightning_memopt.core.nonfinite import SkipGuard, TensorFlags
+
+    class Event:
+        def __init__(self):
+            self.done, self.waited = False, False
+
+        def query(self):
+            return self.done
+
+        def synchronize(self):
+            self.waited = self.done = True
+
+    for undo in (None, lambda bad: None):
+        guard = SkipGuard("LOMO", notify=lambda msg: None)
+        flags = TensorFlags(["a", "b"])
+        flags.begin(torch.device("cpu"))
+        guard.check(torch.tensor(1.0), step=0)
+        flags.slot(0).zero_()
+        guard.attach(flags, undo, "left out")
+        event = guard._pending[-1].tensors.event = Event()
+        guard.resolve(lazy=True)
+        assert event.waited == (undo is not None) and guard.partial_steps == int(undo is not None)
+        guard.resolve()  # at a checkpoint or the fit's end: everything, waiting
+        assert guard.partial_steps == 1 and not guard._pending

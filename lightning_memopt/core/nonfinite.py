@@ -183,20 +183,29 @@ class SkipGuard:
             raise RuntimeError("SkipGuard.on_skip() needs a check() first.")
         self._pending[-1].undo.append(undo)
 
-    def resolve(self, wait: bool = True, upto: int | None = None) -> list[int]:
+    def resolve(self, wait: bool = True, upto: int | None = None, lazy: bool = False) -> list[int]:
         """Learn the outcome of the checked steps (all of them, those numbered up to ``upto``, or with
-        ``wait=False`` those already finished); undo and count the skipped ones, which are returned."""
+        ``wait=False`` those already finished); undo and count the skipped ones, which are returned.
+
+        ``lazy`` (a method's next step): wait for the loss checks, and for per-tensor flags with host state to put
+        back, but not for flags that only count (copied after backward: waiting for them would keep the host from
+        queueing the next backward while the GPU still runs the last one); such a step stays pending until they
+        arrive, and later steps behind it."""
         skipped = []
         while self._pending:
             p = self._pending[0]
             if upto is not None and p.seq > upto:
                 break
-            # the step's flags: its loss check, then (in-backward methods) its per-tensor flags, recorded after backward
-            events = [e for e in (p.event, p.tensors.event if p.tensors is not None else None) if e is not None]
+            t = p.tensors
+            events = [e for e in (p.event, None if t is None else t.event) if e is not None]
             if not wait and not all(e.query() for e in events):
                 break
-            for e in events:
-                e.synchronize()
+            if p.event is not None:
+                p.event.synchronize()
+            if t is not None and t.event is not None:
+                if lazy and t.undo is None and bool(p.ok) and not t.event.query():
+                    break
+                t.event.synchronize()
             self._pending.popleft()
             bad: list[int] = []
             if p.tensors is not None and bool(p.ok):

@@ -248,7 +248,8 @@ class FusedStep:
         """
         s = self.settings
         info = StepInfo()
-        self.guard.resolve()  # earlier steps, long done on the device: put back counters of skipped ones first
+        # earlier steps (their loss checks long done on the device): put back counters of skipped ones first
+        self.guard.resolve(lazy=True)
         scale = self.scaler.scale if self.scaler is not None else 1.0
         scaled = loss * scale if self.scaler is not None else loss
         self._inv_scale = 1.0 / scale
