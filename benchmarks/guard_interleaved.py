@@ -13,7 +13,7 @@ hits both alike. ``--method`` picks what is checked, as the callbacks check it:
 
 Prints a table and writes JSON:
 
-    python -m benchmarks.guard_interleaved --size 1b --out benchmarks/results/guard_interleaved_h200
+    python -m benchmarks.guard_interleaved --size 1b --per_step --out benchmarks/results/guard_interleaved_h200
     python -m benchmarks.guard_interleaved --method adalomo --size 1b --out benchmarks/results/guard_adalomo_h200
 """
 
@@ -104,6 +104,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--dist", default="normal", choices=["normal", "rademacher"])
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--block", type=int, default=5)
+    ap.add_argument("--per_step", action="store_true",
+                    help="time each step alone, synchronized (MeZO's steps sync anyway); by default a block's steps "
+                         "are queued back to back, as a training loop runs them, and timed together, so a check "
+                         "that holds the host back (waiting for the last backward) shows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -118,23 +122,34 @@ def main(argv: list[str]) -> None:
     for r in range(args.rounds):
         # alternate which goes first, so neither always follows the other
         for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            if not args.per_step:  # one time per block: ms per step over its steps, queued back to back
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                for _ in range(args.block):
+                    steps[name]()
+                b.record()
+                b.synchronize()
+                times[name].append(a.elapsed_time(b) / args.block)
+                continue
             for _ in range(args.block):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
-                steps[name]()  # ends in the step's own host sync (the loss read)
+                steps[name]()  # MeZO's ends in its own host sync (the loss read)
                 b.record()
                 b.synchronize()
                 times[name].append(a.elapsed_time(b))
     med = {k: statistics.median(v) for k, v in times.items()}
-    rows = [dict(case=k, steps=len(v), median_ms=round(med[k], 3), mean_ms=round(statistics.fmean(v), 3),
+    per = args.block if args.per_step else 1  # timings per block
+    rows = [dict(case=k, steps=len(v) * args.block // per, median_ms=round(med[k], 3),
+                 mean_ms=round(statistics.fmean(v), 3),
                  p10_ms=round(sorted(v)[len(v) // 10], 3), p90_ms=round(sorted(v)[len(v) * 9 // 10], 3))
             for k, v in times.items()]
     ratio = med["checked"] / med["unchecked"]
     # per round: the ratio of the two blocks' medians, for a spread of the ratio itself
-    per_round = [statistics.median(times["checked"][i:i + args.block]) /
-                 statistics.median(times["unchecked"][i:i + args.block])
-                 for i in range(0, len(times["checked"]), args.block)]
-    rec = dict(method=args.method, size=args.size, batch=args.batch, seq=args.seq, dist=args.dist, rounds=args.rounds, block=args.block,
+    per_round = [statistics.median(times["checked"][i:i + per]) / statistics.median(times["unchecked"][i:i + per])
+                 for i in range(0, len(times["checked"]), per)]
+    rec = dict(method=args.method, size=args.size, batch=args.batch, seq=args.seq, dist=args.dist, rounds=args.rounds,
+               block=args.block, timing="per step" if args.per_step else "per block, steps queued back to back",
                params_b=round(sum(p.numel() for p in model.parameters()) / 1e9, 3), rows=rows,
                checked_over_unchecked=round(ratio, 4),
                per_round_ratio_p10_p50_p90=[round(sorted(per_round)[int(q * (len(per_round) - 1))], 4)
@@ -144,7 +159,7 @@ def main(argv: list[str]) -> None:
              "", f"GPU {rec['env']['gpu']}, commit {rec['env']['commit']}; Llama {args.size} "
              f"({rec['params_b']} B params) bf16, {args.batch}x{args.seq}"
              f"{f', z {args.dist}' if args.method == 'mezo' else ''}; {args.rounds} rounds of "
-             f"{args.block} steps each, alternating.", "",
+             f"{args.block} steps each, alternating; timed {rec['timing']}.", "",
              "| case | steps | median ms | mean ms | p10 ms | p90 ms |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['case']} | {r['steps']} | {r['median_ms']} | {r['mean_ms']} | {r['p10_ms']} | {r['p90_ms']} |"
               for r in rows]
