@@ -44,6 +44,28 @@ def test_zero3_two_processes_equal_one_process_without_deepspeed():
         assert all(not torch.equal(one["state"][k], init[k]) for k in init), name  # every weight moved
 
 
+def test_zero3_a_nan_gradient_is_left_out_alike_on_both_ranks():
+    """Step 1's gradient is NaN in down_proj's first rows and in every tensor before it (testing.workers.NaNGradAt):
+    each rank's partition of those is left out (LOMO: the NaN elements; AdaLomo: the tensors), both ranks count
+    the same tensors, and the result equals one process."""
+    from lightning_memopt.testing import run_distributed
+    from lightning_memopt.testing.workers import fit_tiny
+
+    nan = {"class_path": "lightning_memopt.testing.workers.NaNGradAt",
+           "init_args": {"module": "model.model.layers.1.mlp.down_proj", "step": 1}}
+    specs = [{"class_path": "lightning_memopt.LOMO", "init_args": {"lr": 0.5}}, CASES["adalomo"]]
+    kw = {**KW, "callbacks": [nan], "inspect": "lightning_memopt.testing.workers:skip_counts"}
+    jobs = [{"target": FIT, "kwargs": {**kw, "callback": spec, "strategy": "zero3"}} for spec in specs]
+    ranks = run_distributed("lightning_memopt.testing.workers:run_jobs", world_size=2, jobs=jobs)
+    for i, spec in enumerate(specs):
+        one = fit_tiny(1, callback=spec, **kw)
+        assert one["skips"][:2] == (0, 1) and one["skips"][2] > 10
+        for r in ranks:
+            assert r[i]["skips"] == one["skips"]
+            for k, v in one["state"].items():
+                torch.testing.assert_close(r[i]["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
 def test_zero3_on_a_cpu_trainer_uses_deepspeeds_cpu_accelerator_where_it_picked_cuda():
     """On a GPU machine DeepSpeed picks its CUDA accelerator; a ZeRO-3 fit on a CPU Trainer there switches it to the
     CPU one and trains as on a CPU-only machine."""
