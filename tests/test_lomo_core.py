@@ -283,6 +283,37 @@ def test_adalomo_triton_kernels_equal_the_torch_version_interpreted():
     assert r.stdout.strip().endswith("ALL_OK"), r.stdout[-3000:] + r.stderr[-3000:]
 
 
+_AXPBY_NONFINITE = """
+import torch
+from lightning_memopt.core import _axpby_triton as K
+from lightning_memopt.core.axpby import axpby_
+torch.manual_seed(0)
+for clamp in (None, 0.5):
+    for ok in (None, torch.tensor(True), torch.tensor(False)):
+        d = torch.randn(5000)
+        u = torch.randn(5000)
+        u[7], u[4000], u[10] = float("nan"), float("inf"), -float("inf")
+        got, want = d.clone(), d.clone()
+        f_got, f_want = torch.ones((), dtype=torch.int32), torch.ones((), dtype=torch.int32)
+        K.axpby_(got, u, -0.1, 0.99, ok, clamp, f_got)  # the kernel, interpreted
+        axpby_(want, u, -0.1, 0.99, ok, clamp, finite=f_want)  # the torch version (CPU tensors)
+        assert int(f_got) == int(f_want) == 0 and torch.equal(got, want), (clamp, ok)
+        clean = torch.ones((), dtype=torch.int32)
+        K.axpby_(d.clone(), torch.randn(5000), -0.1, 0.99, ok, clamp, clean)
+        assert int(clean) == 1
+print("AXPBY_OK")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (GPU wheels)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, tests/test_gpu.py runs the compiled kernel")
+def test_axpby_kernel_leaves_out_non_finite_elements_as_the_torch_version_interpreted():
+    """LOMO's update kernel with a tensor flag, under Triton's interpreter, against the torch version (fp32)."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", _AXPBY_NONFINITE], capture_output=True, text=True, timeout=300,
+                       check=False, env=env)
+    assert r.stdout.strip().endswith("AXPBY_OK"), r.stdout[-2000:] + r.stderr[-2000:]
+
 def _poison(p: torch.Tensor, at: dict, step: int, rows: slice = slice(None)) -> None:
     """``p``'s gradient is NaN in ``rows`` at ``step`` (a backward kernel's bug under a finite loss)."""
 
