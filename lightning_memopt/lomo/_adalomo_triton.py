@@ -26,10 +26,10 @@ from lightning_memopt.core._triton import ok_flag
 
 BR, BC = 32, 128  # matrix tiles
 BV = 1024  # moment vectors
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # x <= FLT_MAX: finite (false for NaN and inf)
 NPROG = 256  # programs of the norm pass at most (its partial sums: a fixed split for a given shape)
 # Integer arguments other than the row length C are not specialized on (their divisibility does not vectorize any
 # load): one compile per dtype and flags, not one per matrix shape.
-FLT_MAX = tl.constexpr(3.4028234663852886e38)  # x <= FLT_MAX: finite (false for NaN and inf)
 VEC_MAX = 1 << 16  # vectors up to this size in one program; longer ones take the torch path
 
 
@@ -192,13 +192,13 @@ def _vector_kernel(g_ptr, d_ptr, sq_ptr, ns_ptr, N, beta, vg, ve, ok_ptr, lr, wd
         d = tl.load(d_ptr + i, mask=m, other=0.0).to(tl.float32)
         su += tl.where(m, u * u, 0.0)
         sd += d * d
-    su = tl.sum(su)
-    a, b = _step(su, tl.sum(sd), lr, wd, eps_scale, inv_sqrt_n, clip_threshold, HAS_WD)
+    usq = tl.sum(su)  # ||u||²
+    a, b = _step(usq, tl.sum(sd), lr, wd, eps_scale, inv_sqrt_n, clip_threshold, HAS_WD)
     ok = 1
     if HAS_OK:
         ok = tl.load(ok_ptr)
     if FIN:
-        fin = su <= FLT_MAX
+        fin = usq <= FLT_MAX
         ok = tl.where(fin, ok, 0)
         tl.store(fin_ptr, tl.where(fin, tl.load(fin_ptr), 0))
     for o in range(0, N, BLOCK):
