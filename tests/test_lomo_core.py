@@ -314,6 +314,16 @@ def test_axpby_kernel_leaves_out_non_finite_elements_as_the_torch_version_interp
                        check=False, env=env)
     assert r.stdout.strip().endswith("AXPBY_OK"), r.stdout[-2000:] + r.stderr[-2000:]
 
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs Triton (GPU wheels)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, tests/test_gpu.py runs the compiled kernels")
+def test_the_update_kernels_compile_for_hopper_without_a_gpu():
+    """tests/_triton_aot_check.py: LOMO's and AdaLomo's kernels, every flag combination, compiled for sm_90 by
+    Triton's own ptxas; value clipping keeps NaN in the PTX."""
+    r = subprocess.run([sys.executable, str(Path(__file__).with_name("_triton_aot_check.py"))], capture_output=True,
+                       text=True, timeout=900, check=False)
+    assert r.stdout.strip().endswith("AOT_OK"), r.stdout[-3000:] + r.stderr[-3000:]
+
 def _poison(p: torch.Tensor, at: dict, step: int, rows: slice = slice(None)) -> None:
     """``p``'s gradient is NaN in ``rows`` at ``step`` (a backward kernel's bug under a finite loss)."""
 
