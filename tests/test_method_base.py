@@ -181,6 +181,7 @@ def test_in_backward_methods_leave_out_tensors_whose_gradient_is_not_finite(name
     end = full_state(model)
     assert all(torch.isfinite(v).all() for v in end.values()) and any(not torch.equal(end[m], w1[m]) for m in end)
     assert cb.state_dict()["skips"]["partial_steps"] == 1
+    assert trainer.callback_metrics["partial_steps"] == 1  # logged once a step left tensors out
 
 
 @pytest.mark.parametrize("name", list(IN_BACKWARD))
