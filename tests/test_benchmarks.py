@@ -578,8 +578,8 @@ def test_guard_interleaved_steps_train_checked_and_unchecked(method):
     from benchmarks import guard_interleaved as G
     from benchmarks.common import build
 
-    model = build("tiny", dtype=torch.float32)
-    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    model = build("tiny", dtype=torch.float32)  # on the GPU where there is one
+    x = torch.randint(0, model.config.vocab_size, (2, 16), device=next(model.parameters()).device)
     steps = G.METHODS[method](model, x, argparse.Namespace(dist="normal"))
     before = [p.detach().clone() for p in model.parameters()]
     for name in ("checked", "unchecked", "checked"):
