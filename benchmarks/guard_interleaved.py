@@ -73,7 +73,8 @@ def galore_steps(model: torch.nn.Module, x: torch.Tensor, layerwise: bool) -> di
             guard.resolve()
             loss = model(input_ids=x, labels=x).loss
             if layerwise:
-                galore.begin(guard.check(loss, step=0) if check else None, per_tensor=check)
+                galore.begin(guard.check(loss, step=0) if check else None, per_tensor=check,
+                             loss=loss if check else None)
                 loss.backward()
                 galore.end()
                 return

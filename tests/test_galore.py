@@ -328,10 +328,11 @@ def test_eager_state_equals_lazy_state():
         torch.testing.assert_close(results[0][n], results[1][n], atol=1e-7, rtol=0, msg=n)
 
 
-def _layerwise_run(poison: bool):
+def _layerwise_run(poison: bool, inf_loss: bool = False):
     """Layer-wise GaLore (updates from the gradient hooks) for 4 steps; with ``poison``, step 3's gradient of one
-    target and one plain parameter is NaN under a finite loss. Returns the parameters after each step, the state
-    of the poisoned ones and the guard."""
+    target and one plain parameter is NaN under a finite loss; with ``inf_loss``, step 3's loss is inf while its
+    gradient is finite (an inf constant added). Returns the parameters after each step, the state of the poisoned
+    ones and the guard."""
     from lightning_memopt.core.fused_backward import FusedBackward
     from lightning_memopt.core.nonfinite import SkipGuard
 
@@ -352,8 +353,10 @@ def _layerwise_run(poison: bool):
         at["step"] = i
         x = torch.randint(0, 256, (4, 16), generator=gen)
         loss = m(input_ids=x, labels=x).loss
+        if inf_loss and i == 3:
+            loss = loss + torch.tensor(float("inf"))
         guard.resolve()
-        galore.begin(guard.check(loss, step=i), per_tensor=True)
+        galore.begin(guard.check(loss, step=i), per_tensor=True, loss=loss)
         loss.backward()
         galore.end()
         guard.resolve()  # the host learns of a left-out tensor here (a step later, on a GPU) and puts its n back
@@ -373,3 +376,11 @@ def test_layerwise_leaves_out_a_parameter_whose_gradient_is_not_finite():
     for s2, s3 in zip(states[2], states[3]):  # moments, device step counts and the host's n as well
         assert s2.keys() == s3.keys()
         assert all(torch.equal(s2[k], s3[k]) if isinstance(s2[k], torch.Tensor) else s2[k] == s3[k] for k in s2)
+
+
+def test_layerwise_skips_a_step_whose_loss_is_not_finite_even_with_finite_gradients():
+    """Layer-wise, each parameter checks only its own gradient: the loss's check reaches it through a hook that
+    makes the loss's gradient NaN. An inf loss whose gradient is finite still leaves every parameter as it was."""
+    after, _, guard, _ = _layerwise_run(False, inf_loss=True)
+    assert (guard.skipped_steps, guard.partial_steps) == (1, 0)
+    assert all(torch.equal(after[3][n], after[2][n]) for n in after[3])

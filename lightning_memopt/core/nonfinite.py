@@ -147,22 +147,29 @@ class SkipGuard:
 
     def attach(
         self,
-        flags: TensorFlags,
+        flags: TensorFlags | Tensor,
         undo: Callable[[list[int]], None] | None,
         effect: str,
         group: dist.ProcessGroup | None = None,
+        names: list[str] | None = None,
     ) -> None:
-        """Hand the last checked step's :class:`TensorFlags` (written during its backward) to the guard; where the
-        step was not skipped as a whole and some slot is 0, :meth:`resolve` calls ``undo(slots)`` (host state of
-        those tensors) and says ``effect`` (what happened to them). Under torch.distributed the flags are reduced
-        (MIN) over ``group``, so every rank counts, undoes and raises alike."""
+        """Hand the last checked step's :class:`TensorFlags` (written during its backward), or a vector of such
+        flags with their ``names``, to the guard; where the step was not skipped as a whole and some slot is 0,
+        :meth:`resolve` calls ``undo(slots)`` (host state of those tensors) and says ``effect`` (what happened to
+        them). Under torch.distributed the flags are reduced (MIN) over ``group``, so every rank counts, undoes and
+        raises alike."""
         if not self._pending or self._pending[-1].seq != self.checks - 1:
             raise RuntimeError("SkipGuard.attach() needs its step's check() first, unresolved.")
-        f = flags.flags
-        if f is None:
-            raise RuntimeError("TensorFlags.begin() was not called for this step.")
+        if isinstance(flags, TensorFlags):
+            f, names = flags.flags, flags.names
+            if f is None:
+                raise RuntimeError("TensorFlags.begin() was not called for this step.")
+        elif names is None or len(names) != flags.numel():
+            raise ValueError("SkipGuard.attach() of a flag vector needs one name per flag.")
+        else:
+            f = flags
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            f = f.clone()
+            f = f.to(torch.int32, copy=True)  # the buffer is refilled next step; NCCL reduces no bools
             dist.all_reduce(f, op=dist.ReduceOp.MIN, group=group)
         if f.device.type == "cuda":
             host = torch.empty(f.shape, dtype=f.dtype, pin_memory=True)
@@ -171,7 +178,7 @@ class SkipGuard:
             event.record()
         else:
             host, event = f.clone(), None  # the buffer is refilled next step
-        self._pending[-1].tensors = _Attached(host, event, flags.names, undo, effect)
+        self._pending[-1].tensors = _Attached(host, event, list(names), undo, effect)
 
     def drop(self, seq: int) -> None:
         """Forget check ``seq`` unresolved (its step was taken back some other way, e.g. by an exception)."""

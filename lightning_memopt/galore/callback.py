@@ -267,7 +267,7 @@ class GaLore(MethodCallback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self.layerwise and self._fused is not None and self._fused.mode == "update":
-            self.galore.begin(self.guard.check(loss, step=self.step_index, reduce=True), per_tensor=True)
+            self.galore.begin(self.guard.check(loss, step=self.step_index, reduce=True), per_tensor=True, loss=loss)
 
     def _update_one(self, p: torch.Tensor) -> None:
         self.galore.step_param(p, self._group_of[id(p)])

@@ -19,10 +19,11 @@ For a target 2-D weight W with gradient G and a rank-r orthonormal basis P (left
 A step whose loss was not finite (``step(ok)`` with ``ok`` false on the device) is a no-op there: fused Adam's
 ``found_inf`` keeps weights, moments and step counts, no refresh is taken, and the host's per-parameter counters are
 put back once the guard learns of the skip. The update rules (AdamW, 8-bit AdamW, Adafactor) are in :mod:`.rules`.
-In layer-wise mode (``begin(ok, per_tensor=True)``, then :meth:`step_param` from each gradient's hook) the whole
-gradient never exists, so each parameter's update also waits on its own gradient being finite (the projected one
-for a target, smaller): a NaN gradient under a finite loss leaves that parameter, its moments and counters as they
-were, and :class:`~lightning_memopt.core.nonfinite.TensorFlags` tells the guard which.
+In layer-wise mode (``begin(ok, per_tensor=True, loss=loss)``, then :meth:`step_param` from each gradient's hook)
+the whole gradient never exists, so each parameter's update waits on its own gradient being finite (the projected
+one for a target, smaller): a NaN gradient under a finite loss leaves that parameter, its moments and counters as
+they were, and the guard learns which (``SkipGuard.attach``). A hook on the loss's gradient makes every gradient NaN
+where the loss is not finite, so that one check per parameter covers both.
 
 Non-target parameters get a plain fused AdamW step with their group's settings. All state lives in
 ``optimizer.state[p]`` as tensors and ints, so checkpoints carry projectors and moments and resume is exact on any
@@ -46,7 +47,7 @@ from torch import Tensor
 
 from lightning_memopt.core import validate
 from lightning_memopt.core.axpby import axpby_
-from lightning_memopt.core.nonfinite import SkipGuard, TensorFlags
+from lightning_memopt.core.nonfinite import SkipGuard
 from lightning_memopt.core.fsdp import all_reduce_sum, is_dtensor, local, shard_group, sharded_zeros
 from lightning_memopt.galore import rules
 from lightning_memopt.galore.projector import LEFT, RIGHT, Method, compute_bases, side_for, subspace_overlap
@@ -199,9 +200,10 @@ class GaLoreOptimizer:
         self._ok: Tensor | None = None
         self._touched: list[tuple[dict[str, Any], dict[str, int]]] = []
         self._names = names or {}
-        self._flags: TensorFlags | None = None  # layer-wise: per-parameter "gradient finite" (made on first use)
-        self._slots: dict[int, int] = {}
-        self._fin: TensorFlags | None = None  # this step's flags (layer-wise with a guard)
+        self._slots: dict[int, int] = {}  # layer-wise: each parameter's number (made on first use)
+        self._slot_names: list[str] = []
+        self._fins: list[tuple[int, Tensor]] | None = None  # this step's (slot, gradient finite), layer-wise
+        self._folded = False  # the loss's own check is carried into every gradient (begin's loss hook)
         self._slot = -1  # the parameter step_param is updating
         self._slot_touched: dict[int, list[tuple[dict[str, Any], dict[str, int]]]] = {}
 
@@ -225,30 +227,37 @@ class GaLoreOptimizer:
             self._galore(group, [p for p in params if id(p) in self.index])
         self.end()
 
-    def begin(self, ok: Tensor | None, per_tensor: bool = False) -> None:
+    def begin(self, ok: Tensor | None, per_tensor: bool = False, loss: Tensor | None = None) -> None:
         """Start a step whose updates ``ok`` guards (layer-wise mode calls :meth:`step_param` in between). With
         ``per_tensor`` (layer-wise, with a guard that checked ``ok``) each parameter's update also needs its own
-        gradient finite, and :meth:`end` tells the guard which were not."""
-        self._ok, self._touched, self._fin, self._slot_touched = ok, [], None, {}
+        gradient finite, and :meth:`end` tells the guard which were not. With ``loss`` (the tensor about to be
+        backpropagated), its gradient is made NaN where ``ok`` is false, so every gradient carries the loss's check
+        and one check per parameter does (half the launches of checking both, in a host-bound backward)."""
+        self._ok, self._touched, self._fins, self._slot_touched, self._folded = ok, [], None, {}, False
         if per_tensor and self.guard is not None and ok is not None:
-            if self._flags is None:
+            if not self._slots:
                 params = [p for g in self.opt.param_groups for p in g["params"] if p.requires_grad]
                 self._slots = {id(p): i for i, p in enumerate(params)}
-                self._flags = TensorFlags([self._names.get(id(p), f"param{i}") for i, p in enumerate(params)])
-            self._flags.begin(ok.device)
-            self._fin = self._flags
+                self._slot_names = [self._names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+            self._fins = []
+            if loss is not None and loss.requires_grad:
+                loss.register_hook(lambda g: torch.where(ok, g, float("nan")))
+                self._folded = True
 
     def end(self) -> None:
         """Finish the step: if the guard later finds it skipped, the host-side counters it advanced are put back."""
         if self.guard is not None and self._ok is not None and self._touched:
             saved = [(s, {k: v for k, v in snap.items()}) for s, snap in self._touched]
             self.guard.on_skip(lambda: [s.update(snap) for s, snap in saved])
-        if self._fin is not None and self.guard is not None:
+        if self._fins and self.guard is not None:
+            slots = [slot for slot, _ in self._fins]
+            flags = torch.stack([fin for _, fin in self._fins])  # one launch a step, not one a parameter
             by_slot = self._slot_touched
             self.guard.attach(
-                self._fin, lambda bad: [s.update(snap) for i in bad for s, snap in by_slot.get(i, [])],
-                "those tensors were left as they were (weights, moments and counters)")
-        self._ok, self._touched, self._fin, self._slot_touched = None, [], None, {}
+                flags, lambda bad: [s.update(snap) for i in bad for s, snap in by_slot.get(slots[i], [])],
+                "those tensors were left as they were (weights, moments and counters)",
+                names=[self._slot_names[slot] for slot in slots])
+        self._ok, self._touched, self._fins, self._slot_touched, self._folded = None, [], None, {}, False
 
     @torch.no_grad()
     def step_param(self, p: Tensor, group: dict[str, Any]) -> None:
@@ -256,7 +265,7 @@ class GaLoreOptimizer:
         if p.grad is None:
             return
         update = self._galore if id(p) in self.index else self._plain
-        if self._fin is None:
+        if self._fins is None:
             update(group, [p])
             return
         ok, first = self._ok, len(self._touched)
@@ -269,12 +278,12 @@ class GaLoreOptimizer:
 
     def _gate(self, t: Tensor) -> None:
         """Layer-wise, per tensor: the current parameter's update also needs ``t`` (its gradient, or the projected
-        gradient) finite; its flag records whether it was. A no-op otherwise."""
-        if self._fin is None:
+        gradient) finite, which :meth:`end` reports. A no-op otherwise."""
+        if self._fins is None:
             return
         fin = torch.isfinite(t.sum())  # NaN and inf carry into the sum; no bool copy of t (an embedding: 28M elements)
-        self._fin.slot(self._slot).mul_(fin)
-        self._ok = fin if self._ok is None else self._ok & fin
+        self._fins.append((self._slot, fin))
+        self._ok = fin if self._folded or self._ok is None else self._ok & fin
 
     def init_state(self) -> None:
         """Create every parameter's state now, zero, with a placeholder basis due for refresh on the first step.
