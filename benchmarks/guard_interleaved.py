@@ -69,16 +69,17 @@ def galore_steps(model: torch.nn.Module, x: torch.Tensor, layerwise: bool) -> di
         FusedBackward(group["params"], update=lambda p: galore.step_param(p, group))
 
     def run(check: bool) -> Step:
-        def step() -> None:
-            guard.resolve()
+        def step() -> None:  # the guard resolved where the callback resolves it: with this step's work queued
             loss = model(input_ids=x, labels=x).loss
             if layerwise:
+                guard.resolve()
                 galore.begin(guard.check(loss, step=0) if check else None, per_tensor=check,
                              loss=loss if check else None)
                 loss.backward()
                 galore.end()
                 return
             loss.backward()
+            guard.resolve()
             grads = [p.grad for p in group["params"] if p.grad is not None]
             galore.step(guard.check(loss, torch.nn.utils.get_total_norm(grads), step=0) if check else None)
             holder.zero_grad(set_to_none=True)

@@ -254,7 +254,6 @@ class GaLore(MethodCallback):
 
     def _step_layerwise(self, closure: Any) -> Any:
         self._group_of = {id(p): g for g in self.holder.param_groups for p in g["params"]}
-        self.guard.resolve()
         self.galore.begin(None)  # on_before_backward sets the flag once the loss exists
         self._fused.mode = "update"
         try:
@@ -267,6 +266,9 @@ class GaLore(MethodCallback):
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         if self.layerwise and self._fused is not None and self._fused.mode == "update":
+            # the last step's flags, copied after its backward: waited for here, with this forward queued, not before
+            # it (that kept the GPU idle while the host queued the forward: 1.45x the step on an H200)
+            self.guard.resolve()
             self.galore.begin(self.guard.check(loss, step=self.step_index, reduce=True), per_tensor=True, loss=loss)
 
     def _update_one(self, p: torch.Tensor) -> None:
