@@ -149,6 +149,25 @@ def test_eleven_consecutive_non_finite_steps_stop_the_fit(make):
     assert _shim.get_skip_backward(trainer) is False  # on_exception put the trainer back
 
 
+def _fit_across_a_nan_gradient(cb, k: int, steps: int, warning: str) -> pl.Trainer:
+    """Fit ``steps`` steps with ``cb`` where step ``k``'s gradient is NaN under a finite loss (warning ``warning``);
+    assert that step left weights and method state bit-identical and that training went on to finite weights."""
+    snap = Snapshot(cb, k)
+    pl.seed_everything(0, verbose=False)
+    model = Poisoned(bad_steps=(k,), where="grad")
+    trainer = tiny_trainer(max_steps=steps, callbacks=[cb, snap])
+    with pytest.warns(UserWarning, match=warning):
+        trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
+    (w0, s0), (w1, s1) = snap.before, snap.after
+    assert all(torch.equal(w0[m], w1[m]) for m in w0)
+    s0["callback"].pop("layer"), s1["callback"].pop("layer")
+    assert_same(s0, s1, nan_equal=True)
+    assert trainer.global_step == steps
+    end = full_state(model)
+    assert all(torch.isfinite(v).all() for v in end.values()) and any(not torch.equal(end[m], w1[m]) for m in end)
+    return trainer
+
+
 IN_BACKWARD = {
     # LOMO leaves out the non-finite elements only (SGD is elementwise): the embedding rows of absent tokens, whose
     # gradient is 0, would take weight decay, so none here keeps the step bit-identical
@@ -165,21 +184,9 @@ def test_in_backward_methods_leave_out_tensors_whose_gradient_is_not_finite(name
     state bit-identical, the host counters put back, the step counted in partial_steps, and training goes on."""
     k = 3  # not a GaLore refresh step (gap 2): a refresh from a NaN gradient is retried, which changes its counters
     cb = IN_BACKWARD[name]()
-    snap = Snapshot(cb, k)
-    pl.seed_everything(0, verbose=False)
-    model = Poisoned(bad_steps=(k,), where="grad")
-    n = sum(1 for p in model.parameters() if p.requires_grad)
-    trainer = tiny_trainer(max_steps=6, callbacks=[cb, snap])
-    with pytest.warns(UserWarning, match=f"non-finite gradient at step {k} in {n} of {n} tensors"):
-        trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
-    (w0, s0), (w1, s1) = snap.before, snap.after
-    assert all(torch.equal(w0[m], w1[m]) for m in w0)
-    s0["callback"].pop("layer"), s1["callback"].pop("layer")
-    assert_same(s0, s1, nan_equal=True)
+    n = sum(1 for p in Poisoned().parameters() if p.requires_grad)
+    trainer = _fit_across_a_nan_gradient(cb, k, 6, f"non-finite gradient at step {k} in {n} of {n} tensors")
     assert (cb.skipped_steps, cb.guard.partial_steps, cb.guard.skipped_tensors) == (0, 1, n)
-    assert trainer.global_step == 6
-    end = full_state(model)
-    assert all(torch.isfinite(v).all() for v in end.values()) and any(not torch.equal(end[m], w1[m]) for m in end)
     assert cb.state_dict()["skips"]["partial_steps"] == 1
     assert trainer.callback_metrics["partial_steps"] == 1  # logged once a step left tensors out
 
@@ -212,19 +219,8 @@ def test_galore_skips_a_step_whose_gradient_is_not_finite():
     like a NaN loss, weights and state bit-identical, and training goes on."""
     k = 2
     cb = GaLore(**GAP)
-    snap = Snapshot(cb, k)
-    pl.seed_everything(0, verbose=False)
-    model = Poisoned(bad_steps=(k,), where="grad")
-    trainer = tiny_trainer(max_steps=5, callbacks=[cb, snap])
-    with pytest.warns(UserWarning, match=f"GaLore: non-finite loss or gradient at step {k}"):
-        trainer.fit(model, tiny_datamodule(k=32, batch_size=8))
-    (w0, s0), (w1, s1) = snap.before, snap.after
-    assert all(torch.equal(w0[n], w1[n]) for n in w0)
-    s0["callback"].pop("layer"), s1["callback"].pop("layer")
-    assert_same(s0, s1, nan_equal=True)
-    assert cb.skipped_steps == 1 and trainer.global_step == 5
-    end = full_state(model)
-    assert all(torch.isfinite(v).all() for v in end.values()) and any(not torch.equal(end[n], w1[n]) for n in end)
+    _fit_across_a_nan_gradient(cb, k, 5, f"GaLore: non-finite loss or gradient at step {k}")
+    assert cb.skipped_steps == 1
 
 
 def test_two_method_callbacks_are_refused():
