@@ -29,13 +29,12 @@ from typing import Any
 
 import torch
 
+from benchmarks.cases.galore import setup as galore_case
 from benchmarks.cases.mezo import mezo
 from benchmarks.common import build
 from benchmarks.task_results import environment
 from lightning_memopt.core.fused_backward import FusedBackward
-from lightning_memopt.core.holder import HolderOptimizer
 from lightning_memopt.core.nonfinite import SkipGuard
-from lightning_memopt.galore.optim import GaLoreOptimizer, GaLoreSettings, select_targets
 from lightning_memopt.lomo.core import FusedStep, LomoSettings
 
 Step = Callable[[], Any]
@@ -58,12 +57,8 @@ def lomo_steps(model: torch.nn.Module, x: torch.Tensor, rule: str) -> dict[str, 
 
 def galore_steps(model: torch.nn.Module, x: torch.Tensor, layerwise: bool) -> dict[str, Step]:
     """GaLore as its callback steps it (benchmarks/cases/galore.py's settings), with and without the checks."""
-    model.train()
-    rank = 128 if model.config.hidden_size >= 512 else 8
-    holder = HolderOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5))
     guard = SkipGuard("GaLore", notify=lambda msg: None)
-    galore = GaLoreOptimizer(holder, select_targets(model), GaLoreSettings(rank=rank, update_proj_gap=200,
-                                                                           scale=0.25), guard=guard)
+    holder, galore, _ = galore_case(model, 200, guard=guard)
     group = holder.param_groups[0]
     if layerwise:
         FusedBackward(group["params"], update=lambda p: galore.step_param(p, group))

@@ -28,10 +28,11 @@ import torch
 from benchmarks.common import run_case, parse_case_args
 from lightning_memopt.core.fused_backward import FusedBackward
 from lightning_memopt.core.holder import HolderOptimizer
+from lightning_memopt.core.nonfinite import SkipGuard
 from lightning_memopt.galore.optim import GaLoreOptimizer, GaLoreSettings, select_targets
 
 
-def _setup(
+def setup(
     model: torch.nn.Module,
     gap: int,
     with_targets: bool = True,
@@ -39,6 +40,7 @@ def _setup(
     power_iters: int = 1,
     optimizer: str = "adamw",
     all_2d: bool = False,
+    guard: SkipGuard | None = None,
 ):
     model.train()
     if checkpointing:
@@ -55,14 +57,14 @@ def _setup(
     settings = GaLoreSettings(
         rank=rank, update_proj_gap=gap, scale=0.25, power_iters=power_iters, optimizer=optimizer, moments=moments
     )
-    galore = GaLoreOptimizer(holder, targets, settings)
+    galore = GaLoreOptimizer(holder, targets, settings, guard=guard)
     return holder, galore, targets
 
 
 def normal(
     model: torch.nn.Module, x: torch.Tensor, gap: int = 200, with_targets: bool = True, power_iters: int = 1
 ) -> Callable[[], Any]:
-    holder, galore, _ = _setup(model, gap, with_targets, power_iters=power_iters)
+    holder, galore, _ = setup(model, gap, with_targets, power_iters=power_iters)
 
     def step() -> None:
         model(input_ids=x, labels=x).loss.backward()
@@ -75,7 +77,7 @@ def normal(
 def layerwise(
     model: torch.nn.Module, x: torch.Tensor, checkpointing: bool, optimizer: str = "adamw", all_2d: bool = False
 ) -> Callable[[], Any]:
-    holder, galore, _ = _setup(model, 200, checkpointing=checkpointing, optimizer=optimizer, all_2d=all_2d)
+    holder, galore, _ = setup(model, 200, checkpointing=checkpointing, optimizer=optimizer, all_2d=all_2d)
     group = holder.param_groups[0]
     FusedBackward(group["params"], update=lambda p: galore.step_param(p, group))
 
@@ -86,7 +88,7 @@ def layerwise(
 
 
 def refresh_only(model: torch.nn.Module, x: torch.Tensor, power_iters: int = 1) -> Callable[[], Any]:
-    _, galore, targets = _setup(model, 1, power_iters=power_iters)
+    _, galore, targets = setup(model, 1, power_iters=power_iters)
     model(input_ids=x, labels=x).loss.backward()
 
     def step() -> None:
