@@ -68,7 +68,7 @@ def _records(pattern: str, results: Path) -> list[dict[str, Any]]:
         data = json.loads(path.read_text())
         for rec in data if isinstance(data, list) else []:
             if isinstance(rec, dict) and "method" in rec:
-                out.append(rec)
+                out.append(dict(rec, file=path.name))  # where it came from, for the README's provenance
     return out
 
 
@@ -221,7 +221,7 @@ def grid_table(cells: dict[tuple[str, str, int], dict[str, Any]], est: dict[tupl
     return "\n".join(rows)
 
 
-def _over_seeds(recs: list[dict[str, Any]], field: str, fmt: str = "{:.1f}") -> str:
+def over_seeds(recs: list[dict[str, Any]], field: str, fmt: str = "{:.1f}") -> str:
     """``mean ± std`` over the seeds measured, naming them when fewer than all; ``—`` when none."""
     vals = [(int(r["seed"]), float(r[field])) for r in recs if isinstance(r.get(field), (int, float))]
     if not vals:
@@ -244,8 +244,8 @@ def summary_table(cells: dict[tuple[str, str, int], dict[str, Any]]) -> str:
         if not any(by_task.values()):
             continue
         peaks = [r["peak_gib"] for recs in by_task.values() for r in recs if isinstance(r.get("peak_gib"), (int, float))]
-        row = [f"`{m}`"] + [_over_seeds(by_task[t], METRIC[t][0]) for t in TASKS]
-        row += ["—" if m == "zero_shot" else _over_seeds([r for r in by_task[t] if alone(r)], "train_s", "{:.0f}")
+        row = [f"`{m}`"] + [over_seeds(by_task[t], METRIC[t][0]) for t in TASKS]
+        row += ["—" if m == "zero_shot" else over_seeds([r for r in by_task[t] if alone(r)], "train_s", "{:.0f}")
                 for t in TASKS]
         row.append(f"{max(peaks):.2f}" if peaks else "—")
         rows.append("| " + " | ".join(row) + " |")

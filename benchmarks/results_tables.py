@@ -113,6 +113,14 @@ class Loader:
             out.append(float(v))
         return out
 
+    def grid_cells(self) -> dict[tuple[str, str, int], dict[str, Any]]:
+        """The quality grid's cells under this root, as ``benchmarks.grid`` counts them (read once)."""
+        if "grid cells" not in self.cache:
+            from benchmarks import grid  # grid imports this module
+
+            self.cache["grid cells"] = grid.done_cells(self.root)
+        return self.cache["grid cells"]
+
     def one(self, s: Sel) -> float:
         vals = self.values(s)
         if len(vals) != 1:
@@ -197,6 +205,41 @@ def mean_std(vals: list[float]) -> tuple[float, float]:
 
 
 @dataclass(frozen=True)
+class GridCell:
+    """A quality-grid cell over its seeds: the records ``benchmarks.grid`` counts for ``task`` and ``method`` (from
+    every ``<task>_grid_*.json``), their ``field`` (the task's dev metric when empty) as ``mean ± std``, naming the
+    seeds when fewer than all. ``solo`` keeps the runs that had the GPU alone, for times. Fewer than ``min_n`` seeds
+    is an error, so a cell never claims seeds it lacks."""
+
+    task: str
+    method: str
+    field: str = ""
+    fmt: str = "{:.1f}"
+    solo: bool = False
+    min_n: int = 3
+
+    def sources(self) -> list[Sel]:
+        return []  # no one file: records() names each record's own
+
+    def records(self, ld: Loader) -> list[dict[str, Any]]:
+        from benchmarks import grid
+
+        cells = ld.grid_cells()
+        recs = [cells[(self.task, self.method, s)] for s in grid.SEEDS if (self.task, self.method, s) in cells]
+        return [r for r in recs if grid.alone(r)] if self.solo else recs
+
+    def render(self, ld: Loader) -> str:
+        from benchmarks import grid
+
+        recs = self.records(ld)
+        fld = self.field or grid.METRIC[self.task][0]
+        if len(recs) < self.min_n:
+            raise LookupError(f"grid cell {self.task}/{self.method}{' (solo)' if self.solo else ''} has "
+                              f"{len(recs)} seeds, expected at least {self.min_n}")
+        return grid.over_seeds(recs, fld, self.fmt)
+
+
+@dataclass(frozen=True)
 class Missing:
     """A figure that no committed JSON holds: rendered as the README has it, reported as "no JSON source"."""
 
@@ -210,7 +253,7 @@ class Missing:
         return self.text
 
 
-Figure = Union[Value, Ratio, Range, MeanStd, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
+Figure = Union[Value, Ratio, Range, MeanStd, GridCell, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
 
 
 @dataclass(frozen=True)
@@ -471,16 +514,22 @@ def _rec_name(rec: dict[str, Any]) -> str:
     return f"{name}@{rec['size']}" if rec.get("size") else str(name)
 
 
+def used_records(fig: Figure, ld: Loader) -> list[tuple[str, dict[str, Any]]]:
+    """(file, record) for each record a figure reads."""
+    if isinstance(fig, GridCell):
+        return [(r["file"], r) for r in fig.records(ld)]
+    return [(s.file, r) for s in fig.sources() for r in ld.select(s)]
+
+
 def provenance_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> list[str]:
     """For each JSON file the table reads: the records it uses that lack commit, GPU or command."""
     ld = Loader(root)
     used: dict[str, list[dict[str, Any]]] = {}
     for _, _, fig in all_figures(table):
-        for s in fig.sources():
-            for r in ld.select(s):
-                lst = used.setdefault(s.file, [])
-                if all(r is not x for x in lst):
-                    lst.append(r)
+        for file, r in used_records(fig, ld):
+            lst = used.setdefault(file, [])
+            if all(r is not x for x in lst):
+                lst.append(r)
     out = []
     for file in sorted(used):
         by_gap: dict[tuple[str, ...], list[str]] = {}
@@ -496,7 +545,8 @@ def provenance_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> list
 
 def other_files_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> list[str]:
     """The JSON files under results/ the table does not read, with the provenance they lack (for docs/results.md)."""
-    used = {s.file for _, _, f in all_figures(table) for s in f.sources()}
+    ld = Loader(root)
+    used = {file for _, _, f in all_figures(table) for file, _ in used_records(f, ld)}
     out = []
     for path in sorted(Path(root).glob("*.json")):
         if path.name in used:
