@@ -16,7 +16,8 @@ so the timed curves, and every training time the summary reports, are seed 0's o
 The estimate of a missing cell is the median ``process_s`` of the method's earlier H200 records on that task in any
 committed task JSON (see :func:`estimates`), else ``--default_s``. The calls group one task and one seed, seed 0
 of every task first (its curves are the timed ones), within ``--budget`` seconds each; with ``--jobs J`` the calls
-of seeds 1 and 2 run J cells at a time (see :func:`plan_calls`):
+of seeds 1 and 2 run J cells at a time, a method missing on both seeds in one call, and a run the grid has seen
+shared takes that run's time (see :func:`plan_calls`, :func:`shared_estimates`):
 
     python -m benchmarks.grid                  # the grid: dev per cell, or its estimate if missing
     python -m benchmarks.grid --calls          # the next device calls (benchmarks/device_run.sh task ...)
@@ -167,35 +168,68 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0) -> dict[tuple[s
     return est
 
 
+def shared_estimates(results: Path = RESULTS) -> dict[tuple[str, str], float]:
+    """(task, method) -> seconds a run took as a process beside other grid runs (the median over its shared cells,
+    any GPU the grid counts): what it takes in a ``--jobs`` call, sharing included."""
+    runs: dict[tuple[str, str], list[float]] = {}
+    for (task, m, _), rec in done_cells(results).items():
+        if not alone(rec) and rec.get("process_s"):
+            runs.setdefault((task, m), []).append(float(rec["process_s"]))
+    return {k: round(statistics.median(v), 1) for k, v in runs.items()}
+
+
+def makespan(durations: list[float], lanes: int) -> float:
+    """When the last of these runs ends, ``lanes`` at a time, each next run starting in the first lane free."""
+    ends = [0.0] * max(1, lanes)
+    for d in durations:  # in the order task_results starts them
+        i = ends.index(min(ends))
+        ends[i] += d
+    return max(ends)
+
+
 def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], float], budget: float,
-               jobs: int = 1, speedup: float = 1.0, run_timeout: float = RUN_TIMEOUT_S) -> list[dict[str, Any]]:
-    """Missing cells packed into calls of one task and seed, each within ``budget`` seconds (a cell longer than
+               jobs: int = 1, speedup: float = 1.0, run_timeout: float = RUN_TIMEOUT_S,
+               shared_est: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
+    """Missing cells packed into calls of one task, each within ``budget`` seconds (a cell longer than
     the budget gets a call of its own; longest first, each into the first call with room), seed 0 of every task
     first.
 
-    Seeds 1 and 2 run without dev curves, and with ``jobs`` > 1 ``jobs`` cells at a time. ``speedup`` is what that
-    gains in throughput over one at a time, so a call's estimate is its cells' sum over ``speedup``: 1.0 (nothing) by
-    default; five SST-2 runs at once on an H100 gave about 4 (167 s against ~710 s one at a time by the estimates,
-    two of them proxies). A cell whose run, slowed ``jobs / speedup`` times, would near its timeout (or the
-    10-minute cap, which would leave it uncounted) keeps a solo call."""
+    Seeds 1 and 2 run without dev curves, and with ``jobs`` > 1 ``jobs`` cells at a time. A shared run takes its
+    :func:`shared_estimates` figure where the grid has one, else its solo estimate slowed ``jobs / speedup`` times
+    (``speedup``: what sharing gains in throughput, 1.0 by default; five SST-2 runs at once on an H100 gave about
+    4), and a shared call's estimate is when its last run ends, ``jobs`` at a time. A method shared on seeds 1 and 2
+    both runs both in one call (``seeds``). A cell whose shared run would near its timeout (or the 10-minute cap,
+    which would leave it uncounted) keeps a solo call."""
+    shared_est = shared_est or {}
     calls: list[dict[str, Any]] = []
-    for seed in SEEDS:
+    limit = 0.8 * min(run_timeout, 600)
+    for phase in ((0,), tuple(s for s in SEEDS if s != 0)):  # seed 0 of every task first
         for task in TASKS:
-            cells = [m for t, m, s in missing if (t, s) == (task, seed)]
-            shared = [m for m in cells if seed != 0 and jobs > 1 and est[(task, m)] * jobs / speedup
-                      <= 0.8 * min(run_timeout, 600)]
-            for group, j, rate in ((shared, jobs, speedup), ([m for m in cells if m not in shared], 1, 1.0)):
+            todo = {s: [m for t, m, ss in missing if (t, ss) == (task, s)] for s in phase}
+            beside = {m: shared_est.get((task, m), est[(task, m)] * jobs / speedup) for ms in todo.values() for m in ms}
+            sharable = {s: [m for m in ms if s != 0 and jobs > 1 and beside[m] <= limit] for s, ms in todo.items()}
+            # a method shared on every seed of the phase: one call runs them all (task_results --seeds 1,2)
+            every = [m for m in METHODS if len(phase) > 1 and all(m in sharable[s] for s in phase)]
+            groups = [(phase, every, jobs)] if every else []
+            for s in phase:
+                groups.append(((s,), [m for m in sharable[s] if m not in every], jobs))
+                groups.append(((s,), [m for m in todo[s] if m not in sharable[s]], 1))
+            for seeds, group, j in groups:
+                dur = beside if j > 1 else {m: est[(task, m)] for m in group}
+                def took(ms: list[str], dur: dict[str, float] = dur, seeds: tuple[int, ...] = seeds,
+                         j: int = j) -> float:  # task_results starts the grid's order, each spec over its seeds
+                    return SETUP_S + makespan([dur[x] for x in sorted(ms, key=METHODS.index) for _ in seeds], j)
                 # first fit, longest first: fewer calls than filling them in the grid's order
                 bins: list[dict[str, Any]] = []
-                for m in sorted(group, key=lambda m: -est[(task, m)]):
-                    cur = next((b for b in bins if b["est_s"] + est[(task, m)] / rate <= budget), None)
+                for m in sorted(group, key=lambda m: -dur[m]):
+                    cur = next((b for b in bins if took(b["methods"] + [m]) <= budget), None)
                     if cur is None:
-                        cur = {"task": task, "seed": seed, "methods": [], "jobs": j, "est_s": float(SETUP_S)}
+                        cur = {"task": task, "seed": seeds[0], "seeds": seeds, "methods": [], "jobs": j}
                         bins.append(cur)
                     cur["methods"].append(m)
-                    cur["est_s"] += est[(task, m)] / rate
-                for b in bins:  # each call's methods in the grid's order
+                for b in bins:
                     b["methods"].sort(key=METHODS.index)
+                    b["est_s"] = took(b["methods"])
                 calls += bins
     for c in calls:
         # dev curves are seed 0's (the plotted, timed ones): other seeds save the dev passes
@@ -203,8 +237,9 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
         opts += f" --max_minutes 10 --timeout {run_timeout:.0f}" + (f" --jobs {c['jobs']}" if c["jobs"] > 1 else "")
         # unique by content, not by order; seeds 1 and 2 may run on an H100, and the record says which
         gpu = "h200_" if c["seed"] == 0 else ""
-        name = f"{c['task']}_grid_{gpu}s{c['seed']}_{'-'.join(c['methods'])}"
-        c["command"] = f"bash benchmarks/device_run.sh task {c['task']} {c['seed']} {','.join(c['methods'])} {name}{opts}"
+        name = f"{c['task']}_grid_{gpu}s{'-'.join(map(str, c['seeds']))}_{'-'.join(c['methods'])}"
+        seeds = ",".join(map(str, c["seeds"]))
+        c["command"] = f"bash benchmarks/device_run.sh task {c['task']} {seeds} {','.join(c['methods'])} {name}{opts}"
         c["est_s"] = round(c["est_s"])
     return calls
 
@@ -300,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
               "an H100 or H200:")
         head = subprocess.run(["git", "-C", str(RESULTS), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=False).stdout.strip() or "unknown"
-        for c in plan_calls(missing, est, args.budget, args.jobs, args.speedup):
+        for c in plan_calls(missing, est, args.budget, args.jobs, args.speedup,
+                            shared_est=shared_estimates(args.results)):
             print(f"  ~{c['est_s']:>4} s  MEMOPT_COMMIT={head} {c['command']}")
     return 0
 

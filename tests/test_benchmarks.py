@@ -400,8 +400,10 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
 
     missing = [(t, m, s) for s in grid.SEEDS for t in grid.TASKS for m in grid.METHODS if (t, m, s) not in cells]
     calls = grid.plan_calls(missing, est, budget=540)
-    assert [c["seed"] for c in calls] == sorted(c["seed"] for c in calls)  # seed 0 of every task first
+    first = [c["seed"] == 0 for c in calls]
+    assert first == sorted(first, reverse=True) and any(first)  # seed 0 of every task first
     assert sorted((c["task"], m, c["seed"]) for c in calls for m in c["methods"]) == sorted(missing)
+    assert all(c["seeds"] == (c["seed"],) for c in calls)  # solo calls: one seed each
     for c in calls:  # within the budget, or one cell alone
         assert c["est_s"] <= 540 or len(c["methods"]) == 1
         assert c["command"].startswith(f"bash benchmarks/device_run.sh task {c['task']} {c['seed']} ")
@@ -413,22 +415,29 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     out = capsys.readouterr().out
     assert "| sst2 | adamw | 80.0 | 81.0 | (~100 s) |" in out and "6 of 81 cells measured; 75 left" in out
 
-    # --jobs: seeds 1 and 2 share the GPU J at a time (no dev curve), a call's estimate its sum over the speedup;
-    # a cell too long to share safely keeps a solo call; seed 0 is always solo
+    # --jobs: seeds 1 and 2 share the GPU J at a time (no dev curve), each run slowed J / speedup times unless the
+    # grid has its shared time, a call's estimate when its last run ends; a method missing on both seeds runs both
+    # in one call; a cell too long to share safely keeps a solo call; seed 0 is always solo
     est[("sst2", "mezo")] = 400.0
-    calls = grid.plan_calls(missing, est, budget=540, jobs=3, speedup=2.0)
-    assert sorted((c["task"], m, c["seed"]) for c in calls for m in c["methods"]) == sorted(missing)
+    beside = {("mrpc", "adamw"): 50.0}
+    calls = grid.plan_calls(missing, est, budget=540, jobs=3, speedup=2.0, shared_est=beside)
+    assert sorted((c["task"], m, s) for c in calls for m in c["methods"] for s in c["seeds"]) == sorted(missing)
     for c in calls:
         shared = c["jobs"] > 1
         assert c["command"].endswith(" --jobs 3") == shared
         assert ("--dev_curve" in c["command"]) == (c["seed"] == 0 and c["task"] != "squad")
+        assert f" task {c['task']} {','.join(map(str, c['seeds']))} " in c["command"]
         if shared:
-            assert c["seed"] != 0 and c["est_s"] <= 540
-            assert c["est_s"] == round(grid.SETUP_S + sum(est[(c["task"], m)] for m in c["methods"]) / 2.0)
+            assert 0 not in c["seeds"] and c["est_s"] <= 540
+            runs = [beside.get((c["task"], m), est[(c["task"], m)] * 1.5) for m in c["methods"] for _ in c["seeds"]]
+            assert c["est_s"] == round(grid.SETUP_S + grid.makespan(runs, 3))
     assert all(c["jobs"] == 1 for c in calls if c["seed"] == 0)
-    assert any(c["jobs"] == 3 for c in calls)
+    both = [c for c in calls if c["seeds"] == (1, 2)]
+    assert both and all(c["jobs"] == 3 and f"_grid_s1-2_{'-'.join(c['methods'])} " in c["command"] for c in both)
+    assert any("adamw" in c["methods"] for c in both if c["task"] == "mrpc")
     # 400 s slowed 3/2 times would run 600 s: past 0.8 of the 580 s timeout, so alone
     assert all(c["jobs"] == 1 for c in calls if c["task"] == "sst2" and "mezo" in c["methods"])
+    assert grid.makespan([3.0, 1.0, 1.0, 1.0], 2) == 3.0 and grid.makespan([1.0, 1.0, 1.0], 2) == 2.0
     with pytest.raises(SystemExit):
         grid.main(["--results", str(tmp_path), "--calls", "--jobs", "0"])
     assert "--jobs must be >= 1" in capsys.readouterr().err
