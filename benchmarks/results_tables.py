@@ -1,8 +1,9 @@
-"""The README's "Which method should I use?" table, rendered from the committed JSON under ``benchmarks/results/``.
+"""The README's "Which method should I use?" table, and docs/results.md's speed tables (:data:`DOC_TABLES`), rendered
+from the committed JSON under ``benchmarks/results/``.
 
     python -m benchmarks.results_tables            # print the table the JSON gives, and the provenance report
-    python -m benchmarks.results_tables --check    # exit 1 and print the differences if README.md disagrees
-    python -m benchmarks.results_tables --write    # rewrite README.md between the results-table markers
+    python -m benchmarks.results_tables --check    # exit 1 and print the differences if README.md or the docs disagree
+    python -m benchmarks.results_tables --write    # rewrite README.md and docs/results.md between their markers
     python -m benchmarks.results_tables --check --strict   # also fail on a figure without JSON or a record
                                                            # without its commit, GPU and command
 
@@ -31,6 +32,7 @@ from typing import Any, Union
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 README = ROOT / "README.md"
+DOCS = ROOT / "docs" / "results.md"
 START = "<!-- results-table:start"
 END = "<!-- results-table:end -->"
 DASH = "–"  # en dash between the ends of a range
@@ -141,8 +143,11 @@ class Value:
     def sources(self) -> list[Sel]:
         return [self.src]
 
+    def number(self, ld: Loader) -> float:
+        return ld.one(self.src) * self.scale
+
     def render(self, ld: Loader) -> str:
-        return self.fmt.format(ld.one(self.src) * self.scale)
+        return self.fmt.format(self.number(ld))
 
 
 @dataclass(frozen=True)
@@ -156,8 +161,11 @@ class Ratio:
     def sources(self) -> list[Sel]:
         return [self.num, self.den]
 
+    def number(self, ld: Loader) -> float:
+        return ld.one(self.num) / ld.one(self.den)
+
     def render(self, ld: Loader) -> str:
-        return self.fmt.format(ld.one(self.num) / ld.one(self.den))
+        return self.fmt.format(self.number(ld))
 
 
 @dataclass(frozen=True)
@@ -240,6 +248,27 @@ class GridCell:
 
 
 @dataclass(frozen=True)
+class Goal:
+    """A figure against its goal: ``text`` (the goal as the table shows it, e.g. ``"≤ 0.67"``), then ✓ where the
+    figure's unrounded value is ``op`` (``"<="`` or ``">="``) ``bound``, else ✗."""
+
+    of: Value | Ratio
+    op: str
+    bound: float
+    text: str
+
+    def sources(self) -> list[Sel]:
+        return self.of.sources()
+
+    def render(self, ld: Loader) -> str:
+        if self.op not in ("<=", ">="):
+            raise ValueError(f"Goal op must be '<=' or '>=', got {self.op!r}")
+        x = self.of.number(ld)
+        ok = x <= self.bound if self.op == "<=" else x >= self.bound
+        return f"{self.text} {'✓' if ok else '✗'}"
+
+
+@dataclass(frozen=True)
 class Missing:
     """A figure that no committed JSON holds: rendered as the README has it, reported as "no JSON source"."""
 
@@ -253,7 +282,7 @@ class Missing:
         return self.text
 
 
-Figure = Union[Value, Ratio, Range, MeanStd, GridCell, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
+Figure = Union[Value, Ratio, Range, MeanStd, GridCell, Goal, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
 
 
 @dataclass(frozen=True)
@@ -383,6 +412,51 @@ WHICH_METHOD = Table(
 )
 
 
+# docs/results.md's speed tables, each between ``<!-- table:NAME ... -->`` and ``<!-- table:NAME:end -->``: a
+# suite's JSON as its table, with the goals beside the figures. Swap a file name to re-measure a table.
+ms = lambda file, key, size: Value(ours(file, key, size, "step_s"), scale=1000.0)
+gib = lambda file, key, size: Value(ours(file, key, size, "peak_gib"), "{:.2f}")
+
+FOUNDATION = "foundation.json"
+DFO = "dfo.json"
+
+
+def _dfo_rows(size: str, model: str) -> tuple[Row, ...]:
+    k = lambda case: f"ours:{case}"
+    seq_row = lambda case: Value(ours(DFO, k(case), size, "ratios.sequential / row"), "{:.1f}")
+    peak_inf = lambda case: Value(ours(DFO, k(case), size, "ratios.peak / inference"), "{:.2f}")
+    goals = lambda case: {"g_speed": Goal(seq_row(case), ">=", 5.0, "≥ 5×"),
+                          "g_peak": Goal(peak_inf(case), "<=", 1.3, "≤ 1.3")}
+    def row(label: str, case: str, speed: str, peak: str, goal: str = "") -> Row:
+        figs = {"ms": ms(DFO, k(case), size), "peak": gib(DFO, k(case), size), "pinf": peak_inf(case),
+                **({"row": seq_row(case)} if "{row}" in speed else {}), **(goals(case) if goal else {})}
+        return Row((model, label, "{ms}", "{peak}", speed, peak, goal), figs)
+
+    return (
+        row("inference (one candidate)" if size == "1b" else "inference", "inference", "—", "{pinf}"),
+        row("batched, whole population" + (" (`population_chunk=None`)" if size == "1b" else ""), "dfo_batched",
+            "{row}×", "{pinf}", "{g_speed}, {g_peak}"),
+        row("**batched, `population_chunk=10` (default)**", "dfo_batched_chunk10", "**{row}×**", "**{pinf}**",
+            "{g_speed}, {g_peak}"),
+        row("batched, `population_chunk=5`" + (" (earlier run)" if size == "1b" else ""), "dfo_batched_chunk5",
+            "{row}×", "{pinf}"),
+        row("sequential", "dfo_sequential", "1.0×", "{pinf}"),
+    )
+
+
+DOC_TABLES: dict[str, Table] = {
+    "foundation": Table("", {}, ("case", "step ms", "peak GiB"), tuple(
+        Row((label, "{ms}", "{peak}"), {"ms": ms(FOUNDATION, key, "1b"), "peak": gib(FOUNDATION, key, "1b")})
+        for label, key in (("HF forward (inference)", "peer:forward"), ("AdamW (torch, fused)", "peer:adamw"),
+                           ("AdamW + activation checkpointing", "peer:adamw_ckpt"),
+                           ("MeZO official-style step", "peer:mezo_official"), ("lomo-optim LOMO", "peer:lomo"),
+                           ("galore-torch GaLoreAdamW", "peer:galore")))),
+    "dfo": Table("", {}, ("model", "case", "ms per generation", "peak GiB", "sequential / row", "peak / inference",
+                          "goals"),
+                 _dfo_rows("1b", "1.1B") + _dfo_rows("smol", "SmolLM2 shape")),
+}
+
+
 # ------------------------------------------------------------------------------------------------------ rendering
 
 def _cell(text: str) -> str:
@@ -396,7 +470,7 @@ def render_figures(figs: dict[str, Figure], ld: Loader) -> dict[str, str]:
 def render(table: Table = WHICH_METHOD, root: Path = RESULTS) -> str:
     """The intro paragraph, a blank line and the Markdown table, as the README holds them between the markers."""
     ld = Loader(root)
-    lines = [table.intro.format(**render_figures(table.intro_figures, ld)), ""]
+    lines = [table.intro.format(**render_figures(table.intro_figures, ld)), ""] if table.intro else []
     lines.append("| " + " | ".join(table.header) + " |")
     lines.append("|" + "---|" * len(table.header))
     for row in table.rows:
@@ -482,6 +556,41 @@ def write_readme(path: Path = README, table: Table = WHICH_METHOD, root: Path = 
     return True
 
 
+# ------------------------------------------------------------------------------------------------ docs in and out
+
+def doc_block(text: str, name: str) -> tuple[str, str, str]:
+    """(before and including the start marker line, the block, the end marker and after) of table ``name``."""
+    start, end = f"<!-- table:{name} ", f"<!-- table:{name}:end -->"
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i:
+        raise SystemExit(f"{DOCS} has no {start}... --> ... {end} markers around the {name!r} table")
+    head_end = text.index("\n", i) + 1
+    return text[:head_end], text[head_end:j].rstrip("\n"), text[j:]
+
+
+def doc_differences(text: str, tables: dict[str, Table] | None = None, root: Path = RESULTS) -> list[str]:
+    """Per table: the unified diff of the docs' block against what the JSON gives; empty when all agree."""
+    out: list[str] = []
+    for name, table in (DOC_TABLES if tables is None else tables).items():
+        _, have, _ = doc_block(text, name)
+        want = render(table, root)
+        if have != want:
+            out += list(difflib.unified_diff(have.split("\n"), want.split("\n"), f"docs table {name}",
+                                             "rendered from JSON", lineterm=""))
+    return out
+
+
+def write_docs(path: Path = DOCS, tables: dict[str, Table] | None = None, root: Path = RESULTS) -> bool:
+    """Rewrite every table's block; True if the file changed."""
+    text = old = path.read_text()
+    for name, table in (DOC_TABLES if tables is None else tables).items():
+        head, _, tail = doc_block(text, name)
+        text = head + render(table, root) + "\n" + tail
+    if text != old:
+        path.write_text(text)
+    return text != old
+
+
 # ------------------------------------------------------------------------------------------------------ provenance
 
 def all_figures(table: Table = WHICH_METHOD) -> Iterable[tuple[str, str, Figure]]:
@@ -546,7 +655,9 @@ def provenance_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> list
 def other_files_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> list[str]:
     """The JSON files under results/ the table does not read, with the provenance they lack (for docs/results.md)."""
     ld = Loader(root)
-    used = {file for _, _, f in all_figures(table) for file, _ in used_records(f, ld)}
+    figs = [f for t in (table, *DOC_TABLES.values()) for _, _, f in all_figures(t)]
+    used = {s.file for f in figs for s in f.sources()}  # by name: a file a table names need not be under root
+    used |= {file for f in figs if isinstance(f, GridCell) for file, _ in used_records(f, ld)}
     out = []
     for path in sorted(Path(root).glob("*.json")):
         if path.name in used:
@@ -570,34 +681,37 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> i
     ap.add_argument("--strict", action="store_true",
                     help="also fail on figures without a JSON source and on records without commit/GPU/command")
     ap.add_argument("--readme", default=str(README))
+    ap.add_argument("--docs", default=str(DOCS))
     ap.add_argument("--results", default=str(RESULTS))
     args = ap.parse_args(argv)
-    readme, root = Path(args.readme), Path(args.results)
+    readme, docs, root = Path(args.readme), Path(args.docs), Path(args.results)
     rc = 0
     if args.write:
         out(f"{readme}: {'rewritten' if write_readme(readme, root=root) else 'already matches the JSON'}")
+        out(f"{docs}: {'rewritten' if write_docs(docs, root=root) else 'already matches the JSON'}")
     elif args.check:
-        diffs = differences(readme.read_text(), root=root)
-        if diffs:
-            out(f"{readme}'s table differs from benchmarks/results/*.json "
-                "(fix the JSON or the spec, then `python -m benchmarks.results_tables --write`):")
-            out("\n".join("  " + d for d in diffs))
-            rc = 1
-        else:
-            out(f"{readme}'s table matches the JSON.")
+        for path, diffs in ((readme, differences(readme.read_text(), root=root)),
+                            (docs, doc_differences(docs.read_text(), root=root))):
+            if diffs:
+                out(f"{path}'s tables differ from benchmarks/results/*.json "
+                    "(fix the JSON or the spec, then `python -m benchmarks.results_tables --write`):")
+                out("\n".join("  " + d for d in diffs))
+                rc = 1
+            else:
+                out(f"{path}'s tables match the JSON.")
     else:
         out(render(root=root))
     miss = missing_sources()
-    prov = provenance_report(root=root)
+    prov = list(dict.fromkeys(p for t in (WHICH_METHOD, *DOC_TABLES.values()) for p in provenance_report(t, root)))
     if miss:
         out(f"\nFigures with no JSON source ({len(miss)}; kept as the README has them, to be re-measured):")
         out("\n".join("  " + m for m in miss))
     if prov:
-        out("\nJSON records behind the table that lack commit, GPU or command (to be re-measured):")
+        out("\nJSON records behind the tables that lack commit, GPU or command (to be re-measured):")
         out("\n".join("  " + p for p in prov))
     other = other_files_report(root=root)
     if other:
-        out("\nOther JSON under benchmarks/results/ (not in this table) lacking commit, GPU or command:")
+        out("\nOther JSON under benchmarks/results/ (in no table) lacking commit, GPU or command:")
         out("\n".join("  " + p for p in other))
     if args.strict and (miss or prov):
         rc = rc or 2

@@ -20,15 +20,46 @@ def test_readme_table_matches_committed_json() -> None:
 def test_check_cli_passes_on_committed_readme(capsys: pytest.CaptureFixture[str]) -> None:
     assert rt.main(["--check"]) == 0
     out = capsys.readouterr().out
-    assert "matches the JSON" in out
+    assert "README.md's tables match the JSON" in out and "results.md's tables match the JSON" in out
     assert "no JSON source" not in out and rt.missing_sources() == []  # every figure has its JSON now
 
 
 def test_every_figure_resolves() -> None:
     """Each selector finds its record(s) and field: a renamed key or label fails here, not silently."""
     ld = rt.Loader()
-    for where, name, fig in rt.all_figures():
-        fig.render(ld)  # raises LookupError/KeyError naming the selector
+    for table in (rt.WHICH_METHOD, *rt.DOC_TABLES.values()):
+        for where, name, fig in rt.all_figures(table):
+            fig.render(ld)  # raises LookupError/KeyError naming the selector
+
+
+def test_docs_speed_tables_match_committed_json() -> None:
+    diffs = rt.doc_differences(rt.DOCS.read_text())
+    assert not diffs, ("docs/results.md's tables disagree with benchmarks/results/*.json; fix the JSON or "
+                       "benchmarks/results_tables.py, then `python -m benchmarks.results_tables --write`:\n"
+                       + "\n".join(diffs))
+
+
+def test_goals_and_docs_blocks_on_fake_json(tmp_path: Path) -> None:
+    (tmp_path / "fake.json").write_text(json.dumps(FAKE))
+    ld = rt.Loader(tmp_path)
+    ratio = rt.Ratio(rt.sel("fake.json", "peak_gib", label="b", seed=0), rt.sel("fake.json", "peak_gib", label="a"))
+    assert rt.Goal(ratio, "<=", 0.5, "≤ 0.5").render(ld) == "≤ 0.5 ✓"  # exactly at the bound meets it
+    assert rt.Goal(ratio, "<=", 0.49, "≤ 0.49").render(ld) == "≤ 0.49 ✗"
+    assert rt.Goal(rt.Value(rt.sel("fake.json", "dev_acc", label="a")), ">=", 87.7, "≥ 87.7").render(ld) == "≥ 87.7 ✗"
+    with pytest.raises(ValueError, match="op must be"):
+        rt.Goal(ratio, "<", 1.0, "< 1").render(ld)
+
+    tables = {"t": rt.Table("", {}, ("case", "peak", "goal"), (
+        rt.Row(("b", "{r}", "{g}"), {"r": ratio, "g": rt.Goal(ratio, "<=", 0.6, "≤ 0.6")}),))}
+    doc = tmp_path / "results.md"
+    doc.write_text("# r\n\n<!-- table:t (x) -->\n| old |\n<!-- table:t:end -->\n\nprose\n")
+    assert rt.doc_differences(doc.read_text(), tables, tmp_path)
+    assert rt.write_docs(doc, tables, tmp_path) and not rt.write_docs(doc, tables, tmp_path)
+    assert doc.read_text() == ("# r\n\n<!-- table:t (x) -->\n| case | peak | goal |\n|---|---|---|\n"
+                               "| b | 0.50 | ≤ 0.6 ✓ |\n<!-- table:t:end -->\n\nprose\n")
+    assert rt.doc_differences(doc.read_text(), tables, tmp_path) == []
+    with pytest.raises(SystemExit, match="markers around the 'u' table"):
+        rt.doc_block(doc.read_text(), "u")
 
 
 FAKE = [
