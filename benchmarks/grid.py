@@ -14,10 +14,10 @@ would (a solo run is faster, so the cap would not have ended it either); only it
 so the timed curves, and every training time the summary reports, are seed 0's or other solo runs'.
 
 The estimate of a missing cell is the median ``process_s`` of the method's earlier H200 records on that task in any
-committed task JSON (see :func:`estimates`), else ``--default_s``. The calls group one task and one seed, seed 0
-of every task first (its curves are the timed ones), within ``--budget`` seconds each; with ``--jobs J`` the calls
-of seeds 1 and 2 run J cells at a time, a method missing on both seeds in one call, and a run the grid has seen
-shared takes that run's time (see :func:`plan_calls`, :func:`shared_estimates`):
+committed task JSON (see :func:`estimates`), else ``--default_s``. The calls group one task, seed 0 of every task
+first (its curves are the timed ones) and one seed to a call, within ``--budget`` seconds each; with ``--jobs J``
+the calls of seeds 1 and 2 run J cells at a time, a method missing on both seeds in one call, and a run the grid
+has seen shared takes that run's time (see :func:`plan_calls`, :func:`shared_estimates`):
 
     python -m benchmarks.grid                  # the grid: dev per cell, or its estimate if missing
     python -m benchmarks.grid --calls          # the next device calls (benchmarks/device_run.sh task ...)
