@@ -563,7 +563,7 @@ def doc_block(text: str, name: str) -> tuple[str, str, str]:
     start, end = f"<!-- table:{name} ", f"<!-- table:{name}:end -->"
     i, j = text.find(start), text.find(end)
     if i < 0 or j < i:
-        raise SystemExit(f"{DOCS} has no {start}... --> ... {end} markers around the {name!r} table")
+        raise SystemExit(f"the docs have no {start}... --> ... {end} markers around the {name!r} table")
     head_end = text.index("\n", i) + 1
     return text[:head_end], text[head_end:j].rstrip("\n"), text[j:]
 
