@@ -168,11 +168,11 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0) -> dict[tuple[s
     return est
 
 
-def shared_estimates(results: Path = RESULTS) -> dict[tuple[str, str], float]:
-    """(task, method) -> seconds a run took as a process beside other grid runs (the median over its shared cells,
-    any GPU the grid counts): what it takes in a ``--jobs`` call, sharing included."""
+def shared_estimates(cells: dict[tuple[str, str, int], dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """(task, method) -> seconds a run took as a process beside other grid runs (the median over its shared cells of
+    :func:`done_cells`, any GPU the grid counts): what it takes in a ``--jobs`` call, sharing included."""
     runs: dict[tuple[str, str], list[float]] = {}
-    for (task, m, _), rec in done_cells(results).items():
+    for (task, m, _), rec in cells.items():
         if not alone(rec) and rec.get("process_s"):
             runs.setdefault((task, m), []).append(float(rec["process_s"]))
     return {k: round(statistics.median(v), 1) for k, v in runs.items()}
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         head = subprocess.run(["git", "-C", str(RESULTS), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=False).stdout.strip() or "unknown"
         for c in plan_calls(missing, est, args.budget, args.jobs, args.speedup,
-                            shared_est=shared_estimates(args.results)):
+                            shared_est=shared_estimates(cells)):
             print(f"  ~{c['est_s']:>4} s  MEMOPT_COMMIT={head} {c['command']}")
     return 0
 

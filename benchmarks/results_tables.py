@@ -257,12 +257,14 @@ class Goal:
     bound: float
     text: str
 
+    def __post_init__(self) -> None:
+        if self.op not in ("<=", ">="):
+            raise ValueError(f"Goal op must be '<=' or '>=', got {self.op!r}")
+
     def sources(self) -> list[Sel]:
         return self.of.sources()
 
     def render(self, ld: Loader) -> str:
-        if self.op not in ("<=", ">="):
-            raise ValueError(f"Goal op must be '<=' or '>=', got {self.op!r}")
         x = self.of.number(ld)
         ok = x <= self.bound if self.op == "<=" else x >= self.bound
         return f"{self.text} {'✓' if ok else '✗'}"
