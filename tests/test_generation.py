@@ -256,3 +256,36 @@ def test_graph_batch_drops_the_answers_training_does_not_read():
     assert m.graph_batch(a)["answers"] is None and graph_batch(torch.nn.Linear(1, 1), a) is a
     m2 = tiny_model(objective="generation", max_new_tokens=4, train_generate=True)
     assert m2.graph_batch(a) is a  # its training step generates and scores answers
+
+
+@needs_squad
+def test_per_sample_loss_projects_only_the_answer_window():
+    """SQuAD bounds an answer's tokens, so its batches carry ``loss_window``: the population's per-example losses
+    project only the last window + 1 hidden states to the vocabulary (a 33-member population's full logits at 512
+    tokens are 12 GiB), with the losses of the full projection and a mean equal to the training loss."""
+    m = tiny_model(objective="generation", max_new_tokens=4)
+    dm = SQuADDataModule(data_file=str(SQUAD), train_articles=[0], test_articles=[3], batch_size=4, max_length=256,
+                         max_answer_tokens=8, val_size=0, shuffle=False)
+    dm.tokenizer = m.tokenizer
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["loss_window"] == 9  # 8 answer tokens and the EOS
+    rows = []
+    hook = m.model.get_output_embeddings().register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[1]))
+    m.eval()
+    with torch.no_grad():
+        windowed = m.per_sample_loss(batch)
+        full = m.per_sample_loss({**batch, "loss_window": None})
+        loss = m.lm_loss(batch)
+    hook.remove()
+    assert rows[:2] == [10, batch["input_ids"].shape[1]]  # then lm_loss projects every position
+    torch.testing.assert_close(windowed, full, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(windowed.mean(), loss, atol=1e-5, rtol=1e-5)
+
+    # a batch whose targets reach past the bound says so, and is projected whole
+    collate = generation_collate(0, loss_window=2)
+    items = [{"input_ids": [5, 6, 7, 8], "lm_labels": [IGNORE, 6, 7, 8], "prompt_ids": [5], "answers": ["x"]},
+             {"input_ids": [5, 6], "lm_labels": [IGNORE, 6], "prompt_ids": [5], "answers": ["y"]}]
+    assert collate(items)["loss_window"] is None and collate(items[1:])["loss_window"] is None  # 2 < its length
+    assert generation_collate(0, loss_window=3)(items)["loss_window"] == 3
+    assert "loss_window" not in generation_collate(0)(items)

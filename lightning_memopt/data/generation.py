@@ -3,7 +3,9 @@ reference answers for greedy-generation evaluation.
 
 A batch has ``input_ids``/``attention_mask`` (prompt and answer, left-padded), ``lm_labels`` (``-100`` except on
 answer tokens: ``HFCausalLM.lm_loss`` uses them), ``prompt_ids``/``prompt_mask`` (the prompt alone, left-padded) and
-``answers`` (a list of reference strings per example).
+``answers`` (a list of reference strings per example). Where the DataModule bounds the answer's length (SQuAD's
+``max_answer_tokens``), ``loss_window`` is that bound: every target lies in the last ``loss_window`` positions, so
+``HFCausalLM.per_sample_loss`` projects only those to the vocabulary. It is None in a batch that breaks the bound.
 """
 
 from __future__ import annotations
@@ -54,15 +56,21 @@ def _left_pad(
     return out, mask
 
 
-def generation_collate(pad_id: int, pad_to: Callable[[int], int] | None = None):
-    """Left-padded batches, each padded to ``pad_to(longest)`` (the longest by default)."""
+def generation_collate(pad_id: int, pad_to: Callable[[int], int] | None = None, loss_window: int | None = None):
+    """Left-padded batches, each padded to ``pad_to(longest)`` (the longest by default); with ``loss_window``, each
+    batch also says whether its targets all lie in that many last positions (``"loss_window"``: the bound or None)."""
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
         ids, mask = _left_pad([it["input_ids"] for it in items], pad_id, pad_to)
         labels, _ = _left_pad([it["lm_labels"] for it in items], IGNORE, pad_to)
         prompt, prompt_mask = _left_pad([it["prompt_ids"] for it in items], pad_id, pad_to)
-        return {"input_ids": ids, "attention_mask": mask, "lm_labels": labels, "prompt_ids": prompt,
-                "prompt_mask": prompt_mask, "answers": [list(it["answers"]) for it in items]}
+        out = {"input_ids": ids, "attention_mask": mask, "lm_labels": labels, "prompt_ids": prompt,
+               "prompt_mask": prompt_mask, "answers": [list(it["answers"]) for it in items]}
+        if loss_window is not None:
+            # checked here on the host, so the model can slice without a device sync (CUDA graphs allow none)
+            fits = 0 < loss_window < labels.shape[1] and not (labels[:, : -loss_window] != IGNORE).any()
+            out["loss_window"] = loss_window if fits else None
+        return out
 
     return collate
 
@@ -94,11 +102,16 @@ class GenerationDataModuleBase(LightningDataModule):
             tok = self._resolve_tokenizer(self.tokenizer_name)
             self._splits = {k: Items(v) for k, v in self._build(tok).items()}
 
+    def _loss_window(self) -> int | None:
+        """An upper bound on the trailing positions that hold an example's targets, where the DataModule has one."""
+        return None
+
     def _collate(self) -> Any:
         hp = self.hparams
         pad_to = None if hp.padding == "longest" else (
             lambda n: padded_length(n, hp.padding, hp.max_length, hp.pad_buckets))
-        return generation_collate(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0, pad_to)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return generation_collate(pad_id, pad_to, self._loss_window())
 
     def _loader(self, split: str, batch_size: int) -> Any:
         if not len(self._splits.get(split, ())):

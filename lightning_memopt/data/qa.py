@@ -176,6 +176,10 @@ class SQuADDataModule(GenerationDataModuleBase):
             return [q for q in qs if not q["is_impossible"] and q["answers"]]
         return [dict(q, answers=[hp.no_answer_text]) if q["is_impossible"] or not q["answers"] else q for q in qs]
 
+    def _loss_window(self) -> int | None:
+        # the answer is the example's last segment: at most max_answer_tokens, and the EOS
+        return self.hparams.max_answer_tokens + int(self.hparams.append_eos)
+
     def _encode(self, q: dict[str, Any], tok) -> dict[str, Any]:
         hp = self.hparams
         prompt = tok(hp.template.format(**{f: q[f] for f in QA_FIELDS}), add_special_tokens=True)["input_ids"]

@@ -474,12 +474,16 @@ class HFCausalLM(LightningModule):
         if self.hparams.objective == "classification":
             return F.cross_entropy(self._class_logits(batch).float(), batch["labels"], reduction="none")
         input_ids, mask, labels = self._lm_inputs(batch)
+        # A generation batch whose targets lie in its last W positions (SQuAD: the answer) projects only the W + 1
+        # last hidden states: a population's full logits at 512 tokens are 12 GiB, and their float32 copy twice that.
+        w = batch.get("loss_window")
+        keep = w + 1 if isinstance(w, int) and 0 < w < input_ids.shape[1] else 0
         logits = self._lm(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
+            **({"logits_to_keep": keep} if keep else {}),
         ).logits
-        target = labels[:, 1:]
-        tok = token_losses(logits[:, :-1], target)
-        n = (target != -100).sum().clamp(min=1)
+        tok = token_losses(logits[:, :-1], labels[:, 1 - logits.shape[1]:] if keep else labels[:, 1:])
+        n = (labels[:, 1:] != -100).sum().clamp(min=1)
         return tok.sum(1) * (input_ids.shape[0] / n)
 
     def graph_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
