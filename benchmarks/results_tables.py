@@ -216,7 +216,7 @@ def mean_std(vals: list[float]) -> tuple[float, float]:
 class GridCell:
     """A quality-grid cell over its seeds: the records ``benchmarks.grid`` counts for ``task`` and ``method`` (from
     every ``<task>_grid_*.json``), their ``field`` (the task's dev metric when empty) as ``mean ± std``, naming the
-    seeds when fewer than all. ``solo`` keeps the runs that had the GPU alone, for times. Fewer than ``min_n`` seeds
+    seeds when fewer than all. ``solo`` keeps the runs that had an H200 alone, for times. Fewer than ``min_n`` seeds
     is an error, so a cell never claims seeds it lacks."""
 
     task: str
@@ -234,7 +234,7 @@ class GridCell:
 
         cells = ld.grid_cells()
         recs = [cells[(self.task, self.method, s)] for s in grid.SEEDS if (self.task, self.method, s) in cells]
-        return [r for r in recs if grid.alone(r)] if self.solo else recs
+        return [r for r in recs if grid.timed(r)] if self.solo else recs
 
     def render(self, ld: Loader) -> str:
         from benchmarks import grid

@@ -141,7 +141,7 @@ def test_mean_and_std_over_seeds(tmp_path: Path) -> None:
 
 def test_grid_cell_over_the_grid_files(tmp_path: Path) -> None:
     """A GridCell reads every <task>_grid_*.json through the grid's rules: a seed-0 run that shared the GPU and a
-    run with overrides do not count; solo keeps the runs that had the GPU alone; provenance names each file."""
+    run with overrides do not count; solo keeps the runs that had an H200 alone; provenance names each file."""
     env = lambda gpu: {"commit": "abc1234", "gpu": f"NVIDIA {gpu}", "command": "python -m benchmarks.task_results"}
     rec = lambda seed, acc, gpu="H200", **kw: dict({"method": "lomo", "task": "mrpc", "seed": seed, "dev_acc": acc,
                                                     "train_s": 10.0 * (seed + 1), "env": env(gpu)}, **kw)
@@ -158,6 +158,8 @@ def test_grid_cell_over_the_grid_files(tmp_path: Path) -> None:
         rt.GridCell("mrpc", "lomo").render(ld)
     (tmp_path / "mrpc_grid_s2_lomo.json").write_text(json.dumps([rec(2, 84.0, "H100", time_capped=False)]))
     assert rt.GridCell("mrpc", "lomo").render(rt.Loader(tmp_path)) == "82.0 ± 2.0"
+    # seed 2 had an H100 to itself: a cell, but not a time (the grid's times are the H200's)
+    assert rt.GridCell("mrpc", "lomo", "train_s", "{:.0f}", solo=True, min_n=1).render(rt.Loader(tmp_path)) == "10 (seed 0)"
 
     table = rt.Table("{acc}", {"acc": rt.GridCell("mrpc", "lomo")}, ("a",), ())
     assert rt.provenance_report(table, tmp_path) == []
