@@ -310,6 +310,7 @@ sst2 = lambda label, fld="dev_acc": sel(SST2, fld, label=label)
 ours = lambda file, key, size, fld: sel(file, fld, key=key, size=size)
 LARGEST = "largest_h200.json"
 POP = "sst2_pop_best_h200.json"  # the population config's SST-2 runs, data seeds 0-2 (issue 14)
+MEZO_LATEST = "mezo_h100_c4100e0.json"  # the MeZO suite at c4100e0, H100 (runs 1-3: mezo*.json before it)
 
 WHICH_METHOD = Table(
     intro=(
@@ -371,13 +372,13 @@ WHICH_METHOD = Table(
               "the embedding and decoder layers 0–9 frozen (`n_spsa=32`, configs/sst2_smollm2_mezo_pop.yaml, "
               "H200: {pop_steps} steps in {pop_s} s of training); {acc_lora} on LoRA adapters (slow to converge)")),
             {
-                "peak_fwd": Range((sel("mezo_run3.json", "ratios.peak / forward", key="ours:mezo"),)),
+                "peak_fwd": Range((sel(MEZO_LATEST, "ratios.peak / forward", key="ours:mezo"),)),
                 "params": Value(ours(LARGEST, "ours:mezo", "70b", "params_b")),
                 "peak_70b": Value(ours(LARGEST, "ours:mezo", "70b", "peak_gib")),
                 "peak_70b_fwd": Value(ours(LARGEST, "ours:mezo", "70b", "ratios.peak / forward"), "{:.3f}"),
-                "step_fwd": Range((sel("mezo_run3.json", "ratios.step / forward", key="ours:mezo"),), "{:.1f}"),
-                "step_fwd_pm1": Value(ours("mezo_run3.json", "ours:mezo_rademacher", "7b", "ratios.step / forward")),
-                "vs_official": Range((sel("mezo_run3.json", "ratios.step / MeZO official", key="ours:mezo"),)),
+                "step_fwd": Range((sel(MEZO_LATEST, "ratios.step / forward", key="ours:mezo"),), "{:.1f}"),
+                "step_fwd_pm1": Value(ours(MEZO_LATEST, "ours:mezo_rademacher", "7b", "ratios.step / forward")),
+                "vs_official": Range((sel(MEZO_LATEST, "ratios.step / MeZO official", key="ours:mezo"),)),
                 "graph_smol": Value(sel("zo_fastpath_h200.json", "eager_over_graph", size="smol")),
                 "graph_1b": Value(sel("zo_fastpath_h200.json", "eager_over_graph", size="1b")),
                 "acc": Value(sst2("mezo")),
