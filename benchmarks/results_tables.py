@@ -447,6 +447,25 @@ def _dfo_rows(size: str, model: str) -> tuple[Row, ...]:
     )
 
 
+# Each method through a LightningModule under a Trainer, as users run it, beside its bare step (suites.THROUGH_TRAINER
+# pairs the cases). The H200 has run the GaLore pairs only; the full suite's file adds the other methods' rows.
+LIGHTNING = "lightning_h200.json"
+TRAINER_ROWS = (  # (Trainer case, bare case, label)
+    ("ours:galore_lightning", "ours:galore", "GaLore, gradients freed after the step (default)"),
+    ("ours:galore_lightning_keepgrads", "ours:galore", "GaLore, gradients left to Lightning"),
+)
+
+
+def _trainer_row(trainer: str, bare: str, label: str, size: str = "1b") -> Row:
+    field = lambda key, f: ours(LIGHTNING, key, size, f)
+    return Row((label, "{b_ms}", "{t_ms}", "{r_ms}×", "{b_gib}", "{t_gib}", "{r_gib}×"), {
+        "b_ms": ms(LIGHTNING, bare, size), "t_ms": ms(LIGHTNING, trainer, size),
+        "r_ms": Ratio(field(trainer, "step_s"), field(bare, "step_s")),
+        "b_gib": gib(LIGHTNING, bare, size), "t_gib": gib(LIGHTNING, trainer, size),
+        "r_gib": Ratio(field(trainer, "peak_gib"), field(bare, "peak_gib")),
+    })
+
+
 DOC_TABLES: dict[str, Table] = {
     "foundation": Table("", {}, ("case", "step ms", "peak GiB"), tuple(
         Row((label, "{ms}", "{peak}"), {"ms": ms(FOUNDATION, key, "1b"), "peak": gib(FOUNDATION, key, "1b")})
@@ -457,6 +476,9 @@ DOC_TABLES: dict[str, Table] = {
     "dfo": Table("", {}, ("model", "case", "ms per generation", "peak GiB", "sequential / row", "peak / inference",
                           "goals"),
                  _dfo_rows("1b", "1.1B") + _dfo_rows("smol", "SmolLM2 shape")),
+    "lightning": Table("", {}, ("method (1.1B)", "bare step ms", "Trainer step ms", "Trainer / bare", "bare peak GiB",
+                                "Trainer peak GiB", "Trainer / bare peak"),
+                       tuple(_trainer_row(*r) for r in TRAINER_ROWS)),
 }
 
 
