@@ -11,13 +11,14 @@ checked: :data:`EQUIVALENCE` holds seed-0 runs on an H100 that match the H200's 
 as a config's runs under its earlier name, and :data:`SUPERSEDED` the methods whose earlier records no longer
 count because their code has changed since. A shared run that finished its steps trains as a solo run
 would (a solo run is faster, so the cap would not have ended it either); only its wall times include the sharing,
-so the timed curves, and every training time the summary reports, are seed 0's or other solo runs'.
+so the timed curves, and every training time the summary reports, come from runs alone on an H200.
 
 The estimate of a missing cell is the median ``process_s`` of the method's earlier H200 records on that task in any
 committed task JSON (see :func:`estimates`), else ``--default_s``. The calls group one task, seed 0 of every task
 first (its curves are the timed ones) and one seed to a call, within ``--budget`` seconds each; with ``--jobs J``
 the calls of seeds 1 and 2 run J cells at a time, a method missing on both seeds in one call, and a run the grid
-has seen shared takes that run's time (see :func:`plan_calls`, :func:`shared_estimates`):
+has seen shared takes that run's time (see :func:`plan_calls`, :func:`shared_estimates`). A cell shares only
+where J of its largest recorded peak fit ``--gpu_gib`` (:func:`peaks`); one never finished runs alone first:
 
     python -m benchmarks.grid                  # the grid: dev per cell, or its estimate if missing
     python -m benchmarks.grid --calls          # the next device calls (benchmarks/device_run.sh task ...)
@@ -44,6 +45,7 @@ METHODS = ("zero_shot", "adamw", "lomo", "adalomo", "galore", "mezo", "mezo_pop"
 SEEDS = (0, 1, 2)
 SETUP_S = 20  # a call's wheel install and the join of the model halves
 RUN_TIMEOUT_S = 580  # task_results --timeout: one run's process, within a 600 s device call
+GPU_GIB = 79.2  # an H100's memory as torch reports it: seeds 1 and 2 may run there
 # task: (the dev metric a cell reports, its name in tables, the task as tables name it)
 METRIC = {"sst2": ("dev_acc", "SST-2 dev acc", "SST-2"), "mrpc": ("dev_acc", "MRPC dev acc", "MRPC"),
           "squad": ("dev_f1", "SQuAD dev F1", "SQuAD")}
@@ -192,9 +194,22 @@ def makespan(durations: list[float], lanes: int) -> float:
     return max(ends)
 
 
+def peaks(results: Path = RESULTS) -> dict[tuple[str, str], float]:
+    """(task, method) -> the largest peak GiB any finished run of that grid config recorded, on any GPU: what it needs
+    beside other runs."""
+    out: dict[tuple[str, str], float] = {}
+    for rec in _records("*_grid_*.json", results):
+        if "error" in rec or rec.get("overrides") or not isinstance(rec.get("peak_gib"), (int, float)):
+            continue
+        key = (rec.get("task"), rec.get("method"))
+        out[key] = max(out.get(key, 0.0), float(rec["peak_gib"]))
+    return out
+
+
 def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], float], budget: float,
                jobs: int = 1, speedup: float = 1.0, run_timeout: float = RUN_TIMEOUT_S,
-               shared_est: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
+               shared_est: dict[tuple[str, str], float] | None = None,
+               peak: dict[tuple[str, str], float] | None = None, gpu_gib: float = GPU_GIB) -> list[dict[str, Any]]:
     """Missing cells packed into calls of one task, each within ``budget`` seconds (a cell longer than
     the budget gets a call of its own; longest first, each into the first call with room), seed 0 of every task
     first.
@@ -204,15 +219,19 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
     (``speedup``: what sharing gains in throughput, 1.0 by default; five SST-2 runs at once on an H100 gave about
     4), and a shared call's estimate is when its last run ends, ``jobs`` at a time. A method shared on seeds 1 and 2
     both runs both in one call (``seeds``). A cell whose shared run would near its timeout (or the 10-minute cap,
-    which would leave it uncounted) keeps a solo call."""
+    which would leave it uncounted) keeps a solo call, and so does one whose peak is unknown (``peak``: no finished
+    run yet) or too large for ``jobs`` of it in 90% of ``gpu_gib`` (SQuAD's forward-only runs, five at once, ran out
+    of an H100's memory). Without ``peak`` memory is not checked."""
     shared_est = shared_est or {}
+    fits = lambda task, m: peak is None or peak.get((task, m), float("inf")) * jobs <= 0.9 * gpu_gib
     calls: list[dict[str, Any]] = []
     limit = 0.8 * min(run_timeout, 600)
     for phase in ((0,), tuple(s for s in SEEDS if s != 0)):  # seed 0 of every task first
         for task in TASKS:
             todo = {s: [m for t, m, ss in missing if (t, ss) == (task, s)] for s in phase}
             beside = {m: shared_est.get((task, m), est[(task, m)] * jobs / speedup) for ms in todo.values() for m in ms}
-            sharable = {s: [m for m in ms if s != 0 and jobs > 1 and beside[m] <= limit] for s, ms in todo.items()}
+            sharable = {s: [m for m in ms if s != 0 and jobs > 1 and beside[m] <= limit and fits(task, m)]
+                        for s, ms in todo.items()}
             # a method shared on every seed of the phase: one call runs them all (task_results --seeds 1,2)
             every = [m for m in METHODS if len(phase) > 1 and all(m in sharable[s] for s in phase)]
             groups = [(phase, every, jobs)] if every else []
@@ -309,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="cells at a time in the calls of seeds 1 and 2")
     ap.add_argument("--speedup", type=float, default=1.0,
                     help="throughput of --jobs cells at once over one at a time (five at once gave about 4)")
+    ap.add_argument("--gpu_gib", type=float, default=GPU_GIB,
+                    help="memory of the card that runs seeds 1 and 2 (an H100's by default): --jobs runs must fit")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--docs", type=Path, default=DOCS)
     mode = ap.add_mutually_exclusive_group()
@@ -341,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         head = subprocess.run(["git", "-C", str(RESULTS), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=False).stdout.strip() or "unknown"
         for c in plan_calls(missing, est, args.budget, args.jobs, args.speedup,
-                            shared_est=shared_estimates(cells)):
+                            shared_est=shared_estimates(cells), peak=peaks(args.results), gpu_gib=args.gpu_gib):
             print(f"  ~{c['est_s']:>4} s  MEMOPT_COMMIT={head} {c['command']}")
     return 0
 

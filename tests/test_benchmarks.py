@@ -438,6 +438,16 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     # 400 s slowed 3/2 times would run 600 s: past 0.8 of the 580 s timeout, so alone
     assert all(c["jobs"] == 1 for c in calls if c["task"] == "sst2" and "mezo" in c["methods"])
     assert grid.makespan([3.0, 1.0, 1.0, 1.0], 2) == 3.0 and grid.makespan([1.0, 1.0, 1.0], 2) == 2.0
+    # memory: a cell shares only where jobs of its largest recorded peak fit 90% of the card; unknown peaks run alone
+    mem = grid.plan_calls(missing, est, budget=540, jobs=3, speedup=2.0, shared_est=beside, gpu_gib=80.0,
+                          peak={("mrpc", "adamw"): 20.0, ("mrpc", "lomo"): 30.0})
+    shared = {(c["task"], m) for c in mem if c["jobs"] > 1 for m in c["methods"]}
+    assert shared == {("mrpc", "adamw")}  # 3 x 20 <= 72 GiB; 3 x 30 > 72; the rest have no peak
+    (tmp_path / "mrpc_grid_s1_lomo.json").write_text(json.dumps([
+        {"task": "mrpc", "method": "lomo", "seed": 1, "peak_gib": 7.0, "env": h100},
+        {"task": "mrpc", "method": "lomo", "seed": 2, "peak_gib": 70.0, "env": h100, "overrides": ["--x=1"]},
+        {"task": "mrpc", "method": "lomo", "seed": 2, "error": "CUDA out of memory", "env": h100}]))
+    assert grid.peaks(tmp_path)[("mrpc", "lomo")] == 7.0  # finished runs of the config only
     with pytest.raises(SystemExit):
         grid.main(["--results", str(tmp_path), "--calls", "--jobs", "0"])
     assert "--jobs must be >= 1" in capsys.readouterr().err
