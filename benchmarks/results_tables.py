@@ -466,6 +466,106 @@ def _trainer_row(trainer: str, bare: str, label: str, size: str = "1b") -> Row:
     })
 
 
+def _mezo_row(size: str, label: str) -> Row:
+    """The MeZO suite at one size: each step over the forward, and ours over the official step, with the goals."""
+    fwd = lambda key: Value(ours(MEZO_LATEST, key, size, "ratios.step / forward"), "{:.2f}")
+    vs = lambda key: Value(ours(MEZO_LATEST, key, size, "ratios.step / MeZO official"), "{:.2f}")
+    peak = Value(ours(MEZO_LATEST, "ours:mezo", size, "ratios.peak / forward"), "{:.2f}")
+    return Row((label, "{f}", "{o} ({o_x}×)", "{g} (**{g_x}×**)", "{r} (**{r_x}×**)", "{g_goal}", "{g_vs}× / {r_vs}×",
+                "{peak}", "{peak_goal}"), {
+        "f": ms(MEZO_LATEST, "peer:forward", size),
+        "o": ms(MEZO_LATEST, "peer:mezo_official", size), "o_x": fwd("peer:mezo_official"),
+        "g": ms(MEZO_LATEST, "ours:mezo", size), "g_x": fwd("ours:mezo"),
+        "r": ms(MEZO_LATEST, "ours:mezo_rademacher", size), "r_x": fwd("ours:mezo_rademacher"),
+        "g_goal": Goal(fwd("ours:mezo"), "<=", 2.2, "≤ 2.2×"),
+        "g_vs": vs("ours:mezo"), "r_vs": vs("ours:mezo_rademacher"),
+        "peak": peak, "peak_goal": Goal(peak, "<=", 1.02, "≤ 1.02"),
+    })
+
+
+# LOMO and AdaLomo against lomo-optim's step in the same run: plain LOMO from the first run, the rest from the run
+# after AdaLomo's hook was slimmed. Point both at one file when the whole suite is re-measured.
+LOMO_PLAIN, LOMO = "lomo.json", "lomo_run2.json"
+
+
+def _lomo_row(label: str, file: str, case: str, size: str, model: str) -> Row:
+    step = Value(ours(file, f"ours:{case}", size, "ratios.step / lomo-optim"), "{:.2f}")
+    peak = Value(ours(file, f"ours:{case}", size, "ratios.peak / lomo-optim"), "{:.2f}")
+    return Row((label, model, "{peer}", "{ours}", "**{step}**", "{step_goal}", "{peak}", "{peak_goal}"), {
+        "peer": ms(file, f"peer:{case}", size), "ours": ms(file, f"ours:{case}", size),
+        "step": step, "step_goal": Goal(step, "<=", 0.67, "≤ 0.67"),
+        "peak": peak, "peak_goal": Goal(peak, "<=", 1.0, "≤ 1"),
+    })
+
+
+def _largest_row(label: str, key: str, size: str, shape: str, goal: tuple[float, str]) -> Row:
+    params = Value(ours(LARGEST, key, size, "params_b"), "{:.2f}")
+    mezo = key == "ours:mezo"
+    peak_fwd = Value(ours(LARGEST, key, size, "ratios.peak / forward"), "{:.3f}")
+    figs: dict[str, Figure] = {
+        "params": params, "step": Value(ours(LARGEST, key, size, "step_s"), "{:.2f}"),
+        "peak": gib(LARGEST, key, size), "goal": Goal(params, ">=", goal[0], goal[1]),
+        **({"pf": peak_fwd, "pf_goal": Goal(peak_fwd, "<=", 1.02, "≤ 1.02×")} if mezo else {}),
+    }
+    return Row((label, shape, "{params}B", "{step}", "{peak}", "**{pf}**" if mezo else "—",
+                "{goal}, {pf_goal}" if mezo else "{goal}"), figs)
+
+
+# GaLore against galore-torch: the steps from one run, beside AdamW from another, the layer-wise peaks from a third
+# (a list of records keyed by method and impl). One galore suite run on the H200 replaces all three.
+GALORE, GALORE_STEADY, GALORE_LAYERWISE = "galore_1b.json", "galore_steady.json", "galore_layerwise_peaks.json"
+
+
+def _galore_rows() -> tuple[Row, ...]:
+    step = lambda file, key: Value(ours(file, key, "1b", "step_s"), "{:,.1f}", 1000.0)
+    lw = lambda impl, method, size: sel(GALORE_LAYERWISE, "peak_gib", impl=impl, method=method, size=size)
+    lw_gib = lambda impl, method, size: Value(lw(impl, method, size), "{:.2f}")
+    refresh = Value(ours(GALORE, "ours:galore_refresh", "1b", "ratios.speed-up vs galore-torch"))
+    vs_adamw = Value(ours(GALORE_STEADY, "ours:galore", "1b", "ratios.step / AdamW"), "{:.2f}")
+
+    def peak_row(label: str, method: str, size: str, eight_bit: bool) -> Row:
+        r = Ratio(lw("ours", method, size), lw("peer", method, size))
+        r8 = Ratio(lw("ours", f"{method}_8bit_all2d", size), lw("peer", method, size))
+        return Row((label, "{peer} GiB", "{ours} GiB" + (" (8-bit, all 2-D weights: {o8})" if eight_bit else ""),
+                    "**{r}**" + (" ({r8})" if eight_bit else ""), "{goal}"), {
+            "peer": lw_gib("peer", method, size), "ours": lw_gib("ours", method, size), "r": r,
+            "goal": Goal(r, "<=", 0.85, "≤ 0.85"),
+            **({"o8": lw_gib("ours", f"{method}_8bit_all2d", size), "r8": r8} if eight_bit else {})})
+
+    return (
+        Row(("step with a full-model subspace refresh, 1.1B", "{peer} ms", "{ours} ms", "**{x}× faster**", "{goal}"),
+            {"peer": Value(ours(GALORE, "peer:galore_refresh", "1b", "step_s"), "{:,.0f}", 1000.0),
+             "ours": Value(ours(GALORE, "ours:galore_refresh", "1b", "step_s"), "{:,.0f}", 1000.0),
+             "x": refresh, "goal": Goal(refresh, ">=", 20.0, "≥ 20×")}),
+        Row(("steady-state step, 1.1B", "{peer} ms", "{ours} ms", "{r}× galore-torch", ""),
+            {"peer": step(GALORE, "peer:galore"), "ours": step(GALORE, "ours:galore"),
+             "r": Ratio(ours(GALORE, "ours:galore", "1b", "step_s"), ours(GALORE, "peer:galore", "1b", "step_s"))}),
+        Row(("steady-state step beside AdamW, 1.1B (another run)", "AdamW {adamw} ms", "{ours} ms",
+             "**{r}× AdamW** (same run)", "{goal}"),
+            {"adamw": step(GALORE_STEADY, "peer:adamw"), "ours": step(GALORE_STEADY, "ours:galore"), "r": vs_adamw,
+             "goal": Goal(vs_adamw, "<=", 1.05, "≤ 1.05×")}),
+        peak_row("layer-wise peak, 1.1B", "galore_layerwise", "1b", False),
+        peak_row("layer-wise peak, checkpointed, 1.1B", "galore_layerwise_ckpt", "1b", True),
+        Row(("layer-wise peak, checkpointed, 7B", "not run", "{ours} GiB (8-bit, all 2-D weights: {o8})", "—",
+             "≤ 0.85 (no galore-torch run)"),
+            {"ours": lw_gib("ours", "galore_layerwise_ckpt", "7b"),
+             "o8": lw_gib("ours", "galore_layerwise_ckpt_8bit_all2d", "7b")}),
+    )
+
+
+# Under DeepSpeed ZeRO-3 on one GPU: each of our cases against lomo-optim's own ZeRO-3 path, same partitioning config.
+ZERO3 = "zero3_h200.json"
+
+
+def _zero3_row(label: str, case: str, peer: str, size: str, model: str) -> Row:
+    f = lambda key, fld: ours(ZERO3, f"ours:{key}", size, fld)
+    return Row((label, model, "{peer}", "{ours}", "**{step}**", "{peak} ({gib} GiB)"), {
+        "peer": ms(ZERO3, f"ours:{peer}", size), "ours": ms(ZERO3, f"ours:{case}", size),
+        "step": Ratio(f(case, "step_s"), f(peer, "step_s")), "peak": Ratio(f(case, "peak_gib"), f(peer, "peak_gib")),
+        "gib": gib(ZERO3, f"ours:{case}", size),
+    })
+
+
 DOC_TABLES: dict[str, Table] = {
     "foundation": Table("", {}, ("case", "step ms", "peak GiB"), tuple(
         Row((label, "{ms}", "{peak}"), {"ms": ms(FOUNDATION, key, "1b"), "peak": gib(FOUNDATION, key, "1b")})
@@ -476,6 +576,33 @@ DOC_TABLES: dict[str, Table] = {
     "dfo": Table("", {}, ("model", "case", "ms per generation", "peak GiB", "sequential / row", "peak / inference",
                           "goals"),
                  _dfo_rows("1b", "1.1B") + _dfo_rows("smol", "SmolLM2 shape")),
+    "mezo": Table("", {}, ("size", "forward ms", "official ms (× fwd)", "ours, Gaussian z (× fwd)",
+                           "ours, ±1 z (× fwd)", "goal", "ours / official (Gaussian / ±1)", "ours peak / forward",
+                           "goal"),
+                  (_mezo_row("1b", "1.1B"), _mezo_row("7b", "7B"))),
+    "lomo": Table("", {}, ("case", "size", "lomo-optim ms", "ours ms", "ours / lomo-optim", "goal",
+                           "peak / lomo-optim", "goal"), (
+        _lomo_row("LOMO", LOMO_PLAIN, "lomo", "1b", "1.1B"),
+        _lomo_row("LOMO, checkpointed", LOMO, "lomo_ckpt", "1b", "1.1B"),
+        _lomo_row("AdaLomo, checkpointed", LOMO, "adalomo_ckpt", "1b", "1.1B"),
+        _lomo_row("LOMO, checkpointed", LOMO, "lomo_ckpt", "7b", "7B"),
+        _lomo_row("AdaLomo, checkpointed", LOMO, "adalomo_ckpt", "7b", "7B"),
+    )),
+    "zero3": Table("", {}, ("case", "size", "lomo-optim ms", "ours ms", "ours / lomo-optim", "peak / lomo-optim"), (
+        _zero3_row("LOMO", "lomo_zero3", "lomo_optim_zero3", "1b", "1.1B"),
+        _zero3_row("LOMO, checkpointed", "lomo_zero3_ckpt", "lomo_optim_zero3_ckpt", "1b", "1.1B"),
+        _zero3_row("AdaLomo, checkpointed", "adalomo_zero3_ckpt", "adalomo_optim_zero3_ckpt", "1b", "1.1B"),
+        _zero3_row("LOMO, checkpointed", "lomo_zero3_ckpt", "lomo_optim_zero3_ckpt", "7b", "7B"),
+        _zero3_row("AdaLomo, checkpointed", "adalomo_zero3_ckpt", "adalomo_optim_zero3_ckpt", "7b", "7B"),
+    )),
+    "galore": Table("", {}, ("measure", "galore-torch", "ours", "ratio", "goal"), _galore_rows()),
+    "largest": Table("", {}, ("method", "shape", "params", "step s", "peak GiB", "peak / forward", "goal"), (
+        _largest_row("MeZO", "ours:mezo", "70b", "Llama-2-70B", (65.0, "≥ 65B")),
+        _largest_row("MeZO", "ours:mezo", "65b", "Llama-65B", (65.0, "≥ 65B")),
+        _largest_row("LOMO + checkpointing", "ours:lomo_ckpt", "65b", "Llama-65B", (60.0, "≥ 60B")),
+        _largest_row("LOMO + checkpointing", "ours:lomo_ckpt", "60b", "60B (Llama-65B's width, 74 layers)",
+                     (60.0, "≥ 60B")),
+    )),
     "lightning": Table("", {}, ("method (1.1B)", "bare step ms", "Trainer step ms", "Trainer / bare", "bare peak GiB",
                                 "Trainer peak GiB", "Trainer / bare peak"),
                        tuple(_trainer_row(*r) for r in TRAINER_ROWS)),
