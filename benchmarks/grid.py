@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import statistics
 import subprocess
 import sys
@@ -45,6 +46,12 @@ METHODS = ("zero_shot", "adamw", "lomo", "adalomo", "galore", "mezo", "mezo_pop"
 SEEDS = (0, 1, 2)
 SETUP_S = 20  # a call's wheel install and the join of the model halves
 RUN_TIMEOUT_S = 580  # task_results --timeout: one run's process, within a 600 s device call
+# Every fit's cap (task_results --max_minutes), the same for every method. A run the cap ends must still load, test
+# and write its record within one 600 s device call: at 10 minutes it could not (SQuAD's population and MRPC's run to
+# the cap). No cell measured under the earlier 10-minute cap trained for more than 395 s, so this cap would have ended
+# none of them (see within_cap).
+CAP_MIN = 8
+CAPPED_S = CAP_MIN * 60 + 40  # what a capped run takes as a process: the fit, model load and test
 GPU_GIB = 79.2  # an H100's memory as torch reports it: seeds 1 and 2 may run there
 # task: (the dev metric a cell reports, its name in tables, the task as tables name it)
 METRIC = {"sst2": ("dev_acc", "SST-2 dev acc", "SST-2"), "mrpc": ("dev_acc", "MRPC dev acc", "MRPC"),
@@ -100,11 +107,27 @@ def current(rec: dict[str, Any]) -> bool:
     return _descends(str((rec.get("env") or {}).get("commit")), SUPERSEDED[rec["method"]][0])
 
 
+def run_cap(rec: dict[str, Any]) -> int | None:
+    """The ``--max_minutes`` the run's command gave, if any."""
+    m = re.search(r"--max_minutes[ =](\d+)", str((rec.get("env") or {}).get("command", "")))
+    return int(m.group(1)) if m else None
+
+
+def within_cap(rec: dict[str, Any]) -> bool:
+    """The grid's cap (:data:`CAP_MIN`) would have ended the fit where it ended: a cap of ``CAP_MIN`` ended it, or its
+    steps did within ``CAP_MIN`` minutes (a run under a longer cap that it never reached). A record without its fit
+    time (``wall_s``) tells nothing against it."""
+    if rec.get("time_capped"):
+        return run_cap(rec) == CAP_MIN
+    wall = rec.get("wall_s")
+    return not isinstance(wall, (int, float)) or wall <= CAP_MIN * 60
+
+
 def _cell(rec: dict[str, Any]) -> bool:
     gpu = str((rec.get("env") or {}).get("gpu"))
     if not any(g in gpu for g in GPUS.get(int(rec["seed"]), ())) or "error" in rec or rec.get("overrides"):
         return False
-    if not current(rec):
+    if not current(rec) or not within_cap(rec):
         return False
     if rec.get("label", rec["method"]) != rec["method"]:
         return False
@@ -144,8 +167,10 @@ PROXY = {"lomo": ("adamw", 2.0), "flora": ("clora", 1.5)}
 def estimates(results: Path = RESULTS, default_s: float = 600.0) -> dict[tuple[str, str], float]:
     """(task, method) -> seconds a run takes as a process, from earlier H200 records: the median of the best kind
     there is, in this order: the same task alone on the GPU without overrides, with overrides, beside other runs
-    (an upper bound: the sharing is in it), then the same for the other tasks. A method with no record on any task
-    takes its :data:`PROXY`'s estimate times the factor there, where the proxy has one, else ``default_s``."""
+    (an upper bound: the sharing is in it), then a probe of the config (:func:`probe_estimates`), then the same for
+    the other tasks. A method with no record on any task
+    takes its :data:`PROXY`'s estimate times the factor there, where the proxy has one, else ``default_s``. No
+    estimate exceeds :data:`CAPPED_S`: the cap ends every fit."""
     kinds: dict[tuple[str, str], dict[int, list[float]]] = {}
     for rec in _records("*.json", results):
         task, gpu = rec.get("task"), str((rec.get("env") or {}).get("gpu"))
@@ -153,10 +178,14 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0) -> dict[tuple[s
             continue
         rank = 2 if "note" in rec else 1 if rec.get("overrides") else 0
         kinds.setdefault((task, rec["method"]), {}).setdefault(rank, []).append(float(rec["process_s"]))
+    probes = probe_estimates(results)
     est = {}
     for task in TASKS:
         for m in METHODS:
             own = kinds.get((task, m), {})
+            if not own and (task, m) in probes:
+                est[(task, m)] = probes[(task, m)]
+                continue
             other: dict[int, list[float]] = {}
             for (t, mm), by_rank in kinds.items():
                 if mm == m and t != task:
@@ -172,7 +201,36 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0) -> dict[tuple[s
                 proxy, factor = PROXY.get(m, (m, 1.0))
                 base = recorded.get((task, proxy))  # a default never stands in for a proxy
                 est[(task, m)] = round(base * factor, 1) if base is not None else default_s
-    return est
+    return {k: min(v, CAPPED_S) for k, v in est.items()}
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_steps(task: str, method: str, configs: Path = CONFIGS) -> int | None:
+    """The step budget (``trainer.max_steps``) of the grid config ``configs/<task>_smollm2_<method>.yaml``."""
+    path = configs / f"{task}_smollm2_{method}.yaml"
+    m = re.search(r"^\s*max_steps:\s*(\d+)", path.read_text(), re.MULTILINE) if path.is_file() else None
+    return int(m.group(1)) if m else None
+
+
+def probe_estimates(results: Path = RESULTS, configs: Path = CONFIGS) -> dict[tuple[str, str], float]:
+    """(task, method) -> seconds a run would take, from a short run of the config alone on any GPU whose only
+    override is ``--trainer.max_steps=N`` (a probe): its load and test as they were, its training scaled to the
+    config's steps (validation not included; on an H100, slower than the H200). The slowest probe of a config."""
+    out: dict[tuple[str, str], float] = {}
+    for rec in _records("*.json", results):
+        over = rec.get("overrides") or []
+        m = re.fullmatch(r"--trainer\.max_steps=(\d+)", over[0]) if len(over) == 1 else None
+        if not m or "error" in rec or not alone(rec) or rec.get("task") not in TASKS:
+            continue
+        steps = config_steps(rec["task"], rec["method"], configs)
+        if not steps or not rec.get("process_s") or not isinstance(rec.get("train_s"), (int, float)):
+            continue
+        s = float(rec["process_s"]) - float(rec["train_s"]) + float(rec["train_s"]) * steps / int(m.group(1))
+        key = (rec["task"], rec["method"])
+        out[key] = max(out.get(key, 0.0), round(s, 1))
+    return out
 
 
 def shared_estimates(cells: dict[tuple[str, str, int], dict[str, Any]]) -> dict[tuple[str, str], float]:
@@ -218,8 +276,8 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
     :func:`shared_estimates` figure where the grid has one, else its solo estimate slowed ``jobs / speedup`` times
     (``speedup``: what sharing gains in throughput, 1.0 by default; five SST-2 runs at once on an H100 gave about
     4), and a shared call's estimate is when its last run ends, ``jobs`` at a time. A method shared on seeds 1 and 2
-    both runs both in one call (``seeds``). A cell whose shared run would near its timeout (or the 10-minute cap,
-    which would leave it uncounted) keeps a solo call, and so does one whose peak is unknown (``peak``: no finished
+    both runs both in one call (``seeds``). A cell whose shared run would near its timeout (or the cap, which
+    would leave it uncounted) keeps a solo call, and so does one whose peak is unknown (``peak``: no finished
     run yet) or too large for ``jobs`` of it in 90% of ``gpu_gib`` (SQuAD's forward-only runs, five at once, ran out
     of an H100's memory). Without ``peak`` memory is not checked."""
     shared_est = shared_est or {}
@@ -258,7 +316,8 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
     for c in calls:
         # dev curves are seed 0's (the plotted, timed ones): other seeds save the dev passes
         opts = " --dev_curve" if c["task"] != "squad" and c["seed"] == 0 else ""
-        opts += f" --max_minutes 10 --timeout {run_timeout:.0f}" + (f" --jobs {c['jobs']}" if c["jobs"] > 1 else "")
+        opts += f" --max_minutes {CAP_MIN} --timeout {run_timeout:.0f}"
+        opts += f" --jobs {c['jobs']}" if c["jobs"] > 1 else ""
         # unique by content, not by order; seeds 1 and 2 may run on an H100, and the record says which
         gpu = "h200_" if c["seed"] == 0 else ""
         name = f"{c['task']}_grid_{gpu}s{'-'.join(map(str, c['seeds']))}_{'-'.join(c['methods'])}"

@@ -9,7 +9,7 @@ fit), peak memory, and the validation curve against steps, training wall time an
 model is dequantized once into a folder beside it, which every run loads (``--keep_gguf``: the file in every run).
 
     python -m benchmarks.task_results --task sst2 --model ~/smol/SmolLM2-135M-Instruct.Q4_1.gguf \
-        --methods zero_shot,adamw,mezo --seeds 0,1,2 --max_minutes 10 --out benchmarks/results/sst2_smollm2
+        --methods zero_shot,adamw,mezo --seeds 0,1,2 --max_minutes 8 --out benchmarks/results/sst2_smollm2
 
 A run spec is a method, or ``LABEL=METHOD`` followed by ``@``-separated CLI overrides for that run alone, e.g.
 ``clora_k16=clora@--data.k=16@--data.batch_size=32``; a comma inside brackets or quotes stays in its override
@@ -254,7 +254,8 @@ def _launch(run: Run, args: argparse.Namespace) -> tuple[subprocess.Popen, float
 
 
 def _collect(
-    run: Run, proc: subprocess.Popen, t0: float, timeout: float, jobs: int = 1, task: str | None = None
+    run: Run, proc: subprocess.Popen, t0: float, timeout: float, jobs: int = 1, task: str | None = None,
+    extra: list[str] | None = None,
 ) -> dict[str, Any]:
     label, method, overrides, seed = run
     try:
@@ -271,7 +272,8 @@ def _collect(
         steps = [json.loads(ln[9:]) for ln in out.splitlines() if ln.startswith("TASKSTEP ")]
         if steps:
             rec["last_step"] = steps[-1]
-    rec.update(label=label, overrides=overrides, process_s=round(time.perf_counter() - t0, 1))
+    # the overrides after -- are the run's too: a record that names none ran its config as it is
+    rec.update(label=label, overrides=[*(extra or []), *overrides], process_s=round(time.perf_counter() - t0, 1))
     if jobs > 1:
         rec["note"] = f"ran beside up to {jobs - 1} other runs on the GPU: wall times include the sharing"
     rec["env"] = environment(sys.argv)
@@ -302,7 +304,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
             run = todo.pop(0)
             running.append((run, *_launch(run, args)))
         run, proc, t0 = running.pop(0)  # the oldest: a fair wait, since all share one deadline per run
-        rec = _collect(run, proc, t0, args.timeout, args.jobs, args.task)
+        rec = _collect(run, proc, t0, args.timeout, args.jobs, args.task, args.extra)
         records.append(rec)
         print("RUN " + json.dumps({k: v for k, v in rec.items() if k != "curve"}), flush=True)
         write(records, args.out)

@@ -256,8 +256,11 @@ def test_a_timed_out_task_run_keeps_its_curve(tmp_path):
     # a run that fails keeps its points too, with its error
     proc = subprocess.Popen([sys.executable, "-c", code.replace("time.sleep(60)", "raise SystemExit('boom')")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    failed = S._collect(("pop", "mezo_pop", [], 0), proc, time.perf_counter(), timeout=30.0)
+    failed = S._collect(("pop", "mezo_pop", ["--x=1"], 0), proc, time.perf_counter(), timeout=30.0,
+                        extra=["--trainer.max_steps=100"])
     assert "boom" in failed["error"] and failed["curve"] == points
+    # the overrides after -- are the run's too: the grid counts no record that names any
+    assert rec["overrides"] == [] and failed["overrides"] == ["--trainer.max_steps=100", "--x=1"]
     pytest.importorskip("matplotlib")
     (tmp_path / "r.json").write_text(json.dumps([rec]))
     assert all(os.path.getsize(f) > 0 for f in S.plot(str(tmp_path / "r.json"), str(tmp_path / "img")))
@@ -389,14 +392,14 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     assert est[("sst2", "adamw")] == 100.0  # its own task, alone, no overrides
     assert est[("sst2", "lomo")] == 300.0  # alone with overrides beats the shared run
     assert est[("sst2", "flora")] == 250.0  # another task's record where its own has none
-    assert est[("squad", "zero_shot")] == 600  # never run: the default
-    assert est[("sst2", "clora")] == 600  # never run, nor its proxy's stand-in
+    assert est[("squad", "zero_shot")] == grid.CAPPED_S < 600  # never run: the default, no longer than a capped run
+    assert est[("sst2", "clora")] == grid.CAPPED_S  # never run, nor its proxy's stand-in
     only = tmp_path / "only_adamw"
     only.mkdir()
     (only / "sst2_grid_h200_s0_0.json").write_text(json.dumps([rec("adamw", 0)]))
     est2 = grid.estimates(only, default_s=600)
     assert est2[("sst2", "lomo")] == 100.0 * grid.PROXY["lomo"][1]  # never run anywhere: from its proxy, scaled
-    assert est2[("sst2", "flora")] == 600  # its proxy was never run either
+    assert est2[("sst2", "flora")] == grid.CAPPED_S  # its proxy was never run either
 
     missing = [(t, m, s) for s in grid.SEEDS for t in grid.TASKS for m in grid.METHODS if (t, m, s) not in cells]
     calls = grid.plan_calls(missing, est, budget=540)
@@ -451,6 +454,45 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     with pytest.raises(SystemExit):
         grid.main(["--results", str(tmp_path), "--calls", "--jobs", "0"])
     assert "--jobs must be >= 1" in capsys.readouterr().err
+
+
+def test_grid_counts_a_run_only_where_its_cap_ended_it_as_the_grids_would(tmp_path):
+    """A cell ran under the grid's cap (CAP_MIN), or ended by its steps within it: a run under a longer cap that
+    trained past CAP_MIN minutes, or that its own longer cap ended, is not a cell; the plan runs the grid's cap."""
+    from benchmarks import grid
+
+    cmd = lambda cap: {"gpu": "NVIDIA H200", "command": f"task_results.py --task sst2 --max_minutes {cap}"}
+    cap_s = grid.CAP_MIN * 60
+
+    def rec(method, wall_s, cap, capped):
+        return dict(task="sst2", method=method, seed=0, dev_acc=80.0, wall_s=wall_s, time_capped=capped, env=cmd(cap))
+
+    recs = [rec("adamw", cap_s - 1, 10, False),  # steps ended it within the grid's cap: a cell
+            rec("lomo", cap_s + 60, 10, False),  # steps ended it, but past the grid's cap: that cap would have
+            rec("mezo", 600.4, 10, True),  # a 10-minute cap ended it
+            rec("mezo_pop", cap_s + 0.5, grid.CAP_MIN, True),  # the grid's cap ended it: a cell
+            rec("clora", cap_s + 30, grid.CAP_MIN, None)]  # before time_capped was recorded: by its fit time
+    (tmp_path / "sst2_grid_h200_s0_x.json").write_text(json.dumps(recs))
+    assert set(grid.done_cells(tmp_path)) == {("sst2", "adamw", 0), ("sst2", "mezo_pop", 0)}
+    assert grid.run_cap(recs[0]) == 10 and grid.run_cap({"env": {"command": "task_results.py"}}) is None
+    calls = grid.plan_calls([("mrpc", "mezo", 0)], {("mrpc", "mezo"): 300.0}, budget=540)
+    assert f" --max_minutes {grid.CAP_MIN} " in calls[0]["command"] + " "
+    # a capped run's process time bounds every estimate: load, the capped fit, test
+    (tmp_path / "mrpc_other.json").write_text(json.dumps([
+        {"task": "mrpc", "method": "mezo", "seed": 0, "process_s": 900.0, "env": {"gpu": "NVIDIA H200"}}]))
+    assert grid.estimates(tmp_path)[("mrpc", "mezo")] == grid.CAPPED_S
+
+    # a probe (the config alone, only its step budget overridden) scales its training to the config's steps
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "squad_smollm2_mezo.yaml").write_text("trainer:\n  max_steps: 4000\n  val_check_interval: 1000\n")
+    probe = dict(task="squad", method="mezo", seed=1, process_s=31.7, train_s=8.3, env={"gpu": "NVIDIA H100"})
+    (tmp_path / "squad_probe.json").write_text(json.dumps([
+        dict(probe, overrides=["--trainer.max_steps=100"]),
+        dict(probe, overrides=["--trainer.max_steps=100", "--x=1"], process_s=900.0),  # another config: no
+        dict(probe, overrides=["--trainer.max_steps=100"], note="shared", process_s=900.0)]))  # shared: no
+    assert grid.probe_estimates(tmp_path, configs) == {("squad", "mezo"): round(31.7 - 8.3 + 8.3 * 40, 1)}
+    assert grid.config_steps("squad", "mezo", configs) == 4000 and grid.config_steps("squad", "x", configs) is None
 
 
 def test_grid_summary_over_seeds_into_the_docs(tmp_path):
