@@ -114,11 +114,11 @@ def run_cap(rec: dict[str, Any]) -> int | None:
 
 
 def within_cap(rec: dict[str, Any]) -> bool:
-    """The grid's cap (:data:`CAP_MIN`) would have ended the fit where it ended: a cap of ``CAP_MIN`` ended it, or its
-    steps did within ``CAP_MIN`` minutes (a run under a longer cap that it never reached). A record without its fit
-    time (``wall_s``) tells nothing against it."""
+    """The grid's cap (:data:`CAP_MIN`) would have ended the fit where it ended: a cap of ``CAP_MIN`` ended it on an
+    H200 (on an H100 the same minutes train fewer steps), or its steps did within ``CAP_MIN`` minutes (a run under a
+    longer cap that it never reached). A record without its fit time (``wall_s``) tells nothing against it."""
     if rec.get("time_capped"):
-        return run_cap(rec) == CAP_MIN
+        return run_cap(rec) == CAP_MIN and "H200" in str((rec.get("env") or {}).get("gpu"))
     wall = rec.get("wall_s")
     return not isinstance(wall, (int, float)) or wall <= CAP_MIN * 60
 
@@ -164,21 +164,29 @@ def done_cells(results: Path = RESULTS) -> dict[tuple[str, str, int], dict[str, 
 PROXY = {"lomo": ("adamw", 2.0), "flora": ("clora", 1.5)}
 
 
-def estimates(results: Path = RESULTS, default_s: float = 600.0) -> dict[tuple[str, str], float]:
+def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path | None = None
+              ) -> dict[tuple[str, str], float]:
     """(task, method) -> seconds a run takes as a process, from earlier H200 records: the median of the best kind
     there is, in this order: the same task alone on the GPU without overrides, with overrides, beside other runs
     (an upper bound: the sharing is in it), then a probe of the config (:func:`probe_estimates`), then the same for
     the other tasks. A method with no record on any task
     takes its :data:`PROXY`'s estimate times the factor there, where the proxy has one, else ``default_s``. No
-    estimate exceeds :data:`CAPPED_S`: the cap ends every fit."""
+    estimate exceeds :data:`CAPPED_S`: the cap ends every fit. A run that stopped short of its config's steps (a cap
+    ended it, maybe a shorter one) would run to this cap: it takes ``CAPPED_S``."""
+    configs = configs or CONFIGS
     kinds: dict[tuple[str, str], dict[int, list[float]]] = {}
     for rec in _records("*.json", results):
         task, gpu = rec.get("task"), str((rec.get("env") or {}).get("gpu"))
         if task not in TASKS or "H200" not in gpu or "error" in rec or not rec.get("process_s"):
             continue
+        if any("max_steps" in o for o in rec.get("overrides") or []):
+            continue  # another step budget: a probe (probe_estimates) or a longer run
         rank = 2 if "note" in rec else 1 if rec.get("overrides") else 0
-        kinds.setdefault((task, rec["method"]), {}).setdefault(rank, []).append(float(rec["process_s"]))
-    probes = probe_estimates(results)
+        budget, steps = config_steps(task, rec["method"], configs), rec.get("steps")
+        short = rec.get("time_capped") or (budget and isinstance(steps, int) and 0 < steps < budget)
+        kinds.setdefault((task, rec["method"]), {}).setdefault(rank, []).append(
+            float(CAPPED_S if short else rec["process_s"]))
+    probes = probe_estimates(results, configs)
     est = {}
     for task in TASKS:
         for m in METHODS:
@@ -318,8 +326,11 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
         opts = " --dev_curve" if c["task"] != "squad" and c["seed"] == 0 else ""
         opts += f" --max_minutes {CAP_MIN} --timeout {run_timeout:.0f}"
         opts += f" --jobs {c['jobs']}" if c["jobs"] > 1 else ""
-        # unique by content, not by order; seeds 1 and 2 may run on an H100, and the record says which
-        gpu = "h200_" if c["seed"] == 0 else ""
+        # unique by content, not by order; seeds 1 and 2 may run on an H100, and the record says which, unless the
+        # cap may end a run: where it does, the GPU sets the steps. An estimate is the H200's, and an H100 ran SST-2's
+        # AdamW and GaLore about as fast (EQUIVALENCE), so a run estimated below the cap is planned for either
+        c["h200"] = c["seed"] == 0 or any(est[(c["task"], m)] >= CAPPED_S for m in c["methods"])
+        gpu = "h200_" if c["h200"] else ""
         name = f"{c['task']}_grid_{gpu}s{'-'.join(map(str, c['seeds']))}_{'-'.join(c['methods'])}"
         seeds = ",".join(map(str, c["seeds"]))
         c["command"] = f"bash benchmarks/device_run.sh task {c['task']} {seeds} {','.join(c['methods'])} {name}{opts}"
@@ -416,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls:
         print("\nEach call carries [\".whl2\", \".gpu/data\"] (the first on a machine also \".models/b\", after a "
               "`device_run.sh smol-a` call carrying \".models/a\"). MEMOPT_COMMIT names this side's HEAD, as the "
-              "device copy's git HEAD can lag it. Seed 0 needs an H200 (kind nvidia-h200); seeds 1 and 2 run on "
-              "an H100 or H200:")
+              "device copy's git HEAD can lag it. Seed 0 needs an H200 (kind nvidia-h200), and so does a run the "
+              "cap may end (named h200); the other seeds 1 and 2 run on an H100 or H200:")
         head = subprocess.run(["git", "-C", str(RESULTS), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=False).stdout.strip() or "unknown"
         for c in plan_calls(missing, est, args.budget, args.jobs, args.speedup,

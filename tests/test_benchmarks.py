@@ -472,8 +472,14 @@ def test_grid_counts_a_run_only_where_its_cap_ended_it_as_the_grids_would(tmp_pa
             rec("mezo", 600.4, 10, True),  # a 10-minute cap ended it
             rec("mezo_pop", cap_s + 0.5, grid.CAP_MIN, True),  # the grid's cap ended it: a cell
             rec("clora", cap_s + 30, grid.CAP_MIN, None)]  # before time_capped was recorded: by its fit time
+    # where the cap ends a run the GPU sets its steps: seeds 1 and 2 count on an H100 only where their steps ended it
+    h100 = dict(rec("flora", cap_s + 0.5, grid.CAP_MIN, True), seed=1)
+    h100["env"] = dict(h100["env"], gpu="NVIDIA H100 80GB HBM3")
+    recs += [h100, dict(rec("mezo", cap_s + 0.5, grid.CAP_MIN, True), seed=1),
+             dict(rec("galore", cap_s - 5, grid.CAP_MIN, False), seed=1, env=h100["env"])]
     (tmp_path / "sst2_grid_h200_s0_x.json").write_text(json.dumps(recs))
-    assert set(grid.done_cells(tmp_path)) == {("sst2", "adamw", 0), ("sst2", "mezo_pop", 0)}
+    assert set(grid.done_cells(tmp_path)) == {("sst2", "adamw", 0), ("sst2", "mezo_pop", 0), ("sst2", "mezo", 1),
+                                              ("sst2", "galore", 1)}
     assert grid.run_cap(recs[0]) == 10 and grid.run_cap({"env": {"command": "task_results.py"}}) is None
     calls = grid.plan_calls([("mrpc", "mezo", 0)], {("mrpc", "mezo"): 300.0}, budget=540)
     assert f" --max_minutes {grid.CAP_MIN} " in calls[0]["command"] + " "
@@ -493,6 +499,18 @@ def test_grid_counts_a_run_only_where_its_cap_ended_it_as_the_grids_would(tmp_pa
         dict(probe, overrides=["--trainer.max_steps=100"], note="shared", process_s=900.0)]))  # shared: no
     assert grid.probe_estimates(tmp_path, configs) == {("squad", "mezo"): round(31.7 - 8.3 + 8.3 * 40, 1)}
     assert grid.config_steps("squad", "mezo", configs) == 4000 and grid.config_steps("squad", "x", configs) is None
+    # a run that stopped short of its config's steps (a shorter cap ended it) would run to this cap
+    (configs / "squad_smollm2_adamw.yaml").write_text("trainer:\n  max_steps: 300\n")
+    h200 = {"gpu": "NVIDIA H200"}
+    (tmp_path / "squad_old.json").write_text(json.dumps([
+        dict(task="squad", method="mezo", seed=0, steps=2721, process_s=405.0, env=h200),
+        dict(task="squad", method="adamw", seed=0, steps=300, process_s=120.0, env=h200),
+        dict(task="squad", method="adamw", seed=1, steps=30, process_s=20.0, env=h200,
+             overrides=["--trainer.max_steps=30"])]))  # a probe on the H200: not the config's run time
+    est = grid.estimates(tmp_path, configs=configs)
+    assert est[("squad", "mezo")] == grid.CAPPED_S and est[("squad", "adamw")] == 120.0
+    calls = grid.plan_calls([("squad", "mezo", 1), ("squad", "adamw", 1)], est, budget=540)
+    assert {c["methods"][0]: "_grid_h200_s1_" in c["command"] for c in calls} == {"mezo": True, "adamw": False}
 
 
 def test_grid_summary_over_seeds_into_the_docs(tmp_path):
