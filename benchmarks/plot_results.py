@@ -19,20 +19,22 @@ import json
 import sys
 from pathlib import Path
 
+from benchmarks import results_tables as rt
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-# (suite file, group title, rows as (key, label))
+# (suite file, group title, rows as (key, label)): the files docs/results.md's speed tables read, so a re-measured
+# suite moves its table and its bars together
 PANELS = [
-    ("foundation.json", "AdamW", [("peer:forward", "forward"), ("peer:adamw", "AdamW"),
-                                  ("peer:adamw_ckpt", "AdamW ckpt")]),
-    ("mezo_run3.json", "MeZO", [("peer:mezo_official", "official"), ("ours:mezo", "ours"),
-                                ("ours:mezo_rademacher", "ours ±1")]),
-    ("lomo_run2.json", "LOMO", [("peer:lomo_ckpt", "lomo-optim ckpt"), ("ours:lomo_ckpt", "ours ckpt"),
-                           ("peer:adalomo_ckpt", "AdaLomo peer ckpt"), ("ours:adalomo_ckpt", "AdaLomo ours ckpt")]),
-    ("galore_1b.json", "GaLore", [("peer:galore", "galore-torch"), ("ours:galore", "ours")]),
-    ("dfo.json", "DFO-LoRA (4×128)", [("ours:inference", "inference"), ("ours:dfo_batched", "batched, whole population"),
-                                      ("ours:dfo_batched_chunk10", "batched, chunk 10 (default)"),
-                                      ("ours:dfo_sequential", "sequential")]),
+    (rt.FOUNDATION, "AdamW", [("peer:forward", "forward"), ("peer:adamw", "AdamW"), ("peer:adamw_ckpt", "AdamW ckpt")]),
+    (rt.MEZO_LATEST, "MeZO", [("peer:mezo_official", "official"), ("ours:mezo", "ours"),
+                              ("ours:mezo_rademacher", "ours ±1")]),
+    (rt.LOMO, "LOMO", [("peer:lomo_ckpt", "lomo-optim ckpt"), ("ours:lomo_ckpt", "ours ckpt"),
+                       ("peer:adalomo_ckpt", "AdaLomo peer ckpt"), ("ours:adalomo_ckpt", "AdaLomo ours ckpt")]),
+    (rt.GALORE, "GaLore", [("peer:galore", "galore-torch"), ("ours:galore", "ours")]),
+    (rt.DFO, "DFO-LoRA (4×128)", [("ours:inference", "inference"), ("ours:dfo_batched", "batched, whole population"),
+                                  ("ours:dfo_batched_chunk10", "batched, chunk 10 (default)"),
+                                  ("ours:dfo_sequential", "sequential")]),
 ]
 # the task_results JSON (several, comma-separated, share one set of axes) whose curves and peaks docs/results.md
 # shows, and the prefix of their PNGs
