@@ -57,6 +57,7 @@ GPU_GIB = 79.2  # an H100's memory as torch reports it: seeds 1 and 2 may run th
 METRIC = {"sst2": ("dev_acc", "SST-2 dev acc", "SST-2"), "mrpc": ("dev_acc", "MRPC dev acc", "MRPC"),
           "squad": ("dev_f1", "SQuAD dev F1", "SQuAD")}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # configs/<task>_smollm2_<method>.yaml: the grid's runs
 # Committed runs outside the grid's files that ran a grid config as it is today, under the config's earlier name:
 # file -> {method as recorded: the grid's name}. sst2_pop_best_h200.json's mezo_pop32 runs (seeds 0 and 2, alone,
 # 3f91527) ran configs/sst2_smollm2_mezo_pop32.yaml, which became sst2_smollm2_mezo_pop.yaml at e35ac55 with the
@@ -164,16 +165,15 @@ def done_cells(results: Path = RESULTS) -> dict[tuple[str, str, int], dict[str, 
 PROXY = {"lomo": ("adamw", 2.0), "flora": ("clora", 1.5)}
 
 
-def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path | None = None
+def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path = CONFIGS
               ) -> dict[tuple[str, str], float]:
     """(task, method) -> seconds a run takes as a process, from earlier H200 records: the median of the best kind
     there is, in this order: the same task alone on the GPU without overrides, with overrides, beside other runs
     (an upper bound: the sharing is in it), then a probe of the config (:func:`probe_estimates`), then the same for
-    the other tasks. A method with no record on any task
-    takes its :data:`PROXY`'s estimate times the factor there, where the proxy has one, else ``default_s``. No
-    estimate exceeds :data:`CAPPED_S`: the cap ends every fit. A run that stopped short of its config's steps (a cap
-    ended it, maybe a shorter one) would run to this cap: it takes ``CAPPED_S``."""
-    configs = configs or CONFIGS
+    the other tasks. A method with no record on any task takes its :data:`PROXY`'s estimate times the factor there,
+    where the proxy has one, else ``default_s``. No estimate exceeds :data:`CAPPED_S`: the cap ends every fit. A run
+    that stopped short of its config's steps (a cap ended it, maybe a shorter one) would run to this cap: it takes
+    ``CAPPED_S``."""
     kinds: dict[tuple[str, str], dict[int, list[float]]] = {}
     for rec in _records("*.json", results):
         task, gpu = rec.get("task"), str((rec.get("env") or {}).get("gpu"))
@@ -211,8 +211,6 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path |
                 est[(task, m)] = round(base * factor, 1) if base is not None else default_s
     return {k: min(v, CAPPED_S) for k, v in est.items()}
 
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def config_steps(task: str, method: str, configs: Path = CONFIGS) -> int | None:
