@@ -174,19 +174,23 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path =
     where the proxy has one, else ``default_s``. No estimate exceeds :data:`CAPPED_S`: the cap ends every fit. A run
     that stopped short of its config's steps (a cap ended it, maybe a shorter one) would run to this cap: it takes
     ``CAPPED_S``."""
+    recs = _records("*.json", results)
+    budgets: dict[tuple[str, str], int | None] = {}  # each config file read once
     kinds: dict[tuple[str, str], dict[int, list[float]]] = {}
-    for rec in _records("*.json", results):
+    for rec in recs:
         task, gpu = rec.get("task"), str((rec.get("env") or {}).get("gpu"))
         if task not in TASKS or "H200" not in gpu or "error" in rec or not rec.get("process_s"):
             continue
         if any("max_steps" in o for o in rec.get("overrides") or []):
             continue  # another step budget: a probe (probe_estimates) or a longer run
         rank = 2 if "note" in rec else 1 if rec.get("overrides") else 0
-        budget, steps = config_steps(task, rec["method"], configs), rec.get("steps")
+        key = (task, rec["method"])
+        if key not in budgets:
+            budgets[key] = config_steps(task, rec["method"], configs)
+        budget, steps = budgets[key], rec.get("steps")
         short = rec.get("time_capped") or (budget and isinstance(steps, int) and 0 < steps < budget)
-        kinds.setdefault((task, rec["method"]), {}).setdefault(rank, []).append(
-            float(CAPPED_S if short else rec["process_s"]))
-    probes = probe_estimates(results, configs)
+        kinds.setdefault(key, {}).setdefault(rank, []).append(float(CAPPED_S if short else rec["process_s"]))
+    probes = probe_estimates(recs, configs)
     est = {}
     for task in TASKS:
         for m in METHODS:
@@ -212,7 +216,6 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path =
     return {k: min(v, CAPPED_S) for k, v in est.items()}
 
 
-
 def config_steps(task: str, method: str, configs: Path = CONFIGS) -> int | None:
     """The step budget (``trainer.max_steps``) of the grid config ``configs/<task>_smollm2_<method>.yaml``."""
     path = configs / f"{task}_smollm2_{method}.yaml"
@@ -220,12 +223,13 @@ def config_steps(task: str, method: str, configs: Path = CONFIGS) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def probe_estimates(results: Path = RESULTS, configs: Path = CONFIGS) -> dict[tuple[str, str], float]:
-    """(task, method) -> seconds a run would take, from a short run of the config alone on any GPU whose only
-    override is ``--trainer.max_steps=N`` (a probe): its load and test as they were, its training scaled to the
-    config's steps (validation not included; on an H100, slower than the H200). The slowest probe of a config."""
+def probe_estimates(recs: list[dict[str, Any]], configs: Path = CONFIGS) -> dict[tuple[str, str], float]:
+    """(task, method) -> seconds a run would take, from the records (:func:`_records` of the results) of short runs
+    of the config alone on any GPU whose only override is ``--trainer.max_steps=N`` (probes): a probe's load and test
+    as they were, its training scaled to the config's steps (validation not included; on an H100, slower than the
+    H200). The slowest probe of a config."""
     out: dict[tuple[str, str], float] = {}
-    for rec in _records("*.json", results):
+    for rec in recs:
         over = rec.get("overrides") or []
         m = re.fullmatch(r"--trainer\.max_steps=(\d+)", over[0]) if len(over) == 1 else None
         if not m or "error" in rec or not alone(rec) or rec.get("task") not in TASKS:

@@ -497,7 +497,8 @@ def test_grid_counts_a_run_only_where_its_cap_ended_it_as_the_grids_would(tmp_pa
         dict(probe, overrides=["--trainer.max_steps=100"]),
         dict(probe, overrides=["--trainer.max_steps=100", "--x=1"], process_s=900.0),  # another config: no
         dict(probe, overrides=["--trainer.max_steps=100"], note="shared", process_s=900.0)]))  # shared: no
-    assert grid.probe_estimates(tmp_path, configs) == {("squad", "mezo"): round(31.7 - 8.3 + 8.3 * 40, 1)}
+    probes = grid.probe_estimates(grid._records("*.json", tmp_path), configs)
+    assert probes == {("squad", "mezo"): round(31.7 - 8.3 + 8.3 * 40, 1)}
     assert grid.config_steps("squad", "mezo", configs) == 4000 and grid.config_steps("squad", "x", configs) is None
     # a run that stopped short of its config's steps (a shorter cap ended it) would run to this cap
     (configs / "squad_smollm2_adamw.yaml").write_text("trainer:\n  max_steps: 300\n")
