@@ -360,7 +360,7 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
 
     (tmp_path / "sst2_grid_h200_s0_0.json").write_text(json.dumps([
         rec("adamw", 0),  # a cell
-        rec("lomo", 0, env=h100),  # seed 0 (the timed curves) counts on the H200 only
+        dict(rec("lomo", 0, env=h100), process_s=200.0),  # seed 0 (the timed curves) counts on the H200 only
         rec("lomo", 2, env=h100, note="shared", time_capped=False),  # a cell: seeds 1 and 2 count on an H100 too
         rec("clora", 1, env={"gpu": "NVIDIA A100-SXM4-80GB"}),  # nor another GPU
         rec("galore", 0, note="ran beside up to 2 other runs on the GPU", time_capped=False),  # seed 0 shared
@@ -379,6 +379,7 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
         {"task": "sst2", "method": "lomo", "seed": 0, "process_s": 300.0, "env": h200, "overrides": ["--x=1"]},
         {"task": "sst2", "method": "lomo", "seed": 0, "process_s": 900.0, "env": h200, "note": "shared"},
         {"task": "mrpc", "method": "flora", "seed": 0, "process_s": 250.0, "env": h200},
+        {"task": "sst2", "method": "galore", "seed": 0, "process_s": 300.0, "env": h200, "overrides": ["--x=1"]},
     ]))
     assert "sst2_pop_best_h200.json" in grid.ADOPTED  # a config's runs under its earlier name
     (tmp_path / "sst2_pop_best_h200.json").write_text(json.dumps([
@@ -390,10 +391,11 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     assert cells[("sst2", "mezo_pop", 2)]["adopted_from"] == "sst2_pop_best_h200.json: mezo_pop32"
     est = grid.estimates(tmp_path, default_s=600)
     assert est[("sst2", "adamw")] == 100.0  # its own task, alone, no overrides
-    assert est[("sst2", "lomo")] == 300.0  # alone with overrides beats the shared run
+    assert est[("sst2", "lomo")] == 200.0  # alone on an H100 beats the H200's runs with overrides or shared
+    assert est[("sst2", "galore")] == 300.0  # alone with overrides beats the shared runs
     assert est[("sst2", "flora")] == 250.0  # another task's record where its own has none
     assert est[("squad", "zero_shot")] == grid.CAPPED_S < 600  # never run: the default, no longer than a capped run
-    assert est[("sst2", "clora")] == grid.CAPPED_S  # never run, nor its proxy's stand-in
+    assert est[("sst2", "clora")] == 100.0  # alone on an H100, in a file that is not the grid's
     only = tmp_path / "only_adamw"
     only.mkdir()
     (only / "sst2_grid_h200_s0_0.json").write_text(json.dumps([rec("adamw", 0)]))
