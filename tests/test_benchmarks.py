@@ -398,10 +398,15 @@ def test_grid_counts_solo_h200_cells_and_packs_the_rest_seed_0_first(tmp_path, c
     assert est[("sst2", "clora")] == 100.0  # alone on an H100, in a file that is not the grid's
     only = tmp_path / "only_adamw"
     only.mkdir()
-    (only / "sst2_grid_h200_s0_0.json").write_text(json.dumps([rec("adamw", 0)]))
+    (only / "sst2_grid_h200_s0_0.json").write_text(json.dumps([rec("adamw", 0), rec("flora", 0)]))
+    (only / "mrpc_grid_h200_s0_0.json").write_text(json.dumps([dict(rec("clora", 0), task="mrpc", process_s=200.0)]))
     est2 = grid.estimates(only, default_s=600)
+    assert est2[("sst2", "clora")] == 200.0  # another task's record, with no proxy
+    assert est2[("sst2", "flora")] == 100.0  # its own
+    # the larger of its record on another task (100) and its proxy's here (or elsewhere) scaled (300)
+    assert est2[("mrpc", "flora")] == est2[("squad", "flora")] == 200.0 * grid.PROXY["flora"][1] > 100.0
+    assert est2[("sst2", "mezo")] == grid.CAPPED_S  # never run, no proxy: the default, capped
     assert est2[("sst2", "lomo")] == 100.0 * grid.PROXY["lomo"][1]  # never run anywhere: from its proxy, scaled
-    assert est2[("sst2", "flora")] == grid.CAPPED_S  # its proxy was never run either
 
     missing = [(t, m, s) for s in grid.SEEDS for t in grid.TASKS for m in grid.METHODS if (t, m, s) not in cells]
     calls = grid.plan_calls(missing, est, budget=540)
