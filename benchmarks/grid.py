@@ -83,6 +83,11 @@ def _records(pattern: str, results: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _env(rec: dict[str, Any], key: str) -> str:
+    """What the record's environment says of ``key`` (``gpu``, ``commit``, ``command``); empty where it is silent."""
+    return str((rec.get("env") or {}).get(key, ""))
+
+
 def alone(rec: dict[str, Any]) -> bool:
     """The run had the GPU to itself (``task_results`` notes a run that shared it)."""
     return "note" not in rec
@@ -90,7 +95,7 @@ def alone(rec: dict[str, Any]) -> bool:
 
 def timed(rec: dict[str, Any]) -> bool:
     """The run's times are the grid's: it had an H200 to itself (seeds 1 and 2 may run on an H100, a slower card)."""
-    return alone(rec) and "H200" in str((rec.get("env") or {}).get("gpu", ""))
+    return alone(rec) and "H200" in _env(rec, "gpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,12 +110,12 @@ def current(rec: dict[str, Any]) -> bool:
     """The record ran its method's code as it is now (see :data:`SUPERSEDED`)."""
     if rec["method"] not in SUPERSEDED:
         return True
-    return _descends(str((rec.get("env") or {}).get("commit")), SUPERSEDED[rec["method"]][0])
+    return _descends(_env(rec, "commit"), SUPERSEDED[rec["method"]][0])
 
 
 def run_cap(rec: dict[str, Any]) -> int | None:
     """The ``--max_minutes`` the run's command gave, if any."""
-    m = re.search(r"--max_minutes[ =](\d+)", str((rec.get("env") or {}).get("command", "")))
+    m = re.search(r"--max_minutes[ =](\d+)", _env(rec, "command"))
     return int(m.group(1)) if m else None
 
 
@@ -119,13 +124,13 @@ def within_cap(rec: dict[str, Any]) -> bool:
     H200 (on an H100 the same minutes train fewer steps), or its steps did within ``CAP_MIN`` minutes (a run under a
     longer cap that it never reached). A record without its fit time (``wall_s``) tells nothing against it."""
     if rec.get("time_capped"):
-        return run_cap(rec) == CAP_MIN and "H200" in str((rec.get("env") or {}).get("gpu"))
+        return run_cap(rec) == CAP_MIN and "H200" in _env(rec, "gpu")
     wall = rec.get("wall_s")
     return not isinstance(wall, (int, float)) or wall <= CAP_MIN * 60
 
 
 def _cell(rec: dict[str, Any]) -> bool:
-    gpu = str((rec.get("env") or {}).get("gpu"))
+    gpu = _env(rec, "gpu")
     if not any(g in gpu for g in GPUS.get(int(rec["seed"]), ())) or "error" in rec or rec.get("overrides"):
         return False
     if not current(rec) or not within_cap(rec):
@@ -178,7 +183,7 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path =
     budgets: dict[tuple[str, str], int | None] = {}  # each config file read once
     kinds: dict[tuple[str, str], dict[int, list[float]]] = {}
     for rec in recs:
-        task, gpu = rec.get("task"), str((rec.get("env") or {}).get("gpu"))
+        task, gpu = rec.get("task"), _env(rec, "gpu")
         if task not in TASKS or "error" in rec or not rec.get("process_s"):
             continue
         if any("max_steps" in o for o in rec.get("overrides") or []):
