@@ -341,8 +341,9 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
         opts += f" --max_minutes {CAP_MIN} --timeout {run_timeout:.0f}"
         opts += f" --jobs {c['jobs']}" if c["jobs"] > 1 else ""
         # unique by content, not by order; seeds 1 and 2 may run on an H100, and the record says which, unless the
-        # cap may end a run: where it does, the GPU sets the steps. An estimate is the H200's, and an H100 ran SST-2's
-        # AdamW and GaLore about as fast (EQUIVALENCE), so a run estimated below the cap is planned for either
+        # cap may end a run: where it does, the GPU sets the steps. An estimate is the H200's or an H100's (the slower
+        # card), and an H100 ran SST-2's AdamW and GaLore about as fast (EQUIVALENCE), so a run estimated below the cap
+        # is planned for either
         c["h200"] = c["seed"] == 0 or any(est[(c["task"], m)] >= CAPPED_S for m in c["methods"])
         gpu = "h200_" if c["h200"] else ""
         name = f"{c['task']}_grid_{gpu}s{'-'.join(map(str, c['seeds']))}_{'-'.join(c['methods'])}"
