@@ -311,6 +311,18 @@ ours = lambda file, key, size, fld: sel(file, fld, key=key, size=size)
 LARGEST = "largest_h200.json"
 POP = "sst2_pop_best_h200.json"  # the population config's SST-2 runs, data seeds 0-2 (issue 14)
 MEZO_LATEST = "mezo_h100_c4100e0.json"  # the MeZO suite at c4100e0, H100 (runs 1-3: mezo*.json before it)
+# The suites' files, read by the README's table, docs/results.md's tables and the bars (plot_results): swap a name
+# here to re-measure everywhere at once.
+FOUNDATION = "foundation.json"
+DFO = "dfo.json"
+# LOMO and AdaLomo against lomo-optim's step in the same run: plain LOMO from the first run, the rest from the run
+# after AdaLomo's hook was slimmed. Point both at one file when the whole suite is re-measured.
+LOMO_PLAIN, LOMO = "lomo.json", "lomo_run2.json"
+# GaLore against galore-torch: the steps from one run, beside AdamW from another, the layer-wise peaks from a third
+# (a list of records keyed by method and impl). One galore suite run on the H200 replaces all three.
+GALORE, GALORE_STEADY, GALORE_LAYERWISE = "galore_1b.json", "galore_steady.json", "galore_layerwise_peaks.json"
+# Under DeepSpeed ZeRO-3 on one GPU: each of our cases against lomo-optim's own ZeRO-3 path, same partitioning config.
+ZERO3 = "zero3_h200.json"
 
 WHICH_METHOD = Table(
     intro=(
@@ -328,8 +340,8 @@ WHICH_METHOD = Table(
              "{step}× lomo-optim's step", "{acc}"),
             {
                 "peak_sst2": Ratio(sst2("adalomo", "peak_gib"), sst2("adamw", "peak_gib")),
-                "peak_1b_ckpt": Value(ours("lomo_run2.json", "ours:adalomo_ckpt", "1b", "peak_gib")),
-                "step": Range((sel("lomo_run2.json", "ratios.step / lomo-optim", key="ours:adalomo_ckpt"),)),
+                "peak_1b_ckpt": Value(ours(LOMO, "ours:adalomo_ckpt", "1b", "peak_gib")),
+                "step": Range((sel(LOMO, "ratios.step / lomo-optim", key="ours:adalomo_ckpt"),)),
                 "acc": Value(sst2("adalomo")),
             },
         ),
@@ -340,10 +352,10 @@ WHICH_METHOD = Table(
             {
                 "params": Value(ours(LARGEST, "ours:lomo_ckpt", "65b", "params_b")),
                 "peak": Value(ours(LARGEST, "ours:lomo_ckpt", "65b", "peak_gib")),
-                "zero3": Range((sel("zero3_h200.json", "ratios.step / lomo-optim", key="ours:lomo_zero3"),
-                                sel("zero3_h200.json", "ratios.step / lomo-optim ", key="ours:lomo_zero3_ckpt"))),
+                "zero3": Range((sel(ZERO3, "ratios.step / lomo-optim", key="ours:lomo_zero3"),
+                                sel(ZERO3, "ratios.step / lomo-optim ", key="ours:lomo_zero3_ckpt"))),
                 # the first LOMO run: plain and checkpointed at 1.1B, checkpointed at 7B
-                "step": Range((sel("lomo.json", "ratios.step / lomo-optim", key=("ours:lomo", "ours:lomo_ckpt")),)),
+                "step": Range((sel(LOMO_PLAIN, "ratios.step / lomo-optim", key=("ours:lomo", "ours:lomo_ckpt")),)),
                 "acc": Value(sst2("lomo")),
             },
         ),
@@ -354,10 +366,10 @@ WHICH_METHOD = Table(
              "{acc}"),
             {
                 "peak_sst2": Ratio(sst2("galore", "peak_gib"), sst2("adamw", "peak_gib")),
-                "steady": Ratio(ours("galore_1b.json", "ours:galore", "1b", "step_s"),
-                                ours("galore_1b.json", "peer:galore", "1b", "step_s")),
-                "vs_adamw": Value(ours("galore_steady.json", "ours:galore", "1b", "ratios.step / AdamW"), "{:.2f}"),
-                "refresh": Value(ours("galore_1b.json", "ours:galore_refresh", "1b",
+                "steady": Ratio(ours(GALORE, "ours:galore", "1b", "step_s"),
+                                ours(GALORE, "peer:galore", "1b", "step_s")),
+                "vs_adamw": Value(ours(GALORE_STEADY, "ours:galore", "1b", "ratios.step / AdamW"), "{:.2f}"),
+                "refresh": Value(ours(GALORE, "ours:galore_refresh", "1b",
                                       "ratios.speed-up vs galore-torch"), "{:.0f}"),
                 "acc": Value(sst2("galore")),
             },
@@ -399,13 +411,13 @@ WHICH_METHOD = Table(
               "population in one forward)"),
              "C-LoRA {clora}, F-LoRA {flora} (k=16: {clora_k16} / {flora_k16})"),
             {
-                "peak_1b": Value(ours("dfo.json", "ours:dfo_batched_chunk10", "1b", "ratios.peak / inference"),
+                "peak_1b": Value(ours(DFO, "ours:dfo_batched_chunk10", "1b", "ratios.peak / inference"),
                                  "{:.2f}"),
-                "peak_smol": Value(ours("dfo.json", "ours:dfo_batched_chunk10", "smol", "ratios.peak / inference"),
+                "peak_smol": Value(ours(DFO, "ours:dfo_batched_chunk10", "smol", "ratios.peak / inference"),
                                    "{:.2f}"),
-                "chunk10": Range((sel("dfo.json", "ratios.sequential / row", key="ours:dfo_batched_chunk10"),),
+                "chunk10": Range((sel(DFO, "ratios.sequential / row", key="ours:dfo_batched_chunk10"),),
                                  "{:.1f}"),
-                "whole": Range((sel("dfo.json", "ratios.sequential / row", key="ours:dfo_batched"),), "{:.1f}"),
+                "whole": Range((sel(DFO, "ratios.sequential / row", key="ours:dfo_batched"),), "{:.1f}"),
                 "clora": Value(sst2("clora")),
                 "flora": Value(sst2("flora")),
                 "clora_k16": Value(sst2("clora_k16")),
@@ -420,9 +432,6 @@ WHICH_METHOD = Table(
 # suite's JSON as its table, with the goals beside the figures. Swap a file name to re-measure a table.
 ms = lambda file, key, size: Value(ours(file, key, size, "step_s"), scale=1000.0)
 gib = lambda file, key, size: Value(ours(file, key, size, "peak_gib"), "{:.2f}")
-
-FOUNDATION = "foundation.json"
-DFO = "dfo.json"
 
 
 def _dfo_rows(size: str, model: str) -> tuple[Row, ...]:
@@ -484,11 +493,6 @@ def _mezo_row(size: str, label: str) -> Row:
     })
 
 
-# LOMO and AdaLomo against lomo-optim's step in the same run: plain LOMO from the first run, the rest from the run
-# after AdaLomo's hook was slimmed. Point both at one file when the whole suite is re-measured.
-LOMO_PLAIN, LOMO = "lomo.json", "lomo_run2.json"
-
-
 def _lomo_row(label: str, file: str, case: str, size: str, model: str) -> Row:
     step = Value(ours(file, f"ours:{case}", size, "ratios.step / lomo-optim"), "{:.2f}")
     peak = Value(ours(file, f"ours:{case}", size, "ratios.peak / lomo-optim"), "{:.2f}")
@@ -510,11 +514,6 @@ def _largest_row(label: str, key: str, size: str, shape: str, goal: tuple[float,
     }
     return Row((label, shape, "{params}B", "{step}", "{peak}", "**{pf}**" if mezo else "—",
                 "{goal}, {pf_goal}" if mezo else "{goal}"), figs)
-
-
-# GaLore against galore-torch: the steps from one run, beside AdamW from another, the layer-wise peaks from a third
-# (a list of records keyed by method and impl). One galore suite run on the H200 replaces all three.
-GALORE, GALORE_STEADY, GALORE_LAYERWISE = "galore_1b.json", "galore_steady.json", "galore_layerwise_peaks.json"
 
 
 def _galore_rows() -> tuple[Row, ...]:
@@ -553,10 +552,6 @@ def _galore_rows() -> tuple[Row, ...]:
             {"ours": lw_gib("ours", "galore_layerwise_ckpt", "7b"),
              "o8": lw_gib("ours", "galore_layerwise_ckpt_8bit_all2d", "7b")}),
     )
-
-
-# Under DeepSpeed ZeRO-3 on one GPU: each of our cases against lomo-optim's own ZeRO-3 path, same partitioning config.
-ZERO3 = "zero3_h200.json"
 
 
 def _zero3_row(label: str, case: str, peer: str, size: str, model: str) -> Row:
