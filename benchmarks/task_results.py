@@ -416,6 +416,9 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
     import matplotlib.pyplot as plt
 
     task = records[0].get("task", "sst2") if records else "sst2"
+    # the cards the runs name, as times differ between them
+    cards = sorted({(r.get("env") or {}).get("gpu", "").removeprefix("NVIDIA ").split(" ")[0] for r in records} - {""})
+    where = f" ({', '.join(cards)})" if cards else ""
     os.makedirs(out_dir, exist_ok=True)
     files = []
     axes = (("step", "optimizer steps"), ("wall_s", "training wall time (s)"), ("forwards", "training forward passes"))
@@ -444,7 +447,7 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
         ax.set_xlabel(f"{label} (log scale)")
         metric = records[0].get("val_metric", "val_acc")[4:] if records else "acc"
         ax.set_ylabel(f"validation {metric} (%; dotted: dev); ★ dev {metric} at the end")
-        ax.set_title(f"SmolLM2-135M on {task.upper()}: validation vs {label}")
+        ax.set_title(f"SmolLM2-135M on {task.upper()}{where}: validation vs {label}")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -459,7 +462,7 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
             mem.setdefault(r.get("label", r["method"]), r["peak_gib"])
     ax.bar(list(mem), list(mem.values()), color="tab:blue")
     ax.set_ylabel("peak GPU memory (GiB)")
-    ax.set_title(f"SmolLM2-135M on {task.upper()}: peak memory during fit")
+    ax.set_title(f"SmolLM2-135M on {task.upper()}{where}: peak memory during fit")
     fig.tight_layout()
     f = os.path.join(out_dir, f"{prefix or task}_peak_memory.png")
     fig.savefig(f, dpi=110)
