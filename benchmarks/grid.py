@@ -1,24 +1,25 @@
-"""Issue 17's quality grid (seed 0 timed on the H200): which (task, method, seed) cells are measured, which are left,
-and the device calls that would run the rest.
+"""Issue 17's quality grid (timed on one :data:`CARD`): which (task, method, seed) cells are measured, which are
+left, and the device calls that would run the rest.
 
 A cell is done when a committed ``benchmarks/results/<task>_grid_*.json`` (``task_results``' output, one file
 per device call, or their ``--merge``) holds a record of that method and seed without error or overrides that ran
-either alone on an H200 or, for seeds 1 and 2, on an H200 or H100 (:data:`GPUS`), alone or beside other runs
-(``task_results --jobs``) without the time cap ending its fit (``time_capped: false``). Seed 0 gives the timed
-curves, so it runs on the H200 alone. Seeds 1 and 2 give dev figures only, and an H100 gave the same ones where
-checked: :data:`EQUIVALENCE` holds seed-0 runs on an H100 that match the H200's every validation, dev figure and peak.
-:data:`ADOPTED` names the few other files whose runs count,
-as a config's runs under its earlier name, and :data:`SUPERSEDED` the methods whose earlier records no longer
+either alone on the grid's card (:data:`CARD`) or, for seeds 1 and 2, on an H100 or H200 (:data:`GPUS`), alone or
+beside other runs (``task_results --jobs``) without the time cap ending its fit (``time_capped: false``). Seed 0
+gives the timed curves, so it runs on the card alone. Seeds 1 and 2 give dev figures only, and the two cards gave the
+same ones where checked: :data:`EQUIVALENCE` holds seed-0 runs on an H100 that match the H200's every validation, dev
+figure and peak. :data:`ADOPTED` names the few other files whose runs count, as a config's runs (under its earlier
+name, or run outside a grid call), and :data:`SUPERSEDED` the methods whose earlier records no longer
 count because their code has changed since. A shared run that finished its steps trains as a solo run
 would (a solo run is faster, so the cap would not have ended it either); only its wall times include the sharing,
-so the timed curves, and every training time the summary reports, come from runs alone on an H200.
+so the timed curves, and every training time the summary reports, come from runs alone on the card.
 
-The estimate of a missing cell is the median ``process_s`` of the method's earlier H200 records on that task in any
-committed task JSON (see :func:`estimates`), else ``--default_s``. The calls group one task, seed 0 of every task
-first (its curves are the timed ones) and one seed to a call, within ``--budget`` seconds each; with ``--jobs J``
-the calls of seeds 1 and 2 run J cells at a time, a method missing on both seeds in one call, and a run the grid
-has seen shared takes that run's time (see :func:`plan_calls`, :func:`shared_estimates`). A cell shares only
-where J of its largest recorded peak fit ``--gpu_gib`` (:func:`peaks`); one never finished runs alone first:
+The estimate of a missing cell is the median ``process_s`` of the method's earlier records on that task in any
+committed task JSON, the card's solo runs first (see :func:`estimates`), else ``--default_s``. The calls group one
+task, seed 0 of every task first (its curves are the timed ones) and one seed to a call, within ``--budget`` seconds
+each; with ``--jobs J`` the calls of seeds 1 and 2 run J cells at a time, a method missing on both seeds in one
+call, and a run the grid has seen shared takes that run's time (see :func:`plan_calls`, :func:`shared_estimates`). A
+cell shares only where J of its largest recorded peak fit ``--gpu_gib`` (:func:`peaks`); one never finished runs
+alone first:
 
     python -m benchmarks.grid                  # the grid: dev per cell, or its estimate if missing
     python -m benchmarks.grid --calls          # the next device calls (benchmarks/device_run.sh task ...)
@@ -52,21 +53,30 @@ RUN_TIMEOUT_S = 580  # task_results --timeout: one run's process, within a 600 s
 # none of them (see within_cap).
 CAP_MIN = 8
 CAPPED_S = CAP_MIN * 60 + 40  # what a capped run takes as a process: the fit, model load and test
-GPU_GIB = 79.2  # an H100's memory as torch reports it: seeds 1 and 2 may run there
+GPU_GIB = 79.2  # an H100's memory as torch reports it: --jobs runs must fit it
 # task: (the dev metric a cell reports, its name in tables, the task as tables name it)
 METRIC = {"sst2": ("dev_acc", "SST-2 dev acc", "SST-2"), "mrpc": ("dev_acc", "MRPC dev acc", "MRPC"),
           "squad": ("dev_f1", "SQuAD dev F1", "SQuAD")}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # configs/<task>_smollm2_<method>.yaml: the grid's runs
-# Committed runs outside the grid's files that ran a grid config as it is today, under the config's earlier name:
-# file -> {method as recorded: the grid's name}. sst2_pop_best_h200.json's mezo_pop32 runs (seeds 0 and 2, alone,
-# 3f91527) ran configs/sst2_smollm2_mezo_pop32.yaml, which became sst2_smollm2_mezo_pop.yaml at e35ac55 with the
-# same settings (only its logger's and trajectory's names changed). Its seed-1 run had overrides: not a cell.
-ADOPTED = {"sst2_pop_best_h200.json": {"mezo_pop32": "mezo_pop"}}
+# The card that times the grid: seed 0 (the plotted curves) and any run the cap ends (there the card sets the steps)
+# run alone on it, so each task's figure compares like with like. The issue named the H200, but the device lent only
+# H100s in the five sessions to 2026-12-06 (and naming the H200 to match an issue is not what it is lent for); the
+# H100 reproduced the H200's seed-0 cells where checked (EQUIVALENCE), training 2% (AdamW) and 11% (GaLore) faster.
+CARD = "H100"
+KIND = "nvidia-h100-x1"  # the device kind that lends only that card
 # The GPUs whose records count, by seed. An H100 (the same sm_90 kernels on as many SMs) reproduced the H200's
 # seed-0 SST-2 zero-shot, AdamW and GaLore cells exactly (every validation and dev point, and the peak) at 7344dfd:
-GPUS = {0: ("H200",), 1: ("H200", "H100"), 2: ("H200", "H100")}
+CARDS = ("H100", "H200")
+GPUS = {0: (CARD,), 1: CARDS, 2: CARDS}
 EQUIVALENCE = "sst2_gpu_equivalence_h100_s0.json"
+# Committed runs outside the grid's files that ran a grid config as it is today: file -> {method as recorded: the
+# grid's name}. sst2_pop_best_h200.json's mezo_pop32 runs (seeds 0 and 2, alone, 3f91527) ran
+# configs/sst2_smollm2_mezo_pop32.yaml, which became sst2_smollm2_mezo_pop.yaml at e35ac55 with the same settings
+# (only its logger's and trajectory's names changed); its seed-1 run had overrides: not a cell. EQUIVALENCE's runs
+# (7344dfd, alone, with dev curves) are the grid's configs on the grid's card.
+ADOPTED = {"sst2_pop_best_h200.json": {"mezo_pop32": "mezo_pop"},
+           EQUIVALENCE: {m: m for m in ("zero_shot", "adamw", "galore")}}
 # Methods whose code changed since some cells ran, in a way that changes their time: method -> (the first commit of
 # the code as it is, why). A record of an earlier commit no longer counts, so the grid runs it again.
 SUPERSEDED = {"adalomo": ("2f63a56", "AdaLomo's update runs as Triton kernels on CUDA (its torch version before)")}
@@ -94,8 +104,8 @@ def alone(rec: dict[str, Any]) -> bool:
 
 
 def timed(rec: dict[str, Any]) -> bool:
-    """The run's times are the grid's: it had an H200 to itself (seeds 1 and 2 may run on an H100, a slower card)."""
-    return alone(rec) and "H200" in _env(rec, "gpu")
+    """The run's times are the grid's: it had the grid's card to itself (seeds 1 and 2 may run on the other)."""
+    return alone(rec) and CARD in _env(rec, "gpu")
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,11 +130,11 @@ def run_cap(rec: dict[str, Any]) -> int | None:
 
 
 def within_cap(rec: dict[str, Any]) -> bool:
-    """The grid's cap (:data:`CAP_MIN`) would have ended the fit where it ended: a cap of ``CAP_MIN`` ended it on an
-    H200 (on an H100 the same minutes train fewer steps), or its steps did within ``CAP_MIN`` minutes (a run under a
-    longer cap that it never reached). A record without its fit time (``wall_s``) tells nothing against it."""
+    """The grid's cap (:data:`CAP_MIN`) would have ended the fit where it ended: a cap of ``CAP_MIN`` ended it on the
+    grid's card (on another the same minutes train other steps), or its steps did within ``CAP_MIN`` minutes (a run
+    under a longer cap that it never reached). A record without its fit time (``wall_s``) tells nothing against it."""
     if rec.get("time_capped"):
-        return run_cap(rec) == CAP_MIN and "H200" in _env(rec, "gpu")
+        return run_cap(rec) == CAP_MIN and CARD in _env(rec, "gpu")
     wall = rec.get("wall_s")
     return not isinstance(wall, (int, float)) or wall <= CAP_MIN * 60
 
@@ -164,7 +174,7 @@ def done_cells(results: Path = RESULTS) -> dict[tuple[str, str, int], dict[str, 
     return cells
 
 
-# A method never run on the H200 is estimated from a like one, scaled up: LOMO's configs clip exactly, with a second
+# A method never run on a task is estimated from a like one, scaled up: LOMO's configs clip exactly, with a second
 # backward, beside AdamW's one (and its hooks cost as much again at SmolLM2's size, where steps are host-bound);
 # F-LoRA runs C-LoRA's population, batch and budget, with a fireworks tell that reads the host each generation.
 PROXY = {"lomo": ("adamw", 2.0), "flora": ("clora", 1.5)}
@@ -173,10 +183,10 @@ PROXY = {"lomo": ("adamw", 2.0), "flora": ("clora", 1.5)}
 def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path = CONFIGS
               ) -> dict[tuple[str, str], float]:
     """(task, method) -> seconds a run takes as a process, from earlier records: the median of the best kind there
-    is, in this order: the same task alone on an H200 without overrides, alone on an H100 without overrides (an upper
-    bound: the slower card), on an H200 with overrides, beside other runs there (an upper bound: the sharing is in
-    it), then a probe of the config (:func:`probe_estimates`). Without any of these, the larger of the method's
-    best kind on the other tasks and its :data:`PROXY`'s estimate on this task times the factor there; else
+    is, in this order: the same task alone on the grid's card (:data:`CARD`) without overrides, alone on the other
+    card without overrides (within 11% where checked), alone with overrides, beside other runs (an upper bound: the
+    sharing is in it), then a probe of the config (:func:`probe_estimates`). Without any of these, the larger of the
+    method's best kind on the other tasks and its :data:`PROXY`'s estimate on this task times the factor there; else
     ``default_s``. No estimate exceeds :data:`CAPPED_S`: the cap ends every fit. A run that stopped short of its
     config's steps (a cap ended it, maybe a shorter one) would run to this cap: it takes ``CAPPED_S``."""
     recs = _records("*.json", results)
@@ -188,12 +198,9 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path =
             continue
         if any("max_steps" in o for o in rec.get("overrides") or []):
             continue  # another step budget: a probe (probe_estimates) or a longer run
-        if "H200" in gpu:
-            rank = 3 if "note" in rec else 2 if rec.get("overrides") else 0
-        elif "H100" in gpu and alone(rec) and not rec.get("overrides"):
-            rank = 1
-        else:
+        if not any(g in gpu for g in CARDS):
             continue
+        rank = 3 if not alone(rec) else 2 if rec.get("overrides") else 0 if CARD in gpu else 1
         key = (task, rec["method"])
         if key not in budgets:
             budgets[key] = config_steps(task, rec["method"], configs)
@@ -238,8 +245,8 @@ def config_steps(task: str, method: str, configs: Path = CONFIGS) -> int | None:
 def probe_estimates(recs: list[dict[str, Any]], configs: Path = CONFIGS) -> dict[tuple[str, str], float]:
     """(task, method) -> seconds a run would take, from the records (:func:`_records` of the results) of short runs
     of the config alone on any GPU whose only override is ``--trainer.max_steps=N`` (probes): a probe's load and test
-    as they were, its training scaled to the config's steps (validation not included; on an H100, slower than the
-    H200). The slowest probe of a config."""
+    as they were, its training scaled to the config's steps (validation not included). The slowest probe of a
+    config."""
     out: dict[tuple[str, str], float] = {}
     for rec in recs:
         over = rec.get("overrides") or []
@@ -340,12 +347,11 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
         opts = " --dev_curve" if c["task"] != "squad" and c["seed"] == 0 else ""
         opts += f" --max_minutes {CAP_MIN} --timeout {run_timeout:.0f}"
         opts += f" --jobs {c['jobs']}" if c["jobs"] > 1 else ""
-        # unique by content, not by order; seeds 1 and 2 may run on an H100, and the record says which, unless the
-        # cap may end a run: where it does, the GPU sets the steps. An estimate is the H200's or an H100's (the slower
-        # card), and an H100 ran SST-2's AdamW and GaLore about as fast (EQUIVALENCE), so a run estimated below the cap
-        # is planned for either
-        c["h200"] = c["seed"] == 0 or any(est[(c["task"], m)] >= CAPPED_S for m in c["methods"])
-        gpu = "h200_" if c["h200"] else ""
+        # unique by content, not by order; seeds 1 and 2 may run on either card, and the record says which, unless
+        # the cap may end a run: where it does, the card sets the steps. The cards ran SST-2's AdamW and GaLore about
+        # as fast (EQUIVALENCE), so a run estimated below the cap is planned for either
+        c["card"] = c["seed"] == 0 or any(est[(c["task"], m)] >= CAPPED_S for m in c["methods"])
+        gpu = f"{CARD.lower()}_" if c["card"] else ""
         name = f"{c['task']}_grid_{gpu}s{'-'.join(map(str, c['seeds']))}_{'-'.join(c['methods'])}"
         seeds = ",".join(map(str, c["seeds"]))
         c["command"] = f"bash benchmarks/device_run.sh task {c['task']} {seeds} {','.join(c['methods'])} {name}{opts}"
@@ -380,7 +386,7 @@ def over_seeds(recs: list[dict[str, Any]], field: str, fmt: str = "{:.1f}") -> s
 
 def summary_table(cells: dict[tuple[str, str, int], dict[str, Any]]) -> str:
     """Per method and task: the task's dev metric over the measured seeds and the training seconds over the runs
-    alone on an H200 (mean ± sample std), and the largest peak; what docs/results.md shows."""
+    alone on the grid's card (mean ± sample std), and the largest peak; what docs/results.md shows."""
     head = ["method"] + [METRIC[t][1] for t in TASKS] + [f"{METRIC[t][2]} train s" for t in TASKS] + ["peak GiB (max)"]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m in METHODS:
@@ -409,12 +415,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--calls", action="store_true", help="print the device calls that would run the missing cells")
     ap.add_argument("--budget", type=float, default=540, help="estimated seconds per device call")
-    ap.add_argument("--default_s", type=float, default=600, help="the estimate of a method never run on the H200")
+    ap.add_argument("--default_s", type=float, default=600, help="the estimate of a method never run")
     ap.add_argument("--jobs", type=int, default=1, help="cells at a time in the calls of seeds 1 and 2")
     ap.add_argument("--speedup", type=float, default=1.0,
                     help="throughput of --jobs cells at once over one at a time (five at once gave about 4)")
     ap.add_argument("--gpu_gib", type=float, default=GPU_GIB,
-                    help="memory of the card that runs seeds 1 and 2 (an H100's by default): --jobs runs must fit")
+                    help="memory of the card that runs --jobs calls (an H100's by default): they must fit")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--docs", type=Path, default=DOCS)
     mode = ap.add_mutually_exclusive_group()
@@ -442,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.calls:
         print("\nEach call carries [\".whl2\", \".gpu/data\"] (the first on a machine also \".models/b\", after a "
               "`device_run.sh smol-a` call carrying \".models/a\"). MEMOPT_COMMIT names this side's HEAD, as the "
-              "device copy's git HEAD can lag it. Seed 0 needs an H200 (kind nvidia-h200), and so does a run the "
-              "cap may end (named h200); the other seeds 1 and 2 run on an H100 or H200:")
+              f"device copy's git HEAD can lag it. Seed 0 needs an {CARD} (kind {KIND}), and so does a run the "
+              f"cap may end (named {CARD.lower()}); the other seeds 1 and 2 run on an H100 or H200:")
         head = subprocess.run(["git", "-C", str(RESULTS), "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=False).stdout.strip() or "unknown"
         for c in plan_calls(missing, est, args.budget, args.jobs, args.speedup,

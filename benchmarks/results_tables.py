@@ -216,8 +216,8 @@ def mean_std(vals: list[float]) -> tuple[float, float]:
 class GridCell:
     """A quality-grid cell over its seeds: the records ``benchmarks.grid`` counts for ``task`` and ``method`` (from
     every ``<task>_grid_*.json``), their ``field`` (the task's dev metric when empty) as ``mean ± std``, naming the
-    seeds when fewer than all. ``solo`` keeps the runs that had an H200 alone, for times. Fewer than ``min_n`` seeds
-    is an error, so a cell never claims seeds it lacks."""
+    seeds when fewer than all. ``solo`` keeps the runs alone on the grid's card (``grid.timed``), for times. Fewer
+    than ``min_n`` seeds is an error, so a cell never claims seeds it lacks."""
 
     task: str
     method: str

@@ -141,13 +141,16 @@ def test_mean_and_std_over_seeds(tmp_path: Path) -> None:
 
 def test_grid_cell_over_the_grid_files(tmp_path: Path) -> None:
     """A GridCell reads every <task>_grid_*.json through the grid's rules: a seed-0 run that shared the GPU and a
-    run with overrides do not count; solo keeps the runs that had an H200 alone; provenance names each file."""
+    run with overrides do not count; solo keeps the runs alone on the grid's card; provenance names each file."""
+    from benchmarks import grid
+
+    other = next(c for c in grid.CARDS if c != grid.CARD)
     env = lambda gpu: {"commit": "abc1234", "gpu": f"NVIDIA {gpu}", "command": "python -m benchmarks.task_results"}
-    rec = lambda seed, acc, gpu="H200", **kw: dict({"method": "lomo", "task": "mrpc", "seed": seed, "dev_acc": acc,
-                                                    "train_s": 10.0 * (seed + 1), "env": env(gpu)}, **kw)
-    (tmp_path / "mrpc_grid_h200_s0_lomo.json").write_text(json.dumps([rec(0, 80.0)]))
+    rec = lambda seed, acc, gpu=grid.CARD, **kw: dict({"method": "lomo", "task": "mrpc", "seed": seed, "dev_acc": acc,
+                                                       "train_s": 10.0 * (seed + 1), "env": env(gpu)}, **kw)
+    (tmp_path / "mrpc_grid_s0_lomo.json").write_text(json.dumps([rec(0, 80.0)]))
     (tmp_path / "mrpc_grid_s1_lomo-x.json").write_text(json.dumps([
-        rec(1, 82.0, "H100", note="ran beside up to 4 other runs on the GPU", time_capped=False),
+        rec(1, 82.0, other, note="ran beside up to 4 other runs on the GPU", time_capped=False),
         rec(2, 99.0, overrides=["lr=1"]),  # a config changed: not a cell
         rec(0, 50.0, note="ran beside up to 4 other runs on the GPU", time_capped=False),  # seed 0 shares: no
     ]))
@@ -156,15 +159,15 @@ def test_grid_cell_over_the_grid_files(tmp_path: Path) -> None:
     assert rt.GridCell("mrpc", "lomo", "train_s", "{:.0f}", solo=True, min_n=1).render(ld) == "10 (seed 0)"
     with pytest.raises(LookupError, match="mrpc/lomo has 2 seeds, expected at least 3"):
         rt.GridCell("mrpc", "lomo").render(ld)
-    (tmp_path / "mrpc_grid_s2_lomo.json").write_text(json.dumps([rec(2, 84.0, "H100", time_capped=False)]))
+    (tmp_path / "mrpc_grid_s2_lomo.json").write_text(json.dumps([rec(2, 84.0, other, time_capped=False)]))
     assert rt.GridCell("mrpc", "lomo").render(rt.Loader(tmp_path)) == "82.0 ± 2.0"
-    # seed 2 had an H100 to itself: a cell, but not a time (the grid's times are the H200's)
+    # seed 2 had the other card to itself: a cell, but not a time (the grid's times are its card's)
     solo = rt.GridCell("mrpc", "lomo", "train_s", "{:.0f}", solo=True, min_n=1)
     assert solo.render(rt.Loader(tmp_path)) == "10 (seed 0)"
 
     table = rt.Table("{acc}", {"acc": rt.GridCell("mrpc", "lomo")}, ("a",), ())
     assert rt.provenance_report(table, tmp_path) == []
     assert rt.other_files_report(table, tmp_path) == []
-    (tmp_path / "mrpc_grid_s2_lomo.json").write_text(json.dumps([dict(rec(2, 84.0), env={"gpu": "NVIDIA H200"})]))
+    (tmp_path / "mrpc_grid_s2_lomo.json").write_text(json.dumps([dict(rec(2, 84.0), env={"gpu": f"NVIDIA {other}"})]))
     assert rt.provenance_report(table, tmp_path) == [
         "mrpc_grid_s2_lomo.json: all 1 records used lack commit, command: lomo"]
