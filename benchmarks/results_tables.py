@@ -14,7 +14,8 @@ report lists it as "no JSON source". A figure changes only by changing its JSON 
 
 The provenance report lists, for every JSON file the table reads, the records that lack a commit, a GPU or a command
 (``env`` per record as ``benchmarks/task_results.py`` writes it; the harness's file-level ``environment`` and each
-record's ``cmd``; ``env`` at the top of a file from ``zo_fastpath.py`` / ``guard_interleaved.py``).
+record's ``cmd``; ``env`` at the top of a file from ``zo_fastpath.py`` / ``guard_interleaved.py``). Each docs block
+opens with the same facts in a line (:func:`sources_line`): the files it reads, their cards, dates and commits.
 """
 
 from __future__ import annotations
@@ -718,12 +719,48 @@ def doc_block(text: str, name: str) -> tuple[str, str, str]:
     return text[:head_end], text[head_end:j].rstrip("\n"), text[j:]
 
 
+def _card(gpu: str | None) -> str:
+    """"NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04" -> "H100"; the whole name where no model number shows."""
+    if not gpu:
+        return "GPU not recorded"
+    m = re.search(r"\b[A-Z]\d{2,4}\b", gpu)
+    return m.group(0) if m else gpu.split(",")[0]
+
+
+def sources_line(table: Table, root: Path = RESULTS) -> str:
+    """The files a table reads, each linked (its Markdown report where there is one) with the cards, dates and
+    commits its records name: a table's heading need not name them, and a re-measured file changes them."""
+    ld = Loader(root)
+    used: dict[str, list[dict[str, Any]]] = {}
+    for _, _, fig in all_figures(table):
+        for file, rec in used_records(fig, ld):
+            used.setdefault(file, []).append(rec)
+    parts = []
+    for file, recs in used.items():
+        data = ld.data(file)
+        provs = [provenance(data, r) for r in recs]
+        cards = ", ".join(dict.fromkeys(_card(p["gpu"]) for p in provs))
+        top = (data.get("env") or data.get("environment") or {}) if isinstance(data, dict) else {}
+        date = f", {str(top['date'])[:10]}" if top.get("date") else ""
+        commits = list(dict.fromkeys(p["commit"] or "not recorded" for p in provs))
+        commit = f", commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
+        report = file.removesuffix(".json") + ".md"
+        link = report if (Path(root) / report).is_file() else file
+        parts.append(f"[{link}](../benchmarks/results/{link}): {cards}{date}{commit}")
+    return "From " + "; ".join(parts) + "."
+
+
+def render_doc(table: Table, root: Path = RESULTS) -> str:
+    """A docs block: the table's sources (:func:`sources_line`), a blank line, the table."""
+    return sources_line(table, root) + "\n\n" + render(table, root)
+
+
 def doc_differences(text: str, tables: dict[str, Table] | None = None, root: Path = RESULTS) -> list[str]:
     """Per table: the unified diff of the docs' block against what the JSON gives; empty when all agree."""
     out: list[str] = []
     for name, table in (DOC_TABLES if tables is None else tables).items():
         _, have, _ = doc_block(text, name)
-        want = render(table, root)
+        want = render_doc(table, root)
         if have != want:
             out += list(difflib.unified_diff(have.split("\n"), want.split("\n"), f"docs table {name}",
                                              "rendered from JSON", lineterm=""))
@@ -735,7 +772,7 @@ def write_docs(path: Path = DOCS, tables: dict[str, Table] | None = None, root: 
     text = old = path.read_text()
     for name, table in (DOC_TABLES if tables is None else tables).items():
         head, _, tail = doc_block(text, name)
-        text = head + render(table, root) + "\n" + tail
+        text = head + render_doc(table, root) + "\n" + tail
     if text != old:
         path.write_text(text)
     return text != old

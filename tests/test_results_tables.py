@@ -55,11 +55,22 @@ def test_goals_and_docs_blocks_on_fake_json(tmp_path: Path) -> None:
     doc.write_text("# r\n\n<!-- table:t (x) -->\n| old |\n<!-- table:t:end -->\n\nprose\n")
     assert rt.doc_differences(doc.read_text(), tables, tmp_path)
     assert rt.write_docs(doc, tables, tmp_path) and not rt.write_docs(doc, tables, tmp_path)
-    assert doc.read_text() == ("# r\n\n<!-- table:t (x) -->\n| case | peak | goal |\n|---|---|---|\n"
+    # the block opens with the files it reads: the card and commit of each record used, "not recorded" where silent
+    source = "From [fake.json](../benchmarks/results/fake.json): GPU not recorded, H200, commits not recorded, abc1234."
+    assert doc.read_text() == (f"# r\n\n<!-- table:t (x) -->\n{source}\n\n| case | peak | goal |\n|---|---|---|\n"
                                "| b | 0.50 | ≤ 0.6 ✓ |\n<!-- table:t:end -->\n\nprose\n")
     assert rt.doc_differences(doc.read_text(), tables, tmp_path) == []
     with pytest.raises(SystemExit, match="markers around the 'u' table"):
         rt.doc_block(doc.read_text(), "u")
+    (tmp_path / "fake.md").write_text("# the run's report\n")  # a report beside the JSON is what the line links
+    harness = {"environment": {"gpu": "NVIDIA H100 80GB HBM3, 81559 MiB", "date": "2026-12-06 01:47 UTC"},
+               "records": [{"key": "k", "step_s": 1.0, "env": {"commit": "c4100e0"}}]}
+    (tmp_path / "suite.json").write_text(json.dumps(harness))
+    step = rt.Value(rt.sel("suite.json", "step_s"))
+    two = rt.Table("", {}, ("a", "b"), (rt.Row(("{r}", "{s}"), {"r": ratio, "s": step}),))
+    assert rt.sources_line(two, tmp_path) == (
+        "From [fake.md](../benchmarks/results/fake.md): GPU not recorded, H200, commits not recorded, abc1234; "
+        "[suite.json](../benchmarks/results/suite.json): H100, 2026-12-06, commit c4100e0.")
 
 
 FAKE = [
