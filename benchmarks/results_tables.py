@@ -719,7 +719,7 @@ def doc_block(text: str, name: str) -> tuple[str, str, str]:
     return text[:head_end], text[head_end:j].rstrip("\n"), text[j:]
 
 
-def _card(gpu: str | None) -> str:
+def card_name(gpu: str | None) -> str:
     """"NVIDIA H100 80GB HBM3, 81559 MiB, 580.159.04" -> "H100"; the whole name where no model number shows."""
     if not gpu:
         return "GPU not recorded"
@@ -739,7 +739,7 @@ def sources_line(table: Table, root: Path = RESULTS) -> str:
     for file, recs in used.items():
         data = ld.data(file)
         provs = [provenance(data, r) for r in recs]
-        cards = ", ".join(dict.fromkeys(_card(p["gpu"]) for p in provs))
+        cards = ", ".join(dict.fromkeys(card_name(p["gpu"]) for p in provs))
         top = (data.get("env") or data.get("environment") or {}) if isinstance(data, dict) else {}
         date = f", {str(top['date'])[:10]}" if top.get("date") else ""
         commits = list(dict.fromkeys(p["commit"] or "not recorded" for p in provs))

@@ -416,8 +416,10 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
     import matplotlib.pyplot as plt
 
     task = records[0].get("task", "sst2") if records else "sst2"
+    from benchmarks.results_tables import card_name
+
     # the cards the runs name, as times differ between them
-    cards = sorted({(r.get("env") or {}).get("gpu", "").removeprefix("NVIDIA ").split(" ")[0] for r in records} - {""})
+    cards = sorted({card_name((r.get("env") or {}).get("gpu")) for r in records if (r.get("env") or {}).get("gpu")})
     where = f" ({', '.join(cards)})" if cards else ""
     os.makedirs(out_dir, exist_ok=True)
     files = []
