@@ -44,13 +44,12 @@ TASK_PLOTS = {"sst2_smollm2.json": "sst2", "sst2_tta_eager_vs_graph_h100.json": 
 
 
 def gpus() -> str:
-    """The GPU(s) named in the bench panels' JSON ``environment`` (e.g. "H100 80GB HBM3")."""
+    """The cards named in the bench panels' JSON ``environment`` (e.g. "H100"), as the docs' source lines name them."""
     names = []
     for fname, _, _ in PANELS:
         path = RESULTS / fname
         if path.exists():
-            gpu = (json.loads(path.read_text()).get("environment") or {}).get("gpu") or "GPU not recorded"
-            names.append(gpu.split(",")[0].removeprefix("NVIDIA ").strip())
+            names.append(rt.card_name((json.loads(path.read_text()).get("environment") or {}).get("gpu")))
     return " / ".join(dict.fromkeys(names)) or "GPU not recorded"
 
 

@@ -731,12 +731,8 @@ def sources_line(table: Table, root: Path = RESULTS) -> str:
     """The files a table reads, each linked (its Markdown report where there is one) with the cards, dates and
     commits its records name: a table's heading need not name them, and a re-measured file changes them."""
     ld = Loader(root)
-    used: dict[str, list[dict[str, Any]]] = {}
-    for _, _, fig in all_figures(table):
-        for file, rec in used_records(fig, ld):
-            used.setdefault(file, []).append(rec)
     parts = []
-    for file, recs in used.items():
+    for file, recs in records_by_file(table, ld).items():
         data = ld.data(file)
         provs = [provenance(data, r) for r in recs]
         cards = ", ".join(dict.fromkeys(card_name(p["gpu"]) for p in provs))
@@ -817,15 +813,21 @@ def used_records(fig: Figure, ld: Loader) -> list[tuple[str, dict[str, Any]]]:
     return [(s.file, r) for s in fig.sources() for r in ld.select(s)]
 
 
-def provenance_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> list[str]:
-    """For each JSON file the table reads: the records it uses that lack commit, GPU or command."""
-    ld = Loader(root)
+def records_by_file(table: Table, ld: Loader) -> dict[str, list[dict[str, Any]]]:
+    """file -> the records the table's figures read from it, each once, in the order the table first reads them."""
     used: dict[str, list[dict[str, Any]]] = {}
     for _, _, fig in all_figures(table):
         for file, r in used_records(fig, ld):
             lst = used.setdefault(file, [])
             if all(r is not x for x in lst):
                 lst.append(r)
+    return used
+
+
+def provenance_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> list[str]:
+    """For each JSON file the table reads: the records it uses that lack commit, GPU or command."""
+    ld = Loader(root)
+    used = records_by_file(table, ld)
     out = []
     for file in sorted(used):
         by_gap: dict[tuple[str, ...], list[str]] = {}

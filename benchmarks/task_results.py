@@ -419,7 +419,8 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
     from benchmarks.results_tables import card_name
 
     # the cards the runs name, as times differ between them
-    cards = sorted({card_name((r.get("env") or {}).get("gpu")) for r in records if (r.get("env") or {}).get("gpu")})
+    gpus = {(r.get("env") or {}).get("gpu") for r in records} - {None, ""}
+    cards = sorted({card_name(g) for g in gpus})
     where = f" ({', '.join(cards)})" if cards else ""
     os.makedirs(out_dir, exist_ok=True)
     files = []
