@@ -36,6 +36,7 @@ import re
 import statistics
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -190,7 +191,7 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path =
     ``default_s``. No estimate exceeds :data:`CAPPED_S`: the cap ends every fit. A run that stopped short of its
     config's steps (a cap ended it, maybe a shorter one) would run to this cap: it takes ``CAPPED_S``."""
     recs = _records("*.json", results)
-    budgets: dict[tuple[str, str], int | None] = {}  # each config file read once
+    steps_of = functools.cache(lambda task, method: config_steps(task, method, configs))  # each config read once
     kinds: dict[tuple[str, str], dict[int, list[float]]] = {}
     for rec in recs:
         task, gpu = rec.get("task"), _env(rec, "gpu")
@@ -202,12 +203,10 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path =
             continue
         rank = 3 if not alone(rec) else 2 if rec.get("overrides") else 0 if CARD in gpu else 1
         key = (task, rec["method"])
-        if key not in budgets:
-            budgets[key] = config_steps(task, rec["method"], configs)
-        budget, steps = budgets[key], rec.get("steps")
+        budget, steps = steps_of(*key), rec.get("steps")
         short = rec.get("time_capped") or (budget and isinstance(steps, int) and 0 < steps < budget)
         kinds.setdefault(key, {}).setdefault(rank, []).append(float(CAPPED_S if short else rec["process_s"]))
-    probes = probe_estimates(recs, configs)
+    probes = probe_estimates(recs, configs, steps_of)
     best = lambda by_rank: round(statistics.median(by_rank[min(by_rank)]), 1)
     own = {k: best(v) for k, v in kinds.items()}
     own.update({k: v for k, v in probes.items() if k not in own})
@@ -227,8 +226,10 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path =
                 est[(task, m)] = own[(task, m)]
                 continue
             proxy, factor = PROXY.get(m, (m, 1.0))
-            base = own.get((task, proxy)) if proxy != m else None
-            base = base if base is not None or proxy == m else elsewhere(task, proxy)
+            base = None
+            if proxy != m:
+                base = own.get((task, proxy))
+                base = elsewhere(task, proxy) if base is None else base
             # the larger: a method's time on a shorter task understates it here (F-LoRA on SST-2 beside MRPC)
             found = [x for x in (elsewhere(task, m), None if base is None else round(base * factor, 1)) if x is not None]
             est[(task, m)] = max(found) if found else default_s  # a default never stands in for a proxy
@@ -242,18 +243,20 @@ def config_steps(task: str, method: str, configs: Path = CONFIGS) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def probe_estimates(recs: list[dict[str, Any]], configs: Path = CONFIGS) -> dict[tuple[str, str], float]:
+def probe_estimates(recs: list[dict[str, Any]], configs: Path = CONFIGS,
+                    steps_of: Callable[[str, str], int | None] | None = None) -> dict[tuple[str, str], float]:
     """(task, method) -> seconds a run would take, from the records (:func:`_records` of the results) of short runs
     of the config alone on any GPU whose only override is ``--trainer.max_steps=N`` (probes): a probe's load and test
     as they were, its training scaled to the config's steps (validation not included). The slowest probe of a
-    config."""
+    config. ``steps_of`` reads a config's steps (:func:`config_steps` by default; :func:`estimates` shares its own)."""
+    steps_of = steps_of or (lambda task, method: config_steps(task, method, configs))
     out: dict[tuple[str, str], float] = {}
     for rec in recs:
         over = rec.get("overrides") or []
         m = re.fullmatch(r"--trainer\.max_steps=(\d+)", over[0]) if len(over) == 1 else None
         if not m or "error" in rec or not alone(rec) or rec.get("task") not in TASKS:
             continue
-        steps = config_steps(rec["task"], rec["method"], configs)
+        steps = steps_of(rec["task"], rec["method"])
         if not steps or not rec.get("process_s") or not isinstance(rec.get("train_s"), (int, float)):
             continue
         s = float(rec["process_s"]) - float(rec["train_s"]) + float(rec["train_s"]) * steps / int(m.group(1))
