@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.results_tables import mean_std
+from benchmarks.task_results import TASK_NAMES
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("sst2", "mrpc", "squad")
@@ -55,9 +56,9 @@ RUN_TIMEOUT_S = 580  # task_results --timeout: one run's process, within a 600 s
 CAP_MIN = 8
 CAPPED_S = CAP_MIN * 60 + 40  # what a capped run takes as a process: the fit, model load and test
 GPU_GIB = 79.2  # an H100's memory as torch reports it: --jobs runs must fit it
-# task: (the dev metric a cell reports, its name in tables, the task as tables name it)
-METRIC = {"sst2": ("dev_acc", "SST-2 dev acc", "SST-2"), "mrpc": ("dev_acc", "MRPC dev acc", "MRPC"),
-          "squad": ("dev_f1", "SQuAD dev F1", "SQuAD")}
+# task: (the dev metric a cell reports, its name in tables)
+METRIC = {"sst2": ("dev_acc", "SST-2 dev acc"), "mrpc": ("dev_acc", "MRPC dev acc"),
+          "squad": ("dev_f1", "SQuAD dev F1")}
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # configs/<task>_smollm2_<method>.yaml: the grid's runs
 # The card that times the grid: seed 0 (the plotted curves) and any run the cap ends (there the card sets the steps)
@@ -207,7 +208,10 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path =
         short = rec.get("time_capped") or (budget and isinstance(steps, int) and 0 < steps < budget)
         kinds.setdefault(key, {}).setdefault(rank, []).append(float(CAPPED_S if short else rec["process_s"]))
     probes = probe_estimates(recs, configs, steps_of)
-    best = lambda by_rank: round(statistics.median(by_rank[min(by_rank)]), 1)
+
+    def best(by_rank: dict[int, list[float]]) -> float:
+        return round(statistics.median(by_rank[min(by_rank)]), 1)
+
     own = {k: best(v) for k, v in kinds.items()}
     own.update({k: v for k, v in probes.items() if k not in own})
 
@@ -390,7 +394,7 @@ def over_seeds(recs: list[dict[str, Any]], field: str, fmt: str = "{:.1f}") -> s
 def summary_table(cells: dict[tuple[str, str, int], dict[str, Any]]) -> str:
     """Per method and task: the task's dev metric over the measured seeds and the training seconds over the runs
     alone on the grid's card (mean ± sample std), and the largest peak; what docs/results.md shows."""
-    head = ["method"] + [METRIC[t][1] for t in TASKS] + [f"{METRIC[t][2]} train s" for t in TASKS] + ["peak GiB (max)"]
+    head = ["method"] + [METRIC[t][1] for t in TASKS] + [f"{TASK_NAMES[t]} train s" for t in TASKS] + ["peak GiB (max)"]
     rows = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for m in METHODS:
         by_task = {t: [cells[(t, m, s)] for s in SEEDS if (t, m, s) in cells] for t in TASKS}

@@ -47,6 +47,7 @@ TASKS = {
     "mrpc": (DATA / "mrpc", "data_dir", "val_acc", ("test_acc", "test_f1")),
     "squad": (DATA / "squad" / "dev-subset.json", "data_file", "val_f1", ("test_em", "test_f1")),
 }
+TASK_NAMES = {"sst2": "SST-2", "mrpc": "MRPC", "squad": "SQuAD"}  # as figures and tables spell them
 
 
 def config_path(task: str, method: str) -> Path:
@@ -414,6 +415,7 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import ticker
 
     task = records[0].get("task", "sst2") if records else "sst2"
     from benchmarks.results_tables import card_name
@@ -447,10 +449,14 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
         if zs:
             ax.axhline(zs[0], color="gray", ls="--", label="zero-shot (dev)")
         ax.set_xscale("log")  # short backprop runs beside long zeroth-order runs
+        # plain numbers at 1, 2, 5 per decade: the default minor labels (3×10^1 ...) overlap
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel(f"{label} (log scale)")
-        metric = records[0].get("val_metric", "val_acc")[4:] if records else "acc"
+        metric = (records[0].get("val_metric", "val_acc")[4:] if records else "acc").replace("f1", "F1")
         ax.set_ylabel(f"validation {metric} (%; dotted: dev); ★ dev {metric} at the end")
-        ax.set_title(f"SmolLM2-135M on {task.upper()}{where}: validation vs {label}")
+        ax.set_title(f"SmolLM2-135M on {TASK_NAMES.get(task, task)}{where}: validation vs {label}")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -465,7 +471,7 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
             mem.setdefault(r.get("label", r["method"]), r["peak_gib"])
     ax.bar(list(mem), list(mem.values()), color="tab:blue")
     ax.set_ylabel("peak GPU memory (GiB)")
-    ax.set_title(f"SmolLM2-135M on {task.upper()}{where}: peak memory during fit")
+    ax.set_title(f"SmolLM2-135M on {TASK_NAMES.get(task, task)}{where}: peak memory during fit")
     fig.tight_layout()
     f = os.path.join(out_dir, f"{prefix or task}_peak_memory.png")
     fig.savefig(f, dpi=110)
