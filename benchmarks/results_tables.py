@@ -11,6 +11,8 @@ The table is data (``INTRO``, ``HEADER``, ``ROWS`` below): each cell is a templa
 figures, and each figure names its JSON file, the record(s) in it (a ``where`` of field values), the field and a
 format. A figure that no committed JSON holds yet is a ``Missing``: its text is kept as the README has it and the
 report lists it as "no JSON source". A figure changes only by changing its JSON (or its spec here), then ``--write``.
+The quality figures (``GridCell``, ``GridRatio``) read every ``<task>_grid_*.json`` through ``benchmarks.grid``'s
+rules, so a grid run lands in the README with ``--write`` alone.
 
 The provenance report lists, for every JSON file the table reads, the records that lack a commit, a GPU or a command
 (``env`` per record as ``benchmarks/task_results.py`` writes it; the harness's file-level ``environment`` and each
@@ -237,15 +239,48 @@ class GridCell:
         recs = [cells[(self.task, self.method, s)] for s in grid.SEEDS if (self.task, self.method, s) in cells]
         return [r for r in recs if grid.timed(r)] if self.solo else recs
 
-    def render(self, ld: Loader) -> str:
+    def _checked(self, ld: Loader) -> tuple[list[dict[str, Any]], str]:
         from benchmarks import grid
 
         recs = self.records(ld)
-        fld = self.field or grid.METRIC[self.task][0]
         if len(recs) < self.min_n:
             raise LookupError(f"grid cell {self.task}/{self.method}{' (solo)' if self.solo else ''} has "
                               f"{len(recs)} seeds, expected at least {self.min_n}")
-        return grid.over_seeds(recs, fld, self.fmt)
+        return recs, self.field or grid.METRIC[self.task][0]
+
+    def number(self, ld: Loader) -> float:
+        """The mean over the seeds (at least one, whatever ``min_n`` allows)."""
+        recs, fld = self._checked(ld)
+        vals = [float(r[fld]) for r in recs if isinstance(r.get(fld), (int, float))]
+        if not vals:
+            raise LookupError(f"grid cell {self.task}/{self.method} has no {fld}")
+        return mean_std(vals)[0]
+
+    def render(self, ld: Loader) -> str:
+        from benchmarks import grid
+
+        return grid.over_seeds(*self._checked(ld), self.fmt)
+
+
+@dataclass(frozen=True)
+class GridRatio:
+    """One grid cell's mean over another's, e.g. a method's peak memory over AdamW's on the same task."""
+
+    num: GridCell
+    den: GridCell
+    fmt: str = "{:.2f}"
+
+    def sources(self) -> list[Sel]:
+        return []
+
+    def records(self, ld: Loader) -> list[dict[str, Any]]:
+        return self.num.records(ld) + self.den.records(ld)
+
+    def number(self, ld: Loader) -> float:
+        return self.num.number(ld) / self.den.number(ld)
+
+    def render(self, ld: Loader) -> str:
+        return self.fmt.format(self.number(ld))
 
 
 @dataclass(frozen=True)
@@ -285,7 +320,7 @@ class Missing:
         return self.text
 
 
-Figure = Union[Value, Ratio, Range, MeanStd, GridCell, Goal, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
+Figure = Union[Value, Ratio, Range, MeanStd, GridCell, GridRatio, Goal, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
 
 
 @dataclass(frozen=True)
@@ -306,11 +341,24 @@ class Table:
 
 # ------------------------------------------------------------------------------------------------------ the spec
 
-SST2 = "sst2_smollm2.json"
-sst2 = lambda label, fld="dev_acc": sel(SST2, fld, label=label)
 ours = lambda file, key, size, fld: sel(file, fld, key=key, size=size)
 LARGEST = "largest_h200.json"
-POP = "sst2_pop_best_h200.json"  # the population config's SST-2 runs, data seeds 0-2 (issue 14)
+# Quality is the grid's (benchmarks.grid): a method's cell on each task over seeds 0-2. While the grid fills, a cell
+# names the seeds it has, or shows — without any; at 3 a cell short of seeds is an error instead.
+GRID_MIN_SEEDS = 0
+QUALITY = "{sst2} / {mrpc} / {squad}"
+
+
+def quality(method: str, prefix: str = "") -> dict[str, Figure]:
+    """The figures :data:`QUALITY` names (with ``prefix``): ``method``'s dev metric on each task."""
+    return {f"{prefix}{t}": GridCell(t, method, min_n=GRID_MIN_SEEDS) for t in ("sst2", "mrpc", "squad")}
+
+
+def peak_vs_adamw(method: str) -> GridRatio:
+    """``method``'s peak memory over AdamW's on SST-2, each the mean over the grid's seeds."""
+    return GridRatio(*(GridCell("sst2", m, "peak_gib", min_n=1) for m in (method, "adamw")))
+
+
 MEZO_LATEST = "mezo_h100_c4100e0.json"  # the MeZO suite at c4100e0, H100 (runs 1-3: mezo*.json before it)
 # The suites' files, read by the README's table, docs/results.md's tables and the bars (plot_results): swap a name
 # here to re-measure everywhere at once.
@@ -328,28 +376,29 @@ ZERO3 = "zero3_h200.json"
 WHICH_METHOD = Table(
     intro=(
         "Measured on one H100 where a cell does not name the H200 ([docs/results.md](docs/results.md) has the "
-        "tables,\nthe goals missed and the plots). Quality is the first edition's: SmolLM2-135M-Instruct on SST-2 "
-        "(k=512, dev accuracy,\none seed; zero-shot {zero_shot}, AdamW {adamw}; [docs/history.md](docs/history.md)). "
-        "The three-task grid that replaces it\nis in progress in docs/results.md."
+        "tables,\nthe goals missed and the plots). Quality is SmolLM2-135M-Instruct's (k=512): SST-2 and MRPC dev "
+        "accuracy and\nSQuAD-subset dev F1, the mean ± std over seeds 0–2 of the grid in docs/results.md, naming the "
+        "seeds\nwhere fewer have run (— where none has). Zero-shot: {zs_sst2} / {zs_mrpc} / {zs_squad};\n"
+        "AdamW: {adamw_sst2} / {adamw_mrpc} / {adamw_squad}."
     ),
-    intro_figures={"zero_shot": Value(sst2("zero_shot")), "adamw": Value(sst2("adamw"))},
-    header=("you need", "use", "memory (measured)", "speed (measured)", "quality (measured)"),
+    intro_figures={**quality("zero_shot", "zs_"), **quality("adamw", "adamw_")},
+    header=("you need", "use", "memory (measured)", "speed (measured)", "quality (SST-2 / MRPC / SQuAD F1)"),
     rows=(
         Row(
             ("the best accuracy at about half of AdamW's memory", "`AdaLomo`",
              "{peak_sst2}× AdamW's peak on SST-2; a 1.1B model trains in {peak_1b_ckpt} GiB with checkpointing",
-             "{step}× lomo-optim's step", "{acc}"),
+             "{step}× lomo-optim's step", QUALITY),
             {
-                "peak_sst2": Ratio(sst2("adalomo", "peak_gib"), sst2("adamw", "peak_gib")),
+                "peak_sst2": peak_vs_adamw("adalomo"),
                 "peak_1b_ckpt": Value(ours(LOMO, "ours:adalomo_ckpt", "1b", "peak_gib")),
                 "step": Range((sel(LOMO, "ratios.step / lomo-optim", key="ours:adalomo_ckpt"),)),
-                "acc": Value(sst2("adalomo")),
+                **quality("adalomo"),
             },
         ),
         Row(
             ("the largest model per GPU with backprop", "`LOMO` (+ activation checkpointing)",
              "a {params}B model (Llama-65B's shape) in {peak} GiB on one H200",
-             "{step}× lomo-optim's step; under DeepSpeed ZeRO-3 {zero3}× its ZeRO-3 path (H200)", "{acc}"),
+             "{step}× lomo-optim's step; under DeepSpeed ZeRO-3 {zero3}× its ZeRO-3 path (H200)", QUALITY),
             {
                 "params": Value(ours(LARGEST, "ours:lomo_ckpt", "65b", "params_b")),
                 "peak": Value(ours(LARGEST, "ours:lomo_ckpt", "65b", "peak_gib")),
@@ -357,22 +406,22 @@ WHICH_METHOD = Table(
                                 sel(ZERO3, "ratios.step / lomo-optim ", key="ours:lomo_zero3_ckpt"))),
                 # the first LOMO run: plain and checkpointed at 1.1B, checkpointed at 7B
                 "step": Range((sel(LOMO_PLAIN, "ratios.step / lomo-optim", key=("ours:lomo", "ours:lomo_ckpt")),)),
-                "acc": Value(sst2("lomo")),
+                **quality("lomo"),
             },
         ),
         Row(
             ("Adam's behaviour with less optimizer state", "`GaLore`",
              "optimizer state in rank-r; {peak_sst2}× AdamW's peak on SST-2",
              "steady step {steady}× galore-torch's and {vs_adamw}× AdamW's; subspace refresh {refresh}× faster",
-             "{acc}"),
+             QUALITY),
             {
-                "peak_sst2": Ratio(sst2("galore", "peak_gib"), sst2("adamw", "peak_gib")),
+                "peak_sst2": peak_vs_adamw("galore"),
                 "steady": Ratio(ours(GALORE, "ours:galore", "1b", "step_s"),
                                 ours(GALORE, "peer:galore", "1b", "step_s")),
                 "vs_adamw": Value(ours(GALORE_STEADY, "ours:galore", "1b", "ratios.step / AdamW"), "{:.2f}"),
                 "refresh": Value(ours(GALORE, "ours:galore_refresh", "1b",
                                       "ratios.speed-up vs galore-torch"), "{:.0f}"),
-                "acc": Value(sst2("galore")),
+                **quality("galore"),
             },
         ),
         Row(
@@ -382,9 +431,8 @@ WHICH_METHOD = Table(
              ("{step_fwd}× one forward per step in the latest run (±1 directions at 7B: {step_fwd_pm1}×); "
               "{vs_official}× the official code's step in the same run; `cuda_graph=True` (H200, through Lightning): "
               "{graph_smol}× faster than the eager step on SmolLM2's shape, {graph_1b}× at 1.1B"),
-             ("{acc} after {steps}k steps; {acc_pop_seeds} over data seeds 0–2 with 32 directions a step and "
-              "the embedding and decoder layers 0–9 frozen (`n_spsa=32`, configs/sst2_smollm2_mezo_pop.yaml, "
-              "H200: {pop_steps} steps in {pop_s} s of training); {acc_lora} on LoRA adapters (slow to converge)")),
+             (QUALITY + "; with 32 directions a step and the embedding and decoder layers 0–9 frozen (`n_spsa=32`, "
+              "configs/*_mezo_pop.yaml): {pop_sst2} / {pop_mrpc} / {pop_squad}")),
             {
                 "peak_fwd": Range((sel(MEZO_LATEST, "ratios.peak / forward", key="ours:mezo"),)),
                 "params": Value(ours(LARGEST, "ours:mezo", "70b", "params_b")),
@@ -395,14 +443,8 @@ WHICH_METHOD = Table(
                 "vs_official": Range((sel(MEZO_LATEST, "ratios.step / MeZO official", key="ours:mezo"),)),
                 "graph_smol": Value(sel("zo_fastpath_h200.json", "eager_over_graph", size="smol")),
                 "graph_1b": Value(sel("zo_fastpath_h200.json", "eager_over_graph", size="1b")),
-                "acc": Value(sst2("mezo")),
-                "steps": Value(sst2("mezo", "steps"), scale=1e-3),
-                "pop_steps": Range((sel(POP, "steps"),), "{:,.0f}"),
-                "pop_s": Range((sel(POP, "train_s"),), "{:.0f}"),
-                "acc_pop_seeds": MeanStd(sel(POP, "dev_acc")),
-                # the two runs at the config's lr (1e-3); the other lrs are the sweep around it
-                "acc_lora": Range((sel("sst2_smollm2_mezo_lora.json", "dev_acc",
-                                       label=("r1_lora_lr1e-3", "r2_lora_lr1e-3")),), "{:.0f}"),
+                **quality("mezo"),
+                **quality("mezo_pop", "pop_"),
             },
         ),
         Row(
@@ -410,7 +452,7 @@ WHICH_METHOD = Table(
              "{peak_1b}× inference peak at 1.1B, {peak_smol}× on SmolLM2 (default `population_chunk=10`)",
              ("batched population {chunk10}× faster than one candidate at a time ({whole}× with the whole "
               "population in one forward)"),
-             "C-LoRA {clora}, F-LoRA {flora} (k=16: {clora_k16} / {flora_k16})"),
+             "C-LoRA {clora_sst2} / {clora_mrpc} / {clora_squad}; F-LoRA {flora_sst2} / {flora_mrpc} / {flora_squad}"),
             {
                 "peak_1b": Value(ours(DFO, "ours:dfo_batched_chunk10", "1b", "ratios.peak / inference"),
                                  "{:.2f}"),
@@ -419,10 +461,8 @@ WHICH_METHOD = Table(
                 "chunk10": Range((sel(DFO, "ratios.sequential / row", key="ours:dfo_batched_chunk10"),),
                                  "{:.1f}"),
                 "whole": Range((sel(DFO, "ratios.sequential / row", key="ours:dfo_batched"),), "{:.1f}"),
-                "clora": Value(sst2("clora")),
-                "flora": Value(sst2("flora")),
-                "clora_k16": Value(sst2("clora_k16")),
-                "flora_k16": Value(sst2("flora_k16")),
+                **quality("clora", "clora_"),
+                **quality("flora", "flora_"),
             },
         ),
     ),
@@ -808,7 +848,7 @@ def _rec_name(rec: dict[str, Any]) -> str:
 
 def used_records(fig: Figure, ld: Loader) -> list[tuple[str, dict[str, Any]]]:
     """(file, record) for each record a figure reads."""
-    if isinstance(fig, GridCell):
+    if isinstance(fig, (GridCell, GridRatio)):
         return [(r["file"], r) for r in fig.records(ld)]
     return [(s.file, r) for s in fig.sources() for r in ld.select(s)]
 
@@ -846,7 +886,7 @@ def other_files_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> lis
     ld = Loader(root)
     figs = [f for t in (table, *DOC_TABLES.values()) for _, _, f in all_figures(t)]
     used = {s.file for f in figs for s in f.sources()}  # by name: a file a table names need not be under root
-    used |= {file for f in figs if isinstance(f, GridCell) for file, _ in used_records(f, ld)}
+    used |= {file for f in figs if isinstance(f, (GridCell, GridRatio)) for file, _ in used_records(f, ld)}
     out = []
     for path in sorted(Path(root).glob("*.json")):
         if path.name in used:

@@ -182,3 +182,29 @@ def test_grid_cell_over_the_grid_files(tmp_path: Path) -> None:
     (tmp_path / "mrpc_grid_s2_lomo.json").write_text(json.dumps([dict(rec(2, 84.0), env={"gpu": f"NVIDIA {other}"})]))
     assert rt.provenance_report(table, tmp_path) == [
         "mrpc_grid_s2_lomo.json: all 1 records used lack commit, command: lomo"]
+
+
+def test_grid_ratio_and_the_readme_quality_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GridRatio divides two cells' means over their seeds and names both cells' files; a cell with no seed renders
+    — but has no number; quality() gives the three tasks' cells the README's QUALITY template names."""
+    from benchmarks import grid
+
+    env = {"commit": "abc1234", "gpu": f"NVIDIA {grid.CARD}", "command": "python -m benchmarks.task_results"}
+    rec = lambda m, seed, peak: {"method": m, "task": "sst2", "seed": seed, "dev_acc": 80.0, "peak_gib": peak,
+                                 "env": env}
+    (tmp_path / "sst2_grid_s0_adamw.json").write_text(json.dumps([rec("adamw", 0, 4.0), rec("adamw", 1, 6.0)]))
+    (tmp_path / "sst2_grid_s0_lomo.json").write_text(json.dumps([rec("lomo", 0, 2.5)]))
+    ld = rt.Loader(tmp_path)
+    ratio = rt.GridRatio(rt.GridCell("sst2", "lomo", "peak_gib", min_n=1), rt.GridCell("sst2", "adamw", "peak_gib"))
+    with pytest.raises(LookupError, match="sst2/adamw has 2 seeds, expected at least 3"):
+        ratio.render(ld)
+    assert rt.peak_vs_adamw("lomo").render(ld) == "0.50"  # 2.5 over the mean of 4 and 6
+    table = rt.Table("{r}", {"r": rt.peak_vs_adamw("lomo")}, ("a",), ())
+    assert sorted(rt.records_by_file(table, ld)) == ["sst2_grid_s0_adamw.json", "sst2_grid_s0_lomo.json"]
+    empty = rt.GridCell("mrpc", "lomo", min_n=0)
+    assert empty.render(ld) == "—"
+    with pytest.raises(LookupError, match="mrpc/lomo has no dev_acc"):
+        empty.number(ld)
+    monkeypatch.setattr(rt, "GRID_MIN_SEEDS", 0)  # while the grid fills
+    figs = rt.quality("lomo", "x_")
+    assert rt.QUALITY.replace("{", "{x_").format(**rt.render_figures(figs, ld)) == "80.0 (seed 0) / — / —"
