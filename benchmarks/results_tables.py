@@ -220,7 +220,8 @@ class GridCell:
     """A quality-grid cell over its seeds: the records ``benchmarks.grid`` counts for ``task`` and ``method`` (from
     every ``<task>_grid_*.json``), their ``field`` (the task's dev metric when empty) as ``mean ± std``, naming the
     seeds when fewer than all. ``solo`` keeps the runs alone on the grid's card (``grid.timed``), for times. Fewer
-    than ``min_n`` seeds is an error, so a cell never claims seeds it lacks."""
+    than ``min_n`` seeds is an error, so a cell never claims seeds it lacks. ``spread=False`` renders the mean alone
+    (``—`` without a value), for a figure whose text says what it is over."""
 
     task: str
     method: str
@@ -228,6 +229,7 @@ class GridCell:
     fmt: str = "{:.1f}"
     solo: bool = False
     min_n: int = 3
+    spread: bool = True
 
     def sources(self) -> list[Sel]:
         return []  # no one file: records() names each record's own
@@ -259,7 +261,10 @@ class GridCell:
     def render(self, ld: Loader) -> str:
         from benchmarks import grid
 
-        return grid.over_seeds(*self._checked(ld), self.fmt)
+        recs, fld = self._checked(ld)
+        if self.spread:
+            return grid.over_seeds(recs, fld, self.fmt)
+        return self.fmt.format(self.number(ld)) if any(isinstance(r.get(fld), (int, float)) for r in recs) else "—"
 
 
 @dataclass(frozen=True)
@@ -343,15 +348,23 @@ class Table:
 
 ours = lambda file, key, size, fld: sel(file, fld, key=key, size=size)
 LARGEST = "largest_h200.json"
-# Quality is the grid's (benchmarks.grid): a method's cell on each task over seeds 0-2. While the grid fills, a cell
-# names the seeds it has, or shows — without any; at 3 a cell short of seeds is an error instead.
+# Quality is the grid's (benchmarks.grid): a method's cell on each task over seeds 0-2, then its training seconds
+# there (the mean over the runs alone on the grid's card). While the grid fills, a cell names the seeds it has, or
+# shows — without any; at 3 a cell short of seeds is an error instead.
 GRID_MIN_SEEDS = 0
-QUALITY = "{sst2} / {mrpc} / {squad}"
+SCORES = "{sst2} / {mrpc} / {squad}"
+QUALITY = SCORES + " after {t_sst2} / {t_mrpc} / {t_squad} s"
 
 
-def quality(method: str, prefix: str = "") -> dict[str, Figure]:
-    """The figures :data:`QUALITY` names (with ``prefix``): ``method``'s dev metric on each task."""
-    return {f"{prefix}{t}": GridCell(t, method, min_n=GRID_MIN_SEEDS) for t in ("sst2", "mrpc", "squad")}
+def quality(method: str, prefix: str = "", times: bool = True) -> dict[str, Figure]:
+    """The figures :data:`QUALITY` names (:data:`SCORES` without ``times``), each with ``prefix``: ``method``'s dev
+    metric on each task, and its training seconds."""
+    figs: dict[str, Figure] = {}
+    for t in ("sst2", "mrpc", "squad"):
+        figs[f"{prefix}{t}"] = GridCell(t, method, min_n=GRID_MIN_SEEDS)
+        if times:
+            figs[f"{prefix}t_{t}"] = GridCell(t, method, "train_s", "{:.0f}", solo=True, min_n=0, spread=False)
+    return figs
 
 
 def peak_vs_adamw(method: str) -> GridRatio:
@@ -378,11 +391,13 @@ WHICH_METHOD = Table(
         "Measured on one H100 where a cell does not name the H200 ([docs/results.md](docs/results.md) has the "
         "tables,\nthe goals missed and the plots). Quality is SmolLM2-135M-Instruct's (k=512): SST-2 and MRPC dev "
         "accuracy and\nSQuAD-subset dev F1, the mean ± std over seeds 0–2 of the grid in docs/results.md, naming the "
-        "seeds\nwhere fewer have run (— where none has). Zero-shot: {zs_sst2} / {zs_mrpc} / {zs_squad};\n"
-        "AdamW: {adamw_sst2} / {adamw_mrpc} / {adamw_squad}."
+        "seeds\nwhere fewer have run (— where none has), then the seconds of training to it (without validation; the "
+        "mean over the\nruns alone on the grid's H100). Zero-shot: {zs_sst2} / {zs_mrpc} / {zs_squad};\nAdamW: "
+        + QUALITY.replace("{", "{adamw_") + "."
     ),
-    intro_figures={**quality("zero_shot", "zs_"), **quality("adamw", "adamw_")},
-    header=("you need", "use", "memory (measured)", "speed (measured)", "quality (SST-2 / MRPC / SQuAD F1)"),
+    intro_figures={**quality("zero_shot", "zs_", times=False), **quality("adamw", "adamw_")},
+    header=("you need", "use", "memory (measured)", "speed (measured)",
+            "quality (SST-2 / MRPC / SQuAD F1) after training s"),
     rows=(
         Row(
             ("the best accuracy at about half of AdamW's memory", "`AdaLomo`",
@@ -432,7 +447,7 @@ WHICH_METHOD = Table(
               "{vs_official}× the official code's step in the same run; `cuda_graph=True` (H200, through Lightning): "
               "{graph_smol}× faster than the eager step on SmolLM2's shape, {graph_1b}× at 1.1B"),
              (QUALITY + "; with 32 directions a step and the embedding and decoder layers 0–9 frozen (`n_spsa=32`, "
-              "configs/*_mezo_pop.yaml): {pop_sst2} / {pop_mrpc} / {pop_squad}")),
+              "configs/*_mezo_pop.yaml): " + QUALITY.replace("{", "{pop_"))),
             {
                 "peak_fwd": Range((sel(MEZO_LATEST, "ratios.peak / forward", key="ours:mezo"),)),
                 "params": Value(ours(LARGEST, "ours:mezo", "70b", "params_b")),
@@ -452,7 +467,7 @@ WHICH_METHOD = Table(
              "{peak_1b}× inference peak at 1.1B, {peak_smol}× on SmolLM2 (default `population_chunk=10`)",
              ("batched population {chunk10}× faster than one candidate at a time ({whole}× with the whole "
               "population in one forward)"),
-             "C-LoRA {clora_sst2} / {clora_mrpc} / {clora_squad}; F-LoRA {flora_sst2} / {flora_mrpc} / {flora_squad}"),
+             "C-LoRA " + QUALITY.replace("{", "{clora_") + "; F-LoRA " + QUALITY.replace("{", "{flora_")),
             {
                 "peak_1b": Value(ours(DFO, "ours:dfo_batched_chunk10", "1b", "ratios.peak / inference"),
                                  "{:.2f}"),

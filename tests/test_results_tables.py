@@ -186,12 +186,13 @@ def test_grid_cell_over_the_grid_files(tmp_path: Path) -> None:
 
 def test_grid_ratio_and_the_readme_quality_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """GridRatio divides two cells' means over their seeds and names both cells' files; a cell with no seed renders
-    — but has no number; quality() gives the three tasks' cells the README's QUALITY template names."""
+    — but has no number; quality() gives the three tasks' cells the README's templates name, the times as the mean
+    over the solo runs without a spread."""
     from benchmarks import grid
 
     env = {"commit": "abc1234", "gpu": f"NVIDIA {grid.CARD}", "command": "python -m benchmarks.task_results"}
     rec = lambda m, seed, peak: {"method": m, "task": "sst2", "seed": seed, "dev_acc": 80.0, "peak_gib": peak,
-                                 "env": env}
+                                 "train_s": 40.4 + seed, "env": env}
     (tmp_path / "sst2_grid_s0_adamw.json").write_text(json.dumps([rec("adamw", 0, 4.0), rec("adamw", 1, 6.0)]))
     (tmp_path / "sst2_grid_s0_lomo.json").write_text(json.dumps([rec("lomo", 0, 2.5)]))
     ld = rt.Loader(tmp_path)
@@ -206,5 +207,8 @@ def test_grid_ratio_and_the_readme_quality_cells(tmp_path: Path, monkeypatch: py
     with pytest.raises(LookupError, match="mrpc/lomo has no dev_acc"):
         empty.number(ld)
     monkeypatch.setattr(rt, "GRID_MIN_SEEDS", 0)  # while the grid fills
-    figs = rt.quality("lomo", "x_")
-    assert rt.QUALITY.replace("{", "{x_").format(**rt.render_figures(figs, ld)) == "80.0 (seed 0) / — / —"
+    figs = rt.render_figures(rt.quality("lomo", "x_"), ld)
+    assert rt.QUALITY.replace("{", "{x_").format(**figs) == "80.0 (seed 0) / — / — after 40 / — / — s"
+    scores = rt.render_figures(rt.quality("adamw", times=False), ld)
+    assert rt.SCORES.format(**scores) == "80.0 ± 0.0 (seeds 0, 1) / — / —"
+    assert rt.quality("adamw")["t_sst2"].render(ld) == "41"  # the mean alone: 40.4 and 41.4
