@@ -11,8 +11,8 @@ The table is data (``INTRO``, ``HEADER``, ``ROWS`` below): each cell is a templa
 figures, and each figure names its JSON file, the record(s) in it (a ``where`` of field values), the field and a
 format. A figure that no committed JSON holds yet is a ``Missing``: its text is kept as the README has it and the
 report lists it as "no JSON source". A figure changes only by changing its JSON (or its spec here), then ``--write``.
-The quality figures (``GridCell``, ``GridRatio``) read every ``<task>_grid_*.json`` through ``benchmarks.grid``'s
-rules, so a grid run lands in the README with ``--write`` alone.
+The quality figures (``GridCell``, and a ``Ratio`` of two) read every ``<task>_grid_*.json`` through
+``benchmarks.grid``'s rules, so a grid run lands in the README with ``--write`` alone.
 
 The provenance report lists, for every JSON file the table reads, the records that lack a commit, a GPU or a command
 (``env`` per record as ``benchmarks/task_results.py`` writes it; the harness's file-level ``environment`` and each
@@ -155,17 +155,22 @@ class Value:
 
 @dataclass(frozen=True)
 class Ratio:
-    """One record's field over another's (each exactly one record)."""
+    """One figure over another, each a record's field (a ``Sel`` of exactly one record) or a ``GridCell`` (its mean
+    over the seeds, e.g. a method's peak memory over AdamW's on one task)."""
 
-    num: Sel
-    den: Sel
+    num: Sel | GridCell
+    den: Sel | GridCell
     fmt: str = "{:.2f}"
 
     def sources(self) -> list[Sel]:
-        return [self.num, self.den]
+        return [s for s in (self.num, self.den) if isinstance(s, Sel)]
+
+    def cells(self) -> list[GridCell]:
+        return [c for c in (self.num, self.den) if isinstance(c, GridCell)]
 
     def number(self, ld: Loader) -> float:
-        return ld.one(self.num) / ld.one(self.den)
+        part = lambda x: ld.one(x) if isinstance(x, Sel) else x.number(ld)
+        return part(self.num) / part(self.den)
 
     def render(self, ld: Loader) -> str:
         return self.fmt.format(self.number(ld))
@@ -268,27 +273,6 @@ class GridCell:
 
 
 @dataclass(frozen=True)
-class GridRatio:
-    """One grid cell's mean over another's, e.g. a method's peak memory over AdamW's on the same task."""
-
-    num: GridCell
-    den: GridCell
-    fmt: str = "{:.2f}"
-
-    def sources(self) -> list[Sel]:
-        return []
-
-    def records(self, ld: Loader) -> list[dict[str, Any]]:
-        return self.num.records(ld) + self.den.records(ld)
-
-    def number(self, ld: Loader) -> float:
-        return self.num.number(ld) / self.den.number(ld)
-
-    def render(self, ld: Loader) -> str:
-        return self.fmt.format(self.number(ld))
-
-
-@dataclass(frozen=True)
 class Goal:
     """A figure against its goal: ``text`` (the goal as the table shows it, e.g. ``"≤ 0.67"``), then ✓ where the
     figure's unrounded value is ``op`` (``"<="`` or ``">="``) ``bound``, else ✗."""
@@ -325,7 +309,7 @@ class Missing:
         return self.text
 
 
-Figure = Union[Value, Ratio, Range, MeanStd, GridCell, GridRatio, Goal, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
+Figure = Union[Value, Ratio, Range, MeanStd, GridCell, Goal, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
 
 
 @dataclass(frozen=True)
@@ -367,9 +351,9 @@ def quality(method: str, prefix: str = "", times: bool = True) -> dict[str, Figu
     return figs
 
 
-def peak_vs_adamw(method: str) -> GridRatio:
+def peak_vs_adamw(method: str) -> Ratio:
     """``method``'s peak memory over AdamW's on SST-2, each the mean over the grid's seeds."""
-    return GridRatio(*(GridCell("sst2", m, "peak_gib", min_n=1) for m in (method, "adamw")))
+    return Ratio(*(GridCell("sst2", m, "peak_gib", min_n=1) for m in (method, "adamw")))
 
 
 MEZO_LATEST = "mezo_h100_c4100e0.json"  # the MeZO suite at c4100e0, H100 (runs 1-3: mezo*.json before it)
@@ -861,11 +845,15 @@ def _rec_name(rec: dict[str, Any]) -> str:
     return f"{name}@{rec['size']}" if rec.get("size") else str(name)
 
 
+def grid_cells_of(fig: Figure) -> list[GridCell]:
+    """The grid cells a figure reads (their files are the grid's, not named in the spec)."""
+    return [fig] if isinstance(fig, GridCell) else fig.cells() if isinstance(fig, Ratio) else []
+
+
 def used_records(fig: Figure, ld: Loader) -> list[tuple[str, dict[str, Any]]]:
     """(file, record) for each record a figure reads."""
-    if isinstance(fig, (GridCell, GridRatio)):
-        return [(r["file"], r) for r in fig.records(ld)]
-    return [(s.file, r) for s in fig.sources() for r in ld.select(s)]
+    return ([(s.file, r) for s in fig.sources() for r in ld.select(s)]
+            + [(r["file"], r) for c in grid_cells_of(fig) for r in c.records(ld)])
 
 
 def records_by_file(table: Table, ld: Loader) -> dict[str, list[dict[str, Any]]]:
@@ -901,7 +889,7 @@ def other_files_report(table: Table = WHICH_METHOD, root: Path = RESULTS) -> lis
     ld = Loader(root)
     figs = [f for t in (table, *DOC_TABLES.values()) for _, _, f in all_figures(t)]
     used = {s.file for f in figs for s in f.sources()}  # by name: a file a table names need not be under root
-    used |= {file for f in figs if isinstance(f, (GridCell, GridRatio)) for file, _ in used_records(f, ld)}
+    used |= {r["file"] for f in figs for c in grid_cells_of(f) for r in c.records(ld)}
     out = []
     for path in sorted(Path(root).glob("*.json")):
         if path.name in used:

@@ -185,9 +185,9 @@ def test_grid_cell_over_the_grid_files(tmp_path: Path) -> None:
 
 
 def test_grid_ratio_and_the_readme_quality_cells(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """GridRatio divides two cells' means over their seeds and names both cells' files; a cell with no seed renders
-    — but has no number; quality() gives the three tasks' cells the README's templates name, the times as the mean
-    over the solo runs without a spread."""
+    """A Ratio of two grid cells divides their means over their seeds and names both cells' files; a cell with no
+    seed renders — but has no number; quality() gives the three tasks' cells the README's templates name, the times
+    as the mean over the solo runs without a spread."""
     from benchmarks import grid
 
     env = {"commit": "abc1234", "gpu": f"NVIDIA {grid.CARD}", "command": "python -m benchmarks.task_results"}
@@ -196,7 +196,7 @@ def test_grid_ratio_and_the_readme_quality_cells(tmp_path: Path, monkeypatch: py
     (tmp_path / "sst2_grid_s0_adamw.json").write_text(json.dumps([rec("adamw", 0, 4.0), rec("adamw", 1, 6.0)]))
     (tmp_path / "sst2_grid_s0_lomo.json").write_text(json.dumps([rec("lomo", 0, 2.5)]))
     ld = rt.Loader(tmp_path)
-    ratio = rt.GridRatio(rt.GridCell("sst2", "lomo", "peak_gib", min_n=1), rt.GridCell("sst2", "adamw", "peak_gib"))
+    ratio = rt.Ratio(rt.GridCell("sst2", "lomo", "peak_gib", min_n=1), rt.GridCell("sst2", "adamw", "peak_gib"))
     with pytest.raises(LookupError, match="sst2/adamw has 2 seeds, expected at least 3"):
         ratio.render(ld)
     assert rt.peak_vs_adamw("lomo").render(ld) == "0.50"  # 2.5 over the mean of 4 and 6
