@@ -193,26 +193,6 @@ class Range:
         return lo if lo == hi else f"{lo}{DASH}{hi}"
 
 
-@dataclass(frozen=True)
-class MeanStd:
-    """The mean and sample standard deviation over every record the selector matches (one per seed), as
-    ``mean ± std``; fewer than ``min_n`` records is an error, so a cell never claims seeds it lacks."""
-
-    src: Sel
-    fmt: str = "{:.1f}"
-    min_n: int = 3
-
-    def sources(self) -> list[Sel]:
-        return [self.src]
-
-    def render(self, ld: Loader) -> str:
-        vals = ld.values(self.src)
-        if len(vals) < self.min_n:
-            raise LookupError(f"{self.src.describe()} matches {len(vals)} records, expected at least {self.min_n}")
-        mean, std = mean_std(vals)
-        return f"{self.fmt.format(mean)} ± {self.fmt.format(std)}"
-
-
 def mean_std(vals: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (n - 1; 0 for one value)."""
     mean = sum(vals) / len(vals)
@@ -309,7 +289,7 @@ class Missing:
         return self.text
 
 
-Figure = Union[Value, Ratio, Range, MeanStd, GridCell, Goal, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
+Figure = Union[Value, Ratio, Range, GridCell, Goal, Missing]  # noqa: UP007 - a runtime alias, Python 3.10 too
 
 
 @dataclass(frozen=True)
