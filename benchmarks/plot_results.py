@@ -49,7 +49,7 @@ def gpus() -> str:
     for fname, _, _ in PANELS:
         path = RESULTS / fname
         if path.exists():
-            names.append(rt.card_name((json.loads(path.read_text()).get("environment") or {}).get("gpu")))
+            names.append(rt.card_name(rt.file_env(json.loads(path.read_text())).get("gpu")))
     return " / ".join(dict.fromkeys(names)) or "GPU not recorded"
 
 

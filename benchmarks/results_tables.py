@@ -755,7 +755,7 @@ def sources_line(table: Table, root: Path = RESULTS) -> str:
         data = ld.data(file)
         provs = [provenance(data, r) for r in recs]
         cards = ", ".join(dict.fromkeys(card_name(p["gpu"]) for p in provs))
-        top = (data.get("env") or data.get("environment") or {}) if isinstance(data, dict) else {}
+        top = file_env(data)
         date = f", {str(top['date'])[:10]}" if top.get("date") else ""
         commits = list(dict.fromkeys(p["commit"] or "not recorded" for p in provs))
         commit = f", commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
@@ -806,13 +806,16 @@ def missing_sources(table: Table = WHICH_METHOD) -> list[str]:
             if isinstance(fig, Missing)]
 
 
+def file_env(data: Any) -> dict[str, Any]:
+    """A results file's own environment: ``env`` (zo_fastpath, guard_interleaved) or ``environment`` (the harness)."""
+    return (data.get("env") or data.get("environment") or {}) if isinstance(data, dict) else {}
+
+
 def provenance(data: Any, rec: dict[str, Any]) -> dict[str, Any]:
     """commit, gpu and command of one record, from the record's ``env``, else the file's ``env``/``environment``;
     the command also from a harness record's ``cmd``."""
     env = rec.get("env") if isinstance(rec.get("env"), dict) else {}
-    top: dict[str, Any] = {}
-    if isinstance(data, dict):
-        top = data.get("env") or data.get("environment") or {}
+    top = file_env(data)
     return {
         "commit": env.get("commit") or top.get("commit"),
         "gpu": env.get("gpu") or top.get("gpu"),
