@@ -226,19 +226,20 @@ class GridCell:
         recs = [cells[(self.task, self.method, s)] for s in grid.SEEDS if (self.task, self.method, s) in cells]
         return [r for r in recs if grid.timed(r)] if self.solo else recs
 
-    def _checked(self, ld: Loader) -> tuple[list[dict[str, Any]], str]:
+    def _checked(self, ld: Loader) -> tuple[list[dict[str, Any]], str, list[float]]:
+        """The records (at least ``min_n``), the field and its values."""
         from benchmarks import grid
 
         recs = self.records(ld)
         if len(recs) < self.min_n:
             raise LookupError(f"grid cell {self.task}/{self.method}{' (solo)' if self.solo else ''} has "
                               f"{len(recs)} seeds, expected at least {self.min_n}")
-        return recs, self.field or grid.METRIC[self.task][0]
+        fld = self.field or grid.METRIC[self.task][0]
+        return recs, fld, [float(r[fld]) for r in recs if isinstance(r.get(fld), (int, float))]
 
     def number(self, ld: Loader) -> float:
         """The mean over the seeds (at least one, whatever ``min_n`` allows)."""
-        recs, fld = self._checked(ld)
-        vals = [float(r[fld]) for r in recs if isinstance(r.get(fld), (int, float))]
+        _, fld, vals = self._checked(ld)
         if not vals:
             raise LookupError(f"grid cell {self.task}/{self.method} has no {fld}")
         return mean_std(vals)[0]
@@ -246,10 +247,10 @@ class GridCell:
     def render(self, ld: Loader) -> str:
         from benchmarks import grid
 
-        recs, fld = self._checked(ld)
+        recs, fld, vals = self._checked(ld)
         if self.spread:
             return grid.over_seeds(recs, fld, self.fmt)
-        return self.fmt.format(self.number(ld)) if any(isinstance(r.get(fld), (int, float)) for r in recs) else "—"
+        return self.fmt.format(mean_std(vals)[0]) if vals else "—"
 
 
 @dataclass(frozen=True)
