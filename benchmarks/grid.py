@@ -105,9 +105,14 @@ def alone(rec: dict[str, Any]) -> bool:
     return "note" not in rec
 
 
+def on_card(rec: dict[str, Any]) -> bool:
+    """The run ran on the grid's card (:data:`CARD`)."""
+    return CARD in _env(rec, "gpu")
+
+
 def timed(rec: dict[str, Any]) -> bool:
     """The run's times are the grid's: it had the grid's card to itself (seeds 1 and 2 may run on the other)."""
-    return alone(rec) and CARD in _env(rec, "gpu")
+    return alone(rec) and on_card(rec)
 
 
 @functools.lru_cache(maxsize=None)
@@ -136,7 +141,7 @@ def within_cap(rec: dict[str, Any]) -> bool:
     grid's card (on another the same minutes train other steps), or its steps did within ``CAP_MIN`` minutes (a run
     under a longer cap that it never reached). A record without its fit time (``wall_s``) tells nothing against it."""
     if rec.get("time_capped"):
-        return run_cap(rec) == CAP_MIN and CARD in _env(rec, "gpu")
+        return run_cap(rec) == CAP_MIN and on_card(rec)
     wall = rec.get("wall_s")
     return not isinstance(wall, (int, float)) or wall <= CAP_MIN * 60
 
@@ -202,7 +207,7 @@ def estimates(results: Path = RESULTS, default_s: float = 600.0, configs: Path =
             continue  # another step budget: a probe (probe_estimates) or a longer run
         if not any(g in gpu for g in CARDS):
             continue
-        rank = 3 if not alone(rec) else 2 if rec.get("overrides") else 0 if CARD in gpu else 1
+        rank = 3 if not alone(rec) else 2 if rec.get("overrides") else 0 if on_card(rec) else 1
         key = (task, rec["method"])
         budget, steps = steps_of(*key), rec.get("steps")
         short = rec.get("time_capped") or (budget and isinstance(steps, int) and 0 < steps < budget)
@@ -357,8 +362,8 @@ def plan_calls(missing: list[tuple[str, str, int]], est: dict[tuple[str, str], f
         # unique by content, not by order; seeds 1 and 2 may run on either card, and the record says which, unless
         # the cap may end a run: where it does, the card sets the steps. The cards ran SST-2's AdamW and GaLore about
         # as fast (EQUIVALENCE), so a run estimated below the cap is planned for either
-        c["card"] = c["seed"] == 0 or any(est[(c["task"], m)] >= CAPPED_S for m in c["methods"])
-        gpu = f"{CARD.lower()}_" if c["card"] else ""
+        c["on_card"] = c["seed"] == 0 or any(est[(c["task"], m)] >= CAPPED_S for m in c["methods"])
+        gpu = f"{CARD.lower()}_" if c["on_card"] else ""
         name = f"{c['task']}_grid_{gpu}s{'-'.join(map(str, c['seeds']))}_{'-'.join(c['methods'])}"
         seeds = ",".join(map(str, c["seeds"]))
         c["command"] = f"bash benchmarks/device_run.sh task {c['task']} {seeds} {','.join(c['methods'])} {name}{opts}"
