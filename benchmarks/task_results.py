@@ -423,7 +423,7 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
     # the cards the runs name, as times differ between them
     gpus = {(r.get("env") or {}).get("gpu") for r in records} - {None, ""}
     cards = sorted({card_name(g) for g in gpus})
-    where = f" ({', '.join(cards)})" if cards else ""
+    subject = f"SmolLM2-135M on {TASK_NAMES.get(task, task)}" + (f" ({', '.join(cards)})" if cards else "")
     os.makedirs(out_dir, exist_ok=True)
     files = []
     axes = (("step", "optimizer steps"), ("wall_s", "training wall time (s)"), ("forwards", "training forward passes"))
@@ -456,7 +456,7 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
         ax.set_xlabel(f"{label} (log scale)")
         metric = (records[0].get("val_metric", "val_acc")[4:] if records else "acc").replace("f1", "F1")
         ax.set_ylabel(f"validation {metric} (%; dotted: dev); ★ dev {metric} at the end")
-        ax.set_title(f"SmolLM2-135M on {TASK_NAMES.get(task, task)}{where}: validation vs {label}")
+        ax.set_title(f"{subject}: validation vs {label}")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         fig.tight_layout()
@@ -471,7 +471,7 @@ def plot_records(records: list[dict[str, Any]], out_dir: str, prefix: str | None
             mem.setdefault(r.get("label", r["method"]), r["peak_gib"])
     ax.bar(list(mem), list(mem.values()), color="tab:blue")
     ax.set_ylabel("peak GPU memory (GiB)")
-    ax.set_title(f"SmolLM2-135M on {TASK_NAMES.get(task, task)}{where}: peak memory during fit")
+    ax.set_title(f"{subject}: peak memory during fit")
     fig.tight_layout()
     f = os.path.join(out_dir, f"{prefix or task}_peak_memory.png")
     fig.savefig(f, dpi=110)
