@@ -170,6 +170,56 @@ def test_resume_is_exact(tmp_path, optimizer):
     assert _max_diff(straight, resumed) == 0.0
 
 
+def test_a_changed_refresh_gap_applies_on_resume(tmp_path):
+    """Resuming a gap-100 run with update_proj_gap=1 refreshes every step from then on (its state held gap 100)."""
+
+    def fit(steps, gap, ckpt=None, save=None):
+        pl.seed_everything(0, verbose=False)
+        cb = GaLore(rank=4, update_proj_gap=gap)
+        trainer = tiny_trainer(max_steps=steps, callbacks=[cb])
+        trainer.fit(tiny_model(), tiny_datamodule(k=4, batch_size=8), ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return cb, trainer
+
+    path = str(tmp_path / "gap100.ckpt")
+    first, _ = fit(2, gap=100, save=path)
+    targets = first.refreshes  # each weight's first basis, at step 1
+    resumed, trainer = fit(6, gap=1, ckpt=path)
+    assert resumed.refreshes == targets * (1 + 4)  # then one per weight at each of steps 3-6
+    gaps = {s["gap"] for s in trainer.strategy.optimizers[0].state.values() if "proj" in s}
+    assert gaps == {1}
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda ps: torch.optim.Adam(ps, weight_decay=0.1),  # L2 in the gradient, not AdamW's decay
+        lambda ps: torch.optim.RAdam(ps),
+        lambda ps: torch.optim.NAdam(ps),
+        lambda ps: torch.optim.Adamax(ps),
+    ],
+    ids=["adam_l2", "radam", "nadam", "adamax"],
+)
+def test_an_optimizer_whose_update_is_not_adamws_is_refused(optimizer):
+    class Module(HFCausalLM):
+        def configure_optimizers(self):
+            return optimizer(self.parameters())
+
+    model = Module(model_config=llama_config("tiny", vocab_size=256), tokenizer="builtin")
+    with pytest.raises(MisconfigurationException, match="takes AdamW, or Adam without weight decay.*got"):
+        tiny_trainer(max_steps=1, callbacks=[GaLore(rank=4)]).fit(model, tiny_datamodule(k=4))
+
+
+def test_adam_without_weight_decay_is_adamw():
+    class Module(HFCausalLM):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    model = Module(model_config=llama_config("tiny", vocab_size=256), tokenizer="builtin")
+    tiny_trainer(max_steps=1, callbacks=[GaLore(rank=4)]).fit(model, tiny_datamodule(k=4))
+
+
 def test_refusals_name_the_fix():
     def fit(cb, **trainer_kw):
         trainer = tiny_trainer(max_steps=1, callbacks=[cb], **trainer_kw)
@@ -189,3 +239,5 @@ def test_refusals_name_the_fix():
         GaLore(moments="drop")
     with pytest.raises(ValueError, match="moments='keep'"):
         GaLore(optimizer="adafactor")
+    with pytest.raises(ValueError, match="lazy_max_gap=4 is below update_proj_gap=8"):
+        GaLore(update_proj_gap=8, lazy_refresh=True, lazy_max_gap=4)

@@ -77,9 +77,15 @@ def test_lightning_gradient_clip_val_becomes_exact_two_pass_clipping():
 
 
 def test_lightning_gradient_clip_by_value_is_translated():
-    cb = LOMO()
-    lomo, _, _ = fit([cb], steps=3, gradient_clip_val=1e-3, gradient_clip_algorithm="value")
-    assert cb.config.clip_grad_value == 1e-3 and cb.config.clip_grad_norm is None
+    cb, seen = LOMO(), []
+
+    class Clip(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((cb.config.clip_grad_value, cb.config.clip_grad_norm))
+
+    lomo, _, _ = fit([cb, Clip()], steps=3, gradient_clip_val=1e-3, gradient_clip_algorithm="value")
+    assert seen == [(1e-3, None)] * 3
+    assert cb.config.clip_grad_value is None  # for that fit only
     ref, _, _ = fit([], steps=3, cls=SGDModel, gradient_clip_val=1e-3, gradient_clip_algorithm="value")
     assert rel(lomo, ref) <= 1e-6
 

@@ -247,6 +247,9 @@ def test_two_method_callbacks_are_refused():
         (lambda: GaLore(rank=0), "rank must be an integer >= 1"),
         (lambda: GaLore(scale=math.nan), "scale must be finite"),
         (lambda: MeZO(max_consecutive_skips=-1), "max_consecutive_skips"),
+        (lambda: MeZO(n_spsa=1.5), "n_spsa must be an integer >= 1"),
+        (lambda: MeZO(window=2.5), "window must be an integer >= 1"),
+        (lambda: MeZO(eps="small"), "eps must be a number"),
     ],
 )
 def test_bad_hyperparameters_raise_at_construction(make, match):
@@ -331,6 +334,113 @@ def test_a_changed_lr_is_allowed_logged_and_used(tmp_path, caplog):
         _resume(path, [LOMO(lr=0.01), Lr()])
     assert "lr 0.05 -> 0.01" in caplog.text
     assert seen and all(lr == pytest.approx(0.01) for lr in seen)
+
+
+class _Scheduled(TinyLM):
+    """TinyLM whose SGD(lr=0.1) follows the scheduler ``make(optimizer)`` builds, stepped every batch."""
+
+    def __init__(self, make, lr=0.1):
+        super().__init__(lr=lr)
+        self.make = make
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.make(opt), "interval": "step"}}
+
+
+class _Lrs(pl.Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(float(trainer.strategy.optimizers[0].param_groups[0]["lr"]))
+
+
+L = torch.optim.lr_scheduler
+SCHEDULES = {
+    "linear_warmup": lambda o: L.LinearLR(o, start_factor=0.1, total_iters=3),
+    "warmup_then_cosine": lambda o: L.SequentialLR(
+        o, [L.LinearLR(o, start_factor=0.1, total_iters=2), L.CosineAnnealingLR(o, T_max=3)], milestones=[2]
+    ),
+    "one_cycle": lambda o: L.OneCycleLR(o, max_lr=o.param_groups[0]["lr"], total_steps=6),
+    "cosine_with_floor": lambda o: L.CosineAnnealingLR(o, T_max=4, eta_min=o.param_groups[0]["lr"] / 10),
+    "lambda": lambda o: L.LambdaLR(o, lambda s: min(1.0, (s + 1) / 3)),
+}
+
+
+@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
+@pytest.mark.parametrize("make", [lambda lr: MeZO(lr=lr), lambda lr: LOMO(lr=lr)], ids=["mezo", "lomo"])
+def test_an_lr_override_keeps_the_schedules_shape(schedule, make):
+    """MeZO(lr=0.1) on a module built with lr 1e-3 sees the lrs the same schedule gives a module built with 0.1."""
+    ref, got = _Lrs(), _Lrs()
+    tiny_trainer(max_steps=6, callbacks=[ref]).fit(_Scheduled(SCHEDULES[schedule], lr=0.1))
+    tiny_trainer(max_steps=6, callbacks=[make(0.1), got]).fit(_Scheduled(SCHEDULES[schedule], lr=1e-3))
+    assert len(set(ref.seen)) > 1
+    assert got.seen == pytest.approx(ref.seen, rel=1e-6)
+
+
+def test_an_lr_override_refuses_a_scheduler_it_cannot_rescale():
+    class Custom(L.LRScheduler):
+        def get_lr(self):
+            return [1e-3 for _ in self.optimizer.param_groups]  # an lr of its own, where no override can reach
+
+    match = r"MeZO\(lr=0.1\): .*cannot rescale Custom.*configure_optimizers"
+    with pytest.raises(MisconfigurationException, match=match):
+        tiny_trainer(max_steps=1, callbacks=[MeZO(lr=0.1)]).fit(_Scheduled(Custom))
+
+
+@pytest.mark.parametrize("name", ["lomo", "adalomo", "galore_layerwise"])
+def test_a_gradient_accumulation_scheduler_is_refused_where_accumulation_is(name):
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    trainer = tiny_trainer(max_steps=2, callbacks=[METHODS[name](), GradientAccumulationScheduler({0: 2})])
+    match = r"cannot use GradientAccumulationScheduler\(scheduling=\{0: 2\}\)"
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(TinyLM())
+
+
+class _OwnClipping(TinyLM):
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        self.clip_gradients(optimizer, gradient_clip_val=1.0)
+
+
+@pytest.mark.parametrize("name", ["mezo_sgd", "lomo", "adalomo", "galore_layerwise", "clora"])
+def test_a_modules_own_clipping_is_refused_where_it_would_see_no_gradients(name):
+    trainer = tiny_trainer(max_steps=1, callbacks=[METHODS[name]()])
+    with pytest.raises(MisconfigurationException, match="_OwnClipping.configure_gradient_clipping would see no grad"):
+        trainer.fit(_OwnClipping())
+
+
+def test_galore_keeps_a_modules_own_clipping():
+    seen = []
+
+    class AdamWClipping(_OwnClipping):
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.lr)
+
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            seen.append(sum(p.grad is not None for p in self.parameters()))
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    tiny_trainer(max_steps=2, callbacks=[METHODS["galore"]()]).fit(AdamWClipping())
+    assert seen and all(n > 0 for n in seen)
+
+
+@pytest.mark.parametrize("name", ["mezo_sgd", "lomo", "adalomo", "galore_layerwise", "clora"])
+def test_a_finetuning_schedule_is_refused_where_the_trained_set_is_fixed(name):
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    trainer = tiny_trainer(max_steps=1, callbacks=[METHODS[name](), BackboneFinetuning(unfreeze_backbone_at_epoch=1)])
+    with pytest.raises(MisconfigurationException, match="so BackboneFinetuning, which unfreezes .* fit each stage"):
+        trainer.fit(TinyLM())
+
+
+def test_a_trainers_clip_value_lasts_one_fit():
+    cb = LOMO(lr=0.05)
+    tiny_trainer(max_steps=1, callbacks=[cb], gradient_clip_val=0.05).fit(TinyLM())
+    assert cb.config.clip_grad_norm is None
+    tiny_trainer(max_steps=1, callbacks=[cb], gradient_clip_val=1.0).fit(TinyLM())  # no conflict with 0.05
+    assert cb.config.clip_grad_norm is None
 
 
 # ---- trainer attributes and precisions ------------------------------------------------------------------------------

@@ -150,6 +150,32 @@ def test_clear_errors():
         MeZO(n_spsa=0)
 
 
+def test_numbers_given_as_strings_are_read_as_numbers():
+    assert MeZO(eps="1e-3", n_spsa=2.0).config.eps == 1e-3  # YAML keeps "1e-3" a string
+
+
+def test_an_unwritable_trajectory_path_is_refused_at_setup(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for path, problem in [(blocker / "traj.json", "cannot create"), (tmp_path, "is a directory")]:
+        seen = []
+
+        class Count(pl.Callback):
+            def on_train_batch_start(self, *args):
+                seen.append(1)
+
+        trainer = tiny_trainer(max_steps=2, callbacks=[MeZO(trajectory_path=str(path)), Count()])
+        with pytest.raises(MisconfigurationException, match=rf"trajectory_path=.*{problem}.*writable directory"):
+            trainer.fit(tiny_model(objective="lm"), tiny_datamodule(k=8))
+        assert not seen  # before any step
+
+
+def test_float64_weights_are_refused():
+    trainer = tiny_trainer(max_steps=1, precision="64-true", callbacks=[MeZO()])
+    with pytest.raises(MisconfigurationException, match="float64 weights would be rounded.*32-true"):
+        trainer.fit(tiny_model(objective="lm"), tiny_datamodule(k=8))
+
+
 def test_refuses_grad_scaler_ddp_and_fsdp1():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 

@@ -83,6 +83,37 @@ def check_no_accumulation(trainer: Any, method: str, fix: str) -> None:
         raise MisconfigurationException(
             f"{method} cannot use Trainer(accumulate_grad_batches={trainer.accumulate_grad_batches}). {fix}"
         )
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    # it sets accumulate_grad_batches at each epoch's start, after this check
+    for cb in getattr(trainer, "callbacks", ()):
+        if isinstance(cb, GradientAccumulationScheduler) and any(v != 1 for v in cb.scheduling.values()):
+            raise MisconfigurationException(
+                f"{method} cannot use GradientAccumulationScheduler(scheduling={cb.scheduling}). {fix}"
+            )
+
+
+def check_no_finetuning_schedule(trainer: Any, method: str) -> None:
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    found = [cb for cb in getattr(trainer, "callbacks", ()) if isinstance(cb, BaseFinetuning)]
+    if found:
+        raise MisconfigurationException(
+            f"{method} trains the parameters the optimizer holds at the fit's start, so {type(found[0]).__name__}, "
+            f"which unfreezes (or freezes) modules during the fit, would change nothing {method} does. Remove it, and "
+            f"fit each stage on its own: set requires_grad, then call trainer.fit with the checkpoint of the last."
+        )
+
+
+def check_no_clipping_hook(pl_module: Any, method: str, fix: str) -> None:
+    from lightning.pytorch.utilities.model_helpers import is_overridden
+
+    if is_overridden("configure_gradient_clipping", pl_module):
+        raise MisconfigurationException(
+            f"{type(pl_module).__name__}.configure_gradient_clipping would see no gradients under {method}: "
+            f"Lightning calls it after the step's gradients are used and freed (or, without a backward, never made). "
+            f"Remove the override. {fix}"
+        )
 
 
 def check_automatic_optimization(pl_module: Any, method: str) -> None:

@@ -64,6 +64,9 @@ class MethodCallback(Callback):
         strategies: the tested strategy allow-list.
         accumulation_fix / clipping_fix: None accepts ``accumulate_grad_batches`` / ``gradient_clip_val``; a string
             refuses it with that fix.
+        fixed_params: the trained set is bound when the fit starts (a finetuning schedule is refused).
+        clipping_hook_fix: None where Lightning's clipping sees the step's gradients; a string refuses a module's own
+            ``configure_gradient_clipping`` with that fix (``clipping_fix`` by default).
         scaler_fix: the fix named when ``precision="16-mixed"`` (a GradScaler) is refused.
         state_settings: settings whose change makes a checkpoint's state meaningless (resume is refused).
         lr_range: the usual lr range, logged when ``lr`` is inherited from the module's optimizer.
@@ -73,6 +76,7 @@ class MethodCallback(Callback):
     skip_backward: ClassVar[bool] = True
     trains_parameters: ClassVar[bool] = True
     keeps_grads: ClassVar[bool] = False
+    fixed_params: ClassVar[bool] = True
     strategies: ClassVar[tuple[str, ...]] = (_checks.SINGLE, _checks.FSDP2)
     accumulation_fix: ClassVar[str | None] = None
     clipping_fix: ClassVar[str | None] = None
@@ -89,12 +93,16 @@ class MethodCallback(Callback):
         self.trainer: pl.Trainer | None = None
         self._pending: dict[str, Any] | None = None
         self._saved_settings: dict[str, Any] | None = None
-        self._restore: list[tuple[str, Any]] = []
+        self._restore: list[tuple[Any, str, Any]] = []  # (object, attribute, the value teardown puts back)
         self._numbers: dict[str, tuple[float, torch.Tensor]] = {}
         self._wrapped_step: tuple[pl.LightningModule, Any, bool] | None = None
         self._pbar = ProgressBarValues()
 
     # ---- what a method provides ----------------------------------------------------------------------------------
+    @property
+    def clipping_hook_fix(self) -> str | None:
+        return self.clipping_fix
+
     def settings(self) -> dict[str, Any]:
         """Every setting, JSON-able (saved with the state; :attr:`state_settings` name the ones checked on resume)."""
         return {}
@@ -173,10 +181,10 @@ class MethodCallback(Callback):
             )
         return loss
 
-    def set_trainer_attr(self, trainer: pl.Trainer, attr: str, value: Any) -> None:
-        """Change a trainer attribute for this fit; teardown puts the user's value back."""
-        self._restore.append((attr, getattr(trainer, attr)))
-        setattr(trainer, attr, value)
+    def set_for_fit(self, obj: Any, attr: str, value: Any) -> None:
+        """Change ``obj.attr`` (the trainer's, or this callback's settings) for this fit; teardown puts it back."""
+        self._restore.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
 
     def weight_decays(self, pl_module: pl.LightningModule) -> dict[int, float] | None:
         """Per-parameter weight decay when the callback overrides it (matrices only), else None (groups' own)."""
@@ -202,6 +210,10 @@ class MethodCallback(Callback):
             _checks.check_no_accumulation(trainer, self.name, self.accumulation_fix)
         if self.clipping_fix is not None:
             _checks.check_no_clipping(trainer, self.name, self.clipping_fix)
+        if self.fixed_params:
+            _checks.check_no_finetuning_schedule(trainer, self.name)
+        if self.clipping_hook_fix is not None:
+            _checks.check_no_clipping_hook(pl_module, self.name, self.clipping_hook_fix)
         self.validate(trainer, pl_module)
 
     @override
@@ -210,7 +222,7 @@ class MethodCallback(Callback):
         self.holder = swap_in_holder(trainer, self._holder_step, owner=self)
         self._apply_lr(trainer)
         if self.skip_backward:
-            self._restore.append(("_skip_backward", _shim.get_skip_backward(trainer)))
+            self._restore.append((trainer, "_skip_backward", _shim.get_skip_backward(trainer)))
             _shim.set_skip_backward(trainer, True)
         self.install(trainer, pl_module)
         self._pbar.install(trainer, pl_module)  # prog_bar values without a sync per step
@@ -279,11 +291,11 @@ class MethodCallback(Callback):
         self._pbar.uninstall()
         self.restore_training_step()
         while self._restore:
-            attr, value = self._restore.pop()
+            obj, attr, value = self._restore.pop()
             if attr == "_skip_backward":
-                _shim.set_skip_backward(trainer, value)
+                _shim.set_skip_backward(obj, value)
             else:
-                setattr(trainer, attr, value)
+                setattr(obj, attr, value)
         if self.holder is not None and self.holder.owner is self:
             self.holder.owner = None  # a later fit may install another method
 
@@ -304,7 +316,7 @@ class MethodCallback(Callback):
         if not hasattr(self, "lr"):
             return
         if self.lr is not None:
-            set_base_lr(trainer, self.holder, float(self.lr))
+            self._set_lr(trainer, float(self.lr))
         elif self.lr_range is not None:
             lr = self.holder.param_groups[0]["lr"]
             lo, hi = self.lr_range
@@ -312,6 +324,12 @@ class MethodCallback(Callback):
                 f"{self.name}: lr not set, so the module's optimizer lr {lr:g} is used; {self.name} usually needs "
                 f"{lo:g} to {hi:g}. Set {self.name}(lr=...) to choose."
             )
+
+    def _set_lr(self, trainer: pl.Trainer, lr: float) -> None:
+        try:
+            set_base_lr(trainer, self.holder, lr)
+        except ValueError as err:
+            raise MisconfigurationException(f"{self.name}(lr={lr:g}): {err}, and leave {self.name}(lr=None).") from err
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
     @override
@@ -362,7 +380,7 @@ class MethodCallback(Callback):
         if not changed:
             return
         if "lr" in changed and mine.get("lr") is not None:
-            set_base_lr(trainer, self.holder, float(mine["lr"]))  # the restored optimizer state brought the old one
+            self._set_lr(trainer, float(mine["lr"]))  # the restored optimizer state brought the old one
         rank_zero_info(
             f"{self.name}: resuming with changed settings "
             + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items())

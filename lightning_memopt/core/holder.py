@@ -8,7 +8,7 @@ The holder shares ``param_groups`` with the module's own optimizer, so LR schedu
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.optim import Optimizer
@@ -109,20 +109,70 @@ def swap_in_holder(trainer: Any, step_fn: Optional[StepFn] = None, owner: Any = 
     return holder
 
 
+def _schedulers(sched: Any) -> Iterator[Any]:
+    """A scheduler and those it drives (SequentialLR, ChainedScheduler)."""
+    yield sched
+    for inner in getattr(sched, "_schedulers", ()):
+        yield from _schedulers(inner)
+
+
+def _rescalable() -> tuple[type, ...]:
+    """Schedulers whose every lr is the group's lr or one of the attributes :func:`set_base_lr` scales."""
+    from torch.optim import lr_scheduler as L
+
+    names = (
+        "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR", "ConstantLR", "LinearLR", "ExponentialLR",
+        "PolynomialLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "OneCycleLR", "CyclicLR",
+        "ReduceLROnPlateau", "SequentialLR", "ChainedScheduler",
+    )
+    return tuple(getattr(L, n) for n in names if hasattr(L, n))
+
+
 def set_base_lr(trainer: Any, optimizer: Optimizer, lr: float) -> None:
-    """Override the module's lr with a method-specific one, keeping any scheduler's shape."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-        if "initial_lr" in g:
-            g["initial_lr"] = lr
-    for cfg in trainer.lr_scheduler_configs:
-        sched = cfg.scheduler
-        if hasattr(sched, "base_lrs"):
-            sched.base_lrs = [lr for _ in sched.base_lrs]
-            if hasattr(sched, "lr_lambdas"):
-                step = getattr(sched, "last_epoch", 0)
-                for g, f in zip(optimizer.param_groups, sched.lr_lambdas):
-                    g["lr"] = lr * f(max(step, 0))
+    """Override the module's lr with a method-specific one, keeping any scheduler's shape.
+
+    Every lr of group ``i`` (the group's, and each scheduler's copies, nested ones included) is scaled by
+    ``lr / base_i``, where ``base_i`` is the lr the schedule is built around: the optimizer's (``initial_lr``), or
+    the peak of OneCycleLR and CyclicLR. Schedulers whose lrs hide elsewhere are refused with a ValueError.
+    """
+    from torch.optim import lr_scheduler as L
+
+    groups = optimizer.param_groups
+    scheds = [s for cfg in trainer.lr_scheduler_configs for s in _schedulers(cfg.scheduler)]
+    unknown = sorted({type(s).__name__ for s in scheds if not isinstance(s, _rescalable())})
+    if unknown:
+        raise ValueError(
+            f"the lr override cannot rescale {', '.join(unknown)} to keep its shape (it knows torch's own schedulers "
+            f"and LambdaLR, which Hugging Face's schedules are); set the lr in configure_optimizers instead"
+        )
+    base = [float(g.get("initial_lr", g["lr"])) for g in groups]
+    for s in scheds:
+        if isinstance(s, L.OneCycleLR):
+            base = [float(g["max_lr"]) for g in groups]
+        elif isinstance(s, L.CyclicLR):
+            base = [float(m) for m in s.max_lrs]
+    if scheds and any(b == 0 for b in base):
+        raise ValueError("the module's lr is 0, so its schedule has no scale to change; set a nonzero lr there")
+    ratio = [lr / b if b else 1.0 for b in base]
+    for g, r, b in zip(groups, ratio, base):
+        if not b:  # an lr of 0 and no scheduler: nothing to keep
+            g["lr"] = lr
+            continue
+        for k in ("lr", "initial_lr", "max_lr", "min_lr"):  # max_lr, min_lr: OneCycleLR's
+            if k in g:
+                g[k] = g[k] * r
+    for s in scheds:
+        for attr in ("base_lrs", "max_lrs", "min_lrs", "_last_lr"):
+            v = getattr(s, attr, None)
+            if isinstance(v, list) and len(v) == len(ratio):
+                setattr(s, attr, [x * r for x, r in zip(v, ratio)])
+        if getattr(s, "eta_min", 0):  # the cosine schedules' floor: one number for every group
+            if len(set(ratio)) > 1:
+                raise ValueError(
+                    f"{type(s).__name__}(eta_min={s.eta_min}) is one floor for groups the override scales "
+                    f"differently; set the lr in configure_optimizers instead"
+                )
+            s.eta_min *= ratio[0]
 
 
 _NO_DECAY = ("bias", "norm", "ln_", "layernorm", "rmsnorm")

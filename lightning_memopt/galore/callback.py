@@ -23,6 +23,16 @@ from lightning_memopt.core.fused_backward import FusedBackward
 from lightning_memopt.galore.optim import GaLoreOptimizer, GaLoreSettings, select_targets
 
 
+def _adamw_like(opt: Any) -> bool:
+    """The optimizer's update is AdamW's: decoupled weight decay, or Adam's without any (bitsandbytes' by name)."""
+    name = type(opt).__name__
+    if isinstance(opt, torch.optim.AdamW) or "AdamW" in name:
+        return True
+    if isinstance(opt, torch.optim.Adam) or name in ("Adam8bit", "PagedAdam", "PagedAdam8bit"):
+        return all(not g.get("weight_decay") or g.get("decoupled_weight_decay") for g in opt.param_groups)
+    return False
+
+
 class GaLore(MethodCallback):
     """Gradient low-rank projection for an automatic-optimization module whose optimizer is AdamW.
 
@@ -130,6 +140,10 @@ class GaLore(MethodCallback):
         )
 
     @property
+    def fixed_params(self) -> bool:  # type: ignore[override]
+        return self.layerwise  # its hooks are set at the start; the normal mode steps what the groups hold
+
+    @property
     def clipping_fix(self) -> str | None:  # type: ignore[override]
         if not self.layerwise:
             return None
@@ -177,12 +191,14 @@ class GaLore(MethodCallback):
     # ---- install -----------------------------------------------------------------------------------------------
     @override
     def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for g in self.holder.param_groups:
-            if g.get("amsgrad") or g.get("maximize") or "betas" not in g:
-                raise MisconfigurationException(
-                    "GaLore adapts an AdamW/Adam optimizer (betas, eps, weight_decay; no amsgrad or maximize). Return "
-                    "torch.optim.AdamW from configure_optimizers."
-                )
+        wrapped = self.holder.wrapped
+        odd = [g for g in self.holder.param_groups if g.get("amsgrad") or g.get("maximize") or "betas" not in g]
+        if odd or not _adamw_like(wrapped):
+            raise MisconfigurationException(
+                f"GaLore runs AdamW's update with the hyperparameters (lr, betas, eps, weight_decay) of the optimizer "
+                f"from configure_optimizers, so it takes AdamW, or Adam without weight decay (no amsgrad or "
+                f"maximize); got {type(wrapped).__name__}. Return torch.optim.AdamW from configure_optimizers."
+            )
         targets = select_targets(pl_module, self.target_modules, self.exclude_modules)
         if not targets:
             raise MisconfigurationException(
@@ -224,6 +240,8 @@ class GaLore(MethodCallback):
         if state and self.galore is not None:
             self.galore.refreshes = int(state.get("refreshes", 0))
             self.galore.skipped_refreshes = int(state.get("skipped_refreshes", 0))
+            saved = self._saved_settings or {}
+            self.galore.retime(was_lazy=bool(saved.get("lazy_refresh", self.config.lazy_refresh)))
 
     @override
     def uninstall(self) -> None:

@@ -91,6 +91,11 @@ class GaLoreSettings:
         if not 0.0 < validate.finite(self.lazy_threshold, "lazy_threshold") <= 1.0:
             raise ValueError(f"lazy_threshold must be in (0, 1], got {self.lazy_threshold}.")
         validate.at_least(self.lazy_max_gap, 1, "lazy_max_gap")
+        if self.lazy_refresh and self.lazy_max_gap < self.update_proj_gap:
+            raise ValueError(
+                f"lazy_max_gap={self.lazy_max_gap} is below update_proj_gap={self.update_proj_gap}: lazy refresh only "
+                f"lengthens the gap. Set lazy_max_gap >= update_proj_gap."
+            )
         if self.optimizer != "adamw" and self.moments == "reproject":
             raise ValueError(
                 f"moments='reproject' rotates AdamW's moments; optimizer={self.optimizer!r} keeps quantized or "
@@ -409,6 +414,17 @@ class GaLoreOptimizer:
                 )
                 for p, basis, fine in zip(chunk, bases, ok):
                     self._install(p, side, basis, fine)
+
+    def retime(self, was_lazy: bool) -> None:
+        """Fit each weight's refresh gap to the settings, which a resume may have changed (else a no-op): a lazy gap
+        carries over, capped at ``lazy_max_gap``; any other becomes ``update_proj_gap``. The next refresh is the new
+        gap after the last one, or the next step where that has passed."""
+        st = self.settings
+        for s in self.opt.state.values():
+            if "proj" in s:
+                old = s["gap"]
+                s["gap"] = min(old, st.lazy_max_gap) if st.lazy_refresh and was_lazy else st.update_proj_gap
+                s["next_refresh"] = max(s["next_refresh"] - old + s["gap"], s["n"])
 
     def _install(self, p: Tensor, side: int, basis: Tensor, ok: bool) -> None:
         s = self.opt.state[p]

@@ -52,6 +52,10 @@ class _Lomo(MethodCallback):
             f"accumulate_grad_batches=1 and raise the batch size instead (or use GaLore, which accumulates)."
         )
 
+    @property
+    def clipping_hook_fix(self) -> str:  # type: ignore[override]
+        return f"Clip with {self.name}(clip_grad_norm=...) or Trainer(gradient_clip_val=...), applied inside backward."
+
     @override
     def settings(self) -> dict[str, Any]:
         return asdict(self.config)
@@ -85,10 +89,10 @@ class _Lomo(MethodCallback):
                 f"Trainer(gradient_clip_val={val}, gradient_clip_algorithm={algo!r}) conflicts with "
                 f"{self.name}({attr}={own}); set only one of them."
             )
-        setattr(self.config, attr, float(val))
-        # The gradients never exist after backward, so Lightning must not clip (it would see none); teardown puts
-        # the user's value back.
-        self.set_trainer_attr(trainer, "gradient_clip_val", None)
+        # for this fit only: teardown puts both back, so a later fit without the Trainer's value does not clip.
+        # The gradients never exist after backward, so Lightning must not clip (it would see none).
+        self.set_for_fit(self.config, attr, float(val))
+        self.set_for_fit(trainer, "gradient_clip_val", None)
         what = (
             "exact global-norm clipping by two backward passes"
             if attr == "clip_grad_norm"

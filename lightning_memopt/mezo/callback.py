@@ -17,6 +17,7 @@ The algorithm lives in :mod:`lightning_memopt.mezo.core`; the lifecycle (holder,
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -217,6 +218,8 @@ class MeZO(MethodCallback):
 
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.trajectory_path is not None:
+            self._check_trajectory_path()
         if self.metric_path is None:
             return
         mod, _, name = self.metric_path.rpartition(".")
@@ -230,6 +233,24 @@ class MeZO(MethodCallback):
         self._metric = cls(**self.metric_kwargs)
         self._higher_is_better = bool(getattr(self._metric, "higher_is_better", False))
 
+    def _check_trajectory_path(self) -> None:
+        """Found now, not after the whole fit, where the trajectory is written."""
+        path = os.path.abspath(self.trajectory_path)
+        parent = os.path.dirname(path)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as err:
+            problem = f"cannot create {parent} ({err.strerror})"
+        else:
+            problem = (
+                f"{path} is a directory" if os.path.isdir(path)
+                else None if os.access(parent, os.W_OK) else f"{parent} is not writable"
+            )
+        if problem:
+            raise MisconfigurationException(
+                f"MeZO(trajectory_path={self.trajectory_path!r}): {problem}. Give a file path in a writable directory."
+            )
+
     # ---- wiring ----------------------------------------------------------------------------------------------
     @override
     def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -237,6 +258,11 @@ class MeZO(MethodCallback):
         params = make_params(pl_module, [g["params"] for g in self.holder.param_groups], decay_fn)
         if not params:
             raise MisconfigurationException("MeZO found no trainable parameter in the optimizer's param groups.")
+        if any(p.dtype == torch.float64 for g in self.holder.param_groups for p in g["params"]):
+            raise MisconfigurationException(
+                "MeZO perturbs and updates in float32, so float64 weights would be rounded to it at every step. Use "
+                "precision='32-true' (or 'bf16-true')."
+            )
         overlap = self.overlap
         if overlap:
             why = (f"it needs CUDA streams (this run is on {pl_module.device.type})" if pl_module.device.type != "cuda"

@@ -83,18 +83,17 @@ class ZOConfig:
         return self.perturbation == "lowrank" or self.batched or self.precondition != "none"
 
     def __post_init__(self) -> None:
-        validate.positive(self.eps, "eps")
-        validate.unit_interval(self.beta1, "beta1")
-        validate.unit_interval(self.beta2, "beta2")
-        validate.positive(self.adam_eps, "adam_eps")
-        if self.n_spsa < 1:
-            raise ValueError(f"n_spsa must be >= 1, got {self.n_spsa}.")
+        # the checked numbers replace the given ones (a YAML "1e-3" is a string)
+        self.eps = validate.positive(self.eps, "eps")
+        self.beta1 = validate.unit_interval(self.beta1, "beta1")
+        self.beta2 = validate.unit_interval(self.beta2, "beta2")
+        self.adam_eps = validate.positive(self.adam_eps, "adam_eps")
+        self.n_spsa = validate.at_least(self.n_spsa, 1, "n_spsa")
+        self.window = validate.at_least(self.window, 1, "window")
         if self.variant not in ("sgd", "momentum", "adam"):
             raise ValueError(f"variant must be 'sgd', 'momentum' or 'adam', got {self.variant!r}.")
         if self.distribution not in ("normal", "rademacher"):
             raise ValueError(f"distribution must be 'normal' or 'rademacher', got {self.distribution!r}.")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}.")
         if self.perturbation not in ("dense", "lowrank"):
             raise ValueError(f"perturbation must be 'dense' or 'lowrank', got {self.perturbation!r}.")
         if self.precondition not in ("none", "layer", "curvature"):
