@@ -23,6 +23,8 @@ def test_k_shot_is_per_class_seeded_and_excludes():
     assert not used & used_val
     with pytest.raises(ValueError, match="class 0 has only 15 available; lower k"):
         k_shot(ROWS, 16, seed=2, exclude=used)
+    with pytest.raises(ValueError, match=r"class 2 has no example in the data.*classes are 0 to 2"):
+        k_shot(ROWS, 5, seed=0, classes=3)  # a class the file lacks is not silently left out
 
 
 def test_read_glue_tsv(tmp_path):

@@ -125,6 +125,46 @@ def test_string_labels_label_words_and_label_map(tmp_path):
     assert [y for y, _ in dm._rows(dm._tables()[1])] == [1]
 
 
+def test_label_map_keys_read_as_yaml_integers_still_map(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"good {i}\t1\nbad {i}\t0\n" for i in range(4)))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\ngood\t1\n")
+    dm = PromptClassificationDataModule(data_dir=str(tmp_path), label_map={0: 1, 1: 0}, tokenizer="builtin", k=2)
+    assert [y for y, _ in dm._rows(dm._tables()[1])] == [0]
+
+
+def test_a_columns_key_the_template_does_not_use_is_refused(tmp_path):
+    (tmp_path / "train.tsv").write_text("Quality\t#1 ID\t#1 String\n1\t7\ta\n")
+    (tmp_path / "dev.tsv").write_text("Quality\t#1 ID\t#1 String\n1\t7\ta\n")
+    dm = PromptClassificationDataModule(data_dir=str(tmp_path), template="{sentence} ?", tokenizer="builtin",
+                                        columns={"label": "Quality", "sentense": "#1 String"})
+    with pytest.raises(ValueError, match=r"columns names \['sentense'\], which is neither 'label' nor a field"):
+        dm.setup()
+    # the typo fixed by dropping the key: with two other columns, which is the text is not guessed (the ID was)
+    dm = PromptClassificationDataModule(data_dir=str(tmp_path), template="{sentence} ?", tokenizer="builtin",
+                                        columns={"label": "Quality"})
+    with pytest.raises(ValueError, match=r"the template field 'sentence' needs a column"):
+        dm.setup()
+
+
+def test_a_class_without_rows_and_bad_split_sizes_are_refused(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "".join(f"bad {i}\t0\n" for i in range(8)))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nbad\t0\n")
+    with pytest.raises(ValueError, match="class 1 has no example in the data"):
+        PromptClassificationDataModule(data_dir=str(tmp_path), tokenizer="builtin", k=2).setup()
+    with pytest.raises(ValueError, match="val_k must be at least 1"):
+        PromptClassificationDataModule(data_dir=str(tmp_path), val_k=0)
+    with pytest.raises(ValueError, match="test_limit must be >= 0"):
+        PromptClassificationDataModule(data_dir=str(tmp_path), test_limit=-5)
+
+
+def test_a_row_with_more_fields_than_the_header_is_refused(tmp_path):
+    (tmp_path / "t.csv").write_text("label,sentence\n1,great movie, loved it\n0,dull\n")
+    with pytest.raises(ValueError, match=r"t\.csv, line 2: 3 fields where the header has 2.*quoting"):
+        read_table(str(tmp_path / "t.csv"))
+    (tmp_path / "t.tsv").write_text("label\tsentence\n1\tgreat\t\n")  # an empty trailing field is harmless
+    assert read_table(str(tmp_path / "t.tsv")).rows == [{"label": "1", "sentence": "great"}]
+
+
 def test_train_file_and_test_file_by_name(tmp_path):
     (tmp_path / "mine.csv").write_text("text,y\n" + "".join(f"good film {i},1\nbad film {i},0\n" for i in range(6)))
     dm = PromptClassificationDataModule(train_file=str(tmp_path / "mine.csv"), test_file=str(tmp_path / "mine.csv"),

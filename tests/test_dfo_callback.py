@@ -295,6 +295,22 @@ def test_train_loss_is_the_modules_loss_at_the_new_point(optimizer):
     torch.testing.assert_close(trainer.callback_metrics["train_loss"], own)
 
 
+def test_testing_a_checkpoint_evaluates_its_adapters(tmp_path):
+    """trainer.test(ckpt_path=...) on a fresh trainer, module and callback tests the checkpoint's adapters (they
+    live in callback state, not in the weights): the fit's own test metrics, not the base model's."""
+    kw = {"d": 40, "population": 6, "budget": None, "stat_batches": 2, "init_scale": 1.0}
+    model, dm, trainer = _fit(DFOLoRA(**kw), steps=3)
+    trainer.save_checkpoint(tmp_path / "dfo.ckpt")
+    fitted = trainer.test(model, dm, verbose=False)[0]
+
+    def fresh_test(ckpt):
+        torch.manual_seed(0)
+        return tiny_trainer(callbacks=[DFOLoRA(**kw)]).test(tiny_model(), dm, ckpt_path=ckpt, verbose=False)[0]
+
+    assert fresh_test(str(tmp_path / "dfo.ckpt")) == fitted
+    assert fresh_test(None)["test_loss"] != fitted["test_loss"]  # the base model: the adapters mattered
+
+
 @pytest.mark.parametrize("optimizer", ["cmaes", "fireworks"])
 def test_consolidate_merges_the_adapters_of_a_checkpoint(optimizer, tmp_path):
     """memopt consolidate of a DFOLoRA fit: the adapters (callback state, not weights) rebuilt and folded into the

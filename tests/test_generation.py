@@ -76,6 +76,8 @@ def test_squad_split_by_article_and_answer_only_loss():
     assert item["input_ids"][len(item["prompt_ids"]) :] == answer  # the loss covers exactly the answer
     with pytest.raises(ValueError, match=r"Articles \[3\] are both in train_articles and test_articles"):
         SQuADDataModule(data_file=str(SQUAD), train_articles=[0, 3], test_articles=[3], tokenizer="builtin").setup()
+    with pytest.raises(ValueError, match=r"the articles \['Normans'\] are named more than once"):
+        SQuADDataModule(data_file=str(SQUAD), train_articles=[0, "Normans"], tokenizer="builtin").setup()
     with pytest.raises(ValueError, match=r"no article titled 'Paris'; its titles are \['Normans'"):
         SQuADDataModule(data_file=str(SQUAD), test_articles=["Paris"], tokenizer="builtin").setup()
     every = SQuADDataModule(data_file=str(SQUAD), answerable_only=False, tokenizer="builtin", val_size=0)

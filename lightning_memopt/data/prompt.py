@@ -51,16 +51,25 @@ def read_glue_tsv(path: str) -> Rows:
         return [(int(r[li]), r[ti]) for r in reader if len(r) > max(li, ti)]
 
 
-def k_shot(rows: Rows, k: int, seed: int, exclude: Optional[set[int]] = None) -> tuple[Rows, set[int]]:
-    """Sample ``k`` rows per class with ``seed`` (LM-BFF/MeZO convention); returns rows and their indices."""
+def k_shot(
+    rows: Rows, k: int, seed: int, exclude: Optional[set[int]] = None, classes: Optional[int] = None
+) -> tuple[Rows, set[int]]:
+    """Sample ``k`` rows per class with ``seed`` (LM-BFF/MeZO convention); returns rows and their indices.
+
+    With ``classes``, each of classes ``0 .. classes-1`` must have ``k`` rows (a class the file lacks is an error)."""
     rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
+    by_class: dict[int, list[int]] = {y: [] for y in range(classes or 0)}
     for i, (y, _) in enumerate(rows):
         if exclude is None or i not in exclude:
             by_class.setdefault(y, []).append(i)
     picked: list[int] = []
     for y in sorted(by_class):
         idx = by_class[y]
+        if not idx:
+            raise ValueError(
+                f"class {y} has no example{' left after the training split' if exclude else ''} in the data: check "
+                f"the file, its label column and label_map (classes are 0 to {len(by_class) - 1})."
+            )
         if k > len(idx):
             raise ValueError(
                 f"k={k} examples per class were asked for, but class {y} has only {len(idx)} available; lower k."
@@ -258,6 +267,10 @@ class PromptClassificationDataModule(LightningDataModule):
             )
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}.")
+        if val_k is not None and val_k < 1:
+            raise ValueError(f"val_k must be at least 1 (or None: k), got {val_k}.")
+        if test_limit is not None and test_limit < 0:
+            raise ValueError(f"test_limit must be >= 0 (or None: the whole test file), got {test_limit}.")
         if choices is not None:
             if len(choices) < 2:
                 raise ValueError(f"choices={choices} needs at least two candidate templates.")
@@ -324,6 +337,12 @@ class PromptClassificationDataModule(LightningDataModule):
         hp = self.hparams
         columns = dict(hp.columns or {})
         fields = list(dict.fromkeys(self.fields + [f for c in hp.choices or [] for f in template_fields(c)]))
+        unknown = sorted(set(columns) - set(fields) - {"label"})
+        if unknown:
+            raise ValueError(
+                f"columns names {unknown}, which is neither 'label' nor a field of the template or choices "
+                f"({fields}); correct the key, or add the field to the template."
+            )
         label_col = columns.get("label", "label")
         if label_col not in table.columns:
             raise ValueError(
@@ -333,7 +352,7 @@ class PromptClassificationDataModule(LightningDataModule):
         if fields == ["sentence"] and "sentence" not in columns and "sentence" not in table.columns:
             # GLUE single-text files name the text column differently (SST-2's dev.tsv says 'content')
             others = [c for c in table.columns if c != label_col]
-            if others:
+            if len(others) == 1:  # with more, which one is the text is the user's to say (resolve_columns asks)
                 columns["sentence"] = others[0]
         cols = resolve_columns(table, fields, columns)
         out = []
@@ -349,8 +368,10 @@ class PromptClassificationDataModule(LightningDataModule):
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             raise ValueError(f"{path}: a row has an empty label; fill it in or drop the row.")
         y: Any = raw
-        if hp.label_map is not None and str(raw).strip() in hp.label_map:
-            y = hp.label_map[str(raw).strip()]
+        # keys as the file's text: YAML reads {0: 1} with integer keys
+        label_map = {str(k).strip(): v for k, v in (hp.label_map or {}).items()}
+        if str(raw).strip() in label_map:
+            y = label_map[str(raw).strip()]
         if isinstance(y, str):
             s = y.strip()
             if s.lstrip("-").isdigit():
@@ -432,8 +453,9 @@ class PromptClassificationDataModule(LightningDataModule):
         train_rows = self._rows(train_table)
         test_rows = self._rows(test_table) if test_table is not None else []
         self._test_missing = test_table is None
-        train, used = k_shot(train_rows, hp.k, hp.seed)
-        val, _ = k_shot(train_rows, hp.val_k or hp.k, hp.seed + 1, exclude=used)
+        classes = len(hp.choices) if hp.choices is not None else len(hp.label_words)
+        train, used = k_shot(train_rows, hp.k, hp.seed, classes=classes)
+        val, _ = k_shot(train_rows, hp.val_k or hp.k, hp.seed + 1, exclude=used, classes=classes)
         if hp.test_limit is not None:
             test_rows = test_rows[: hp.test_limit]
         self._splits = {"train": self._encode(train, tok), "val": self._encode(val, tok),

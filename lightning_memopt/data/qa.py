@@ -60,6 +60,9 @@ def _pick(articles: list[tuple[str, Any]], refs: list[ArticleRef], path: str) ->
             if not 0 <= i < len(articles):
                 raise ValueError(f"Article index {i} is out of range: {path} has {len(articles)} articles {titles}.")
             out.append(i)
+    twice = sorted({titles[i] for i in out if out.count(i) > 1})
+    if twice:  # by title and by index, say: its questions would be counted twice, and leak into validation
+        raise ValueError(f"{path}: the articles {twice} are named more than once in one list; name each once.")
     return out
 
 

@@ -55,7 +55,15 @@ def read_table(path: str, quoting: Quoting = "auto") -> Table:
         if header is None:
             raise ValueError(f"{path} is empty; it needs a header row naming the columns.")
         header = [h.strip() for h in header]
-        rows = [dict(zip(header, r)) for r in reader if r]
+        rows = []
+        for r in reader:
+            if len(r) > len(header) and any(x.strip() for x in r[len(header):]):  # zip would cut the text short
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: {len(r)} fields where the header has {len(header)}; a "
+                    f"delimiter inside a text field needs quoting (quoting='csv' reads quoted fields)."
+                )
+            if r:
+                rows.append(dict(zip(header, r)))
     short = sum(len(r) < len(header) for r in rows)
     if short:
         rank_zero_warn(f"{path}: {short} rows have fewer fields than the header's {len(header)}; they are skipped.")

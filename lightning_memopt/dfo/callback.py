@@ -96,7 +96,8 @@ class DFOLoRA(MethodCallback):
     accumulation_fix = "Each generation is evaluated on one batch; raise the batch size instead."
     clipping_fix = "DFOLoRA computes no gradients; remove gradient_clip_val."
     state_settings = (
-        "optimizer", "rank", "d", "population", "target_pattern", "init_scale", "seed", "n_fireworks", "n_gaussian",
+        "optimizer", "rank", "d", "population", "target_pattern", "init_scale", "sigma", "seed", "n_fireworks",
+        "n_gaussian",
     )
 
     def __init__(
@@ -329,6 +330,37 @@ class DFOLoRA(MethodCallback):
                 f"DFOLoRA: budget of {self.config.budget} forwards spent after {self.generation} generations."
             )
             trainer.should_stop = True
+
+    # ---- evaluating a checkpoint ----------------------------------------------------------------------------------
+    def _checkpoint_adapters(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``trainer.validate/test/predict(ckpt_path=...)``: the adapters live in this callback's state, not in the
+        module's weights, so the checkpoint's are installed here (else the base model, or the last fit's adapters,
+        would be evaluated under the checkpoint's name)."""
+        if trainer.state.fn == "fit" or self._pending is None:
+            return  # in a fit, on_train_start applies it
+        pending, self._pending = self._pending, None
+        try:
+            if self.dfo is None or self.dfo.module is not pl_module:
+                if self.dfo is not None:
+                    self.dfo.remove()
+                self.dfo = LayerwiseDFO(pl_module, self.config, guard=self.guard, **self._paths(pl_module))
+                self._graphed_step = None
+            self.dfo.load_state_dict(pending.get("state") or {})
+        except (ValueError, KeyError) as err:
+            raise MisconfigurationException(f"DFOLoRA cannot apply the checkpoint's adapters: {err}") from None
+        rank_zero_info(f"DFOLoRA: evaluating the checkpoint's adapters (generation {self.dfo.generation}).")
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._checkpoint_adapters(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._checkpoint_adapters(trainer, pl_module)
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._checkpoint_adapters(trainer, pl_module)
 
     def merge(self) -> None:
         """Fold the learned LoRA into the module's q/k weights and remove the hooks (e.g. before saving the module

@@ -18,6 +18,7 @@ Budget: counted in candidate evaluations on one batch, as the paper counts forwa
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,6 +80,10 @@ class DFOSettings:
             raise ValueError(f"loss must be 'ce' or 'hinge', got {self.loss!r}.")
         validate.at_least(self.population, 2, "population")
         validate.at_least(self.rank, 1, "rank")
+        try:
+            re.compile(self.target_pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"target_pattern={self.target_pattern!r} is not a regular expression: {err}.") from None
         validate.at_least(self.d, 2, "d")
         validate.positive(self.sigma, "sigma")
         if self.max_graphs is not None:
