@@ -170,6 +170,21 @@ def test_an_unwritable_trajectory_path_is_refused_at_setup(tmp_path):
         assert not seen  # before any step
 
 
+def test_a_weight_no_submodule_forward_uses_is_named_in_a_warning():
+    from lightning_memopt.testing.tiny import TinyLM
+
+    class Offset(TinyLM):
+        def __init__(self):
+            super().__init__()
+            self.offset = torch.nn.Parameter(torch.zeros(()))  # the module's own, read in training_step
+
+        def training_step(self, batch, batch_idx):
+            return super().training_step(batch, batch_idx) + self.offset.square()
+
+    with pytest.warns(UserWarning, match=r"1 trained parameters were not perturbed .*\(offset\)"):
+        tiny_trainer(max_steps=2, callbacks=[MeZO(lr=1e-3)]).fit(Offset())
+
+
 def test_float64_weights_are_refused():
     trainer = tiny_trainer(max_steps=1, precision="64-true", callbacks=[MeZO()])
     with pytest.raises(MisconfigurationException, match="float64 weights would be rounded.*32-true"):

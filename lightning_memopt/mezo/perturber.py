@@ -37,7 +37,8 @@ class Perturber:
     z is keyed by the parameter's index, so tied weights get the same z at every use.
 
     A parameter that a module reads outside its own ``forward`` (e.g. ``F.linear(x, other.weight)``) would be seen
-    unperturbed; Hugging Face models do not do that.
+    unperturbed; Hugging Face models do not do that. One whose owner never runs a forward (a parameter of the
+    LightningModule itself, used in ``training_step``) is never perturbed: the first activation warns, naming it.
 
     ``overlap=True`` makes each unit's copies (a group's, or an ungrouped owner's) one unit ahead, on a side CUDA
     stream, while the unit before runs its forward: the Gaussian pass is compute-bound and the forward's GEMMs run on
@@ -74,6 +75,8 @@ class Perturber:
         self._live: set[int] = set()  # owners whose parameters are swapped now (by their group or themselves)
         self._handles: list[Any] = []
         by_id = {id(zp.param): zp.index for zp in params}
+        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        self._unseen: dict[int, str] | None = {i: names.get(pid, f"#{i}") for pid, i in by_id.items()}
         owners: dict[int, tuple[torch.nn.Module, list[tuple[str, int]]]] = {}
         for mod in module.modules():
             entries = [(n, by_id[id(p)]) for n, p in mod._parameters.items() if p is not None and id(p) in by_id]
@@ -148,6 +151,8 @@ class Perturber:
             for m, es in todo:
                 for name, idx in es:
                     m._parameters[name] = new[idx]
+                    if self._unseen is not None:
+                        self._unseen.pop(idx, None)
                 self._live.add(id(m))
             self._stack.append((mod, saved))
 
@@ -244,10 +249,26 @@ class Perturber:
             if self._side is not None:  # the side stream joins back (a CUDA graph's capture needs it too)
                 torch.cuda.current_stream(self._side.device).wait_stream(self._side)
             self._ahead.clear()  # copies made ahead and not used
+            if done and self._unseen is not None:
+                self._warn_unseen()
             if self.overlap and self._order is None and done and self._trace:
                 self._order = list(self._trace)
                 self._next = {u: v for u, v in zip(self._order, self._order[1:])}
             self.seed, self._seed_t, self._device_seed = None, None, False
+
+    def _warn_unseen(self) -> None:
+        unseen, self._unseen = self._unseen, None  # the first activation only
+        if unseen:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            listed = sorted(unseen.values())
+            rank_zero_warn(
+                f"MeZO: {len(listed)} trained parameters were not perturbed in the first forward, because no forward "
+                f"of the module owning them ran ({', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''}). "
+                f"MeZO sees a weight inside its module's forward: one used directly in training_step never moves. "
+                f"Hold it in a submodule (an nn.Module whose forward uses it), or leave it out of the optimizer. "
+                f"(A mixture of experts whose first batch skipped some experts is fine.)"
+            )
 
     def remove(self) -> None:
         for h in self._handles:
