@@ -170,7 +170,8 @@ def test_an_unwritable_trajectory_path_is_refused_at_setup(tmp_path):
         assert not seen  # before any step
 
 
-def test_a_weight_no_submodule_forward_uses_is_named_in_a_warning():
+@pytest.mark.parametrize("kw", [{}, {"perturbation": "lowrank", "n_spsa": 2}], ids=["perturber", "population"])
+def test_a_weight_no_submodule_forward_uses_is_named_in_a_warning(kw):
     from lightning_memopt.testing.tiny import TinyLM
 
     class Offset(TinyLM):
@@ -182,7 +183,7 @@ def test_a_weight_no_submodule_forward_uses_is_named_in_a_warning():
             return super().training_step(batch, batch_idx) + self.offset.square()
 
     with pytest.warns(UserWarning, match=r"1 trained parameters were not perturbed .*\(offset\)"):
-        tiny_trainer(max_steps=2, callbacks=[MeZO(lr=1e-3)]).fit(Offset())
+        tiny_trainer(max_steps=2, callbacks=[MeZO(lr=1e-3, **kw)]).fit(Offset())
 
 
 def test_float64_weights_are_refused():

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -350,3 +350,20 @@ def update1_many(
         seeds, ints = torch.tensor([int(step_seed) & _M32], dtype=torch.int64), [int(step_seed)]
     for t, i, st in zip(ts, indices, starts):
         update_(t, int(i), seeds, a, None, lr, decay, int(st), dist=dist, seed_ints=ints, ok=ok)
+
+
+def warn_unperturbed(names: Iterable[str]) -> None:
+    """Warn, naming them, about trained parameters the first perturbed forward never reached (their owner's forward
+    did not run), which the perturbation hooks can therefore never move."""
+    listed = sorted(names)
+    if not listed:
+        return
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    rank_zero_warn(
+        f"MeZO: {len(listed)} trained parameters were not perturbed in the first forward, because no forward of the "
+        f"module owning them ran ({', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''}). MeZO sees a weight "
+        f"inside its module's forward: one used directly in training_step never moves. Hold it in a submodule (an "
+        f"nn.Module whose forward uses it), or leave it out of the optimizer. (A mixture of experts whose first batch "
+        f"skipped some experts is fine.)"
+    )

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightning_memopt.core import perturb
+
 PER_SAMPLE_HOOK = "per_sample_loss"
 
 
@@ -205,6 +207,7 @@ class PopulationEngine:
         self.members: list[Any] | None = None
         self._handles: list[Any] = []
         by_id = {id(p): (n, i) for n, p, i in params}
+        self._unseen: dict[int, str] | None = {i: n for n, _, i in params}  # until the first activation ends
         owners: list[tuple[nn.Module, list[tuple[str, int]]]] = []
         seen: set[int] = set()
         for mod in module.modules():
@@ -235,6 +238,7 @@ class PopulationEngine:
         def hook(module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
             if self.members is None:
                 return None
+            self._seen(entries)
             if fast is not None:
                 return fast(module, names, args, kwargs, out)
             return self._per_member(module, names, args, kwargs, out)
@@ -259,6 +263,7 @@ class PopulationEngine:
             stashed = self._stash.pop(id(module), None)
             if self.members is None or stashed is None:
                 return None
+            self._seen(list(names.items()))
             return self._rmsnorm(module, names, *stashed)
 
         return [mod.register_forward_pre_hook(pre, with_kwargs=True),
@@ -366,9 +371,17 @@ class PopulationEngine:
         self.source.begin(self.members)
         try:
             yield
+            if self._unseen is not None:
+                unseen, self._unseen = self._unseen, None
+                perturb.warn_unperturbed(unseen.values())
         finally:
             self.members = None
             self.source.end()
+
+    def _seen(self, entries: list[tuple[str, int]]) -> None:
+        if self._unseen is not None:
+            for _, i in entries:
+                self._unseen.pop(i, None)
 
     def remove(self) -> None:
         for h in self._handles:

@@ -258,17 +258,7 @@ class Perturber:
 
     def _warn_unseen(self) -> None:
         unseen, self._unseen = self._unseen, None  # the first activation only
-        if unseen:
-            from lightning.pytorch.utilities import rank_zero_warn
-
-            listed = sorted(unseen.values())
-            rank_zero_warn(
-                f"MeZO: {len(listed)} trained parameters were not perturbed in the first forward, because no forward "
-                f"of the module owning them ran ({', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''}). "
-                f"MeZO sees a weight inside its module's forward: one used directly in training_step never moves. "
-                f"Hold it in a submodule (an nn.Module whose forward uses it), or leave it out of the optimizer. "
-                f"(A mixture of experts whose first batch skipped some experts is fine.)"
-            )
+        perturb.warn_unperturbed(unseen.values())
 
     def remove(self) -> None:
         for h in self._handles:
