@@ -15,6 +15,7 @@ import os
 import sys
 from typing import Any, Optional
 
+import lightning
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -24,6 +25,7 @@ import lightning_memopt  # registers the "fsdp2" strategy name and the lazy shor
 from lightning_memopt.cli_parser import MemoptArgumentParser, is_rank_zero
 
 _PKG_DIR = os.path.dirname(os.path.abspath(lightning_memopt.__file__))
+_LIGHTNING_DIR = os.path.dirname(os.path.abspath(lightning.__file__))
 
 # What `memopt --help` lists. jsonargparse resolves a short class name (--trainer.callbacks+=MeZO) among the
 # subclasses it can see, so the CLI imports these lazily exported classes before it parses.
@@ -78,11 +80,15 @@ def user_error(exc: BaseException) -> Optional[BaseException]:
         root = root.__cause__
     if isinstance(root, MisconfigurationException):
         return root
-    if isinstance(root, (ValueError, FileNotFoundError, ImportError, TypeError)) and root.__traceback__ is not None:
+    if isinstance(root, FileNotFoundError):  # a path the user gave (--ckpt_path, a data file)
+        return root
+    if isinstance(root, (ValueError, ImportError, TypeError)) and root.__traceback__ is not None:
         tb = root.__traceback__
         while tb.tb_next is not None:
             tb = tb.tb_next
-        if os.path.abspath(tb.tb_frame.f_code.co_filename).startswith(_PKG_DIR):
+        where = os.path.abspath(tb.tb_frame.f_code.co_filename)
+        # ours name the problem and the fix; Lightning's ValueErrors check the Trainer's arguments
+        if where.startswith(_PKG_DIR) or (isinstance(root, ValueError) and where.startswith(_LIGHTNING_DIR)):
             return root
     return None
 
@@ -117,9 +123,10 @@ class MemoptCLI(LightningCLI):
         trainer_cfg = {**self._get(self.config_init, "trainer", default={}), **kwargs}
         callbacks = trainer_cfg.get("callbacks") or []
         callbacks = list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-        if trainer_cfg.get("enable_progress_bar") is not False and not any(
-            isinstance(c, ProgressBar) for c in callbacks
-        ):
+        if trainer_cfg.get("enable_progress_bar") is False:
+            # the flag turns off the bar a config names too (Lightning would refuse the pair)
+            kwargs["callbacks"] = [c for c in callbacks if not isinstance(c, ProgressBar)]
+        elif not any(isinstance(c, ProgressBar) for c in callbacks):
             from lightning_memopt.callbacks.progress import MemoptProgressBar
 
             kwargs["callbacks"] = [*callbacks, MemoptProgressBar()]

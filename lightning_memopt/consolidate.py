@@ -25,6 +25,8 @@ from typing import Any, Optional
 
 import torch
 
+from lightning_memopt.models.hf import dtype_named
+
 _META = "meta.pt"  # lightning.fabric.utilities.load._METADATA_FILENAME
 _PREFIX = "model."  # HFCausalLM keeps the HF model in ``self.model``
 
@@ -97,6 +99,8 @@ def consolidate(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: Opti
         tokenizer: also save the module's tokenizer there (when it has one that can be saved).
     """
     path = Path(ckpt)
+    if dtype is not None:
+        dtype_named(dtype, "--dtype")  # before reading every weight
     meta = load_checkpoint_meta(path)
     hp = dict(meta.get("hyper_parameters") or {})
     if not (hp.get("model_config") or hp.get("model_name_or_path")):
@@ -123,7 +127,7 @@ def consolidate(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: Opti
         model = model.merge_and_unload()
     _merge_dfo_adapters(model, meta)
     if dtype is not None:
-        model = model.to(getattr(torch, dtype))
+        model = model.to(dtype_named(dtype, "--dtype"))
     model.eval()
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(str(out_dir))
@@ -192,8 +196,12 @@ def main(argv: Optional[list[str]] = None, prog: str = "memopt consolidate") -> 
     args = parser.parse_args(argv)
     if not os.path.exists(args.ckpt):
         parser.error(f"{args.ckpt} does not exist: give a checkpoint folder (sharded) or .ckpt file")
+    if os.path.isfile(args.out_dir):
+        parser.error(f"{args.out_dir} is a file: give a folder to write the model into")
     try:
         consolidate(args.ckpt, args.out_dir, dtype=args.dtype, tokenizer=not args.no_tokenizer)
     except ValueError as err:
         parser.error(str(err))
+    except (OSError, RuntimeError) as err:  # not a checkpoint torch can read; a base model this machine lacks
+        parser.error(f"{args.ckpt}: {err}")
     print(f"{prog}: wrote {args.out_dir}")

@@ -80,6 +80,50 @@ def test_console_script_prints_one_message_not_a_traceback(tmp_path, in_repo, ca
     assert "Traceback" not in err and "Union subtypes" not in err
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--ckpt_path=missing.ckpt"], "Checkpoint file not found"),  # a path the user gave
+        (["--model.init_args.torch_dtype=bfloat"], "torch_dtype='bfloat' is not a torch dtype"),
+        (["--trainer.num_nodes=0"], "num_nodes"),  # Lightning's own argument check
+    ],
+    ids=["ckpt_path", "torch_dtype", "num_nodes"],
+)
+def test_more_configuration_mistakes_print_one_message(tmp_path, in_repo, capsys, monkeypatch, args, message):
+    monkeypatch.delenv("MEMOPT_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main([*BASE, f"--trainer.default_root_dir={tmp_path}", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "memopt: error: " in err and message in err and "Traceback" not in err
+
+
+def test_enable_progress_bar_false_turns_off_a_bar_the_config_names(tmp_path, in_repo):
+    (tmp_path / "bar.yaml").write_text(
+        "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.TQDMProgressBar\n"
+    )
+    cli = run_cli([*BASE, "--config", str(tmp_path / "bar.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                   "--trainer.enable_progress_bar=false"])
+    assert cli.trainer.progress_bar_callback is None
+
+
+def test_consolidate_input_mistakes_print_one_message(tmp_path, capsys):
+    from lightning_memopt.consolidate import main as consolidate
+
+    (tmp_path / "not.ckpt").write_bytes(b"not a checkpoint")
+    (tmp_path / "afile").write_text("")
+    for args, message in [
+        ([str(tmp_path / "not.ckpt"), str(tmp_path / "out"), "--dtype", "bfloat"], "--dtype='bfloat' is not a torch"),
+        ([str(tmp_path / "not.ckpt"), str(tmp_path / "out")], "not.ckpt: "),
+        ([str(tmp_path / "not.ckpt"), str(tmp_path / "afile")], "afile is a file"),
+    ]:
+        with pytest.raises(SystemExit) as exc:
+            consolidate(args)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "memopt consolidate: error: " in err and message in err and "Traceback" not in err
+
+
 def test_console_script_keeps_tracebacks_of_bugs(tmp_path, in_repo, monkeypatch):
     # an error raised outside this package's own checks is not disguised as a configuration error
     from lightning_memopt.models import hf

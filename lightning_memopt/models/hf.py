@@ -38,6 +38,14 @@ def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
     return pos.clamp_(min=0)
 
 
+def dtype_named(name: str, option: str = "torch_dtype") -> torch.dtype:
+    """``torch.<name>`` as a dtype (``"bfloat16"``), or a ValueError naming ``option`` and the usual names."""
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{option}={name!r} is not a torch dtype; use bfloat16, float16 or float32.")
+    return dtype
+
+
 def load_hf_model(
     model_name_or_path: Optional[str] = None,
     model_config: Optional[dict[str, Any]] = None,
@@ -50,7 +58,7 @@ def load_hf_model(
     """Load a causal LM by hub name, local path or GGUF file, or build one from a config dict (random init)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = getattr(torch, torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
+    dtype = dtype_named(torch_dtype) if isinstance(torch_dtype, str) else torch_dtype
     if model_config is not None and model_name_or_path:
         raise ValueError(
             f"Both model_name_or_path={model_name_or_path!r} and model_config were given: load a pretrained model "
