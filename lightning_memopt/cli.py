@@ -93,6 +93,16 @@ def user_error(exc: BaseException) -> Optional[BaseException]:
     return None
 
 
+def _model_args(config: Any, sub: Optional[str]) -> dict[str, Any]:
+    """The model's init arguments in a parsed config, as plain values."""
+    try:
+        model = config[sub]["model"] if sub else config["model"]
+        args = model.get("init_args") or model.get("dict_kwargs") or {}
+        return dict(args.as_dict() if hasattr(args, "as_dict") else args)
+    except (KeyError, TypeError, AttributeError):
+        return {}
+
+
 class MemoptCLI(LightningCLI):
     """LightningCLI in subclass mode for model and data, plus ``test_after_fit`` for the fit subcommand.
 
@@ -105,6 +115,21 @@ class MemoptCLI(LightningCLI):
             "--test_after_fit", type=bool, default=False,
             help="fit only: run trainer.test with the final weights after training (prints test accuracy)",
         )
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning builds the model from the checkpoint's hyperparameters, over what the command line said: say so
+        sub = self.config.get("subcommand")
+        before = _model_args(self.config, sub)
+        super()._parse_ckpt_path()
+        after = _model_args(self.config, sub)
+        replaced = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in before if k in after and before[k] != after[k]]
+        if replaced:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(
+                "--ckpt_path: the model is built with the checkpoint's hyperparameters, which replace these model "
+                "options: " + "; ".join(replaced) + "."
+            )
 
     def instantiate_classes(self) -> None:
         try:

@@ -107,6 +107,15 @@ def test_enable_progress_bar_false_turns_off_a_bar_the_config_names(tmp_path, in
     assert cli.trainer.progress_bar_callback is None
 
 
+def test_model_options_the_checkpoint_replaces_are_named(tmp_path, in_repo):
+    ckpt = tmp_path / "fit.ckpt"
+    run_cli([*BASE, f"--trainer.default_root_dir={tmp_path}"]).trainer.save_checkpoint(ckpt)
+    test = ["test", *BASE[1:3], "--trainer.logger=false", "--trainer.limit_test_batches=1", "--trainer.callbacks=[]",
+            "--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}"]
+    with pytest.warns(UserWarning, match=r"checkpoint's hyperparameters, which replace these model options: lr: 0\.5"):
+        run_cli([*test, f"--ckpt_path={ckpt}", "--model.init_args.lr=0.5"])
+
+
 def test_consolidate_input_mistakes_print_one_message(tmp_path, capsys):
     from lightning_memopt.consolidate import main as consolidate
 
