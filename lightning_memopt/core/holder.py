@@ -154,6 +154,12 @@ def set_base_lr(trainer: Any, optimizer: Optimizer, lr: float) -> None:
     if scheds and any(b == 0 for b in base):
         raise ValueError("the module's lr is 0, so its schedule has no scale to change; set a nonzero lr there")
     ratio = [lr / b if b else 1.0 for b in base]
+    floors = [s for s in scheds if getattr(s, "eta_min", 0)]  # the cosine schedules': one number for every group
+    if floors and len(set(ratio)) > 1:
+        raise ValueError(
+            f"{type(floors[0]).__name__}(eta_min={floors[0].eta_min}) is one floor for groups the override scales "
+            f"differently; set the lr in configure_optimizers instead"
+        )
     for g, r, b in zip(groups, ratio, base):
         if not b:  # an lr of 0 and no scheduler: nothing to keep
             g["lr"] = lr
@@ -166,12 +172,7 @@ def set_base_lr(trainer: Any, optimizer: Optimizer, lr: float) -> None:
             v = getattr(s, attr, None)
             if isinstance(v, list) and len(v) == len(ratio):
                 setattr(s, attr, [x * r for x, r in zip(v, ratio)])
-        if getattr(s, "eta_min", 0):  # the cosine schedules' floor: one number for every group
-            if len(set(ratio)) > 1:
-                raise ValueError(
-                    f"{type(s).__name__}(eta_min={s.eta_min}) is one floor for groups the override scales "
-                    f"differently; set the lr in configure_optimizers instead"
-                )
+        if s in floors:
             s.eta_min *= ratio[0]
 
 
