@@ -142,6 +142,13 @@ class MemoptCLI(LightningCLI):
                 root = root.__cause__
             if root is err:
                 raise
+            if str(root).startswith("Expected a "):
+                # the cause is the Union's other branch (a strategy given as a class, not a string); the error of
+                # the branch the user meant is only in the list jsonargparse printed
+                listed = [ln.strip()[2:] for ln in str(err).splitlines() if ln.strip().startswith("- ")]
+                meant = [m for m in listed if not m.startswith("Expected a ")]
+                if meant:
+                    raise MisconfigurationException(meant[0]) from None
             raise root from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:

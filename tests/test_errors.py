@@ -98,6 +98,18 @@ def test_more_configuration_mistakes_print_one_message(tmp_path, in_repo, capsys
     assert "memopt: error: " in err and message in err and "Traceback" not in err
 
 
+def test_a_strategy_class_own_error_is_the_one_printed(tmp_path, in_repo, capsys, monkeypatch):
+    # trainer.strategy is a str or a Strategy: jsonargparse's cause is the str branch's "Expected a <class 'str'>"
+    monkeypatch.delenv("MEMOPT_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        main([*BASE, f"--trainer.default_root_dir={tmp_path}",
+              "--trainer.strategy.class_path=lightning_memopt.FSDP2Strategy",
+              "--trainer.strategy.init_args.shard_size=1"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "memopt: error: FSDP2Strategy(shard_size=1) sets the shard group size" in err and "Expected a" not in err
+
+
 def test_enable_progress_bar_false_turns_off_a_bar_the_config_names(tmp_path, in_repo):
     (tmp_path / "bar.yaml").write_text(
         "trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.TQDMProgressBar\n"
