@@ -145,6 +145,19 @@ def set_base_lr(trainer: Any, optimizer: Optimizer, lr: float) -> None:
             f"the lr override cannot rescale {', '.join(unknown)} to keep its shape (it knows torch's own schedulers "
             f"and LambdaLR, which Hugging Face's schedules are); set the lr in configure_optimizers instead"
         )
+    if not scheds or (len(scheds) == 1 and type(scheds[0]) is L.LambdaLR):
+        # exactly lr and lr·f(step) (Hugging Face's schedules), not a product that may round to a neighbour
+        for g in groups:
+            g["lr"] = lr
+            if "initial_lr" in g:
+                g["initial_lr"] = lr
+        if scheds:
+            sched, step = scheds[0], max(scheds[0].last_epoch, 0)
+            sched.base_lrs = [lr for _ in sched.base_lrs]
+            for g, f in zip(groups, sched.lr_lambdas):
+                g["lr"] = lr * f(step)
+            sched._last_lr = [g["lr"] for g in groups]
+        return
     base = [float(g.get("initial_lr", g["lr"])) for g in groups]
     for s in scheds:
         if isinstance(s, L.OneCycleLR):
