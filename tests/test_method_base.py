@@ -245,6 +245,7 @@ def test_two_method_callbacks_are_refused():
         (lambda: DFOLoRA(sigma=math.nan), "sigma must be finite"),
         (lambda: DFOLoRA(sigma=-1.0), "sigma must be > 0"),
         (lambda: DFOLoRA(target_pattern="(q_proj"), r"target_pattern='\(q_proj' is not a regular expression"),
+        (lambda: DFOLoRA(population=3), r"optimizer='cmaes' needs population >= 4"),
         (lambda: GaLore(rank=0), "rank must be an integer >= 1"),
         (lambda: GaLore(scale=math.nan), "scale must be finite"),
         (lambda: MeZO(max_consecutive_skips=-1), "max_consecutive_skips"),

@@ -53,9 +53,10 @@ class MemoryReport(Callback):
 
     Example::
 
-        trainer = Trainer(max_steps=100, callbacks=[LOMO(lr=1e-3), MemoryReport()])
+        report = MemoryReport()
+        trainer = Trainer(max_steps=100, callbacks=[LOMO(lr=1e-3), report])
         trainer.fit(model, datamodule)
-        print(trainer.callbacks[-1].breakdown.gib())
+        print(report.breakdown.gib())
     """
 
     def __init__(self, log_every_n_steps: int = 50, print_table: bool = True, track_grads_in_backward: bool = True):

@@ -79,6 +79,8 @@ class DFOSettings:
         if self.loss not in ("ce", "hinge"):
             raise ValueError(f"loss must be 'ce' or 'hinge', got {self.loss!r}.")
         validate.at_least(self.population, 2, "population")
+        if self.optimizer == "cmaes" and self.population < 4:  # its rank-mu update needs two parents of weight > 0
+            raise ValueError(f"optimizer='cmaes' needs population >= 4, got {self.population}.")
         validate.at_least(self.rank, 1, "rank")
         try:
             re.compile(self.target_pattern)
