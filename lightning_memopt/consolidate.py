@@ -49,7 +49,7 @@ def _skeleton(hp: dict[str, Any]) -> torch.nn.Module:
     dtype = hp.get("torch_dtype")
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            config, **({"dtype": getattr(torch, dtype)} if isinstance(dtype, str) else {})
+            config, **({"dtype": dtype_named(dtype)} if isinstance(dtype, str) else {})
         )
         if int(hp.get("lora_rank") or 0) > 0:
             from lightning_memopt.models.hf import _with_lora

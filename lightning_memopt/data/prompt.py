@@ -283,6 +283,8 @@ class PromptClassificationDataModule(LightningDataModule):
         # The tokenizer name stays out of hparams: Lightning refuses to log a module and a datamodule whose shared
         # hparam keys differ (HFCausalLM has tokenizer="builtin", this one usually None).
         self.save_hyperparameters(ignore=["tokenizer"])
+        # keys as the file's text: YAML reads {0: 1} with integer keys
+        self._label_map = {str(k).strip(): v for k, v in (label_map or {}).items()}
         self.tokenizer_name = tokenizer
         self.tokenizer = None
         self.label_token_ids: Optional[list[int]] = None  # set on the fast path (single-token label words)
@@ -368,10 +370,8 @@ class PromptClassificationDataModule(LightningDataModule):
         if raw is None or (isinstance(raw, str) and not raw.strip()):
             raise ValueError(f"{path}: a row has an empty label; fill it in or drop the row.")
         y: Any = raw
-        # keys as the file's text: YAML reads {0: 1} with integer keys
-        label_map = {str(k).strip(): v for k, v in (hp.label_map or {}).items()}
-        if str(raw).strip() in label_map:
-            y = label_map[str(raw).strip()]
+        if str(raw).strip() in self._label_map:
+            y = self._label_map[str(raw).strip()]
         if isinstance(y, str):
             s = y.strip()
             if s.lstrip("-").isdigit():
