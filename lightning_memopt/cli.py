@@ -116,6 +116,22 @@ class MemoptCLI(LightningCLI):
             help="fit only: run trainer.test with the final weights after training (prints test accuracy)",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        argv = sys.argv[1:] if args is None else args
+        self._argv = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else []
+        super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        # every subcommand's parser has the option (Lightning adds ours to each) and only fit acts on it; a config
+        # shared with fit may set it, but typed after `memopt validate` it would be ignored
+        sub = self.subcommand
+        typed = any(a.split("=")[0] == "--test_after_fit" for a in getattr(self, "_argv", []))
+        if sub not in (None, "fit") and typed and self.config.get(sub, {}).get("test_after_fit", False):
+            raise MisconfigurationException(
+                f"--test_after_fit belongs to `memopt fit`; `memopt {sub}` would ignore it. Drop it, or run "
+                "`memopt test` with the same config (and --ckpt_path) for the test set."
+            )
+
     def _parse_ckpt_path(self) -> None:
         # Lightning builds the model from the checkpoint's hyperparameters, over what the command line said: say so
         sub = self.config.get("subcommand")

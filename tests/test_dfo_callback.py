@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning_memopt.dfo.callback import DFOLoRA
 from lightning_memopt.dfo.core import population_fitness
 from lightning_memopt.testing import assert_same, tiny_datamodule, tiny_model, tiny_trainer
-from lightning_memopt.testing.tiny import full_state
+from lightning_memopt.testing.tiny import TinyLM, TinyLMPerSample, full_state
 
 
 def _fit(cb, steps, k=64, batch_size=16, **trainer_kw):
@@ -134,6 +134,10 @@ def test_refusals_name_the_fix():
         DFOLoRA(optimizer="fireworks", population=6)
     with pytest.raises(ValueError, match="optimizer"):
         DFOLoRA(optimizer="adam")
+    # hinge reads label-word logits; a module with only its own loss would have run CE under that name
+    for cls, source in ((TinyLM, "training_step"), (TinyLMPerSample, "per_sample_loss")):
+        with pytest.raises(MisconfigurationException, match=rf"loss='hinge'.*{source} loss; use loss='ce'"):
+            tiny_trainer(max_steps=1, callbacks=[DFOLoRA(d=20, population=4, loss="hinge")]).fit(cls())
 
 
 def test_encoder_split_and_full_match_sequential():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memopt.cli import main, run_cli
 
@@ -217,3 +218,10 @@ def test_parser_error_printed_by_rank_zero_only(tmp_path, in_repo, capsys, monke
         main([*BASE, "--trainer.max_stepz=3"])
     assert exc.value.code == 2
     assert ("trainer.max_stepz" in capsys.readouterr().err) is printed
+
+
+def test_test_after_fit_outside_fit_is_refused(tmp_path, in_repo):
+    # Lightning adds the option to every subcommand's parser; validate would have run and ignored it
+    args = [a for a in BASE if a != "--test_after_fit=false"]
+    with pytest.raises(MisconfigurationException, match=r"--test_after_fit belongs to `memopt fit`; `memopt validate`"):
+        run_cli(["validate", *args[1:], f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=true"])

@@ -183,6 +183,12 @@ class LayerwiseDFO:
         self.module = module
         self.per_sample, self.step_loss = per_sample, step_loss
         self.path = "per_sample" if per_sample is not None else "step" if step_loss is not None else "logits"
+        if s.loss == "hinge" and self.path != "logits":
+            raise ValueError(
+                f"DFOLoRA(loss='hinge') needs label-word logits, but this module's fitness comes from its "
+                f"{'per_sample_loss' if self.path == 'per_sample' else 'training_step'} loss; use loss='ce' (that "
+                "loss), or a prompt classifier with label words (HFCausalLM, objective='classification')."
+            )
         self.logits_fn: LogitsFn = logits_fn or (lambda ids, mask: module(ids, mask))
         self.guard = guard or SkipGuard("DFOLoRA")
         self.lora = ZLoRA(module, s.rank, s.d, s.target_pattern, s.seed, s.sigma, s.init_scale)
