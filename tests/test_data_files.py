@@ -157,6 +157,20 @@ def test_a_class_without_rows_and_bad_split_sizes_are_refused(tmp_path):
         PromptClassificationDataModule(data_dir=str(tmp_path), test_limit=-5)
 
 
+@pytest.mark.parametrize("cls", ["prompt", "qa", "instruct"])
+@pytest.mark.parametrize(("arg", "bad"), [("batch_size", 0), ("eval_batch_size", -1), ("num_workers", -1),
+                                          ("max_length", 0), ("batch_size", 2.5)])
+def test_loader_sizes_are_checked_when_the_datamodule_is_built(cls, arg, bad):
+    # torch's own errors came at the first batch, from inside the DataLoader
+    from lightning_memopt.data.instruct import InstructionDataModule
+    from lightning_memopt.data.qa import SQuADDataModule
+
+    make = {"prompt": PromptClassificationDataModule, "qa": SQuADDataModule, "instruct": InstructionDataModule}[cls]
+    with pytest.raises(ValueError, match=rf"{arg} must be an integer >= {int(arg != 'num_workers')}, got {bad}\."):
+        need = {"prompt": {}, "qa": {"data_file": "dev.json"}, "instruct": {"train_file": "t.jsonl"}}[cls]
+        make(**{arg: bad}, **need)
+
+
 def test_a_row_with_more_fields_than_the_header_is_refused(tmp_path):
     (tmp_path / "t.csv").write_text("label,sentence\n1,great movie, loved it\n0,dull\n")
     with pytest.raises(ValueError, match=r"t\.csv, line 2: 3 fields where the header has 2.*quoting"):

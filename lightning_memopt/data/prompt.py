@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_memopt._shim import uses_distributed_sampler
-from lightning_memopt.data.sampling import check_group_by_length, shuffled_loader
+from lightning_memopt.data.sampling import check_group_by_length, check_loader_args, shuffled_loader
 from lightning_memopt.data.synthetic import synthetic_sentiment
 from lightning_memopt.data.tables import (
     Quoting,
@@ -244,6 +244,7 @@ class PromptClassificationDataModule(LightningDataModule):
         group_by_length: int = 0,
     ) -> None:
         super().__init__()
+        check_loader_args(batch_size, eval_batch_size, num_workers, max_length)
         check_group_by_length(group_by_length, shuffle)
         check_padding(padding, max_length, pad_buckets)
         self.fields = template_fields(template)

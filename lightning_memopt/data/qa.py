@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_memopt.data.generation import GenerationDataModuleBase, make_item
 from lightning_memopt.data.prompt import check_padding
-from lightning_memopt.data.sampling import check_group_by_length
+from lightning_memopt.data.sampling import check_group_by_length, check_loader_args
 from lightning_memopt.data.tables import check_template, template_fields
 
 ArticleRef = Union[int, str]
@@ -128,6 +128,7 @@ class SQuADDataModule(GenerationDataModuleBase):
         pad_buckets: Optional[list[int]] = None,
     ) -> None:
         super().__init__()
+        check_loader_args(batch_size, eval_batch_size, num_workers, max_length)
         check_group_by_length(group_by_length, shuffle)
         check_padding(padding, max_length, pad_buckets)
         fields = template_fields(template)

@@ -79,6 +79,15 @@ class LengthGroupedSampler(_Resumable, DistributedSampler):
         return (n // size) * self.batch_size if n >= size else len(range(self.rank, n, self.num_replicas))
 
 
+def check_loader_args(batch_size: int, eval_batch_size: int, num_workers: int, max_length: int) -> None:
+    """The loader sizes of the data modules, checked when one is built (torch's own errors come at the first
+    batch, from deep in the DataLoader)."""
+    for name, v, low in (("batch_size", batch_size, 1), ("eval_batch_size", eval_batch_size, 1),
+                         ("num_workers", num_workers, 0), ("max_length", max_length, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {v!r}.")
+
+
 def check_group_by_length(group: int, shuffle: bool) -> None:
     """The ``group_by_length`` option of the data modules: an integer >= 0, and it shuffles."""
     if not isinstance(group, int) or isinstance(group, bool) or group < 0:
