@@ -346,3 +346,34 @@ def test_warns_when_updates_round_away_in_low_precision_weights(precision, lr, w
     assert len(hits) == (1 if warns else 0), [str(w.message) for w in recwarn]
     if warns:
         assert "precision='bf16-mixed'" in str(hits[0].message)
+
+
+def test_training_step_outputs_and_epoch_logs_count_each_step_once():
+    """training_step runs once per perturbed forward: its outputs reach on_train_batch_end (loss replaced by the
+    estimate's), its self.log calls count once per step, and a torchmetrics state it updates is named in a warning."""
+    from torchmetrics.aggregation import SumMetric
+
+    from lightning_memopt.testing.tiny import TinyLM
+
+    class Rows(TinyLM):
+        def __init__(self):
+            super().__init__()
+            self.rows = SumMetric()
+
+        def training_step(self, batch, batch_idx):
+            out = self.model(input_ids=batch, labels=batch)
+            self.rows.update(torch.tensor(float(batch.shape[0])))
+            self.log("rows_sum", float(batch.shape[0]), on_step=False, on_epoch=True, reduce_fx="sum")
+            return {"loss": out.loss, "preds": out.logits.argmax(-1)}
+
+    class Outputs(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.keys, self.loss = sorted(outputs), outputs["loss"]
+
+    outs, cb = Outputs(), MeZO(lr=1e-3, n_spsa=2)
+    trainer = tiny_trainer(max_steps=-1, max_epochs=1, callbacks=[cb, outs])
+    with pytest.warns(UserWarning, match=r"4 per step\), so the metric\(s\) \['rows'\] it updates count every"):
+        trainer.fit(Rows())
+    assert trainer.callback_metrics["rows_sum"] == 64  # the epoch's 64 rows once (4 forwards a step counted 256)
+    assert outs.keys == ["loss", "preds"]
+    assert outs.loss.ndim == 0 and torch.isfinite(outs.loss)

@@ -47,7 +47,16 @@ def replay_logs(pl_module: pl.LightningModule, logs: list[LogCall]) -> None:
         pl_module.log(name, value.clone() if isinstance(value, torch.Tensor) else value, *a, **kw)
 
 
-def _clone(out: Any) -> Any:
+def last_per_name(logs: list[LogCall]) -> list[LogCall]:
+    """The last call of each name, in first-call order: a step that runs ``training_step`` once per perturbed
+    forward logs once, so epoch sums and means count each step once."""
+    last: dict[str, LogCall] = {}
+    for call in logs:
+        last[call[0]] = call
+    return list(last.values())
+
+
+def clone_tensors(out: Any) -> Any:
     return tree_map(lambda x: x.clone() if isinstance(x, torch.Tensor) else x, out)
 
 
@@ -72,7 +81,7 @@ class GraphedTrainingStep:
         if out is None and self.graph.disabled is None:  # its replays would return None for every batch of the shape
             self.graph.disable("training_step returned None (skip this batch) at capture")
         replay_logs(pl_module, logs)
-        return _clone(out)
+        return clone_tensors(out)
 
     def _run(self, batch: Any) -> tuple[Any, list[LogCall]]:
         assert self._call is not None

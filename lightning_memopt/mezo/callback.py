@@ -28,7 +28,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from typing_extensions import override
 
 from lightning_memopt.callbacks import _checks
-from lightning_memopt.callbacks.graphed import recording_logs, replay_logs
+from lightning_memopt.callbacks.graphed import clone_tensors, last_per_name, recording_logs, replay_logs
 from lightning_memopt.callbacks.method import MethodCallback, SkipBatch
 from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import all_reduce_mean, is_fsdp2, local
@@ -196,6 +196,7 @@ class MeZO(MethodCallback):
         self._last: tuple[torch.Tensor, torch.Tensor] | None = None
         self._evaluations = 0
         self._rounding_checked = False
+        self._metrics_warned = False
 
     @property
     def evaluations(self) -> int:
@@ -378,21 +379,56 @@ class MeZO(MethodCallback):
         seeds = self.zo.seeds(pl_module.trainer.global_step)
         if self._seeds is not None and self._seeds != seeds:  # a new step without an update: should not happen
             self._reset_accumulators()
-        try:
-            if self._graph is not None and self._graph.disabled is None and args:
-                g, loss = self._graphed_estimate(original, pl_module, args, kwargs, seeds)
-            else:
-                with eval_mode(pl_module, self.eval_mode):
-                    g, loss = self._estimate(lambda: self._objective(original(*args, **kwargs)), seeds,
-                                             args[0] if args else kwargs.get("batch"))
-        except SkipBatch:
-            return None  # this batch adds nothing to the step (with no other micro-batch, no update)
+        if self._graph is not None and self._graph.disabled is None and args:
+            try:
+                g, loss, out = self._graphed_estimate(original, pl_module, args, kwargs, seeds)
+            except SkipBatch:
+                return None
+        else:
+            last: list[Any] = [None]
+            skipped = False
+            counts = self._metric_counts(pl_module)
+            with recording_logs(pl_module) as logs:
+                try:
+                    with eval_mode(pl_module, self.eval_mode):
+                        g, loss = self._estimate(lambda: self._objective(_kept(original(*args, **kwargs), last)),
+                                                 seeds, args[0] if args else kwargs.get("batch"))
+                except SkipBatch:
+                    skipped = True
+            # training_step ran once per perturbed forward: its logs count once, with the last forward's values
+            replay_logs(pl_module, last_per_name(logs))
+            self._warn_metric_updates(counts)
+            if skipped:
+                return None  # this batch adds nothing to the step (with no other micro-batch, no update)
+            out = last[0]
         self._seeds = seeds
         self._evaluations += self.zo.forwards_per_estimate
         self._g_sum = g if self._g_sum is None else self._g_sum + g
         self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
         self._micro += 1
-        return {"loss": loss}
+        # the module's other outputs (the last perturbed forward's) reach on_train_batch_end as they would
+        return {**out, "loss": loss} if isinstance(out, dict) else {"loss": loss}
+
+    def _metric_counts(self, pl_module: pl.LightningModule) -> dict[str, tuple[Any, int]]:
+        if self._metrics_warned:
+            return {}
+        from torchmetrics import Metric  # Lightning's own dependency
+
+        return {name: (m, m._update_count) for name, m in pl_module.named_modules()
+                if isinstance(m, Metric) and hasattr(m, "_update_count")}
+
+    def _warn_metric_updates(self, counts: dict[str, tuple[Any, int]]) -> None:
+        # a torchmetrics state cannot be replayed like a log call: say so once instead of counting silently
+        many = sorted(name for name, (m, n) in counts.items() if getattr(m, "_update_count", 0) - n > 1)
+        if many:
+            self._metrics_warned = True
+            per_step = self.zo.forwards_per_estimate if self.zo is not None else 2
+            rank_zero_warn(
+                f"MeZO: training_step runs once per perturbed forward ({per_step} per step), so the metric(s) "
+                f"{many} it updates count every perturbed forward. Its self.log calls "
+                "count once (the last forward's values); update metrics in on_train_batch_end from the outputs "
+                "training_step returns (MeZO passes them on) to count each batch once."
+            )
 
     def _estimate(
         self, loss_fn: Any, seeds: list[int], batch: Any, seed_t: torch.Tensor | None = None
@@ -404,28 +440,30 @@ class MeZO(MethodCallback):
 
     def _graphed_estimate(
         self, original: Any, pl_module: pl.LightningModule, args: tuple, kwargs: dict, seeds: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         assert self._graph is not None and self._seed_dev is not None
         self._seed_dev.set(seeds)  # read by the replay: this step's directions
         self._graph_call = (original, pl_module, args[1:], kwargs, seeds)
-        g, loss, logs, directions = self._graph(graph_batch(pl_module, args[0]))
+        g, loss, logs, directions, out = self._graph(graph_batch(pl_module, args[0]))
         if directions is not None and self.zo is not None and self.zo.directions is not None:
             cache, captured = directions  # the replay rewrote the captured factors with this step's
             self.zo.directions.adopt(cache, captured, seeds)
         replay_logs(pl_module, logs)  # the module's own logging, with this replay's values
-        return g.clone(), loss.clone()  # the graph's outputs are rewritten by the next replay
+        return g.clone(), loss.clone(), clone_tensors(out)  # the graph's outputs are rewritten by the next replay
 
-    def _graph_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list, Any]:
+    def _graph_step(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, list, Any, Any]:
         """What the graph holds: the 2n perturbed forwards of ``batch`` (or the population's batched forwards),
-        seeds read from the device. Returns g, the loss, the module's log calls and (population) the factor cache
-        with the seeds it was captured for."""
+        seeds read from the device. Returns g, the loss, the module's log calls (the last of each name), (population)
+        the factor cache with the seeds it was captured for, and the last forward's ``training_step`` output."""
         assert self.zo is not None and self._graph_call is not None and self._seed_dev is not None
         original, pl_module, rest, kwargs, seeds = self._graph_call
+        last: list[Any] = [None]
         with recording_logs(pl_module) as logs, eval_mode(pl_module, self.eval_mode):
-            g, loss = self._estimate(lambda: self._objective(original(batch, *rest, **kwargs)), seeds, batch,
-                                     self._seed_dev.tensor)
+            g, loss = self._estimate(lambda: self._objective(_kept(original(batch, *rest, **kwargs), last)), seeds,
+                                     batch, self._seed_dev.tensor)
         directions = self.zo.directions
-        return g, loss, logs, None if directions is None else (directions.snapshot(), list(seeds))
+        snapshot = None if directions is None else (directions.snapshot(), list(seeds))
+        return g, loss, last_per_name(logs), snapshot, last[0]
 
     @override
     def step(self, closure: Any) -> Any:
@@ -526,6 +564,11 @@ class MeZO(MethodCallback):
         traj = (state_dict.get("state") or {}).get("trajectory")
         if self.record_trajectory and traj is not None:
             self.trajectory = traj
+
+
+def _kept(out: Any, last: list[Any]) -> Any:
+    last[0] = out  # the latest training_step output (the step returns it, its loss replaced)
+    return out
 
 
 def _base_reference(pl_module: pl.LightningModule) -> Any:
