@@ -174,6 +174,14 @@ def test_refuses_16_mixed_naming_16_true():
         LOMO().setup(trainer, make_model(), "fit")
 
 
+@pytest.mark.parametrize("cls", [LOMO, AdaLomo])
+def test_float64_weights_are_refused(cls):
+    # LOMO rounded every weight to float32 at each step; AdaLomo failed inside backward, after some updates
+    trainer = tiny_trainer(max_steps=1, precision="64-true", callbacks=[cls()])
+    with pytest.raises(MisconfigurationException, match=rf"{cls.__name__} updates in float32, so float64.*32-true"):
+        trainer.fit(make_model(), tiny_datamodule(k=8))
+
+
 def test_refuses_fsdp1_pointing_to_fsdp2():
     from lightning.pytorch.strategies import FSDPStrategy
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
@@ -113,6 +114,15 @@ def check_no_clipping_hook(pl_module: Any, method: str, fix: str) -> None:
             f"{type(pl_module).__name__}.configure_gradient_clipping would see no gradients under {method}: "
             f"Lightning calls it after the step's gradients are used and freed (or, without a backward, never made). "
             f"Remove the override. {fix}"
+        )
+
+
+def check_no_float64(param_groups: Iterable[dict[str, Any]], method: str, what: str) -> None:
+    """``what`` (e.g. "updates") runs in float32: float64 weights would be rounded to it at every step."""
+    if any(p.dtype == torch.float64 for g in param_groups for p in g["params"]):
+        raise MisconfigurationException(
+            f"{method} {what} in float32, so float64 weights would be rounded to it at every step. Use "
+            "precision='32-true' (or 'bf16-true')."
         )
 
 

@@ -105,6 +105,7 @@ class _Lomo(MethodCallback):
 
     @override
     def install(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _checks.check_no_float64(self.holder.param_groups, self.name, "updates")
         self._init_state()  # FSDP2 checkpoint loading needs the state as a template
 
     def _init_state(self) -> None:

@@ -259,11 +259,7 @@ class MeZO(MethodCallback):
         params = make_params(pl_module, [g["params"] for g in self.holder.param_groups], decay_fn)
         if not params:
             raise MisconfigurationException("MeZO found no trainable parameter in the optimizer's param groups.")
-        if any(p.dtype == torch.float64 for g in self.holder.param_groups for p in g["params"]):
-            raise MisconfigurationException(
-                "MeZO perturbs and updates in float32, so float64 weights would be rounded to it at every step. Use "
-                "precision='32-true' (or 'bf16-true')."
-            )
+        _checks.check_no_float64(self.holder.param_groups, "MeZO", "perturbs and updates")
         overlap = self.overlap
         if overlap:
             why = (f"it needs CUDA streams (this run is on {pl_module.device.type})" if pl_module.device.type != "cuda"
