@@ -247,6 +247,8 @@ def test_two_method_callbacks_are_refused():
         (lambda: DFOLoRA(target_pattern="(q_proj"), r"target_pattern='\(q_proj' is not a regular expression"),
         (lambda: DFOLoRA(population=3), r"optimizer='cmaes' needs population >= 4"),
         (lambda: GaLore(rank=0), "rank must be an integer >= 1"),
+        (lambda: GaLore(target_modules="["), r"target_modules='\[' is not a regular expression"),
+        (lambda: GaLore(exclude_modules="("), r"exclude_modules='\(' is not a regular expression"),
         (lambda: GaLore(scale=math.nan), "scale must be finite"),
         (lambda: MeZO(max_consecutive_skips=-1), "max_consecutive_skips"),
         (lambda: MeZO(n_spsa=1.5), "n_spsa must be an integer >= 1"),

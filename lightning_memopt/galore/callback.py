@@ -7,6 +7,7 @@ step boundary); layer-wise mode updates each weight inside backward instead.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -120,6 +121,12 @@ class GaLore(MethodCallback):
             optimizer=optimizer,
             hf_adamw=hf_adamw,
         )
+        for arg, pattern in (("target_modules", None if target_modules == "all-linear" else target_modules),
+                             ("exclude_modules", exclude_modules)):
+            try:
+                re.compile(pattern or "")
+            except (re.error, TypeError) as err:
+                raise ValueError(f"{arg}={pattern!r} is not a regular expression: {err}.") from None
         self.target_modules = target_modules
         self.exclude_modules = exclude_modules
         self.layerwise = layerwise
