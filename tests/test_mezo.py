@@ -377,3 +377,18 @@ def test_training_step_outputs_and_epoch_logs_count_each_step_once():
     assert trainer.callback_metrics["rows_sum"] == 64  # the epoch's 64 rows once (4 forwards a step counted 256)
     assert outs.keys == ["loss", "preds"]
     assert outs.loss.ndim == 0 and torch.isfinite(outs.loss)
+
+
+def test_an_lr_override_over_per_group_lrs_says_it_flattens_them():
+    from lightning_memopt.testing.tiny import TinyLM
+
+    class TwoGroups(TinyLM):
+        def configure_optimizers(self):
+            emb = self.model.get_input_embeddings().weight
+            rest = [p for p in self.parameters() if p is not emb]
+            return torch.optim.SGD([{"params": rest}, {"params": [emb], "lr": 1e-4}], lr=1e-3)
+
+    model = TwoGroups()
+    with pytest.warns(UserWarning, match=r"sets every parameter group's lr to 1e-05.*\(0\.0001, 0\.001\).*lr=None"):
+        tiny_trainer(max_steps=1, callbacks=[MeZO(lr=1e-5)]).fit(model)
+    assert [g["lr"] for g in model.trainer.optimizers[0].param_groups] == [1e-5, 1e-5]

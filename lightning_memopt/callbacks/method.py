@@ -316,6 +316,13 @@ class MethodCallback(Callback):
         if not hasattr(self, "lr"):
             return
         if self.lr is not None:
+            own = sorted({float(g.get("initial_lr", g["lr"])) for g in self.holder.param_groups})
+            if len(own) > 1:
+                rank_zero_warn(
+                    f"{self.name}(lr={float(self.lr):g}) sets every parameter group's lr to {float(self.lr):g}, so the "
+                    f"module's per-group lrs ({', '.join(f'{x:g}' for x in own)}) and their ratios are not kept. "
+                    f"Leave {self.name}(lr=None) and set the groups' lrs in configure_optimizers to keep them."
+                )
             self._set_lr(trainer, float(self.lr))
         elif self.lr_range is not None:
             lr = self.holder.param_groups[0]["lr"]
