@@ -81,7 +81,7 @@ def test_tiny_run_lowers_the_loss_forward_only(optimizer):
     assert trainer.global_step == 60 and cb.evaluations == 600  # the budget (forwards) ended the run
     after = _mean_loss(model, dm)
     assert after < before - DROP[optimizer], (before, after)
-    assert all(p.grad is None and not p.requires_grad for p in model.parameters())
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())  # no gradient; the flags are back
     for n, w in full_state(model).items():
         assert torch.equal(w, weights[n])  # the base model is untouched: everything is in the hooks
     assert "train_loss" in trainer.callback_metrics and "dfo_best_fitness" in trainer.callback_metrics
@@ -356,3 +356,13 @@ def test_a_checkpoint_from_before_keyed_maps_resumes_with_the_device_generator()
     legacy = cb.lora._maps(0)[0][0]
     torch.testing.assert_close(legacy / legacy.std(), ma / ma.std())
     assert not torch.allclose(cb.lora.factors(0, cb.lora.z[0][None])[0][0], keyed[0])
+
+
+def test_the_modules_requires_grad_flags_come_back_after_the_fit():
+    # forward-only during the fit; a later backprop fit of the same module must find its parameters trainable
+    model, _, _ = _fit(DFOLoRA(d=20, population=4), steps=1)
+    assert all(p.requires_grad for p in model.parameters())
+    frozen = next(iter(model.parameters()))
+    frozen.requires_grad_(False)  # a user's frozen parameter stays frozen
+    tiny_trainer(max_steps=1, callbacks=[DFOLoRA(d=20, population=4)]).fit(model, tiny_datamodule(k=64))
+    assert not frozen.requires_grad and sum(not p.requires_grad for p in model.parameters()) == 1

@@ -184,7 +184,8 @@ class DFOLoRA(MethodCallback):
     @override
     def install(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for p in pl_module.parameters():
-            p.requires_grad_(False)  # forward-only: the base model is frozen, autograd records nothing
+            if p.requires_grad:  # forward-only: autograd records nothing; the flags come back after the fit
+                self.set_for_fit(p, "requires_grad", False)
         if self.dfo is not None and self.dfo.module is pl_module:
             self._graph_training_step(pl_module)
             return  # a second fit of the same module continues with the adapters it has
