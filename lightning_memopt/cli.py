@@ -222,7 +222,7 @@ def main(args: ArgsType = None) -> None:
     if argv and argv[0] == "download-smollm2":
         from lightning_memopt.fetch import main as fetch_main
 
-        fetch_main(["smollm2", *argv[1:]], prog="memopt download-smollm2")
+        fetch_main(argv[1:], prog="memopt download-smollm2", what="smollm2")
         return
     if argv and argv[0] == "consolidate":
         from lightning_memopt.consolidate import main as consolidate_main

@@ -126,9 +126,13 @@ def dequantize_gguf(gguf_path: os.PathLike | str, dest: os.PathLike | str | None
     return out
 
 
-def main(argv: Optional[Sequence[str]] = None, prog: str = "python -m lightning_memopt.fetch") -> None:
+def main(
+    argv: Optional[Sequence[str]] = None, prog: str = "python -m lightning_memopt.fetch", what: Optional[str] = None
+) -> None:
+    """The command line; ``what`` given (``memopt download-smollm2``) drops the positional that names it."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("what", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)")
+    if what is None:
+        parser.add_argument("what", choices=["smollm2"], help="smollm2: SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB)")
     parser.add_argument("--dest", default=".", help="folder for the file (default: the current folder)")
     parser.add_argument("--dequantize", action="store_true",
                         help="also save the dequantized model as a Hugging Face folder beside the file and print "

@@ -53,3 +53,13 @@ def test_help_lists_each_method_on_one_line(args, in_repo, capsys):
         doc = getattr(lightning_memopt, name).__doc__.strip().splitlines()[0].replace("``", "")
         assert line.split(None, 1)[1] == doc
     assert "download-smollm2" in out and "--trainer.callbacks+=NAME" in out
+
+
+def test_download_smollm2_help_shows_only_what_it_takes(capsys):
+    from lightning_memopt.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["download-smollm2", "--help"])
+    assert exc.value.code in (0, None)
+    usage = capsys.readouterr().out.splitlines()[0]
+    assert usage == "usage: memopt download-smollm2 [-h] [--dest DEST] [--dequantize]"  # no {smollm2} to type

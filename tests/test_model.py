@@ -58,7 +58,8 @@ def test_classification_uses_only_label_word_logits_at_the_last_position():
 
 
 def test_missing_gguf_file_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"GGUF file .*missing\.gguf.* does not exist; check the path"):
+    fix = r"Point model_name_or_path at it.*memopt download-smollm2"
+    with pytest.raises(FileNotFoundError, match=r"GGUF file .*missing\.gguf.* does not exist\. " + fix):
         HFCausalLM(model_name_or_path=str(tmp_path / "missing.gguf"))
 
 

@@ -1,4 +1,4 @@
-"""Memory accounting shared by :class:`~lightning_memopt.callbacks.MemoryReport` and ``benchmarks/``.
+"""Memory accounting shared by :class:`~lightning_memopt.callbacks.memory_report.MemoryReport` and ``benchmarks/``.
 
 Tensor sizes are counted from the tensors themselves (the local shard of a DTensor under FSDP2, each storage once).
 Peaks come from the CUDA caching allocator (``max_memory_allocated``) or, on CPU, from the process resident set

@@ -186,7 +186,7 @@ class PromptClassificationDataModule(LightningDataModule):
             or not, leaves it unchanged), each rank taking every ``world_size``-th example of it.
         columns: template field (or ``label``) -> the file's column, for fields not named like their column, e.g.
             ``{label: Quality, sentence1: "#1 String", sentence2: "#2 String"}`` for GLUE MRPC. Unmapped fields
-            use the column of the same name; a lone ``{sentence}`` falls back to the first non-label column.
+            use the column of the same name; a lone ``{sentence}`` falls back to the file's only non-label column.
         train_file, test_file: file names (inside ``data_dir``, or paths) instead of ``train.*`` and ``dev.*``.
         quoting: ``"auto"`` reads ``.tsv`` unquoted (GLUE) and ``.csv`` with CSV quoting; ``"none"``/``"csv"``
             force one.

@@ -91,7 +91,10 @@ def load_hf_model(
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
         if not os.path.exists(os.path.join(path, gguf_file)):
-            raise FileNotFoundError(f"GGUF file {os.path.join(path, gguf_file)!r} does not exist; check the path.")
+            raise FileNotFoundError(
+                f"GGUF file {os.path.join(path, gguf_file)!r} does not exist. Point model_name_or_path at it "
+                f"(--model.model_name_or_path=PATH), or get SmolLM2's with `memopt download-smollm2 --dest DIR`."
+            )
         require_gguf()
     try:
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
