@@ -313,8 +313,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def table(records: list[dict[str, Any]]) -> str:
-    rows = ["| run | method | seed | dev | dev F1 | steps | train forwards | train s | peak GiB | dev of the "
-            "best-val weights (step) | overrides |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | method | seed | dev | dev F1 (classes: macro) | steps | train forwards | train s | peak GiB | "
+            "dev of the best-val weights (step) | overrides |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         label, over = r.get("label", r["method"]), " ".join(r.get("overrides", [])).replace("|", "/")
         if "error" in r:
@@ -354,8 +354,8 @@ def summary(records: list[dict[str, Any]]) -> str:
         vals = [r[key] for r in rs if key in r]
         return "—" if not vals else "{:.1f} ± {:.1f}".format(*mean_std(vals))
 
-    rows = ["| run | seeds | failed | dev | dev F1 | dev of the best-val weights | train s (mean) | train forwards "
-            "(mean) |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| run | seeds | failed | dev | dev F1 (classes: macro) | dev of the best-val weights | train s (mean) | "
+            "train forwards (mean) |", "|---|---|---|---|---|---|---|---|"]
     for label, rs in by.items():
         ok = [r for r in rs if "error" not in r]
         main = "dev_acc" if any("dev_acc" in r for r in ok) else "dev_em"
