@@ -197,6 +197,7 @@ class MeZO(MethodCallback):
         self._evaluations = 0
         self._rounding_checked = False
         self._metrics_warned = False
+        self._metric_modules: tuple[pl.LightningModule, list[tuple[str, Any]]] | None = None
 
     @property
     def evaluations(self) -> int:
@@ -342,6 +343,7 @@ class MeZO(MethodCallback):
         if self.zo is not None:
             self.zo.close()
         self._graph, self._seed_dev, self._graph_call = None, None, None  # the graphs' memory goes with them
+        self._metric_modules = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -408,10 +410,12 @@ class MeZO(MethodCallback):
     def _metric_counts(self, pl_module: pl.LightningModule) -> dict[str, tuple[Any, int]]:
         if self._metrics_warned:
             return {}
-        from torchmetrics import Metric  # Lightning's own dependency
+        if self._metric_modules is None or self._metric_modules[0] is not pl_module:  # found once per module
+            from torchmetrics import Metric  # Lightning's own dependency
 
-        return {name: (m, m._update_count) for name, m in pl_module.named_modules()
-                if isinstance(m, Metric) and hasattr(m, "_update_count")}
+            self._metric_modules = (pl_module, [(name, m) for name, m in pl_module.named_modules()
+                                                if isinstance(m, Metric) and hasattr(m, "_update_count")])
+        return {name: (m, m._update_count) for name, m in self._metric_modules[1]}
 
     def _warn_metric_updates(self, counts: dict[str, tuple[Any, int]]) -> None:
         # a torchmetrics state cannot be replayed like a log call: say so once instead of counting silently
