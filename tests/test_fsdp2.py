@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lightning_memopt.testing import run_distributed
@@ -35,3 +36,17 @@ def test_adamw_two_processes_match_one():
     assert sum(m["grads"] for m in mems) == mem1["grads"]
     n_tensors = len(one["state"])
     assert abs(sum(m["optimizer_state"] for m in mems) - mem1["optimizer_state"]) <= 8 * n_tensors
+
+
+@pytest.mark.parametrize("eval_batch_size", [4, 1])
+def test_test_metrics_over_two_processes_count_every_example_once(eval_batch_size):
+    """7 test rows over 2 ranks: the short share ends in a padding row that no metric counts (Lightning's sampler
+    repeated an example instead). With batches of 1 that row is a batch of its own, which weighs nothing."""
+    from lightning_memopt.testing.workers import class_test_metrics
+
+    one = class_test_metrics(1, test_limit=7, eval_batch_size=eval_batch_size)
+    two = run_distributed("lightning_memopt.testing.workers:class_test_metrics", world_size=2, test_limit=7,
+                          eval_batch_size=eval_batch_size)
+    for rank in two:
+        assert rank["acc"] == one["acc"] and rank["f1"] == pytest.approx(one["f1"], abs=1e-6)
+        assert rank["loss"] == pytest.approx(one["loss"], rel=1e-5)

@@ -238,6 +238,21 @@ def test_greedy_answers_under_fsdp2_equal_one_process():
 
 
 @needs_squad
+def test_test_metrics_over_two_processes_count_every_question_once():
+    """7 questions over 2 ranks: the short share's padding row is generated with the others (the ranks decode in
+    lockstep) and counted nowhere, so EM and F1 are one process's."""
+    from lightning_memopt.testing import run_distributed
+    from lightning_memopt.testing.workers import squad_test_metrics
+
+    one = squad_test_metrics(1, str(SQUAD), test_limit=7)
+    two = run_distributed("lightning_memopt.testing.workers:squad_test_metrics", world_size=2, data_file=str(SQUAD),
+                          test_limit=7)
+    assert sorted(two[0]["ids"] + two[1]["ids"]) == sorted(one["ids"])  # the padding row's answer is not among them
+    for rank in two:
+        assert rank["em"] == one["em"] and rank["f1"] == pytest.approx(one["f1"], abs=1e-6)
+
+
+@needs_squad
 def test_graph_batch_drops_the_answers_training_does_not_read():
     """A captured step's graph is specific to the batch's non-tensor values: HFCausalLM.graph_batch sets a generation
     batch's answers to None (training reads them only with train_generate), so batches of one padded shape share a

@@ -18,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lightning_memopt.data.prompt import Items, padded_length, pin_memory
-from lightning_memopt.data.sampling import shuffled_loader
+from lightning_memopt.data.sampling import eval_loader, shuffled_loader
 from lightning_memopt.tokenization import load_tokenizer
 
 IGNORE = -100
@@ -127,7 +127,12 @@ class GenerationDataModuleBase(LightningDataModule):
         return self._loader("train", self.hparams.batch_size)
 
     def val_dataloader(self) -> Any:
-        return self._loader("val", self.hparams.eval_batch_size)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> Any:
-        return self._loader("test", self.hparams.eval_batch_size)
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> Any:
+        if not len(self._splits.get(split, ())):
+            return []  # Lightning skips an empty list quietly
+        return eval_loader(self, self._splits[split], self._collate(), pin_memory(self))

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from lightning_memopt._shim import uses_distributed_sampler
-from lightning_memopt.data.sampling import check_group_by_length, check_loader_args, shuffled_loader
+from lightning_memopt.data.sampling import check_group_by_length, check_loader_args, eval_loader, shuffled_loader
 from lightning_memopt.data.synthetic import synthetic_sentiment
 from lightning_memopt.data.tables import (
     Quoting,
@@ -496,9 +496,9 @@ class PromptClassificationDataModule(LightningDataModule):
         return loader
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", self.hparams.eval_batch_size)
+        return eval_loader(self, self._splits["val"], self._collate(), pin_memory(self))
 
     def test_dataloader(self) -> DataLoader:
         if self._test_missing:
             raise ValueError("No test data: give test_file=... (a .tsv, .csv or .jsonl) along with train_file.")
-        return self._loader("test", self.hparams.eval_batch_size)
+        return eval_loader(self, self._splits["test"], self._collate(), pin_memory(self))

@@ -116,6 +116,56 @@ class ResumableLoader(DataLoader):
             self.sampler.resume_at(state["epoch"], state["batches"] * int(self.batch_size or 1))
 
 
+EVAL_KEEP = "eval_keep"  # a batch's [B] bool: False on the padding rows of an evaluation shard
+
+
+class _PaddedEval(torch.utils.data.Dataset):
+    """The evaluation set, with the indices past its end answering as padding (a copy of the first example)."""
+
+    def __init__(self, ds: Sequence[dict[str, Any]]) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self.ds[i] if i < len(self.ds) else {**self.ds[0], "_pad": True}
+
+
+class EvalShards(DistributedSampler):
+    """Each rank's share of an evaluation set: every ``num_replicas``-th example, all shares one length (under FSDP2
+    every rank must run the same forwards). Where ``len(ds)`` does not divide, the short shares end in padding rows
+    that the batch marks (``EVAL_KEEP``), not in repeated examples that would count twice."""
+
+    def __init__(self, ds: Sequence[Any], num_replicas: int, rank: int) -> None:
+        super().__init__(ds, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+def eval_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memory: bool) -> DataLoader:
+    """The validation or test loader of data module ``dm``. Under several processes with Lightning's distributed
+    sampler on, the shards are :class:`EvalShards` (Lightning keeps a DistributedSampler), so metrics count every
+    example once; Lightning's own would pad the short shares with repeats."""
+    hp, tr = dm.hparams, dm.trainer
+    kw = dict(batch_size=hp.eval_batch_size, num_workers=hp.num_workers, pin_memory=pin_memory)
+    shards = None if tr is None else getattr(tr.strategy, "distributed_sampler_kwargs", None)
+    if tr is None or tr.world_size <= 1 or not _shim.uses_distributed_sampler(tr) or not shards:
+        return DataLoader(ds, collate_fn=collate_fn, **kw)
+    if shards.get("num_replicas", 1) <= 1:
+        return DataLoader(ds, collate_fn=collate_fn, **kw)
+
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        out = collate_fn(items)
+        if any(it.get("_pad") for it in items):
+            out[EVAL_KEEP] = torch.tensor([not it.get("_pad") for it in items])
+        return out
+
+    sampler = EvalShards(ds, shards["num_replicas"], shards.get("rank", 0))
+    return DataLoader(_PaddedEval(ds), sampler=sampler, collate_fn=collate, **kw)
+
+
 def shuffled_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memory: bool) -> DataLoader:
     """The shuffled training loader of data module ``dm``: an order drawn from the module's ``seed`` and the epoch
     only, each rank taking every ``world_size``-th index, so a step's global batch is the 1-process batch.

@@ -105,6 +105,24 @@ def load_hf_model(
         ) from None
 
 
+EVAL_KEEP = "eval_keep"  # data.sampling.EVAL_KEEP, by name: the model does not import the data modules
+
+
+def _rows(batch: dict[str, Any], keep: Tensor) -> dict[str, Any]:
+    """The rows ``keep`` marks, of every per-example entry of ``batch`` (tensors and lists of its length)."""
+    n, host = keep.shape[0], keep.tolist()
+    out = {}
+    for k, v in batch.items():
+        if k == EVAL_KEEP:
+            continue
+        if isinstance(v, Tensor) and v.dim() and v.shape[0] == n:
+            v = v[keep.to(v.device)]
+        elif isinstance(v, list) and len(v) == n:
+            v = [x for x, h in zip(v, host) if h]
+        out[k] = v
+    return out
+
+
 def _label_head_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
     """lm_head forward that projects only onto the label words while ``_memopt_label_ids`` is set."""
     ids = getattr(self, "_memopt_label_ids", None)
@@ -246,6 +264,11 @@ class HFCausalLM(LightningModule):
         self.label_token_ids: Optional[list[int]] = None
         self.num_choices: Optional[int] = None
         self._metrics_ready = False
+        from torchmetrics import MeanMetric
+
+        # batch-weighted in float across ranks: Lightning's own weighting syncs its integer batch count with a
+        # mean, which truncates where the ranks' last batches differ in size (evaluation shards do)
+        self.val_loss_mean, self.test_loss_mean = MeanMetric(), MeanMetric()
         if objective == "generation":
             from lightning_memopt.metrics import AnswerEM, AnswerF1
 
@@ -514,9 +537,16 @@ class HFCausalLM(LightningModule):
         return out
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        keep = batch.get(EVAL_KEEP)  # an evaluation shard's padding rows (several processes): counted nowhere
+        if keep is not None and bool(keep.any()):
+            batch, keep = _rows(batch, keep), None
         out = self._step(batch)
-        bs = batch["input_ids"].shape[0]
-        self.log(f"{prefix}_loss", out["loss"], prog_bar=True, batch_size=bs, sync_dist=True)
+        bs = batch["input_ids"].shape[0] if keep is None else 0  # padding only: the same forwards, weighing nothing
+        mean = getattr(self, f"{prefix}_loss_mean")
+        mean.update(out["loss"].detach(), bs)
+        self.log(f"{prefix}_loss", mean, prog_bar=True, batch_size=max(bs, 1))
+        if keep is not None:
+            return out["loss"]
         if self.hparams.objective == "generation":
             preds = self.generate_text(batch["prompt_ids"], batch.get("prompt_mask"))
             em, f1 = getattr(self, f"{prefix}_em"), getattr(self, f"{prefix}_f1")
