@@ -238,16 +238,20 @@ def test_greedy_answers_under_fsdp2_equal_one_process():
 
 
 @needs_squad
-def test_test_metrics_over_two_processes_count_every_question_once():
-    """7 questions over 2 ranks: the short share's padding row is generated with the others (the ranks decode in
-    lockstep) and counted nowhere, so EM and F1 are one process's."""
+@pytest.mark.parametrize("eval_batch_size", [4, 1])
+def test_test_metrics_over_two_processes_count_every_question_once(eval_batch_size):
+    """7 questions over 2 ranks: the short share's padding row is counted nowhere, so EM and F1 are one process's.
+    In batches of 1 it is a batch of its own, still decoded (the ranks decode in lockstep under FSDP2)."""
     from lightning_memopt.testing import run_distributed
     from lightning_memopt.testing.workers import squad_test_metrics
 
     one = squad_test_metrics(1, str(SQUAD), test_limit=7)
     two = run_distributed("lightning_memopt.testing.workers:squad_test_metrics", world_size=2, data_file=str(SQUAD),
-                          test_limit=7)
-    assert sorted(two[0]["ids"] + two[1]["ids"]) == sorted(one["ids"])  # the padding row's answer is not among them
+                          test_limit=7, eval_batch_size=eval_batch_size)
+    made = sorted(two[0]["ids"] + two[1]["ids"])
+    if eval_batch_size == 1:  # the padding batch (question 0 again) was decoded, and not counted
+        made.remove(two[1]["ids"][-1])
+    assert made == sorted(one["ids"])
     for rank in two:
         assert rank["em"] == one["em"] and rank["f1"] == pytest.approx(one["f1"], abs=1e-6)
 

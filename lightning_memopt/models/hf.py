@@ -537,29 +537,32 @@ class HFCausalLM(LightningModule):
         return out
 
     def _eval_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
-        keep = batch.get(EVAL_KEEP)  # an evaluation shard's padding rows (several processes): counted nowhere
-        if keep is not None and bool(keep.any()):
-            batch, keep = _rows(batch, keep), None
+        # an evaluation shard's padding rows (several processes) count nowhere; a batch of padding only still runs
+        # every forward and log call the other ranks do (under FSDP2 they are collectives), weighing nothing
+        keep = batch.get(EVAL_KEEP)
+        pad_only = keep is not None and not bool(keep.any())
+        if keep is not None and not pad_only:
+            batch = _rows(batch, keep)
         out = self._step(batch)
-        bs = batch["input_ids"].shape[0] if keep is None else 0  # padding only: the same forwards, weighing nothing
-        mean = getattr(self, f"{prefix}_loss_mean")
-        mean.update(out["loss"].detach(), bs)
-        self.log(f"{prefix}_loss", mean, prog_bar=True, batch_size=max(bs, 1))
-        if keep is not None:
-            return out["loss"]
+        bs = 0 if pad_only else batch["input_ids"].shape[0]
+        loss = getattr(self, f"{prefix}_loss_mean")
+        loss.update(out["loss"].detach(), bs)
+        self.log(f"{prefix}_loss", loss, prog_bar=True, batch_size=max(bs, 1))
         if self.hparams.objective == "generation":
             preds = self.generate_text(batch["prompt_ids"], batch.get("prompt_mask"))
             em, f1 = getattr(self, f"{prefix}_em"), getattr(self, f"{prefix}_f1")
-            em(preds, batch["answers"])
-            f1(preds, batch["answers"])
-            self.log(f"{prefix}_em", em, prog_bar=True, batch_size=bs)
-            self.log(f"{prefix}_f1", f1, prog_bar=True, batch_size=bs)
+            if not pad_only:
+                em(preds, batch["answers"])
+                f1(preds, batch["answers"])
+            self.log(f"{prefix}_em", em, prog_bar=True, batch_size=max(bs, 1))
+            self.log(f"{prefix}_f1", f1, prog_bar=True, batch_size=max(bs, 1))
         elif "logits" in out and self._metrics_ready:
             acc, f1 = getattr(self, f"{prefix}_acc"), getattr(self, f"{prefix}_f1")
-            acc(out["logits"], out["labels"])
-            f1(out["logits"], out["labels"])
-            self.log(f"{prefix}_acc", acc, prog_bar=True, batch_size=bs)
-            self.log(f"{prefix}_f1", f1, batch_size=bs)
+            if not pad_only:
+                acc(out["logits"], out["labels"])
+                f1(out["logits"], out["labels"])
+            self.log(f"{prefix}_acc", acc, prog_bar=True, batch_size=max(bs, 1))
+            self.log(f"{prefix}_f1", f1, batch_size=max(bs, 1))
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

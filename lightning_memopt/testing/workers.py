@@ -426,8 +426,8 @@ def fit_tiny_deepspeed_picked_cuda(world_size: int, **kwargs: Any) -> dict[str, 
 
 
 def class_test_metrics(world_size: int = 1, test_limit: int = 64, eval_batch_size: int = 4) -> dict[str, Any]:
-    """The tiny classifier's test accuracy and macro F1 on the first ``test_limit`` synthetic test rows, on
-    ``world_size`` CPU processes (FSDP2 when > 1), with the predictions this rank counted."""
+    """The tiny classifier's test accuracy, macro F1 and loss on the first ``test_limit`` synthetic test rows, on
+    ``world_size`` CPU processes (FSDP2 when > 1)."""
     from lightning_memopt.strategies import FSDP2Strategy
 
     pl.seed_everything(0, verbose=False)
@@ -440,7 +440,8 @@ def class_test_metrics(world_size: int = 1, test_limit: int = 64, eval_batch_siz
 
 
 def squad_test_metrics(world_size: int = 1, data_file: str = "", max_new_tokens: int = 6,
-                       stop_text: Optional[str] = None, test_limit: int = 8) -> dict[str, Any]:
+                       stop_text: Optional[str] = None, test_limit: int = 8,
+                       eval_batch_size: Optional[int] = None) -> dict[str, Any]:
     """The tiny generation model's greedy test answers on a SQuAD-format file, on ``world_size`` CPU processes (FSDP2
     when > 1: every rank runs the same number of decoding steps, its rows stopping apart): test EM and F1, and the
     token ids this rank generated."""
@@ -459,7 +460,7 @@ def squad_test_metrics(world_size: int = 1, data_file: str = "", max_new_tokens:
 
     model.generate_ids = recorded  # type: ignore[method-assign]
     dm = SQuADDataModule(data_file=data_file, train_articles=[0], test_articles=[3, 4], test_limit=test_limit,
-                         val_size=4, eval_batch_size=8 // world_size, max_length=256)
+                         val_size=4, eval_batch_size=eval_batch_size or 8 // world_size, max_length=256)
     kw: dict[str, Any] = {}
     if world_size > 1:
         kw.update(devices=world_size, strategy=FSDP2Strategy(save_distributed_checkpoint=False))
