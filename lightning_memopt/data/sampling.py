@@ -7,7 +7,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import ConcatDataset, DataLoader, DistributedSampler
 
 from lightning_memopt import _shim
 
@@ -119,19 +119,6 @@ class ResumableLoader(DataLoader):
 EVAL_KEEP = "eval_keep"  # a batch's [B] bool: False on the padding rows of an evaluation shard
 
 
-class _PaddedEval(torch.utils.data.Dataset):
-    """The evaluation set, with the indices past its end answering as padding (a copy of the first example)."""
-
-    def __init__(self, ds: Sequence[dict[str, Any]]) -> None:
-        self.ds = ds
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.ds[i] if i < len(self.ds) else {**self.ds[0], "_pad": True}
-
-
 class EvalShards(DistributedSampler):
     """Each rank's share of an evaluation set: every ``num_replicas``-th example, all shares one length (under FSDP2
     every rank must run the same forwards). Where ``len(ds)`` does not divide, the short shares end in padding rows
@@ -151,9 +138,7 @@ def eval_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memo
     hp, tr = dm.hparams, dm.trainer
     kw = dict(batch_size=hp.eval_batch_size, num_workers=hp.num_workers, pin_memory=pin_memory)
     shards = None if tr is None else getattr(tr.strategy, "distributed_sampler_kwargs", None)
-    if tr is None or tr.world_size <= 1 or not _shim.uses_distributed_sampler(tr) or not shards:
-        return DataLoader(ds, collate_fn=collate_fn, **kw)
-    if shards.get("num_replicas", 1) <= 1:
+    if not shards or shards.get("num_replicas", 1) <= 1 or not _shim.uses_distributed_sampler(tr):
         return DataLoader(ds, collate_fn=collate_fn, **kw)
 
     def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -163,7 +148,8 @@ def eval_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memo
         return out
 
     sampler = EvalShards(ds, shards["num_replicas"], shards.get("rank", 0))
-    return DataLoader(_PaddedEval(ds), sampler=sampler, collate_fn=collate, **kw)
+    pads = [{**ds[0], "_pad": True}] * (sampler.total_size - len(ds)) if len(ds) else []  # the indices past the end
+    return DataLoader(ConcatDataset([ds, pads]), sampler=sampler, collate_fn=collate, **kw)
 
 
 def shuffled_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memory: bool) -> DataLoader:
