@@ -254,6 +254,8 @@ def test_test_metrics_over_two_processes_count_every_question_once(eval_batch_si
     assert made == sorted(one["ids"])
     for rank in two:
         assert rank["em"] == one["em"] and rank["f1"] == pytest.approx(one["f1"], abs=1e-6)
+        # the loss is the token mean over the set, whatever the batches (rows weighted alike it was not)
+        assert rank["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
 @needs_squad

@@ -545,8 +545,11 @@ class HFCausalLM(LightningModule):
             batch = _rows(batch, keep)
         out = self._step(batch)
         bs = 0 if pad_only else batch["input_ids"].shape[0]
+        weight: Any = bs  # a causal-LM loss is a token mean: weighed by its tokens, it does not depend on batching
+        if self.hparams.objective in ("lm", "generation") and not pad_only:
+            weight = (self._lm_inputs(batch)[2][:, 1:] != -100).sum()
         loss = getattr(self, f"{prefix}_loss_mean")
-        loss.update(out["loss"].detach(), bs)
+        loss.update(out["loss"].detach(), weight)
         self.log(f"{prefix}_loss", loss, prog_bar=True, batch_size=max(bs, 1))
         if self.hparams.objective == "generation":
             preds = self.generate_text(batch["prompt_ids"], batch.get("prompt_mask"))

@@ -443,8 +443,8 @@ def squad_test_metrics(world_size: int = 1, data_file: str = "", max_new_tokens:
                        stop_text: Optional[str] = None, test_limit: int = 8,
                        eval_batch_size: Optional[int] = None) -> dict[str, Any]:
     """The tiny generation model's greedy test answers on a SQuAD-format file, on ``world_size`` CPU processes (FSDP2
-    when > 1: every rank runs the same number of decoding steps, its rows stopping apart): test EM and F1, and the
-    token ids this rank generated."""
+    when > 1: every rank runs the same number of decoding steps, its rows stopping apart): test EM, F1 and loss,
+    and the token ids this rank generated."""
     from lightning_memopt.data.qa import SQuADDataModule
     from lightning_memopt.strategies import FSDP2Strategy
 
@@ -465,4 +465,4 @@ def squad_test_metrics(world_size: int = 1, data_file: str = "", max_new_tokens:
     if world_size > 1:
         kw.update(devices=world_size, strategy=FSDP2Strategy(save_distributed_checkpoint=False))
     res = tiny_trainer(**kw).test(model, dm, verbose=False)[0]
-    return {"em": float(res["test_em"]), "f1": float(res["test_f1"]), "ids": made}
+    return {"em": float(res["test_em"]), "f1": float(res["test_f1"]), "loss": float(res["test_loss"]), "ids": made}
