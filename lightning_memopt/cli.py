@@ -131,6 +131,15 @@ class MemoptCLI(LightningCLI):
                 f"--test_after_fit belongs to `memopt fit`; `memopt {sub}` would ignore it. Drop it, or run "
                 "`memopt test` with the same config (and --ckpt_path) for the test set."
             )
+        cfg = self.config.get(sub, {}) if sub else {}
+        ckpt, strategy = cfg.get("ckpt_path"), (cfg.get("trainer") or {}).get("strategy", "auto")
+        if isinstance(ckpt, str) and os.path.isdir(ckpt) and strategy in (None, "auto"):
+            # a sharded checkpoint folder; a plain Trainer reads one file and failed with IsADirectoryError
+            raise MisconfigurationException(
+                f"--ckpt_path={ckpt} is a folder (a sharded FSDP2 checkpoint), which a Trainer without a strategy "
+                "cannot read. Add --trainer.strategy=fsdp2 (with --trainer.devices=1 it runs on one device), or turn "
+                "its weights into a Hugging Face folder with `memopt consolidate CKPT OUT_DIR` for model_name_or_path."
+            )
 
     def _parse_ckpt_path(self) -> None:
         # Lightning builds the model from the checkpoint's hyperparameters, over what the command line said: say so

@@ -225,3 +225,12 @@ def test_test_after_fit_outside_fit_is_refused(tmp_path, in_repo):
     args = [a for a in BASE if a != "--test_after_fit=false"]
     with pytest.raises(MisconfigurationException, match=r"--test_after_fit belongs to `memopt fit`; `memopt validate`"):
         run_cli(["validate", *args[1:], f"--trainer.default_root_dir={tmp_path}", "--test_after_fit=true"])
+
+
+def test_a_checkpoint_folder_without_a_strategy_names_fsdp2(tmp_path, in_repo):
+    # a plain Trainer reads one file: it failed with IsADirectoryError
+    folder = tmp_path / "epoch=0-step=2.ckpt"
+    folder.mkdir()
+    test = ["test", *BASE[1:3], "--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.callbacks=[]"]
+    with pytest.raises(MisconfigurationException, match=r"is a folder \(a sharded FSDP2 checkpoint\).*strategy=fsdp2"):
+        run_cli([*test, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={folder}"])
