@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 
@@ -55,3 +56,12 @@ def at_least(value: Any, low: int, name: str) -> int:
     if isinstance(value, bool) or int(value) != value or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
     return int(value)
+
+
+def regex(pattern: Any, name: str) -> str:
+    """A regular expression over module names (``target_pattern``, ``target_modules``)."""
+    try:
+        re.compile(pattern)
+    except (re.error, TypeError) as err:
+        raise ValueError(f"{name}={pattern!r} is not a regular expression: {err}.") from None
+    return pattern

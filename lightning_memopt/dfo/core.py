@@ -18,7 +18,6 @@ Budget: counted in candidate evaluations on one batch, as the paper counts forwa
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -82,10 +81,7 @@ class DFOSettings:
         if self.optimizer == "cmaes" and self.population < 4:  # its rank-mu update needs two parents of weight > 0
             raise ValueError(f"optimizer='cmaes' needs population >= 4, got {self.population}.")
         validate.at_least(self.rank, 1, "rank")
-        try:
-            re.compile(self.target_pattern)
-        except (re.error, TypeError) as err:
-            raise ValueError(f"target_pattern={self.target_pattern!r} is not a regular expression: {err}.") from None
+        validate.regex(self.target_pattern, "target_pattern")
         validate.at_least(self.d, 2, "d")
         validate.positive(self.sigma, "sigma")
         if self.max_graphs is not None:

@@ -7,7 +7,6 @@ step boundary); layer-wise mode updates each weight inside backward instead.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -19,6 +18,7 @@ from typing_extensions import override
 
 from lightning_memopt.callbacks import _checks
 from lightning_memopt.callbacks.method import MethodCallback
+from lightning_memopt.core import validate
 from lightning_memopt.core.fsdp import local, reshard_all
 from lightning_memopt.core.fused_backward import FusedBackward
 from lightning_memopt.galore.optim import GaLoreOptimizer, GaLoreSettings, select_targets
@@ -121,12 +121,10 @@ class GaLore(MethodCallback):
             optimizer=optimizer,
             hf_adamw=hf_adamw,
         )
-        for arg, pattern in (("target_modules", None if target_modules == "all-linear" else target_modules),
-                             ("exclude_modules", exclude_modules)):
-            try:
-                re.compile(pattern or "")
-            except (re.error, TypeError) as err:
-                raise ValueError(f"{arg}={pattern!r} is not a regular expression: {err}.") from None
+        if target_modules != "all-linear":
+            validate.regex(target_modules, "target_modules")
+        if exclude_modules is not None:
+            validate.regex(exclude_modules, "exclude_modules")
         self.target_modules = target_modules
         self.exclude_modules = exclude_modules
         self.layerwise = layerwise
