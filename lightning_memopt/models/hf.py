@@ -544,28 +544,29 @@ class HFCausalLM(LightningModule):
         if keep is not None and not pad_only:
             batch = _rows(batch, keep)
         out = self._step(batch)
-        bs = 0 if pad_only else batch["input_ids"].shape[0]
-        weight: Any = bs  # a causal-LM loss is a token mean: weighed by its tokens, it does not depend on batching
+        bs = batch["input_ids"].shape[0]
+        weight: Any = 0 if pad_only else bs
         if self.hparams.objective in ("lm", "generation") and not pad_only:
+            # a causal-LM loss is a token mean: weighed by its tokens, it does not depend on batching
             weight = (self._lm_inputs(batch)[2][:, 1:] != -100).sum()
         loss = getattr(self, f"{prefix}_loss_mean")
         loss.update(out["loss"].detach(), weight)
-        self.log(f"{prefix}_loss", loss, prog_bar=True, batch_size=max(bs, 1))
+        self.log(f"{prefix}_loss", loss, prog_bar=True, batch_size=bs)
         if self.hparams.objective == "generation":
             preds = self.generate_text(batch["prompt_ids"], batch.get("prompt_mask"))
             em, f1 = getattr(self, f"{prefix}_em"), getattr(self, f"{prefix}_f1")
             if not pad_only:
                 em(preds, batch["answers"])
                 f1(preds, batch["answers"])
-            self.log(f"{prefix}_em", em, prog_bar=True, batch_size=max(bs, 1))
-            self.log(f"{prefix}_f1", f1, prog_bar=True, batch_size=max(bs, 1))
+            self.log(f"{prefix}_em", em, prog_bar=True, batch_size=bs)
+            self.log(f"{prefix}_f1", f1, prog_bar=True, batch_size=bs)
         elif "logits" in out and self._metrics_ready:
             acc, f1 = getattr(self, f"{prefix}_acc"), getattr(self, f"{prefix}_f1")
             if not pad_only:
                 acc(out["logits"], out["labels"])
                 f1(out["logits"], out["labels"])
-            self.log(f"{prefix}_acc", acc, prog_bar=True, batch_size=max(bs, 1))
-            self.log(f"{prefix}_f1", f1, batch_size=max(bs, 1))
+            self.log(f"{prefix}_acc", acc, prog_bar=True, batch_size=bs)
+            self.log(f"{prefix}_f1", f1, batch_size=bs)
         return out["loss"]
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
