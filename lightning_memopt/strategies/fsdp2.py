@@ -185,20 +185,61 @@ class FSDP2Strategy(ModelParallelStrategy):
         # as Lightning reads its own checkpoints: weights_only=False unless asked (mmap: only what is looked at)
         saved = torch.load(path, mmap=True, map_location="cpu", weights_only=bool(weights_only))
         states = saved.get("optimizer_states") or []
-        if not states or any(isinstance(s, dict) and s.get("state") for s in states):
-            return super().load_checkpoint(path, weights_only=weights_only)
-        # A full checkpoint of optimizers without state (DFOLoRA freezes every weight): Lightning's loader indexes
-        # the first state entry and fails. Load everything else, then the optimizers' hyperparameters.
         optimizers = self.optimizers
+        if not states or not optimizers:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        if len(states) != len(optimizers):
+            raise MisconfigurationException(
+                f"{path} holds {len(states)} optimizer states and configure_optimizers returned {len(optimizers)} "
+                f"optimizers: resume with the same optimizers, or load only the weights (memopt test/validate)."
+            )
+        # The optimizers are loaded here rather than by Lightning: its loader fails on a state without entries
+        # (DFOLoRA freezes every weight) and maps index keys to the module's parameter order, which is wrong for a
+        # checkpoint written without FSDP2 when the groups are not in that order (weight decay / no decay).
         self.optimizers = []
         try:
             out = super().load_checkpoint(path, weights_only=weights_only)
         finally:
             self.optimizers = optimizers
         for opt, state in zip(optimizers, states):
-            for group, saved_group in zip(opt.param_groups, state.get("param_groups", [])):
-                group.update({k: v for k, v in saved_group.items() if k != "params"})
+            if not state.get("state"):
+                for group, saved_group in zip(opt.param_groups, state.get("param_groups", [])):
+                    group.update({k: v for k, v in saved_group.items() if k != "params"})
+                continue
+            _load_full_optimizer_state(self.model, opt, state, strict=self.lightning_module.strict_loading)
         return out
+
+
+def _load_full_optimizer_state(module: torch.nn.Module, optimizer: Any, state: dict[str, Any], strict: bool) -> None:
+    """Load a full (unsharded) optimizer state into a sharded module's optimizer.
+
+    Index keys are matched to parameters by their place in the groups, as ``Optimizer.load_state_dict`` does. That
+    covers both kinds of index: ``Optimizer.state_dict`` numbers the groups' parameters in order, Lightning's full FSDP
+    checkpoints by the module's parameter order. Then they are renamed as Lightning's loader does.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import OptimStateKeyType
+
+    if any(isinstance(k, int) for k in state["state"]):
+        saved_sizes = [len(g["params"]) for g in state["param_groups"]]
+        sizes = [len(g["params"]) for g in optimizer.param_groups]
+        if saved_sizes != sizes:
+            raise MisconfigurationException(
+                f"The checkpoint's optimizer has parameter groups of sizes {saved_sizes} and this run's has {sizes}: "
+                f"resume with the same model and configure_optimizers."
+            )
+        order = {p: i for i, p in enumerate(module.parameters())}
+        place = {}
+        for saved_group, group in zip(state["param_groups"], optimizer.param_groups):
+            place.update(zip(saved_group["params"], (order[p] for p in group["params"])))
+        state = {
+            "state": {place[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [place[i] for i in g["params"]]} for g in state["param_groups"]],
+        }
+        state = FSDP.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_NAME, module)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
+    set_optimizer_state_dict(module, optimizer, optim_state_dict=state, options=options)
 
 
 def register_strategies(registry: Any = StrategyRegistry) -> None:

@@ -336,7 +336,8 @@ def fit_resumable(
 ) -> dict[str, Any]:
     """FSDP2 fit of the tiny model on ``world_size`` processes (1 included: a one-rank mesh), saving a sharded and a
     full checkpoint at step ``save_at``, or resumed from ``ckpt_path`` (either kind). ``strategy_name="zero3"``:
-    :class:`ZeRO3Strategy` (its checkpoints are full files: ``full.ckpt`` only).
+    :class:`ZeRO3Strategy` (its checkpoints are full files: ``full.ckpt`` only); ``"auto"``: Lightning's default on
+    one process, without FSDP2 (``full.ckpt`` holds the optimizer's own ``state_dict``).
 
     Returns the :func:`snapshot` at the end, plus ``"saved"`` (the snapshot at ``save_at``) or ``"loaded"`` (the
     snapshot before the first batch of a resumed fit).
@@ -352,6 +353,8 @@ def fit_resumable(
         from lightning_memopt.strategies import ZeRO3Strategy
 
         strategy: Any = ZeRO3Strategy(**(strategy_kwargs or {}))
+    elif strategy_name == "auto":
+        strategy = "auto"
     else:
         strategy = FSDP2Strategy(**{"save_distributed_checkpoint": True, **(strategy_kwargs or {})})
     trainer = tiny_trainer(max_steps=steps, callbacks=cbs, devices=world_size, strategy=strategy,
