@@ -21,7 +21,7 @@ from lightning_memopt.lomo.callback import LOMO, AdaLomo
 from lightning_memopt.mezo.callback import MeZO
 from lightning_memopt.models.configs import llama_config
 from lightning_memopt.models.hf import HFCausalLM
-from lightning_memopt.testing import assert_same, tiny_datamodule, tiny_trainer
+from lightning_memopt.testing import assert_same, tiny_datamodule, tiny_model, tiny_trainer
 from lightning_memopt.testing.tiny import TinyLM, full_state
 
 DFO_KW = {"d": 20, "population": 6, "budget": None, "stat_batches": 1, "init_scale": 1.0}
@@ -721,3 +721,39 @@ def test_none_under_several_processes_is_refused_naming_the_fix():
         cb.loss_of(None)
     with pytest.raises(MisconfigurationException, match="or None to skip"):
         cb.loss_of("loss")
+
+
+@pytest.mark.parametrize("first", ["validate", "test"])
+@pytest.mark.parametrize("make", [lambda: [], lambda: [MeZO(lr=1e-3)]], ids=["adamw", "mezo"])
+def test_a_fit_after_validate_or_test_of_the_same_module_trains_and_validates(first, make):
+    """validate/test run under inference mode: the label-word ids cached there reached the fit's backward, and the
+    metrics reset there could not be updated by the fit's validation (no_grad)."""
+    model, dm = tiny_model(), tiny_datamodule(k=8)
+    trainer = tiny_trainer(max_steps=2, callbacks=make(), limit_val_batches=1, val_check_interval=2)
+    before = getattr(trainer, first)(model, dm, verbose=False)[0]
+    trainer.fit(model, dm)
+    assert trainer.global_step == 2
+    assert trainer.callback_metrics["val_loss"] != before[{"validate": "val_loss", "test": "test_loss"}[first]]
+
+
+def test_a_checkpoint_evaluated_before_a_fit_does_not_become_its_starting_state(tmp_path):
+    """validate(ckpt_path=...) restores the method's state too; a later fit without ckpt_path starts fresh from the
+    module's weights, as AdamW gets fresh moments (MeZO started with the checkpoint's history and step count)."""
+    kw = {"lr": 1e-3, "variant": "momentum", "window": 3}
+    trainer = tiny_trainer(max_steps=2, callbacks=[MeZO(**kw)])
+    trainer.fit(tiny_model(), tiny_datamodule(k=8))
+    trainer.save_checkpoint(tmp_path / "mezo.ckpt")
+    ckpt = str(tmp_path / "mezo.ckpt")
+
+    def fit(evaluate_first: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(1)
+        model, cb = tiny_model(), MeZO(**kw)
+        model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+        trainer = tiny_trainer(max_steps=1, callbacks=[cb], limit_val_batches=1)
+        if evaluate_first:
+            trainer.validate(model, tiny_datamodule(k=8), ckpt_path=ckpt, verbose=False)
+        pl.seed_everything(1, verbose=False)
+        trainer.fit(model, tiny_datamodule(k=8))
+        return full_state(model)
+
+    assert_same(fit(True), fit(False))

@@ -281,6 +281,8 @@ class MethodCallback(Callback):
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._cleanup(trainer)
+        else:  # a checkpoint read by validate/test/predict(ckpt_path=...) is not a later fit's starting state
+            self._pending = self._saved_settings = None
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

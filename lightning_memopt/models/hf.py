@@ -322,7 +322,8 @@ class HFCausalLM(LightningModule):
         # made on the weights' device once: a host-to-device copy per forward would sync (and break a CUDA graph)
         words, ids = self.__dict__.get("_label_ids_dev", (None, None))
         if ids is None or ids.device != head.weight.device or words != self.label_token_ids:
-            ids = torch.tensor(self.label_token_ids, dtype=torch.long, device=head.weight.device)
+            with torch.inference_mode(False):  # made in trainer.validate, it must still serve a later fit's backward
+                ids = torch.tensor(self.label_token_ids, dtype=torch.long, device=head.weight.device)
             self.__dict__["_label_ids_dev"] = (list(self.label_token_ids), ids)
         head._memopt_label_ids = ids
         try:
@@ -623,6 +624,13 @@ class HFCausalLM(LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        # trainer.validate/test leave the metrics reset under inference mode, and a fit's validation (no_grad) cannot
+        # update such states in place: reset here, outside it
+        from torchmetrics import Metric
+
+        for m in self.modules():
+            if isinstance(m, Metric):
+                m.reset()
         n = sum(p.numel() for p in self.parameters())
         t = sum(p.numel() for p in self.parameters() if p.requires_grad)
         rank_zero_info(f"HFCausalLM: {n / 1e6:.2f}M parameters, {t / 1e6:.2f}M trainable.")
