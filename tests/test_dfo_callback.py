@@ -313,6 +313,9 @@ def test_testing_a_checkpoint_evaluates_its_adapters(tmp_path):
 
     assert fresh_test(str(tmp_path / "dfo.ckpt")) == fitted
     assert fresh_test(None)["test_loss"] != fitted["test_loss"]  # the base model: the adapters mattered
+    # without DFOLoRA the base model would be tested under the checkpoint's name
+    with pytest.raises(MisconfigurationException, match=r"written by DFOLoRA.*memopt consolidate"):
+        tiny_trainer().test(tiny_model(), dm, ckpt_path=str(tmp_path / "dfo.ckpt"), verbose=False)
 
 
 @pytest.mark.parametrize("optimizer", ["cmaes", "fireworks"])

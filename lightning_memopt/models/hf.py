@@ -605,12 +605,23 @@ class HFCausalLM(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse to resume a method's checkpoint without that method: its optimizer state is not AdamW's."""
+        """Refuse to resume a method's checkpoint without that method: its optimizer state is not AdamW's. Refuse to
+        evaluate a DFOLoRA checkpoint without DFOLoRA: its adapters are callback state, the weights the base model's."""
         trainer = _shim.attached_trainer(self)
-        if trainer is None or trainer.state.fn != "fit":
+        if trainer is None:
             return
         running = {cb.state_key for cb in trainer.callbacks}
         states = checkpoint.get("callbacks") or {}
+        if trainer.state.fn != "fit":
+            adapters = [k for k, v in states.items() if isinstance(v, dict) and v.get("memopt_method") == "DFOLoRA"]
+            if adapters and not running.intersection(adapters):
+                raise MisconfigurationException(
+                    "This checkpoint was written by DFOLoRA: its learned adapters are in the callback's state, not in "
+                    "the weights, so without DFOLoRA the base model would be evaluated. Add DFOLoRA(...) with the "
+                    "fit's settings to Trainer(callbacks=[...]) (memopt: the fit's config), or merge the adapters into "
+                    "a model folder with `memopt consolidate CKPT OUT`."
+                )
+            return
         methods = [v["memopt_method"] for k, v in states.items() if isinstance(v, dict) and "memopt_method" in v]
         if methods and not any(isinstance(v, dict) and "memopt_method" in v for k, v in states.items() if k in running):
             if any(hasattr(cb, "state_settings") for cb in trainer.callbacks):
