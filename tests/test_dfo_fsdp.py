@@ -43,7 +43,8 @@ def test_fsdp2_fireworks_two_processes_match_one():
 
 def test_group_by_length_deals_the_one_process_batches_over_two():
     """C-LoRA's SST-2 config groups batches by length: 2 processes (each its share of every global batch, the sampler
-    dealing them, not Lightning's) see the one-process run's batches, so they end at its z."""
+    dealing them, not Lightning's) see the one-process run's batches, so they end at its z. The statistics come from
+    each rank's own share of the first rows (every rank reading the same rows counted them twice)."""
     dm = {"shuffle": True, "group_by_length": 2, "padding": "max_length", "k": 32}
     kw = {"steps": 3, "global_batch": 16, "dm_kwargs": dm, "dfo": {"d": 40, "population": 6, "budget": None, "stat_batches": 2}}
     one = fit_dfo(world_size=1, **kw)
@@ -54,3 +55,5 @@ def test_group_by_length_deals_the_one_process_batches_over_two():
             torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
         for a, b in zip(one["z"], rank["z"]):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        for a, b in zip(one["stats"], rank["stats"]):
+            torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=0, rtol=1e-6)

@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Subset
 from typing_extensions import override
 
 from lightning_memopt.callbacks.graphed import GraphedTrainingStep
@@ -259,11 +259,15 @@ class DFOLoRA(MethodCallback):
             )
 
     def _stat_batches(self, trainer: Trainer) -> list[dict[str, torch.Tensor]]:
-        """The first batches in dataset order, from a loader of our own: iterating the train loader would draw from
-        its sampler's generator and shift the epoch's order."""
+        """The first batches of this process's share in dataset order, from a loader of our own: iterating the train
+        loader would draw from its sampler's generator and shift the epoch's order."""
         loader = trainer.train_dataloader
         if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and loader.batch_size:
-            loader = DataLoader(loader.dataset, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+            ds, sampler = loader.dataset, loader.sampler
+            if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
+                # the rows a shuffled shard would take in order: every rank reading the same rows counted them twice
+                ds = Subset(ds, range(sampler.rank, len(ds), sampler.num_replicas))
+            loader = DataLoader(ds, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
         out = []
         with torch.random.fork_rng(devices=[]):
             for b in loader:
