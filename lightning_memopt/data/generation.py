@@ -18,7 +18,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader
 
 from lightning_memopt.data.prompt import Items, padded_length, pin_memory
-from lightning_memopt.data.sampling import eval_loader, shuffled_loader
+from lightning_memopt.data.sampling import eval_loader, train_loader
 from lightning_memopt.tokenization import load_tokenizer
 
 IGNORE = -100
@@ -113,18 +113,10 @@ class GenerationDataModuleBase(LightningDataModule):
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return generation_collate(pad_id, pad_to, self._loss_window())
 
-    def _loader(self, split: str, batch_size: int) -> Any:
-        if not len(self._splits.get(split, ())):
-            return []  # Lightning skips an empty list quietly
-        ds = self._splits[split]
-        return DataLoader(ds, batch_size=batch_size, collate_fn=self._collate(),
-                          num_workers=self.hparams.num_workers, drop_last=split == "train" and len(ds) >= batch_size,
-                          pin_memory=pin_memory(self))
-
     def train_dataloader(self) -> DataLoader:
-        if self.hparams.shuffle and len(self._splits.get("train", ())):
-            return shuffled_loader(self, self._splits["train"], self._collate(), pin_memory(self))
-        return self._loader("train", self.hparams.batch_size)
+        if not len(self._splits.get("train", ())):
+            return []  # Lightning skips an empty list quietly
+        return train_loader(self, self._splits["train"], self._collate(), pin_memory(self))
 
     def val_dataloader(self) -> Any:
         return self._eval_loader("val")

@@ -18,8 +18,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
-from lightning_memopt._shim import uses_distributed_sampler
-from lightning_memopt.data.sampling import check_group_by_length, check_loader_args, eval_loader, shuffled_loader
+from lightning_memopt.data.sampling import check_group_by_length, check_loader_args, eval_loader, train_loader
 from lightning_memopt.data.synthetic import synthetic_sentiment
 from lightning_memopt.data.tables import (
     Quoting,
@@ -476,24 +475,8 @@ class PromptClassificationDataModule(LightningDataModule):
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return left_pad_collate(pad, self._pad_to)
 
-    def _loader(self, split: str, batch_size: int) -> DataLoader:
-        return DataLoader(
-            self._splits[split], batch_size=batch_size, collate_fn=self._collate(),
-            num_workers=self.hparams.num_workers, drop_last=split == "train" and len(self._splits[split]) >= batch_size,
-            pin_memory=pin_memory(self),
-        )
-
     def train_dataloader(self) -> DataLoader:
-        if self.hparams.shuffle:
-            return shuffled_loader(self, self._splits["train"], self._collate(), pin_memory(self))
-        loader = self._loader("train", self.hparams.batch_size)
-        tr = self.trainer
-        if tr is not None and tr.world_size > 1 and not uses_distributed_sampler(tr):
-            # Deterministic rank-strided shards: the global batch equals a 1-process batch of world_size x batch_size.
-            ds = torch.utils.data.Subset(self._splits["train"], range(tr.global_rank, len(self._splits["train"]), tr.world_size))
-            loader = DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False, collate_fn=loader.collate_fn,
-                                num_workers=self.hparams.num_workers, drop_last=True, pin_memory=pin_memory(self))
-        return loader
+        return train_loader(self, self._splits["train"], self._collate(), pin_memory(self))
 
     def val_dataloader(self) -> DataLoader:
         return eval_loader(self, self._splits["val"], self._collate(), pin_memory(self))

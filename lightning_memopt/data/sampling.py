@@ -31,8 +31,8 @@ class _Resumable:
 
 
 class EpochSampler(_Resumable, DistributedSampler):
-    """``DistributedSampler(shuffle=True)`` (each rank every ``num_replicas``-th index of a permutation of (seed,
-    epoch)) that can resume mid-epoch."""
+    """``DistributedSampler`` (each rank every ``num_replicas``-th index of the dataset, or of a permutation of (seed,
+    epoch) with ``shuffle=True``) that can resume mid-epoch."""
 
     def __iter__(self) -> Iterator[int]:
         return self._resumed(list(super().__iter__()))
@@ -152,16 +152,16 @@ def eval_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memo
     return DataLoader(ConcatDataset([ds, pads]), sampler=sampler, collate_fn=collate, **kw)
 
 
-def shuffled_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memory: bool) -> DataLoader:
-    """The shuffled training loader of data module ``dm``: an order drawn from the module's ``seed`` and the epoch
-    only, each rank taking every ``world_size``-th index, so a step's global batch is the 1-process batch.
+def train_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_memory: bool) -> DataLoader:
+    """The training loader of data module ``dm``: with ``shuffle``, an order drawn from the module's ``seed`` and the
+    epoch only; without, the dataset's order. Each rank takes every ``world_size``-th index, so a step's global batch
+    is the 1-process batch, and the loader resumes in the middle of an epoch (:class:`ResumableLoader`).
 
     With ``group_by_length``, :class:`LengthGroupedSampler` (which deals whole batches and drops the partial global
     batch itself; lengths are those of each item's ``input_ids``). Otherwise :class:`EpochSampler` (a
     :class:`~torch.utils.data.DistributedSampler`), not a ``shuffle=True`` loader, whose ``RandomSampler`` draws
     each epoch's order from torch's global RNG, as every other loader's iterator does, so how often a fit validated
-    changed its later epochs. Lightning keeps either sampler under several processes and calls ``set_epoch``, and
-    the loader resumes in the middle of an epoch (:class:`ResumableLoader`).
+    changed its later epochs. Lightning keeps either sampler under several processes and calls ``set_epoch``.
     """
     hp, tr = dm.hparams, dm.trainer
     world, rank = (tr.world_size, tr.global_rank) if tr is not None else (1, 0)
@@ -171,8 +171,8 @@ def shuffled_loader(dm: Any, ds: Sequence[dict[str, Any]], collate_fn: Any, pin_
                                                            hp.group_by_length, world, rank, seed)
         drop_last = False
     else:
-        sampler = EpochSampler(range(len(ds)), num_replicas=world, rank=rank, shuffle=True, seed=seed,
-                               drop_last=len(ds) >= world)
+        sampler = EpochSampler(range(len(ds)), num_replicas=world, rank=rank, shuffle=bool(hp.get("shuffle", True)),
+                               seed=seed, drop_last=len(ds) >= world)
         drop_last = len(sampler) >= hp.batch_size
     return ResumableLoader(ds, batch_size=hp.batch_size, sampler=sampler, collate_fn=collate_fn,
                            num_workers=hp.num_workers, pin_memory=pin_memory, drop_last=drop_last, trainer=tr)
