@@ -265,7 +265,7 @@ class DFOLoRA(MethodCallback):
         if isinstance(loader, DataLoader) and not isinstance(loader.dataset, IterableDataset) and loader.batch_size:
             ds, sampler = loader.dataset, loader.sampler
             if isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1:
-                # the rows a shuffled shard would take in order: every rank reading the same rows counted them twice
+                # this rank's share, in dataset order: every rank reading the same rows counted them twice
                 ds = Subset(ds, range(sampler.rank, len(ds), sampler.num_replicas))
             loader = DataLoader(ds, batch_size=loader.batch_size, collate_fn=loader.collate_fn)
         out = []
