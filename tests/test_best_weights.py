@@ -123,6 +123,25 @@ def test_fsdp2_two_processes_end_at_the_best_shards():
         assert _equal(r["seen"][6], r["state"]) and not _equal(r["seen"][last], r["state"])
 
 
+def test_a_one_process_checkpoint_resumed_on_two_processes_ends_at_its_best(tmp_path):
+    """A one-process checkpoint holds the whole best weights; resumed under FSDP2 on 2 processes, each rank restores
+    its shard of them (it copied the whole tensor into its shard: a size mismatch at the end of the fit)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    probe = Scripted([0.5, 0.9, 0.7])
+    _fit([probe, BestWeights(monitor="score"), ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=9)],
+         max_steps=9, enable_checkpointing=True)
+    callbacks = [_spec("lightning_memopt.testing.workers.ScriptedScore", scores=[0.1]),
+                 _spec("lightning_memopt.BestWeights", monitor="score")]
+    ranks = run_distributed("lightning_memopt.testing.workers:fit_tiny", world_size=2, steps=12, global_batch=8,
+                            callbacks=callbacks, ckpt_path=str(next(tmp_path.glob("*step=9.ckpt"))),
+                            inspect="lightning_memopt.testing.workers:best_weights_result",
+                            trainer_kwargs={"val_check_interval": 3, "limit_val_batches": 1})
+    for r in ranks:
+        assert r["best_step"] == 6 and r["mesh"] is not None and r["global_step"] == 12
+        assert _equal(probe.seen[6], r["state"])
+
+
 def test_a_checkpoint_without_the_weights_starts_the_best_again_and_says_so():
     cb = BestWeights(monitor="score")
     cb.load_state_dict({"best_score": 0.99, "best_step": 6})  # as a multi-process checkpoint holds it

@@ -14,7 +14,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_memopt.callbacks._checks import weight_averaging
-from lightning_memopt.core.fsdp import local, reshard_all
+from lightning_memopt.core.fsdp import is_dtensor, local, reshard_all
 
 
 class BestWeights(Callback):
@@ -152,13 +152,22 @@ class BestWeights(Callback):
         """Load the best weights into ``pl_module`` (the module they were taken from, or one of the same layout)."""
         if self.best_weights is None:
             raise RuntimeError(f"BestWeights has no weights yet: no validation reported {self.monitor!r} in fit.")
+        # first: writes to FSDP2 shards must not be shadowed by a stale unsharded copy, and an unsharded root's
+        # registered parameters are its full tensors, freed by the reshard
+        reshard_all(pl_module)
         params = dict(pl_module.named_parameters())
         missing = sorted(set(self.best_weights) - set(params))
         if missing:
             raise RuntimeError(f"BestWeights: the module lacks parameters the best weights hold: {missing[:5]}.")
-        reshard_all(pl_module)  # writes to FSDP2 shards must not be shadowed by a stale unsharded copy
         for name, w in self.best_weights.items():
-            local(params[name].detach()).copy_(w)
+            p = params[name].detach()
+            dst = local(p)
+            if w.shape != dst.shape and is_dtensor(p) and w.shape == p.shape:
+                # whole weights from a one-process checkpoint resumed under FSDP2: this rank's shard of them
+                from torch.distributed.tensor import distribute_tensor
+
+                w = distribute_tensor(w.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
+            dst.copy_(w)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -70,6 +70,7 @@ def fit_tiny(
     num_nodes: int = 1,
     strategy_kwargs: Optional[dict[str, Any]] = None,
     strategy: Optional[str] = None,
+    ckpt_path: Optional[str] = None,
 ) -> dict[str, Any]:
     """Fit the tiny model for ``steps`` on ``world_size`` CPU processes (FSDP2 when > 1); same global batch.
 
@@ -98,7 +99,7 @@ def fit_tiny(
                   use_distributed_sampler=False)
     kw.update(trainer_kwargs or {})
     trainer = tiny_trainer(**kw)
-    trainer.fit(model, dm)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
     out = {"state": full_state(model), "losses": rec.losses, "global_step": trainer.global_step,
            "mesh": mesh_of(model)}
     if inspect is not None:
