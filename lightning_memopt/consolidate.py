@@ -89,16 +89,18 @@ def load_checkpoint_meta(ckpt: str | os.PathLike) -> dict[str, Any]:
 
 
 def consolidate(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: Optional[str] = None,
-                tokenizer: bool = True) -> torch.nn.Module:
+                tokenizer: bool = True, overwrite: bool = False) -> torch.nn.Module:
     """Write the HF model of an HFCausalLM checkpoint to ``out_dir`` with ``save_pretrained``; returns the model.
 
     Args:
         ckpt: a sharded checkpoint folder (written by any number of processes) or a full ``.ckpt`` file.
-        out_dir: the output folder (created).
+        out_dir: the output folder (created); a folder that holds files is refused unless ``overwrite``.
         dtype: cast the weights (e.g. ``"bfloat16"``); None keeps the checkpoint's.
         tokenizer: also save the module's tokenizer there (when it has one that can be saved).
+        overwrite: write into a folder that holds files (its model files are replaced, a stale shard index removed).
     """
     path = Path(ckpt)
+    _check_out_dir(path, Path(out_dir), overwrite)
     if dtype is not None:
         dtype_named(dtype, "--dtype")  # before reading every weight
     meta = load_checkpoint_meta(path)
@@ -130,10 +132,27 @@ def consolidate(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: Opti
         model = model.to(dtype_named(dtype, "--dtype"))
     model.eval()
     os.makedirs(out_dir, exist_ok=True)
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        stale = Path(out_dir) / index  # it would name another model's shards beside this one's weights
+        if stale.is_file():
+            stale.unlink()
     model.save_pretrained(str(out_dir))
     if tokenizer:
         _save_tokenizer(hp, out_dir)
     return model
+
+
+def _check_out_dir(ckpt: Path, out_dir: Path, overwrite: bool) -> None:
+    """Refuse an output folder that would lose files: the checkpoint itself (or a folder inside it), or a folder that
+    holds files (a base model's own folder, another save) unless ``overwrite``."""
+    ckpt_r, out_r = ckpt.resolve(), out_dir.resolve()
+    if out_r == ckpt_r or ckpt_r in out_r.parents:
+        raise ValueError(f"{out_dir} is the checkpoint {ckpt} (or inside it): give another folder for the model.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ValueError(
+            f"{out_dir} already holds files (a model saved there, the base model's own folder?), which consolidate "
+            f"would replace: give a new folder, or pass --overwrite (overwrite=True) to write over it."
+        )
 
 
 def _is_tied(model: torch.nn.Module, key: str) -> bool:
@@ -193,13 +212,15 @@ def main(argv: Optional[list[str]] = None, prog: str = "memopt consolidate") -> 
     parser.add_argument("out_dir", help="output folder for save_pretrained")
     parser.add_argument("--dtype", default=None, help="cast the weights, e.g. bfloat16 (default: as saved)")
     parser.add_argument("--no-tokenizer", action="store_true", help="do not save the tokenizer")
+    parser.add_argument("--overwrite", action="store_true", help="write into a folder that already holds files")
     args = parser.parse_args(argv)
     if not os.path.exists(args.ckpt):
         parser.error(f"{args.ckpt} does not exist: give a checkpoint folder (sharded) or .ckpt file")
     if os.path.isfile(args.out_dir):
         parser.error(f"{args.out_dir} is a file: give a folder to write the model into")
     try:
-        consolidate(args.ckpt, args.out_dir, dtype=args.dtype, tokenizer=not args.no_tokenizer)
+        consolidate(args.ckpt, args.out_dir, dtype=args.dtype, tokenizer=not args.no_tokenizer,
+                    overwrite=args.overwrite)
     except ValueError as err:
         parser.error(str(err))
     except (OSError, RuntimeError) as err:  # not a checkpoint torch can read; a base model this machine lacks

@@ -340,6 +340,14 @@ def test_consolidate_merges_the_adapters_of_a_checkpoint(optimizer, tmp_path):
         base = model.model(ids).logits
     torch.testing.assert_close(hf(ids).logits, adapted, rtol=1e-5, atol=1e-5)
     assert (adapted - base).abs().max() > 1e-3  # the adapters change the logits: merging them is not a no-op
+    # a folder that holds a model is written over only when asked; a stale shard index there goes
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["consolidate", str(tmp_path / "dfo.ckpt"), str(tmp_path / "hf"), "--no-tokenizer"])
+    main(["consolidate", str(tmp_path / "dfo.ckpt"), str(tmp_path / "hf"), "--no-tokenizer", "--overwrite"])
+    assert not (tmp_path / "hf" / "model.safetensors.index.json").exists()
+    torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "hf")(ids).logits, adapted,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_a_checkpoint_from_before_keyed_maps_resumes_with_the_device_generator():

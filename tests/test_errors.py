@@ -138,6 +138,8 @@ def test_consolidate_input_mistakes_print_one_message(tmp_path, capsys):
         ([str(tmp_path / "not.ckpt"), str(tmp_path / "out"), "--dtype", "bfloat"], "--dtype='bfloat' is not a torch"),
         ([str(tmp_path / "not.ckpt"), str(tmp_path / "out")], "not.ckpt: "),
         ([str(tmp_path / "not.ckpt"), str(tmp_path / "afile")], "afile is a file"),
+        ([str(tmp_path / "not.ckpt"), str(tmp_path)], "already holds files"),  # e.g. the base model's own folder
+        ([str(tmp_path), str(tmp_path / "hf")], "is the checkpoint"),  # into a sharded checkpoint's folder
     ]:
         with pytest.raises(SystemExit) as exc:
             consolidate(args)
