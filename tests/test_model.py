@@ -154,3 +154,13 @@ def test_model_name_or_path_with_model_config_is_an_error(tmp_path):
                                          r"load a pretrained model with model_name_or_path and model_config=null"):
         HFCausalLM(model_name_or_path=str(tmp_path / "no_such_model"), model_config=llama_config("tiny"),
                    tokenizer="builtin")
+
+
+def test_a_bfloat16_folder_loads_in_float32_unless_asked(tmp_path):
+    """transformers 5 keeps a folder's own dtype; under precision "32-true" or "bf16-mixed" nothing casts it, and
+    LOMO/AdaLomo/GaLore lost most in-place updates to bf16 rounding. float32 unless torch_dtype says otherwise."""
+    tiny_model().model.to(torch.bfloat16).save_pretrained(tmp_path)
+    assert {p.dtype for p in HFCausalLM(model_name_or_path=str(tmp_path), tokenizer="builtin").parameters()} == {
+        torch.float32}
+    assert {p.dtype for p in HFCausalLM(model_name_or_path=str(tmp_path), tokenizer="builtin",
+                                        torch_dtype="bfloat16").parameters()} == {torch.bfloat16}

@@ -83,9 +83,9 @@ def load_hf_model(
     if not model_name_or_path:
         raise ValueError("Give either model_name_or_path (hub name, local folder or .gguf file) or model_config.")
     path, gguf_file = split_gguf(model_name_or_path, gguf_file)
-    kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code)
-    if dtype is not None:
-        kwargs["dtype"] = dtype
+    # float32 unless asked: transformers 5 keeps a folder's own dtype (often bfloat16), which Lightning's "32-true" and
+    # "bf16-mixed" do not cast, so in-place updates smaller than bf16's spacing were lost
+    kwargs: dict[str, Any] = dict(trust_remote_code=trust_remote_code, dtype=torch.float32 if dtype is None else dtype)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if gguf_file is not None:
@@ -179,7 +179,8 @@ class HFCausalLM(LightningModule):
             answers greedily and log exact match and token F1 as ``val_em``/``val_f1``/``test_em``/``test_f1``).
         lr, weight_decay, betas: AdamW settings (the module's own optimizer; callbacks adapt it).
         lr_schedule, warmup_steps: a per-step LambdaLR schedule.
-        torch_dtype: e.g. ``"bfloat16"`` to load weights in that dtype.
+        torch_dtype: e.g. ``"bfloat16"`` to load weights in that dtype; None loads them in float32, whatever the
+            folder stores (the Trainer's ``precision`` then decides, e.g. ``"bf16-true"`` casts to bfloat16).
         gradient_checkpointing: enable HF activation checkpointing.
         lora_rank: above 0, wrap the model with peft LoRA adapters of this rank on ``lora_targets`` and train
             only them (needs ``pip install lightning_memopt[peft]``). 0 trains every weight.
