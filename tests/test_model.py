@@ -164,3 +164,13 @@ def test_a_bfloat16_folder_loads_in_float32_unless_asked(tmp_path):
         torch.float32}
     assert {p.dtype for p in HFCausalLM(model_name_or_path=str(tmp_path), tokenizer="builtin",
                                         torch_dtype="bfloat16").parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(("targets", "names"),
+                         [("q_proj", {"q_proj"}), ("all-linear", {"q_proj", "v_proj", "up_proj"})])
+def test_lora_targets_as_one_string(targets, names):
+    # one name is not a list of its letters; peft's "all-linear" shorthand passes through
+    pytest.importorskip("peft")
+    m = tiny_model(lora_rank=2, lora_targets=targets)
+    adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, p in m.named_parameters() if "lora_A" in n}
+    assert names <= adapted and (targets != "q_proj" or adapted == {"q_proj"})

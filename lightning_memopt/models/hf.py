@@ -12,7 +12,7 @@ import os
 import types
 from collections.abc import Sequence
 from contextlib import contextmanager
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +133,7 @@ def _label_head_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x, w, b)
 
 
-def _with_lora(model: torch.nn.Module, rank: int, alpha: float, targets: list[str]) -> torch.nn.Module:
+def _with_lora(model: torch.nn.Module, rank: int, alpha: float, targets: Union[str, list[str]]) -> torch.nn.Module:
     try:
         import peft
     except ImportError:
@@ -184,7 +184,8 @@ class HFCausalLM(LightningModule):
         gradient_checkpointing: enable HF activation checkpointing.
         lora_rank: above 0, wrap the model with peft LoRA adapters of this rank on ``lora_targets`` and train
             only them (needs ``pip install lightning_memopt[peft]``). 0 trains every weight.
-        lora_alpha, lora_targets: the adapters' scale numerator (``lora_alpha / lora_rank``) and target modules.
+        lora_alpha, lora_targets: the adapters' scale numerator (``lora_alpha / lora_rank``) and target modules
+            (module names, one name, or peft's ``"all-linear"``).
         frozen: parameters left untrained, as ``fnmatch`` patterns of their names in the Hugging Face model (e.g.
             ``["model.embed_tokens.*"]``; a tied output head is frozen with its input embedding). Every method
             trains what the optimizer's groups hold, so none of them perturbs or updates these. In YAML, quote a
@@ -222,7 +223,7 @@ class HFCausalLM(LightningModule):
         trust_remote_code: bool = False,
         lora_rank: int = 0,
         lora_alpha: float = 16.0,
-        lora_targets: tuple[str, ...] = ("q_proj", "v_proj"),
+        lora_targets: Union[str, tuple[str, ...]] = ("q_proj", "v_proj"),
         frozen: tuple[str, ...] = (),
         choice_reduction: Reduction = "sum",
         max_new_tokens: int = 32,
@@ -254,7 +255,10 @@ class HFCausalLM(LightningModule):
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 trains every weight), got {lora_rank}.")
         if lora_rank:
-            self.model = _with_lora(self.model, lora_rank, lora_alpha, list(lora_targets))
+            # one name is a list of one (list("q_proj") would be its letters); peft's "all-linear" stays a string
+            targets = list(lora_targets) if not isinstance(lora_targets, str) else (
+                lora_targets if lora_targets == "all-linear" else [lora_targets])
+            self.model = _with_lora(self.model, lora_rank, lora_alpha, targets)
         if frozen:
             _freeze(self.model, frozen)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
