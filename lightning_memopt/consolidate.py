@@ -85,6 +85,9 @@ def load_checkpoint_meta(ckpt: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(f"{path} is a folder without {_META}: not a sharded Lightning checkpoint.")
         return torch.load(path / _META, map_location="cpu", weights_only=False)
     saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    if not isinstance(saved, dict) or "state_dict" not in saved:
+        raise ValueError(f"{path} holds no state_dict: not a Lightning checkpoint (a .ckpt file, or the folder of a "
+                         f"sharded one, not a file inside it).")
     return {k: v for k, v in saved.items() if k not in ("state_dict", "optimizer_states")}
 
 
@@ -225,4 +228,8 @@ def main(argv: Optional[list[str]] = None, prog: str = "memopt consolidate") -> 
         parser.error(str(err))
     except (OSError, RuntimeError) as err:  # not a checkpoint torch can read; a base model this machine lacks
         parser.error(f"{args.ckpt}: {err}")
+    except BaseException as err:  # torch.distributed.checkpoint's CheckpointException (a shard file missing) is one
+        if type(err).__name__ != "CheckpointException":
+            raise
+        parser.error(f"{args.ckpt}: a shard could not be read ({err}); copy every rank's file of the folder.")
     print(f"{prog}: wrote {args.out_dir}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_memopt.cli import main, run_cli
@@ -134,11 +135,14 @@ def test_consolidate_input_mistakes_print_one_message(tmp_path, capsys):
 
     (tmp_path / "not.ckpt").write_bytes(b"not a checkpoint")
     (tmp_path / "afile").write_text("")
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")
     for args, message in [
         ([str(tmp_path / "not.ckpt"), str(tmp_path / "out"), "--dtype", "bfloat"], "--dtype='bfloat' is not a torch"),
         ([str(tmp_path / "not.ckpt"), str(tmp_path / "out")], "not.ckpt: "),
         ([str(tmp_path / "not.ckpt"), str(tmp_path / "afile")], "afile is a file"),
         ([str(tmp_path / "not.ckpt"), str(tmp_path)], "already holds files"),  # e.g. the base model's own folder
+        ([str(tmp_path / "tensor.pt"), str(tmp_path / "out")], "not a Lightning checkpoint"),
+        ([str(tmp_path / "not.ckpt"), str(tmp_path / "out"), "--dtype", "int8"], "not a floating-point dtype"),
         ([str(tmp_path), str(tmp_path / "hf")], "is the checkpoint"),  # into a sharded checkpoint's folder
     ]:
         with pytest.raises(SystemExit) as exc:

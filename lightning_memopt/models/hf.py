@@ -43,6 +43,9 @@ def dtype_named(name: str, option: str = "torch_dtype") -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"{option}={name!r} is not a torch dtype; use bfloat16, float16 or float32.")
+    if not dtype.is_floating_point:
+        raise ValueError(f"{option}={name!r} is not a floating-point dtype for weights; use bfloat16, float16 or "
+                         f"float32.")
     return dtype
 
 
