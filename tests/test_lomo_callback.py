@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import types
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -16,7 +17,7 @@ from lightning_memopt.core.holder import HolderOptimizer
 from lightning_memopt.lomo.callback import LOMO, AdaLomo
 from lightning_memopt.models.configs import llama_config
 from lightning_memopt.models.hf import HFCausalLM
-from lightning_memopt.testing import tiny_datamodule, tiny_trainer
+from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
 from lightning_memopt.testing.tiny import full_state
 
 
@@ -255,3 +256,14 @@ def test_backward_hooks_and_learning_rate_monitor(tmp_path):
     logged = [float(r["lr-AdamW/pg1"]) for r in rows if r.get("lr-AdamW/pg1")]
     assert logged[:2] == pytest.approx(count.lrs[:2])
     assert any(r.get("lomo/grad_norm") for r in rows)
+
+
+def test_adalomo_warns_that_zero_initialized_lora_weights_barely_move():
+    # its step is lr * max(eps_scale, RMS(p)): peft's lora_B starts at zero and moved by lr * 1e-3 a step
+    pytest.importorskip("peft")
+    with pytest.warns(UserWarning, match=r"LoRA weights start at zero .*eps_scale=1\.0"):
+        tiny_trainer(max_steps=1, callbacks=[AdaLomo(lr=1e-2)]).fit(tiny_model(lora_rank=2), tiny_datamodule(k=8))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*LoRA weights start at zero.*")
+        tiny_trainer(max_steps=1, callbacks=[AdaLomo(lr=1e-2, eps_scale=1.0)]).fit(
+            tiny_model(lora_rank=2), tiny_datamodule(k=8))

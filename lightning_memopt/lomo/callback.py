@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from typing_extensions import override
 
@@ -273,3 +273,15 @@ class AdaLomo(_Lomo):
             decay_rate, init_loss_scale, loss_scale_window,
         )
         super().__init__(settings, allow_untested, max_consecutive_skips)
+
+    @override
+    def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().validate(trainer, pl_module)
+        # peft starts lora_B at zero, and AdaLomo's step is relative to the weight's RMS (floored at eps_scale)
+        zero = [n for n, p in pl_module.named_parameters() if p.requires_grad and "lora_" in n and not p.any()]
+        if zero and self.config.eps_scale < 0.1:
+            rank_zero_warn(
+                f"AdaLomo: {len(zero)} trainable LoRA weights start at zero (e.g. {zero[0]}), and AdaLomo's step is "
+                f"lr * max(eps_scale, RMS(p)) = lr * {self.config.eps_scale:g} for them: they barely move. Train "
+                f"LoRA adapters with LOMO or AdamW, or raise eps_scale (e.g. AdaLomo(eps_scale=1.0))."
+            )
