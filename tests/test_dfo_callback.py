@@ -371,9 +371,24 @@ def test_a_checkpoint_from_before_keyed_maps_resumes_with_the_device_generator()
 
 def test_the_modules_requires_grad_flags_come_back_after_the_fit():
     # forward-only during the fit; a later backprop fit of the same module must find its parameters trainable
-    model, _, _ = _fit(DFOLoRA(d=20, population=4), steps=1)
+    cb = DFOLoRA(d=20, population=4)
+    model, _, _ = _fit(cb, steps=1)
     assert all(p.requires_grad for p in model.parameters())
     frozen = next(iter(model.parameters()))
     frozen.requires_grad_(False)  # a user's frozen parameter stays frozen
-    tiny_trainer(max_steps=1, callbacks=[DFOLoRA(d=20, population=4)]).fit(model, tiny_datamodule(k=64))
+    tiny_trainer(max_steps=2, callbacks=[cb]).fit(model, tiny_datamodule(k=64))
     assert not frozen.requires_grad and sum(not p.requires_grad for p in model.parameters()) == 1
+
+
+def test_a_second_dfolora_on_an_adapted_module_is_refused_until_the_first_is_merged():
+    """Another DFOLoRA's fit stacked its adapters on the first one's, which no checkpoint of it holds."""
+    kw = {"d": 40, "population": 6, "budget": None, "stat_batches": 2}
+    first = DFOLoRA(**kw)
+    model, dm, _ = _fit(first, steps=1)
+    with pytest.raises(MisconfigurationException, match=r"already carries the adapters of an earlier DFOLoRA fit"):
+        tiny_trainer(max_steps=1, callbacks=[DFOLoRA(**kw)]).fit(model, dm)
+    tiny_trainer(max_steps=2, callbacks=[first]).fit(model, dm)  # the same callback goes on training its own
+    first.merge()
+    second = DFOLoRA(**kw)
+    tiny_trainer(max_steps=1, callbacks=[second]).fit(model, dm)
+    assert second.generation == 1

@@ -166,6 +166,16 @@ class ZLoRA:
         if self._handles:
             return
         for b in self.blocks:
+            other = getattr(b.module, "_memopt_zlora", None)
+            if other is not None and other is not self and other._handles:
+                # two sets of adapters would add up, and a checkpoint holds only the newer one's
+                raise ValueError(
+                    f"{b.name} already carries the adapters of an earlier DFOLoRA fit of this module. Fold them into "
+                    f"the weights first with that callback's merge() (or drop them with its lora.remove()), or fit "
+                    f"a fresh module; to go on training them, fit again with the same DFOLoRA callback."
+                )
+        for b in self.blocks:
+            b.module._memopt_zlora = self
             idx = b.targets[0].block
             self._handles.append(b.module.register_forward_pre_hook(self._make_expand(idx), with_kwargs=True))
             for j, t in enumerate(b.targets):
@@ -175,6 +185,9 @@ class ZLoRA:
         for h in self._handles:
             h.remove()
         self._handles = []
+        for b in self.blocks:
+            if getattr(b.module, "_memopt_zlora", None) is self:
+                del b.module._memopt_zlora
 
     def _expand(self, x: Any, p: int) -> Any:
         return repeat_rows(x, p, self._batch, self._memo, min_ndim=2, dicts=False)
