@@ -221,6 +221,8 @@ def main(argv: Optional[list[str]] = None, prog: str = "memopt consolidate") -> 
         parser.error(f"{args.ckpt} does not exist: give a checkpoint folder (sharded) or .ckpt file")
     if os.path.isfile(args.out_dir):
         parser.error(f"{args.out_dir} is a file: give a folder to write the model into")
+    from torch.distributed.checkpoint import CheckpointException  # a BaseException, so named on its own
+
     try:
         consolidate(args.ckpt, args.out_dir, dtype=args.dtype, tokenizer=not args.no_tokenizer,
                     overwrite=args.overwrite)
@@ -228,8 +230,6 @@ def main(argv: Optional[list[str]] = None, prog: str = "memopt consolidate") -> 
         parser.error(str(err))
     except (OSError, RuntimeError) as err:  # not a checkpoint torch can read; a base model this machine lacks
         parser.error(f"{args.ckpt}: {err}")
-    except BaseException as err:  # torch.distributed.checkpoint's CheckpointException (a shard file missing) is one
-        if type(err).__name__ != "CheckpointException":
-            raise
+    except CheckpointException as err:  # a shard file missing from a sharded folder
         parser.error(f"{args.ckpt}: a shard could not be read ({err}); copy every rank's file of the folder.")
     print(f"{prog}: wrote {args.out_dir}")
