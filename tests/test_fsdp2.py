@@ -38,6 +38,20 @@ def test_adamw_two_processes_match_one():
     assert abs(sum(m["optimizer_state"] for m in mems) - mem1["optimizer_state"]) <= 8 * n_tensors
 
 
+def test_memory_report_counts_shards_after_a_forward_without_backward():
+    """FSDP2's root keeps its gathered full tensors after a forward with no backward after it (DFOLoRA's every step,
+    a final validation): they were counted as the rank's parameters (279,296 B against its 213,632 B shard)."""
+    dfo = {"class_path": "lightning_memopt.DFOLoRA", "init_args": {"d": 40, "population": 6, "budget": None,
+                                                                    "stat_batches": 1}}
+    kw = {"steps": 2, "callbacks": [dfo]}
+    one = fit_with_memory_report(world_size=1, **kw)
+    two = run_distributed("lightning_memopt.testing.workers:fit_with_memory_report", world_size=2, **kw)
+    mems = [r["memory"] for r in two]
+    assert sum(m["params"] for m in mems) == one["memory"]["params"]
+    # the search state is replicated: every rank holds all of it
+    assert all(m["optimizer_state"] == one["memory"]["optimizer_state"] > 0 for m in mems)
+
+
 @pytest.mark.parametrize("eval_batch_size", [4, 1])
 def test_test_metrics_over_two_processes_count_every_example_once(eval_batch_size):
     """7 test rows over 2 ranks: the short share ends in a padding row that no metric counts (Lightning's sampler

@@ -132,3 +132,17 @@ def test_without_backward_tracking_grads_come_from_samples():
 def test_log_every_n_steps_validated():
     with pytest.raises(ValueError, match="log_every_n_steps"):
         MemoryReport(log_every_n_steps=-1)
+
+
+def test_dfo_search_state_counts_as_optimizer_state():
+    """DFOLoRA keeps its CMA-ES state outside the holder's ``state``: it was reported as 0 B and landed in
+    activations/other."""
+    from lightning_memopt import DFOLoRA
+
+    d = 40
+    dfo = DFOLoRA(d=d, population=6, budget=None, stat_batches=1)
+    report = MemoryReport(print_table=False)
+    tiny_trainer(max_steps=2, callbacks=[dfo, report]).fit(tiny_model(), tiny_datamodule())
+    cov = 2 * d * d * 8  # C and its eigenvectors B, float64, per layer
+    assert report.breakdown.optimizer_state >= dfo.lora.n_blocks * cov
+    assert report.breakdown.optimizer_state == tensor_bytes(dfo.state_tensors())

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_memopt.core.fsdp import local
+from lightning_memopt.core.fsdp import is_dtensor, is_fsdp2, local, reshard_all
 from lightning_memopt.core.memory import (
     GIB,
     MemoryBreakdown,
@@ -23,6 +23,10 @@ from lightning_memopt.core.memory import (
 )
 
 
+def _gathered(module: torch.nn.Module) -> bool:
+    return is_fsdp2(module) and not all(is_dtensor(p) for p in module.parameters())
+
+
 def _fmt(nbytes: float) -> str:
     if nbytes >= GIB:
         return f"{nbytes / GIB:.2f} GiB"
@@ -33,10 +37,10 @@ class MemoryReport(Callback):
     """Reports peak memory during fit, split into parameters, gradients, optimizer state and activations/other.
 
     Parameters, gradients and optimizer state are counted from the tensors (local shards under FSDP2; optimizer
-    state is every tensor in ``trainer.optimizers[i].state``, which includes a method's own state). Gradients are
-    the largest total ever alive at once, tracked by a light post-accumulate-grad hook, so methods that apply and
-    free each gradient inside backward show only what they really hold. Activations/other is the peak minus those
-    parts.
+    state is every tensor in ``trainer.optimizers[i].state``, which includes a method's own state, and the state a
+    method keeps outside it: DFOLoRA's search state and adapters). Gradients are the largest total ever alive at
+    once, tracked by a light post-accumulate-grad hook, so methods that apply and free each gradient inside backward
+    show only what they really hold. Activations/other is the peak minus those parts.
 
     The peak comes from the CUDA allocator (``max_memory_allocated``, reset at fit start) or, on CPU, from the
     process RSS: the RSS high-water mark minus the RSS at fit start, plus the parameters (which were already
@@ -79,7 +83,9 @@ class MemoryReport(Callback):
 
     # ---- measurement ----------------------------------------------------------------------------------------------
     def _sample(self, trainer: pl.Trainer, pl_module: pl.LightningModule, params: bool = False) -> None:
-        if params:  # parameters change only when a callback adds some (e.g. LoRA) before training starts
+        # Parameters change only when a callback adds some (e.g. LoRA) before training starts. FSDP2's root holds its
+        # gathered full tensors after a forward without backward (DFOLoRA, a validation): not this rank's parameters.
+        if params and not _gathered(pl_module):
             self._params = max(self._params, param_bytes(pl_module))
         self._max_grads = max(self._max_grads, grad_bytes(pl_module))
         self._max_opt = max(self._max_opt, optimizer_state_bytes(trainer.optimizers))
@@ -150,6 +156,7 @@ class MemoryReport(Callback):
             self._handles = [
                 p.register_post_accumulate_grad_hook(self._grad_hook) for p in pl_module.parameters() if p.requires_grad
             ]
+        reshard_all(pl_module)  # a sanity-check validation leaves FSDP2's root gathered; the next forward gathers again
         self._sample(trainer, pl_module, params=True)
 
     @override

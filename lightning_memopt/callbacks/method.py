@@ -25,7 +25,7 @@ A method gives its step and its state: :meth:`install`, :meth:`start`, :meth:`st
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -126,6 +126,10 @@ class MethodCallback(Callback):
     def method_state(self) -> dict[str, Any]:
         """The method's state for checkpoints (besides what lives in the holder's optimizer state)."""
         return {}
+
+    def state_tensors(self) -> Iterable[torch.Tensor]:
+        """Tensors of method state kept outside the holder's ``state`` (MemoryReport counts them as optimizer state)."""
+        return ()
 
     def log_step(self, pl_module: pl.LightningModule) -> None:
         """Log the method's per-step values (called after each optimizer step)."""

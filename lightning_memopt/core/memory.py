@@ -58,28 +58,33 @@ def grad_bytes(module: torch.nn.Module) -> int:
     return tensor_bytes(p.grad for p in module.parameters() if p.grad is not None)
 
 
-def _walk_tensors(obj: Any) -> Iterable[Tensor]:
+def walk_tensors(obj: Any) -> Iterable[Tensor]:
+    """The tensors in ``obj``, looking inside dicts, lists and tuples (not into other objects)."""
     if isinstance(obj, Tensor):
         yield obj
     elif isinstance(obj, dict):
         for v in obj.values():
-            yield from _walk_tensors(v)
+            yield from walk_tensors(v)
     elif isinstance(obj, (list, tuple)):
         for v in obj:
-            yield from _walk_tensors(v)
+            yield from walk_tensors(v)
 
 
 def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
     """Bytes of tensors in the optimizers' ``state`` (a :class:`HolderOptimizer`'s method state included).
 
-    A holder's wrapped optimizer is counted too; tensors shared with other state are counted once.
+    A holder's wrapped optimizer is counted too, and so is the state its method keeps outside it (the owner's
+    ``state_tensors()``: DFOLoRA's search state and adapters); tensors shared with other state are counted once.
     """
     seen: set = set()
     total = 0
     for opt in optimizers:
         for o in (opt, getattr(opt, "wrapped", None)):
             if o is not None:
-                total += tensor_bytes(_walk_tensors(dict(o.state)), seen)
+                total += tensor_bytes(walk_tensors(dict(o.state)), seen)
+        owner_tensors = getattr(getattr(opt, "owner", None), "state_tensors", None)
+        if owner_tensors is not None:
+            total += tensor_bytes(owner_tensors(), seen)
     return total
 
 

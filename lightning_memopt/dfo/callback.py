@@ -380,6 +380,10 @@ class DFOLoRA(MethodCallback):
     def method_state(self) -> dict[str, Any]:
         return {} if self.dfo is None else self.dfo.state_dict()
 
+    @override
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [] if self.dfo is None else self.dfo.tensors()
+
 
 def _on_cuda(pl_module: LightningModule) -> bool:
     """Whether the module's training_step may be graphed (a function of its own: a CPU test forces the wrapper)."""

@@ -224,6 +224,10 @@ class CMAES:
     # what tell() changes; it reassigns each (never writes into one), so references are a snapshot
     _STEP_STATE = (*_TENSORS, "_sigma", "_best_f", "generation", "eigen_generation", "evaluations", "_asked")
 
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the search state (what memory accounting counts)."""
+        return [v for v in vars(self).values() if isinstance(v, Tensor)]
+
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k).to(self.device, copy=True) for k in self._TENSORS}
         out.update({k: getattr(self, k) for k in self._SCALARS})

@@ -467,6 +467,10 @@ class LayerwiseDFO:
         return global_fitness(torch.cat(out))
 
     # ---- state -------------------------------------------------------------------------------------------------------
+    def tensors(self) -> list[Tensor]:
+        """The search state and adapters this holds (what memory accounting counts)."""
+        return [*self.lora.tensors(), *(t for o in self.opts for t in o.tensors())]
+
     def state_dict(self) -> dict[str, Any]:
         self.guard.resolve()  # the counters and generators as the finished generations left them
         return {

@@ -197,6 +197,10 @@ class Fireworks:
             setattr(self, k, v)
 
     # ---- checkpointing ------------------------------------------------------------------------------------------
+    def tensors(self) -> list[Tensor]:
+        """Every tensor of the search state (what memory accounting counts)."""
+        return [v for v in vars(self).values() if isinstance(v, Tensor)]
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "X": self.X.clone(), "F": self.F.clone(), "amp_core": self.amp_core, "generation": self.generation,

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_memopt.core.fsdp import is_dtensor
+from lightning_memopt.core.memory import walk_tensors
 from lightning_memopt.core.perturb import key, perturbed
 from lightning_memopt.core.population import add_lowrank_delta, repeat_rows
 
@@ -274,6 +275,10 @@ class ZLoRA:
             self.maps_cache.clear()  # the maps scale with the statistics
         for k in range(self.n_blocks):
             self.set_z(k, self.z[k])
+
+    def tensors(self) -> list[Tensor]:
+        """The points, their factors and any cached maps (what memory accounting counts)."""
+        return list(walk_tensors([self.z, self._fixed, self._pop, self._memo, self.maps_cache]))
 
     def stats(self) -> list[tuple[float, float]]:
         return [(t.in_rms, t.out_std) for b in self.blocks for t in b.targets]
