@@ -13,6 +13,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lightning_memopt.core.nonfinite import SkipGuard
 from lightning_memopt.lomo.core import DynamicLossScaler, FusedStep, LomoSettings
 
 
@@ -203,6 +204,20 @@ def test_fp16_overflow_skips_step_and_lowers_scale():
     assert not info.skipped and scaler.scale < 2.0**39
     assert not all(torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_fp16_overflow_at_the_lowest_scale_is_named_and_counts_toward_the_error():
+    model = tiny_llama(torch.float16)
+    notes = []
+    guard = SkipGuard("LOMO", max_consecutive=1, notify=notes.append)
+    scaler = DynamicLossScaler(init_scale=2.0**40, min_scale=2.0**39)
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, LomoSettings(rule="sgd"), scaler=scaler, guard=guard)
+    x = batches(1)[0]
+    fs.step(loss_of(model, x))  # 2**40 overflows, and the scale can still go down: no warning
+    assert notes == [] and guard.consecutive == 0
+    fs.step(loss_of(model, x), step=1)  # 2**39, the lowest: overflowing there is a warning, named as such
+    assert len(notes) == 1 and "fp16 overflow" in notes[0] and "non-finite loss" not in notes[0]
+    assert guard.consecutive == 1
 
 
 def test_fp16_scaled_step_equals_unscaled_update():

@@ -239,12 +239,14 @@ class SkipGuard:
         self._raise_if_too_many(step)
 
     def record(
-        self, skipped: bool, step: int, undo: list[Callable[[], None]] = (), consecutive: bool = True
+        self, skipped: bool, step: int, undo: list[Callable[[], None]] = (), consecutive: bool = True,
+        reason: str | None = None,
     ) -> None:
         """Count one step's outcome (also for a skip the host knew at once, e.g. an fp16 overflow).
 
-        ``consecutive=False`` counts the skip without moving toward the error (an fp16 overflow while the loss
-        scaler can still lower its scale is expected, not a sign of divergence).
+        ``consecutive=False`` counts the skip without moving toward the error and without a warning (an fp16
+        overflow while the loss scaler can still lower its scale is expected; the caller reports it). ``reason``
+        names the skip in the warning (default: a non-finite loss).
         """
         if not skipped:
             self.consecutive = 0
@@ -253,10 +255,11 @@ class SkipGuard:
             fn()
         self.skipped_steps += 1
         self.consecutive += int(consecutive)
-        self.notify(
-            f"{self.method}: non-finite {self.checked} at step {step}; the step was skipped (weights and state "
-            f"untouched). skipped_steps={self.skipped_steps}."
-        )
+        if consecutive:
+            self.notify(
+                f"{self.method}: {reason or 'non-finite ' + self.checked} at step {step}; the step was skipped "
+                f"(weights and state untouched). skipped_steps={self.skipped_steps}."
+            )
         self._raise_if_too_many(step)
 
     def _raise_if_too_many(self, step: int) -> None:

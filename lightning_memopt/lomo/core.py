@@ -263,7 +263,8 @@ class FusedStep:
                 info.loss_scale = scale
                 finite = bool(torch.isfinite(norm))  # fp16 only: the scaler needs the answer now (a host sync)
                 # an overflow only counts toward the error once the scale cannot go lower
-                self.guard.record(not finite, step, consecutive=scale <= self.scaler.min_scale)
+                self.guard.record(not finite, step, consecutive=scale <= self.scaler.min_scale,
+                                  reason=f"fp16 overflow (a non-finite gradient norm) at the lowest loss scale {scale:g}")
                 if not finite:
                     self.scaler.update(overflow=True)
                     info.skipped = True
