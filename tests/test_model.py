@@ -139,6 +139,17 @@ def test_frozen_patterns_that_match_nothing_or_everything_are_errors():
         tiny_model(frozen=["*"])
 
 
+def test_frozen_patterns_under_lora_use_the_hugging_face_names():
+    # peft puts "base_model.model." before every name; a pattern of the model's own names matched nothing
+    pytest.importorskip("peft")
+    m = tiny_model(lora_rank=2, frozen=["model.layers.0.*"])
+    trained = [n for n, p in m.named_parameters() if p.requires_grad]
+    assert trained and all("lora_" in n and ".layers.0." not in n for n in trained)
+    assert any(".layers.0." in n and "lora_" in n for n, p in m.named_parameters() if not p.requires_grad)
+    with pytest.raises(ValueError, match=r"trained now: \['model.layers.0.self_attn"):
+        tiny_model(lora_rank=2, frozen=["model.layer.0.*"])
+
+
 def test_a_frozen_tied_head_freezes_its_embedding():
     from lightning_memopt.models import llama_config
 

@@ -148,20 +148,29 @@ def _with_lora(model: torch.nn.Module, rank: int, alpha: float, targets: Union[s
         raise ValueError(f"lora_targets={targets}: {err} Name modules of this model, e.g. q_proj, v_proj.") from None
 
 
+_PEFT_PREFIX = "base_model.model."  # what peft's get_peft_model puts before the wrapped model's names
+
+
 def _freeze(module: torch.nn.Module, patterns: Sequence[str]) -> None:
     """``requires_grad=False`` on the parameters whose names match a pattern; a pattern matching nothing, or
     patterns leaving nothing to train, is an error (a typo would otherwise train the whole model)."""
     if isinstance(patterns, str):
         patterns = [patterns]
+
+    def matches(name: str, pat: str) -> bool:  # under peft, the wrapped model's own names match too
+        return fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name.removeprefix(_PEFT_PREFIX), pat)
+
     names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
     for pat in patterns:
-        if not any(fnmatch.fnmatchcase(n, pat) for n in names):
+        if not any(matches(n, pat) for n in names):
+            trained = [n.removeprefix(_PEFT_PREFIX) for n, p in module.named_parameters() if p.requires_grad]
             raise ValueError(
                 f"frozen={list(patterns)}: {pat!r} matches no parameter. Patterns are fnmatch patterns of the "
-                f"Hugging Face model's named_parameters(), e.g. {names[0]!r} or 'model.embed_tokens.*'."
+                f"Hugging Face model's named_parameters(), e.g. 'model.embed_tokens.*'; trained now: "
+                f"{trained[:3]}{' ...' if len(trained) > 3 else ''}."
             )
     for n, p in module.named_parameters(remove_duplicate=False):
-        if any(fnmatch.fnmatchcase(n, pat) for pat in patterns):
+        if any(matches(n, pat) for pat in patterns):
             p.requires_grad_(False)
     if not any(p.requires_grad for p in module.parameters()):
         raise ValueError(f"frozen={list(patterns)} freezes every trained parameter; nothing would train.")
