@@ -314,9 +314,9 @@ class Table:
 ours = lambda file, key, size, fld: sel(file, fld, key=key, size=size)
 LARGEST = "largest_h200.json"
 # Quality is the grid's (benchmarks.grid): a method's cell on each task over seeds 0-2, then its training seconds
-# there (the mean over the runs alone on the grid's card). While the grid fills, a cell names the seeds it has, or
-# shows — without any; at 3 a cell short of seeds is an error instead.
-GRID_MIN_SEEDS = 0
+# there (the mean over the runs alone on the grid's card). Every cell has seeds 0-2: one short of them is an error
+# (0 lets a cell name the seeds it has, or show — without any, as while a grid fills).
+GRID_MIN_SEEDS = 3
 SCORES = "{sst2} / {mrpc} / {squad}"
 QUALITY = SCORES + " after {t_sst2} / {t_mrpc} / {t_squad} s"
 
