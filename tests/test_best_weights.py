@@ -150,3 +150,60 @@ def test_a_checkpoint_without_the_weights_starts_the_best_again_and_says_so():
     with pytest.warns(UserWarning, match=r"does not hold the best weights from before the resume \(step 6\)"):
         model, _ = _fit([probe, cb])
     assert cb.best_step == 6 and _equal(probe.seen[6], full_state(model))  # 0.9 counts, though below 0.99
+
+
+class _Adapters(pl.Callback):
+    """Records DFOLoRA's z and the validation loss at each validation."""
+
+    def __init__(self, dfo) -> None:
+        self.dfo, self.z, self.val_loss = dfo, {}, {}
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.z[trainer.global_step] = [z.clone() for z in self.dfo.lora.z]
+            self.val_loss[trainer.global_step] = float(trainer.callback_metrics["val_loss"])
+
+
+def test_dfo_lora_ends_at_the_adapters_of_the_best_validation(tmp_path):
+    """DFOLoRA trains z vectors held by its callback, not module parameters: BestWeights keeps those (it refused
+    DFOLoRA before), also through a checkpoint."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_memopt import DFOLoRA
+
+    def dfo():
+        return DFOLoRA(d=40, population=6, budget=None, stat_batches=1)
+
+    method = dfo()
+    rec, cb = _Adapters(method), BestWeights(monitor="score")
+    ckpt_cb = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_train_steps=9)
+    model, trainer = _fit([method, Scripted([0.5, 0.9, 0.7, 0.6, 0.0]), rec, cb, ckpt_cb], enable_checkpointing=True)
+    assert cb.best_step == 6 and not cb.best_weights and set(cb.best_method_tensors) == {"z.0", "z.1"}
+    assert not all(torch.equal(a, b) for a, b in zip(rec.z[6], rec.z[12]))  # the search moved on after the best
+    assert all(torch.equal(a, b) for a, b in zip(method.lora.z, rec.z[6]))
+    best, last = rec.val_loss[6], rec.val_loss[12]
+    (metrics,) = trainer.validate(model, tiny_datamodule(batch_size=8), verbose=False)
+    assert abs(last - best) > 5e-6  # measured 1.5e-5
+    assert metrics["val_loss"] == pytest.approx(best, abs=1e-7)  # the adapters, not only z
+
+    # resumed from step 9 in a fresh process's objects: the best of step 6 comes with the checkpoint
+    pl.seed_everything(0)
+    method2, cb2 = dfo(), BestWeights(monitor="score")
+    trainer = tiny_trainer(max_steps=12, val_check_interval=3, limit_val_batches=1,
+                           callbacks=[method2, Scripted([0.6]), cb2])
+    trainer.fit(tiny_model(), tiny_datamodule(batch_size=8), ckpt_path=str(next(tmp_path.glob("*step=9.ckpt"))))
+    assert cb2.best_step == 6 and all(torch.equal(a, b) for a, b in zip(method2.lora.z, rec.z[6]))
+
+
+def test_a_multi_process_checkpoint_keeps_a_best_made_only_of_method_tensors():
+    # shards are per rank and stay out of the checkpoint; DFOLoRA's z is the same on every rank and whole
+    cb = BestWeights(monitor="score")
+    cb._world_size, cb.best_score, cb.best_step = 2, 0.9, 6
+    cb.best_weights, cb.best_method_tensors = {}, {"z.0": torch.ones(3)}
+    again = BestWeights(monitor="score")
+    again.load_state_dict(cb.state_dict())
+    assert (again.best_step, again.best_weights, again._dropped_step) == (6, {}, None)
+    assert torch.equal(again.best_method_tensors["z.0"], torch.ones(3))
+    cb.best_weights = {"w": torch.ones(2)}  # this rank's shard: dropped, and the best with it
+    again.load_state_dict(cb.state_dict())
+    assert (again.best_step, again.best_weights, again.best_method_tensors, again._dropped_step) == (None, None, {}, 6)

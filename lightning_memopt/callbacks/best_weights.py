@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from typing_extensions import override
 
 from lightning_memopt.callbacks._checks import weight_averaging
+from lightning_memopt.callbacks.method import MethodCallback
 from lightning_memopt.core.fsdp import is_dtensor, local, reshard_all
 
 
@@ -24,9 +25,10 @@ class BestWeights(Callback):
     overfit when trained too long.
 
     Only trained parameters (``requires_grad``) are copied, into pinned host memory allocated at the first
-    improvement. A copy costs one device-to-host pass over them and one sync, only when validation improves. Under
-    FSDP2 (or DeepSpeed ZeRO-3) each rank keeps its own shards. Rank zero's metric decides whether a validation
-    improved, so every rank keeps the same step.
+    improvement, and what a method trains outside them (DFOLoRA's per-layer z, which sets its adapters). A copy
+    costs one device-to-host pass over them and one sync, only when validation improves. Under FSDP2 (or DeepSpeed
+    ZeRO-3) each rank keeps its own shards. Rank zero's metric decides whether a validation improved, so every rank
+    keeps the same step.
 
     Checkpoints hold the best score and step. On one process they hold the weights too, so a resumed fit still ends
     at the best weights from before the resume. A multi-process checkpoint does not hold them (they are per-rank
@@ -58,6 +60,9 @@ class BestWeights(Callback):
         self.best_score: Optional[float] = None
         self.best_step: Optional[int] = None
         self.best_weights: Optional[dict[str, torch.Tensor]] = None  # parameter name -> host copy of its local part
+        # a method's trained tensors outside the module (DFOLoRA's z: replicated on every rank), host copies
+        self.best_method_tensors: dict[str, torch.Tensor] = {}
+        self._method: Optional[MethodCallback] = None
         self._world_size = 1
         self._dropped_step: Optional[int] = None  # a resumed multi-process run's best, whose weights it lacks
 
@@ -71,6 +76,7 @@ class BestWeights(Callback):
         if stage != "fit":
             return
         self._world_size = trainer.world_size
+        self._method = next((cb for cb in trainer.callbacks if isinstance(cb, MethodCallback)), None)
         if not is_overridden("validation_step", pl_module):
             raise MisconfigurationException(
                 f"BestWeights keeps the weights of the best {self.monitor!r}, but {type(pl_module).__name__} has no "
@@ -92,10 +98,10 @@ class BestWeights(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not any(p.requires_grad for p in pl_module.parameters()):
+        if not any(p.requires_grad for p in pl_module.parameters()) and not self._method_tensors():
             raise MisconfigurationException(
-                "BestWeights keeps the module's trained parameters, and none has requires_grad=True (DFOLoRA, for "
-                "one, trains adapters held by its callback); remove BestWeights."
+                "BestWeights keeps the module's trained parameters, and none has requires_grad=True; remove "
+                "BestWeights, or train some parameters."
             )
         if self._dropped_step is not None:
             rank_zero_warn(
@@ -146,6 +152,10 @@ class BestWeights(Callback):
         if cuda:
             torch.cuda.current_stream().synchronize()  # the copies read weights the next step changes in place
         self.best_weights = weights
+        self.best_method_tensors = {k: t.detach().to("cpu", copy=True) for k, t in self._method_tensors().items()}
+
+    def _method_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self._method is None else self._method.trained_tensors()
 
     @torch.no_grad()
     def restore(self, pl_module: pl.LightningModule) -> None:
@@ -168,6 +178,10 @@ class BestWeights(Callback):
 
                 w = distribute_tensor(w.to(p.device), p.device_mesh, p.placements, src_data_rank=None).to_local()
             dst.copy_(w)
+        if self.best_method_tensors:
+            if self._method is None:
+                raise RuntimeError("BestWeights: the best holds a method's trained tensors, and no method is running.")
+            self._method.load_trained_tensors(self.best_method_tensors)
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -184,14 +198,19 @@ class BestWeights(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"best_score": self.best_score, "best_step": self.best_step}
-        if self._world_size == 1 and self.best_weights is not None:
+        # per-rank shards are not kept in a multi-process checkpoint; none at all (DFOLoRA trains none) is whole
+        if self.best_weights is not None and (self._world_size == 1 or not self.best_weights):
             state["weights"] = self.best_weights
+        if self.best_method_tensors:  # the same on every rank: kept at any world size
+            state["method_tensors"] = self.best_method_tensors
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_score, self.best_step = state_dict["best_score"], state_dict["best_step"]
         self.best_weights = state_dict.get("weights")
+        self.best_method_tensors = state_dict.get("method_tensors") or {}
         if self.best_weights is None and self.best_step is not None:
             # without its weights, the old best would only block later ones: start again from the resume
             self._dropped_step, self.best_score, self.best_step = self.best_step, None, None
+            self.best_method_tensors = {}

@@ -127,6 +127,16 @@ class MethodCallback(Callback):
         """The method's state for checkpoints (besides what lives in the holder's optimizer state)."""
         return {}
 
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """What the method trains outside the module's parameters (DFOLoRA's per-layer z), by name: what BestWeights
+        keeps beside the trained parameters."""
+        return {}
+
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set what :meth:`trained_tensors` returned (BestWeights loading its best)."""
+        if tensors:
+            raise NotImplementedError(f"{self.name} trains nothing outside the module's parameters.")
+
     def state_tensors(self) -> Iterable[torch.Tensor]:
         """Tensors of method state kept outside the holder's ``state`` (MemoryReport counts them as optimizer state)."""
         return ()

@@ -384,6 +384,23 @@ class DFOLoRA(MethodCallback):
     def state_tensors(self) -> list[torch.Tensor]:
         return [] if self.dfo is None else self.dfo.tensors()
 
+    @override
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        if self.dfo is None:
+            return {}
+        self.guard.resolve()  # a skipped generation puts its layer's point back
+        return {f"z.{k}": z for k, z in enumerate(self.dfo.lora.z)}
+
+    @override
+    def load_trained_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.dfo is None:
+            raise RuntimeError("DFOLoRA has no adapters before fit has run.")
+        lora = self.dfo.lora
+        if sorted(tensors) != sorted(f"z.{k}" for k in range(lora.n_blocks)):
+            raise ValueError(f"DFOLoRA adapts {lora.n_blocks} layers; the tensors given are {sorted(tensors)}.")
+        for k in range(lora.n_blocks):
+            lora.set_z(k, tensors[f"z.{k}"])
+
 
 def _on_cuda(pl_module: LightningModule) -> bool:
     """Whether the module's training_step may be graphed (a function of its own: a CPU test forces the wrapper)."""
