@@ -539,7 +539,9 @@ def _largest_row(label: str, key: str, size: str, shape: str, goal: tuple[float,
 
 def _galore_rows() -> tuple[Row, ...]:
     step = lambda file, key: Value(ours(file, key, "1b", "step_s"), "{:,.1f}", 1000.0)
-    lw = lambda impl, method, size: sel(GALORE_LAYERWISE, "peak_gib", impl=impl, method=method, size=size)
+    # the first edition's layer-wise peaks were a list keyed by method; a harness run keys its records by case
+    by = "method" if GALORE_LAYERWISE == "galore_layerwise_peaks.json" else "case"
+    lw = lambda impl, method, size: sel(GALORE_LAYERWISE, "peak_gib", impl=impl, size=size, **{by: method})
     lw_gib = lambda impl, method, size: Value(lw(impl, method, size), "{:.2f}")
     refresh = Value(ours(GALORE, "ours:galore_refresh", "1b", "ratios.speed-up vs galore-torch"))
     vs_adamw = Value(ours(GALORE_STEADY, "ours:galore", "1b", "ratios.step / AdamW"), "{:.2f}")
@@ -561,7 +563,9 @@ def _galore_rows() -> tuple[Row, ...]:
         Row(("steady-state step, 1.1B", "{peer} ms", "{ours} ms", "{r}× galore-torch", ""),
             {"peer": step(GALORE, "peer:galore"), "ours": step(GALORE, "ours:galore"),
              "r": Ratio(ours(GALORE, "ours:galore", "1b", "step_s"), ours(GALORE, "peer:galore", "1b", "step_s"))}),
-        Row(("steady-state step beside AdamW, 1.1B ([another run](../benchmarks/results/galore_steady.md))",
+        Row(("steady-state step beside AdamW, 1.1B" + (
+                "" if GALORE_STEADY == GALORE else
+                f" ([another run](../benchmarks/results/{GALORE_STEADY.removesuffix('.json')}.md))"),
              "AdamW {adamw} ms", "{ours} ms",
              "**{r}× AdamW** (same run)", "{goal}"),
             {"adamw": step(GALORE_STEADY, "peer:adamw"), "ours": step(GALORE_STEADY, "ours:galore"), "r": vs_adamw,
