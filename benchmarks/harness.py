@@ -208,14 +208,17 @@ def write(out: Path, suite: Suite, records: list[Record], env: dict[str, Any]) -
     return table
 
 
-def plan(suite: Suite, sizes: list[str] | None, cases: list[str] | None, smoke: bool) -> list[tuple[Case, str]]:
-    """(case, size) pairs in run order: smallest size first, then the suite's case order."""
+def plan(suite: Suite, sizes: list[str] | None, cases: list[str] | None, smoke: bool,
+         only: set[tuple[str, str]] | None = None) -> list[tuple[Case, str]]:
+    """(case, size) pairs in run order: smallest size first, then the suite's case order. ``only``: the (case key,
+    size) pairs to keep (size ``"*"``: any)."""
     chosen = [c for c in suite.cases if not cases or c.key in cases or c.name in cases]
     if smoke:  # CPU-capable cases only; ours only where the module exists yet
         exists = {c.module for c in chosen if (ROOT / "benchmarks" / "cases" / f"{c.module}.py").exists()}
         chosen = [c for c in chosen if c.smoke and (c.impl == "peer" or c.module in exists)]
         return [(c, "tiny") for c in chosen]
-    pairs = [(c, s) for c in chosen for s in c.sizes if not sizes or s in sizes]
+    pairs = [(c, s) for c in chosen for s in c.sizes if (not sizes or s in sizes)
+             and (only is None or (c.key, s) in only or (c.key, "*") in only)]
     return sorted(pairs, key=lambda p: SIZE_ORDER.index(p[1]) if p[1] in SIZE_ORDER else len(SIZE_ORDER))
 
 
@@ -231,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, help="override every case's sequence length")
     ap.add_argument("--timeout", type=float, default=None, help="seconds per case (default 480; smoke 120)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands only")
+    ap.add_argument("--tabled", action="store_true",
+                    help="only the cases and sizes that README.md's and docs/results.md's tables read from this suite "
+                         "(benchmarks/results_tables.py), with the references of their ratio columns")
     ap.add_argument("--from", dest="sources", nargs="+", type=Path, help="re-render the table from these JSON files")
     args = ap.parse_args(argv)
     suite = SUITES[args.suite]
@@ -254,7 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(cases or ()) - {n for c in suite.cases for n in (c.key, c.name)}
     if unknown:
         ap.error(f"suite {suite.name} has no case {sorted(unknown)}; it has {[c.key for c in suite.cases]}")
-    todo = plan(suite, sizes, cases, args.smoke)
+    only = None
+    if args.tabled:
+        from benchmarks.results_tables import suite_reads
+
+        only = suite_reads()[0].get(suite.name, set())
+    todo = plan(suite, sizes, cases, args.smoke, only)
     if not todo:
         ap.error(f"nothing to run: suite {suite.name} has no case at sizes {sizes}")
     info = environment(env.get("DEV", "cuda"))

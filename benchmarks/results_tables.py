@@ -806,6 +806,54 @@ def all_figures(table: Table = WHICH_METHOD) -> Iterable[tuple[str, str, Figure]
         yield from ((row.cells[1], k, f) for k, f in row.figures.items())
 
 
+def suite_files() -> dict[str, str]:
+    """The suites' files the tables read (the constants above), each to the suite (benchmarks/suites.py) it is a run
+    of."""
+    return {FOUNDATION: "foundation", MEZO_LATEST: "mezo", LOMO_PLAIN: "lomo", LOMO: "lomo", GALORE: "galore",
+            GALORE_STEADY: "galore", GALORE_LAYERWISE: "galore", DFO: "dfo", LIGHTNING: "lightning", ZERO3: "zero3",
+            LARGEST: "largest"}
+
+
+def suite_reads() -> tuple[dict[str, set[tuple[str, str]]], list[str]]:
+    """What the tables read from each suite's file: ``{suite: {(case key, size)}}`` (size ``"*"``: any), the
+    references of the ratio columns they read included; and the selectors that name a case, size or ratio column
+    its suite does not run (what a new run of the suite would leave empty)."""
+    from benchmarks.suites import SUITES
+
+    files, tup = suite_files(), lambda v: v if isinstance(v, tuple) else (v,)
+    reads: dict[str, set[tuple[str, str]]] = {}
+    problems: list[str] = []
+    for table in (WHICH_METHOD, *DOC_TABLES.values()):
+        for _, _, fig in all_figures(table):
+            for s in getattr(fig, "sources", lambda: [])():
+                if s.file not in files:
+                    continue
+                suite, where = SUITES[files[s.file]], dict(s.where)
+                keys = where.get("key") or tuple(f"{where['impl']}:{m}" for m in tup(where.get("method",
+                                                                                            where.get("case"))))
+                sizes = tup(where.get("size", "*"))
+                for key in tup(keys):
+                    case = next((c for c in suite.cases if c.key == key), None)
+                    if case is None:
+                        problems.append(f"{s.describe()}: the {suite.name} suite has no case {key}")
+                        continue
+                    if "*" not in sizes and not set(sizes) & set(case.sizes):
+                        problems.append(f"{s.describe()}: {key} runs at {case.sizes} only")
+                    need = {key}
+                    if s.field.startswith("ratios."):
+                        title = s.field.removeprefix("ratios.")
+                        ratio = next((r for r in suite.ratios if r.title == title), None)
+                        pairs = dict(ratio.pairs) if ratio is not None else {}
+                        rows = () if ratio is None else (ratio.rows or tuple(pairs))
+                        if ratio is None or (rows and key not in rows):
+                            problems.append(f"{s.describe()}: the {suite.name} suite gives {key} no {title!r}")
+                        else:
+                            own_peer = f"peer:{case.name}" if case.impl == "ours" else None
+                            need.add(pairs.get(key) or ratio.ref or own_peer)
+                    reads.setdefault(suite.name, set()).update((k, z) for k in need if k for z in sizes)
+    return reads, problems
+
+
 def missing_sources(table: Table = WHICH_METHOD) -> list[str]:
     return [f"{where} {{{name}}} = {fig.text!r}: {fig.why}" for where, name, fig in all_figures(table)
             if isinstance(fig, Missing)]

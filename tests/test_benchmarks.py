@@ -117,6 +117,19 @@ def test_plan_orders_sizes_filters_and_smoke():
                                          "ours:adamw"} and {s for _, s in smoke} == {"tiny"}
 
 
+def test_tabled_runs_what_the_tables_read(capsys):
+    """--tabled keeps the cases the published tables read, with the reference rows of the ratios they read."""
+    from benchmarks.results_tables import suite_reads
+
+    assert harness.main(["--suite", "dfo", "--dry-run", "--tabled"]) == 0
+    runs = {tuple(line.split()[1:3]) for line in capsys.readouterr().out.splitlines() if line.startswith("[")}
+    read = suite_reads()[0]["dfo"]
+    cases = SUITES["dfo"].cases
+    assert runs == {(c.key, z) for c in cases for z in c.sizes if {(c.key, z), (c.key, "*")} & read}
+    assert len(runs) < sum(len(c.sizes) for c in cases)
+    assert ("ours:dfo_sequential", "smol") in runs  # the reference of "sequential / row"
+
+
 def test_missing_module_and_oom_stop_become_rows(tmp_path, monkeypatch):
     """A case whose module does not exist is an error row; a case that OOMs is not run at larger sizes."""
     suite = Suite("t", "t", (Case("ours", "nothing", ("1b",), module="no_such_module"),

@@ -213,32 +213,9 @@ def test_grid_ratio_and_the_readme_quality_cells(tmp_path: Path, monkeypatch: py
 def test_every_suite_figure_is_a_case_its_suite_runs() -> None:
     """Each figure read from a suite's file names a case, size and ratio column that the suite (benchmarks/suites.py)
     runs today, so a new run of the suite, its file swapped in for the constant, still fills every table."""
-    from benchmarks.suites import SUITES
-
-    suite_of = {rt.FOUNDATION: "foundation", rt.MEZO_LATEST: "mezo", rt.LOMO_PLAIN: "lomo", rt.LOMO: "lomo",
-                rt.GALORE: "galore", rt.GALORE_STEADY: "galore", rt.GALORE_LAYERWISE: "galore", rt.DFO: "dfo",
-                rt.LIGHTNING: "lightning", rt.ZERO3: "zero3", rt.LARGEST: "largest"}
-    tuple_of = lambda v: v if isinstance(v, tuple) else (v,)
-    problems, checked = [], 0
-    for table in (rt.WHICH_METHOD, *rt.DOC_TABLES.values()):
-        for _, _, fig in rt.all_figures(table):
-            for s in getattr(fig, "sources", lambda: [])():
-                if s.file not in suite_of:
-                    continue
-                suite, where = SUITES[suite_of[s.file]], dict(s.where)
-                keys = where.get("key") or tuple(f"{where['impl']}:{m}" for m in tuple_of(where.get("method",
-                                                                                               where.get("case"))))
-                for key in tuple_of(keys):
-                    checked += 1
-                    case = next((c for c in suite.cases if c.key == key), None)
-                    if case is None:
-                        problems.append(f"{s.describe()}: the {suite.name} suite has no case {key}")
-                    elif "size" in where and not set(tuple_of(where["size"])) & set(case.sizes):
-                        problems.append(f"{s.describe()}: {key} runs at {case.sizes} only")
-                    if s.field.startswith("ratios."):
-                        title = s.field.removeprefix("ratios.")
-                        ratio = next((r for r in suite.ratios if r.title == title), None)
-                        rows = () if ratio is None else (ratio.rows or tuple(p[0] for p in ratio.pairs))
-                        if ratio is None or (rows and key not in rows):
-                            problems.append(f"{s.describe()}: the {suite.name} suite gives {key} no {title!r}")
-    assert checked > 100 and not problems, "\n".join(problems)
+    reads, problems = rt.suite_reads()
+    assert not problems, "\n".join(problems)
+    assert sum(map(len, reads.values())) > 60
+    # a ratio column brings its reference: the sequential generation each batched DFO row is set against
+    assert ("ours:dfo_sequential", "1b") in reads["dfo"] and ("ours:inference", "smol") in reads["dfo"]
+    assert ("peer:galore_refresh", "1b") in reads["galore"]  # ours:galore_refresh's speed-up, and a cell itself
