@@ -220,6 +220,19 @@ def test_fp16_overflow_at_the_lowest_scale_is_named_and_counts_toward_the_error(
     assert guard.consecutive == 1
 
 
+def test_fp16_non_finite_loss_is_warned_and_keeps_the_scale():
+    # a NaN from the forward (bad batch, diverged model) is no overflow: no lower scale helps, and it counts at once
+    model = tiny_llama(torch.float16)
+    notes = []
+    guard = SkipGuard("LOMO", max_consecutive=3, notify=notes.append)
+    scaler = DynamicLossScaler(init_scale=2.0**8)
+    fs = FusedStep(groups_of(model, 0.1, 0.0), {}, LomoSettings(rule="sgd"), scaler=scaler, guard=guard)
+    x = batches(1)[0]
+    info = fs.step(loss_of(model, x) * float("nan"), step=0)
+    assert info.skipped and not info.overflow and scaler.scale == 2.0**8
+    assert len(notes) == 1 and "non-finite loss at step 0" in notes[0] and guard.consecutive == 1
+
+
 def test_fp16_scaled_step_equals_unscaled_update():
     """A finite scaled step applies the same update as fp32 maths on the unscaled gradient."""
     model = tiny_llama(torch.float16)

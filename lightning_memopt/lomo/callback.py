@@ -159,7 +159,7 @@ class _Lomo(MethodCallback):
         self.last = self.fused.step(loss, self.step_index)
         if self._zero3:  # DeepSpeed leaves the first module gathered after backward: the next forward must regather
             reshard_all(self.module)
-        if self.last.skipped:
+        if self.last.overflow:  # a non-finite loss was warned about by the guard
             rank_zero_info(
                 f"{self.name}: fp16 overflow, step skipped (weights untouched); loss scale lowered to "
                 f"{self.scaler.scale if self.scaler else None}."

@@ -100,11 +100,13 @@ class DynamicLossScaler:
 
 @dataclass
 class StepInfo:
-    """What one step did: ``skipped`` on fp16 overflow; ``grad_norm`` (a 0-d tensor) when a measure pass ran."""
+    """What one step did: ``skipped`` on a non-finite loss or an fp16 overflow (``overflow``: a finite loss whose
+    scaled gradient was not); ``grad_norm`` (a 0-d tensor) when a measure pass ran."""
 
     skipped: bool = False
     grad_norm: Tensor | None = None
     loss_scale: float | None = None
+    overflow: bool = False
 
 
 Rule = Literal["sgd", "adalomo"]
@@ -261,13 +263,18 @@ class FusedStep:
             info.grad_norm = norm
             if self.scaler is not None:
                 info.loss_scale = scale
-                finite = bool(torch.isfinite(norm))  # fp16 only: the scaler needs the answer now (a host sync)
-                # an overflow only counts toward the error once the scale cannot go lower
-                self.guard.record(not finite, step, consecutive=scale <= self.scaler.min_scale,
-                                  reason=f"fp16 overflow (a non-finite gradient norm) at the lowest loss scale {scale:g}")
-                if not finite:
-                    self.scaler.update(overflow=True)
+                # fp16 only: the scaler needs the answer now (one host sync for both)
+                loss_ok, norm_ok = torch.stack([torch.isfinite(loss.detach()).all(), torch.isfinite(norm)]).tolist()
+                if not loss_ok:  # not the scale's doing: no lower scale helps, and it counts toward the error
+                    self.guard.record(True, step)
                     info.skipped = True
+                    return info
+                # an overflow only counts toward the error once the scale cannot go lower
+                self.guard.record(not norm_ok, step, consecutive=scale <= self.scaler.min_scale,
+                                  reason=f"fp16 overflow (a non-finite gradient norm) at the lowest loss scale {scale:g}")
+                if not norm_ok:
+                    self.scaler.update(overflow=True)
+                    info.skipped = info.overflow = True
                     return info
             if s.clip_grad_norm is not None:
                 self._clip_coef = (s.clip_grad_norm / (norm + 1e-6)).clamp(max=1.0)
