@@ -52,6 +52,29 @@ def test_memory_report_counts_shards_after_a_forward_without_backward():
     assert all(m["optimizer_state"] == one["memory"]["optimizer_state"] > 0 for m in mems)
 
 
+def test_memory_report_counts_parameters_outside_every_fsdp2_module():
+    """A configure_model may shard the decoder blocks only: the embedding and head stay plain tensors, which are no
+    gathered FSDP2 group (the parameters were reported as 0 B)."""
+    from lightning_memopt import MemoryReport
+    from lightning_memopt.core.memory import param_bytes
+    from lightning_memopt.strategies import FSDP2Strategy
+    from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+
+    model = tiny_model()
+
+    def configure_model(self):
+        from torch.distributed.fsdp import FSDPModule, fully_shard
+
+        if not any(isinstance(m, FSDPModule) for m in self.modules()):
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=self.trainer.strategy.device_mesh["data_parallel"])
+
+    model.configure_model = configure_model.__get__(model)
+    report = MemoryReport(print_table=False)
+    tiny_trainer(max_steps=2, callbacks=[report], strategy=FSDP2Strategy(), devices=1).fit(model, tiny_datamodule())
+    assert report.breakdown.params == param_bytes(model) > 0
+
+
 @pytest.mark.parametrize("eval_batch_size", [4, 1])
 def test_test_metrics_over_two_processes_count_every_example_once(eval_batch_size):
     """7 test rows over 2 ranks: the short share ends in a padding row that no metric counts (Lightning's sampler

@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_memopt.core.fsdp import is_dtensor, is_fsdp2, local, reshard_all
+from lightning_memopt.core.fsdp import fsdp_modules, is_dtensor, local, reshard_all
 from lightning_memopt.core.memory import (
     GIB,
     MemoryBreakdown,
@@ -24,7 +24,12 @@ from lightning_memopt.core.memory import (
 
 
 def _gathered(module: torch.nn.Module) -> bool:
-    return is_fsdp2(module) and not all(is_dtensor(p) for p in module.parameters())
+    """Whether an FSDP2 module holds its gathered full tensors (parameters outside every FSDP2 module are plain)."""
+    for m in fsdp_modules(module):
+        nested = {id(p) for sub in fsdp_modules(m) if sub is not m for p in sub.parameters()}
+        if any(not is_dtensor(p) for p in m.parameters() if id(p) not in nested):
+            return True
+    return False
 
 
 def _fmt(nbytes: float) -> str:
