@@ -146,3 +146,13 @@ def test_dfo_search_state_counts_as_optimizer_state():
     cov = 2 * d * d * 8  # C and its eigenvectors B, float64, per layer
     assert report.breakdown.optimizer_state >= dfo.lora.n_blocks * cov
     assert report.breakdown.optimizer_state == tensor_bytes(dfo.state_tensors())
+
+
+def test_state_on_another_device_is_left_out_when_asked():
+    # on a GPU the peak is the device allocator's; DFOLoRA parks idle layers' CMA-ES state on the host
+    t = torch.zeros(10)
+    assert tensor_bytes([t]) == 40 and tensor_bytes([t], device=torch.device("cpu")) == 40
+    assert tensor_bytes([t], device=torch.device("cuda", 0)) == 0
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1)
+    opt.state[opt.param_groups[0]["params"][0]]["m"] = t
+    assert optimizer_state_bytes([opt]) == 40 and optimizer_state_bytes([opt], torch.device("cuda", 0)) == 0

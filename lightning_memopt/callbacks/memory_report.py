@@ -93,7 +93,9 @@ class MemoryReport(Callback):
         if params and not _gathered(pl_module):
             self._params = max(self._params, param_bytes(pl_module))
         self._max_grads = max(self._max_grads, grad_bytes(pl_module))
-        self._max_opt = max(self._max_opt, optimizer_state_bytes(trainer.optimizers))
+        # on a GPU the peak is the device's: state parked on the host is not part of it
+        on = self._device if self._device.type == "cuda" else None
+        self._max_opt = max(self._max_opt, optimizer_state_bytes(trainer.optimizers, on))
 
     def _reset_live(self, pl_module: pl.LightningModule) -> None:
         """Start following gradients from those alive now (earlier micro-batches' under accumulation)."""

@@ -27,15 +27,16 @@ def _storage_key(t: Tensor) -> tuple[str, int]:
         return (str(t.device), id(t))
 
 
-def tensor_bytes(tensors: Iterable[Tensor], seen: Optional[set] = None) -> int:
-    """Bytes held by ``tensors``: local shards of DTensors, each storage counted once (tied weights, views)."""
+def tensor_bytes(tensors: Iterable[Tensor], seen: Optional[set] = None, device: Optional[torch.device] = None) -> int:
+    """Bytes held by ``tensors``: local shards of DTensors, each storage counted once (tied weights, views); with
+    ``device``, only the tensors on it."""
     seen = set() if seen is None else seen
     total = 0
     for t in tensors:
         if t is None:
             continue
         t = local(t)
-        if t.device.type == "meta":
+        if t.device.type == "meta" or (device is not None and t.device != device):
             continue
         key = _storage_key(t)
         if key in seen:
@@ -70,21 +71,22 @@ def walk_tensors(obj: Any) -> Iterable[Tensor]:
             yield from walk_tensors(v)
 
 
-def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer]) -> int:
+def optimizer_state_bytes(optimizers: Iterable[torch.optim.Optimizer], device: Optional[torch.device] = None) -> int:
     """Bytes of tensors in the optimizers' ``state`` (a :class:`HolderOptimizer`'s method state included).
 
     A holder's wrapped optimizer is counted too, and so is the state its method keeps outside it (the owner's
     ``state_tensors()``: DFOLoRA's search state and adapters); tensors shared with other state are counted once.
+    With ``device``, only the state on it (DFOLoRA parks idle layers' CMA-ES state on the host).
     """
     seen: set = set()
     total = 0
     for opt in optimizers:
         for o in (opt, getattr(opt, "wrapped", None)):
             if o is not None:
-                total += tensor_bytes(walk_tensors(dict(o.state)), seen)
+                total += tensor_bytes(walk_tensors(dict(o.state)), seen, device)
         owner_tensors = getattr(getattr(opt, "owner", None), "state_tensors", None)
         if owner_tensors is not None:
-            total += tensor_bytes(owner_tensors(), seen)
+            total += tensor_bytes(owner_tensors(), seen, device)
     return total
 
 
