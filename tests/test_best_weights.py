@@ -207,3 +207,11 @@ def test_a_multi_process_checkpoint_keeps_a_best_made_only_of_method_tensors():
     cb.best_weights = {"w": torch.ones(2)}  # this rank's shard: dropped, and the best with it
     again.load_state_dict(cb.state_dict())
     assert (again.best_step, again.best_weights, again.best_method_tensors, again._dropped_step) == (None, None, {}, 6)
+
+
+def test_a_best_of_other_method_tensors_is_refused_at_train_start():
+    # a DFOLoRA best resumed beside another method (or another layer count) would only fail when fit ends
+    cb = BestWeights(monitor="score")
+    cb.load_state_dict({"best_score": 0.9, "best_step": 6, "weights": {}, "method_tensors": {"z.0": torch.ones(3)}})
+    with pytest.raises(MisconfigurationException, match=r"holds a method's trained tensors \['z.0'\].*MeZO: \[\]"):
+        _fit([MeZO(lr=1e-3), Scripted([0.5] * 4), cb], max_steps=3)

@@ -32,7 +32,8 @@ class BestWeights(Callback):
 
     Checkpoints hold the best score and step. On one process they hold the weights too, so a resumed fit still ends
     at the best weights from before the resume. A multi-process checkpoint does not hold them (they are per-rank
-    shards). After such a resume the callback warns and tracks the best from the resume on. A method's own record
+    shards). After such a resume the callback warns and tracks the best from the resume on. DFOLoRA's z, the same on
+    every rank, is held at any number of processes, so its best survives any resume. A method's own record
     of the run (MeZO's trajectory, optimizer state) stays that of the last step: replaying a trajectory gives the
     last weights, not the best.
 
@@ -103,6 +104,16 @@ class BestWeights(Callback):
                 "BestWeights keeps the module's trained parameters, and none has requires_grad=True; remove "
                 "BestWeights, or train some parameters."
             )
+        if self.best_method_tensors:
+            now = self._method_tensors()
+            if {k: tuple(v.shape) for k, v in now.items()} != {
+                    k: tuple(v.shape) for k, v in self.best_method_tensors.items()}:
+                method = type(self._method).__name__ if self._method is not None else "no method"
+                raise MisconfigurationException(
+                    f"BestWeights: the checkpoint's best (step {self.best_step}) holds a method's trained tensors "
+                    f"{sorted(self.best_method_tensors)}, which this fit ({method}: {sorted(now)}) cannot take. Resume "
+                    "with the method and model the checkpoint was written with."
+                )
         if self._dropped_step is not None:
             rank_zero_warn(
                 f"BestWeights: the checkpoint of this {self._world_size}-process run does not hold the best weights "
