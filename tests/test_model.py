@@ -146,8 +146,11 @@ def test_frozen_patterns_under_lora_use_the_hugging_face_names():
     trained = [n for n, p in m.named_parameters() if p.requires_grad]
     assert trained and all("lora_" in n and ".layers.0." not in n for n in trained)
     assert any(".layers.0." in n and "lora_" in n for n, p in m.named_parameters() if not p.requires_grad)
-    with pytest.raises(ValueError, match=r"trained now: \['model.layers.0.self_attn"):
+    with pytest.raises(ValueError, match=r"matches no parameter.*trained now: \['model.layers.0.self_attn"):
         tiny_model(lora_rank=2, frozen=["model.layer.0.*"])
+    # the base weights do not train under LoRA: freezing them would do nothing, and silently
+    with pytest.raises(ValueError, match="matches only parameters that do not train anyway"):
+        tiny_model(lora_rank=2, frozen=["model.embed_tokens.*"])
 
 
 def test_a_frozen_tied_head_freezes_its_embedding():

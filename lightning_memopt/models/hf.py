@@ -160,13 +160,15 @@ def _freeze(module: torch.nn.Module, patterns: Sequence[str]) -> None:
     def matches(name: str, pat: str) -> bool:  # under peft, the wrapped model's own names match too
         return fnmatch.fnmatchcase(name, pat) or fnmatch.fnmatchcase(name.removeprefix(_PEFT_PREFIX), pat)
 
-    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    named = list(module.named_parameters(remove_duplicate=False))
     for pat in patterns:
-        if not any(matches(n, pat) for n in names):
+        if not any(matches(n, pat) and p.requires_grad for n, p in named):
             trained = [n.removeprefix(_PEFT_PREFIX) for n, p in module.named_parameters() if p.requires_grad]
+            what = ("matches only parameters that do not train anyway (under lora_rank only the adapters do)"
+                    if any(matches(n, pat) for n, _ in named) else "matches no parameter")
             raise ValueError(
-                f"frozen={list(patterns)}: {pat!r} matches no parameter. Patterns are fnmatch patterns of the "
-                f"Hugging Face model's named_parameters(), e.g. 'model.embed_tokens.*'; trained now: "
+                f"frozen={list(patterns)}: {pat!r} {what}. Patterns are fnmatch patterns of the Hugging Face model's "
+                f"named_parameters(), e.g. 'model.embed_tokens.*'; trained now: "
                 f"{trained[:3]}{' ...' if len(trained) > 3 else ''}."
             )
     for n, p in module.named_parameters(remove_duplicate=False):
