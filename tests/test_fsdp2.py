@@ -71,7 +71,11 @@ def test_memory_report_counts_parameters_outside_every_fsdp2_module():
 
     model.configure_model = configure_model.__get__(model)
     report = MemoryReport(print_table=False)
-    tiny_trainer(max_steps=2, callbacks=[report], strategy=FSDP2Strategy(), devices=1).fit(model, tiny_datamodule())
+    try:
+        tiny_trainer(max_steps=2, callbacks=[report], strategy=FSDP2Strategy(), devices=1).fit(model, tiny_datamodule())
+    finally:  # the strategy leaves the process group to the process; later tests start their own
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert report.breakdown.params == param_bytes(model) > 0
 
 
