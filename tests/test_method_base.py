@@ -757,3 +757,18 @@ def test_a_checkpoint_evaluated_before_a_fit_does_not_become_its_starting_state(
         return full_state(model)
 
     assert_same(fit(True), fit(False))
+
+
+class _FreezesAtStep2(TinyLM):
+    def on_train_batch_start(self, batch, batch_idx):
+        if self.trainer.global_step == 2:
+            self.model.model.embed_tokens.weight.requires_grad_(False)
+
+
+@pytest.mark.parametrize("name", ["mezo_sgd", "mezo_population", "lomo", "adalomo"])
+def test_requires_grad_flipped_during_the_fit_is_refused(name):
+    """The methods fix the trained parameters when training starts: a weight the module froze mid-fit kept moving
+    under MeZO (and one unfrozen never moved), without a word."""
+    with pytest.raises(MisconfigurationException, match=r"requires_grad changed during the fit for 1 parameters "
+                                                        r"\(model.model.embed_tokens.weight\).*own trainer.fit"):
+        tiny_trainer(max_steps=4, callbacks=[METHODS[name]()]).fit(_FreezesAtStep2())

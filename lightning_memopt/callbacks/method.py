@@ -97,6 +97,7 @@ class MethodCallback(Callback):
         self._numbers: dict[str, tuple[float, torch.Tensor]] = {}
         self._wrapped_step: tuple[pl.LightningModule, Any, bool] | None = None
         self._pbar = ProgressBarValues()
+        self._trained: tuple[bool, ...] | None = None  # requires_grad of every parameter when training started
 
     # ---- what a method provides ----------------------------------------------------------------------------------
     @property
@@ -251,6 +252,7 @@ class MethodCallback(Callback):
             self.guard.load_state_dict(state.get("skips", {}))
             self._log_changed_settings(trainer)
         self.start(trainer, pl_module, None if state is None else state.get("state", {}))
+        self._trained = tuple(p.requires_grad for p in pl_module.parameters())
 
     @override
     def on_train_batch_end(
@@ -321,12 +323,29 @@ class MethodCallback(Callback):
             # empty optimizer state (``_init_optim_state``: zero grads, lr 0, ``step()``) while it saves or loads a
             # checkpoint: no training step may run then (DFO would evaluate a whole generation).
             return None
+        self._check_trained_set()
         out = self.step(closure)
         if self.keeps_grads:  # used by the step: free them now rather than after the next forward
             for g in self.holder.param_groups:
                 for p in g["params"]:
                     p.grad = None
         return out
+
+    def _check_trained_set(self) -> None:
+        """Methods fix the trained parameters when training starts (MeZO's list, the in-backward hooks): a flag that
+        a module flips during the fit would be ignored, so it is an error."""
+        if self._trained is None or self.module is None:
+            return
+        now = tuple(p.requires_grad for p in self.module.parameters())
+        if now == self._trained:
+            return
+        names = [n for (n, p), was in zip(self.module.named_parameters(), self._trained) if p.requires_grad != was]
+        raise MisconfigurationException(
+            f"{self.name}: requires_grad changed during the fit for {len(names)} parameters ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}). {self.name} fixes the trained parameters when training starts, "
+            "so the change would be ignored. Fit each stage with its own trainer.fit call (freeze or unfreeze "
+            "between them)."
+        )
 
     def _apply_lr(self, trainer: pl.Trainer) -> None:
         if not hasattr(self, "lr"):
