@@ -411,6 +411,7 @@ class GaLoreOptimizer:
                     oversample=self.settings.oversample,
                     power_iters=self.settings.power_iters,
                     **({"reduce": reduce} if reduce else {}),
+                    shape=shape,
                 )
                 for p, basis, fine in zip(chunk, bases, ok):
                     self._install(p, side, basis, fine)

@@ -100,11 +100,13 @@ def compute_bases(
     oversample: int = 8,
     power_iters: int = 1,
     reduce: Reduce = _identity,
+    shape: Sequence[int] | None = None,
 ) -> tuple[Tensor, list[bool]]:
     """Bases ``[b, d, rank]`` (fp32) for same-shape gradients, and which gradients were finite.
 
     Non-finite entries are zeroed before factorising (so nothing crashes); the caller keeps the old basis for any
-    gradient whose flag is False. Under FSDP2 ``grads`` are local row shards and ``side`` must be RIGHT.
+    gradient whose flag is False. Under FSDP2 ``grads`` are local row shards, ``side`` must be RIGHT and ``shape`` is
+    the whole matrix's: the rank is clamped by its rows, not by the shard's (the sketch's products are all-reduced).
     """
     g = torch.stack([t.detach() for t in grads]).float()
     finite = torch.isfinite(g).flatten(1).all(dim=1)
@@ -112,7 +114,7 @@ def compute_bases(
     ok = finite.tolist()  # one host sync per refresh group (refreshes are rare)
     if not all(ok):
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-    m, n = g.shape[-2:]
+    m, n = tuple(shape)[-2:] if shape is not None else g.shape[-2:]
     r = min(rank, m, n)
     if method == "svd":
         return exact_bases(g, r, side), ok
