@@ -772,3 +772,20 @@ def test_requires_grad_flipped_during_the_fit_is_refused(name):
     with pytest.raises(MisconfigurationException, match=r"requires_grad changed during the fit for 1 parameters "
                                                         r"\(model.model.embed_tokens.weight\).*own trainer.fit"):
         tiny_trainer(max_steps=4, callbacks=[METHODS[name]()]).fit(_FreezesAtStep2())
+
+
+def test_a_finetuning_schedule_is_refused_by_galore_in_either_mode():
+    """GaLore picks its projected weights when the fit starts: a layer BaseFinetuning unfroze later got plain AdamW,
+    and a resume lost the group it added."""
+    from lightning.pytorch.callbacks import BaseFinetuning
+
+    class Unfreeze(BaseFinetuning):
+        def freeze_before_training(self, pl_module):
+            self.freeze(pl_module.model.model.layers[1])
+
+        def finetune_function(self, pl_module, epoch, optimizer):
+            pass
+
+    for layerwise in (False, True):
+        with pytest.raises(MisconfigurationException, match="Unfreeze, which unfreezes .*fit each stage on its own"):
+            tiny_trainer(max_steps=2, callbacks=[GaLore(layerwise=layerwise, **GAP), Unfreeze()]).fit(tiny_model())

@@ -334,7 +334,7 @@ class MethodCallback(Callback):
     def _check_trained_set(self) -> None:
         """Methods fix the trained parameters when training starts (MeZO's list, the in-backward hooks): a flag that
         a module flips during the fit would be ignored, so it is an error."""
-        if self._trained is None or self.module is None:
+        if self._trained is None or self.module is None or not self.fixed_params:
             return
         now = tuple(p.requires_grad for p in self.module.parameters())
         if now == self._trained:

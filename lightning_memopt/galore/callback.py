@@ -145,10 +145,6 @@ class GaLore(MethodCallback):
         )
 
     @property
-    def fixed_params(self) -> bool:  # type: ignore[override]
-        return self.layerwise  # its hooks are set at the start; the normal mode steps what the groups hold
-
-    @property
     def clipping_fix(self) -> str | None:  # type: ignore[override]
         if not self.layerwise:
             return None
