@@ -183,6 +183,11 @@ class GaLore(MethodCallback):
                     f"GaLore under FSDP2 supports optimizer='adamw' (sharded moments that checkpoints gather); got "
                     f"optimizer={s.optimizer!r}. Set GaLore(optimizer='adamw') or use one device."
                 )
+            if s.hf_adamw:
+                raise MisconfigurationException(
+                    "GaLore(hf_adamw=True) reproduces galore-torch's single-device GaLoreAdamW, op for op, for parity "
+                    "runs; under FSDP2 leave hf_adamw=False (the sharded step)."
+                )
             if s.refresh != "randomized":
                 raise MisconfigurationException(
                     f"GaLore under FSDP2 refreshes from all-reduced sketches; refresh={s.refresh!r} would need whole "
