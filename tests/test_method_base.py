@@ -223,6 +223,18 @@ def test_galore_skips_a_step_whose_gradient_is_not_finite():
     assert cb.skipped_steps == 1
 
 
+def test_a_skipped_first_adafactor_step_leaves_no_step_counter():
+    """Adafactor creates its ``step`` in the first step: a skip left it at 1, its beta2 schedule one step ahead."""
+    from lightning_memopt.testing.workers import NaNGradAt
+
+    model = tiny_model()
+    cb = GaLore(rank=4, optimizer="adafactor", moments="keep")
+    trainer = tiny_trainer(max_steps=1, callbacks=[cb, NaNGradAt("model.model.layers.1.mlp.down_proj", step=0)])
+    trainer.fit(model, tiny_datamodule(k=4))
+    assert cb.skipped_steps == 1
+    assert "step" not in trainer.strategy.optimizers[0].state[model.model.model.embed_tokens.weight]
+
+
 def test_two_method_callbacks_are_refused():
     trainer = tiny_trainer(max_steps=1, callbacks=[MeZO(), LOMO()])
     with pytest.raises(MisconfigurationException, match="Two method callbacks.*MeZO and LOMO|LOMO and MeZO"):

@@ -152,6 +152,16 @@ def _store(basis: Tensor, dtype: torch.dtype, side: int) -> Tensor:
     return basis.to(dtype, copy=True).contiguous()
 
 
+_KEYS = "__keys__"  # a snapshot's entry: the state's keys before the step
+
+
+def _put_back(s: dict[str, Any], snap: dict[str, Any]) -> None:
+    """Undo a skipped step's host-side counters: their values before it, and none it created."""
+    for k in [k for k, v in s.items() if type(v) is int and k not in snap[_KEYS]]:
+        del s[k]
+    s.update({k: v for k, v in snap.items() if k != _KEYS})
+
+
 def _zero_adam_state(p: Tensor, shape: tuple[int, ...]) -> dict[str, Any]:
     """Zero Adam moments of the GLOBAL ``shape`` in ``p``'s dtype. Under FSDP2 (only right projections, so the
     moments keep the weight's rows) they are DTensors sharded like ``p``: checkpoints gather and re-shard them."""
@@ -253,13 +263,13 @@ class GaLoreOptimizer:
         """Finish the step: if the guard later finds it skipped, the host-side counters it advanced are put back."""
         if self.guard is not None and self._ok is not None and self._touched:
             saved = [(s, {k: v for k, v in snap.items()}) for s, snap in self._touched]
-            self.guard.on_skip(lambda: [s.update(snap) for s, snap in saved])
+            self.guard.on_skip(lambda: [_put_back(s, snap) for s, snap in saved])
         if self._fins and self.guard is not None:
             slots = [slot for slot, _ in self._fins]
             flags = torch.stack([fin for _, fin in self._fins])  # one launch a step, not one a parameter
             by_slot = self._slot_touched
             self.guard.attach(
-                flags, lambda bad: [s.update(snap) for i in bad for s, snap in by_slot.get(slots[i], [])],
+                flags, lambda bad: [_put_back(s, snap) for i in bad for s, snap in by_slot.get(slots[i], [])],
                 "those tensors were left as they were (weights, moments and counters)",
                 names=[self._slot_names[slot] for slot in slots])
         self._ok, self._touched, self._fins, self._slot_touched, self._folded = None, [], None, {}, False
@@ -317,9 +327,11 @@ class GaLoreOptimizer:
                 )
 
     def _snapshot(self, states: list[dict[str, Any]]) -> None:
-        """Remember the host-side ints a step is about to advance (undone if the step turns out skipped)."""
+        """Remember the host-side ints a step is about to advance (undone if the step turns out skipped), and which
+        there were: a counter the step creates (Adafactor's first ``step``) goes again."""
         if self._ok is not None:
-            self._touched += [(s, {k: v for k, v in s.items() if type(v) is int}) for s in states]
+            self._touched += [(s, {**{k: v for k, v in s.items() if type(v) is int}, _KEYS: frozenset(s)})
+                              for s in states]
 
     # ---- plain AdamW for non-target parameters -----------------------------------------------------------------
     def _plain(self, group: dict[str, Any], ps: list[Tensor]) -> None:
