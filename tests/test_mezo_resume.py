@@ -65,3 +65,48 @@ def test_trajectory_replay_reproduces_trained_weights(tmp_path, variant):
 
     with pytest.raises(ValueError, match="base"):  # replaying onto the wrong weights is caught
         replay_trajectory(base, path)
+
+
+def test_recording_from_a_checkpoint_without_a_trajectory_is_refused_where_a_window_carries(tmp_path):
+    """The trajectory would start at the checkpoint's weights without the momentum window it restores: its replay
+    ended 0.042 away from the trained weights, the base check passing. MeZO-SGD carries no window: allowed."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    def first_half(kw: dict, out) -> str:
+        pl.seed_everything(0)
+        ckpt_cb = ModelCheckpoint(dirpath=out, save_top_k=-1, every_n_train_steps=4)
+        tiny_trainer(max_steps=4, enable_checkpointing=True, callbacks=[MeZO(**kw), ckpt_cb]).fit(
+            tiny_model(objective="lm"), tiny_datamodule(k=4, batch_size=8))
+        return str(next(out.glob("*step=4.ckpt")))
+
+    ckpt = first_half(KW, tmp_path / "momentum")
+    with pytest.raises(MisconfigurationException, match="would start recording mid-run.*momentum window"):
+        tiny_trainer(max_steps=6, callbacks=[MeZO(record_trajectory=True, **KW)]).fit(
+            tiny_model(objective="lm"), tiny_datamodule(k=4, batch_size=8), ckpt_path=ckpt)
+
+    sgd = {**KW, "variant": "sgd"}
+    ckpt = first_half(sgd, tmp_path / "sgd")
+    model, cb = tiny_model(objective="lm"), MeZO(record_trajectory=True, **sgd)
+    tiny_trainer(max_steps=6, callbacks=[cb]).fit(model, tiny_datamodule(k=4, batch_size=8), ckpt_path=ckpt)
+    base = tiny_model(objective="lm")
+    base.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    replay_trajectory(base, cb.trajectory)
+    trained, replayed = full_state(model), full_state(base)
+    assert [s["step"] for s in cb.trajectory["steps"]] == [4, 5]
+    assert all(torch.equal(trained[k], replayed[k]) for k in trained)
+
+
+def test_a_second_fit_with_the_same_callback_records_a_trajectory_of_its_own():
+    # the first fit's steps were kept and the second's appended (steps 0-3 twice), which replayed to other weights
+    pl.seed_everything(0)
+    model, dm = tiny_model(objective="lm"), tiny_datamodule(k=4, batch_size=8)
+    cb = MeZO(record_trajectory=True, **KW)
+    tiny_trainer(max_steps=4, callbacks=[cb]).fit(model, dm)
+    after_first = tiny_model(objective="lm")
+    after_first.load_state_dict(model.state_dict())
+    tiny_trainer(max_steps=3, callbacks=[cb]).fit(model, dm)
+    assert [s["step"] for s in cb.trajectory["steps"]] == [0, 1, 2]
+    replay_trajectory(after_first, cb.trajectory)
+    trained, replayed = full_state(model), full_state(after_first)
+    assert all(torch.equal(trained[k], replayed[k]) for k in trained)

@@ -295,9 +295,10 @@ class MeZO(MethodCallback):
             return training_step
 
         self.wrap_training_step(pl_module, wrap)
-        if self.record_trajectory and self.trajectory is None:
+        if self.record_trajectory:  # each fit its own (a checkpoint's replaces it in start): its steps from here
             self.trajectory = new_trajectory(_base_reference(pl_module), params, self.config, self.seed,
                                              self.zo.scales)
+            self._traj_pending.clear()
         n = sum(zp.param.numel() for zp in params)
         rank_zero_info(f"MeZO: {len(params)} tensors ({n / 1e6:.2f}M elements), {self.config}.")
         if self.cuda_graph:
@@ -332,6 +333,13 @@ class MeZO(MethodCallback):
             self.zo.directions.scales = {int(k): float(v) for k, v in state["scales"].items()}
         if state.get("trajectory") is not None:
             self.trajectory = state["trajectory"]
+        elif self.record_trajectory and (self.zo.history and self.config.variant != "sgd"
+                                         or state.get("curvature") is not None):
+            raise MisconfigurationException(
+                "MeZO(record_trajectory=True) would start recording mid-run: the checkpoint holds no trajectory, and "
+                f"the {self.config.variant} window (or the curvature estimate) it restores is in no record, so a replay "
+                "could not reproduce the weights. Record from the first step, or resume without record_trajectory."
+            )
         self._evaluations = int(state.get("evaluations", 0))
 
     @override
