@@ -362,8 +362,9 @@ def warn_unperturbed(names: Iterable[str]) -> None:
 
     rank_zero_warn(
         f"MeZO: {len(listed)} trained parameters were not perturbed in the first forward, because no forward of the "
-        f"module owning them ran ({', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''}). MeZO sees a weight "
-        f"inside its module's forward: one used directly in training_step never moves. Hold it in a submodule (an "
-        f"nn.Module whose forward uses it), or leave it out of the optimizer. (A mixture of experts whose first batch "
-        f"skipped some experts is fine.)"
+        f"module owning them ran ({', '.join(listed[:5])}{', ...' if len(listed) > 5 else ''}). MeZO perturbs a weight "
+        f"inside its module's forward, and updates every trained weight by the estimate times its direction: a "
+        f"weight the forwards never perturb (one used directly in training_step) moves by noise alone. Hold it in a "
+        f"submodule (an nn.Module whose forward uses it), or freeze it (requires_grad=False). (In a mixture of "
+        f"experts, an expert a step skips gets that step's noise too; one the first batch skipped is not an error.)"
     )
