@@ -481,3 +481,14 @@ def test_stacked_left_factors_give_the_members_losses_of_the_batched_matmuls(mon
     assert calls and set(calls) == {width}
     assert len(calls) == sum(w >= width for w in linears)
     torch.testing.assert_close(out["stacked"], out["batched"], rtol=1e-5, atol=1e-6)
+
+
+def test_the_batched_path_logs_the_modules_train_loss(tmp_path):
+    """The batched population never calls training_step: a ModelCheckpoint monitoring train_loss saved nothing for
+    the whole fit. The module's log_train_loss gets the step's loss instead."""
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(tmp_path, monitor="train_loss", every_n_train_steps=3, save_top_k=-1)
+    trainer = tiny_trainer(max_steps=6, enable_checkpointing=True, callbacks=[MeZO(lr=1e-3, **POP), ckpt])
+    trainer.fit(tiny_model(), tiny_datamodule(k=16, batch_size=8))
+    assert sorted(p.name for p in tmp_path.glob("*.ckpt")) == ["epoch=0-step=3.ckpt", "epoch=1-step=6.ckpt"]
+    assert float(trainer.callback_metrics["train_loss"]) == pytest.approx(float(trainer.callback_metrics["mezo/loss"]))

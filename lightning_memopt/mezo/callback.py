@@ -407,6 +407,12 @@ class MeZO(MethodCallback):
             if skipped:
                 return None  # this batch adds nothing to the step (with no other micro-batch, no update)
             out = last[0]
+        if self._per_sample is not None and out is None:
+            # training_step did not run (the batched population): the module's own log of the loss, where it has one
+            # (a ModelCheckpoint monitoring train_loss saved nothing without it)
+            log_loss = getattr(pl_module, "log_train_loss", None)
+            if callable(log_loss):
+                log_loss(loss, args[0] if args else kwargs.get("batch"))
         self._seeds = seeds
         self._evaluations += self.zo.forwards_per_estimate
         self._g_sum = g if self._g_sum is None else self._g_sum + g

@@ -548,9 +548,14 @@ class HFCausalLM(LightningModule):
             return batch
         return {**batch, "answers": None}
 
+    def log_train_loss(self, loss: Tensor, batch: dict[str, Tensor]) -> None:
+        """Log the training loss as ``training_step`` does; a population method whose batched path calls
+        ``per_sample_loss`` instead of ``training_step`` (``MeZO(batched=True)``) logs its step's loss here."""
+        self.log("train_loss", loss.detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Any]:
         out = self._step(batch)
-        self.log("train_loss", out["loss"].detach(), prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log_train_loss(out["loss"], batch)
         if self.hparams.train_generate:  # for a metric objective (MeZO(metric=...)): answers and references
             out["preds"] = self.generate_text(batch["prompt_ids"], batch.get("prompt_mask"))
             out["target"] = batch["answers"]
