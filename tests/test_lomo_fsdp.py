@@ -62,3 +62,16 @@ def test_fsdp2_a_nan_gradient_on_one_shard_is_left_out_alike_on_every_rank(case)
     assert two[0]["skips"] == two[1]["skips"] == one["skips"]
     assert all(torch.isfinite(v).all() for v in one["state"].values())
     assert rel(two[0]["state"], one["state"]) <= 1e-5
+
+
+def test_fp16_a_non_finite_loss_on_one_rank_is_skipped_alike_on_every_rank():
+    """Each rank checked its own loss: the rank with the NaN kept its scale, the other took the NaN norm for an
+    overflow and halved it, and from then on the ranks scaled their gradients differently."""
+    cb = {"class_path": "lightning_memopt.lomo.callback.LOMO", "init_args": {"lr": 0.05, "init_loss_scale": 256.0}}
+    out = run_distributed(
+        "lightning_memopt.testing.workers:fit_tiny", world_size=2, steps=3, global_batch=16, callback=cb,
+        callbacks=[{"class_path": "lightning_memopt.testing.workers.NaNLossOnRank", "init_args": {"step": 1}}],
+        inspect="lightning_memopt.testing.workers:scaler_state", model_kwargs={"torch_dtype": "float16"},
+        trainer_kwargs={"precision": "16-true"})
+    assert out[0]["scaler"] == out[1]["scaler"] and out[0]["scaler"]["scale"] == 256.0
+    assert out[0]["skipped"] == out[1]["skipped"] == 1

@@ -158,6 +158,32 @@ class NaNGradAt(pl.Callback):
         self._handle.remove()
 
 
+class NaNLossOnRank(pl.Callback):
+    """Rank ``rank``'s training loss is NaN at step ``step`` (a bad batch on one rank)."""
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank = step, rank
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        original = pl_module.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            out = original(*args, **kwargs)
+            if trainer.global_rank == self.rank and trainer.global_step == self.step:
+                return {**out, "loss": out["loss"] * float("nan")} if isinstance(out, dict) else out * float("nan")
+            return out
+
+        pl_module.training_step = training_step
+
+
+def scaler_state(trainer: pl.Trainer, model: torch.nn.Module) -> dict[str, Any]:
+    """LOMO/AdaLomo's fp16 loss scaler and skip count (``fit_tiny``'s ``inspect``)."""
+    from lightning_memopt.lomo.callback import _Lomo
+
+    cb = next(c for c in trainer.callbacks if isinstance(c, _Lomo))
+    return {"scaler": cb.scaler.state_dict() if cb.scaler else None, "skipped": cb.skipped_steps}
+
+
 def skip_counts(trainer: pl.Trainer, model: torch.nn.Module) -> dict[str, Any]:
     """The method callback's counts of skipped steps and of tensors left out (``fit_tiny``'s ``inspect``)."""
     from lightning_memopt.callbacks.method import MethodCallback
