@@ -168,8 +168,8 @@ def _merge_dfo_adapters(model: torch.nn.Module, meta: dict[str, Any]) -> bool:
     ``DFOLoRA.merge()`` does after a fit); False where the checkpoint has none."""
     states = [v for v in (meta.get("callbacks") or {}).values()
               if isinstance(v, dict) and v.get("memopt_method") == "DFOLoRA"]
-    if not states or not states[0].get("state"):
-        return False
+    if not states or not states[0].get("state") or states[0]["state"].get("merged"):
+        return False  # none, or merge() folded them into the checkpoint's weights already
     settings, state = states[0]["settings"], states[0]["state"]
     if state.get("maps", "device") != "philox":
         warnings.warn(

@@ -392,3 +392,54 @@ def test_a_second_dfolora_on_an_adapted_module_is_refused_until_the_first_is_mer
     second = DFOLoRA(**kw)
     tiny_trainer(max_steps=1, callbacks=[second]).fit(model, dm)
     assert second.generation == 1
+
+
+MERGE_KW = {"d": 40, "population": 6, "budget": None, "stat_batches": 2, "init_scale": 1.0}
+
+
+def test_after_merge_the_callback_cannot_fit_again_and_its_checkpoint_holds_the_adapters_once(tmp_path):
+    """merge() folds B A into the weights: a later fit with the same callback ran with no hooks (every candidate the
+    same fitness) or crashed; a checkpoint saved after it applied the adapters a second time on evaluation and in
+    consolidate (logits 0.018 away from the merged model's)."""
+    from lightning_memopt.cli import main
+
+    cb = DFOLoRA(**MERGE_KW)
+    model, dm, trainer = _fit(cb, 3)
+    cb.merge()
+    with pytest.raises(MisconfigurationException, match=r"merge\(\) folded .* Fit with a fresh DFOLoRA"):
+        tiny_trainer(max_steps=5, callbacks=[cb]).fit(model, dm)
+    ckpt = str(tmp_path / "merged.ckpt")
+    trainer.save_checkpoint(ckpt)
+    (merged,) = trainer.test(model, dm, verbose=False)
+    for callbacks in ([DFOLoRA(**MERGE_KW)], []):  # with DFOLoRA or without: the weights hold the adapters
+        torch.manual_seed(0)
+        (again,) = tiny_trainer(callbacks=callbacks).test(tiny_model(), dm, ckpt_path=ckpt, verbose=False)
+        assert again["test_loss"] == pytest.approx(merged["test_loss"], abs=1e-7)
+    main(["consolidate", ckpt, str(tmp_path / "hf"), "--no-tokenizer"])
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.model.eval()(ids).logits
+        consolidated = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf")).eval()(ids).logits
+    torch.testing.assert_close(consolidated, ours, atol=1e-5, rtol=0)
+    with pytest.raises(MisconfigurationException, match="saved after DFOLoRA.merge"):  # nothing left to resume
+        tiny_trainer(max_steps=5, callbacks=[DFOLoRA(**MERGE_KW)]).fit(tiny_model(), dm, ckpt_path=ckpt)
+
+
+def test_a_checkpoint_evaluated_before_a_fit_gives_it_adapters_not_its_search(tmp_path):
+    """validate(ckpt_path=X) installed X's whole search state: a fresh fit after it went on from X's generation and
+    spent X's budget (10 generations to a budget of 60 forwards became 6)."""
+    kw = {**MERGE_KW, "budget": 60}
+    first = DFOLoRA(**kw)
+    _, dm, trainer = _fit(first, 4)
+    ckpt = str(tmp_path / "x.ckpt")
+    trainer.save_checkpoint(ckpt)
+    cb = DFOLoRA(**kw)
+    torch.manual_seed(0)
+    model = tiny_model()
+    tiny_trainer(callbacks=[cb], limit_val_batches=1.0).validate(model, dm, ckpt_path=ckpt, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(cb.lora.z, first.lora.z))  # X's adapters were evaluated
+    trainer = tiny_trainer(max_steps=100, callbacks=[cb])
+    trainer.fit(model, dm)
+    assert (trainer.global_step, cb.generation, cb.evaluations) == (10, 10, 60)

@@ -142,6 +142,7 @@ class DFOLoRA(MethodCallback):
         self._batch: Any = None
         self._batch_idx = 0
         self._logged = True
+        self._merged = False  # merge() folded the adapters into the weights: this callback cannot train again
 
     @property
     def lora(self):  # noqa: ANN201 - the ZLoRA of the running fit
@@ -162,6 +163,14 @@ class DFOLoRA(MethodCallback):
     @property
     def exhausted(self) -> bool:
         return self.dfo is not None and self.dfo.exhausted
+
+    @override
+    def validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._merged:
+            raise MisconfigurationException(
+                "DFOLoRA.merge() folded this callback's adapters into the weights and removed its hooks, so it cannot "
+                "train again. Fit with a fresh DFOLoRA(...), which adds new adapters on the merged weights."
+            )
 
     @override
     def settings(self) -> dict[str, Any]:
@@ -242,6 +251,12 @@ class DFOLoRA(MethodCallback):
     @override
     def start(self, trainer: Trainer, pl_module: LightningModule, state: dict[str, Any] | None) -> None:
         assert self.dfo is not None
+        if state and state.get("merged"):
+            raise MisconfigurationException(
+                "This checkpoint was saved after DFOLoRA.merge(): its adapters are in the weights and no search state "
+                "is left to resume. Resume from a checkpoint saved before merge(), or fit a fresh DFOLoRA from its "
+                "weights (load them, then trainer.fit without ckpt_path)."
+            )
         if state:  # FSDP restores callback state after on_fit_start: applied here
             try:
                 self.dfo.load_state_dict(state)
@@ -344,16 +359,24 @@ class DFOLoRA(MethodCallback):
         if trainer.state.fn == "fit" or self._pending is None:
             return  # in a fit, on_train_start applies it
         pending, self._pending = self._pending, None
+        state = pending.get("state") or {}
+        if state.get("merged"):  # its weights hold the adapters: hooks of this callback would add them twice
+            if self.dfo is not None:
+                self.dfo.remove()
+                self.dfo, self._graphed_step = None, None
+            rank_zero_info("DFOLoRA: the checkpoint's adapters were merged into its weights; evaluating those.")
+            return
         try:
             if self.dfo is None or self.dfo.module is not pl_module:
                 if self.dfo is not None:
                     self.dfo.remove()
                 self.dfo = LayerwiseDFO(pl_module, self.config, guard=self.guard, **self._paths(pl_module))
                 self._graphed_step = None
-            self.dfo.load_state_dict(pending.get("state") or {})
+            # the adapters only, as Lightning loads the weights: the search state is not a later fit's start
+            self.dfo.load_adapters(state)
         except (ValueError, KeyError) as err:
             raise MisconfigurationException(f"DFOLoRA cannot apply the checkpoint's adapters: {err}") from None
-        rank_zero_info(f"DFOLoRA: evaluating the checkpoint's adapters (generation {self.dfo.generation}).")
+        rank_zero_info(f"DFOLoRA: evaluating the checkpoint's adapters (generation {state.get('generation')}).")
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -374,10 +397,13 @@ class DFOLoRA(MethodCallback):
             raise RuntimeError("DFOLoRA.merge(): nothing to merge before fit has run.")
         self.dfo.merge()
         self._graphed_step = None
+        self._merged = True
 
     # ---- state -----------------------------------------------------------------------------------------------
     @override
     def method_state(self) -> dict[str, Any]:
+        if self._merged:  # the weights hold the adapters; a state with z's would have them applied a second time
+            return {"merged": True}
         return {} if self.dfo is None else self.dfo.state_dict()
 
     @override

@@ -491,6 +491,11 @@ class LayerwiseDFO:
         self._park_all()
         self.lora.restore(s)
 
+    def load_adapters(self, s: dict[str, Any]) -> None:
+        """The adapters of a saved state (z's, statistics, maps) without its search state: evaluating a checkpoint."""
+        self.guard.resolve()
+        self.lora.restore(s)
+
     def merge(self) -> None:
         """Fold the learned LoRA into the module's q/k weights and remove the hooks."""
         self.lora.merge()

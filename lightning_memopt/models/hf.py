@@ -637,7 +637,8 @@ class HFCausalLM(LightningModule):
         running = {cb.state_key for cb in trainer.callbacks}
         states = checkpoint.get("callbacks") or {}
         if trainer.state.fn != "fit":
-            adapters = [k for k, v in states.items() if isinstance(v, dict) and v.get("memopt_method") == "DFOLoRA"]
+            adapters = [k for k, v in states.items() if isinstance(v, dict) and v.get("memopt_method") == "DFOLoRA"
+                        and not (v.get("state") or {}).get("merged")]  # merged ones are in the weights
             if adapters and not running.intersection(adapters):
                 raise MisconfigurationException(
                     "This checkpoint was written by DFOLoRA: its learned adapters are in the callback's state, not in "
