@@ -443,3 +443,12 @@ def test_a_checkpoint_evaluated_before_a_fit_gives_it_adapters_not_its_search(tm
     trainer = tiny_trainer(max_steps=100, callbacks=[cb])
     trainer.fit(model, dm)
     assert (trainer.global_step, cb.generation, cb.evaluations) == (10, 10, 60)
+
+
+def test_the_start_log_says_lr_and_schedulers_do_not_drive_it(caplog):
+    # lr=1e-3, lr=0 and a warmup schedule gave the same z's with no word; LearningRateMonitor logs the lr all the same
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        _fit(DFOLoRA(**MERGE_KW), 1)
+    assert "It has no learning rate: the optimizer's lr and any LR scheduler leave it as it is" in caplog.text

@@ -213,7 +213,8 @@ class DFOLoRA(MethodCallback):
         rank_zero_info(
             f"DFOLoRA[{c.optimizer}]: rank-{c.rank} LoRA on {t} modules in {self.dfo.lora.n_blocks} layers, "
             f"z of {c.d} per layer, population {c.population}, budget {c.budget} forwards, "
-            f"{self._describe()}."
+            f"{self._describe()}. It has no learning rate: the optimizer's lr and any LR scheduler leave it as it is "
+            f"(sigma={c.sigma} sets the search's first step)."
         )
 
     def _graph_training_step(self, pl_module: LightningModule) -> None:
