@@ -452,3 +452,12 @@ def test_the_start_log_says_lr_and_schedulers_do_not_drive_it(caplog):
     with caplog.at_level(logging.INFO):
         _fit(DFOLoRA(**MERGE_KW), 1)
     assert "It has no learning rate: the optimizer's lr and any LR scheduler leave it as it is" in caplog.text
+
+
+def test_optimizer_device_is_checked_when_given_and_at_setup():
+    # a bad or absent device failed with torch's own error at on_fit_start
+    with pytest.raises(ValueError, match="optimizer_device='cpux' is not a device"):
+        DFOLoRA(optimizer_device="cpux")
+    if not torch.cuda.is_available():
+        with pytest.raises(MisconfigurationException, match="optimizer_device='cuda'.* needs a GPU"):
+            _fit(DFOLoRA(optimizer_device="cuda", **MERGE_KW), 1)

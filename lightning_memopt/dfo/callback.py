@@ -166,6 +166,12 @@ class DFOLoRA(MethodCallback):
 
     @override
     def validate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        dev = self.config.optimizer_device
+        if dev is not None and torch.device(dev).type == "cuda" and not torch.cuda.is_available():
+            raise MisconfigurationException(
+                f"DFOLoRA(optimizer_device={dev!r}) needs a GPU, and this machine has none; use optimizer_device='cpu' "
+                "or leave it None (the module's device)."
+            )
         if self._merged:
             raise MisconfigurationException(
                 "DFOLoRA.merge() folded this callback's adapters into the weights and removed its hooks, so it cannot "

@@ -90,6 +90,12 @@ class DFOSettings:
         validate.finite(self.margin, "margin")
         validate.at_least(self.stat_batches, 1, "stat_batches")
         validate.optional_positive(self.bound, "bound")
+        if self.optimizer_device is not None:
+            try:
+                torch.device(self.optimizer_device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"optimizer_device={self.optimizer_device!r} is not a device, e.g. 'cpu' or "
+                                 f"'cuda:0': {err}") from None
         if self.population_chunk is not None:
             validate.at_least(self.population_chunk, 1, "population_chunk")
         if self.optimizer == "fireworks":
