@@ -99,13 +99,13 @@ class BestWeights(Callback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not any(p.requires_grad for p in pl_module.parameters()) and not self._method_tensors():
+        now = self._method_tensors()
+        if not any(p.requires_grad for p in pl_module.parameters()) and not now:
             raise MisconfigurationException(
                 "BestWeights keeps the module's trained parameters, and none has requires_grad=True; remove "
                 "BestWeights, or train some parameters."
             )
         if self.best_method_tensors:
-            now = self._method_tensors()
             if {k: tuple(v.shape) for k, v in now.items()} != {
                     k: tuple(v.shape) for k, v in self.best_method_tensors.items()}:
                 method = type(self._method).__name__ if self._method is not None else "no method"

@@ -265,8 +265,7 @@ class FusedStep:
                 info.loss_scale = scale
                 # fp16 only: the scaler needs the answer now (one host sync for both)
                 flags = torch.stack([torch.isfinite(loss.detach()).all(), torch.isfinite(norm)]).float()
-                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MIN)  # one rank's bad loss: every rank skips alike
+                all_reduce_(flags, op="min")  # one rank's bad loss: every rank skips alike
                 loss_ok, norm_ok = (flags > 0).tolist()
                 if not loss_ok:  # not the scale's doing: no lower scale helps, and it counts toward the error
                     self.guard.record(True, step)
