@@ -19,6 +19,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -269,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     if not todo:
         ap.error(f"nothing to run: suite {suite.name} has no case at sizes {sizes}")
     info = environment(env.get("DEV", "cuda"))
-    info.update(anchors=str(anchors), smoke=args.smoke)
+    # the invocation that made the file, beside each record's own case command (``cmd``)
+    info.update(anchors=str(anchors), smoke=args.smoke,
+                command=shlex.join(["python", "-m", "benchmarks.harness", *(sys.argv[1:] if argv is None else argv)]))
     print(f"suite {suite.name}: {len(todo)} runs, anchors {anchors}, out {out}.{{json,md}}", flush=True)
 
     records: list[Record] = []

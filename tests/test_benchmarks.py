@@ -161,6 +161,8 @@ def test_smoke_foundation_suite(tmp_path):
     assert harness.main(["--suite", "foundation", "--smoke", "--anchors", str(ANCHORS), "--out", str(out)]) == 0
     data = json.loads(out.with_name("foundation.json").read_text())
     assert data["environment"]["torch"] and data["environment"]["smoke"] is True
+    assert data["environment"]["command"] == (
+        f"python -m benchmarks.harness --suite foundation --smoke --anchors {ANCHORS} --out {out}")
     recs = {r["key"]: r for r in data["records"]}
     assert set(recs) == {"peer:forward", "peer:adamw", "peer:mezo_official", "ours:forward", "ours:adamw"}
     for r in recs.values():
