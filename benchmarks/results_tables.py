@@ -178,17 +178,17 @@ class Ratio:
 
 @dataclass(frozen=True)
 class Range:
-    """The smallest and largest value over every record the selectors match, as ``lo–hi``; one figure when the two
-    format alike."""
+    """The smallest and largest value over every record the selectors match (and of each ``Ratio``, e.g. one per
+    run), as ``lo–hi``; one figure when the two format alike."""
 
-    srcs: tuple[Sel, ...]
+    srcs: tuple[Sel | Ratio, ...]
     fmt: str = "{:.2f}"
 
     def sources(self) -> list[Sel]:
-        return list(self.srcs)
+        return [x for s in self.srcs for x in (s.sources() if isinstance(s, Ratio) else [s])]
 
     def render(self, ld: Loader) -> str:
-        vals = [v for s in self.srcs for v in ld.values(s)]
+        vals = [v for s in self.srcs for v in ([s.number(ld)] if isinstance(s, Ratio) else ld.values(s))]
         lo, hi = self.fmt.format(min(vals)), self.fmt.format(max(vals))
         return lo if lo == hi else f"{lo}{DASH}{hi}"
 
@@ -337,17 +337,19 @@ def peak_vs_adamw(method: str) -> Ratio:
     return Ratio(*(GridCell("sst2", m, "peak_gib", min_n=1) for m in (method, "adamw")))
 
 
-MEZO_LATEST = "mezo_h100_c4100e0.json"  # the MeZO suite at c4100e0, H100 (runs 1-3: mezo*.json before it)
 # The suites' files, read by the README's table, docs/results.md's tables and the bars (plot_results): swap a name
-# here to re-measure everywhere at once.
-FOUNDATION = "foundation.json"
-DFO = "dfo.json"
-# LOMO and AdaLomo against lomo-optim's step in the same run: plain LOMO from the first run, the rest from the run
-# after AdaLomo's hook was slimmed. Point both at one file when the whole suite is re-measured.
-LOMO_PLAIN, LOMO = "lomo.json", "lomo_run2.json"
-# GaLore against galore-torch: the steps from one run, beside AdamW from another, the layer-wise peaks from a third
-# (a list of records keyed by method and impl). One galore suite run on the H200 replaces all three.
-GALORE, GALORE_STEADY, GALORE_LAYERWISE = "galore_1b.json", "galore_steady.json", "galore_layerwise_peaks.json"
+# here to re-measure everywhere at once. The second edition's runs, d6f8e7a on one H100 (`harness --tabled`).
+MEZO_LATEST = "mezo_h100_d6f8e7a.json"
+FOUNDATION = "foundation_h100_d6f8e7a.json"
+DFO = "dfo_h100_d6f8e7a.json"
+# LOMO and AdaLomo against lomo-optim's step in the same run (the first edition read plain LOMO from another run).
+LOMO_PLAIN = LOMO = "lomo_h100_d6f8e7a.json"
+# GaLore against galore-torch: the steps and AdamW from one run; the layer-wise peaks still the first edition's (a
+# list of records keyed by method and impl, no card or commit) until the galore suite's layer-wise cases run again.
+GALORE = GALORE_STEADY = "galore_1b_steps_h100_d6f8e7a.json"
+GALORE_LAYERWISE = "galore_layerwise_peaks.json"
+# Each method through a LightningModule under a Trainer beside its bare step (suites.THROUGH_TRAINER pairs the cases).
+LIGHTNING = "lightning_h100_d6f8e7a.json"
 # Under DeepSpeed ZeRO-3 on one GPU: each of our cases against lomo-optim's own ZeRO-3 path, same partitioning config.
 ZERO3 = "zero3_h200.json"
 
@@ -392,12 +394,15 @@ WHICH_METHOD = Table(
         Row(
             ("Adam's behaviour with less optimizer state", "`GaLore`",
              "optimizer state in rank-r; {peak_sst2}× AdamW's peak on SST-2",
-             "steady step {steady}× galore-torch's and {vs_adamw}× AdamW's; subspace refresh {refresh}× faster",
+             ("steady step {steady}× galore-torch's (two runs) and {vs_adamw}× AdamW's; subspace refresh {refresh}× "
+              "faster"),
              QUALITY),
             {
                 "peak_sst2": peak_vs_adamw("galore"),
-                "steady": Ratio(ours(GALORE, "ours:galore", "1b", "step_s"),
-                                ours(GALORE, "peer:galore", "1b", "step_s")),
+                # galore-torch's step varied most between runs on one card: each run that holds both steps
+                "steady": Range((Ratio(ours(GALORE, "ours:galore", "1b", "step_s"),
+                                       ours(GALORE, "peer:galore", "1b", "step_s")),
+                                 ours(LIGHTNING, "ours:galore", "1b", "ratios.step / galore-torch"))),
                 "vs_adamw": Value(ours(GALORE_STEADY, "ours:galore", "1b", "ratios.step / AdamW"), "{:.2f}"),
                 "refresh": Value(ours(GALORE, "ours:galore_refresh", "1b",
                                       "ratios.speed-up vs galore-torch"), "{:.0f}"),
@@ -472,22 +477,31 @@ def _dfo_rows(size: str, model: str) -> tuple[Row, ...]:
             "{row}×", "{pinf}", "{g_speed}, {g_peak}"),
         row("**batched, `population_chunk=10` (default)**", "dfo_batched_chunk10", "**{row}×**", "**{pinf}**",
             "{g_speed}, {g_peak}"),
-        row("batched, `population_chunk=5`" + (" (earlier run)" if size == "1b" else ""), "dfo_batched_chunk5",
+        row("batched, `population_chunk=5`", "dfo_batched_chunk5",
             "{row}×", "{pinf}"),
         row("sequential", "dfo_sequential", "1.0×", "{pinf}"),
     )
 
 
-# Each method through a LightningModule under a Trainer, as users run it, beside its bare step (suites.THROUGH_TRAINER
-# pairs the cases). The H200 has run the GaLore pairs only; the full suite's file adds the other methods' rows.
-LIGHTNING = "lightning_h200.json"
-TRAINER_ROWS = (  # (Trainer case, bare case, label)
-    ("ours:galore_lightning", "ours:galore", "GaLore, gradients freed after the step (default)"),
-    ("ours:galore_lightning_keepgrads", "ours:galore", "GaLore, gradients left to Lightning"),
+# docs/results.md's Trainer table: each method through a LightningModule under a Trainer, as users run it, beside its
+# bare step in the same run (LIGHTNING, above).
+TRAINER_ROWS = (  # (Trainer case, bare case, label, size): every pair of suites.THROUGH_TRAINER
+    ("ours:galore_lightning", "ours:galore", "GaLore, gradients freed after the step (default)", "1b"),
+    ("ours:galore_lightning_keepgrads", "ours:galore", "GaLore, gradients left to Lightning", "1b"),
+    ("ours:adamw_lightning", "peer:adamw", "AdamW (torch, fused), for scale", "1b"),
+    ("ours:lomo_lightning_ckpt", "ours:lomo_ckpt", "LOMO, checkpointed", "1b"),
+    ("ours:adalomo_lightning_ckpt", "ours:adalomo_ckpt", "AdaLomo, checkpointed", "1b"),
+    ("ours:mezo_lightning", "ours:mezo", "MeZO", "1b"),
+    ("ours:mezo_lightning_graph", "ours:mezo", "MeZO, `cuda_graph=True` (against the eager bare step)", "1b"),
+    ("ours:dfo_lightning", "ours:dfo_batched_chunk10", "C-LoRA, a generation (population 20, chunk 10)", "1b"),
+    ("ours:dfo_lightning_graph", "ours:dfo_batched_chunk10_graph", "C-LoRA, a generation, graphed", "1b"),
+    ("ours:dfo_lightning", "ours:dfo_batched_chunk10", "C-LoRA, a generation, SmolLM2's shape", "smol"),
+    ("ours:dfo_lightning_graph", "ours:dfo_batched_chunk10_graph", "C-LoRA, a generation, graphed, SmolLM2's shape",
+     "smol"),
 )
 
 
-def _trainer_row(trainer: str, bare: str, label: str, size: str = "1b") -> Row:
+def _trainer_row(trainer: str, bare: str, label: str, size: str) -> Row:
     field = lambda key, f: ours(LIGHTNING, key, size, f)
     return Row((label, "{b_ms}", "{t_ms}", "{r_ms}×", "{b_gib}", "{t_gib}", "{r_gib}×"), {
         "b_ms": ms(LIGHTNING, bare, size), "t_ms": ms(LIGHTNING, trainer, size),
@@ -626,8 +640,8 @@ DOC_TABLES: dict[str, Table] = {
         _largest_row("LOMO + checkpointing", "ours:lomo_ckpt", "60b", "60B (Llama-65B's width, 74 layers)",
                      (60.0, "≥ 60B")),
     )),
-    "lightning": Table("", {}, ("method (1.1B)", "bare step ms", "Trainer step ms", "Trainer / bare", "bare peak GiB",
-                                "Trainer peak GiB", "Trainer / bare peak"),
+    "lightning": Table("", {}, ("method (1.1B unless named)", "bare step ms", "Trainer step ms", "Trainer / bare",
+                                "bare peak GiB", "Trainer peak GiB", "Trainer / bare peak"),
                        tuple(_trainer_row(*r) for r in TRAINER_ROWS)),
 }
 

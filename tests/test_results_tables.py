@@ -219,3 +219,14 @@ def test_every_suite_figure_is_a_case_its_suite_runs() -> None:
     # a ratio column brings its reference: the sequential generation each batched DFO row is set against
     assert ("ours:dfo_sequential", "1b") in reads["dfo"] and ("ours:inference", "smol") in reads["dfo"]
     assert ("peer:galore_refresh", "1b") in reads["galore"]  # ours:galore_refresh's speed-up, and a cell itself
+
+
+def test_the_trainer_table_has_every_pair_the_lightning_suite_runs() -> None:
+    """docs/results.md's Trainer table sets each Trainer case beside its bare step at every size the suite runs it."""
+    from benchmarks.suites import SUITES, THROUGH_TRAINER
+
+    sizes = {c.key: c.sizes for c in SUITES["lightning"].cases}
+    want = {(t, b, z) for t, b in THROUGH_TRAINER for z in sizes[t]}
+    assert {(t, b, z) for t, b, _, z in rt.TRAINER_ROWS} == want
+    reads = rt.suite_reads()[0]["lightning"]
+    assert all((k, z) in reads for t, b, z in want for k in (t, b))
