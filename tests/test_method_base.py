@@ -138,6 +138,20 @@ def test_non_finite_loss_skips_the_step_bit_identically(name, value):
     assert trainer.callback_metrics["skipped_steps"] == 1
 
 
+@pytest.mark.parametrize("name", ["mezo_sgd", "lomo", "clora"])
+def test_a_fresh_fit_with_the_callback_reused_counts_its_own_skips(name):
+    cb = METHODS[name]()
+    pl.seed_everything(0, verbose=False)
+    where = "logits" if isinstance(cb, DFOLoRA) else "loss"
+    with pytest.warns(UserWarning, match="non-finite loss"):
+        tiny_trainer(max_steps=3, callbacks=[cb]).fit(Poisoned(math.nan, (1,), where), tiny_datamodule(k=32))
+    assert cb.skipped_steps == 1
+    trainer = tiny_trainer(max_steps=3, callbacks=[cb])
+    trainer.fit(Poisoned(math.nan, (), where), tiny_datamodule(k=32))
+    assert cb.skipped_steps == 0 and cb.guard.consecutive == 0
+    assert trainer.callback_metrics["skipped_steps"] == 0
+
+
 @pytest.mark.parametrize("make", [lambda: MeZO(lr=1e-3), lambda: LOMO(lr=0.05), lambda: GaLore(**GAP)])
 def test_eleven_consecutive_non_finite_steps_stop_the_fit(make):
     pl.seed_everything(0, verbose=False)

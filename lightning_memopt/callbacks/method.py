@@ -254,6 +254,8 @@ class MethodCallback(Callback):
         if state is not None:
             self.guard.load_state_dict(state.get("skips", {}))
             self._log_changed_settings(trainer)
+        elif trainer.global_step == 0:  # a fresh fit: an earlier fit's skips (the callback reused) are not its own
+            self.guard.load_state_dict({})
         self.start(trainer, pl_module, None if state is None else state.get("state", {}))
         self._watched = list(pl_module.parameters())
         self._trained = tuple(p.requires_grad for p in self._watched)
