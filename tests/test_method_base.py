@@ -815,3 +815,43 @@ def test_a_finetuning_schedule_is_refused_by_galore_in_either_mode():
     for layerwise in (False, True):
         with pytest.raises(MisconfigurationException, match="Unfreeze, which unfreezes .*fit each stage on its own"):
             tiny_trainer(max_steps=2, callbacks=[GaLore(layerwise=layerwise, **GAP), Unfreeze()]).fit(tiny_model())
+
+
+@pytest.mark.parametrize("name", ["mezo_sgd", "lomo", "adalomo", "clora", "galore"])
+def test_learning_rate_monitor_logs_only_what_the_method_uses(name):
+    """LearningRateMonitor's momentum and weight-decay curves read the module's optimizer's groups: refused at setup
+    where the method's update does not use them (they would plot AdamW's beta1 and decay); lr logs as before."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import Logger
+
+    class Recorder(Logger):
+        name, version, metrics = "recorder", 0, {}
+
+        def log_metrics(self, metrics, step=None):
+            self.metrics.update(metrics)
+
+        def log_hyperparams(self, *args, **kwargs):
+            pass
+
+    def fit(cb, **kw):
+        pl.seed_everything(0, verbose=False)
+        rec = Recorder()
+        rec.metrics = {}
+        trainer = tiny_trainer(max_steps=2, callbacks=[cb, LearningRateMonitor("step", **kw)], logger=rec,
+                               log_every_n_steps=1)
+        trainer.fit(Poisoned(), tiny_datamodule(k=32))
+        return rec.metrics
+
+    if name == "galore":  # GaLore-AdamW's update reads the groups' betas
+        assert fit(METHODS[name](), log_momentum=True)["lr-AdamW/pg1-momentum"] == 0.9
+        with pytest.raises(MisconfigurationException, match="log_momentum"):  # Adafactor keeps no momentum
+            fit(GaLore(optimizer="adafactor", moments="keep", **GAP), log_momentum=True)
+    else:
+        with pytest.raises(MisconfigurationException, match=r"log_momentum=True\) would log the momentum"):
+            fit(METHODS[name](), log_momentum=True)
+    if name in ("lomo", "adalomo", "clora"):  # METHODS gives the first two their own weight_decay; DFO changes none
+        with pytest.raises(MisconfigurationException, match=r"log_weight_decay=True\) would log the weight_decay"):
+            fit(METHODS[name](), log_weight_decay=True)
+    else:
+        assert "lr-AdamW/pg1-weight_decay" in fit(METHODS[name](), log_weight_decay=True)
+    assert fit(METHODS[name]())["lr-AdamW/pg1"] > 0

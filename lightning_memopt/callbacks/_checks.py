@@ -126,6 +126,27 @@ def check_no_float64(param_groups: Iterable[dict[str, Any]], method: str, what: 
         )
 
 
+def check_lr_monitor(trainer: Any, method: str, momentum: bool, weight_decay_note: str | None) -> None:
+    """``LearningRateMonitor`` reads momentum (beta1) and weight decay from the module's optimizer's groups; where the
+    method's update does not use them, its curves would show values that drive nothing. ``momentum``: the method
+    uses the groups' momentum/betas; ``weight_decay_note``: why the groups' weight decay is not what it applies."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    for cb in getattr(trainer, "callbacks", ()):
+        if not isinstance(cb, LearningRateMonitor):
+            continue
+        if cb.log_momentum and not momentum:
+            raise MisconfigurationException(
+                f"LearningRateMonitor(log_momentum=True) would log the momentum (beta1) of the module's optimizer, "
+                f"which {method}'s update does not use. Set log_momentum=False."
+            )
+        if getattr(cb, "log_weight_decay", False) and weight_decay_note is not None:
+            raise MisconfigurationException(
+                f"LearningRateMonitor(log_weight_decay=True) would log the weight_decay of the module's optimizer's "
+                f"groups, {weight_decay_note}. Set log_weight_decay=False."
+            )
+
+
 def check_automatic_optimization(pl_module: Any, method: str) -> None:
     if not pl_module.automatic_optimization:
         raise MisconfigurationException(

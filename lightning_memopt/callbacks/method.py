@@ -69,6 +69,8 @@ class MethodCallback(Callback):
             ``configure_gradient_clipping`` with that fix (``clipping_fix`` by default).
         scaler_fix: the fix named when ``precision="16-mixed"`` (a GradScaler) is refused.
         state_settings: settings whose change makes a checkpoint's state meaningless (resume is refused).
+        uses_group_momentum: the update reads the module's optimizer's momentum/betas (what ``LearningRateMonitor``
+            logs with ``log_momentum``; refused where it does not).
         lr_range: the usual lr range, logged when ``lr`` is inherited from the module's optimizer.
     """
 
@@ -82,6 +84,7 @@ class MethodCallback(Callback):
     clipping_fix: ClassVar[str | None] = None
     scaler_fix: ClassVar[str] = "use precision='bf16-mixed', 'bf16-true' or '32'"
     state_settings: ClassVar[tuple[str, ...]] = ()
+    uses_group_momentum: ClassVar[bool] = False
     lr_range: ClassVar[tuple[float, float] | None] = None
 
     def __init__(self, allow_untested: bool = False, max_consecutive_skips: int = 10) -> None:
@@ -204,6 +207,16 @@ class MethodCallback(Callback):
         self._restore.append((obj, attr, getattr(obj, attr)))
         setattr(obj, attr, value)
 
+    def weight_decay_note(self) -> str | None:
+        """Why the module's optimizer's weight_decay is not what the method applies; None where it is."""
+        if not self.trains_parameters:
+            return f"which {self.name} does not apply: it changes none of the module's weights"
+        wd = getattr(self, "weight_decay", None)
+        if wd is not None:
+            return (f"but {self.name}(weight_decay={wd}) applies its own to the matrices and none to the rest (leave "
+                    f"weight_decay unset to apply the groups' own)")
+        return None
+
     def weight_decays(self, pl_module: pl.LightningModule) -> dict[int, float] | None:
         """Per-parameter weight decay when the callback overrides it (matrices only), else None (groups' own)."""
         wd = getattr(self, "weight_decay", None)
@@ -224,6 +237,7 @@ class MethodCallback(Callback):
         _checks.check_strategy(trainer, self.name, self.strategies, self.allow_untested)
         _checks.check_no_grad_scaler(trainer, self.name, self.scaler_fix)
         _checks.check_weight_averaging(trainer, self.name, self.skip_backward, self.trains_parameters)
+        _checks.check_lr_monitor(trainer, self.name, self.uses_group_momentum, self.weight_decay_note())
         if self.accumulation_fix is not None:
             _checks.check_no_accumulation(trainer, self.name, self.accumulation_fix)
         if self.clipping_fix is not None:

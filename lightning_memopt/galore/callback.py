@@ -132,6 +132,7 @@ class GaLore(MethodCallback):
             self.guard.checked = "loss or gradient"
         self.galore: GaLoreOptimizer | None = None
         self._fused: FusedBackward | None = None
+        self.uses_group_momentum = optimizer != "adafactor"  # the groups' betas; Adafactor keeps no momentum
         self._group_of: dict[int, dict[str, Any]] = {}
         self._counters: dict[str, int] = {}
 
