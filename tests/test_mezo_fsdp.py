@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-from lightning_memopt.testing import run_distributed
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from lightning_memopt.mezo.trajectory import replay_trajectory
+from lightning_memopt.testing import run_distributed, tiny_model
 from lightning_memopt.testing.multiproc import assert_ranks_equal_one_and_all_moved
+from lightning_memopt.testing.tiny import full_state
 from lightning_memopt.testing.workers import fit_tiny
 
 SPEC = {
@@ -19,3 +25,23 @@ def test_fsdp2_two_processes_equal_one():
     assert one["global_step"] == two[0]["global_step"] == 6
     init = fit_tiny(world_size=1, steps=0, global_batch=16)["state"]
     assert_ranks_equal_one_and_all_moved(one, two, init)
+
+
+def test_fsdp2_trajectory_names_its_base_and_replays_onto_the_unsharded_model():
+    """Recorded under FSDP2, the trajectory's base fingerprint is the whole model's (each rank's shards summed and
+    all-reduced), so a replay onto the unsharded base checks it and rebuilds the 2-process weights; a wrong base is
+    refused."""
+    spec = {**SPEC, "init_args": {**SPEC["init_args"], "record_trajectory": True}}
+    two = run_distributed("lightning_memopt.testing.workers:fit_tiny", world_size=2, steps=4, global_batch=16,
+                          callback=spec, inspect="lightning_memopt.testing.workers:mezo_trajectory")
+    one = fit_tiny(world_size=1, steps=4, global_batch=16, callback=spec,
+                   inspect="lightning_memopt.testing.workers:mezo_trajectory")
+    fp = [r["trajectory"]["base_fingerprint"] for r in (*two, one)]
+    assert fp[0] == fp[1] and fp[0] == pytest.approx(fp[2], rel=1e-9)
+    pl.seed_everything(0, verbose=False)
+    base = tiny_model()
+    replay_trajectory(base, two[0]["trajectory"])
+    for name, w in full_state(base).items():
+        torch.testing.assert_close(w, two[0]["state"][name], rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="do not match the trajectory's base"):
+        replay_trajectory(base, two[0]["trajectory"])  # now the trained weights, not the base

@@ -14,22 +14,27 @@ from typing import Any
 
 import torch
 
-from lightning_memopt.core.fsdp import is_dtensor
+from lightning_memopt.core.fsdp import all_reduce_, is_dtensor, local, shard_group
 from lightning_memopt.mezo.core import ZeroOrder, ZOConfig, ZOParam
 
 VERSION = 1
 
 
-def fingerprint(params: list[ZOParam]) -> float | None:
-    """A float64 checksum of the trained weights (None for sharded parameters), to catch replay onto a wrong base."""
-    total = 0.0
+def fingerprint(params: list[ZOParam]) -> float:
+    """A float64 checksum of the trained weights, to catch replay onto a wrong base. Sharded weights (FSDP2): each
+    rank sums its shards and the sums are all-reduced over the shard group, so every rank, and a replay onto the
+    unsharded model, gets the same number to rounding; every rank must call it then."""
+    plain, sharded, group = 0.0, None, None
     for zp in params:
+        t = local(zp.param).detach().double()
+        term = t.sum() + 1e-3 * zp.index * t.abs().sum()
         if is_dtensor(zp.param):
-            return None
-        total += float(zp.param.detach().double().sum()) + 1e-3 * zp.index * float(
-            zp.param.detach().double().abs().sum()
-        )
-    return total
+            sharded, group = term if sharded is None else sharded + term, shard_group(zp.param)
+        else:
+            plain = plain + term
+    if sharded is not None:
+        plain = plain + all_reduce_(sharded, group)
+    return float(plain)
 
 
 def new_trajectory(
@@ -89,7 +94,7 @@ def replay_trajectory(model: torch.nn.Module, trajectory: dict[str, Any] | str, 
     fp = traj.get("base_fingerprint")
     if check_base and fp is not None:
         now = fingerprint(params)
-        if now is not None and abs(now - fp) > 1e-6 * max(1.0, abs(fp)):
+        if abs(now - fp) > 1e-6 * max(1.0, abs(fp)):
             raise ValueError(
                 f"The model's weights do not match the trajectory's base (fingerprint {now} vs {fp}); load the base "
                 f"model the run started from, or pass check_base=False."

@@ -192,6 +192,13 @@ def skip_counts(trainer: pl.Trainer, model: torch.nn.Module) -> dict[str, Any]:
     return {"skips": (guard.skipped_steps, guard.partial_steps, guard.skipped_tensors)}
 
 
+def mezo_trajectory(trainer: pl.Trainer, model: torch.nn.Module) -> dict[str, Any]:
+    """MeZO's recorded trajectory (``fit_tiny``'s ``inspect``)."""
+    from lightning_memopt.mezo.callback import MeZO
+
+    return {"trajectory": next(c for c in trainer.callbacks if isinstance(c, MeZO)).trajectory}
+
+
 class FitnessRecorder(pl.Callback):
     """Records DFOLoRA's population fitness after each step."""
 
