@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -27,13 +29,24 @@ def test_fsdp2_two_processes_equal_one():
     assert_ranks_equal_one_and_all_moved(one, two, init)
 
 
-def test_fsdp2_trajectory_names_its_base_and_replays_onto_the_unsharded_model():
-    """Recorded under FSDP2, the trajectory's base fingerprint is the whole model's (each rank's shards summed and
-    all-reduced), so a replay onto the unsharded base checks it and rebuilds the 2-process weights; a wrong base is
-    refused."""
+SHARDINGS = {
+    "fsdp2": {},
+    "hsdp_replicas": {"strategy_kwargs": {"hsdp": True, "shard_size": 1}},  # whole weights on each rank: not summed
+    "zero3": {"strategy": "zero3"},
+}
+
+
+@pytest.mark.parametrize("sharding", list(SHARDINGS))
+def test_sharded_trajectory_names_its_base_and_replays_onto_the_unsharded_model(sharding):
+    """Recorded on 2 processes, the trajectory's base fingerprint is the whole model's (each rank's pieces summed
+    and all-reduced where they are pieces), so a replay onto the unsharded base checks it and rebuilds the
+    2-process weights; a wrong base is refused."""
+    if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("DeepSpeed is not installed")
     spec = {**SPEC, "init_args": {**SPEC["init_args"], "record_trajectory": True}}
     two = run_distributed("lightning_memopt.testing.workers:fit_tiny", world_size=2, steps=4, global_batch=16,
-                          callback=spec, inspect="lightning_memopt.testing.workers:mezo_trajectory")
+                          callback=spec, inspect="lightning_memopt.testing.workers:mezo_trajectory",
+                          **SHARDINGS[sharding])
     one = fit_tiny(world_size=1, steps=4, global_batch=16, callback=spec,
                    inspect="lightning_memopt.testing.workers:mezo_trajectory")
     fp = [r["trajectory"]["base_fingerprint"] for r in (*two, one)]

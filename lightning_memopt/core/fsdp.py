@@ -85,6 +85,18 @@ def shard_group(p: Tensor) -> Optional[dist.ProcessGroup]:
     return mesh.get_group(dims[0]) if mesh.ndim > 1 else mesh.get_group()
 
 
+def piece_group(p: Tensor) -> tuple[bool, Optional[dist.ProcessGroup]]:
+    """(whether :func:`local` of ``p`` is one rank's piece of it, the group whose ranks' pieces make it whole): an
+    FSDP2 shard over its shard group (a shard dimension of one rank holds the whole), a ZeRO-3 partition over its
+    partition group (None: the default group), else the whole tensor."""
+    if is_dtensor(p):
+        group = shard_group(p)
+        return group is not None, group
+    if is_zero3(p):
+        return True, getattr(p, "ds_process_group", None)
+    return False, None
+
+
 def sharded_zeros(p: Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """Zero state of the GLOBAL ``shape`` whose rows follow ``p``'s: a DTensor sharded like ``p`` under FSDP2 (so
     distributed checkpoints gather and re-shard it like the weights), a plain tensor otherwise. ``shape[0]`` must be

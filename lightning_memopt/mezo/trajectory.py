@@ -13,28 +13,32 @@ import os
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from lightning_memopt.core.fsdp import all_reduce_, is_dtensor, local, shard_group
+from lightning_memopt.core.fsdp import all_reduce_, local, piece_group
 from lightning_memopt.mezo.core import ZeroOrder, ZOConfig, ZOParam
 
 VERSION = 1
 
 
 def fingerprint(params: list[ZOParam]) -> float:
-    """A float64 checksum of the trained weights, to catch replay onto a wrong base. Sharded weights (FSDP2): each
-    rank sums its shards and the sums are all-reduced over the shard group, so every rank, and a replay onto the
-    unsharded model, gets the same number to rounding; every rank must call it then."""
-    plain, sharded, group = 0.0, None, None
+    """A float64 checksum of the trained weights, to catch replay onto a wrong base. Sharded weights (FSDP2, ZeRO-3):
+    each rank sums its pieces and the sums are all-reduced over the group whose pieces make them whole, so every rank,
+    and a replay onto the unsharded model, gets the same number to rounding; every rank must call it then."""
+    whole: Tensor | float = 0.0
+    pieces: dict[Any, tuple[Any, Tensor]] = {}  # id(group) -> (group, this rank's sum), in the params' order
     for zp in params:
         t = local(zp.param).detach().double()
         term = t.sum() + 1e-3 * zp.index * t.abs().sum()
-        if is_dtensor(zp.param):
-            sharded, group = term if sharded is None else sharded + term, shard_group(zp.param)
+        is_piece, group = piece_group(zp.param)
+        if is_piece:
+            g, acc = pieces.get(id(group), (group, 0.0))
+            pieces[id(group)] = (g, acc + term)
         else:
-            plain = plain + term
-    if sharded is not None:
-        plain = plain + all_reduce_(sharded, group)
-    return float(plain)
+            whole = whole + term
+    for group, acc in pieces.values():
+        whole = whole + all_reduce_(acc, group)
+    return float(whole)
 
 
 def new_trajectory(
