@@ -151,6 +151,17 @@ def test_a_fresh_fit_with_the_callback_reused_counts_its_own_skips(name):
     assert cb.skipped_steps == 0 and cb.guard.consecutive == 0
     assert trainer.callback_metrics["skipped_steps"] == 0
 
+    class Boom(pl.Callback):
+        def on_train_batch_end(self, *args):
+            raise RuntimeError("boom")
+
+    # a fit that failed before the method learned its last check's outcome leaves it pending: not the next fit's
+    with pytest.raises(RuntimeError, match="boom"):
+        tiny_trainer(max_steps=3, callbacks=[Boom(), cb]).fit(Poisoned(math.nan, (0,), where), tiny_datamodule(k=32))
+    trainer = tiny_trainer(max_steps=3, callbacks=[cb])
+    trainer.fit(Poisoned(math.nan, (), where), tiny_datamodule(k=32))
+    assert cb.skipped_steps == 0 and trainer.callback_metrics["skipped_steps"] == 0
+
 
 @pytest.mark.parametrize("make", [lambda: MeZO(lr=1e-3), lambda: LOMO(lr=0.05), lambda: GaLore(**GAP)])
 def test_eleven_consecutive_non_finite_steps_stop_the_fit(make):

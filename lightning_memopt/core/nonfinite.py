@@ -281,6 +281,9 @@ class SkipGuard:
                 "partial_steps": self.partial_steps, "skipped_tensors": self.skipped_tensors}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Replace the counts (a fresh fit: ``{}``); checks still pending belong to a fit that ended (an exception
+        left them) and are dropped, their steps' undo with them."""
+        self._pending.clear()
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive = int(state.get("consecutive", 0))
         self.partial_steps = int(state.get("partial_steps", 0))
