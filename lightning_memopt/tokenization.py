@@ -81,3 +81,19 @@ def load_tokenizer(name_or_path: str, gguf_file: Optional[str] = None, trust_rem
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def encode_prompt(tokenizer: Any, text: str) -> tuple[list[int], int]:
+    """``text``'s token ids with the tokenizer's own specials, and how many of them lead (a BOS), which a prompt cut
+    from the left keeps (:func:`cut_left`)."""
+    enc = tokenizer(text, add_special_tokens=True, return_special_tokens_mask=True)
+    mask = enc.get("special_tokens_mask") or []
+    return list(enc["input_ids"]), next((i for i, m in enumerate(mask) if not m), len(mask))
+
+
+def cut_left(ids: list[Any], max_length: int, head: int = 0) -> list[Any]:
+    """The last ``max_length`` items, the first ``head`` kept in front (a BOS the model was trained to see first)."""
+    if len(ids) <= max_length:
+        return ids
+    head = min(head, max_length)
+    return ids[:head] + ids[len(ids) - (max_length - head):]

@@ -94,3 +94,41 @@ def test_fit_with_a_logger_merges_module_and_datamodule_hparams(tmp_path):
     trainer = tiny_trainer(max_steps=1, logger=CSVLogger(str(tmp_path)))
     trainer.fit(tiny_model(), dm)
     assert trainer.global_step == 1
+
+
+def _bos_tokenizer():
+    """The builtin vocabulary with a tokenizer that adds a BOS, as Llama's, Mistral's and Gemma's do."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_memopt.tokenization import _vocab
+
+    vocab = dict(_vocab())
+    vocab["<s>"] = len(vocab)
+    t = Tokenizer(WordLevel(vocab=vocab, unk_token="[UNK]"))
+    t.normalizer, t.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    t.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=t, bos_token="<s>", pad_token="[PAD]", unk_token="[UNK]",
+                                   eos_token="[EOS]")
+
+
+def test_a_prompt_cut_to_max_length_keeps_its_bos_and_its_tail():
+    from lightning_memopt.data.generation import make_item
+    from lightning_memopt.tokenization import cut_left, encode_prompt
+
+    tok = _bos_tokenizer()
+    ids, head = encode_prompt(tok, "the film was good sentiment :")
+    assert head == 1 and ids[0] == tok.bos_token_id
+    assert cut_left(ids, 4, head) == [tok.bos_token_id, *ids[-3:]] and cut_left(ids, 99, head) == ids
+    assert encode_prompt(builtin_tokenizer(), "the film")[1] == 0  # no specials added: a plain tail
+    dm = PromptClassificationDataModule(k=2, max_length=8, template="Review: {sentence} Sentiment:", test_limit=8)
+    dm.tokenizer = tok
+    dm.setup()
+    for item in dm._splits["test"].items:
+        toks = tok.convert_ids_to_tokens(item["input_ids"])
+        assert len(toks) <= 8 and toks[0] == "<s>" and toks[-2:] == ["sentiment", ":"]
+    # generation: the cut input and the generation prompt both keep the BOS; the answer stays whole
+    item = make_item([([1, *range(10, 20)], False), ([50, 51, 2], True)], ["x"], 11, head=1)
+    assert item["input_ids"] == [1, *range(13, 20), 50, 51, 2] and item["prompt_ids"] == [1, *range(10, 20)]
+    assert item["lm_labels"][-3:] == [50, 51, 2]

@@ -19,14 +19,17 @@ from torch.utils.data import DataLoader
 
 from lightning_memopt.data.prompt import Items, padded_length, pin_memory
 from lightning_memopt.data.sampling import eval_loader, train_loader
-from lightning_memopt.tokenization import load_tokenizer
+from lightning_memopt.tokenization import cut_left, load_tokenizer
 
 IGNORE = -100
 
 
-def make_item(segments: list[tuple[list[int], bool]], answers: list[str], max_length: int) -> dict[str, Any]:
+def make_item(
+    segments: list[tuple[list[int], bool]], answers: list[str], max_length: int, head: int = 0
+) -> dict[str, Any]:
     """An example from token segments ``(ids, is_answer)``: the loss covers answer segments; the generation prompt
-    is everything before the last answer segment. Too long: the oldest prompt tokens go first."""
+    is everything before the last answer segment. Too long: the oldest prompt tokens go first, after the ``head``
+    first tokens (the tokenizer's leading specials, a BOS), which stay."""
     ids, labels = [], []
     prompt_end = 0
     for seg, is_answer in segments:
@@ -34,11 +37,8 @@ def make_item(segments: list[tuple[list[int], bool]], answers: list[str], max_le
             prompt_end = len(ids)
         ids += seg
         labels += seg if is_answer else [IGNORE] * len(seg)
-    prompt = ids[:prompt_end]
-    if len(ids) > max_length:
-        ids, labels = ids[-max_length:], labels[-max_length:]
-    if len(prompt) > max_length:
-        prompt = prompt[-max_length:]
+    prompt = cut_left(ids[:prompt_end], max_length, head)
+    ids, labels = cut_left(ids, max_length, head), cut_left(labels, max_length, head)
     return {"input_ids": ids, "lm_labels": labels, "prompt_ids": prompt, "answers": answers}
 
 

@@ -16,6 +16,7 @@ from lightning_memopt.data.generation import GenerationDataModuleBase, make_item
 from lightning_memopt.data.prompt import check_padding
 from lightning_memopt.data.sampling import check_group_by_length, check_loader_args
 from lightning_memopt.data.tables import read_table
+from lightning_memopt.tokenization import encode_prompt
 
 USER, RESPONSE = "### Instruction:\n", "### Response:\n"
 ROLES = ("system", "user", "assistant")
@@ -154,12 +155,15 @@ class InstructionDataModule(GenerationDataModuleBase):
         # the chat template writes BOS and end-of-turn tokens as text; the plain format lets the tokenizer add its
         # specials once, and ends each response with EOS so that generation learns to stop
         eos = [tok.eos_token_id] if not chat and tok.eos_token_id is not None else []
-        ids = [
-            (tok(text, add_special_tokens=not chat and j == 0)["input_ids"] + (eos if is_resp else []), is_resp)
-            for j, (text, is_resp) in enumerate(segs)
-        ]
+        ids, head = [], 0
+        for j, (text, is_resp) in enumerate(segs):
+            if j == 0 and not chat:
+                seg, head = encode_prompt(tok, text)
+            else:
+                seg = tok(text, add_special_tokens=False)["input_ids"]
+            ids.append((seg + (eos if is_resp else []), is_resp))
         last = [m["content"] for m in msgs if m["role"] == "assistant"][-1]
-        return make_item(ids, [last], self.hparams.max_length)
+        return make_item(ids, [last], self.hparams.max_length, head)
 
     def _read(self, path: str, tok) -> list[dict[str, Any]]:
         table = read_table(path)

@@ -29,7 +29,7 @@ from lightning_memopt.data.tables import (
     resolve_columns,
     template_fields,
 )
-from lightning_memopt.tokenization import load_tokenizer
+from lightning_memopt.tokenization import cut_left, encode_prompt, load_tokenizer
 
 Rows = list[tuple[int, Any]]
 Scoring = Literal["auto", "sequence"]
@@ -425,9 +425,8 @@ class PromptClassificationDataModule(LightningDataModule):
         items = []
         for y, values in rows:
             text = hp.template.format(**values)
-            ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-            if len(ids) > hp.max_length:  # keep the template's tail, where the answer goes
-                ids = ids[-hp.max_length :]
+            ids, head = encode_prompt(tokenizer, text)
+            ids = cut_left(ids, hp.max_length, head)  # the template's tail, where the answer goes, and a BOS
             item: dict[str, Any] = {"input_ids": ids, "label": y}
             if hp.choices is not None:
                 item["choices"] = [tokenizer(c.format(**values), add_special_tokens=False)["input_ids"] or

@@ -17,6 +17,7 @@ from lightning_memopt.data.generation import GenerationDataModuleBase, make_item
 from lightning_memopt.data.prompt import check_padding
 from lightning_memopt.data.sampling import check_group_by_length, check_loader_args
 from lightning_memopt.data.tables import check_template, template_fields
+from lightning_memopt.tokenization import encode_prompt
 
 ArticleRef = Union[int, str]
 QA_FIELDS = ("context", "question", "title")
@@ -186,11 +187,11 @@ class SQuADDataModule(GenerationDataModuleBase):
 
     def _encode(self, q: dict[str, Any], tok) -> dict[str, Any]:
         hp = self.hparams
-        prompt = tok(hp.template.format(**{f: q[f] for f in QA_FIELDS}), add_special_tokens=True)["input_ids"]
+        prompt, head = encode_prompt(tok, hp.template.format(**{f: q[f] for f in QA_FIELDS}))
         answer = tok(hp.answer_prefix + q["answers"][0], add_special_tokens=False)["input_ids"][: hp.max_answer_tokens]
         if hp.append_eos and tok.eos_token_id is not None:
             answer = answer + [tok.eos_token_id]
-        return make_item([(prompt, False), (answer, True)], q["answers"], hp.max_length)
+        return make_item([(prompt, False), (answer, True)], q["answers"], hp.max_length, head)
 
     def _build(self, tok) -> dict[str, list[dict[str, Any]]]:
         hp = self.hparams
