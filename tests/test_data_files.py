@@ -153,7 +153,7 @@ def test_a_class_without_rows_and_bad_split_sizes_are_refused(tmp_path):
         PromptClassificationDataModule(data_dir=str(tmp_path), tokenizer="builtin", k=2).setup()
     with pytest.raises(ValueError, match="val_k must be at least 1"):
         PromptClassificationDataModule(data_dir=str(tmp_path), val_k=0)
-    with pytest.raises(ValueError, match="test_limit must be >= 0"):
+    with pytest.raises(ValueError, match="test_limit must be at least 1"):
         PromptClassificationDataModule(data_dir=str(tmp_path), test_limit=-5)
 
 
@@ -222,3 +222,28 @@ def test_template_field_errors():
         PromptClassificationDataModule(template="{sentence} {label}")
     with pytest.raises(ValueError, match=r"placeholder \{0\}; name fields like \{sentence1\}"):
         PromptClassificationDataModule(template="{0} and {1}")
+
+
+def test_a_jsonl_row_without_a_field_or_with_null_is_named(tmp_path):
+    rows = [{"sentence": "good film", "label": 1}, {"sentence": "bad film", "label": 0}]
+    for i, bad in enumerate(({"sentence": None, "label": 1}, {"label": 0})):
+        d = tmp_path / str(i)
+        d.mkdir()
+        for split in ("train", "dev"):
+            (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*rows, bad]))
+        dm = PromptClassificationDataModule(data_dir=str(d), k=1, tokenizer="builtin",
+                                            label_words=["negative", "positive"])
+        with pytest.raises(ValueError, match=r"train\.jsonl: data row 3 has no value for \['sentence'\]"):
+            dm.setup()
+
+
+def test_an_empty_test_split_is_an_error_not_an_empty_result(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 2)
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\n")
+    dm = PromptClassificationDataModule(data_dir=str(tmp_path), k=1, tokenizer="builtin",
+                                        label_words=["negative", "positive"])
+    dm.setup()
+    with pytest.raises(ValueError, match=r"dev\.tsv holds no rows \(a header only\?\)"):
+        dm.test_dataloader()
+    with pytest.raises(ValueError, match="test_limit must be at least 1"):
+        PromptClassificationDataModule(data_dir=str(tmp_path), test_limit=0)

@@ -312,3 +312,31 @@ def test_per_sample_loss_projects_only_the_answer_window():
     assert collate(items)["loss_window"] is None and collate(items[1:])["loss_window"] is None  # 2 < its length
     assert generation_collate(0, loss_window=3)(items)["loss_window"] == 3
     assert "loss_window" not in generation_collate(0)(items)
+
+
+def test_a_generation_data_module_without_test_examples_says_so(tmp_path):
+    import json
+
+    from lightning_memopt.data.instruct import InstructionDataModule
+
+    def article(title, impossible):
+        qa = {"id": title, "question": "who?", "is_impossible": impossible,
+              "answers": [] if impossible else [{"text": "the film", "answer_start": 0}]}
+        return {"title": title, "paragraphs": [{"context": "the film is good", "qas": [qa] * 3}]}
+
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"data": [article("a", False), article("b", True)]}))
+    dm = SQuADDataModule(data_file=str(path), train_articles=["a"], test_articles=["b"], tokenizer="builtin",
+                         val_size=1)
+    dm.setup()
+    with pytest.raises(ValueError, match="has no test examples: its test articles hold no answerable question"):
+        dm.test_dataloader()
+    with pytest.raises(ValueError, match="test_limit must be at least 1"):
+        SQuADDataModule(data_file=str(path), test_limit=0)
+    conv = tmp_path / "train.jsonl"
+    conv.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "good"}]}) + "\n")
+    dm = InstructionDataModule(train_file=str(conv), tokenizer="builtin", val_size=0)
+    dm.setup()
+    with pytest.raises(ValueError, match=r"has no test examples: give test_file="):
+        dm.test_dataloader()

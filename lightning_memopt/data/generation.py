@@ -122,7 +122,12 @@ class GenerationDataModuleBase(LightningDataModule):
         return self._eval_loader("val")
 
     def test_dataloader(self) -> Any:
+        if not len(self._splits.get("test", ())):  # Lightning would test nothing and return [] without a word
+            raise ValueError(f"{type(self).__name__} has no test examples: {self._no_test_hint()}")
         return self._eval_loader("test")
+
+    def _no_test_hint(self) -> str:
+        return "give it test data."
 
     def _eval_loader(self, split: str) -> Any:
         if not len(self._splits.get(split, ())):

@@ -165,6 +165,11 @@ class InstructionDataModule(GenerationDataModuleBase):
         last = [m["content"] for m in msgs if m["role"] == "assistant"][-1]
         return make_item(ids, [last], self.hparams.max_length, head)
 
+    def _no_test_hint(self) -> str:
+        if self.hparams.test_file is None:
+            return "give test_file=... (a JSONL file of conversations)."
+        return f"{self.hparams.test_file} holds no conversation; check the file."
+
     def _read(self, path: str, tok) -> list[dict[str, Any]]:
         table = read_table(path)
         return [self._encode(r, tok, f"{path}, line {n}") for n, r in enumerate(table.rows, 1)]

@@ -269,8 +269,8 @@ class PromptClassificationDataModule(LightningDataModule):
             raise ValueError(f"k must be at least 1, got {k}.")
         if val_k is not None and val_k < 1:
             raise ValueError(f"val_k must be at least 1 (or None: k), got {val_k}.")
-        if test_limit is not None and test_limit < 0:
-            raise ValueError(f"test_limit must be >= 0 (or None: the whole test file), got {test_limit}.")
+        if test_limit is not None and test_limit < 1:
+            raise ValueError(f"test_limit must be at least 1 (or None: the whole test file), got {test_limit}.")
         if choices is not None:
             if len(choices) < 2:
                 raise ValueError(f"choices={choices} needs at least two candidate templates.")
@@ -292,6 +292,7 @@ class PromptClassificationDataModule(LightningDataModule):
         self._choice_ids: Optional[list[list[int]]] = None
         self._splits: dict[str, Items] = {}
         self._test_missing = False
+        self._test_path: Optional[str] = None
 
     # ---- sources ---------------------------------------------------------------------------------------------
     def _path(self, name: Optional[str], stems: tuple[str, ...], required: bool) -> Optional[str]:
@@ -358,9 +359,15 @@ class PromptClassificationDataModule(LightningDataModule):
                 columns["sentence"] = others[0]
         cols = resolve_columns(table, fields, columns)
         out = []
-        for r in table.rows:
+        for i, r in enumerate(table.rows, 1):
+            gaps = [c for c in cols.values() if r.get(c) is None]  # a JSONL row without the key, or null
+            if gaps:
+                raise ValueError(
+                    f"{table.path}: data row {i} has no value for {gaps} (a key missing or null); fill it in or drop "
+                    f"the row."
+                )
             values = {f: str(r[c]).strip() for f, c in cols.items()}
-            out.append((self._label(r[label_col], values, table.path), values))
+            out.append((self._label(r.get(label_col), values, table.path), values))
         return out
 
     def _label(self, raw: Any, values: dict[str, str], path: str) -> int:
@@ -452,6 +459,7 @@ class PromptClassificationDataModule(LightningDataModule):
         train_rows = self._rows(train_table)
         test_rows = self._rows(test_table) if test_table is not None else []
         self._test_missing = test_table is None
+        self._test_path = None if test_table is None else test_table.path
         classes = len(hp.choices) if hp.choices is not None else len(hp.label_words)
         train, used = k_shot(train_rows, hp.k, hp.seed, classes=classes)
         val, _ = k_shot(train_rows, hp.val_k or hp.k, hp.seed + 1, exclude=used, classes=classes)
@@ -483,4 +491,7 @@ class PromptClassificationDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         if self._test_missing:
             raise ValueError("No test data: give test_file=... (a .tsv, .csv or .jsonl) along with train_file.")
+        if not len(self._splits["test"]):  # Lightning would test nothing and return [] without a word
+            raise ValueError(f"The test file {self._test_path} holds no rows (a header only?); check the file or give "
+                             f"another test_file.")
         return eval_loader(self, self._splits["test"], self._collate(), pin_memory(self))

@@ -147,6 +147,8 @@ class SQuADDataModule(GenerationDataModuleBase):
             raise ValueError(f"k must be at least 1 (or None for all), got {k}.")
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}.")
+        if test_limit is not None and test_limit < 1:
+            raise ValueError(f"test_limit must be at least 1 (or None: every test question), got {test_limit}.")
         self.save_hyperparameters(ignore=["tokenizer"])  # see PromptClassificationDataModule
         self.tokenizer_name = tokenizer
 
@@ -180,6 +182,11 @@ class SQuADDataModule(GenerationDataModuleBase):
         if hp.answerable_only:
             return [q for q in qs if not q["is_impossible"] and q["answers"]]
         return [dict(q, answers=[hp.no_answer_text]) if q["is_impossible"] or not q["answers"] else q for q in qs]
+
+    def _no_test_hint(self) -> str:
+        keep = " answerable" if self.hparams.answerable_only else ""
+        return (f"its test articles hold no{keep} question (answerable_only=True drops the impossible ones); set "
+                f"answerable_only=False or pick other test_articles.")
 
     def _loss_window(self) -> int | None:
         # the answer is the example's last segment: at most max_answer_tokens, and the EOS
