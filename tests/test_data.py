@@ -9,8 +9,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 from lightning_memopt.data.prompt import PromptClassificationDataModule, k_shot, left_pad_collate, read_glue_tsv
 from lightning_memopt.data.synthetic import synthetic_sentiment
-from lightning_memopt.tokenization import builtin_tokenizer
 from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.tokenization import builtin_tokenizer
 
 ROWS = [(i % 2, f"row {i}") for i in range(40)]
 
@@ -36,6 +36,14 @@ def test_read_glue_tsv(tmp_path):
         read_glue_tsv(str(tmp_path / "bad.tsv"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_glue_tsv(str(tmp_path / "none.tsv"))
+    (tmp_path / "idx.tsv").write_text("idx\tsentence\tlabel\n7\ta fine film\t1\n")  # the text, not the row number
+    assert read_glue_tsv(str(tmp_path / "idx.tsv")) == [(1, "a fine film")]
+    (tmp_path / "two.tsv").write_text("a\tb\tlabel\nx\ty\t1\n")
+    with pytest.raises(ValueError, match=r"which of the columns \['a', 'b'\] is the text"):
+        read_glue_tsv(str(tmp_path / "two.tsv"))
+    (tmp_path / "short.tsv").write_text("sentence\tlabel\na fine film\t1\n0\ngood\t1\n")
+    with pytest.warns(UserWarning, match="1 rows have fewer fields"):
+        assert read_glue_tsv(str(tmp_path / "short.tsv")) == [(1, "a fine film"), (1, "good")]
 
 
 @needs_sst2

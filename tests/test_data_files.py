@@ -180,8 +180,9 @@ def test_a_row_with_more_fields_than_the_header_is_refused(tmp_path):
 
 
 def test_train_file_and_test_file_by_name(tmp_path):
-    (tmp_path / "mine.csv").write_text("text,y\n" + "".join(f"good film {i},1\nbad film {i},0\n" for i in range(6)))
-    dm = PromptClassificationDataModule(train_file=str(tmp_path / "mine.csv"), test_file=str(tmp_path / "mine.csv"),
+    for name in ("mine.csv", "held_out.csv"):
+        (tmp_path / name).write_text("text,y\n" + "".join(f"good film {i},1\nbad film {i},0\n" for i in range(6)))
+    dm = PromptClassificationDataModule(train_file=str(tmp_path / "mine.csv"), test_file=str(tmp_path / "held_out.csv"),
                                         template="review: {text} sentiment:", columns={"label": "y"},
                                         label_words=["negative", "positive"], tokenizer="builtin", k=2)
     dm.setup()
@@ -247,3 +248,11 @@ def test_an_empty_test_split_is_an_error_not_an_empty_result(tmp_path):
         dm.test_dataloader()
     with pytest.raises(ValueError, match="test_limit must be at least 1"):
         PromptClassificationDataModule(data_dir=str(tmp_path), test_limit=0)
+
+
+def test_the_training_file_as_test_file_is_refused(tmp_path):
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "good film\t1\nbad film\t0\n" * 2)
+    dm = PromptClassificationDataModule(data_dir=str(tmp_path), test_file="train.tsv", k=1, tokenizer="builtin",
+                                        label_words=["negative", "positive"])
+    with pytest.raises(ValueError, match=r"The test file is the training file .*train\.tsv"):
+        dm.setup()

@@ -340,3 +340,13 @@ def test_a_generation_data_module_without_test_examples_says_so(tmp_path):
     dm.setup()
     with pytest.raises(ValueError, match=r"has no test examples: give test_file="):
         dm.test_dataloader()
+
+
+@needs_squad
+def test_squad_test_file_with_the_training_articles_is_refused():
+    dm = SQuADDataModule(data_file=str(SQUAD), test_file=str(SQUAD), train_articles=[0, 1], test_articles=[1, 2],
+                         tokenizer="builtin")
+    with pytest.raises(ValueError, match=r"Articles \['.*'\] are both in the training articles of .* and the test"):
+        dm.setup()
+    SQuADDataModule(data_file=str(SQUAD), test_file=str(SQUAD), train_articles=[0, 1], test_articles=[2, 3],
+                    tokenizer="builtin", val_size=4).setup()  # other articles of the same file: fine

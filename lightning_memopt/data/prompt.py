@@ -7,7 +7,6 @@ as LM-BFF and MeZO score multiple choice.
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 from collections.abc import Callable
@@ -37,17 +36,23 @@ TEST_STEMS = ("dev", "validation", "test")
 
 
 def read_glue_tsv(path: str) -> Rows:
-    """Read a GLUE-style TSV with a header: a ``label`` column and one text column (``sentence``/``content``)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Data file {path!r} does not exist.")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        header = next(reader)
-        if "label" not in header:
-            raise ValueError(f"{path}: the header {header} has no 'label' column.")
-        li = header.index("label")
-        ti = next(i for i in range(len(header)) if i != li)
-        return [(int(r[li]), r[ti]) for r in reader if len(r) > max(li, ti)]
+    """Read a GLUE-style TSV with a header: a ``label`` column and one text column (``sentence`` or ``content``, or
+    the only other column), as ``(label, text)`` rows; short rows are skipped with a warning (:func:`read_table`)."""
+    table = read_table(path, "none")
+    if "label" not in table.columns:
+        raise ValueError(f"{path}: the header {table.columns} has no 'label' column.")
+    others = [c for c in table.columns if c != "label"]
+    text = next((c for c in ("sentence", "content") if c in others), others[0] if len(others) == 1 else None)
+    if text is None:
+        raise ValueError(f"{path}: which of the columns {others} is the text? read_glue_tsv reads 'sentence' or "
+                         f"'content'; for other files use PromptClassificationDataModule(columns=...).")
+    out = []
+    for i, r in enumerate(table.rows, 1):
+        try:
+            out.append((int(r["label"]), r[text]))
+        except ValueError:
+            raise ValueError(f"{path}: data row {i} has the label {r['label']!r}, not a class number.") from None
+    return out
 
 
 def k_shot(
@@ -314,6 +319,9 @@ class PromptClassificationDataModule(LightningDataModule):
         if hp.data_dir is not None or hp.train_file is not None:
             train = read_table(self._path(hp.train_file, ("train",), True), hp.quoting)
             test_path = self._path(hp.test_file, TEST_STEMS, hp.data_dir is not None)
+            if test_path and os.path.isfile(test_path) and os.path.samefile(train.path, test_path):
+                raise ValueError(f"The test file is the training file ({test_path}): the test would score examples "
+                                 f"it may train on. Give a held-out test_file.")
             return train, (read_table(test_path, hp.quoting) if test_path else None)
         if hp.dataset is not None:
             try:
