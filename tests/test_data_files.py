@@ -256,3 +256,13 @@ def test_the_training_file_as_test_file_is_refused(tmp_path):
                                         label_words=["negative", "positive"])
     with pytest.raises(ValueError, match=r"The test file is the training file .*train\.tsv"):
         dm.setup()
+
+
+def test_a_jsonl_label_that_is_not_a_class_index_is_refused(tmp_path):
+    for split in ("train", "dev"):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"sentence": "good film", "label": y}) + "\n"
+                                                         for y in (0, 1, 1.0, 0.5)))
+    dm = PromptClassificationDataModule(data_dir=str(tmp_path), k=1, tokenizer="builtin",
+                                        label_words=["negative", "positive"])
+    with pytest.raises(ValueError, match=r"the label 0\.5 is not a class index"):
+        dm.setup()

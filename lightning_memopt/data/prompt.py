@@ -399,6 +399,8 @@ class PromptClassificationDataModule(LightningDataModule):
                         f"label value with label_map={{'{raw}': 0, ...}} (class index or label word)."
                     )
                 y = match[0]
+        if (isinstance(y, float) and not y.is_integer()) or not isinstance(y, (int, float)):
+            raise ValueError(f"{path}: the label {raw!r} is not a class index; map it with label_map={{...}}.")
         y = int(y)
         if not 0 <= y < len(words):
             raise ValueError(f"Label {y} has no {what} ({'choices' if hp.choices else 'label_words'}={words}).")
