@@ -52,10 +52,10 @@ def _skeleton(hp: dict[str, Any]) -> torch.nn.Module:
             config, **({"dtype": dtype_named(dtype)} if isinstance(dtype, str) else {})
         )
         if int(hp.get("lora_rank") or 0) > 0:
-            from lightning_memopt.models.hf import _with_lora
+            from lightning_memopt.models.hf import _with_lora, lora_target_list
 
             model = _with_lora(model, int(hp["lora_rank"]), float(hp.get("lora_alpha", 16.0)),
-                               list(hp.get("lora_targets", ("q_proj", "v_proj"))))
+                               lora_target_list(hp.get("lora_targets", ("q_proj", "v_proj"))))
     return model
 
 
@@ -91,9 +91,12 @@ def load_checkpoint_meta(ckpt: str | os.PathLike) -> dict[str, Any]:
     return {k: v for k, v in saved.items() if k not in ("state_dict", "optimizer_states")}
 
 
-def consolidate(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: Optional[str] = None,
-                tokenizer: bool = True, overwrite: bool = False) -> torch.nn.Module:
-    """Write the HF model of an HFCausalLM checkpoint to ``out_dir`` with ``save_pretrained``; returns the model.
+def consolidate(
+    ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: Optional[str] = None, tokenizer: bool = True,
+    overwrite: bool = False, return_model: bool = True,
+) -> Optional[torch.nn.Module]:
+    """Write the HF model of an HFCausalLM checkpoint to ``out_dir`` with ``save_pretrained``; returns the model
+    (``from_pretrained(out_dir)``; None without ``return_model``).
 
     Args:
         ckpt: a sharded checkpoint folder (written by any number of processes) or a full ``.ckpt`` file.
@@ -101,6 +104,8 @@ def consolidate(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: Opti
         dtype: cast the weights (e.g. ``"bfloat16"``); None keeps the checkpoint's.
         tokenizer: also save the module's tokenizer there (when it has one that can be saved).
         overwrite: write into a folder that holds files (its model files are replaced, a stale shard index removed).
+        return_model: load the written model back and return it (the one built here keeps its non-persistent
+            buffers, rotary frequencies, on the meta device: it could be saved but not run).
     """
     path = Path(ckpt)
     _check_out_dir(path, Path(out_dir), overwrite)
@@ -142,7 +147,13 @@ def consolidate(ckpt: str | os.PathLike, out_dir: str | os.PathLike, dtype: Opti
     model.save_pretrained(str(out_dir))
     if tokenizer:
         _save_tokenizer(hp, out_dir)
-    return model
+    if not return_model:
+        return None
+    from transformers import AutoModelForCausalLM
+
+    saved_dtype = next(model.parameters()).dtype
+    del model, weights, sd  # the checkpoint's copy, before the saved one is read back
+    return AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=saved_dtype).eval()
 
 
 def _check_out_dir(ckpt: Path, out_dir: Path, overwrite: bool) -> None:
@@ -225,7 +236,7 @@ def main(argv: Optional[list[str]] = None, prog: str = "memopt consolidate") -> 
 
     try:
         consolidate(args.ckpt, args.out_dir, dtype=args.dtype, tokenizer=not args.no_tokenizer,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, return_model=False)
     except ValueError as err:
         parser.error(str(err))
     except (OSError, RuntimeError) as err:  # not a checkpoint torch can read; a base model this machine lacks

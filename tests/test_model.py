@@ -188,3 +188,22 @@ def test_lora_targets_as_one_string(targets, names):
     m = tiny_model(lora_rank=2, lora_targets=targets)
     adapted = {n.split(".lora_A")[0].rsplit(".", 1)[-1] for n, p in m.named_parameters() if "lora_A" in n}
     assert names <= adapted and (targets != "q_proj" or adapted == {"q_proj"})
+
+
+@pytest.mark.parametrize("targets", ["q_proj", "all-linear"])
+def test_consolidate_a_lora_fit_with_one_target_name_and_run_what_it_returns(targets, tmp_path):
+    """lora_targets as one name (or peft's "all-linear") consolidates as the fit built it, and the returned model
+    runs (its rotary frequencies are real, not meta) with the trained, merged model's logits."""
+    from lightning_memopt import LOMO
+    from lightning_memopt.consolidate import consolidate
+
+    torch.manual_seed(0)
+    model = tiny_model(lora_rank=4, lora_targets=targets)
+    trainer = tiny_trainer(max_steps=2, callbacks=[LOMO(lr=0.05)])
+    trainer.fit(model, tiny_datamodule(k=8))
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    hf = consolidate(tmp_path / "lora.ckpt", tmp_path / "hf", tokenizer=False)
+    ids = torch.randint(1, 256, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model.model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    assert consolidate(tmp_path / "lora.ckpt", tmp_path / "hf2", tokenizer=False, return_model=False) is None

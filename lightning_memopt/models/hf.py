@@ -136,6 +136,14 @@ def _label_head_forward(self: torch.nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x, w, b)
 
 
+def lora_target_list(targets: Union[str, Sequence[str]]) -> Union[str, list[str]]:
+    """``lora_targets`` as peft takes it: one name is a list of one (``list("q_proj")`` would be its letters);
+    peft's ``"all-linear"`` stays a string."""
+    if isinstance(targets, str):
+        return targets if targets == "all-linear" else [targets]
+    return list(targets)
+
+
 def _with_lora(model: torch.nn.Module, rank: int, alpha: float, targets: Union[str, list[str]]) -> torch.nn.Module:
     try:
         import peft
@@ -269,10 +277,7 @@ class HFCausalLM(LightningModule):
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0 (0 trains every weight), got {lora_rank}.")
         if lora_rank:
-            # one name is a list of one (list("q_proj") would be its letters); peft's "all-linear" stays a string
-            targets = list(lora_targets) if not isinstance(lora_targets, str) else (
-                lora_targets if lora_targets == "all-linear" else [lora_targets])
-            self.model = _with_lora(self.model, lora_rank, lora_alpha, targets)
+            self.model = _with_lora(self.model, lora_rank, lora_alpha, lora_target_list(lora_targets))
         if frozen:
             _freeze(self.model, frozen)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps modes as they are
