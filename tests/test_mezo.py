@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -168,6 +171,31 @@ def test_an_unwritable_trajectory_path_is_refused_at_setup(tmp_path):
         with pytest.raises(MisconfigurationException, match=rf"trajectory_path=.*{problem}.*writable directory"):
             trainer.fit(tiny_model(objective="lm"), tiny_datamodule(k=8))
         assert not seen  # before any step
+
+
+def test_a_trajectory_file_of_another_run_is_not_overwritten_and_log_dir_names_the_version(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.loggers import CSVLogger
+
+    def fit(steps, ckpt_path=None, **kw):
+        cb = MeZO(**kw)
+        trainer = tiny_trainer(max_steps=steps, callbacks=[cb, ModelCheckpoint(tmp_path / "ckpt", save_last=True)],
+                               logger=CSVLogger(tmp_path / "logs"), enable_checkpointing=True)
+        trainer.fit(tiny_model(objective="lm"), tiny_datamodule(k=8), ckpt_path=ckpt_path)
+        return trainer
+
+    path = tmp_path / "run.json"
+    fit(2, trajectory_path=str(path))
+    before = path.read_text()
+    with pytest.raises(MisconfigurationException, match=r"run\.json already exists, and this fresh fit would"):
+        fit(2, trajectory_path=str(path))
+    assert path.read_text() == before
+    fit(3, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), trajectory_path=str(path))  # a resume writes it again
+    assert len(json.loads(path.read_text())["steps"]) == 3
+    trainer = fit(2, trajectory_path="{log_dir}/trajectory.json")  # a new version folder each fit: no clash
+    fit(2, trajectory_path="{log_dir}/trajectory.json")
+    assert sorted(p.parent.name for p in (tmp_path / "logs").rglob("trajectory.json")) == ["version_3", "version_4"]
+    assert (Path(trainer.log_dir) / "trajectory.json").is_file()
 
 
 @pytest.mark.parametrize("kw", [{}, {"perturbation": "lowrank", "n_spsa": 2}], ids=["perturber", "population"])

@@ -77,7 +77,9 @@ class MeZO(MethodCallback):
             generated answers and references for an F1 objective), else on ``logits``/``labels``.
         metric_kwargs: arguments of the metric (e.g. ``{"num_classes": 2}``).
         record_trajectory: keep the (seeds, g, lr, wd) of every step in ``self.trajectory`` (and checkpoints).
-        trajectory_path: write the trajectory as JSON there at the end of fit (implies ``record_trajectory``).
+        trajectory_path: write the trajectory as JSON there at the end of fit (implies ``record_trajectory``);
+            ``{log_dir}`` in it is the Trainer's ``log_dir`` (the logger's version folder). A file already there is
+            refused on a fresh fit (it would be overwritten); a resume writes its own run's file again.
         allow_untested: warn instead of raising on a strategy outside single-device and FSDP2.
         max_consecutive_skips: steps in a row with a non-finite loss (each skipped, weights untouched) before the
             fit stops with an error.
@@ -186,6 +188,7 @@ class MeZO(MethodCallback):
         self.metric_kwargs = dict(metric_kwargs or {})
         self.record_trajectory = record_trajectory or trajectory_path is not None
         self.trajectory_path = trajectory_path
+        self._trajectory_file: str | None = None  # trajectory_path with {log_dir} resolved at setup
         self.trajectory: dict[str, Any] | None = None
         self._traj_pending: list[tuple[dict[str, Any], torch.Tensor]] = []
         self.zo: ZeroOrder | None = None
@@ -221,6 +224,7 @@ class MeZO(MethodCallback):
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.trajectory_path is not None:
+            self._trajectory_file = self.trajectory_path.replace("{log_dir}", str(trainer.log_dir))
             self._check_trajectory_path()
         if self.metric_path is None:
             return
@@ -237,7 +241,7 @@ class MeZO(MethodCallback):
 
     def _check_trajectory_path(self) -> None:
         """Found now, not after the whole fit, where the trajectory is written."""
-        path = os.path.abspath(self.trajectory_path)
+        path = os.path.abspath(self._trajectory_file)
         parent = os.path.dirname(path)
         try:
             os.makedirs(parent, exist_ok=True)
@@ -325,6 +329,16 @@ class MeZO(MethodCallback):
 
     @override
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None) -> None:
+        if state is None and self._trajectory_file is not None:
+            # rank 0 writes it; every rank must agree to stop
+            there = trainer.strategy.broadcast(os.path.exists(self._trajectory_file), src=0)
+            if there:
+                raise MisconfigurationException(
+                    f"MeZO(trajectory_path={self.trajectory_path!r}): {self._trajectory_file} already exists, and this "
+                    f"fresh fit would overwrite it with its own trajectory. Give another path ('{{log_dir}}/"
+                    f"trajectory.json' writes it into the logger's version folder), move the file away, or resume "
+                    f"the run that wrote it from its checkpoint."
+                )
         if state is None or self.zo is None:
             return
         self.zo.load_history_state(state.get("history", []), pl_module.device)
@@ -357,8 +371,8 @@ class MeZO(MethodCallback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self._flush_trajectory()
-        if self.trajectory_path is not None and self.trajectory is not None:
-            _save(self.trajectory, self.trajectory_path)
+        if self._trajectory_file is not None and self.trajectory is not None:
+            _save(self.trajectory, self._trajectory_file)
 
     # ---- the step --------------------------------------------------------------------------------------------
     def _objective(self, out: Any) -> torch.Tensor:
