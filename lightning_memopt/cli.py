@@ -93,6 +93,30 @@ def user_error(exc: BaseException) -> Optional[BaseException]:
     return None
 
 
+def _checkpoint_hparams(ckpt: str) -> dict[str, Any]:
+    """The hyperparameters of a checkpoint file or sharded folder; a file inside a sharded folder, or a file that is
+    no Lightning checkpoint, is refused naming what to give instead."""
+    from lightning_memopt.consolidate import load_checkpoint_meta
+
+    parent = os.path.dirname(os.path.abspath(ckpt))
+    if os.path.isfile(ckpt) and os.path.isfile(os.path.join(parent, "meta.pt")):
+        raise MisconfigurationException(
+            f"--ckpt_path={ckpt} is a file inside a sharded checkpoint; give its folder: --ckpt_path={parent}."
+        )
+    if os.path.isdir(ckpt) and not os.path.isfile(os.path.join(ckpt, "meta.pt")):
+        return {}  # not a sharded checkpoint: before_instantiate_classes and the strategy say what is wrong
+    try:
+        meta = load_checkpoint_meta(ckpt)
+    except ValueError as err:
+        raise MisconfigurationException(f"--ckpt_path: {err}") from None
+    except Exception as err:  # noqa: BLE001 - torch.load's errors for a file that is no checkpoint vary
+        raise MisconfigurationException(
+            f"--ckpt_path={ckpt} is not a Lightning checkpoint torch can read ({type(err).__name__}); give a .ckpt "
+            f"file or a sharded checkpoint's folder."
+        ) from None
+    return dict(meta.get("hyper_parameters") or {})
+
+
 def _model_args(config: Any, sub: Optional[str]) -> dict[str, Any]:
     """The model's init arguments in a parsed config, as plain values."""
     try:
@@ -144,8 +168,15 @@ class MemoptCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # Lightning builds the model from the checkpoint's hyperparameters, over what the command line said: say so
         sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
         before = _model_args(self.config, sub)
-        super()._parse_ckpt_path()
+        if isinstance(ckpt, str) and ckpt and os.path.exists(ckpt):
+            hparams = _checkpoint_hparams(ckpt)
+            if os.path.isdir(ckpt):  # Lightning reads them from a file only; a sharded folder keeps them in meta.pt
+                if hparams:
+                    self._apply_ckpt_hparams(sub, hparams)
+            else:
+                super()._parse_ckpt_path()
         after = _model_args(self.config, sub)
         replaced = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in before if k in after and before[k] != after[k]]
         if replaced:
@@ -155,6 +186,17 @@ class MemoptCLI(LightningCLI):
                 "--ckpt_path: the model is built with the checkpoint's hyperparameters, which replace these model "
                 "options: " + "; ".join(replaced) + "."
             )
+
+    def _apply_ckpt_hparams(self, sub: str, hparams: dict[str, Any]) -> None:
+        """What Lightning's ``_parse_ckpt_path`` does with a checkpoint file's hyperparameters."""
+        hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        try:
+            self.config = self.parser.parse_object({sub: {"model": hparams}}, self.config)
+        except SystemExit:
+            sys.stderr.write("Parsing of ckpt_path hyperparameters failed!\n")
+            raise
 
     def instantiate_classes(self) -> None:
         try:

@@ -240,3 +240,44 @@ def test_a_checkpoint_folder_without_a_strategy_names_fsdp2(tmp_path, in_repo):
     test = ["test", *BASE[1:3], "--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.callbacks=[]"]
     with pytest.raises(MisconfigurationException, match=r"is a folder \(a sharded FSDP2 checkpoint\).*strategy=fsdp2"):
         run_cli([*test, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={folder}"])
+
+
+def test_a_file_that_is_no_checkpoint_and_a_file_inside_a_sharded_one_are_named(tmp_path, in_repo):
+    folder = tmp_path / "epoch=0-step=2.ckpt"
+    folder.mkdir()
+    torch.save({"hyper_parameters": {}}, folder / "meta.pt")
+    test = ["test", *BASE[1:3], "--trainer.logger=false", "--trainer.accelerator=cpu", "--trainer.callbacks=[]"]
+    with pytest.raises(MisconfigurationException, match=r"is a file inside a sharded checkpoint; give its folder"):
+        run_cli([*test, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={folder / 'meta.pt'}"])
+    (tmp_path / "notes.md").write_text("# not a checkpoint\n")
+    with pytest.raises(MisconfigurationException, match=r"notes\.md is not a Lightning checkpoint torch can read"):
+        run_cli([*test, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={tmp_path / 'notes.md'}"])
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(MisconfigurationException, match=r"plain\.pt holds no state_dict: not a Lightning checkpoint"):
+        run_cli([*test, f"--trainer.default_root_dir={tmp_path}", f"--ckpt_path={tmp_path / 'plain.pt'}"])
+
+
+def test_a_sharded_checkpoint_builds_the_model_from_its_hyperparameters(tmp_path):
+    """`memopt validate --ckpt_path=<sharded folder>` builds the model the fit built (LoRA here, not in the config),
+    as Lightning does for a checkpoint file; it failed on the missing adapter keys. Subprocesses: FSDP2 leaves a
+    process group behind."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    cfg = str(REPO / "configs" / "quickstart.yaml")
+    common = ["--trainer.strategy=fsdp2", "--trainer.devices=1", "--trainer.limit_val_batches=1",
+              "--trainer.callbacks=[]"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    run = lambda *args: subprocess.run([sys.executable, "-m", "lightning_memopt.cli", *args], cwd=tmp_path, env=env,
+                                       capture_output=True, text=True, timeout=600)
+    fit = run("fit", "--config", cfg, "--trainer.max_steps=2", "--model.lora_rank=4",
+              "--trainer.enable_checkpointing=true", *common)
+    assert fit.returncode == 0, fit.stderr[-2000:]
+    (ckpt,) = (tmp_path / "runs").rglob("*.ckpt")
+    assert (ckpt / "meta.pt").is_file()
+    val = run("validate", "--config", cfg, f"--ckpt_path={ckpt}", *common)
+    assert val.returncode == 0, val.stderr[-2000:]
+    assert "which replace these model options: lora_rank: 0 -> 4" in val.stderr
