@@ -45,11 +45,6 @@ NEWLINE_HINT = (
 )
 
 
-class _Literal(str):
-    """A ``str`` option's value as the user meant it, past jsonargparse's YAML reading (which took ``#x`` for a
-    comment: None to an ``Optional[str]``)."""
-
-
 class _Raw(str):
     """A value given to a nested option of a class (``--data.template=...``), not yet parsed: the class's own
     parser parses it once it knows the option's type. ``option`` is the option as typed, for messages."""
@@ -83,13 +78,6 @@ def cli_string(text: str, option: str) -> Optional[str]:
     unquoted = yaml_unquote(text)
     if unquoted is not None:
         return unquoted
-    if text.strip().lower() != "null":
-        try:
-            as_yaml = yaml.safe_load(text)
-        except yaml.YAMLError:
-            as_yaml = text
-        if as_yaml is None:  # '#...' (a YAML comment), '~' or '': None to YAML, not what was written
-            return text
     if "\\n" in text:
         opt = option.lstrip("-")
         rank_zero_warn(
@@ -134,7 +122,7 @@ def _nested_under(action: Optional[argparse.Action], option_string: Optional[str
 
 def _without_raw(value: Any) -> Any:
     """Plain ``str`` for any :class:`_Raw` left in a parsed config (none should be; a later jsonargparse might)."""
-    if isinstance(value, (_Raw, _Literal)):
+    if isinstance(value, _Raw):
         return str(value)
     if isinstance(value, Namespace):
         for key in list(value.keys()):
@@ -220,7 +208,7 @@ class MemoptArgumentParser(LightningArgumentParser):
         elif action is not None and option in action.option_strings and accepts_str(_typehint(action)):
             literal = cli_string(value, option)
             if literal is not None:
-                value = _Literal(literal)
+                value = literal
         else:
             return parsed
         return (*parsed[:-1], value)
@@ -247,12 +235,10 @@ class MemoptArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
     def _check_value_key(self, action: argparse.Action, value: Any, key: str, cfg: Any, *args: Any, **kw: Any) -> Any:
-        if isinstance(value, _Literal):  # kept through jsonargparse's later checks of the same value
-            return value
         if isinstance(value, _Raw):  # reached the class's own parser: the option's type is known now
             option, value = value.option or key, str(value)
             if accepts_str(_typehint(action)):
                 literal = cli_string(value, option)
                 if literal is not None:
-                    return _Literal(literal)
+                    return literal
         return super()._check_value_key(action, value, key, cfg, *args, **kw)
