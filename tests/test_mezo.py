@@ -195,7 +195,15 @@ def test_a_trajectory_file_of_another_run_is_not_overwritten_and_log_dir_names_t
     trainer = fit(2, trajectory_path="{log_dir}/trajectory.json")  # a new version folder each fit: no clash
     fit(2, trajectory_path="{log_dir}/trajectory.json")
     assert sorted(p.parent.name for p in (tmp_path / "logs").rglob("trajectory.json")) == ["version_3", "version_4"]
-    assert (Path(trainer.log_dir) / "trajectory.json").is_file()
+    traj = Path(trainer.log_dir) / "trajectory.json"
+    trainer.fit_loop.epoch_loop.max_steps = 4  # fit() again on the same Trainer goes on, and so does its trajectory
+    trainer.fit(tiny_model(objective="lm"), tiny_datamodule(k=8))
+    assert [s["step"] for s in json.loads(traj.read_text())["steps"]] == [0, 1, 2, 3]
+    for _ in range(2):  # fast_dev_run writes no file (nor Lightning a checkpoint); a second one is no clash
+        cb = MeZO(trajectory_path="{log_dir}/t.json")
+        tiny_trainer(fast_dev_run=2, callbacks=[cb]).fit(tiny_model(objective="lm"), tiny_datamodule(k=8))
+        assert len(cb.trajectory["steps"]) == 2
+    assert not list(tmp_path.rglob("t.json")) and not Path("None").exists()
 
 
 @pytest.mark.parametrize("kw", [{}, {"perturbation": "lowrank", "n_spsa": 2}], ids=["perturber", "population"])

@@ -223,8 +223,12 @@ class MeZO(MethodCallback):
 
     @override
     def validate(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.trajectory_path is not None:
-            self._trajectory_file = self.trajectory_path.replace("{log_dir}", str(trainer.log_dir))
+        if self.trajectory_path is not None and trainer.fast_dev_run:
+            rank_zero_info("MeZO: fast_dev_run writes no trajectory file (nor Lightning a checkpoint).")
+            self._trajectory_file = None
+        elif self.trajectory_path is not None:
+            log_dir = trainer.log_dir or trainer.default_root_dir  # no logger: the Trainer's root folder
+            self._trajectory_file = self.trajectory_path.replace("{log_dir}", str(log_dir))
             self._check_trajectory_path()
         if self.metric_path is None:
             return
@@ -299,7 +303,9 @@ class MeZO(MethodCallback):
             return training_step
 
         self.wrap_training_step(pl_module, wrap)
-        if self.record_trajectory:  # each fit its own (a checkpoint's replaces it in start): its steps from here
+        # each fresh fit records its own (a checkpoint's replaces it in start); fit() again on the same Trainer goes
+        # on from its step, so the trajectory goes on too
+        if self.record_trajectory and not (trainer.global_step > 0 and self.trajectory is not None):
             self.trajectory = new_trajectory(_base_reference(pl_module), params, self.config, self.seed,
                                              self.zo.scales)
             self._traj_pending.clear()
@@ -329,7 +335,7 @@ class MeZO(MethodCallback):
 
     @override
     def start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any] | None) -> None:
-        if state is None and self._trajectory_file is not None:
+        if state is None and trainer.global_step == 0 and self._trajectory_file is not None:
             # rank 0 writes it; every rank must agree to stop
             there = trainer.strategy.broadcast(os.path.exists(self._trajectory_file), src=0)
             if there:
