@@ -41,6 +41,8 @@ def test_read_glue_tsv(tmp_path):
     (tmp_path / "two.tsv").write_text("a\tb\tlabel\nx\ty\t1\n")
     with pytest.raises(ValueError, match=r"which of the columns \['a', 'b'\] is the text"):
         read_glue_tsv(str(tmp_path / "two.tsv"))
+    (tmp_path / "glue.txt").write_text("sentence\tlabel\na fine film\t1\n")  # tab-separated whatever its name
+    assert read_glue_tsv(str(tmp_path / "glue.txt")) == [(1, "a fine film")]
     (tmp_path / "short.tsv").write_text("sentence\tlabel\na fine film\t1\n0\ngood\t1\n")
     with pytest.warns(UserWarning, match="1 rows have fewer fields"):
         assert read_glue_tsv(str(tmp_path / "short.tsv")) == [(1, "a fine film"), (1, "good")]
@@ -140,3 +142,21 @@ def test_a_prompt_cut_to_max_length_keeps_its_bos_and_its_tail():
     item = make_item([([1, *range(10, 20)], False), ([50, 51, 2], True)], ["x"], 11, head=1)
     assert item["input_ids"] == [1, *range(13, 20), 50, 51, 2] and item["prompt_ids"] == [1, *range(10, 20)]
     assert item["lm_labels"][-3:] == [50, 51, 2]
+
+
+def test_a_long_chat_keeps_the_bos_its_template_writes(tmp_path):
+    import json
+
+    from lightning_memopt.data.instruct import InstructionDataModule
+
+    tok = _bos_tokenizer()
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
+                         "{% endfor %}")
+    conv = {"messages": [{"role": "user", "content": "the film was good and the cast was good"},
+                         {"role": "assistant", "content": "good"}]}
+    (tmp_path / "train.jsonl").write_text(json.dumps(conv) + "\n")
+    dm = InstructionDataModule(train_file=str(tmp_path / "train.jsonl"), val_size=0, max_length=8)
+    dm.tokenizer = tok
+    dm.setup()
+    item = dm._splits["train"][0]
+    assert len(item["input_ids"]) == 8 and item["input_ids"][0] == tok.bos_token_id

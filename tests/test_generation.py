@@ -346,7 +346,22 @@ def test_a_generation_data_module_without_test_examples_says_so(tmp_path):
 def test_squad_test_file_with_the_training_articles_is_refused():
     dm = SQuADDataModule(data_file=str(SQUAD), test_file=str(SQUAD), train_articles=[0, 1], test_articles=[1, 2],
                          tokenizer="builtin")
-    with pytest.raises(ValueError, match=r"Articles \['.*'\] are both in the training articles of .* and the test"):
+    with pytest.raises(ValueError, match=r"Test articles \['.*'\] of .* share passages with the training articles"):
         dm.setup()
     SQuADDataModule(data_file=str(SQUAD), test_file=str(SQUAD), train_articles=[0, 1], test_articles=[2, 3],
                     tokenizer="builtin", val_size=4).setup()  # other articles of the same file: fine
+
+
+def test_squad_files_without_titles_are_told_apart_by_their_passages(tmp_path):
+    import json
+
+    def squad(context):
+        qa = {"id": context, "question": "who?", "answers": [{"text": "the film", "answer_start": 0}]}
+        return {"data": [{"paragraphs": [{"context": context, "qas": [qa] * 4}]}]}  # no title
+
+    (tmp_path / "tr.json").write_text(json.dumps(squad("the film is good")))
+    (tmp_path / "te.json").write_text(json.dumps(squad("the film is bad")))
+    dm = SQuADDataModule(data_file=str(tmp_path / "tr.json"), test_file=str(tmp_path / "te.json"),
+                         tokenizer="builtin", val_size=1)
+    dm.setup()
+    assert len(dm._splits["test"]) == 4

@@ -161,6 +161,8 @@ class InstructionDataModule(GenerationDataModuleBase):
                 seg, head = encode_prompt(tok, text)
             else:
                 seg = tok(text, add_special_tokens=False)["input_ids"]
+                if j == 0 and seg and seg[0] == tok.bos_token_id:  # a BOS the chat template writes as text
+                    head = 1
             ids.append((seg + (eos if is_resp else []), is_resp))
         last = [m["content"] for m in msgs if m["role"] == "assistant"][-1]
         return make_item(ids, [last], self.hparams.max_length, head)

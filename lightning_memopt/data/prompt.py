@@ -38,7 +38,7 @@ TEST_STEMS = ("dev", "validation", "test")
 def read_glue_tsv(path: str) -> Rows:
     """Read a GLUE-style TSV with a header: a ``label`` column and one text column (``sentence`` or ``content``, or
     the only other column), as ``(label, text)`` rows; short rows are skipped with a warning (:func:`read_table`)."""
-    table = read_table(path, "none")
+    table = read_table(path, "none", fmt="tsv")  # tab-separated whatever its name
     if "label" not in table.columns:
         raise ValueError(f"{path}: the header {table.columns} has no 'label' column.")
     others = [c for c in table.columns if c != "label"]

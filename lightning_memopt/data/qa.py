@@ -160,10 +160,11 @@ class SQuADDataModule(GenerationDataModuleBase):
             tr = _pick(arts, hp.train_articles, hp.data_file) if hp.train_articles is not None else range(len(arts))
             te = _pick(test_arts, hp.test_articles, hp.test_file) if hp.test_articles is not None else range(
                 len(test_arts))
-            both = sorted({arts[i][0] for i in tr} & {test_arts[i][0] for i in te})
+            seen = {q["context"] for i in tr for q in arts[i][1]}
+            both = sorted({t for t, qs in (test_arts[i] for i in te) if any(q["context"] in seen for q in qs)})
             if both:  # e.g. test_file naming the training file: the test would be on trained text
-                raise ValueError(f"Articles {both} are both in the training articles of {hp.data_file} and the test "
-                                 f"articles of {hp.test_file}; test on articles the training does not read.")
+                raise ValueError(f"Test articles {both} of {hp.test_file} share passages with the training articles "
+                                 f"of {hp.data_file}; test on articles the training does not read.")
             return [arts[i] for i in tr], [test_arts[i] for i in te]
         tr = _pick(arts, hp.train_articles, hp.data_file) if hp.train_articles is not None else None
         te = _pick(arts, hp.test_articles, hp.data_file) if hp.test_articles is not None else None

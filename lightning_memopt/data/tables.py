@@ -35,15 +35,16 @@ def file_format(path: str) -> str:
     return FORMATS[ext]
 
 
-def read_table(path: str, quoting: Quoting = "auto") -> Table:
+def read_table(path: str, quoting: Quoting = "auto", fmt: Optional[str] = None) -> Table:
     """Read a TSV, CSV or JSONL file (format from the extension) with a header row; a UTF-8 BOM is dropped.
 
     ``quoting="auto"`` reads .tsv unquoted (GLUE TSVs hold bare ``"`` characters) and .csv with CSV quoting;
-    ``"none"``/``"csv"`` force one or the other for delimited files.
+    ``"none"``/``"csv"`` force one or the other for delimited files. ``fmt`` (``"tsv"``, ``"csv"``, ``"jsonl"``)
+    overrides the extension.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Data file {path!r} does not exist.")
-    fmt = file_format(path)
+    fmt = fmt or file_format(path)
     with open(path, newline="", encoding="utf-8-sig") as f:  # utf-8-sig: a byte-order mark is not part of a name
         if fmt == "jsonl":
             return _read_jsonl(path, f)
