@@ -16,6 +16,7 @@ import sys
 from typing import Any, Optional
 
 import lightning
+import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -106,6 +107,12 @@ def _checkpoint_hparams(ckpt: str) -> dict[str, Any]:
     if os.path.isdir(ckpt) and not os.path.isfile(os.path.join(ckpt, "meta.pt")):
         return {}  # not a sharded checkpoint: before_instantiate_classes and the strategy say what is wrong
     try:
+        if os.path.isfile(ckpt):  # only tensors and plain types, as Lightning's own read of the hyperparameters
+            saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
+            if not isinstance(saved, dict) or "state_dict" not in saved:
+                raise ValueError(f"{ckpt} holds no state_dict: not a Lightning checkpoint (a .ckpt file, or the "
+                                 f"folder of a sharded one).")
+            return dict(saved.get("hyper_parameters") or {})
         meta = load_checkpoint_meta(ckpt)
     except ValueError as err:
         raise MisconfigurationException(f"--ckpt_path: {err}") from None
@@ -171,12 +178,11 @@ class MemoptCLI(LightningCLI):
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         before = _model_args(self.config, sub)
         if isinstance(ckpt, str) and ckpt and os.path.exists(ckpt):
+            # Lightning's own reading, for a sharded folder too (Lightning reads a file only; a folder keeps them in
+            # meta.pt), with what is no checkpoint named
             hparams = _checkpoint_hparams(ckpt)
-            if os.path.isdir(ckpt):  # Lightning reads them from a file only; a sharded folder keeps them in meta.pt
-                if hparams:
-                    self._apply_ckpt_hparams(sub, hparams)
-            else:
-                super()._parse_ckpt_path()
+            if hparams:
+                self._apply_ckpt_hparams(sub, hparams)
         after = _model_args(self.config, sub)
         replaced = [f"{k}: {before[k]!r} -> {after[k]!r}" for k in before if k in after and before[k] != after[k]]
         if replaced:
@@ -188,7 +194,7 @@ class MemoptCLI(LightningCLI):
             )
 
     def _apply_ckpt_hparams(self, sub: str, hparams: dict[str, Any]) -> None:
-        """What Lightning's ``_parse_ckpt_path`` does with a checkpoint file's hyperparameters."""
+        """What Lightning's ``_parse_ckpt_path`` does with a checkpoint's hyperparameters."""
         hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}

@@ -153,7 +153,9 @@ def consolidate(
 
     saved_dtype = next(model.parameters()).dtype
     del model, weights, sd  # the checkpoint's copy, before the saved one is read back
-    return AutoModelForCausalLM.from_pretrained(str(out_dir), dtype=saved_dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(
+        str(out_dir), dtype=saved_dtype, trust_remote_code=bool(hp.get("trust_remote_code", False))
+    ).eval()
 
 
 def _check_out_dir(ckpt: Path, out_dir: Path, overwrite: bool) -> None:
