@@ -244,7 +244,7 @@ def test_an_empty_test_split_is_an_error_not_an_empty_result(tmp_path):
     dm = PromptClassificationDataModule(data_dir=str(tmp_path), k=1, tokenizer="builtin",
                                         label_words=["negative", "positive"])
     dm.setup()
-    with pytest.raises(ValueError, match=r"dev\.tsv holds no rows \(a header only\?\)"):
+    with pytest.raises(ValueError, match=r"dev\.tsv\) holds no rows \(a header only\?\)"):
         dm.test_dataloader()
     with pytest.raises(ValueError, match="test_limit must be at least 1"):
         PromptClassificationDataModule(data_dir=str(tmp_path), test_limit=0)

@@ -502,6 +502,6 @@ class PromptClassificationDataModule(LightningDataModule):
         if self._test_missing:
             raise ValueError("No test data: give test_file=... (a .tsv, .csv or .jsonl) along with train_file.")
         if not len(self._splits["test"]):  # Lightning would test nothing and return [] without a word
-            raise ValueError(f"The test file {self._test_path} holds no rows (a header only?); check the file or give "
+            raise ValueError(f"The test split ({self._test_path}) holds no rows (a header only?); check it or give "
                              f"another test_file.")
         return eval_loader(self, self._splits["test"], self._collate(), pin_memory(self))
