@@ -45,6 +45,11 @@ NEWLINE_HINT = (
 )
 
 
+class _Literal(str):
+    """A ``str`` option's value as the user meant it, past jsonargparse's YAML reading (which took ``#x`` for a
+    comment: None to an ``Optional[str]``)."""
+
+
 class _Raw(str):
     """A value given to a nested option of a class (``--data.template=...``), not yet parsed: the class's own
     parser parses it once it knows the option's type. ``option`` is the option as typed, for messages."""
@@ -72,12 +77,25 @@ def yaml_unquote(text: str) -> Optional[str]:
     return value if isinstance(value, str) else None
 
 
+def yaml_reads_none(text: str) -> bool:
+    """``text`` is no ``null`` but YAML reads it as None: ``#...`` (a comment) or ``~``; what a user typed for a
+    ``str`` option, not a None."""
+    if not text.strip() or text.strip().lower() == "null":
+        return False
+    try:
+        return yaml.safe_load(text) is None
+    except yaml.YAMLError:
+        return False
+
+
 def cli_string(text: str, option: str) -> Optional[str]:
     """The literal string for a command-line ``text`` given to a ``str`` option, or None to let jsonargparse parse
     an unquoted ``text`` (so that ``null`` still means None for an ``Optional[str]``)."""
     unquoted = yaml_unquote(text)
     if unquoted is not None:
         return unquoted
+    if yaml_reads_none(text):
+        return text
     if "\\n" in text:
         opt = option.lstrip("-")
         rank_zero_warn(
@@ -122,7 +140,7 @@ def _nested_under(action: Optional[argparse.Action], option_string: Optional[str
 
 def _without_raw(value: Any) -> Any:
     """Plain ``str`` for any :class:`_Raw` left in a parsed config (none should be; a later jsonargparse might)."""
-    if isinstance(value, _Raw):
+    if isinstance(value, (_Raw, _Literal)):
         return str(value)
     if isinstance(value, Namespace):
         for key in list(value.keys()):
@@ -208,7 +226,7 @@ class MemoptArgumentParser(LightningArgumentParser):
         elif action is not None and option in action.option_strings and accepts_str(_typehint(action)):
             literal = cli_string(value, option)
             if literal is not None:
-                value = literal
+                value = _Literal(literal)
         else:
             return parsed
         return (*parsed[:-1], value)
@@ -235,10 +253,15 @@ class MemoptArgumentParser(LightningArgumentParser):
         super().error(message, ex)
 
     def _check_value_key(self, action: argparse.Action, value: Any, key: str, cfg: Any, *args: Any, **kw: Any) -> Any:
+        if isinstance(value, _Literal):  # kept through jsonargparse's later checks of the same value
+            return value
         if isinstance(value, _Raw):  # reached the class's own parser: the option's type is known now
             option, value = value.option or key, str(value)
             if accepts_str(_typehint(action)):
                 literal = cli_string(value, option)
                 if literal is not None:
-                    return literal
+                    return _Literal(literal)
+        if type(value) is str and accepts_str(_typehint(action)) and yaml_reads_none(value):
+            # checked again as plain text (the top-level parser checks a subcommand's values): YAML would make it None
+            return value
         return super()._check_value_key(action, value, key, cfg, *args, **kw)

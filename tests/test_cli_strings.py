@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO
 
 from lightning_memopt.cli import run_cli
-from lightning_memopt.cli_parser import _Raw, accepts_str, yaml_unquote
+from lightning_memopt.cli_parser import _Literal, _Raw, accepts_str, yaml_unquote
 
 BASE = ["--config", "configs/full_ft_adamw.yaml", "--trainer.accelerator=cpu", "--trainer.devices=1"]
 
@@ -40,7 +40,7 @@ def _no_raw(value) -> bool:
         return all(_no_raw(v) for _, v in value.items())
     if isinstance(value, list):
         return all(_no_raw(v) for v in value)
-    return not isinstance(value, _Raw)
+    return not isinstance(value, (_Raw, _Literal))
 
 
 @pytest.mark.parametrize(("typed", "expected"), TEMPLATES)
@@ -77,6 +77,26 @@ def test_other_types_still_parse_from_text(in_repo):
     assert cli.trainer.callbacks[0].print_table is False
     assert cli.trainer.default_root_dir == "runs: x"  # a direct str option: YAML quotes removed
     assert _no_raw(cli.config)
+
+
+@pytest.mark.parametrize(("typed", "expected"), [("###", "###"), ("#runs", "#runs"), ("~", "~"), ("null", None)])
+def test_an_optional_string_that_yaml_reads_as_none_stays_as_typed(typed, expected, in_repo):
+    """'#...' is a YAML comment and '~' YAML's null: an Optional[str] took None for them (a stop text that never
+    stopped, a ckpt_path that started afresh); only 'null' means None."""
+    cli = run_cli([*BASE, f"--model.stop_text={typed}", f"--trainer.default_root_dir={typed}"], run=False)
+    assert cli.model.hparams.stop_text == expected
+    assert cli.config.trainer.default_root_dir == expected and _no_raw(cli.config)
+
+
+@pytest.mark.parametrize(("typed", "expected"), [("###", "###"), ("#x", "#x"), ("~", "~"), ("null", None)])
+def test_under_fit_a_string_that_yaml_reads_as_none_stays_as_typed(typed, expected, in_repo, capsys):
+    """The same under a subcommand, whose values the top-level parser checks again as plain text."""
+    with pytest.raises(SystemExit):
+        run_cli(["fit", *BASE, f"--model.stop_text={typed}", f"--ckpt_path={typed}",
+                 f"--trainer.default_root_dir={typed}", "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["init_args"]["stop_text"] == cfg["ckpt_path"] == expected
+    assert cfg["trainer"]["default_root_dir"] == expected
 
 
 def test_print_config_round_trips_a_typed_template(tmp_path, in_repo, capsys):
