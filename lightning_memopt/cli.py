@@ -16,7 +16,6 @@ import sys
 from typing import Any, Optional
 
 import lightning
-import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
@@ -107,13 +106,7 @@ def _checkpoint_hparams(ckpt: str) -> dict[str, Any]:
     if os.path.isdir(ckpt) and not os.path.isfile(os.path.join(ckpt, "meta.pt")):
         return {}  # not a sharded checkpoint: before_instantiate_classes and the strategy say what is wrong
     try:
-        if os.path.isfile(ckpt):  # only tensors and plain types, as Lightning's own read of the hyperparameters
-            saved = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=True)
-            if not isinstance(saved, dict) or "state_dict" not in saved:
-                raise ValueError(f"{ckpt} holds no state_dict: not a Lightning checkpoint (a .ckpt file, or the "
-                                 f"folder of a sharded one).")
-            return dict(saved.get("hyper_parameters") or {})
-        meta = load_checkpoint_meta(ckpt)
+        meta = load_checkpoint_meta(ckpt, weights_only=True)  # a file as Lightning reads its hyperparameters
     except ValueError as err:
         raise MisconfigurationException(f"--ckpt_path: {err}") from None
     except Exception as err:  # noqa: BLE001 - torch.load's errors for a file that is no checkpoint vary

@@ -77,14 +77,15 @@ def _read_sharded(path: Path, keys: dict[str, torch.Tensor]) -> dict[str, torch.
     return state["state_dict"]
 
 
-def load_checkpoint_meta(ckpt: str | os.PathLike) -> dict[str, Any]:
-    """Everything but the weights and optimizer states of a checkpoint (file or sharded folder)."""
+def load_checkpoint_meta(ckpt: str | os.PathLike, weights_only: bool = False) -> dict[str, Any]:
+    """Everything but the weights and optimizer states of a checkpoint (file or sharded folder); ``weights_only``
+    reads a file as Lightning reads its hyperparameters (tensors and plain types only)."""
     path = Path(ckpt)
     if path.is_dir():
         if not (path / _META).is_file():
             raise ValueError(f"{path} is a folder without {_META}: not a sharded Lightning checkpoint.")
         return torch.load(path / _META, map_location="cpu", weights_only=False)
-    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    saved = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
     if not isinstance(saved, dict) or "state_dict" not in saved:
         raise ValueError(f"{path} holds no state_dict: not a Lightning checkpoint (a .ckpt file, or the folder of a "
                          f"sharded one, not a file inside it).")
