@@ -344,10 +344,12 @@ FOUNDATION = "foundation_h100_d6f8e7a.json"
 DFO = "dfo_h100_d6f8e7a.json"
 # LOMO and AdaLomo against lomo-optim's step in the same run (the first edition read plain LOMO from another run).
 LOMO_PLAIN = LOMO = "lomo_h100_d6f8e7a.json"
-# GaLore against galore-torch: the steps and AdamW from one run; the layer-wise peaks still the first edition's (a
-# list of records keyed by method and impl, no card or commit) until the galore suite's layer-wise cases run again.
+# GaLore against galore-torch: the steps and AdamW from one run; each layer-wise peak row from the run that holds its
+# cases, (case, size) -> file (the first edition's galore_layerwise_peaks.json keys its records by method).
 GALORE = GALORE_STEADY = "galore_1b_steps_h100_d6f8e7a.json"
-GALORE_LAYERWISE = "galore_layerwise_peaks.json"
+GALORE_LAYERWISE = {("galore_layerwise", "1b"): "galore_1b_lw_h100_d6f8e7a.json",
+                    ("galore_layerwise_ckpt", "1b"): "galore_layerwise_peaks.json",
+                    ("galore_layerwise_ckpt", "7b"): "galore_7b_h100_d6f8e7a.json"}
 # Each method through a LightningModule under a Trainer beside its bare step (suites.THROUGH_TRAINER pairs the cases).
 LIGHTNING = "lightning_h100_d6f8e7a.json"
 # Under DeepSpeed ZeRO-3 on one GPU: each of our cases against lomo-optim's own ZeRO-3 path, same partitioning config.
@@ -553,9 +555,12 @@ def _largest_row(label: str, key: str, size: str, shape: str, goal: tuple[float,
 
 def _galore_rows() -> tuple[Row, ...]:
     step = lambda file, key: Value(ours(file, key, "1b", "step_s"), "{:,.1f}", 1000.0)
-    # the first edition's layer-wise peaks were a list keyed by method; a harness run keys its records by case
-    by = "method" if GALORE_LAYERWISE == "galore_layerwise_peaks.json" else "case"
-    lw = lambda impl, method, size: sel(GALORE_LAYERWISE, "peak_gib", impl=impl, size=size, **{by: method})
+    def lw(impl: str, case: str, size: str) -> Sel:  # the 8-bit case is read from its plain case's file
+        file = GALORE_LAYERWISE[case.removesuffix("_8bit_all2d"), size]
+        # the first edition's layer-wise peaks were a list keyed by method; a harness run keys its records by case
+        by = "method" if file == "galore_layerwise_peaks.json" else "case"
+        return sel(file, "peak_gib", impl=impl, size=size, **{by: case})
+
     lw_gib = lambda impl, method, size: Value(lw(impl, method, size), "{:.2f}")
     refresh = Value(ours(GALORE, "ours:galore_refresh", "1b", "ratios.speed-up vs galore-torch"))
     vs_adamw = Value(ours(GALORE_STEADY, "ours:galore", "1b", "ratios.step / AdamW"), "{:.2f}")
@@ -824,7 +829,7 @@ def suite_files() -> dict[str, str]:
     """The suites' files the tables read (the constants above), each to the suite (benchmarks/suites.py) it is a run
     of."""
     return {FOUNDATION: "foundation", MEZO_LATEST: "mezo", LOMO_PLAIN: "lomo", LOMO: "lomo", GALORE: "galore",
-            GALORE_STEADY: "galore", GALORE_LAYERWISE: "galore", DFO: "dfo", LIGHTNING: "lightning", ZERO3: "zero3",
+            GALORE_STEADY: "galore", **dict.fromkeys(GALORE_LAYERWISE.values(), "galore"), DFO: "dfo", LIGHTNING: "lightning", ZERO3: "zero3",
             LARGEST: "largest"}
 
 
