@@ -606,7 +606,7 @@ def test_overlap_probe_leaves_the_weights_and_logits_of_the_serial_order(dev, tm
 
     if dev == "cuda" and not torch.cuda.is_available():
         pytest.skip("no GPU")
-    env = {**os.environ, "DEV": dev, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DEV": dev, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-m", "benchmarks.overlap_probe", "--size", "tiny", "--batch", "2",
                           "--seq", "16", "--reps", "1", "--out", str(tmp_path / "p")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)

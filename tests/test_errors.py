@@ -270,7 +270,7 @@ def test_a_sharded_checkpoint_builds_the_model_from_its_hyperparameters(tmp_path
     cfg = str(REPO / "configs" / "quickstart.yaml")
     common = ["--trainer.strategy=fsdp2", "--trainer.devices=1", "--trainer.limit_val_batches=1",
               "--trainer.callbacks=[]"]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))  # keep site dirs
     run = lambda *args: subprocess.run([sys.executable, "-m", "lightning_memopt.cli", *args], cwd=tmp_path, env=env,
                                        capture_output=True, text=True, timeout=600)
     fit = run("fit", "--config", cfg, "--trainer.max_steps=2", "--model.lora_rank=4",
