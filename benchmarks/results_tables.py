@@ -345,10 +345,11 @@ DFO = "dfo_h100_d6f8e7a.json"
 # LOMO and AdaLomo against lomo-optim's step in the same run (the first edition read plain LOMO from another run).
 LOMO_PLAIN = LOMO = "lomo_h100_d6f8e7a.json"
 # GaLore against galore-torch: the steps and AdamW from one run; each layer-wise peak row from the run that holds its
-# cases, (case, size) -> file (the first edition's galore_layerwise_peaks.json keys its records by method).
+# cases, (case, size) -> file (the first edition's galore_layerwise_peaks.json keys its records by method). The
+# checkpointed 1.1B pair ran on an H200, the only card lent that session.
 GALORE = GALORE_STEADY = "galore_1b_steps_h100_d6f8e7a.json"
 GALORE_LAYERWISE = {("galore_layerwise", "1b"): "galore_1b_lw_h100_d6f8e7a.json",
-                    ("galore_layerwise_ckpt", "1b"): "galore_layerwise_peaks.json",
+                    ("galore_layerwise_ckpt", "1b"): "galore_1b_lwckpt_h200_59475af.json",
                     ("galore_layerwise_ckpt", "7b"): "galore_7b_h100_d6f8e7a.json"}
 # Each method through a LightningModule under a Trainer beside its bare step (suites.THROUGH_TRAINER pairs the cases).
 LIGHTNING = "lightning_h100_d6f8e7a.json"
