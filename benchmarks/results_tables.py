@@ -830,8 +830,8 @@ def suite_files() -> dict[str, str]:
     """The suites' files the tables read (the constants above), each to the suite (benchmarks/suites.py) it is a run
     of."""
     return {FOUNDATION: "foundation", MEZO_LATEST: "mezo", LOMO_PLAIN: "lomo", LOMO: "lomo", GALORE: "galore",
-            GALORE_STEADY: "galore", **dict.fromkeys(GALORE_LAYERWISE.values(), "galore"), DFO: "dfo", LIGHTNING: "lightning", ZERO3: "zero3",
-            LARGEST: "largest"}
+            GALORE_STEADY: "galore", **dict.fromkeys(GALORE_LAYERWISE.values(), "galore"), DFO: "dfo",
+            LIGHTNING: "lightning", ZERO3: "zero3", LARGEST: "largest"}
 
 
 def suite_reads() -> tuple[dict[str, set[tuple[str, str]]], list[str]]:
