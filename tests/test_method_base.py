@@ -290,6 +290,10 @@ def test_two_method_callbacks_are_refused():
         (lambda: MeZO(max_consecutive_skips=-1), "max_consecutive_skips"),
         (lambda: MeZO(n_spsa=1.5), "n_spsa must be an integer >= 1"),
         (lambda: MeZO(window=2.5), "window must be an integer >= 1"),
+        # text, None and nan get the named message, not int()'s (it said "invalid literal for int()")
+        (lambda: MeZO(n_spsa="four"), "n_spsa must be an integer >= 1, got 'four'"),
+        (lambda: GaLore(update_proj_gap=None), "update_proj_gap must be an integer >= 1, got None"),
+        (lambda: LOMO(loss_scale_window=math.nan), "loss_scale_window must be an integer >= 1, got nan"),
         (lambda: MeZO(eps="small"), "eps must be a number"),
     ],
 )

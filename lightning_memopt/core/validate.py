@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from typing import Any
 
@@ -53,7 +54,9 @@ def optional_positive(value: Any, name: str) -> float | None:
 
 
 def at_least(value: Any, low: int, name: str) -> int:
-    if isinstance(value, bool) or int(value) != value or value < low:
+    # an integral float (YAML's 1e3) is taken; text, None or nan get this message, not int()'s
+    whole = isinstance(value, numbers.Integral) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not whole or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
     return int(value)
 
