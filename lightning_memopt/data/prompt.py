@@ -296,8 +296,7 @@ class PromptClassificationDataModule(LightningDataModule):
         self.num_choices: Optional[int] = None  # set when candidates are scored as sequences
         self._choice_ids: Optional[list[list[int]]] = None
         self._splits: dict[str, Items] = {}
-        self._test_missing = False
-        self._test_path: Optional[str] = None
+        self._test_path: Optional[str] = None  # set up: the test table's path, None where there is none
 
     # ---- sources ---------------------------------------------------------------------------------------------
     def _path(self, name: Optional[str], stems: tuple[str, ...], required: bool) -> Optional[str]:
@@ -468,7 +467,6 @@ class PromptClassificationDataModule(LightningDataModule):
         train_table, test_table = self._tables()
         train_rows = self._rows(train_table)
         test_rows = self._rows(test_table) if test_table is not None else []
-        self._test_missing = test_table is None
         self._test_path = None if test_table is None else test_table.path
         classes = len(hp.choices) if hp.choices is not None else len(hp.label_words)
         train, used = k_shot(train_rows, hp.k, hp.seed, classes=classes)
@@ -499,7 +497,7 @@ class PromptClassificationDataModule(LightningDataModule):
         return eval_loader(self, self._splits["val"], self._collate(), pin_memory(self))
 
     def test_dataloader(self) -> DataLoader:
-        if self._test_missing:
+        if "test" in self._splits and self._test_path is None:
             raise ValueError("No test data: give test_file=... (a .tsv, .csv or .jsonl) along with train_file.")
         if not len(self._splits["test"]):  # Lightning would test nothing and return [] without a word
             raise ValueError(f"The test split ({self._test_path}) holds no rows (a header only?); check it or give "
