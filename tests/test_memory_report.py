@@ -5,34 +5,14 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import Logger
 
 from lightning_memopt.callbacks.memory_report import MemoryReport
 from lightning_memopt.core.holder import HolderOptimizer
 from lightning_memopt.core.memory import MemoryBreakdown, optimizer_state_bytes, param_bytes, tensor_bytes
 from lightning_memopt.testing import tiny_datamodule, tiny_model, tiny_trainer
+from lightning_memopt.testing.tiny import ListLogger
 
 PARTS = ("peak", "params", "grads", "optimizer_state", "activations_other")
-
-
-class ListLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict]] = []
-
-    @property
-    def name(self) -> str:
-        return "list"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self.rows.append((step, dict(metrics)))
 
 
 class FreeGradsInBackward(pl.Callback):

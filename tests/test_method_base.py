@@ -837,25 +837,16 @@ def test_learning_rate_monitor_logs_only_what_the_method_uses(name):
     """LearningRateMonitor's momentum and weight-decay curves read the module's optimizer's groups: refused at setup
     where the method's update does not use them (they would plot AdamW's beta1 and decay); lr logs as before."""
     from lightning.pytorch.callbacks import LearningRateMonitor
-    from lightning.pytorch.loggers import Logger
 
-    class Recorder(Logger):
-        name, version, metrics = "recorder", 0, {}
-
-        def log_metrics(self, metrics, step=None):
-            self.metrics.update(metrics)
-
-        def log_hyperparams(self, *args, **kwargs):
-            pass
+    from lightning_memopt.testing.tiny import ListLogger
 
     def fit(cb, **kw):
         pl.seed_everything(0, verbose=False)
-        rec = Recorder()
-        rec.metrics = {}
+        rec = ListLogger()
         trainer = tiny_trainer(max_steps=2, callbacks=[cb, LearningRateMonitor("step", **kw)], logger=rec,
                                log_every_n_steps=1)
         trainer.fit(Poisoned(), tiny_datamodule(k=32))
-        return rec.metrics
+        return rec.latest()
 
     if name == "galore":  # GaLore-AdamW's update reads the groups' betas
         assert fit(METHODS[name](), log_momentum=True)["lr-AdamW/pg1-momentum"] == 0.9

@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.loggers import Logger
 
 from lightning_memopt.core.fsdp import full
 from lightning_memopt.core.population import token_losses
@@ -49,6 +50,32 @@ def tiny_trainer(**kwargs: Any) -> pl.Trainer:
         # on a machine with a GPU, CPU on purpose: the tests run the same with and without one
         warnings.filterwarnings("ignore", message="GPU available but not used")
         return pl.Trainer(**defaults)
+
+
+class ListLogger(Logger):
+    """A logger that keeps what is logged: ``rows`` of (step, metrics) in order; :meth:`latest` merges them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[int | None, dict[str, Any]]] = []
+
+    @property
+    def name(self) -> str:
+        return "list"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        self.rows.append((step, dict(metrics)))
+
+    def latest(self) -> dict[str, Any]:
+        """Each metric's last logged value."""
+        return {k: v for _, m in self.rows for k, v in m.items()}
 
 
 def full_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
